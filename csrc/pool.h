@@ -1,0 +1,29 @@
+// The framework-facing side of the pooling operators: argument checks, layouts, allocation.
+// Backends (cpu/, cuda/) implement only the arithmetic on tensors prepared here.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <tuple>
+
+#include "pool_geometry.h"
+
+namespace lightning_vis {
+
+// Kernels receive dense tensors in the layout given by geom.channels_last.
+using PoolKernel = void (*)(const PoolGeom&, const at::Tensor& x, at::Tensor& values, at::Tensor& switches);
+using UnpoolKernel = void (*)(const PoolGeom&, const at::Tensor& values, const at::Tensor& switches, at::Tensor& out);
+using GatherKernel = void (*)(const PoolGeom&, const at::Tensor& grad, const at::Tensor& switches, at::Tensor& out);
+
+std::tuple<at::Tensor, at::Tensor> max_pool_with_switches_impl(
+    const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool ceil_mode, PoolKernel kernel_fn);
+
+at::Tensor unpool_impl(const at::Tensor& values, const at::Tensor& switches, at::IntArrayRef kernel,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       at::IntArrayRef output_size, UnpoolKernel kernel_fn);
+
+at::Tensor gather_switches_impl(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef kernel,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                GatherKernel kernel_fn);
+
+}  // namespace lightning_vis
