@@ -16,9 +16,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../pool.h"
+#include "simd_x86.h"
 
 namespace lightning_vis {
 namespace {
@@ -35,30 +37,91 @@ void tap_range(int64_t i, int64_t s, int64_t d, int64_t p, int64_t size, int64_t
   if (hi < lo) hi = lo;
 }
 
+// Per pooled index along T or H: window start and the range of taps inside the input.
+struct TapSpan {
+  int64_t start, i0, i1;
+};
+
+std::vector<TapSpan> tap_spans(int64_t out, int64_t k, int64_t s, int64_t d, int64_t p, int64_t size) {
+  std::vector<TapSpan> v(out);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t start = o * s - p;
+    v[o] = {start, first_nonnegative_tap(start, d), end_tap(start, d, size, k)};
+  }
+  return v;
+}
+
+// Row index r = (outer * A + a) * B + b, advanced without divisions.
+struct RowCounter {
+  int64_t outer, a, b, A, B;
+  RowCounter(int64_t r, int64_t A_, int64_t B_) : outer(r / (A_ * B_)), a((r / B_) % A_), b(r % B_), A(A_), B(B_) {}
+  void next() {
+    if (++b == B) {
+      b = 0;
+      if (++a == A) {
+        a = 0;
+        ++outer;
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // max-pool, planar
 
-// All kw taps valid for ow in [lo, hi). xr points at input position -p of the row.
-template <int KW, int S, typename scalar_t, typename acc_t>
-void pool_row_fixed(const scalar_t* xr, int64_t dw, acc_t* m, int32_t* idx, int32_t off, int64_t lo, int64_t hi) {
+// The whole window in registers: R window rows (all inside the input), KW taps along W (all inside for
+// ow in [lo, hi)), stride S along W. Writes values and switches directly.
+template <int R, int KW, int S, typename scalar_t, typename sw_t>
+void pool_row_fused(const scalar_t* const* rows, const int32_t* offs, int64_t dw, scalar_t* __restrict__ y,
+                    sw_t* __restrict__ sw, int64_t lo, int64_t hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+#ifdef LIGHTNING_VIS_SSE2
+  if constexpr (KW == 2 && S == 2 && std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
+    if (dw == 1) lo = simd::pool_row_k2s2<R>(rows, offs, y, sw, lo, hi);
+  }
+#endif
+  const scalar_t* rp[R];
+  int32_t of[R];
+  for (int i = 0; i < R; ++i) {
+    rp[i] = rows[i];
+    of[i] = offs[i];
+  }
   for (int64_t ow = lo; ow < hi; ++ow) {
-    acc_t mv = m[ow];
-    int32_t iv = idx[ow];
+    acc_t mv = -std::numeric_limits<acc_t>::infinity();
+    int32_t iv = of[0];
 #pragma GCC unroll 4
-    for (int j = 0; j < KW; ++j) {
-      const acc_t v = static_cast<acc_t>(xr[ow * S + j * dw]);
-      const bool take = (v > mv) | (v != v);
-      mv = take ? v : mv;
-      iv = take ? off + j : iv;
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < KW; ++j) {
+        const acc_t v = static_cast<acc_t>(rp[i][ow * S + j * dw]);
+        const bool take = (v > mv) | (v != v);
+        mv = take ? v : mv;
+        iv = take ? of[i] + j : iv;
+      }
     }
-    m[ow] = mv;
-    idx[ow] = iv;
+    y[ow] = static_cast<scalar_t>(mv);
+    sw[ow] = static_cast<sw_t>(iv);
   }
 }
 
+template <typename scalar_t, typename sw_t>
+using FusedFn = void (*)(const scalar_t* const*, const int32_t*, int64_t, scalar_t*, sw_t*, int64_t, int64_t);
+
+// The fused row kernel for R window rows of KW taps at stride S, if one is compiled.
+template <typename scalar_t, typename sw_t>
+FusedFn<scalar_t, sw_t> pick_fused(int64_t R, int64_t kw, int64_t s) {
+#define LV_FUSED(r, k, st) \
+  if (R == r && kw == k && s == st) return pool_row_fused<r, k, st, scalar_t, sw_t>;
+  LV_FUSED(2, 2, 2) LV_FUSED(3, 3, 2) LV_FUSED(4, 2, 2) LV_FUSED(2, 2, 1) LV_FUSED(3, 3, 1) LV_FUSED(1, 2, 2)
+  LV_FUSED(1, 3, 2) LV_FUSED(1, 2, 1) LV_FUSED(1, 3, 1) LV_FUSED(2, 1, 1) LV_FUSED(4, 1, 1)
+#undef LV_FUSED
+  return nullptr;
+}
+
+// Running max along a row buffer, one W tap at a time (any kernel width, stride and dilation).
 template <typename scalar_t, typename acc_t>
-void pool_row_any(const scalar_t* xr, int64_t kw, int64_t sw, int64_t dw, acc_t* m, int32_t* idx, int32_t off,
-                  int64_t lo, int64_t hi) {
+void pool_row_taps(const scalar_t* xr, int64_t kw, int64_t sw, int64_t dw, acc_t* __restrict__ m,
+                   int32_t* __restrict__ idx, int32_t off, int64_t lo, int64_t hi) {
   for (int64_t j = 0; j < kw; ++j) {
     const scalar_t* xj = xr + j * dw;
     const int32_t o = off + static_cast<int32_t>(j);
@@ -71,75 +134,95 @@ void pool_row_any(const scalar_t* xr, int64_t kw, int64_t sw, int64_t dw, acc_t*
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void pool_row_interior(const scalar_t* xr, int64_t kw, int64_t sw, int64_t dw, acc_t* m, int32_t* idx, int32_t off,
-                       int64_t lo, int64_t hi) {
-  if (kw == 2 && sw == 2) return pool_row_fixed<2, 2>(xr, dw, m, idx, off, lo, hi);
-  if (kw == 3 && sw == 2) return pool_row_fixed<3, 2>(xr, dw, m, idx, off, lo, hi);
-  if (kw == 2 && sw == 1) return pool_row_fixed<2, 1>(xr, dw, m, idx, off, lo, hi);
-  if (kw == 3 && sw == 1) return pool_row_fixed<3, 1>(xr, dw, m, idx, off, lo, hi);
-  if (kw == 1 && sw == 1) return pool_row_fixed<1, 1>(xr, dw, m, idx, off, lo, hi);
-  pool_row_any(xr, kw, sw, dw, m, idx, off, lo, hi);
-}
-
 template <typename scalar_t, typename sw_t>
 void pool_planar(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t kh = g.k[1], kw = g.k[2];
+  const int64_t kt = g.k[0], kh = g.k[1], kw = g.k[2];
+  const int64_t sw_ = g.s[2], dw = g.d[2], pw = g.p[2];
   // Per output column: the first valid W tap (the initial switch); the interior [lo, hi) where all W taps are valid.
   std::vector<int32_t> j0(OW);
   int64_t lo = OW, hi = OW;
   for (int64_t ow = 0; ow < OW; ++ow) {
-    const int64_t start = ow * g.s[2] - g.p[2];
-    j0[ow] = static_cast<int32_t>(first_nonnegative_tap(start, g.d[2]));
-    if (start >= 0 && start + (kw - 1) * g.d[2] < W) {
+    const int64_t start = ow * sw_ - pw;
+    j0[ow] = static_cast<int32_t>(first_nonnegative_tap(start, dw));
+    if (start >= 0 && start + (kw - 1) * dw < W) {
       if (lo == OW) lo = ow;
       hi = ow + 1;
     }
   }
+  const auto tT = tap_spans(OT, kt, g.s[0], g.d[0], g.p[0], T), tH = tap_spans(OH, kh, g.s[1], g.d[1], g.p[1], H);
+  const auto fused = pick_fused<scalar_t, sw_t>(kt * kh, kw, sw_);
   const int64_t rows = g.N * g.C * OT * OH;
   at::parallel_for(0, rows, grain_for(OW * g.window()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> m(OW);
     std::vector<int32_t> idx(OW);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t oh = r % OH, ot = (r / OH) % OT, plane = r / (OH * OT);
-      const int64_t t_start = ot * g.s[0] - g.p[0], h_start = oh * g.s[1] - g.p[1];
-      const int64_t it0 = first_nonnegative_tap(t_start, g.d[0]), it1 = end_tap(t_start, g.d[0], T, g.k[0]);
-      const int64_t ih0 = first_nonnegative_tap(h_start, g.d[1]), ih1 = end_tap(h_start, g.d[1], H, kh);
-      const int32_t base = static_cast<int32_t>((it0 * kh + ih0) * kw);
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        m[ow] = -std::numeric_limits<acc_t>::infinity();
-        idx[ow] = base + j0[ow];
-      }
-      const scalar_t* xp = x + plane * T * H * W;
-      for (int64_t it = it0; it < it1; ++it) {
-        for (int64_t ih = ih0; ih < ih1; ++ih) {
-          const scalar_t* xr = xp + ((t_start + it * g.d[0]) * H + h_start + ih * g.d[1]) * W;
-          const int32_t off = static_cast<int32_t>((it * kh + ih) * kw);
-          // Border columns [0, lo) and [hi, OW): some taps fall into the padding.
-          auto border = [&](int64_t a, int64_t b) {
-            for (int64_t ow = a; ow < b; ++ow) {
-              const int64_t start = ow * g.s[2] - g.p[2];
-              for (int64_t j = 0; j < kw; ++j) {
-                const int64_t w = start + j * g.d[2];
-                if (w < 0 || w >= W) continue;
-                const acc_t v = static_cast<acc_t>(xr[w]);
-                if ((v > m[ow]) | (v != v)) {
-                  m[ow] = v;
-                  idx[ow] = off + static_cast<int32_t>(j);
-                }
-              }
-            }
-          };
-          border(0, lo);
-          border(hi, OW);
-          pool_row_interior(xr - g.p[2], kw, g.s[2], g.d[2], m.data(), idx.data(), off, lo, hi);
+    std::vector<const scalar_t*> rp(kt * kh);
+    std::vector<int32_t> offs(kt * kh);
+    RowCounter rc(begin, OT, OH);
+    for (int64_t r = begin; r < end; ++r, rc.next()) {
+      const TapSpan& ts = tT[rc.a];
+      const TapSpan& hs = tH[rc.b];
+      const int32_t base = static_cast<int32_t>((ts.i0 * kh + hs.i0) * kw);
+      const scalar_t* xp = x + rc.outer * T * H * W;
+      int64_t R = 0;  // the window rows inside the input; pointers at input position -pw
+      for (int64_t it = ts.i0; it < ts.i1; ++it) {
+        for (int64_t ih = hs.i0; ih < hs.i1; ++ih) {
+          rp[R] = xp + ((ts.start + it * g.d[0]) * H + hs.start + ih * g.d[1]) * W - pw;
+          offs[R++] = static_cast<int32_t>((it * kh + ih) * kw);
         }
       }
       scalar_t* yr = y + r * OW;
       sw_t* sr = sw + r * OW;
+      if (fused != nullptr && R == kt * kh) {
+        fused(rp.data(), offs.data(), dw, yr, sr, lo, hi);
+        // Border columns [0, lo) and [hi, OW): some W taps fall into the padding.
+        auto border = [&](int64_t a, int64_t b) {
+          for (int64_t ow = a; ow < b; ++ow) {
+            const int64_t start = ow * sw_;  // relative to rp's origin at -pw
+            acc_t mv = -std::numeric_limits<acc_t>::infinity();
+            int32_t iv = base + j0[ow];
+            for (int64_t i = 0; i < R; ++i) {
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t w = start + j * dw - pw;
+                if (w < 0 || w >= W) continue;
+                const acc_t v = static_cast<acc_t>(rp[i][w + pw]);
+                if ((v > mv) | (v != v)) {
+                  mv = v;
+                  iv = offs[i] + static_cast<int32_t>(j);
+                }
+              }
+            }
+            yr[ow] = static_cast<scalar_t>(mv);
+            sr[ow] = static_cast<sw_t>(iv);
+          }
+        };
+        border(0, lo);
+        border(hi, OW);
+        continue;
+      }
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        m[ow] = -std::numeric_limits<acc_t>::infinity();
+        idx[ow] = base + j0[ow];
+      }
+      for (int64_t i = 0; i < R; ++i) {
+        for (int64_t ow = 0; ow < OW; ++ow) {  // border columns: skip the taps in the padding
+          if (ow == lo) ow = hi;
+          if (ow >= OW) break;
+          const int64_t start = ow * sw_ - pw;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t w = start + j * dw;
+            if (w < 0 || w >= W) continue;
+            const acc_t v = static_cast<acc_t>(rp[i][w + pw]);
+            if ((v > m[ow]) | (v != v)) {
+              m[ow] = v;
+              idx[ow] = offs[i] + static_cast<int32_t>(j);
+            }
+          }
+        }
+        pool_row_taps(rp[i], kw, sw_, dw, m.data(), idx.data(), offs[i], lo, hi);
+      }
       for (int64_t ow = 0; ow < OW; ++ow) {
         yr[ow] = static_cast<scalar_t>(m[ow]);
         sr[ow] = static_cast<sw_t>(idx[ow]);
@@ -149,104 +232,242 @@ void pool_planar(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// max-pool, channels last
+// max-pool, channels last: one output row (n, ot, oh) per task, channels innermost.
+
+// One output position over all its taps, channels innermost. NT > 0: NT taps fixed at compile time, the
+// window reduced in registers in one pass over C. NT == 0: any number of taps, through row buffers.
+template <int NT, typename scalar_t, typename sw_t>
+void pool_cl_position(const scalar_t* const* taps, const int32_t* offs, int64_t ntaps, int64_t C,
+                      scalar_t* __restrict__ y, sw_t* __restrict__ sw, at::opmath_type<scalar_t>* __restrict__ m,
+                      int32_t* __restrict__ idx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (NT > 0) {
+    const scalar_t* tp[NT];
+    int32_t of[NT];
+    for (int t = 0; t < NT; ++t) {
+      tp[t] = taps[t];
+      of[t] = offs[t];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t mv = static_cast<acc_t>(tp[0][c]);
+      int32_t iv = of[0];
+#pragma GCC unroll 9
+      for (int t = 1; t < NT; ++t) {
+        const acc_t v = static_cast<acc_t>(tp[t][c]);
+        const bool take = (v > mv) | (v != v);
+        mv = take ? v : mv;
+        iv = take ? of[t] : iv;
+      }
+      y[c] = static_cast<scalar_t>(mv);
+      sw[c] = static_cast<sw_t>(iv);
+    }
+  } else {
+    const scalar_t* x0 = taps[0];
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = static_cast<acc_t>(x0[c]);
+      idx[c] = offs[0];
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const scalar_t* xr = taps[t];
+      const int32_t off = offs[t];
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(xr[c]);
+        const bool take = (v > m[c]) | (v != v);
+        m[c] = take ? v : m[c];
+        idx[c] = take ? off : idx[c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      y[c] = static_cast<scalar_t>(m[c]);
+      sw[c] = static_cast<sw_t>(idx[c]);
+    }
+  }
+}
 
 template <typename scalar_t, typename sw_t>
 void pool_channels_last(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], C = g.C;
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t kh = g.k[1], kw = g.k[2];
-  const int64_t rows = g.N * OT * OH * OW;
-  at::parallel_for(0, rows, grain_for(C * g.window()), [&](int64_t begin, int64_t end) {
+  const int64_t kt = g.k[0], kh = g.k[1], kw = g.k[2];
+  std::vector<int64_t> iw0(OW), iw1(OW);
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const int64_t ws = ow * g.s[2] - g.p[2];
+    iw0[ow] = first_nonnegative_tap(ws, g.d[2]);
+    iw1[ow] = end_tap(ws, g.d[2], W, kw);
+  }
+  const int64_t rows = g.N * OT * OH;
+  at::parallel_for(0, rows, grain_for(OW * C * g.window()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> m(C);
     std::vector<int32_t> idx(C);
+    std::vector<const scalar_t*> taps(g.window());
+    std::vector<int32_t> offs(g.window());
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t ow = r % OW, oh = (r / OW) % OH, ot = (r / (OW * OH)) % OT, n = r / (OW * OH * OT);
-      const int64_t ts = ot * g.s[0] - g.p[0], hs = oh * g.s[1] - g.p[1], ws = ow * g.s[2] - g.p[2];
-      const int64_t it0 = first_nonnegative_tap(ts, g.d[0]), it1 = end_tap(ts, g.d[0], T, g.k[0]);
+      const int64_t oh = r % OH, ot = (r / OH) % OT, n = r / (OH * OT);
+      const int64_t ts = ot * g.s[0] - g.p[0], hs = oh * g.s[1] - g.p[1];
+      const int64_t it0 = first_nonnegative_tap(ts, g.d[0]), it1 = end_tap(ts, g.d[0], T, kt);
       const int64_t ih0 = first_nonnegative_tap(hs, g.d[1]), ih1 = end_tap(hs, g.d[1], H, kh);
-      const int64_t iw0 = first_nonnegative_tap(ws, g.d[2]), iw1 = end_tap(ws, g.d[2], W, kw);
-      const int32_t first = static_cast<int32_t>((it0 * kh + ih0) * kw + iw0);
-      acc_t* mp = m.data();
-      int32_t* ip = idx.data();
-      for (int64_t c = 0; c < C; ++c) {
-        mp[c] = -std::numeric_limits<acc_t>::infinity();
-        ip[c] = first;
-      }
-      for (int64_t it = it0; it < it1; ++it) {
-        for (int64_t ih = ih0; ih < ih1; ++ih) {
-          for (int64_t iw = iw0; iw < iw1; ++iw) {
-            const scalar_t* xr =
-                x + (((n * T + ts + it * g.d[0]) * H + hs + ih * g.d[1]) * W + ws + iw * g.d[2]) * C;
-            const int32_t off = static_cast<int32_t>((it * kh + ih) * kw + iw);
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(xr[c]);
-              const bool take = (v > mp[c]) | (v != v);
-              mp[c] = take ? v : mp[c];
-              ip[c] = take ? off : ip[c];
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t ws = ow * g.s[2] - g.p[2];
+        int64_t ntaps = 0;
+        for (int64_t it = it0; it < it1; ++it) {
+          for (int64_t ih = ih0; ih < ih1; ++ih) {
+            for (int64_t iw = iw0[ow]; iw < iw1[ow]; ++iw) {
+              taps[ntaps] = x + (((n * T + ts + it * g.d[0]) * H + hs + ih * g.d[1]) * W + ws + iw * g.d[2]) * C;
+              offs[ntaps++] = static_cast<int32_t>((it * kh + ih) * kw + iw);
             }
           }
         }
-      }
-      scalar_t* yr = y + r * C;
-      sw_t* sr = sw + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        yr[c] = static_cast<scalar_t>(mp[c]);
-        sr[c] = static_cast<sw_t>(ip[c]);
+        scalar_t* __restrict__ yr = y + (r * OW + ow) * C;
+        sw_t* __restrict__ sr = sw + (r * OW + ow) * C;
+        if (ntaps == 0) {  // a window wholly in the padding (torch gives -inf and the first cell)
+          const int32_t first = static_cast<int32_t>((it0 * kh + ih0) * kw + iw0[ow]);
+          for (int64_t c = 0; c < C; ++c) {
+            yr[c] = static_cast<scalar_t>(-std::numeric_limits<acc_t>::infinity());
+            sr[c] = static_cast<sw_t>(first);
+          }
+          continue;
+        }
+        // The first cell initialises (the -inf start and the first-cell switch give exactly this).
+        switch (ntaps) {
+          case 2: pool_cl_position<2>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
+          case 3: pool_cl_position<3>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
+          case 4: pool_cl_position<4>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
+          case 8: pool_cl_position<8>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
+          case 9: pool_cl_position<9>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
+          default: pool_cl_position<0>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data());
+        }
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// unpool: every input cell sums the values of the windows whose switch points at it. Each output row
-// (or position) is accumulated in a buffer and written once: no zero-fill pass, no atomics, and the
-// summation order is fixed, so results are deterministic.
+// unpool: every input cell sums the values of the windows whose switch points at it, computed per
+// output row (or position) and written once: no zero-fill pass, no atomics, a fixed summation order.
 
-// Pooled index along one dim of the window that covers position q with tap i, or -1.
-inline int64_t covering(int64_t q, int64_t i, int64_t s, int64_t d, int64_t p, int64_t out) {
-  const int64_t a = q + p - i * d;
-  if (a < 0 || a % s != 0) return -1;
-  const int64_t o = a / s;
-  return o < out ? o : -1;
+// The windows covering position q along one dim: (pooled index, tap) pairs in tap order; at most one pair
+// where windows do not overlap.
+void covering(int64_t q, int64_t k, int64_t s, int64_t d, int64_t p, int64_t out, std::vector<int64_t>& o,
+              std::vector<int64_t>& tap) {
+  o.clear();
+  tap.clear();
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t a = q + p - i * d;
+    if (a < 0) break;
+    if (a % s != 0 || a / s >= out) continue;
+    o.push_back(a / s);
+    tap.push_back(i);
+  }
 }
+
+// Along W: windows tile the row without overlap (dilation 1, KW <= S); each pooled column writes S cells.
+template <int KW, int S, typename scalar_t, typename sw_t>
+void unpool_row_direct(const scalar_t* __restrict__ vr, const sw_t* __restrict__ sr, int32_t off,
+                       scalar_t* __restrict__ o, int64_t lo, int64_t hi) {
+#ifdef LIGHTNING_VIS_SSE2
+  if constexpr (KW == 2 && S == 2 && std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
+    lo = simd::unpool_row_k2s2(vr, sr, off, o, lo, hi);
+  }
+#endif
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const scalar_t v = vr[ow];
+    const int32_t s = static_cast<int32_t>(sr[ow]);
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) o[ow * S + j] = (j < KW && s == off + j) ? v : scalar_t(0);
+  }
+}
+
+template <typename scalar_t, typename sw_t>
+using DirectFn = void (*)(const scalar_t*, const sw_t*, int32_t, scalar_t*, int64_t, int64_t);
+
+template <typename scalar_t, typename sw_t>
+DirectFn<scalar_t, sw_t> pick_direct(int64_t kw, int64_t s) {
+#define LV_DIRECT(k, st) \
+  if (kw == k && s == st) return unpool_row_direct<k, st, scalar_t, sw_t>;
+  LV_DIRECT(2, 2) LV_DIRECT(3, 3) LV_DIRECT(1, 1) LV_DIRECT(4, 4) LV_DIRECT(1, 2)
+#undef LV_DIRECT
+  return nullptr;
+}
+
+// Per position along one dim: the covering (pooled index, tap) pairs, flattened; position q owns
+// entries [begin[q], begin[q + 1]).
+struct CoverTable {
+  std::vector<int64_t> begin, o, tap;
+  CoverTable(int64_t size, int64_t k, int64_t s, int64_t d, int64_t p, int64_t out) : begin(size + 1) {
+    std::vector<int64_t> qo, qt;
+    for (int64_t q = 0; q < size; ++q) {
+      begin[q] = static_cast<int64_t>(o.size());
+      covering(q, k, s, d, p, out, qo, qt);
+      o.insert(o.end(), qo.begin(), qo.end());
+      tap.insert(tap.end(), qt.begin(), qt.end());
+    }
+    begin[size] = static_cast<int64_t>(o.size());
+  }
+  int64_t count(int64_t q) const { return begin[q + 1] - begin[q]; }
+};
 
 template <typename scalar_t, typename sw_t>
 void unpool_planar(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t kh = g.k[1], kw = g.k[2];
+  const int64_t kh = g.k[1], kw = g.k[2], s = g.s[2], d = g.d[2], p = g.p[2];
   std::vector<int64_t> ow_lo(kw), ow_hi(kw);
-  for (int64_t j = 0; j < kw; ++j) tap_range(j, g.s[2], g.d[2], g.p[2], W, OW, ow_lo[j], ow_hi[j]);
+  for (int64_t j = 0; j < kw; ++j) tap_range(j, s, d, p, W, OW, ow_lo[j], ow_hi[j]);
+  // Direct path along W: pooled columns [dlo, dhi) whose S cells lie inside the row.
+  const bool w_tiles = d == 1 && kw <= s;
+  int64_t dlo = (p + s - 1) / s, dhi = std::min(OW, (W + p) / s);
+  if (dhi < dlo) dhi = dlo;
+  const CoverTable cT(T, g.k[0], g.s[0], g.d[0], g.p[0], OT), cH(H, kh, g.s[1], g.d[1], g.p[1], OH);
+  const auto direct = w_tiles ? pick_direct<scalar_t, sw_t>(kw, s) : nullptr;
   const int64_t rows = g.N * g.C * T * H;
   at::parallel_for(0, rows, grain_for(W + OW * kw), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t h = r % H, t = (r / H) % T, plane = r / (H * T);
-      std::fill(buf.begin(), buf.end(), acc_t(0));
-      for (int64_t it = 0; it < g.k[0]; ++it) {
-        const int64_t ot = covering(t, it, g.s[0], g.d[0], g.p[0], OT);
-        if (ot < 0) continue;
-        for (int64_t ih = 0; ih < kh; ++ih) {
-          const int64_t oh = covering(h, ih, g.s[1], g.d[1], g.p[1], OH);
-          if (oh < 0) continue;
-          const int64_t orow = ((plane * OT + ot) * OH + oh) * OW;
-          const scalar_t* vr = v + orow;
-          const sw_t* sr = sw + orow;
+    RowCounter rc(begin, T, H);
+    for (int64_t r = begin; r < end; ++r, rc.next()) {
+      const int64_t plane = rc.outer, t = rc.a, h = rc.b;
+      scalar_t* __restrict__ orow = out + r * W;
+      const int64_t pairs = cT.count(t) * cH.count(h);
+      if (pairs == 0) {
+        std::fill(orow, orow + W, scalar_t(0));
+        continue;
+      }
+      if (pairs == 1 && direct != nullptr) {
+        const int64_t et = cT.begin[t], eh = cH.begin[h];
+        const int64_t o = ((plane * OT + cT.o[et]) * OH + cH.o[eh]) * OW;
+        const int32_t off = static_cast<int32_t>((cT.tap[et] * kh + cH.tap[eh]) * kw);
+        direct(v + o, sw + o, off, orow - p, dlo, dhi);
+        // Cells outside the directly written span [dlo * s - p, dhi * s - p).
+        auto edge = [&](int64_t a, int64_t b) {
+          for (int64_t w = a; w < b; ++w) {
+            const int64_t ow = (w + p) / s, j = (w + p) % s;
+            const bool hit = j < kw && ow < OW && static_cast<int32_t>(sw[o + ow]) == off + j;
+            orow[w] = hit ? v[o + ow] : scalar_t(0);
+          }
+        };
+        edge(0, std::min(W, dlo * s - p));
+        edge(std::max<int64_t>(0, dhi * s - p), W);
+        continue;
+      }
+      acc_t* __restrict__ b = buf.data();
+      std::fill(b, b + W, acc_t(0));
+      for (int64_t a = cT.begin[t]; a < cT.begin[t + 1]; ++a) {
+        for (int64_t c = cH.begin[h]; c < cH.begin[h + 1]; ++c) {
+          const int64_t o = ((plane * OT + cT.o[a]) * OH + cH.o[c]) * OW;
+          const scalar_t* __restrict__ vr = v + o;
+          const sw_t* __restrict__ sr = sw + o;
           for (int64_t j = 0; j < kw; ++j) {
-            const sw_t off = static_cast<sw_t>((it * kh + ih) * kw + j);
-            acc_t* bj = buf.data() + j * g.d[2] - g.p[2];
-            const int64_t s = g.s[2];
+            const sw_t off = static_cast<sw_t>((cT.tap[a] * kh + cH.tap[c]) * kw + j);
+            acc_t* __restrict__ bj = b + j * d - p;
             for (int64_t ow = ow_lo[j]; ow < ow_hi[j]; ++ow) {
-              bj[ow * s] += sr[ow] == off ? static_cast<acc_t>(vr[ow]) : acc_t(0);
+              const acc_t val = static_cast<acc_t>(vr[ow]);
+              bj[ow * s] += sr[ow] == off ? val : acc_t(0);
             }
           }
         }
       }
-      scalar_t* orow_out = out + r * W;
-      for (int64_t w = 0; w < W; ++w) orow_out[w] = static_cast<scalar_t>(buf[w]);
+      for (int64_t w = 0; w < W; ++w) orow[w] = static_cast<scalar_t>(b[w]);
     }
   });
 }
@@ -257,32 +478,52 @@ void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, 
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2], C = g.C;
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t kh = g.k[1], kw = g.k[2];
-  const int64_t rows = g.N * T * H * W;
-  at::parallel_for(0, rows, grain_for(C * 2), [&](int64_t begin, int64_t end) {
+  const CoverTable cT(T, g.k[0], g.s[0], g.d[0], g.p[0], OT), cH(H, kh, g.s[1], g.d[1], g.p[1], OH),
+      cW(W, kw, g.s[2], g.d[2], g.p[2], OW);
+  const int64_t rows = g.N * T * H;
+  at::parallel_for(0, rows, grain_for(W * C * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t w = r % W, h = (r / W) % H, t = (r / (W * H)) % T, n = r / (W * H * T);
-      std::fill(buf.begin(), buf.end(), acc_t(0));
-      acc_t* bp = buf.data();
-      for (int64_t it = 0; it < g.k[0]; ++it) {
-        const int64_t ot = covering(t, it, g.s[0], g.d[0], g.p[0], OT);
-        if (ot < 0) continue;
-        for (int64_t ih = 0; ih < kh; ++ih) {
-          const int64_t oh = covering(h, ih, g.s[1], g.d[1], g.p[1], OH);
-          if (oh < 0) continue;
-          for (int64_t iw = 0; iw < kw; ++iw) {
-            const int64_t ow = covering(w, iw, g.s[2], g.d[2], g.p[2], OW);
-            if (ow < 0) continue;
-            const int64_t o = (((n * OT + ot) * OH + oh) * OW + ow) * C;
-            const scalar_t* vr = v + o;
-            const sw_t* sr = sw + o;
-            const sw_t off = static_cast<sw_t>((it * kh + ih) * kw + iw);
-            for (int64_t c = 0; c < C; ++c) bp[c] += sr[c] == off ? static_cast<acc_t>(vr[c]) : acc_t(0);
+    RowCounter rc(begin, T, H);
+    for (int64_t r = begin; r < end; ++r, rc.next()) {
+      const int64_t n = rc.outer, t = rc.a, h = rc.b;
+      const int64_t th_pairs = cT.count(t) * cH.count(h);
+      for (int64_t w = 0; w < W; ++w) {
+        scalar_t* __restrict__ orow = out + (r * W + w) * C;
+        const int64_t pairs = th_pairs * cW.count(w);
+        if (pairs == 0) {
+          std::fill(orow, orow + C, scalar_t(0));
+          continue;
+        }
+        if (pairs == 1) {  // one window covers this cell: write directly
+          const int64_t et = cT.begin[t], eh = cH.begin[h], ew = cW.begin[w];
+          const int64_t o = (((n * OT + cT.o[et]) * OH + cH.o[eh]) * OW + cW.o[ew]) * C;
+          const scalar_t* __restrict__ vr = v + o;
+          const sw_t* __restrict__ sr = sw + o;
+          const sw_t off = static_cast<sw_t>((cT.tap[et] * kh + cH.tap[eh]) * kw + cW.tap[ew]);
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t val = vr[c];  // loaded unconditionally, so that the loop vectorises
+            orow[c] = sr[c] == off ? val : scalar_t(0);
+          }
+          continue;
+        }
+        acc_t* __restrict__ bp = buf.data();
+        std::fill(bp, bp + C, acc_t(0));
+        for (int64_t a = cT.begin[t]; a < cT.begin[t + 1]; ++a) {
+          for (int64_t b = cH.begin[h]; b < cH.begin[h + 1]; ++b) {
+            for (int64_t e = cW.begin[w]; e < cW.begin[w + 1]; ++e) {
+              const int64_t o = (((n * OT + cT.o[a]) * OH + cH.o[b]) * OW + cW.o[e]) * C;
+              const scalar_t* __restrict__ vr = v + o;
+              const sw_t* __restrict__ sr = sw + o;
+              const sw_t off = static_cast<sw_t>((cT.tap[a] * kh + cH.tap[b]) * kw + cW.tap[e]);
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t val = static_cast<acc_t>(vr[c]);
+                bp[c] += sr[c] == off ? val : acc_t(0);
+              }
+            }
           }
         }
+        for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(bp[c]);
       }
-      scalar_t* orow = out + r * C;
-      for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(bp[c]);
     }
   });
 }
