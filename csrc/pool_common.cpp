@@ -42,7 +42,7 @@ bool is_floating(at::ScalarType t) {
 
 // Pool parameters and the pooled input's (N, C, spatial...) sizes -> canonical geometry, with torch's checks.
 PoolGeom make_geometry(const char* op, at::IntArrayRef sizes, at::IntArrayRef kernel, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+                       at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode, bool check_output = true) {
   const int64_t nd = static_cast<int64_t>(kernel.size());
   TORCH_CHECK(nd >= 1 && nd <= 3, op, ": kernel_size must have 1, 2 or 3 values (a 1D, 2D or 3D pool), got ",
               kernel.size());
@@ -67,7 +67,7 @@ PoolGeom make_geometry(const char* op, at::IntArrayRef sizes, at::IntArrayRef ke
     TORCH_CHECK(in[i] > 0, op, ": expected non-empty spatial dims, got input of shape ", sizes);
     out[i] = pooled_size(in[i], k[i], s[i], p[i], d[i], ceil_mode);
   }
-  for (int64_t i = 0; i < nd; ++i) {
+  for (int64_t i = 0; i < nd && check_output; ++i) {
     TORCH_CHECK(out[i] >= 1, op, ": Given input size: (", sizes[1], "x", join(in, "x"),
                 "). Calculated output size: (", sizes[1], "x", join(out, "x"),
                 "). Output size is too small: the window (kernel_size ", k[i], ", dilation ", d[i],
@@ -118,10 +118,35 @@ std::vector<int64_t> pooled_shape(const PoolGeom& g, int64_t nd) {
   return shape;
 }
 
+// Geometry of pooling an input of in_sizes into pooled_sizes, in floor or ceil mode, whichever gives them.
+PoolGeom geometry_matching(const char* op, at::IntArrayRef in_sizes, at::IntArrayRef pooled_sizes,
+                           at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation) {
+  const int64_t nd = static_cast<int64_t>(kernel.size());
+  const PoolGeom floor = make_geometry(op, in_sizes, kernel, stride, padding, dilation, false, false);
+  if (at::IntArrayRef(pooled_shape(floor, nd)) == pooled_sizes) return floor;
+  const PoolGeom ceil = make_geometry(op, in_sizes, kernel, stride, padding, dilation, true, false);
+  TORCH_CHECK(at::IntArrayRef(pooled_shape(ceil, nd)) == pooled_sizes, op, ": a pooled shape of ", pooled_sizes,
+              " cannot come from pooling an input of shape ", in_sizes, " (that gives ",
+              at::IntArrayRef(pooled_shape(floor, nd)), "); pass the pooled input's size as output_size");
+  return ceil;
+}
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
+
 void check_switches(const char* op, const at::Tensor& switches, const PoolGeom& g, at::IntArrayRef expected_shape) {
   const auto want = switch_dtype(g.window());
-  TORCH_CHECK(switches.scalar_type() == want, op, ": switches must be ", c10::toString(want), " for a window of ",
-              g.window(), " cells, got ", switches.scalar_type(),
+  TORCH_CHECK(switches.scalar_type() == want, op, ": switches must be ", dtype_name(want), " for a window of ",
+              g.window(), " cells, got ", dtype_name(switches.scalar_type()),
               (switches.scalar_type() == at::kLong ? " (torch's flat indices? convert them with indices_to_switches)" : ""));
   TORCH_CHECK(switches.sizes() == expected_shape, op, ": switches of shape ", switches.sizes(),
               " do not match the pooled shape ", expected_shape);
@@ -161,15 +186,7 @@ at::Tensor unpool_impl(const at::Tensor& values, const at::Tensor& switches, at:
               ", got shape ", values.sizes());
   std::vector<int64_t> in_sizes{values.size(0), values.size(1)};
   in_sizes.insert(in_sizes.end(), output_size.begin(), output_size.end());
-  // The pooled size must match what pooling output_size gives, in floor or ceil mode.
-  PoolGeom g = make_geometry(op, in_sizes, kernel, stride, padding, dilation, false);
-  if (at::IntArrayRef(pooled_shape(g, nd)) != values.sizes()) {
-    PoolGeom gc = make_geometry(op, in_sizes, kernel, stride, padding, dilation, true);
-    TORCH_CHECK(at::IntArrayRef(pooled_shape(gc, nd)) == values.sizes(), op, ": values of shape ", values.sizes(),
-                " cannot come from pooling an input of spatial size ", output_size, " (that gives ",
-                at::IntArrayRef(pooled_shape(g, nd)), "); pass the pooled input's size as output_size");
-    g = gc;
-  }
+  PoolGeom g = geometry_matching(op, in_sizes, values.sizes(), kernel, stride, padding, dilation);
   check_switches(op, switches, g, values.sizes());
   g.channels_last = pick_channels_last(values) && is_channels_last_dense(switches);
   const at::Tensor vd = to_layout(values, g.channels_last), sd = to_layout(switches, g.channels_last);
@@ -187,10 +204,10 @@ at::Tensor gather_switches_impl(const at::Tensor& grad, const at::Tensor& switch
   TORCH_CHECK(grad.device() == switches.device(), op, ": grad on ", grad.device(), " but switches on ",
               switches.device());
   const int64_t nd = static_cast<int64_t>(kernel.size());
-  PoolGeom g = make_geometry(op, grad.sizes(), kernel, stride, padding, dilation, false);
-  if (at::IntArrayRef(pooled_shape(g, nd)) != switches.sizes())
-    g = make_geometry(op, grad.sizes(), kernel, stride, padding, dilation, true);
-  check_switches(op, switches, g, pooled_shape(g, nd));
+  TORCH_CHECK(switches.dim() == nd + 2, op, ": switches of shape ", switches.sizes(), " are not a batched ", nd,
+              "D pooled tensor");
+  PoolGeom g = geometry_matching(op, grad.sizes(), switches.sizes(), kernel, stride, padding, dilation);
+  check_switches(op, switches, g, switches.sizes());
   g.channels_last = pick_channels_last(switches);
   const at::Tensor gd = to_layout(grad, g.channels_last), sd = to_layout(switches, g.channels_last);
   at::Tensor out = empty_in_layout(switches.sizes(), g.channels_last, grad.options());

@@ -57,7 +57,8 @@ def pooled_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> i
     return out
 
 
-def pooled_shape(op: str, shape: Sequence[int], k: Ints, s: Ints, p: Ints, d: Ints, ceil_mode: bool) -> list[int]:
+def pooled_shape(op: str, shape: Sequence[int], k: Ints, s: Ints, p: Ints, d: Ints, ceil_mode: bool,
+                 check_output: bool = True) -> list[int]:
     """Checks a batched input shape and pool parameters as torch does; returns the pooled shape."""
     nd = len(k)
     if len(shape) != nd + 2:
@@ -81,7 +82,7 @@ def pooled_shape(op: str, shape: Sequence[int], k: Ints, s: Ints, p: Ints, d: In
     if any(v <= 0 for v in spatial):
         raise RuntimeError(f"{op}: expected non-empty spatial dims, got input of shape {list(shape)}")
     out = [pooled_size(spatial[i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(nd)]
-    for i in range(nd):
+    for i in range(nd if check_output else 0):
         if out[i] < 1:
             size = "x".join(map(str, [shape[1], *spatial]))
             osize = "x".join(map(str, [shape[1], *out]))
@@ -108,10 +109,10 @@ def default_unpooled_size(pooled: Sequence[int], k: Ints, s: Ints, p: Ints, d: I
 def unpool_geometry_ok(op: str, values_shape, output_size, k, s, p, d) -> None:
     """Checks that values of values_shape can come from pooling an input of output_size (floor or ceil mode)."""
     in_shape = [values_shape[0], values_shape[1], *output_size]
-    floor = pooled_shape(op, in_shape, k, s, p, d, False)
-    if list(values_shape) != floor and list(values_shape) != pooled_shape(op, in_shape, k, s, p, d, True):
-        raise RuntimeError(f"{op}: values of shape {list(values_shape)} cannot come from pooling an input of spatial "
-                           f"size {list(output_size)} (that gives {floor}); pass the pooled input's size as output_size")
+    floor = pooled_shape(op, in_shape, k, s, p, d, False, check_output=False)
+    if list(values_shape) != floor and list(values_shape) != pooled_shape(op, in_shape, k, s, p, d, True, False):
+        raise RuntimeError(f"{op}: a pooled shape of {list(values_shape)} cannot come from pooling an input of shape "
+                           f"{in_shape} (that gives {floor}); pass the pooled input's size as output_size")
 
 
 def is_channels_last_dense(t: torch.Tensor) -> bool:

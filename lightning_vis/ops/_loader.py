@@ -9,6 +9,7 @@ import torch  # noqa: F401  (torch before the extension: its symbols must be loa
 
 _C = None
 load_error: BaseException | None = None
+_backends: frozenset[str] = frozenset()  # read once: torch.compile traces has_backend, not a pybind call
 
 if os.environ.get("LIGHTNING_VIS_NO_EXTENSION") == "1":
     load_error = RuntimeError("disabled by LIGHTNING_VIS_NO_EXTENSION=1")
@@ -24,15 +25,17 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
+if _C is not None:
+    _backends = frozenset(_C.backends())
 
 
 def backends() -> list[str]:
     """Backends of the compiled kernels available in this process: e.g. ['cpu', 'cuda'], or [] without them."""
-    return list(_C.backends()) if _C is not None else []
+    return sorted(_backends)
 
 
 def has_backend(device_type: str) -> bool:
-    return _C is not None and device_type in _C.backends()
+    return device_type in _backends
 
 
 def build_info() -> str:

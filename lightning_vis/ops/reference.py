@@ -54,7 +54,11 @@ def switches_to_indices(switches: torch.Tensor, input_size: Sequence[int], kerne
 
 def indices_to_switches(indices: torch.Tensor, input_size: Sequence[int], kernel_size, stride=None, padding=0,
                         dilation=1) -> torch.Tensor:
-    """torch's int64 flat indices -> switches (offset inside each window, uint8 or int32)."""
+    """torch's int64 flat indices -> switches (offset inside each window, uint8 or int32).
+
+    Exact inverse of :func:`switches_to_indices` except for a window lying wholly in the padding (possible
+    with dilation), where torch's index points outside the input and cannot be read back.
+    """
     nd = len(input_size)
     k, s, p, d = geo.normalize(kernel_size, stride, padding, dilation, nd, "indices_to_switches")
     pooled = indices.shape[indices.dim() - nd:]
