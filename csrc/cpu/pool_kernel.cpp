@@ -76,8 +76,8 @@ void pool_row_fused(const scalar_t* const* rows, const int32_t* offs, int64_t dw
                     sw_t* __restrict__ sw, int64_t lo, int64_t hi) {
   using acc_t = at::opmath_type<scalar_t>;
 #ifdef LIGHTNING_VIS_SSE2
-  if constexpr (KW == 2 && S == 2 && std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
-    if (dw == 1) lo = simd::pool_row_k2s2<R>(rows, offs, y, sw, lo, hi);
+  if constexpr ((KW == 2 || KW == 3) && S == 2 && std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
+    if (dw == 1) lo = simd::pool_row_s2<R, KW>(rows, offs, y, sw, lo, hi);
   }
 #endif
   const scalar_t* rp[R];
@@ -413,17 +413,16 @@ void unpool_planar(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t kh = g.k[1], kw = g.k[2], s = g.s[2], d = g.d[2], p = g.p[2];
-  std::vector<int64_t> ow_lo(kw), ow_hi(kw);
-  for (int64_t j = 0; j < kw; ++j) tap_range(j, s, d, p, W, OW, ow_lo[j], ow_hi[j]);
   // Direct path along W: pooled columns [dlo, dhi) whose S cells lie inside the row.
   const bool w_tiles = d == 1 && kw <= s;
   int64_t dlo = (p + s - 1) / s, dhi = std::min(OW, (W + p) / s);
   if (dhi < dlo) dhi = dlo;
   const CoverTable cT(T, g.k[0], g.s[0], g.d[0], g.p[0], OT), cH(H, kh, g.s[1], g.d[1], g.p[1], OH);
   const auto direct = w_tiles ? pick_direct<scalar_t, sw_t>(kw, s) : nullptr;
+  const int64_t Q = (W + p + s - 1) / s + 1;  // residue buffer length (q of every cell, plus slack)
   const int64_t rows = g.N * g.C * T * H;
   at::parallel_for(0, rows, grain_for(W + OW * kw), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(W);
+    std::vector<acc_t> buf(s * Q);
     RowCounter rc(begin, T, H);
     for (int64_t r = begin; r < end; ++r, rc.next()) {
       const int64_t plane = rc.outer, t = rc.a, h = rc.b;
@@ -450,24 +449,35 @@ void unpool_planar(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_
         edge(std::max<int64_t>(0, dhi * s - p), W);
         continue;
       }
-      acc_t* __restrict__ b = buf.data();
-      std::fill(b, b + W, acc_t(0));
+      // Residue buffers: cell w with w + p = q * s + r collects into res[r * Q + q]; tap j of pooled column ow
+      // lands at q = ow + (j * d) / s in residue (j * d) % s. Every loop below runs over contiguous memory.
+      acc_t* __restrict__ res = buf.data();
+      std::fill(res, res + s * Q, acc_t(0));
       for (int64_t a = cT.begin[t]; a < cT.begin[t + 1]; ++a) {
         for (int64_t c = cH.begin[h]; c < cH.begin[h + 1]; ++c) {
           const int64_t o = ((plane * OT + cT.o[a]) * OH + cH.o[c]) * OW;
-          const scalar_t* __restrict__ vr = v + o;
-          const sw_t* __restrict__ sr = sw + o;
           for (int64_t j = 0; j < kw; ++j) {
+            const int64_t sh = (j * d) / s;
             const sw_t off = static_cast<sw_t>((cT.tap[a] * kh + cH.tap[c]) * kw + j);
-            acc_t* __restrict__ bj = b + j * d - p;
-            for (int64_t ow = ow_lo[j]; ow < ow_hi[j]; ++ow) {
+            acc_t* __restrict__ rr = res + ((j * d) % s) * Q + sh;
+            const scalar_t* __restrict__ vr = v + o;
+            const sw_t* __restrict__ sr = sw + o;
+            const int64_t n = std::min(OW, Q - sh);
+            for (int64_t ow = 0; ow < n; ++ow) {
               const acc_t val = static_cast<acc_t>(vr[ow]);
-              bj[ow * s] += sr[ow] == off ? val : acc_t(0);
+              rr[ow] += sr[ow] == off ? val : acc_t(0);
             }
           }
         }
       }
-      for (int64_t w = 0; w < W; ++w) orow[w] = static_cast<scalar_t>(b[w]);
+      for (int64_t r = 0; r < s; ++r) {
+        const acc_t* __restrict__ rr = res + r * Q;
+        // cells w = q * s + r - p inside [0, W)
+        const int64_t q0 = r >= p ? 0 : (p - r + s - 1) / s;
+        const int64_t last = W - 1 + p - r;  // q * s <= last
+        const int64_t q1 = last < 0 ? 0 : std::min(Q, last / s + 1);
+        for (int64_t q = q0; q < q1; ++q) orow[q * s + r - p] = static_cast<scalar_t>(rr[q]);
+      }
     }
   });
 }

@@ -1,4 +1,4 @@
-// Hand-vectorised rows for the commonest pooling window (kernel 2, stride 2, dilation 1 along W, fp32,
+// Hand-vectorised rows for the commonest pooling windows (kernel 2 or 3, stride 2, dilation 1 along W, fp32,
 // uint8 switches). The compiler's own vectorisation of these strided loops builds each vector from scalar
 // loads. AVX2 (8 outputs a step) where the CPU has it, chosen at run time; SSE2 (4 a step), which every
 // x86-64 CPU has, for what remains, then a scalar tail.
@@ -19,24 +19,32 @@ inline bool has_avx2() {
   return yes;
 }
 
-template <int R>
-__attribute__((target("avx2"))) int64_t pool_row_k2s2_avx2(const float* const* rows, const int32_t* offs, float* y,
-                                                          uint8_t* sw, int64_t lo, int64_t hi) {
+// Even elements p[0], p[2], ..., p[14] of 16 floats (shuffle_ps works per 128-bit lane: fix the order after).
+__attribute__((target("avx2"))) inline __m256 even8(const float* p) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                                                _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+__attribute__((target("avx2"))) inline __m256 odd8(const float* p) {  // p[1], p[3], ..., p[15]
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))),
+                                                _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// Reads stop at the last input the block needs, except a 3-tap block, which reads one float further: it runs
+// only while another output follows it (ow + 9 <= hi), so that float is inside the row.
+template <int R, int KW>
+__attribute__((target("avx2"))) int64_t pool_row_s2_avx2(const float* const* rows, const int32_t* offs, float* y,
+                                                        uint8_t* sw, int64_t lo, int64_t hi) {
   int64_t ow = lo;
-  for (; ow + 8 <= hi; ow += 8) {
+  for (; ow + 8 + (KW == 3) <= hi; ow += 8) {
     __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256i idx = _mm256_set1_epi32(offs[0]);
     for (int i = 0; i < R; ++i) {
       const float* p = rows[i] + ow * 2;
-      const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
-      // shuffle_ps works per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6] -> reorder the 64-bit pairs
-      const __m256 ev = _mm256_castpd_ps(_mm256_permute4x64_pd(
-          _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
-      const __m256 od = _mm256_castpd_ps(_mm256_permute4x64_pd(
-          _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
-      const __m256 vs[2] = {ev, od};
-      for (int j = 0; j < 2; ++j) {
-        const __m256 v = vs[j];
+      for (int j = 0; j < KW; ++j) {  // tap j of outputs ow..ow+7: p[2 * n + j]
+        const __m256 v = j == 1 ? odd8(p) : even8(p + j);
         const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         m = _mm256_blendv_ps(m, v, take);
         idx = _mm256_blendv_epi8(idx, _mm256_set1_epi32(offs[i] + j), _mm256_castps_si256(take));
@@ -79,11 +87,12 @@ inline void store_u8x4(uint8_t* p, __m128i idx) {
   std::memcpy(p, &b, 4);
 }
 
-// Max over R window rows x 2 taps for outputs [lo, hi); rows point at input position -pad. Returns hi.
-template <int R>
-int64_t pool_row_k2s2(const float* const* rows, const int32_t* offs, float* y, uint8_t* sw, int64_t lo, int64_t hi) {
-  int64_t ow = has_avx2() ? pool_row_k2s2_avx2<R>(rows, offs, y, sw, lo, hi) : lo;
-  for (; ow + 4 <= hi; ow += 4) {
+// Max over R window rows x KW taps (2 or 3) at stride 2 for outputs [lo, hi); rows point at input position
+// -pad. Returns hi.
+template <int R, int KW>
+int64_t pool_row_s2(const float* const* rows, const int32_t* offs, float* y, uint8_t* sw, int64_t lo, int64_t hi) {
+  int64_t ow = has_avx2() ? pool_row_s2_avx2<R, KW>(rows, offs, y, sw, lo, hi) : lo;
+  for (; ow + 4 + (KW == 3) <= hi; ow += 4) {  // same bound on reads as the AVX2 loop
     __m128 m = _mm_set1_ps(-std::numeric_limits<float>::infinity());
     __m128i idx = _mm_set1_epi32(offs[0]);
     for (int i = 0; i < R; ++i) {
@@ -91,6 +100,10 @@ int64_t pool_row_k2s2(const float* const* rows, const int32_t* offs, float* y, u
       const __m128 a = _mm_loadu_ps(p), b = _mm_loadu_ps(p + 4);
       take_max(_mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm_set1_epi32(offs[i]), m, idx);
       take_max(_mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)), _mm_set1_epi32(offs[i] + 1), m, idx);
+      if (KW == 3) {  // tap 2: p[2], p[4], p[6], p[8]
+        const __m128 c = _mm_loadu_ps(p + 2), e = _mm_loadu_ps(p + 6);
+        take_max(_mm_shuffle_ps(c, e, _MM_SHUFFLE(2, 0, 2, 0)), _mm_set1_epi32(offs[i] + 2), m, idx);
+      }
     }
     _mm_storeu_ps(y + ow, m);
     store_u8x4(sw + ow, idx);
@@ -99,7 +112,7 @@ int64_t pool_row_k2s2(const float* const* rows, const int32_t* offs, float* y, u
     float mv = -std::numeric_limits<float>::infinity();
     int32_t iv = offs[0];
     for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < KW; ++j) {
         const float v = rows[i][ow * 2 + j];
         if ((v > mv) | (v != v)) {
           mv = v;

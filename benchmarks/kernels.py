@@ -1,0 +1,214 @@
+"""Pooling kernels against torch's own ops, side by side in one run.
+
+    python -m benchmarks.kernels [--device cpu|cuda|all] [--quick] [--json PATH]
+
+For each shape of ../shared/ANCHORS.md: reference ms, ours ms, ratio (reference / ours, > 1 is faster),
+achieved GB/s of ours (bytes that must move / time) and its percent of the device-to-device copy bandwidth
+measured in the same run. CPU: torch.utils.benchmark medians at torch's thread count, best of three rounds,
+alternating reference and ours. CUDA: CUDA-event medians after warm-up, L2 flushed before every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import lightning_vis.ops as O
+
+POOL = {2: F.max_pool2d, 3: F.max_pool3d}
+UNPOOL = {2: F.max_unpool2d, 3: F.max_unpool3d}
+CL = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+# (shape, dtype, kernel, stride, padding)
+CPU_SHAPES = [
+    ((8, 64, 112, 112), torch.float32, 2, 2, 0),
+    ((8, 256, 28, 28), torch.float32, 2, 2, 0),
+    ((2, 32, 8, 56, 56), torch.float32, 2, 2, 0),
+    ((8, 64, 112, 112), torch.float32, 3, 2, 1),
+]
+CUDA_SHAPES = [
+    ((64, 64, 224, 224), torch.float32, 2, 2, 0),
+    ((64, 256, 56, 56), torch.float32, 2, 2, 0),
+    ((64, 64, 112, 112), torch.float32, 3, 2, 1),
+    ((64, 64, 224, 224), torch.float16, 2, 2, 0),
+    ((64, 64, 224, 224), torch.bfloat16, 2, 2, 0),
+    ((8, 64, 16, 112, 112), torch.float32, 2, 2, 0),
+]
+QUICK_SHAPES = [((2, 8, 32, 32), torch.float32, 2, 2, 0), ((1, 4, 4, 16, 16), torch.float32, 2, 2, 0)]
+
+
+class CpuTimer:
+    def __init__(self, min_run_time: float):
+        from torch.utils.benchmark import Timer
+
+        self.Timer, self.min_run_time, self.threads = Timer, min_run_time, torch.get_num_threads()
+
+    def __call__(self, fns: dict) -> dict:
+        """Median ms of each callable, best of three rounds taken in turn (the machine's noise hits all alike)."""
+        best = {k: float("inf") for k in fns}
+        for _ in range(3):
+            for k, fn in fns.items():
+                t = self.Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
+                best[k] = min(best[k], t.blocked_autorange(min_run_time=self.min_run_time).median * 1e3)
+        return best
+
+
+class CudaTimer:
+    def __init__(self, reps: int):
+        self.reps = reps
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fns: dict) -> dict:
+        out = {}
+        for k, fn in fns.items():
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(self.reps):
+                self.flush.zero_()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            out[k] = sorted(times)[len(times) // 2]
+        return out
+
+
+def bench_shape(timer, device, shape, dtype, k, s, p):
+    nd = len(shape) - 2
+    x = torch.randn(shape, device=device).to(dtype)
+    xc = x.contiguous(memory_format=CL[nd])
+    elem = x.element_size()
+    n_in, n_out = x.numel(), x.numel() // (s ** nd)  # outputs approximately, for bytes
+    v_ref, i_ref = POOL[nd](x, k, s, p, return_indices=True)
+    v, sw = O.max_pool_with_switches(x, k, s, p)
+    vc, swc = O.max_pool_with_switches(xc, k, s, p)
+    n_out = v.numel()
+    t = timer({
+        "copy": lambda: x.clone(),
+        "pool_ref": lambda: POOL[nd](x, k, s, p, return_indices=True),
+        "pool_ref_cl": lambda: POOL[nd](xc, k, s, p, return_indices=True),
+        "pool": lambda: O.max_pool_with_switches(x, k, s, p),
+        "pool_cl": lambda: O.max_pool_with_switches(xc, k, s, p),
+        "unpool_ref": lambda: UNPOOL[nd](v_ref, i_ref, k, s, p, output_size=shape[2:]),
+        "unpool": lambda: O.unpool(v, sw, k, s, p, output_size=shape),
+        "unpool_cl": lambda: O.unpool(vc, swc, k, s, p, output_size=shape),
+    })
+    copy_gbps = 2 * n_in * elem / t["copy"] / 1e6
+    pool_bytes = n_in * elem + n_out * (elem + sw.element_size())
+    unpool_bytes = n_out * (elem + sw.element_size()) + n_in * elem
+    rows = []
+    base = dict(shape=list(shape), dtype=str(dtype).replace("torch.", ""), k=k, s=s, p=p, device=device,
+                copy_gbps=round(copy_gbps, 1))
+
+    def row(op, layout, ref_name, ref, ours, nbytes):
+        gbps = nbytes / ours / 1e6
+        rows.append(dict(base, op=f"{op}{nd}d", layout=layout, reference=ref_name, ref_ms=round(ref, 4),
+                         ours_ms=round(ours, 4), ratio=round(ref / ours, 2), ours_gbps=round(gbps, 1),
+                         pct_copy=round(100 * gbps / copy_gbps, 1)))
+
+    row("pool", "NCHW", "torch NCHW", t["pool_ref"], t["pool"], pool_bytes)
+    row("pool", "NCHW", "torch channels_last", t["pool_ref_cl"], t["pool"], pool_bytes)
+    row("pool", "channels_last", "torch channels_last", t["pool_ref_cl"], t["pool_cl"], pool_bytes)
+    row("unpool", "NCHW", "torch max_unpool", t["unpool_ref"], t["unpool"], unpool_bytes)
+    row("unpool", "channels_last", "torch max_unpool", t["unpool_ref"], t["unpool_cl"], unpool_bytes)
+    return rows
+
+
+# (device, op prefix, layout, reference, dtype, minimum ratio): the goals of the issue
+GOALS = [
+    ("cpu", "pool", "NCHW", "torch NCHW", "float32", 5.0),
+    ("cpu", "pool", "NCHW", "torch channels_last", "float32", 1.0),
+    ("cpu", "pool", "channels_last", "torch channels_last", "float32", 1.0),
+    ("cpu", "unpool", "NCHW", "torch max_unpool", "float32", 2.0),
+    ("cpu", "unpool", "channels_last", "torch max_unpool", "float32", 2.0),
+    ("cuda", "pool", "NCHW", "torch NCHW", "float32", 1.5),
+    ("cuda", "unpool", "NCHW", "torch max_unpool", "float32", 2.3),
+    ("cuda", "pool", "NCHW", "torch NCHW", "float16", 2.5),
+    ("cuda", "pool", "NCHW", "torch NCHW", "bfloat16", 2.5),
+]
+
+
+def goal_lines(rows):
+    lines = []
+    for device, op, layout, ref, dtype, need in GOALS:
+        for r in rows:
+            if (r["device"], r["layout"], r["reference"], r["dtype"]) == (device, layout, ref, dtype) and \
+                    r["op"].startswith(op) and r["k"] == 2 and r["s"] == 2:
+                verdict = "PASS" if r["ratio"] >= need else "MISS"
+                lines.append(f"{verdict}  {device} {r['op']} {layout} {dtype} {tuple(r['shape'])}: {r['ratio']:.2f}x "
+                             f"{ref} (goal >= {need}x)")
+    return lines
+
+
+def print_table(rows):
+    head = f"{'op':<9}{'device':<6}{'shape':<22}{'dtype':<9}{'k/s/p':<7}{'layout':<14}{'reference':<21}" \
+           f"{'ref ms':>9}{'ours ms':>9}{'ratio':>7}{'GB/s':>8}{'% copy':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['op']:<9}{r['device']:<6}{str(tuple(r['shape'])):<22}{r['dtype']:<9}"
+              f"{str(r['k']) + '/' + str(r['s']) + '/' + str(r['p']):<7}{r['layout']:<14}{r['reference']:<21}"
+              f"{r['ref_ms']:>9.3f}{r['ours_ms']:>9.3f}{r['ratio']:>7.2f}{r['ours_gbps']:>8.1f}{r['pct_copy']:>8.1f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, short timings (a smoke test)")
+    ap.add_argument("--json", default=os.path.join("out", "benchmarks", "kernels.json"))
+    args = ap.parse_args(argv)
+    print(O.build_info(), flush=True)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not (torch.cuda.is_available() and O.has_backend("cuda")):
+        print("no GPU with the CUDA kernels here: CUDA rows skipped")
+        devices.remove("cuda")
+    rows = []
+    for device in devices:
+        shapes = QUICK_SHAPES if args.quick else (CPU_SHAPES if device == "cpu" else CUDA_SHAPES)
+        timer = CpuTimer(0.05 if args.quick else 0.3) if device == "cpu" else CudaTimer(5 if args.quick else 50)
+        for i, (shape, dtype, k, s, p) in enumerate(shapes):
+            print(f"[{device} {i + 1}/{len(shapes)}] {tuple(shape)} {str(dtype)[6:]} k{k} s{s} p{p} ...", flush=True)
+            rows += bench_shape(timer, device, shape, dtype, k, s, p)
+    print()
+    print_table(rows)
+    goals = goal_lines(rows)
+    if goals and not args.quick:
+        print("\nGoals of the pooling issue (ratio = reference ms / ours ms, same run):")
+        print("\n".join(goals))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    record = {
+        "schema": "lightning-vis/benchmarks/kernels/1",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "build": O.build_info(),
+        "rows": rows,
+        "goals": goals,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
