@@ -116,12 +116,18 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 class Build(BuildExtension):
-    """Object files in a fixed build/temp (an editable install would use a fresh temp dir): ninja rebuilds
-    only what changed."""
+    """Object files in a fixed folder per configuration (an editable install would use a fresh temp dir):
+    ninja rebuilds only what changed. The backends built are also written to build/backends.txt."""
 
     def finalize_options(self):
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        self.build_temp = os.path.join(ROOT, "build", "temp-cuda" if build_cuda else "temp-cpu")
+
+    def run(self):
+        super().run()
+        os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+        with open(os.path.join(ROOT, "build", "backends.txt"), "w") as f:
+            f.write(summary + "\n")
 
 
 sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -136,13 +142,14 @@ if build_cuda:
     extra["cxx"] += [f"-idirafter{d}" for d in pip_cuda_include_dirs()]
     ext = CUDAExtension("lightning_vis._C", sources, extra_compile_args=extra, define_macros=define_macros,
                         include_dirs=include_dirs, extra_link_args=["-fopenmp"])
-    log(f"backends: cpu, cuda (nvcc {cuda_ver} at {cuda_home}, TORCH_CUDA_ARCH_LIST="
-        f"{os.environ['TORCH_CUDA_ARCH_LIST']}; {reason})")
+    summary = (f"backends: cpu, cuda (nvcc {cuda_ver} at {cuda_home}, TORCH_CUDA_ARCH_LIST="
+               f"{os.environ['TORCH_CUDA_ARCH_LIST']}; {reason})")
 else:
     ext = CppExtension("lightning_vis._C", sources, extra_compile_args=extra, include_dirs=include_dirs,
                        extra_link_args=["-fopenmp"])
-    log(f"backends: cpu only (CUDA kernels not built: {reason})")
-log(f"torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']}, {len(sources)} sources")
+    summary = f"backends: cpu only (CUDA kernels not built: {reason})"
+summary += f"; torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']}, {len(sources)} sources"
+log(summary)
 
 setup(
     packages=find_packages(include=["lightning_vis", "lightning_vis.*"]),

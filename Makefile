@@ -1,0 +1,39 @@
+# lightning-vis. `make demo` runs the main job, `make test` the test suite; each sets up what it needs:
+# a virtual environment in .venv, torch, and the compiled extension (rebuilt when csrc/ changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEPS_STAMP := $(VENV)/.deps-installed
+EXT_STAMP := $(VENV)/.extension-built
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+
+.PHONY: demo test build bench clean
+
+demo: build
+	$(PY) -m benchmarks.kernels
+
+test: build
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) -m benchmarks.kernels
+
+build: $(EXT_STAMP)
+	@cat build/backends.txt
+	@$(PY) -c "import lightning_vis.ops as o; print(o.build_info())"
+
+$(DEPS_STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
+	$(PIP) install -q $(TORCH_PINS) ninja numpy pytest expecttest setuptools wheel
+	@touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@echo "building lightning_vis._C (C++ CPU kernels; CUDA kernels too when nvcc matches torch's CUDA)"
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+clean:
+	rm -rf build lightning_vis/_C*.so *.egg-info $(EXT_STAMP)
