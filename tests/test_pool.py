@@ -174,3 +174,57 @@ def test_unpool_is_deterministic_and_fully_written():
         outs.append(O.unpool(v, s, 3, 2, 1, output_size=x.shape))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert not torch.isnan(outs[0]).any()
+
+
+FAST_PATHS = [
+    # (kernel, stride, padding, ceil_mode): the shapes the hand-vectorised and fused paths serve
+    ((2, 2), (2, 2), (0, 0), False),
+    ((2, 2), (2, 2), (0, 0), True),
+    ((3, 3), (2, 2), (1, 1), False),
+    ((3, 3), (2, 2), (1, 1), True),
+    ((2, 2), (2, 2), (1, 1), False),
+    ((2, 2), (1, 1), (0, 0), False),
+    ((3, 3), (1, 1), (1, 1), False),
+    ((2, 3), (2, 2), (0, 1), True),
+]
+
+
+@pytest.mark.parametrize("k,s,p,ceil", FAST_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_paths_every_width(k, s, p, ceil, dtype):
+    """Widths 1..40 cover the 8-wide, 4-wide and scalar tails of every row kernel; odd heights the last row."""
+    for w in range(1, 41):
+        for h in (w % 5 + 2, 7):
+            x = torch.randn(2, 3, h, w, dtype=dtype)
+            if ceil and x.shape[2] < k[0]:
+                continue
+            try:
+                ref_v, ref_i = F.max_pool2d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+            except RuntimeError:
+                continue
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                v, sw = O.max_pool_with_switches(xin, k, s, p, ceil_mode=ceil)
+                assert torch.equal(v, ref_v), (k, s, p, ceil, h, w)
+                assert torch.equal(O.switches_to_indices(sw, (h, w), k, s, p), ref_i), (k, s, p, ceil, h, w)
+                xg = x.clone().requires_grad_()
+                g = torch.randn_like(ref_v)
+                (grad,) = torch.autograd.grad(F.max_pool2d(xg, k, s, p, ceil_mode=ceil), xg, g)
+                gin = g.contiguous(memory_format=torch.channels_last) if xin is not x else g
+                torch.testing.assert_close(O.unpool(gin, sw, k, s, p, output_size=(h, w)), grad)
+
+
+@pytest.mark.parametrize("k", [(2, 2, 2), (1, 2, 2), (2, 3, 3)])
+@pytest.mark.parametrize("ceil", [False, True])
+def test_fast_paths_3d(k, ceil):
+    for shape in [(2, 3, 4, 6, 8), (1, 2, 5, 7, 19), (1, 2, 3, 9, 33)]:
+        x = torch.randn(shape)
+        s = tuple(max(1, ki) if ki != 3 else 2 for ki in k)
+        p = tuple(1 if ki == 3 else 0 for ki in k)
+        ref_v, ref_i = F.max_pool3d(x, k, s, p, ceil_mode=ceil, return_indices=True)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+            v, sw = O.max_pool_with_switches(xin, k, s, p, ceil_mode=ceil)
+            assert torch.equal(v, ref_v) and torch.equal(O.switches_to_indices(sw, shape[2:], k, s, p), ref_i)
+            xg = x.clone().requires_grad_()
+            g = torch.randn_like(ref_v)
+            (grad,) = torch.autograd.grad(F.max_pool3d(xg, k, s, p, ceil_mode=ceil), xg, g)
+            torch.testing.assert_close(O.unpool(g, sw, k, s, p, output_size=shape[2:]), grad)

@@ -29,14 +29,6 @@ constexpr int64_t kGrainElems = 16384;  // elements of work per parallel chunk, 
 
 int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, work_per_row)); }
 
-// Valid output range [lo, hi) along one dim for tap i: position o * s + i * d - p inside [0, size).
-void tap_range(int64_t i, int64_t s, int64_t d, int64_t p, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
-  const int64_t shift = i * d - p;  // position = o * s + shift
-  lo = shift >= 0 ? 0 : (-shift + s - 1) / s;
-  hi = size - 1 - shift < 0 ? 0 : std::min(out, (size - 1 - shift) / s + 1);
-  if (hi < lo) hi = lo;
-}
-
 // Per pooled index along T or H: window start and the range of taps inside the input.
 struct TapSpan {
   int64_t start, i0, i1;
@@ -134,9 +126,31 @@ void pool_row_taps(const scalar_t* xr, int64_t kw, int64_t sw, int64_t dw, acc_t
   }
 }
 
+// Kernel 2, stride 2, no padding, no dilation along H and W, every window inside the input (ceil_mode can
+// make the last one hang over); along T the same (2) or untouched (1). 0 otherwise.
+int k2s2_depth(const PoolGeom& g) {
+  for (int i = 1; i < 3; ++i)
+    if (g.k[i] != 2 || g.s[i] != 2 || g.p[i] != 0 || g.d[i] != 1 || 2 * g.out[i] > g.in[i]) return 0;
+  if (g.k[0] == 1 && g.s[0] == 1 && g.p[0] == 0) return 1;
+  if (g.k[0] == 2 && g.s[0] == 2 && g.p[0] == 0 && g.d[0] == 1 && 2 * g.out[0] <= g.in[0]) return 2;
+  return 0;
+}
+
 template <typename scalar_t, typename sw_t>
 void pool_planar(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
   using acc_t = at::opmath_type<scalar_t>;
+#ifdef LIGHTNING_VIS_SSE2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
+    if (const int kt = k2s2_depth(g); kt > 0 && simd::has_avx2()) {
+      const int64_t rows = g.N * g.C * g.out[0] * g.out[1];
+      at::parallel_for(0, rows, grain_for(g.out[2] * 4 * kt), [&](int64_t begin, int64_t end) {
+        (kt == 1 ? simd::pool_rows_k2s2_avx2<1> : simd::pool_rows_k2s2_avx2<2>)(
+            x, y, sw, begin, end, g.in[0], g.in[1], g.in[2], g.out[0], g.out[1], g.out[2]);
+      });
+      return;
+    }
+  }
+#endif
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t kt = g.k[0], kh = g.k[1], kw = g.k[2];
@@ -410,6 +424,18 @@ struct CoverTable {
 template <typename scalar_t, typename sw_t>
 void unpool_planar(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
+#ifdef LIGHTNING_VIS_SSE2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<sw_t, uint8_t>) {
+    if (const int kt = k2s2_depth(g); kt > 0 && simd::has_avx2()) {
+      const int64_t rows = g.N * g.C * g.in[0] * g.in[1];
+      at::parallel_for(0, rows, grain_for(g.in[2] * 2), [&](int64_t begin, int64_t end) {
+        (kt == 1 ? simd::unpool_rows_k2s2_avx2<1> : simd::unpool_rows_k2s2_avx2<2>)(
+            v, sw, out, begin, end, g.in[0], g.in[1], g.in[2], g.out[0], g.out[1], g.out[2]);
+      });
+      return;
+    }
+  }
+#endif
   const int64_t T = g.in[0], H = g.in[1], W = g.in[2];
   const int64_t OT = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t kh = g.k[1], kw = g.k[2], s = g.s[2], d = g.d[2], p = g.p[2];
