@@ -22,6 +22,8 @@
 #include "../pool.h"
 #include "simd_x86.h"
 
+#define LV_COMMA ,
+
 namespace lightning_vis {
 namespace {
 
@@ -251,9 +253,11 @@ void pool_planar(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
 // One output position over all its taps, channels innermost. NT > 0: NT taps fixed at compile time, the
 // window reduced in registers in one pass over C. NT == 0: any number of taps, through row buffers.
 template <int NT, typename scalar_t, typename sw_t>
-void pool_cl_position(const scalar_t* const* taps, const int32_t* offs, int64_t ntaps, int64_t C,
-                      scalar_t* __restrict__ y, sw_t* __restrict__ sw, at::opmath_type<scalar_t>* __restrict__ m,
-                      int32_t* __restrict__ idx) {
+__attribute__((always_inline)) inline void pool_cl_position_impl(const scalar_t* const* taps, const int32_t* offs,
+                                                                 int64_t ntaps, int64_t C, scalar_t* __restrict__ y,
+                                                                 sw_t* __restrict__ sw,
+                                                                 at::opmath_type<scalar_t>* __restrict__ m,
+                                                                 int32_t* __restrict__ idx) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (NT > 0) {
     const scalar_t* tp[NT];
@@ -298,6 +302,41 @@ void pool_cl_position(const scalar_t* const* taps, const int32_t* offs, int64_t 
   }
 }
 
+// The channel loops below are compiled twice: as they are, and inside an AVX2 wrapper (8 floats a step)
+// chosen at run time where the CPU has it. The bodies are always_inline, so each copy gets its own code.
+#ifdef LIGHTNING_VIS_SSE2
+#define LV_AVX2 __attribute__((target("avx2")))
+inline bool use_avx2() { return simd::has_avx2(); }
+#else
+#define LV_AVX2
+inline bool use_avx2() { return false; }
+#endif
+
+#define LV_TWICE(name, impl, tparams, targs, params, args) \
+  template <tparams>                                        \
+  void name params { impl<targs> args; }                     \
+  template <tparams>                                        \
+  LV_AVX2 void name##_avx2 params { impl<targs> args; }
+
+#define LV_POS_PARAMS                                                                                             \
+  (const scalar_t* const* taps, const int32_t* offs, int64_t ntaps, int64_t C, scalar_t* y, sw_t* sw,             \
+   at::opmath_type<scalar_t>* m, int32_t* idx)
+LV_TWICE(pool_cl_position, pool_cl_position_impl, int NT LV_COMMA typename scalar_t LV_COMMA typename sw_t,
+         NT LV_COMMA scalar_t LV_COMMA sw_t, LV_POS_PARAMS, (taps, offs, ntaps, C, y, sw, m, idx))
+
+template <typename scalar_t, typename sw_t>
+using PosFn = void (*)(const scalar_t* const*, const int32_t*, int64_t, int64_t, scalar_t*, sw_t*,
+                       at::opmath_type<scalar_t>*, int32_t*);
+
+template <typename scalar_t, typename sw_t>
+PosFn<scalar_t, sw_t> pick_position(int64_t ntaps, bool avx2) {
+#define LV_POS(nt) \
+  if (ntaps == nt) return avx2 ? pool_cl_position_avx2<nt, scalar_t, sw_t> : pool_cl_position<nt, scalar_t, sw_t>;
+  LV_POS(2) LV_POS(3) LV_POS(4) LV_POS(8) LV_POS(9)
+#undef LV_POS
+  return avx2 ? pool_cl_position_avx2<0, scalar_t, sw_t> : pool_cl_position<0, scalar_t, sw_t>;
+}
+
 template <typename scalar_t, typename sw_t>
 void pool_channels_last(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -311,6 +350,7 @@ void pool_channels_last(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t*
     iw1[ow] = end_tap(ws, g.d[2], W, kw);
   }
   const int64_t rows = g.N * OT * OH;
+  const bool avx2 = use_avx2();
   at::parallel_for(0, rows, grain_for(OW * C * g.window()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> m(C);
     std::vector<int32_t> idx(C);
@@ -343,14 +383,7 @@ void pool_channels_last(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t*
           continue;
         }
         // The first cell initialises (the -inf start and the first-cell switch give exactly this).
-        switch (ntaps) {
-          case 2: pool_cl_position<2>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
-          case 3: pool_cl_position<3>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
-          case 4: pool_cl_position<4>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
-          case 8: pool_cl_position<8>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
-          case 9: pool_cl_position<9>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data()); break;
-          default: pool_cl_position<0>(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data());
-        }
+        pick_position<scalar_t, sw_t>(ntaps, avx2)(taps.data(), offs.data(), ntaps, C, yr, sr, m.data(), idx.data());
       }
     }
   });
@@ -508,6 +541,35 @@ void unpool_planar(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_
   });
 }
 
+// out[c] = switch[c] == off ? value[c] : 0, and its accumulating twin (values loaded unconditionally, so that
+// the loops vectorise).
+template <typename scalar_t, typename sw_t>
+__attribute__((always_inline)) inline void select_channels_impl(scalar_t* __restrict__ out,
+                                                                const scalar_t* __restrict__ v,
+                                                                const sw_t* __restrict__ sw, sw_t off, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t val = v[c];
+    out[c] = sw[c] == off ? val : scalar_t(0);
+  }
+}
+
+template <typename scalar_t, typename sw_t>
+__attribute__((always_inline)) inline void add_channels_impl(at::opmath_type<scalar_t>* __restrict__ acc,
+                                                             const scalar_t* __restrict__ v,
+                                                             const sw_t* __restrict__ sw, sw_t off, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t val = static_cast<acc_t>(v[c]);
+    acc[c] += sw[c] == off ? val : acc_t(0);
+  }
+}
+
+LV_TWICE(select_channels, select_channels_impl, typename scalar_t LV_COMMA typename sw_t, scalar_t LV_COMMA sw_t,
+         (scalar_t* out, const scalar_t* v, const sw_t* sw, sw_t off, int64_t C), (out, v, sw, off, C))
+LV_TWICE(add_channels, add_channels_impl, typename scalar_t LV_COMMA typename sw_t, scalar_t LV_COMMA sw_t,
+         (at::opmath_type<scalar_t>* acc, const scalar_t* v, const sw_t* sw, sw_t off, int64_t C),
+         (acc, v, sw, off, C))
+
 template <typename scalar_t, typename sw_t>
 void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -517,6 +579,7 @@ void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, 
   const CoverTable cT(T, g.k[0], g.s[0], g.d[0], g.p[0], OT), cH(H, kh, g.s[1], g.d[1], g.p[1], OH),
       cW(W, kw, g.s[2], g.d[2], g.p[2], OW);
   const int64_t rows = g.N * T * H;
+  const bool avx2 = use_avx2();
   at::parallel_for(0, rows, grain_for(W * C * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C);
     RowCounter rc(begin, T, H);
@@ -536,10 +599,7 @@ void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, 
           const scalar_t* __restrict__ vr = v + o;
           const sw_t* __restrict__ sr = sw + o;
           const sw_t off = static_cast<sw_t>((cT.tap[et] * kh + cH.tap[eh]) * kw + cW.tap[ew]);
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t val = vr[c];  // loaded unconditionally, so that the loop vectorises
-            orow[c] = sr[c] == off ? val : scalar_t(0);
-          }
+          (avx2 ? select_channels_avx2<scalar_t, sw_t> : select_channels<scalar_t, sw_t>)(orow, vr, sr, off, C);
           continue;
         }
         acc_t* __restrict__ bp = buf.data();
@@ -551,10 +611,7 @@ void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, 
               const scalar_t* __restrict__ vr = v + o;
               const sw_t* __restrict__ sr = sw + o;
               const sw_t off = static_cast<sw_t>((cT.tap[a] * kh + cH.tap[b]) * kw + cW.tap[e]);
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t val = static_cast<acc_t>(vr[c]);
-                bp[c] += sr[c] == off ? val : acc_t(0);
-              }
+              (avx2 ? add_channels_avx2<scalar_t, sw_t> : add_channels<scalar_t, sw_t>)(bp, vr, sr, off, C);
             }
           }
         }
