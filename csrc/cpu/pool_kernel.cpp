@@ -570,6 +570,54 @@ LV_TWICE(add_channels, add_channels_impl, typename scalar_t LV_COMMA typename sw
          (at::opmath_type<scalar_t>* acc, const scalar_t* v, const sw_t* sw, sw_t off, int64_t C),
          (acc, v, sw, off, C))
 
+// Channels-last unpool for the k2s2_depth() geometry: input rows r in [begin, end) of (N, T, H); the covering
+// window and the switch offset of each cell follow from its parity, with no per-cell table look-ups.
+template <int KT, typename scalar_t, typename sw_t>
+__attribute__((always_inline)) inline void unpool_cl_rows_k2s2_impl(const scalar_t* v, const sw_t* sw,
+                                                                    scalar_t* out, int64_t begin, int64_t end,
+                                                                    const PoolGeom* g) {
+  const int64_t C = g->C, T = g->in[0], H = g->in[1], W = g->in[2], OT = g->out[0], OH = g->out[1],
+                OW = g->out[2];
+  int64_t h = begin % H, t = (begin / H) % T, n = begin / (H * T);
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* orow = out + r * W * C;
+    const int64_t ot = t / KT, oh = h / 2;
+    if (ot >= OT || oh >= OH) {
+      std::fill(orow, orow + W * C, scalar_t(0));
+    } else {
+      const int64_t base = ((n * OT + ot) * OH + oh) * OW;
+      const int32_t off_row = static_cast<int32_t>(((t % KT) * 2 + h % 2) * 2);
+      for (int64_t w = 0; w < W; ++w) {
+        scalar_t* __restrict__ o = orow + w * C;
+        const int64_t ow = w / 2;
+        if (ow >= OW) {
+          std::fill(o, o + C, scalar_t(0));
+          continue;
+        }
+        const sw_t off = static_cast<sw_t>(off_row + (w & 1));
+        const scalar_t* __restrict__ vr = v + (base + ow) * C;
+        const sw_t* __restrict__ sr = sw + (base + ow) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t val = vr[c];
+          o[c] = sr[c] == off ? val : scalar_t(0);
+        }
+      }
+    }
+    if (++h == H) {
+      h = 0;
+      if (++t == T) {
+        t = 0;
+        ++n;
+      }
+    }
+  }
+}
+
+LV_TWICE(unpool_cl_rows_k2s2, unpool_cl_rows_k2s2_impl, int KT LV_COMMA typename scalar_t LV_COMMA typename sw_t,
+         KT LV_COMMA scalar_t LV_COMMA sw_t,
+         (const scalar_t* v, const sw_t* sw, scalar_t* out, int64_t begin, int64_t end, const PoolGeom* g),
+         (v, sw, out, begin, end, g))
+
 template <typename scalar_t, typename sw_t>
 void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -580,6 +628,13 @@ void unpool_channels_last(const PoolGeom& g, const scalar_t* v, const sw_t* sw, 
       cW(W, kw, g.s[2], g.d[2], g.p[2], OW);
   const int64_t rows = g.N * T * H;
   const bool avx2 = use_avx2();
+  if (const int kt = k2s2_depth(g); kt > 0) {
+    using Fn = void (*)(const scalar_t*, const sw_t*, scalar_t*, int64_t, int64_t, const PoolGeom*);
+    const Fn fn = kt == 1 ? (avx2 ? unpool_cl_rows_k2s2_avx2<1, scalar_t, sw_t> : unpool_cl_rows_k2s2<1, scalar_t, sw_t>)
+                          : (avx2 ? unpool_cl_rows_k2s2_avx2<2, scalar_t, sw_t> : unpool_cl_rows_k2s2<2, scalar_t, sw_t>);
+    at::parallel_for(0, rows, grain_for(W * C), [&](int64_t begin, int64_t end) { fn(v, sw, out, begin, end, &g); });
+    return;
+  }
   at::parallel_for(0, rows, grain_for(W * C * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(C);
     RowCounter rc(begin, T, H);
