@@ -26,4 +26,23 @@ at::Tensor gather_switches_impl(const at::Tensor& grad, const at::Tensor& switch
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 GatherKernel kernel_fn);
 
+// The operator functions a backend registers: `m.impl("unpool", &unpool_op<my_unpool_kernel>)`.
+template <PoolKernel K>
+std::tuple<at::Tensor, at::Tensor> pool_op(const at::Tensor& x, at::IntArrayRef k, at::IntArrayRef s,
+                                           at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+  return max_pool_with_switches_impl(x, k, s, p, d, ceil_mode, K);
+}
+
+template <UnpoolKernel K>
+at::Tensor unpool_op(const at::Tensor& values, const at::Tensor& switches, at::IntArrayRef k, at::IntArrayRef s,
+                     at::IntArrayRef p, at::IntArrayRef d, at::IntArrayRef output_size) {
+  return unpool_impl(values, switches, k, s, p, d, output_size, K);
+}
+
+template <GatherKernel K>
+at::Tensor gather_op(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef k, at::IntArrayRef s,
+                     at::IntArrayRef p, at::IntArrayRef d) {
+  return gather_switches_impl(grad, switches, k, s, p, d, K);
+}
+
 }  // namespace lightning_vis

@@ -118,6 +118,13 @@ std::vector<int64_t> pooled_shape(const PoolGeom& g, int64_t nd) {
   return shape;
 }
 
+void check_data_and_switches(const char* op, const char* name, const at::Tensor& data, const at::Tensor& switches) {
+  TORCH_CHECK(is_floating(data.scalar_type()), op, ": ", name, " dtype ", data.scalar_type(),
+              " is not supported; expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK(data.device() == switches.device(), op, ": ", name, " on ", data.device(), " but switches on ",
+              switches.device());
+}
+
 // Geometry of pooling an input of in_sizes into pooled_sizes, in floor or ceil mode, whichever gives them.
 PoolGeom geometry_matching(const char* op, at::IntArrayRef in_sizes, at::IntArrayRef pooled_sizes,
                            at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -175,10 +182,7 @@ at::Tensor unpool_impl(const at::Tensor& values, const at::Tensor& switches, at:
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        at::IntArrayRef output_size, UnpoolKernel kernel_fn) {
   constexpr const char* op = "unpool";
-  TORCH_CHECK(is_floating(values.scalar_type()), op, ": values dtype ", values.scalar_type(),
-              " is not supported; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK(values.device() == switches.device(), op, ": values on ", values.device(), " but switches on ",
-              switches.device());
+  check_data_and_switches(op, "values", values, switches);
   const int64_t nd = static_cast<int64_t>(kernel.size());
   TORCH_CHECK(static_cast<int64_t>(output_size.size()) == nd, op, ": output_size must give the ", nd,
               " spatial sizes of the pooled input, got ", output_size);
@@ -199,10 +203,7 @@ at::Tensor gather_switches_impl(const at::Tensor& grad, const at::Tensor& switch
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 GatherKernel kernel_fn) {
   constexpr const char* op = "gather_switches";
-  TORCH_CHECK(is_floating(grad.scalar_type()), op, ": dtype ", grad.scalar_type(),
-              " is not supported; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK(grad.device() == switches.device(), op, ": grad on ", grad.device(), " but switches on ",
-              switches.device());
+  check_data_and_switches(op, "grad", grad, switches);
   const int64_t nd = static_cast<int64_t>(kernel.size());
   TORCH_CHECK(switches.dim() == nd + 2, op, ": switches of shape ", switches.sizes(), " are not a batched ", nd,
               "D pooled tensor");

@@ -1,9 +1,11 @@
 // CPU kernels: max-pool with switches, unpool (its adjoint), gather at switches (unpool's adjoint).
 //
-// Planar (N, C, T, H, W) tensors are processed one output row at a time: the row's running max and
-// switch live in small buffers that stay in L1, each input row of the window is streamed once, and
-// the inner loops run along W so that the compiler vectorises them. Channels-last tensors are
-// processed one spatial position at a time with the inner loop along C.
+// Planar (N, C, T, H, W) tensors are processed one output row at a time along W: border columns one by
+// one, interior columns with the whole window in registers (fused rows, hand-vectorised for fp32 stride 2)
+// or, for other windows, one window row at a time through L1 row buffers. Kernel 2 / stride 2 windows have
+// whole-row AVX2 kernels (simd_x86.h). Channels-last tensors are processed one position at a time with the
+// inner loop along C, compiled twice (plain and AVX2, chosen at run time). Unpool gathers: every output cell
+// is written once from the windows that cover it (residue classes along W where windows overlap).
 //
 // Semantics follow torch's own kernels exactly: a value is taken when it is greater than the running
 // max or is NaN (so the first maximum wins on ties and the last NaN wins), the running max starts at
@@ -191,55 +193,39 @@ void pool_planar(const PoolGeom& g, const scalar_t* x, scalar_t* y, sw_t* sw) {
       }
       scalar_t* yr = y + r * OW;
       sw_t* sr = sw + r * OW;
-      if (fused != nullptr && R == kt * kh) {
-        fused(rp.data(), offs.data(), dw, yr, sr, lo, hi);
-        // Border columns [0, lo) and [hi, OW): some W taps fall into the padding.
-        auto border = [&](int64_t a, int64_t b) {
-          for (int64_t ow = a; ow < b; ++ow) {
-            const int64_t start = ow * sw_;  // relative to rp's origin at -pw
-            acc_t mv = -std::numeric_limits<acc_t>::infinity();
-            int32_t iv = base + j0[ow];
-            for (int64_t i = 0; i < R; ++i) {
-              for (int64_t j = 0; j < kw; ++j) {
-                const int64_t w = start + j * dw - pw;
-                if (w < 0 || w >= W) continue;
-                const acc_t v = static_cast<acc_t>(rp[i][w + pw]);
-                if ((v > mv) | (v != v)) {
-                  mv = v;
-                  iv = offs[i] + static_cast<int32_t>(j);
-                }
+      // Border columns [0, lo) and [hi, OW), where some W taps fall into the padding: one column at a time.
+      auto border = [&](int64_t a, int64_t b) {
+        for (int64_t ow = a; ow < b; ++ow) {
+          acc_t mv = -std::numeric_limits<acc_t>::infinity();
+          int32_t iv = base + j0[ow];
+          for (int64_t i = 0; i < R; ++i) {
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t w = ow * sw_ + j * dw - pw;
+              if (w < 0 || w >= W) continue;
+              const acc_t v = static_cast<acc_t>(rp[i][w + pw]);
+              if ((v > mv) | (v != v)) {
+                mv = v;
+                iv = offs[i] + static_cast<int32_t>(j);
               }
             }
-            yr[ow] = static_cast<scalar_t>(mv);
-            sr[ow] = static_cast<sw_t>(iv);
           }
-        };
-        border(0, lo);
-        border(hi, OW);
+          yr[ow] = static_cast<scalar_t>(mv);
+          sr[ow] = static_cast<sw_t>(iv);
+        }
+      };
+      border(0, lo);
+      border(hi, OW);
+      // Interior columns: the whole window in registers, or one window row at a time through row buffers.
+      if (fused != nullptr && R == kt * kh) {
+        fused(rp.data(), offs.data(), dw, yr, sr, lo, hi);
         continue;
       }
-      for (int64_t ow = 0; ow < OW; ++ow) {
+      for (int64_t ow = lo; ow < hi; ++ow) {
         m[ow] = -std::numeric_limits<acc_t>::infinity();
         idx[ow] = base + j0[ow];
       }
-      for (int64_t i = 0; i < R; ++i) {
-        for (int64_t ow = 0; ow < OW; ++ow) {  // border columns: skip the taps in the padding
-          if (ow == lo) ow = hi;
-          if (ow >= OW) break;
-          const int64_t start = ow * sw_ - pw;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t w = start + j * dw;
-            if (w < 0 || w >= W) continue;
-            const acc_t v = static_cast<acc_t>(rp[i][w + pw]);
-            if ((v > m[ow]) | (v != v)) {
-              m[ow] = v;
-              idx[ow] = offs[i] + static_cast<int32_t>(j);
-            }
-          }
-        }
-        pool_row_taps(rp[i], kw, sw_, dw, m.data(), idx.data(), offs[i], lo, hi);
-      }
-      for (int64_t ow = 0; ow < OW; ++ow) {
+      for (int64_t i = 0; i < R; ++i) pool_row_taps(rp[i], kw, sw_, dw, m.data(), idx.data(), offs[i], lo, hi);
+      for (int64_t ow = lo; ow < hi; ++ow) {
         yr[ow] = static_cast<scalar_t>(m[ow]);
         sr[ow] = static_cast<sw_t>(idx[ow]);
       }
@@ -749,28 +735,12 @@ void gather_cpu_kernel(const PoolGeom& g, const at::Tensor& grad, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool_with_switches_cpu(const at::Tensor& x, at::IntArrayRef k,
-                                                              at::IntArrayRef s, at::IntArrayRef p,
-                                                              at::IntArrayRef d, bool ceil_mode) {
-  return max_pool_with_switches_impl(x, k, s, p, d, ceil_mode, pool_cpu_kernel);
-}
-
-at::Tensor unpool_cpu(const at::Tensor& values, const at::Tensor& switches, at::IntArrayRef k, at::IntArrayRef s,
-                      at::IntArrayRef p, at::IntArrayRef d, at::IntArrayRef output_size) {
-  return unpool_impl(values, switches, k, s, p, d, output_size, unpool_cpu_kernel);
-}
-
-at::Tensor gather_switches_cpu(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef k,
-                               at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d) {
-  return gather_switches_impl(grad, switches, k, s, p, d, gather_cpu_kernel);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightning_vis, CPU, m) {
-  m.impl("max_pool_with_switches", &max_pool_with_switches_cpu);
-  m.impl("unpool", &unpool_cpu);
-  m.impl("gather_switches", &gather_switches_cpu);
+  m.impl("max_pool_with_switches", &pool_op<pool_cpu_kernel>);
+  m.impl("unpool", &unpool_op<unpool_cpu_kernel>);
+  m.impl("gather_switches", &gather_op<gather_cpu_kernel>);
 }
 
 }  // namespace lightning_vis

@@ -46,28 +46,12 @@ void gather_cuda_kernel(const PoolGeom& g, const at::Tensor& grad, const at::Ten
                                     at::cuda::getCurrentCUDAStream()));
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool_with_switches_cuda(const at::Tensor& x, at::IntArrayRef k,
-                                                               at::IntArrayRef s, at::IntArrayRef p,
-                                                               at::IntArrayRef d, bool ceil_mode) {
-  return max_pool_with_switches_impl(x, k, s, p, d, ceil_mode, pool_cuda_kernel);
-}
-
-at::Tensor unpool_cuda(const at::Tensor& values, const at::Tensor& switches, at::IntArrayRef k, at::IntArrayRef s,
-                       at::IntArrayRef p, at::IntArrayRef d, at::IntArrayRef output_size) {
-  return unpool_impl(values, switches, k, s, p, d, output_size, unpool_cuda_kernel);
-}
-
-at::Tensor gather_switches_cuda(const at::Tensor& grad, const at::Tensor& switches, at::IntArrayRef k,
-                                at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d) {
-  return gather_switches_impl(grad, switches, k, s, p, d, gather_cuda_kernel);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightning_vis, CUDA, m) {
-  m.impl("max_pool_with_switches", &max_pool_with_switches_cuda);
-  m.impl("unpool", &unpool_cuda);
-  m.impl("gather_switches", &gather_switches_cuda);
+  m.impl("max_pool_with_switches", &pool_op<pool_cuda_kernel>);
+  m.impl("unpool", &unpool_op<unpool_cuda_kernel>);
+  m.impl("gather_switches", &gather_op<gather_cuda_kernel>);
 }
 
 }  // namespace lightning_vis
