@@ -2,4 +2,5 @@
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401  (loads the compiled operators)
+from . import hooks, ops  # noqa: F401  (ops loads the compiled operators)
+from .hooks import capture, layers, resolve_layers  # noqa: F401

@@ -1,0 +1,8 @@
+"""Layer 2: resolving layers of any nn.Module, taps that capture tensors, and a guard that restores the model."""
+
+from .guard import HOOK_DICTS, ModelGuard, guarded, hook_counts
+from .resolve import LayerNotFoundError, resolve_layers
+from .taps import LayerInfo, capture, layers
+
+__all__ = ["HOOK_DICTS", "LayerInfo", "LayerNotFoundError", "ModelGuard", "capture", "guarded", "hook_counts",
+           "layers", "resolve_layers"]

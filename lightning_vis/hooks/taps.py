@@ -1,0 +1,142 @@
+"""Taps: capture what layers output (or receive) during a forward pass, safely.
+
+- Every call of a module is recorded (torchvision's ResNet calls one ReLU two or three times per block).
+- A later in-place op (``ReLU(inplace=True)``, ``out += identity``) cannot change what was captured: values are
+  copied when the layer returns, and in gradient mode the layer's real output is kept as an autograd node while
+  the rest of the network runs on a copy of it.
+- Hooks are removed on exit, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .guard import ModelGuard
+from .resolve import LayerSpec, resolve_layers
+
+
+def _first_tensor(value):
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, Tensor):
+                return v
+    return None
+
+
+class capture:
+    """Context manager recording the outputs (or inputs) of the layers ``spec`` names.
+
+    >>> with capture(model, ["features.3", "features.8"]) as tap:
+    ...     model(images)
+    >>> tap.output("features.3")            # (N, C, H, W), as the layer returned it
+
+    what: "output" (default) or "input" (a layer's first positional input).
+    grads: keep the layer's real output in the autograd graph (``tap.live[name]``) so that methods can take
+        ``torch.autograd.grad(target, tap.live[name])``; the network continues on a copy, so an in-place op
+        after the layer cannot corrupt it. Outputs only.
+    For a layer returning a tuple (e.g. ``nn.MultiheadAttention``), its first tensor is recorded.
+    """
+
+    def __init__(self, model: nn.Module, spec: LayerSpec, *, what: str = "output", grads: bool = False):
+        if what not in ("output", "input"):
+            raise ValueError(f"what must be 'output' or 'input', not {what!r}")
+        if grads and what != "output":
+            raise ValueError("grads=True taps layer outputs only")
+        self.model, self.what, self.grads = model, what, grads
+        self.layers = resolve_layers(model, spec)
+        self.values: dict[str, list[Tensor]] = defaultdict(list)
+        self.live: dict[str, list[Tensor]] = defaultdict(list)
+        self._handles = []
+
+    def _output_hook(self, name):
+        def hook(module, args, output):
+            out = _first_tensor(output)
+            if out is None:
+                return None
+            if self.grads and out.requires_grad:
+                self.live[name].append(out)
+                self.values[name].append(out.detach())
+                copy = out.clone()  # what the rest of the network sees (and may modify in place)
+                if isinstance(output, Tensor):
+                    return copy
+                return type(output)(copy if v is out else v for v in output)
+            self.values[name].append(out.detach().clone())
+            return None
+        return hook
+
+    def _input_hook(self, name):
+        def hook(module, args):
+            x = _first_tensor(args)
+            if x is not None:
+                self.values[name].append(x.detach().clone())
+        return hook
+
+    def __enter__(self) -> "capture":
+        try:
+            for name, module in self.layers.items():
+                if self.what == "output":
+                    self._handles.append(module.register_forward_hook(self._output_hook(name)))
+                else:
+                    self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def output(self, name: str) -> Tensor:
+        """The single recorded value of a layer; an error if it ran zero times or more than once."""
+        if name not in self.layers:
+            resolve_layers(self.model, name)  # raises with suggestions when unknown
+            raise KeyError(f"{name!r} was not among the tapped layers: {list(self.layers)}")
+        got = self.values.get(name, [])
+        if len(got) != 1:
+            raise RuntimeError(f"layer {name!r} ran {len(got)} times in the pass; use tap.values[{name!r}] "
+                               "for every call")
+        return got[0]
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    type: str
+    output_shape: tuple | None  # of the first call; None when the output is not a tensor
+    calls: int
+    params: int
+
+
+def layers(model: nn.Module, example_input, *, leaves_only: bool = False) -> list[LayerInfo]:
+    """Every submodule the example forward pass runs, with its type and output shape (one dry forward in eval
+    mode without gradients; the model is restored afterwards). ``example_input``: a tensor or a tuple of
+    positional inputs."""
+    shapes: dict[str, list] = defaultdict(list)
+    named = [(k, m) for k, m in model.named_modules() if k and (not leaves_only or not any(m.children()))]
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            out = _first_tensor(output)
+            shapes[name].append(tuple(out.shape) if out is not None else None)
+        return hook
+
+    with ModelGuard(model, eval=True), torch.no_grad():
+        try:
+            for k, m in named:
+                handles.append(m.register_forward_hook(hook_for(k)))
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+    return [LayerInfo(k, type(m).__name__, shapes[k][0], len(shapes[k]), sum(p.numel() for p in m.parameters()))
+            for k, m in named if shapes.get(k)]

@@ -1,0 +1,164 @@
+"""Hook engine core: layer resolution, the model guard, capture taps and the layer listing."""
+
+import gc
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_vis.hooks import LayerNotFoundError, ModelGuard, capture, hook_counts, layers, resolve_layers
+
+
+def tiny():
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                             nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True))
+    return nn.Sequential(OrderedDict(features=features, pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+                                     classifier=nn.Linear(6, 5)))
+
+
+class SharedReLU(nn.Module):
+    """Calls one ReLU module twice per forward, as torchvision's ResNet blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.relu = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.b(self.relu(self.a(x))))
+
+
+def test_resolve_by_name_glob_type_object_and_list():
+    m = tiny()
+    assert list(resolve_layers(m, "features.3")) == ["features.3"]
+    assert list(resolve_layers(m, "features.*")) == [f"features.{i}" for i in range(6)]
+    assert list(resolve_layers(m, nn.Conv2d)) == ["features.0", "features.3"]
+    assert list(resolve_layers(m, m.classifier)) == ["classifier"]
+    # a list keeps the model's order and drops duplicates
+    assert list(resolve_layers(m, ["classifier", nn.ReLU, "features.5"])) == ["features.1", "features.5",
+                                                                              "classifier"]
+
+
+@pytest.mark.parametrize("spec,hint", [
+    ("featurs.3", "'features.3'"),
+    ("features.9", "'features."),
+    ("classifer", "'classifier'"),
+    ("layer4.*", "no layer matches the pattern"),
+    (nn.LSTM, "Conv2d"),
+    (nn.Linear(1, 1), "not a submodule"),
+    ([], "no layers given"),
+])
+def test_unknown_layers_name_the_closest_valid_ones(spec, hint):
+    with pytest.raises(LayerNotFoundError, match=hint.replace("*", r"\*").replace("(", r"\(")):
+        resolve_layers(tiny(), spec)
+
+
+def test_bad_layer_spec_type():
+    with pytest.raises(TypeError, match="str, an nn.Module type or an nn.Module"):
+        resolve_layers(tiny(), 3)
+
+
+def test_guard_restores_everything_also_after_an_exception():
+    m = tiny().train()
+    m.features[4].eval()  # a mixed state the guard must keep per module
+    m.classifier.weight.requires_grad_(False)
+    before_training = [x.training for x in m.modules()]
+    before_grad = [p.requires_grad for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ModelGuard(m, eval=True, freeze=True):
+            assert not any(x.training for x in m.modules())
+            assert not any(p.requires_grad for p in m.parameters())
+            m.features[1].inplace = False
+            m.features[0].register_forward_hook(lambda *a: None)
+            m.register_forward_pre_hook(lambda *a: None)
+            raise RuntimeError("boom")
+    assert [x.training for x in m.modules()] == before_training
+    assert [p.requires_grad for p in m.parameters()] == before_grad
+    assert m.features[1].inplace is True
+    assert hook_counts(m) == 0
+
+
+def test_capture_is_safe_with_inplace_relu_and_matches_hand_computation():
+    m = tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with capture(m, ["features.0", "features.1", "classifier"]) as tap:
+        logits = m(x)
+    conv = F.conv2d(x, m.features[0].weight, m.features[0].bias, padding=1)
+    got = tap.output("features.0")
+    assert (got < 0).any(), "the in-place ReLU after the conv must not have changed the captured output"
+    torch.testing.assert_close(got, conv)
+    torch.testing.assert_close(tap.output("features.1"), conv.relu())
+    torch.testing.assert_close(tap.output("classifier"), logits.detach())
+    assert hook_counts(m) == 0
+
+
+def test_capture_records_every_call_of_a_shared_module():
+    m = SharedReLU()
+    x = torch.randn(3, 4)
+    with capture(m, "relu") as tap:
+        m(x)
+    first = m.a(x).relu()
+    torch.testing.assert_close(tap.values["relu"][0], first)
+    torch.testing.assert_close(tap.values["relu"][1], m.b(first).relu())
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        tap.output("relu")
+
+
+def test_capture_inputs():
+    m = tiny().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with capture(m, "features.3", what="input") as tap:
+        m(x)
+    expected = F.max_pool2d(F.conv2d(x, m.features[0].weight, m.features[0].bias, padding=1).relu(), 2)
+    torch.testing.assert_close(tap.output("features.3"), expected)
+
+
+def test_gradient_taps_give_pre_inplace_gradients_and_never_touch_param_grads():
+    m = tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with capture(m, "features.0", grads=True) as tap:
+        logits = m(x)
+    (act,) = tap.live["features.0"]
+    (g,) = torch.autograd.grad(logits[:, 1].sum(), act)
+    # reference: the same network written out by hand, differentiated at the conv output
+    conv = F.conv2d(x, m.features[0].weight, m.features[0].bias, padding=1).detach().requires_grad_()
+    rest = m.features[4](m.features[3](F.max_pool2d(conv.relu(), 2))).relu().mean((2, 3))
+    (ref,) = torch.autograd.grad(m.classifier(rest)[:, 1].sum(), conv)
+    torch.testing.assert_close(g, ref)
+    torch.testing.assert_close(logits, m(x))  # the tap changed nothing the network computes
+    assert all(p.grad is None for p in m.parameters())
+    assert hook_counts(m) == 0
+
+
+def test_hooks_removed_after_an_exception_and_after_many_cycles():
+    m = tiny().eval()
+    with pytest.raises(ValueError):
+        with capture(m, nn.Conv2d):
+            m(torch.randn(1, 3, 8, 8))
+            raise ValueError("inside")
+    assert hook_counts(m) == 0
+    x = torch.randn(1, 3, 8, 8)
+    gc.collect()
+    objects = len(gc.get_objects())
+    for _ in range(1000):
+        with capture(m, ["features.*", "classifier"], grads=True) as tap:
+            m(x)
+        del tap
+    gc.collect()
+    assert hook_counts(m) == 0
+    assert len(gc.get_objects()) < objects + 500  # no growth per cycle
+
+
+def test_layers_lists_types_and_shapes_and_restores_the_model():
+    m = tiny().train()
+    info = {i.name: i for i in layers(m, torch.randn(2, 3, 8, 8))}
+    assert info["features.0"].type == "Conv2d" and info["features.0"].output_shape == (2, 4, 8, 8)
+    assert info["features.2"].output_shape == (2, 4, 4, 4)
+    assert info["classifier"].output_shape == (2, 5) and info["classifier"].params == 35
+    assert info["features"].calls == 1
+    assert all(x.training for x in m.modules()) and hook_counts(m) == 0
+    assert m.features[4].num_batches_tracked.item() == 0  # eval mode: BatchNorm statistics untouched
+    leaves = [i.name for i in layers(m, torch.randn(1, 3, 8, 8), leaves_only=True)]
+    assert "features" not in leaves and "features.0" in leaves
