@@ -2,5 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import hooks, ops  # noqa: F401  (ops loads the compiled operators)
+from . import hooks, images, ops  # noqa: F401  (ops loads the compiled operators)
+from .activations import activation_grid, activations, top_predictions  # noqa: F401
 from .hooks import capture, layers, resolve_layers  # noqa: F401

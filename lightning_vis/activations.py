@@ -1,0 +1,62 @@
+"""Per input: activation maps of chosen layers (what quiver shows) and the model's top-N predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import images as im
+from .hooks import ModelGuard, capture
+from .hooks.resolve import LayerSpec
+
+
+def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec) -> tuple[dict[str, Tensor], Tensor]:
+    """One forward pass in eval mode without gradients; returns ({layer name: its output}, model output).
+
+    Outputs keep their layout: (N, C, L), (N, C, H, W), (N, C, T, H, W) or (N, features). A layer called
+    several times in the pass gives its first call (``lightning_vis.capture`` gives every call). The model
+    is restored afterwards (training flags, hooks)."""
+    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers) as tap:
+        out = model(inputs)
+    return {name: tap.values[name][0] for name in tap.layers if tap.values.get(name)}, out
+
+
+def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap: str = "viridis",
+                    max_filters: int | None = None, ncol: int | None = None) -> Tensor:
+    """Every filter's map of one input as one coloured grid image (3, H', W').
+
+    act: a layer's output (N, C, H, W), or (N, C, L) shown as 1-pixel-high strips; 3D (N, C, T, H, W) maps show
+    their middle frame. scale: "per_image" (each filter on its own scale) or "shared" (one scale: compare
+    filters' strength)."""
+    if act.dim() not in (3, 4, 5):
+        raise ValueError(f"activation maps need (N, C, L), (N, C, H, W) or (N, C, T, H, W), got shape "
+                         f"{tuple(act.shape)}")
+    if not 0 <= index < act.shape[0]:
+        raise IndexError(f"input index {index} out of range for a batch of {act.shape[0]}")
+    maps = act[index]
+    if maps.dim() == 2:
+        maps = maps[:, None, :]
+    elif maps.dim() == 4:
+        maps = maps[:, maps.shape[1] // 2]
+    if max_filters is not None:
+        maps = maps[:max_filters]
+    return im.grid(im.colormap(im.normalize(maps, scale), cmap), ncol=ncol)
+
+
+def top_predictions(logits: Tensor, k: int | None = None, class_names: Sequence[str] | None = None):
+    """Per input, the k most probable classes as [(class index, name, probability), ...]; softmax over the last
+    dim of (N, classes) logits. k defaults to 5 (or all classes when fewer); names default to the index as text."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
+    n_cls = logits.shape[1]
+    k = min(5, n_cls) if k is None else k
+    if not 1 <= k <= n_cls:
+        raise ValueError(f"k must be between 1 and the number of classes ({n_cls}), got {k}")
+    if class_names is not None and len(class_names) != n_cls:
+        raise ValueError(f"{len(class_names)} class names for {n_cls} classes")
+    probs = logits.detach().float().softmax(-1)
+    p, idx = probs.topk(k, dim=-1)
+    names = class_names if class_names is not None else [str(i) for i in range(n_cls)]
+    return [[(int(i), names[int(i)], float(q)) for q, i in zip(row_p, row_i)] for row_p, row_i in zip(p, idx)]

@@ -1,0 +1,92 @@
+"""Image utilities used by methods, callbacks and interfaces: normalisation, grids, colour maps, overlays, PNG.
+Tensors are float images in [0, 1], channels first; no torch.nn logic here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Colour maps as evenly spaced anchor colours, linearly interpolated (viridis and magma from their published
+# endpoints and quartiles; jet as the classic blue-cyan-yellow-red ramp).
+_CMAPS = {
+    "viridis": ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"],
+    "magma": ["#000004", "#51127c", "#b73779", "#fc8961", "#fcfdbf"],
+    "jet": ["#00007f", "#0000ff", "#00ffff", "#7fff7f", "#ffff00", "#ff0000", "#7f0000"],
+    "gray": ["#000000", "#ffffff"],
+}
+
+
+def _anchors(name: str) -> Tensor:
+    if name not in _CMAPS:
+        raise ValueError(f"unknown colour map {name!r}; available: {', '.join(_CMAPS)}")
+    return torch.tensor([[int(h[i:i + 2], 16) / 255 for i in (1, 3, 5)] for h in _CMAPS[name]])
+
+
+def normalize(x: Tensor, mode: str = "per_image", eps: float = 1e-8) -> Tensor:
+    """Min-max scale to [0, 1]. x: (..., H, W). mode "per_image": every (H, W) map on its own scale (filters
+    look alike, whatever their strength); "shared": one scale for all (filters can be compared)."""
+    x = x.float()
+    if mode == "shared":
+        lo, hi = x.min(), x.max()
+    elif mode == "per_image":
+        flat = x.flatten(-2)
+        lo, hi = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
+    else:
+        raise ValueError(f"mode must be 'per_image' or 'shared', not {mode!r}")
+    return ((x - lo) / (hi - lo).clamp_min(eps)).clamp(0, 1)
+
+
+def colormap(x: Tensor, name: str = "viridis") -> Tensor:
+    """x: (..., H, W) in [0, 1] -> (..., 3, H, W) colours."""
+    anchors = _anchors(name).to(x.device)
+    pos = x.float().clamp(0, 1) * (len(anchors) - 1)
+    i0 = pos.floor().long().clamp(max=len(anchors) - 2)
+    t = (pos - i0)[..., None]
+    rgb = anchors[i0] * (1 - t) + anchors[i0 + 1] * t  # (..., H, W, 3)
+    return rgb.movedim(-1, -3)
+
+
+def grid(images: Tensor, ncol: int | None = None, pad: int = 1, pad_value: float = 1.0) -> Tensor:
+    """Tiles (N, H, W) or (N, C, H, W) images into one (C, H', W') image, row by row; ncol defaults to
+    ceil(sqrt(N))."""
+    if images.dim() == 3:
+        images = images[:, None]
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"grid takes (N, H, W) or (N, C, H, W) images with N > 0, got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    out = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), pad_value, dtype=images.dtype)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    return out
+
+
+def overlay(image: Tensor, heat: Tensor, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
+    """A heat map (h, w), of any size, resized to the image (3, H, W), min-max scaled, coloured and blended."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"overlay takes a (1|3, H, W) image, got shape {tuple(image.shape)}")
+    heat = F.interpolate(heat.float()[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    colour = colormap(normalize(heat), cmap)
+    return (1 - alpha) * image.float().expand(3, -1, -1) + alpha * colour
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """(C, H, W) float in [0, 1] -> (H, W, C) uint8."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(0, -1).cpu()
+
+
+def save_png(image: Tensor, path) -> Path:
+    """Writes a (1|3, H, W) float image in [0, 1] as PNG; returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = to_uint8(image).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+    return path
