@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 
 from . import hooks, images, ops  # noqa: F401  (ops loads the compiled operators)
 from .activations import activation_grid, activations, top_predictions  # noqa: F401
+from .deconv import Reconstructions, deconvnet  # noqa: F401
 from .hooks import capture, layers, resolve_layers  # noqa: F401

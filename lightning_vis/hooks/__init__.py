@@ -2,7 +2,8 @@
 
 from .guard import HOOK_DICTS, ModelGuard, guarded, hook_counts
 from .resolve import LayerNotFoundError, resolve_layers
+from .rules import RULES, BackwardRules
 from .taps import LayerInfo, capture, layers
 
-__all__ = ["HOOK_DICTS", "LayerInfo", "LayerNotFoundError", "ModelGuard", "capture", "guarded", "hook_counts",
+__all__ = ["RULES", "BackwardRules", "HOOK_DICTS", "LayerInfo", "LayerNotFoundError", "ModelGuard", "capture", "guarded", "hook_counts",
            "layers", "resolve_layers"]

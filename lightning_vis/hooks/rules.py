@@ -1,0 +1,94 @@
+"""Backward rules for the pass of a method, scoped with a TorchFunctionMode: module ReLUs and functional
+``F.relu`` / ``torch.relu`` / ``Tensor.relu_`` are seen alike (nothing in torch is patched), and max-pools run
+through ``lightning_vis.ops.max_pool_with_switches``, whose backward unpools through the recorded switches.
+
+Rules for ReLU:
+- "deconvnet" (Zeiler and Fergus): the backward passes ``relu(grad)``, ignoring the forward mask;
+- "guided" (guided backprop): ``relu(grad) * (input > 0)``;
+- "gradient": the plain gradient (only the max-pools change: to the switch operator).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .. import ops
+
+RULES = ("deconvnet", "guided", "gradient")
+
+
+class _RectifiedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, guided: bool):
+        ctx.guided = guided
+        if guided:  # the mask, not x: an in-place ReLU overwrites x right after
+            ctx.save_for_backward(x > 0)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.clamp_min(0)
+        if ctx.guided:
+            (mask,) = ctx.saved_tensors
+            g = g * mask
+        return g, None
+
+
+_RELU = {F.relu, torch.relu, torch.Tensor.relu}
+_RELU_INPLACE = {torch.relu_, torch.Tensor.relu_}
+# F.max_poolNd dispatches to these; their arguments: input, kernel_size, stride, padding, dilation, ceil_mode,
+# return_indices (torch.max_poolNd: no return_indices, stride [] for "same as the kernel").
+_POOLS = {}
+for _nd in (1, 2, 3):
+    for _f in (getattr(F, f"_max_pool{_nd}d"), getattr(F, f"max_pool{_nd}d_with_indices"),
+               getattr(torch, f"max_pool{_nd}d")):
+        _POOLS[_f] = _nd
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+class BackwardRules(TorchFunctionMode):
+    """Inside ``with BackwardRules("deconvnet"):`` ReLUs and max-pools follow the rule's backward."""
+
+    def __init__(self, rule: str = "deconvnet"):
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        super().__init__()
+        self.rule = rule
+        self.pools = 0  # max-pools routed through the switch operator, for checks
+        self.relus = 0
+
+    def _relu(self, x):
+        self.relus += 1
+        if self.rule == "gradient" or not x.requires_grad:
+            return torch.relu(x)
+        return _RectifiedReLU.apply(x, self.rule == "guided")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU:
+            out = self._relu(args[0])
+            if kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True):
+                args[0].copy_(out)  # keep in-place semantics: the caller may read the input tensor
+                return args[0]
+            return out
+        if func in _RELU_INPLACE:
+            args[0].copy_(self._relu(args[0]))
+            return args[0]
+        if func in _POOLS:
+            bound = dict(zip(_POOL_ARGS, args))
+            bound.update(kwargs)
+            stride = bound.get("stride")
+            values, switches = ops.max_pool_with_switches(
+                bound["input"], bound["kernel_size"], None if stride in (None, []) else stride,
+                bound.get("padding", 0), bound.get("dilation", 1), bound.get("ceil_mode", False),
+                spatial_dims=_POOLS[func])
+            self.pools += 1
+            if func.__name__.endswith("with_indices") or bound.get("return_indices", False):
+                size = bound["input"].shape[-_POOLS[func]:]
+                return values, ops.switches_to_indices(switches, size, bound["kernel_size"],
+                                                       None if stride in (None, []) else stride,
+                                                       bound.get("padding", 0), bound.get("dilation", 1))
+            return values
+        return func(*args, **kwargs)
