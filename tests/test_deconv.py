@@ -179,3 +179,33 @@ def test_model_untouched_and_errors():
         lv.deconvnet(net, x, "relu2", features=[7])
     with pytest.raises(lv.hooks.LayerNotFoundError, match="'relu2'"):
         lv.deconvnet(net, x, "relu3")
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided"])
+def test_relu6_is_a_rectifier(rule):
+    torch.manual_seed(4)
+    m = nn.Sequential(OrderedDict(conv=nn.Conv2d(2, 3, 3, padding=1), act=nn.ReLU6(inplace=True),
+                                  conv2=nn.Conv2d(3, 2, 1)))
+    with torch.no_grad():
+        m.conv.weight.mul_(8)  # some inputs above 6, so that the clip matters
+    x = torch.randn(1, 2, 5, 5)
+    rec = lv.deconvnet(m, x, "conv2", features=[1], rule=rule)
+    xi = x.clone().requires_grad_()
+    pre = m.conv(xi)
+    assert (pre > 6).any() and (pre < 0).any()
+
+    class Ref(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            ctx.save_for_backward(v)
+            return v.clamp(0, 6)
+
+        @staticmethod
+        def backward(ctx, g):
+            (v,) = ctx.saved_tensors
+            return g.clamp_min(0) * ((v > 0) & (v < 6)) if rule == "guided" else g.clamp_min(0)
+
+    act = m.conv2(Ref.apply(pre))
+    g = torch.zeros_like(act)
+    g[:, 1] = act[:, 1].detach()
+    torch.testing.assert_close(rec.images["conv2"][0, 0], torch.autograd.grad(act, xi, g)[0][0])

@@ -2,9 +2,9 @@
 ``F.relu`` / ``torch.relu`` / ``Tensor.relu_`` are seen alike (nothing in torch is patched), and max-pools run
 through ``lightning_vis.ops.max_pool_with_switches``, whose backward unpools through the recorded switches.
 
-Rules for ReLU:
+Rules for ReLU (and for clipped rectifiers such as ReLU6, ``hardtanh(x, 0, top)``):
 - "deconvnet" (Zeiler and Fergus): the backward passes ``relu(grad)``, ignoring the forward mask;
-- "guided" (guided backprop): ``relu(grad) * (input > 0)``;
+- "guided" (guided backprop): ``relu(grad) * (0 < input (< top))``;
 - "gradient": the plain gradient (only the max-pools change: to the switch operator).
 """
 
@@ -20,12 +20,14 @@ RULES = ("deconvnet", "guided", "gradient")
 
 
 class _RectifiedReLU(torch.autograd.Function):
+    """relu (top None) or a clipped rectifier clamp(x, 0, top) (ReLU6) with the rule's backward."""
+
     @staticmethod
-    def forward(ctx, x, guided: bool):
+    def forward(ctx, x, guided: bool, top=None):
         ctx.guided = guided
         if guided:  # the mask, not x: an in-place ReLU overwrites x right after
-            ctx.save_for_backward(x > 0)
-        return x.clamp_min(0)
+            ctx.save_for_backward((x > 0) if top is None else (x > 0) & (x < top))
+        return x.clamp_min(0) if top is None else x.clamp(0, top)
 
     @staticmethod
     def backward(ctx, grad):
@@ -33,7 +35,7 @@ class _RectifiedReLU(torch.autograd.Function):
         if ctx.guided:
             (mask,) = ctx.saved_tensors
             g = g * mask
-        return g, None
+        return g, None, None
 
 
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
@@ -59,14 +61,25 @@ class BackwardRules(TorchFunctionMode):
         self.pools = 0  # max-pools routed through the switch operator, for checks
         self.relus = 0
 
-    def _relu(self, x):
+    def _relu(self, x, top=None):
         self.relus += 1
         if self.rule == "gradient" or not x.requires_grad:
-            return torch.relu(x)
-        return _RectifiedReLU.apply(x, self.rule == "guided")
+            return torch.relu(x) if top is None else x.clamp(0, top)
+        return _RectifiedReLU.apply(x, self.rule == "guided", top)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.hardtanh or func is F.relu6:
+            names = ("input", "min_val", "max_val", "inplace") if func is F.hardtanh else ("input", "inplace")
+            bound = {"min_val": 0.0, "max_val": 6.0, "inplace": False, **dict(zip(names, args)), **kwargs}
+            if bound["min_val"] == 0:  # a clipped rectifier (ReLU6); other hardtanhs pass through
+                x = bound["input"]
+                out = self._relu(x, bound["max_val"])
+                if bound["inplace"]:
+                    x.copy_(out)
+                    return x
+                return out
+            return func(*args, **kwargs)
         if func in _RELU:
             out = self._relu(args[0])
             if kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True):
