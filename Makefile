@@ -27,7 +27,7 @@ build: $(EXT_STAMP)
 $(DEPS_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
-	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow pytest expecttest setuptools wheel
+	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow tqdm pytest expecttest setuptools wheel
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -1,0 +1,239 @@
+"""lightning-vis command line: list layers, write activation grids and deconvnet reconstructions as PNG.
+
+    lightning-vis layers --model torchvision:mobilenet_v2 --weights mobilenet_v2.pth
+    lightning-vis activations --model torchvision:vgg16 --weights vgg16.pth --images photos/ --layers features.28
+    lightning-vis deconv --model mypkg.nets:make_net --images a.png --layers conv2 --top-k 3 --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import images as im
+from .activations import activation_grid, activations, top_predictions
+from .deconv import deconvnet
+from .hooks import LayerNotFoundError, resolve_layers
+from .hooks.taps import layers as list_layers
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no progress bar, same behaviour
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, unit="img", file=sys.stderr, leave=False)
+
+
+def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[str] | None, object]:
+    """'torchvision:<name>' (random weights unless --weights; ImageNet class names and preprocessing from
+    torchvision's metadata, no download) or 'package.module:factory' (called with no arguments).
+    Returns (model in eval mode, class names or None, preprocessing transform or None)."""
+    if ":" not in spec:
+        raise CliError(f"--model {spec!r}: expected 'torchvision:<name>' or 'package.module:factory'")
+    source, name = spec.split(":", 1)
+    categories, transform = None, None
+    if source == "torchvision":
+        import torchvision
+
+        available = torchvision.models.list_models()
+        if name not in available:
+            import difflib
+            close = difflib.get_close_matches(name, available, n=5)
+            raise CliError(f"torchvision has no model {name!r}; did you mean {', '.join(close) or '...'}?")
+        model = torchvision.models.get_model(name, weights=None)
+        try:
+            meta_weights = torchvision.models.get_model_weights(name).DEFAULT
+            categories = meta_weights.meta.get("categories")
+            transform = meta_weights.transforms()
+        except (ValueError, AttributeError):
+            pass
+    else:
+        try:
+            factory = getattr(importlib.import_module(source), name)
+        except (ImportError, AttributeError) as e:
+            raise CliError(f"--model {spec!r}: cannot import {name!r} from {source!r} ({e})") from e
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise CliError(f"--model {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise CliError(f"--weights {weights!r}: no such file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CliError(f"--weights {weights!r} do not fit {spec}: {str(e).splitlines()[0]}") from e
+    return model.eval(), categories, transform
+
+
+def image_paths(args_images: list[str]) -> list[Path]:
+    paths = []
+    for a in args_images:
+        p = Path(a)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise CliError(f"--images {a!r}: no such file or folder")
+    if not paths:
+        raise CliError(f"--images {args_images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return paths
+
+
+def load_image(path: Path, transform, size: int, gray: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model input (C, H, W), the same picture as a displayable (3, H, W) float image in [0, 1])."""
+    from PIL import Image
+
+    try:
+        pil = Image.open(path).convert("L" if gray and transform is None else "RGB")
+    except OSError as e:
+        raise CliError(f"{path}: not an image ({e})") from e
+    import numpy as np
+    if transform is not None:
+        x = transform(pil)
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        shown = (x * std + mean).clamp(0, 1)
+        return x, shown
+    pil = pil.resize((size, size))
+    arr = torch.from_numpy(np.asarray(pil).copy()).float() / 255
+    x = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+    return x, x.expand(3, -1, -1)
+
+
+def cmd_layers(args, model, categories, transform):
+    shape = [int(v) for v in args.input_size.split(",")]
+    info = list_layers(model, torch.zeros(1, *shape), leaves_only=not args.all)
+    width = max(len(i.name) for i in info)
+    for i in info:
+        print(f"{i.name:<{width}}  {i.type:<20} {str(list(i.output_shape) if i.output_shape else '-'):<22} "
+              f"{i.params:>10,d} params")
+
+
+def _run_images(args, model, categories, transform):
+    resolve_layers(model, args.layers)  # unknown names fail here, with suggestions, before any work
+    paths = image_paths(args.images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = categories
+    if getattr(args, "labels", None):
+        names = Path(args.labels).read_text().splitlines()
+    return paths, out, names
+
+
+def cmd_activations(args, model, categories, transform):
+    paths, out, names = _run_images(args, model, categories, transform)
+    report = {}
+    for path in progress(paths, "activations"):
+        x, _ = load_image(path, transform, args.size, args.gray)
+        acts, logits = activations(model, x[None], args.layers)
+        entry = {}
+        if logits.dim() == 2:
+            entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)}
+                                    for i, n, p in top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
+        for layer, a in acts.items():
+            if a.dim() < 3:
+                continue
+            f = out / path.stem / f"{layer}_activations.png"
+            im.save_png(activation_grid(a, scale=args.scale), f)
+            entry.setdefault("files", []).append(str(f))
+        report[path.name] = entry
+        top = entry.get("predictions", [])[:1]
+        if top:
+            print(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
+    (out / "activations.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}/")
+
+
+def cmd_deconv(args, model, categories, transform):
+    paths, out, _ = _run_images(args, model, categories, transform)
+    report = {}
+    for path in progress(paths, "deconv"):
+        x, shown = load_image(path, transform, args.size, args.gray)
+        rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule)
+        entry = {}
+        for layer, r in rec.images.items():
+            if args.heat:  # |reconstruction| summed over channels, coloured over the image
+                tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
+            else:
+                tiles = list(_normalize_rgb(r[0]))
+            f = out / path.stem / f"{layer}_{args.rule}.png"
+            im.save_png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1), f)
+            entry[layer] = {"features": rec.features[layer][0].tolist(), "file": str(f)}
+        report[path.name] = entry
+    (out / f"{args.rule}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}/")
+
+
+def _normalize_rgb(r: torch.Tensor) -> torch.Tensor:
+    """(k, C, H, W) reconstructions -> displayable images: each centred at grey, scaled by its largest value."""
+    r = r.float()
+    scale = r.flatten(1).abs().max(1).values.clamp_min(1e-12)[:, None, None, None]
+    out = 0.5 + 0.5 * r / scale
+    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out[:, :3]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lightning-vis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, with_images=True):
+        p.add_argument("--model", required=True, help="torchvision:<name> or package.module:factory")
+        p.add_argument("--weights", help="a state_dict file (.pth) to load into the model")
+        if with_images:
+            p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+            p.add_argument("--layers", nargs="+", required=True, help="layer names, globs (features.*) ")
+            p.add_argument("--out", default="out/lightning-vis", help="output folder (default %(default)s)")
+            p.add_argument("--size", type=int, default=224, help="input size for non-torchvision models")
+            p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
+
+    p = sub.add_parser("layers", help="list the model's layers with type, output shape and parameters")
+    common(p, with_images=False)
+    p.add_argument("--input-size", default="3,224,224", help="C,H,W of the example input (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="containers too, not only leaf layers")
+    p.set_defaults(run=cmd_layers)
+    p = sub.add_parser("activations", help="activation grids of layers for each image, and predictions")
+    common(p)
+    p.add_argument("--top", type=int, default=5, help="predictions to show (default %(default)s)")
+    p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
+    p.add_argument("--scale", choices=["per_image", "shared"], default="per_image")
+    p.set_defaults(run=cmd_activations)
+    p = sub.add_parser("deconv", help="deconvnet (or guided backprop) reconstructions of the top features")
+    common(p)
+    p.add_argument("--top-k", type=int, default=3, help="strongest features per layer (default %(default)s)")
+    p.add_argument("--rule", choices=["deconvnet", "guided"], default="deconvnet")
+    p.add_argument("--heat", action="store_true", help="overlay heat maps on the image instead of RGB")
+    p.set_defaults(run=cmd_deconv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model, categories, transform = load_model(args.model, args.weights)
+        args.run(args, model, categories, transform)
+    except (CliError, LayerNotFoundError, ValueError) as e:
+        print(f"lightning-vis {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Model factories for the CLI tests (`--model tests.cli_models:tiny_cnn`)."""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(3, 4, 3, padding=1), relu1=nn.ReLU(inplace=True), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(4, 6, 3, padding=1), relu2=nn.ReLU(), gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+        fc=nn.Linear(6, 3)))
+
+
+def not_a_model():
+    return 42
