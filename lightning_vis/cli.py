@@ -151,6 +151,8 @@ def cmd_activations(args, model, categories, transform):
             if a.dim() < 3:
                 continue
             f = out / path.stem / f"{layer}_activations.png"
+            if a.dim() == 4 and a.shape[-1] < 48:  # small maps: enlarged for display
+                a = torch.nn.functional.interpolate(a, scale_factor=-(-48 // a.shape[-1]), mode="nearest")
             im.save_png(activation_grid(a, scale=args.scale), f)
             entry.setdefault("files", []).append(str(f))
         report[path.name] = entry
@@ -181,11 +183,12 @@ def cmd_deconv(args, model, categories, transform):
     print(f"wrote {out}/")
 
 
-def _normalize_rgb(r: torch.Tensor) -> torch.Tensor:
-    """(k, C, H, W) reconstructions -> displayable images: each centred at grey, scaled by its largest value."""
+def _normalize_rgb(r: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """(k, C, H, W) reconstructions -> displayable images: each centred at grey and scaled by a high percentile
+    of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to [0, 1]."""
     r = r.float()
-    scale = r.flatten(1).abs().max(1).values.clamp_min(1e-12)[:, None, None, None]
-    out = 0.5 + 0.5 * r / scale
+    scale = r.flatten(1).abs().quantile(percentile, dim=1).clamp_min(1e-12)[:, None, None, None]
+    out = (0.5 + 0.5 * r / scale).clamp(0, 1)
     return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out[:, :3]
 
 

@@ -41,7 +41,7 @@ def test_activations_writes_grids_and_predictions(photos, tmp_path, capsys):
     assert len(preds) == 3 and {p["name"] for p in preds} == {"cat", "dog", "emu"}
     assert abs(sum(p["p"] for p in preds) - 1) < 1e-3
     grid = Image.open(out / "a" / "conv2_activations.png")
-    assert grid.size == (3 * 9 + 1, 2 * 9 + 1)  # 6 filters of 8x8: 3 x 2 cells, 1-pixel padding
+    assert grid.size == (3 * 49 + 1, 2 * 49 + 1)  # 6 filters of 8x8 shown at 48x48: 3 x 2 cells, 1px padding
     assert "a.png:" in capsys.readouterr().out
 
 
