@@ -34,13 +34,14 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
     """The layers `spec` names, as {dotted name: module} in the model's own order.
 
     spec: a dotted name from ``named_modules()`` ("features.3", "layer4.1.conv2"), a glob ("features.*",
-    "layer4.*.conv2"), a module type (``nn.Conv2d``: every instance), a module object of the model, or a list
-    of these. Raises LayerNotFoundError, naming the closest valid names, when any part matches nothing.
+    "layer4.*.conv2"), a module type (``nn.Conv2d``: every instance, the model itself included, named ""), a
+    module object of the model (or the model), or a list of these. Raises LayerNotFoundError, naming the closest valid names, when any part matches nothing.
     """
     specs = list(spec) if isinstance(spec, (list, tuple, set)) else [spec]
     if not specs:
         raise LayerNotFoundError("no layers given: pass a name, a glob, a module type or a module")
-    named = [(k, m) for k, m in model.named_modules() if k]
+    everything = list(model.named_modules())  # the root too ("") when a type or the object itself names it
+    named = [(k, m) for k, m in everything if k]
     picked: set[str] = set()
     for s in specs:
         if isinstance(s, str):
@@ -54,15 +55,15 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
                 if not hits:
                     raise LayerNotFoundError(f"the model has no layer {s!r}; did you mean {_suggest(model, s)}?")
         elif isinstance(s, type) and issubclass(s, nn.Module):
-            hits = [k for k, m in named if isinstance(m, s)]
+            hits = [k for k, m in everything if isinstance(m, s)]
             if not hits:
                 types = sorted({type(m).__name__ for _, m in named})
                 raise LayerNotFoundError(f"the model has no {s.__name__} layer; its layer types: {', '.join(types)}")
         elif isinstance(s, nn.Module):
-            hits = [k for k, m in named if m is s]
+            hits = [k for k, m in everything if m is s]
             if not hits:
                 raise LayerNotFoundError(f"the {type(s).__name__} given is not a submodule of this model")
         else:
             raise TypeError(f"a layer is named by a str, an nn.Module type or an nn.Module, not {type(s).__name__}")
         picked.update(hits)
-    return {k: m for k, m in named if k in picked}
+    return {k: m for k, m in everything if k in picked}
