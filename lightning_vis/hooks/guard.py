@@ -3,8 +3,6 @@ flags and hook dictionaries, also when an exception flies."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from torch import nn
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -53,9 +51,3 @@ class ModelGuard:
             p.requires_grad_(flag)
         for m, flag in self._inplace:
             m.inplace = flag
-
-
-@contextmanager
-def guarded(model: nn.Module, **kw):
-    with ModelGuard(model, **kw) as m:
-        yield m

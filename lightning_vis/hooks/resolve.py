@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from collections.abc import Iterable
 
 from torch import nn
@@ -19,15 +20,8 @@ def _suggest(model: nn.Module, name: str, n: int = 5) -> str:
     names = [k for k, _ in model.named_modules() if k]
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
     if not close:  # fall back to names sharing the longest prefix
-        close = sorted(names, key=lambda k: -len(_common_prefix(k, name)))[:n]
+        close = sorted(names, key=lambda k: -len(os.path.commonprefix([k, name])))[:n]
     return ", ".join(repr(c) for c in close)
-
-
-def _common_prefix(a: str, b: str) -> str:
-    i = 0
-    while i < min(len(a), len(b)) and a[i] == b[i]:
-        i += 1
-    return a[:i]
 
 
 def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
@@ -35,7 +29,8 @@ def resolve_layers(model: nn.Module, spec: LayerSpec) -> dict[str, nn.Module]:
 
     spec: a dotted name from ``named_modules()`` ("features.3", "layer4.1.conv2"), a glob ("features.*",
     "layer4.*.conv2"), a module type (``nn.Conv2d``: every instance, the model itself included, named ""), a
-    module object of the model (or the model), or a list of these. Raises LayerNotFoundError, naming the closest valid names, when any part matches nothing.
+    module object of the model (or the model), or a list of these. Raises LayerNotFoundError, naming the
+    closest valid names, when any part matches nothing.
     """
     specs = list(spec) if isinstance(spec, (list, tuple, set)) else [spec]
     if not specs:

@@ -58,14 +58,18 @@ class BackwardRules(TorchFunctionMode):
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         super().__init__()
         self.rule = rule
-        self.pools = 0  # max-pools routed through the switch operator, for checks
-        self.relus = 0
 
     def _relu(self, x, top=None):
-        self.relus += 1
         if self.rule == "gradient" or not x.requires_grad:
             return torch.relu(x) if top is None else x.clamp(0, top)
         return _RectifiedReLU.apply(x, self.rule == "guided", top)
+
+    def _rectify(self, x, inplace: bool, top=None):
+        out = self._relu(x, top)
+        if inplace:  # keep in-place semantics: the caller may read the input tensor
+            x.copy_(out)
+            return x
+        return out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,35 +77,20 @@ class BackwardRules(TorchFunctionMode):
             names = ("input", "min_val", "max_val", "inplace") if func is F.hardtanh else ("input", "inplace")
             bound = {"min_val": 0.0, "max_val": 6.0, "inplace": False, **dict(zip(names, args)), **kwargs}
             if bound["min_val"] == 0:  # a clipped rectifier (ReLU6); other hardtanhs pass through
-                x = bound["input"]
-                out = self._relu(x, bound["max_val"])
-                if bound["inplace"]:
-                    x.copy_(out)
-                    return x
-                return out
+                return self._rectify(bound["input"], bound["inplace"], bound["max_val"])
             return func(*args, **kwargs)
-        if func in _RELU:
-            out = self._relu(args[0])
-            if kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True):
-                args[0].copy_(out)  # keep in-place semantics: the caller may read the input tensor
-                return args[0]
-            return out
-        if func in _RELU_INPLACE:
-            args[0].copy_(self._relu(args[0]))
-            return args[0]
+        if func in _RELU or func in _RELU_INPLACE:
+            inplace = func in _RELU_INPLACE or kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True)
+            return self._rectify(args[0], inplace)
         if func in _POOLS:
             bound = dict(zip(_POOL_ARGS, args))
             bound.update(kwargs)
-            stride = bound.get("stride")
-            values, switches = ops.max_pool_with_switches(
-                bound["input"], bound["kernel_size"], None if stride in (None, []) else stride,
-                bound.get("padding", 0), bound.get("dilation", 1), bound.get("ceil_mode", False),
-                spatial_dims=_POOLS[func])
-            self.pools += 1
+            nd = _POOLS[func]
+            stride = None if bound.get("stride") in (None, []) else bound["stride"]
+            geometry = (bound["kernel_size"], stride, bound.get("padding", 0), bound.get("dilation", 1))
+            values, switches = ops.max_pool_with_switches(bound["input"], *geometry, bound.get("ceil_mode", False),
+                                                          spatial_dims=nd)
             if func.__name__.endswith("with_indices") or bound.get("return_indices", False):
-                size = bound["input"].shape[-_POOLS[func]:]
-                return values, ops.switches_to_indices(switches, size, bound["kernel_size"],
-                                                       None if stride in (None, []) else stride,
-                                                       bound.get("padding", 0), bound.get("dilation", 1))
+                return values, ops.switches_to_indices(switches, bound["input"].shape[-nd:], *geometry)
             return values
         return func(*args, **kwargs)

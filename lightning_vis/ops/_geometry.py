@@ -31,7 +31,8 @@ def spatial_dims(kernel_size, spatial_dims: int | None, rank: int, op: str) -> i
     if isinstance(kernel_size, Sequence):
         nd = len(kernel_size)
         if spatial_dims is not None and spatial_dims != nd:
-            raise RuntimeError(f"{op}: kernel_size {tuple(kernel_size)} has {nd} values but spatial_dims={spatial_dims}")
+            raise RuntimeError(f"{op}: kernel_size {tuple(kernel_size)} has {nd} values but "
+                               f"spatial_dims={spatial_dims}")
     elif spatial_dims is not None:
         nd = spatial_dims
     else:

@@ -134,7 +134,7 @@ def _register() -> None:
 
     def pool_backward(ctx, grad_values, _grad_switches):
         (switches,) = ctx.saved_tensors
-        return torch.ops.lightning_vis.unpool(grad_values, switches, *ctx.params, ctx.size), None, None, None, None, None
+        return torch.ops.lightning_vis.unpool(grad_values, switches, *ctx.params, ctx.size), *([None] * 5)
 
     def unpool_setup(ctx, inputs, output):
         _, switches, k, s, p, d, _ = inputs
