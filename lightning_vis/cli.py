@@ -126,19 +126,21 @@ def cmd_layers(args, model, categories, transform):
               f"{i.params:>10,d} params")
 
 
-def _run_images(args, model, categories, transform):
+def _run_images(args, model, categories):
     resolve_layers(model, args.layers)  # unknown names fail here, with suggestions, before any work
     paths = image_paths(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = categories
     if getattr(args, "labels", None):
+        if not Path(args.labels).is_file():
+            raise CliError(f"--labels {args.labels!r}: no such file")
         names = Path(args.labels).read_text().splitlines()
     return paths, out, names
 
 
 def cmd_activations(args, model, categories, transform):
-    paths, out, names = _run_images(args, model, categories, transform)
+    paths, out, names = _run_images(args, model, categories)
     report = {}
     for path in progress(paths, "activations"):
         x, _ = load_image(path, transform, args.size, args.gray)
@@ -164,7 +166,7 @@ def cmd_activations(args, model, categories, transform):
 
 
 def cmd_deconv(args, model, categories, transform):
-    paths, out, _ = _run_images(args, model, categories, transform)
+    paths, out, _ = _run_images(args, model, categories)
     report = {}
     for path in progress(paths, "deconv"):
         x, shown = load_image(path, transform, args.size, args.gray)

@@ -76,6 +76,7 @@ def test_weights_round_trip_and_mismatch(tmp_path, photos):
     (["layers", "--model", "tests.cli_models:not_a_model"], "not an nn.Module"),
     (["layers", *MODEL, "--weights", "/nonexistent.pth"], "no such file"),
     (["activations", *MODEL, "--images", "/nonexistent", "--layers", "conv1"], "no such file or folder"),
+    (["activations", *MODEL, "--images", "IMAGES", "--layers", "conv1", "--labels", "/nope.txt"], "--labels"),
     (["deconv", *MODEL, "--images", "IMAGES", "--layers", "conv3", "--size", "16"], "did you mean 'conv2', 'conv1'"),
 ])
 def test_errors_are_one_clear_line(argv, message, photos, capsys):
