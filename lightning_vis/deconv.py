@@ -3,8 +3,8 @@
 For each input image and each (layer, feature) target, the feature's activation map is projected back to input
 pixels: the target layer's gradient is set to that feature's own map (every other feature and layer zero) and
 sent backwards with the deconvnet rules (hooks.rules): ReLU passes relu(grad), max-pool unpools through the
-switches recorded in the forward pass, convolutions apply their transposed filters. Every target of a chunk
-shares one forward and one backward pass.
+switches recorded in the forward pass, convolutions apply their transposed filters. All targets share one
+forward pass; each chunk of targets is one (vmapped) backward pass.
 """
 
 from __future__ import annotations
@@ -35,25 +35,34 @@ def _feature_norms(act: Tensor) -> Tensor:
 
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
-              chunk_size: int = 32) -> Reconstructions:
+              chunk_size: int | None = None, memory_budget: int | None = None) -> Reconstructions:
     """Reconstructions of the top_k strongest features (by activation norm) of each layer for each input, or of
     the features named (a list for every layer, or {layer: [channels]}).
 
-    inputs: (N, C, ...) batch. rule: "deconvnet" or "guided" (guided backprop). chunk_size: targets per pass
-    (one replicated input each). The model is restored afterwards; parameters' .grad are never touched.
+    One forward pass records everything (activations, ReLU masks, max-pool switches); the targets are then sent
+    back together: ``torch.vmap`` over ``autograd.grad`` runs the backward once for a stack of target gradients
+    (functorch's batching rules fold the stack into the batch: one convolution per layer, not one per target;
+    ``is_grads_batched=True`` would loop over it) ("slots", one per (layer, k), each holding every image's target).
+
+    inputs: (N, C, ...) batch. rule: "deconvnet" or "guided" (guided backprop).
+    chunk_size: slots per backward pass; by default as many as fit in memory_budget bytes (default 2 GiB on
+    CPU, a quarter of the free memory on a GPU). On CPU a backward pass never mixes layers (a slot of a shallow
+    layer would pay for the deep part of the network); on a GPU slots of several layers share one pass, which
+    saves kernel launches. The model is restored afterwards; parameters' .grad are never touched.
     """
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
+    n = inputs.shape[0]
     with ModelGuard(model, eval=True, freeze=True):
-        with torch.no_grad(), capture(model, layers) as tap:
-            model(inputs)
+        x = inputs.detach().clone().requires_grad_(True)
+        with BackwardRules(rule), capture(model, layers, grads=True) as tap:
+            model(x)
         names = list(tap.layers)
         result = Reconstructions()
-        targets = []  # (image index, layer, channel)
         for name in names:
-            if not tap.values.get(name):
+            if not tap.live.get(name):
                 raise ValueError(f"layer {name!r} did not run in the forward pass")
-            norms = _feature_norms(tap.values[name][0].float())
+            norms = _feature_norms(tap.live[name][0].detach().float())
             n_ch = norms.shape[1]
             if features is None:
                 if not 1 <= top_k <= n_ch:
@@ -66,37 +75,49 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
                 bad = [c for c in wanted if not 0 <= c < n_ch]
                 if bad:
                     raise ValueError(f"features {bad} out of range for {name!r}, which has {n_ch} channels")
-                chans = torch.tensor(wanted).expand(inputs.shape[0], -1)
+                chans = torch.tensor(wanted, device=norms.device).expand(n, -1)
                 scores = norms.gather(1, chans)
             result.features[name], result.scores[name] = chans, scores
-            targets += [(i, name, int(c)) for i in range(inputs.shape[0]) for c in chans[i]]
-        recs = _project(model, inputs, names, targets, rule, chunk_size)
+        acts = {name: tap.live[name][0] for name in names}
+        slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
+        per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
+        size = chunk_size or max(1, _budget(x.device, memory_budget) // per_slot)
+        recs = {}
+        for chunk in _chunks(slots, size, mix_layers=x.device.type == "cuda"):
+            outs, grads = [], []
+            for name in dict.fromkeys(name for name, _ in chunk):
+                act = acts[name].detach()
+                g = act.new_zeros(len(chunk), *act.shape)
+                rows = torch.arange(n, device=act.device)
+                for s, (slot_name, k) in enumerate(chunk):
+                    if slot_name == name:
+                        c = result.features[name][:, k]
+                        g[s, rows, c] = act[rows, c]
+                outs.append(acts[name])
+                grads.append(g)
+            rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
+            for s, slot in enumerate(chunk):
+                recs[slot] = rec[s]
         for name in names:
             k = result.features[name].shape[1]
-            rows = [recs[(i, name, int(c))] for i in range(inputs.shape[0]) for c in result.features[name][i]]
-            result.images[name] = torch.stack(rows).view(inputs.shape[0], k, *inputs.shape[1:])
+            result.images[name] = torch.stack([recs[(name, j)] for j in range(k)], dim=1).detach()
     return result
 
 
-def _project(model, inputs, names, targets, rule, chunk_size):
-    out = {}
-    for start in range(0, len(targets), chunk_size):
-        chunk = targets[start:start + chunk_size]
-        x = inputs[[t[0] for t in chunk]].detach().clone().requires_grad_(True)
-        with BackwardRules(rule), capture(model, names, grads=True) as tap:
-            model(x)
-        outs, grads = [], []
-        for name in names:
-            rows = [b for b, t in enumerate(chunk) if t[1] == name]
-            if not rows or not tap.live.get(name):
-                continue
-            act = tap.live[name][0]
-            g = torch.zeros_like(act)
-            for b in rows:
-                g[b, chunk[b][2]] = act[b, chunk[b][2]].detach()
-            outs.append(act)
-            grads.append(g)
-        (rec,) = torch.autograd.grad(outs, x, grads)  # the rules were recorded in the forward
-        for b, t in enumerate(chunk):
-            out[t] = rec[b].detach()
-    return out
+def _budget(device: torch.device, memory_budget: int | None) -> int:
+    if memory_budget is not None:
+        return memory_budget
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return 2 << 30
+
+
+def _chunks(slots, size, mix_layers):
+    chunk = []
+    for slot in slots:
+        if chunk and (len(chunk) == size or (not mix_layers and chunk[-1][0] != slot[0])):
+            yield chunk
+            chunk = []
+        chunk.append(slot)
+    if chunk:
+        yield chunk

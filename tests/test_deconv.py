@@ -122,6 +122,24 @@ def test_batched_equals_unbatched_and_chunking():
             torch.testing.assert_close(one.images[layer][0], full.images[layer][i])
 
 
+def test_chunks_mixing_layers_agree(monkeypatch):
+    """The GPU grouping (slots of several layers in one backward pass) and any chunk size give the same result."""
+    from lightning_vis import deconv
+
+    net = net2d()
+    x = torch.randn(3, 2, 8, 8)
+    base = lv.deconvnet(net, x, ["pool1", "relu2", "conv2"], top_k=2)
+    assert [len(c) for c in deconv._chunks([("a", 0), ("a", 1), ("b", 0)], 5, False)] == [2, 1]
+    assert [len(c) for c in deconv._chunks([("a", 0), ("a", 1), ("b", 0)], 2, True)] == [2, 1]
+    assert [len(c) for c in deconv._chunks([("a", 0), ("b", 0), ("b", 1)], 2, True)] == [2, 1]
+    real = deconv._chunks
+    monkeypatch.setattr(deconv, "_chunks", lambda slots, size, mix_layers: real(slots, size, True))
+    for size in (1, 3, 6):
+        mixed = lv.deconvnet(net, x, ["pool1", "relu2", "conv2"], top_k=2, chunk_size=size)
+        for layer in base.images:
+            torch.testing.assert_close(mixed.images[layer], base.images[layer])
+
+
 def test_3d_network():
     torch.manual_seed(2)
     m = nn.Sequential(OrderedDict(conv=nn.Conv3d(1, 3, 3, padding=1), relu=nn.ReLU(), pool=nn.MaxPool3d(2),

@@ -162,3 +162,34 @@ def test_layers_lists_types_and_shapes_and_restores_the_model():
     assert m.features[4].num_batches_tracked.item() == 0  # eval mode: BatchNorm statistics untouched
     leaves = [i.name for i in layers(m, torch.randn(1, 3, 8, 8), leaves_only=True)]
     assert "features" not in leaves and "features.0" in leaves
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: nn.MaxPool2d(2)(x), lambda x: F.max_pool2d(x, 2), lambda x: torch.max_pool2d(x, 2),
+    lambda x: F.max_pool2d(x, 2, return_indices=True)[0], lambda x: F.max_pool1d(x.flatten(2), 2),
+    lambda x: nn.MaxPool3d(1)(x.unsqueeze(2)).squeeze(2)])
+def test_rules_route_every_max_pool_spelling_through_the_switch_operator(call):
+    from lightning_vis.hooks.rules import BackwardRules
+
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with BackwardRules("deconvnet"):
+        y = call(x)
+    node = y.grad_fn
+    while node is not None and "max_pool_with_switches" not in type(node).__name__:
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert node is not None, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+def test_rules_keep_inplace_relu_semantics(rule):
+    from lightning_vis.hooks.rules import BackwardRules
+
+    x = torch.randn(2, 3, requires_grad=True)
+    h = x * 1
+    with BackwardRules(rule):
+        out = F.relu(h, inplace=True)
+    assert out is h and torch.equal(h, x.detach().clamp_min(0))
+    g = torch.randn(2, 3)
+    (gx,) = torch.autograd.grad(h, x, g)
+    want = {"deconvnet": g.clamp_min(0), "guided": g.clamp_min(0) * (x > 0), "gradient": g * (x > 0)}[rule]
+    torch.testing.assert_close(gx, want)

@@ -95,6 +95,28 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(x), f(x))
 
 
+@pytest.mark.parametrize("in_dims", [(0, 0), (1, 1), (0, None)])
+def test_vmap_rules_fold_into_the_batch(in_dims):
+    """vmap of the three operators (used by autograd.grad(is_grads_batched=True)) equals a loop."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 3, 7, 8, generator=g)  # vmapped dim 0
+    k, s, p, d = [3, 3], [2, 2], [1, 1], [1, 1]
+    values, switches = torch.vmap(lambda t: ops.max_pool_with_switches(t, k, s, p, d, False))(x)
+    for b in range(4):
+        v, sw = ops.max_pool_with_switches(x[b], k, s, p, d, False)
+        assert torch.equal(values[b], v) and torch.equal(switches[b], sw)
+    grads = torch.randn(values.shape, generator=g)
+    sw_in = switches if in_dims[1] is not None else switches[0]
+    args = [grads.movedim(0, in_dims[0]), sw_in if in_dims[1] in (0, None) else sw_in.movedim(0, in_dims[1])]
+    up = torch.vmap(lambda a, b: ops.unpool(a, b, k, s, p, d, [7, 8]), in_dims=in_dims)(*args)
+    gathered = torch.vmap(lambda a, b: ops.gather_switches(a, b, k, s, p, d), in_dims=in_dims)(
+        up.movedim(0, in_dims[0]), args[1])
+    for b in range(4):
+        sb = switches[b] if in_dims[1] is not None else switches[0]
+        assert torch.equal(up[b], ops.unpool(grads[b], sb, k, s, p, d, [7, 8]))
+        assert torch.equal(gathered[b], ops.gather_switches(up[b], sb, k, s, p, d))
+
+
 BAD = [
     # (call, message pattern)
     (lambda: O.max_pool_with_switches(torch.randn(4, 4), 2, spatial_dims=2), "takes input of shape"),

@@ -23,10 +23,13 @@ class _RectifiedReLU(torch.autograd.Function):
     """relu (top None) or a clipped rectifier clamp(x, 0, top) (ReLU6) with the rule's backward."""
 
     @staticmethod
-    def forward(ctx, x, guided: bool, top=None):
+    def forward(ctx, x, guided: bool, top=None, inplace: bool = False):
         ctx.guided = guided
-        if guided:  # the mask, not x: an in-place ReLU overwrites x right after
+        if guided:  # the mask, not x: an in-place ReLU overwrites x
             ctx.save_for_backward((x > 0) if top is None else (x > 0) & (x < top))
+        if inplace:  # as torch's relu_: x itself is rectified (mark_dirty), no copy and no extra graph node
+            ctx.mark_dirty(x)
+            return x.clamp_min_(0) if top is None else x.clamp_(0, top)
         return x.clamp_min(0) if top is None else x.clamp(0, top)
 
     @staticmethod
@@ -35,16 +38,16 @@ class _RectifiedReLU(torch.autograd.Function):
         if ctx.guided:
             (mask,) = ctx.saved_tensors
             g = g * mask
-        return g, None, None
+        return g, None, None, None
 
 
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
 _RELU_INPLACE = {torch.relu_, torch.Tensor.relu_}
-# F.max_poolNd dispatches to these; their arguments: input, kernel_size, stride, padding, dilation, ceil_mode,
+# F.max_poolNd (a boolean_dispatch wrapper, which is what the mode sees) and what it dispatches to; their arguments: input, kernel_size, stride, padding, dilation, ceil_mode,
 # return_indices (torch.max_poolNd: no return_indices, stride [] for "same as the kernel").
 _POOLS = {}
 for _nd in (1, 2, 3):
-    for _f in (getattr(F, f"_max_pool{_nd}d"), getattr(F, f"max_pool{_nd}d_with_indices"),
+    for _f in (getattr(F, f"max_pool{_nd}d"), getattr(F, f"_max_pool{_nd}d"), getattr(F, f"max_pool{_nd}d_with_indices"),
                getattr(torch, f"max_pool{_nd}d")):
         _POOLS[_f] = _nd
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
@@ -59,17 +62,13 @@ class BackwardRules(TorchFunctionMode):
         super().__init__()
         self.rule = rule
 
-    def _relu(self, x, top=None):
-        if self.rule == "gradient" or not x.requires_grad:
-            return torch.relu(x) if top is None else x.clamp(0, top)
-        return _RectifiedReLU.apply(x, self.rule == "guided", top)
-
     def _rectify(self, x, inplace: bool, top=None):
-        out = self._relu(x, top)
-        if inplace:  # keep in-place semantics: the caller may read the input tensor
-            x.copy_(out)
-            return x
-        return out
+        """In-place semantics are kept for in-place calls: the caller may read the input tensor afterwards."""
+        if self.rule == "gradient" or not x.requires_grad:
+            if top is None:
+                return torch.relu_(x) if inplace else torch.relu(x)
+            return x.clamp_(0, top) if inplace else x.clamp(0, top)
+        return _RectifiedReLU.apply(x, self.rule == "guided", top, inplace)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -155,6 +155,35 @@ def _register() -> None:
         (switches,) = ctx.saved_tensors
         return torch.ops.lightning_vis.unpool(grad, switches, *ctx.params, ctx.size), *([None] * 5)
 
+    # vmap (e.g. autograd.grad(..., is_grads_batched=True), which deconvnet uses to send many targets back through
+    # one forward): the vmapped dimension is folded into N, an unbatched switches tensor is broadcast.
+    def fold(info, in_dims, tensors):
+        folded = []
+        for t, dim in zip(tensors, in_dims):
+            t = t.unsqueeze(0).expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+            folded.append(t.reshape(-1, *t.shape[2:]))
+        return folded
+
+    def unfold(info, t):
+        return t.view(info.batch_size, -1, *t.shape[1:]) if t.is_contiguous() else \
+            t.reshape(info.batch_size, -1, *t.shape[1:])
+
+    def vmap_rule(name, n_tensors, n_out):
+        op = getattr(torch.ops.lightning_vis, name)
+
+        def rule(info, in_dims, *args):
+            tensors = fold(info, in_dims[:n_tensors], args[:n_tensors])
+            out = op(*tensors, *args[n_tensors:])
+            if n_out == 1:
+                return unfold(info, out), 0
+            return tuple(unfold(info, o) for o in out), (0,) * n_out
+
+        torch.library.register_vmap(lib + name, rule)
+
+    vmap_rule("max_pool_with_switches", 1, 2)
+    vmap_rule("unpool", 2, 1)
+    vmap_rule("gather_switches", 2, 1)
+
     torch.library.register_autograd(lib + "max_pool_with_switches", pool_backward, setup_context=pool_setup)
     torch.library.register_autograd(lib + "unpool", unpool_backward, setup_context=unpool_setup)
     torch.library.register_autograd(lib + "gather_switches", gather_backward, setup_context=gather_setup)
