@@ -67,13 +67,40 @@ def grid(images: Tensor, ncol: int | None = None, pad: int = 1, pad_value: float
     return out
 
 
-def overlay(image: Tensor, heat: Tensor, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
-    """A heat map (h, w), of any size, resized to the image (3, H, W), min-max scaled, coloured and blended."""
+def overlay(image: Tensor, heat: Tensor, alpha: float = 0.5, cmap: str = "jet", scale: bool = True) -> Tensor:
+    """A heat map (h, w), of any size, resized to the image (3, H, W), min-max scaled (unless scale=False: heat
+    already in [0, 1]), coloured and blended."""
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"overlay takes a (1|3, H, W) image, got shape {tuple(image.shape)}")
+    if heat.dim() != 2:
+        raise ValueError(f"overlay takes an (h, w) heat map, got shape {tuple(heat.shape)}")
     heat = F.interpolate(heat.float()[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    colour = colormap(normalize(heat), cmap)
-    return (1 - alpha) * image.float().expand(3, -1, -1) + alpha * colour
+    colour = colormap(normalize(heat) if scale else heat, cmap)
+    return (1 - alpha) * image.float().expand(3, -1, -1).to(colour.device) + alpha * colour
+
+
+def video_overlay(video: Tensor, heat: Tensor, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
+    """A clip (1|3, T, H, W) and its heat map (T', h, w) -> (T, 3, H, W) frames, the heat resized in time and
+    space and scaled once for the whole clip (frames can be compared)."""
+    if video.dim() != 4 or heat.dim() != 3:
+        raise ValueError(f"video_overlay takes a (C, T, H, W) clip and a (T, h, w) map, got {tuple(video.shape)} "
+                         f"and {tuple(heat.shape)}")
+    heat = F.interpolate(heat.float()[None, None], size=video.shape[1:], mode="trilinear", align_corners=False)[0, 0]
+    heat = normalize(heat.flatten(0, 1), "shared").view_as(heat)
+    return torch.stack([overlay(video[:, t], heat[t], alpha, cmap, scale=False) for t in range(video.shape[1])])
+
+
+def save_gif(frames: Tensor, path, fps: float = 8.0) -> Path:
+    """Writes (T, 1|3, H, W) float frames in [0, 1] as a looping GIF; returns the path."""
+    from PIL import Image
+
+    if frames.dim() != 4 or frames.shape[0] == 0:
+        raise ValueError(f"save_gif takes (T, C, H, W) frames with T > 0, got shape {tuple(frames.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pics = [Image.fromarray(to_uint8(f.expand(3, -1, -1)).numpy()) for f in frames]
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=round(1000 / fps), loop=0)
+    return path
 
 
 def to_uint8(image: Tensor) -> Tensor:

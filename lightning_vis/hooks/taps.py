@@ -39,7 +39,9 @@ class capture:
     what: "output" (default) or "input" (a layer's first positional input).
     grads: keep the layer's real output in the autograd graph (``tap.live[name]``) so that methods can take
         ``torch.autograd.grad(target, tap.live[name])``; the network continues on a copy, so an in-place op
-        after the layer cannot corrupt it. Outputs only.
+        after the layer cannot corrupt it. Where nothing below the layer requires grad (frozen parameters, an
+        input without grad) the output becomes a leaf that does: only the part above the layer is recorded.
+        Outputs only.
     For a layer returning a tuple (e.g. ``nn.MultiheadAttention``), its first tensor is recorded.
     """
 
@@ -59,13 +61,16 @@ class capture:
             out = _first_tensor(output)
             if out is None:
                 return None
-            if self.grads and out.requires_grad:
+            if self.grads:
+                if not out.requires_grad:  # nothing below needs gradients: start the graph here
+                    out = out.detach().requires_grad_(True)
                 self.live[name].append(out)
                 self.values[name].append(out.detach())
                 copy = out.clone()  # what the rest of the network sees (and may modify in place)
                 if isinstance(output, Tensor):
                     return copy
-                return type(output)(copy if v is out else v for v in output)
+                first = _first_tensor(output)
+                return type(output)(copy if v is first else v for v in output)
             self.values[name].append(out.detach().clone())
             return None
         return hook
