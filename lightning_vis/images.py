@@ -40,6 +40,14 @@ def normalize(x: Tensor, mode: str = "per_image", eps: float = 1e-8) -> Tensor:
     return ((x - lo) / (hi - lo).clamp_min(eps)).clamp(0, 1)
 
 
+def clip_percentile(x: Tensor, q: float = 0.99) -> Tensor:
+    """Non-negative maps scaled to [0, 1] by their q-quantile, clipped: a few extreme pixels (typical of
+    gradients) would otherwise leave everything else dark."""
+    x = x.float()
+    top = x.flatten().quantile(q) if x.numel() <= 1 << 24 else x.flatten()[::x.numel() // (1 << 24) + 1].quantile(q)
+    return (x / top.clamp_min(1e-12)).clamp(0, 1)
+
+
 def colormap(x: Tensor, name: str = "viridis") -> Tensor:
     """x: (..., H, W) in [0, 1] -> (..., 3, H, W) colours."""
     anchors = _anchors(name).to(x.device)

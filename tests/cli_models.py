@@ -16,3 +16,10 @@ def tiny_cnn():
 
 def not_a_model():
     return 42
+
+
+def tiny_video_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv3d(3, 4, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool3d(2),
+        conv2=nn.Conv3d(4, 6, 3, padding=1), gap=nn.AdaptiveAvgPool3d(1), flat=nn.Flatten(), fc=nn.Linear(6, 3)))

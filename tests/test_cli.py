@@ -84,3 +84,60 @@ def test_errors_are_one_clear_line(argv, message, photos, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "guided-gradcam"])
+def test_cam_writes_overlays_and_names_the_class(photos, tmp_path, method, capsys):
+    out = tmp_path / "out"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nemu\n")
+    assert cli.main(["cam", *MODEL, "--images", str(photos), "--layer", "conv2", "--size", "16", "--method", method,
+                     "--labels", str(labels), "--target", "dog", "--out", str(out)]) == 0
+    report = json.loads((out / f"{method}.json").read_text())
+    assert report["b.jpg"]["class"] == 1 and report["b.jpg"]["name"] == "dog" and report["b.jpg"]["layer"] == "conv2"
+    img = np.asarray(Image.open(out / f"a_{method}.png"))
+    tiles = 3 if method == "guided-gradcam" else 2  # image, overlay (, guided Grad-CAM)
+    assert img.shape == (18, 1 + tiles * 17, 3)
+    assert not np.array_equal(img[1:17, 1:17], img[1:17, 18:34])  # the overlay is not the image
+    assert "explaining class 1 (dog)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "guided"])
+def test_saliency_writes_maps(photos, tmp_path, method):
+    out = tmp_path / "out"
+    assert cli.main(["saliency", *MODEL, "--images", str(photos / "a.png"), "--size", "16", "--method", method,
+                     "--samples", "3", "--target", "2", "--out", str(out)]) == 0
+    report = json.loads((out / f"{method}.json").read_text())
+    assert report["a.png"]["class"] == 2
+    img = np.asarray(Image.open(out / f"a_{method}.png"))
+    assert img.shape == (18, 1 + (3 if method == "guided" else 2) * 17, 3)
+
+
+def test_cam_on_a_video_model_reads_and_writes_gifs(tmp_path):
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(4)]
+    clip = tmp_path / "clip.gif"
+    frames[0].save(clip, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = tmp_path / "out"
+    assert cli.main(["cam", "--model", "tests.cli_models:tiny_video_cnn", "--images", str(clip), "--layer", "conv2",
+                     "--size", "8", "--out", str(out)]) == 0
+    with Image.open(out / "clip_gradcam.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (8, 8)
+    strip = np.asarray(Image.open(out / "clip_gradcam.png"))
+    assert strip.shape == (1 + 2 * 9, 1 + 4 * 9, 3)  # the frames above their overlays
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["cam", *MODEL, "--layer", "conv9"], "conv1"),
+    (["cam", *MODEL, "--layer", "fc"], "no spatial map"),
+    (["cam", *MODEL, "--layer", "conv2", "--target", "dgo", "--labels", "LABELS"], "did you mean dog"),
+    (["saliency", *MODEL, "--target", "7"], "target class 7 out of range"),
+])
+def test_cam_and_saliency_errors_are_one_line(photos, tmp_path, capsys, argv, message):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nemu\n")
+    argv = [str(labels) if a == "LABELS" else a for a in argv]
+    assert cli.main([*argv, "--images", str(photos), "--size", "16", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1]  # after a progress bar that was cleared
+    assert message in last and "Traceback" not in err and len(last.strip().splitlines()) == 1
