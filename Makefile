@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# the peers we are compared with (benchmarks, and tests that our results equal theirs)
+PEERS := captum==0.9.0 grad-cam==1.5.7
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
 DEMO_STAMP := $(VENV)/.demo-deps
@@ -20,6 +22,7 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks.kernels
+	$(PY) -m benchmarks.methods
 
 build: $(EXT_STAMP)
 	@cat build/backends.txt
@@ -29,6 +32,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
 	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow tqdm pytest expecttest setuptools wheel
+	$(PIP) install -q $(PEERS)
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -162,6 +162,32 @@ def print_table(rows):
               f"{r['ref_ms']:>9.3f}{r['ours_ms']:>9.3f}{r['ratio']:>7.2f}{r['ours_gbps']:>8.1f}{r['pct_copy']:>8.1f}")
 
 
+def write_record(path: str, schema: str, rows: list, goals: list, **extra) -> None:
+    """The JSON record of a benchmark run: rows, goal lines, and where and when they were measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    record = {
+        "schema": schema,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "build": O.build_info(),
+        **extra,
+        "rows": rows,
+        "goals": goals,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nwrote {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -186,27 +212,7 @@ def main(argv=None):
     if goals and not args.quick:
         print("\nGoals of the pooling issue (ratio = reference ms / ours ms, same run):")
         print("\n".join(goals))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    record = {
-        "schema": "lightning-vis/benchmarks/kernels/1",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "build": O.build_info(),
-        "rows": rows,
-        "goals": goals,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"\nwrote {args.json}")
+    write_record(args.json, "lightning-vis/benchmarks/kernels/1", rows, goals)
     return 0
 
 

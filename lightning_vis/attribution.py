@@ -12,6 +12,7 @@ or tensor), or a callable ``f(output) -> (N,)`` scores (for models whose output 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,14 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers, tokens_to_grid
+from .hooks.attention import is_token_layout
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam")
-_CHANNEL_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-                     nn.AdaptiveMaxPool1d, nn.BatchNorm1d, nn.InstanceNorm1d)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def target_scores(output: Tensor, target: Target) -> tuple[Tensor, Tensor | None
 
 def _input_gradient(model, inputs, target, rule):
     x = inputs.detach().clone().requires_grad_(True)
-    with BackwardRules(rule):
+    with BackwardRules(rule) if rule else contextlib.nullcontext():
         out = model(x)
     scores, classes = target_scores(out, target)
     (g,) = torch.autograd.grad(scores.sum(), x)  # each score depends on its own input only (eval mode)
@@ -128,7 +128,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
     _check_batch(inputs)
 
     def plain(x, t):
-        g, s, c = _input_gradient(model, x, t, "gradient")
+        g, s, c = _input_gradient(model, x, t, None)  # plain autograd
         return (g.abs() if absolute else g), s, c
 
     with ModelGuard(model, eval=True, freeze=True):
@@ -168,13 +168,10 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
 
 
 def spatial_layout(act: Tensor, module: nn.Module, name: str, layout: str = "auto",
-                   grid: tuple[int, int] | None = None) -> Tensor:
+                   grid: tuple[int, int] | None = None, input_dims: int = 4) -> Tensor:
     """A layer output as (N, C, *spatial): conv outputs as they are; token outputs (N, L, D) put on their grid
-    (class token dropped). layout: "auto" (tokens for a 3D output unless the layer is a 1D conv/pool/norm),
-    "channels" or "tokens"."""
-    if layout not in ("auto", "channels", "tokens"):
-        raise ValueError(f"layout must be 'auto', 'channels' or 'tokens', not {layout!r}")
-    if act.dim() == 3 and (layout == "tokens" or (layout == "auto" and not isinstance(module, _CHANNEL_FIRST_1D))):
+    (class token dropped). layout: "auto" (see hooks.is_token_layout), "channels" or "tokens"."""
+    if is_token_layout(act, module, layout, input_dims):
         try:
             return tokens_to_grid(act, grid)[0]
         except ValueError as e:
@@ -242,8 +239,8 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec, target: Target 
         (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True)
         if grad is None:
             raise ValueError(f"the target does not depend on layer {name!r}")
-        a = spatial_layout(act.detach(), module, name, layout, grid)
-        g = spatial_layout(grad, module, name, layout, grid)
+        a = spatial_layout(act.detach(), module, name, layout, grid, x.dim())
+        g = spatial_layout(grad, module, name, layout, grid, x.dim())
         if a.dim() != x.dim():
             raise ValueError(f"layer {name!r} gives {a.dim() - 2}D maps {tuple(a.shape)} for {x.dim() - 2}D inputs "
                              f"{tuple(x.shape)}: the map cannot be laid over the input")

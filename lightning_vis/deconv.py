@@ -9,12 +9,14 @@ forward pass; each chunk of targets is one (vmapped) backward pass.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture
+from .hooks.attention import is_token_layout
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
 
@@ -30,14 +32,22 @@ class Reconstructions:
 
 
 def _feature_norms(act: Tensor) -> Tensor:
+    """act with its features on dim 1 -> (N, features) norms."""
     return act.flatten(2).norm(dim=2) if act.dim() > 2 else act.abs()
+
+
+def _features_first(t: Tensor, tokens: bool, dim: int = 1) -> Tensor:
+    """A view with the features on `dim`: a token layout (..., L, D) has them last."""
+    return t.movedim(-1, dim) if tokens else t
 
 
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
               chunk_size: int | None = None, memory_budget: int | None = None) -> Reconstructions:
     """Reconstructions of the top_k strongest features (by activation norm) of each layer for each input, or of
-    the features named (a list for every layer, or {layer: [channels]}).
+    the features named (a list for every layer, or {layer: [channels]}). A feature is a channel of a conv layer, a
+    unit of a linear layer, and a hidden dimension D of a token layer (N, L, D) of an attention model (as in
+    hooks.attention.is_token_layout; all its tokens are sent back).
 
     One forward pass records everything (activations, ReLU masks, max-pool switches); the targets are then sent
     back together: ``torch.vmap`` over ``autograd.grad`` runs the backward once for a stack of target gradients
@@ -59,10 +69,12 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
             model(x)
         names = list(tap.layers)
         result = Reconstructions()
+        tokens = {}
         for name in names:
             if not tap.live.get(name):
                 raise ValueError(f"layer {name!r} did not run in the forward pass")
-            norms = _feature_norms(tap.live[name][0].detach().float())
+            tokens[name] = is_token_layout(tap.live[name][0], tap.layers[name], input_dims=x.dim())
+            norms = _feature_norms(_features_first(tap.live[name][0].detach().float(), tokens[name]))
             n_ch = norms.shape[1]
             if features is None:
                 if not 1 <= top_k <= n_ch:
@@ -88,14 +100,17 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
             for name in dict.fromkeys(name for name, _ in chunk):
                 act = acts[name].detach()
                 g = act.new_zeros(len(chunk), *act.shape)
+                gv, av = _features_first(g, tokens[name], 2), _features_first(act, tokens[name])  # views
                 rows = torch.arange(n, device=act.device)
                 for s, (slot_name, k) in enumerate(chunk):
                     if slot_name == name:
                         c = result.features[name][:, k]
-                        g[s, rows, c] = act[rows, c]
+                        gv[s, rows, c] = av[rows, c]
                 outs.append(acts[name])
                 grads.append(g)
-            rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
+            with warnings.catch_warnings():  # ops without a batching rule (attention's backward) loop: still right
+                warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+                rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
             for s, slot in enumerate(chunk):
                 recs[slot] = rec[s]
         for name in names:

@@ -291,3 +291,16 @@ def test_callable_target_and_non_logit_outputs():
     seg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
     with pytest.raises(ValueError, match="needs \\(N, classes\\) logits"):
         lv.saliency(seg, x)
+
+
+def test_conv1d_net_cams_on_a_relu_layer_are_channels_first():
+    """(N, C, L) outputs of a 1D net, also of a ReLU after the conv, are channel maps, not tokens."""
+    torch.manual_seed(6)
+    net = nn.Sequential(OrderedDict(conv=nn.Conv1d(2, 5, 3, padding=1), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool1d(1),
+                                    flat=nn.Flatten(), fc=nn.Linear(5, 3)))
+    x = torch.randn(3, 2, 9)
+    cam = lv.grad_cam(net, x, "relu", target=2)
+    assert cam.low_res.shape == (3, 9) and cam.maps.shape == (3, 9)
+    a = net.relu(net.conv(x))
+    (g,) = torch.autograd.grad(net.fc(a.mean(2))[:, 2].sum(), a)
+    torch.testing.assert_close(cam.low_res, (g.mean(2, keepdim=True) * a).sum(1).clamp_min(0).detach())

@@ -14,3 +14,18 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
     assert ("pool2d", "NCHW", "torch NCHW") in ops and ("unpool3d", "channels_last", "torch max_unpool") in ops
     assert all(r["ours_ms"] > 0 and r["ref_ms"] > 0 for r in record["rows"])
     assert "ratio" in capsys.readouterr().out
+
+
+def test_methods_benchmark_agrees_with_the_peers(tmp_path):
+    """The quick run compares with captum and pytorch-grad-cam on a small VGG-like net: same results."""
+    from benchmarks import methods
+
+    path = tmp_path / "m.json"
+    assert methods.main(["--device", "cpu", "--quick", "--json", str(path)]) == 0
+    rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"deconv", "gradcam", "guided", "saliency"}
+    assert rows["deconv"]["what"].startswith("15 reconstructions")  # 3 convs + 2 pools, top-3 each
+    for section, r in rows.items():
+        assert "peer" in r, f"{section}: peer not installed (make test installs captum and grad-cam)"
+        assert r["diff"] < 1e-4, (section, r["diff"])
+        assert r["ours_s"] > 0 and r["peer_s"] > 0

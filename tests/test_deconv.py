@@ -227,3 +227,30 @@ def test_relu6_is_a_rectifier(rule):
     g = torch.zeros_like(act)
     g[:, 1] = act[:, 1].detach()
     torch.testing.assert_close(rec.images["conv2"][0, 0], torch.autograd.grad(act, xi, g)[0][0])
+
+
+def test_token_layers_of_a_vit_reconstruct_hidden_features():
+    """A token layer's feature is a hidden dimension d: all tokens' d-th values are sent back."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(5)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                            num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    layer = "encoder.layers.encoder_layer_0"
+    rec = lv.deconvnet(vit, x, layer, top_k=2)
+    assert rec.features[layer].shape == (2, 2) and rec.images[layer].shape == (2, 2, 3, 16, 16)
+    out = {}
+    h = vit.get_submodule(layer).register_forward_hook(lambda m, a, o: out.setdefault("t", o))
+    xr = x.clone().requires_grad_()
+    vit(xr)
+    h.remove()
+    t = out["t"]  # (2, 5, 8): class token + 4 patches, 8 hidden dims
+    norms = t.detach().norm(dim=1)
+    assert torch.equal(rec.features[layer], norms.topk(2, dim=1).indices)
+    for i in range(2):
+        for j, d in enumerate(rec.features[layer][i].tolist()):
+            g = torch.zeros_like(t)
+            g[i, :, d] = t[i, :, d].detach()
+            (want,) = torch.autograd.grad(t, xr, g, retain_graph=True)  # no ReLU in a ViT block: the gradient
+            torch.testing.assert_close(rec.images[layer][i, j], want[i])

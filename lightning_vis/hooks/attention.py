@@ -20,6 +20,22 @@ _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_
              "is_causal")
 
 
+# 3D outputs of these layers are (N, C, L) channels-first maps; other layers' 3D outputs are (N, L, D) tokens.
+CHANNEL_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveMaxPool1d, nn.BatchNorm1d, nn.InstanceNorm1d)
+
+
+def is_token_layout(output: Tensor, module: nn.Module, layout: str = "auto", input_dims: int = 4) -> bool:
+    """Whether a layer's output is a (N, L, D) token layout. layout "tokens" / "channels" say so; "auto": a 3D
+    output of a model whose input has spatial dims (input_dims >= 4: images, clips), unless the layer is a 1D
+    conv / pool / norm. For 1D inputs (N, C, L) "auto" means channels (a transformer on sequences: say "tokens")."""
+    if layout not in ("auto", "channels", "tokens"):
+        raise ValueError(f"layout must be 'auto', 'channels' or 'tokens', not {layout!r}")
+    if output.dim() != 3 or layout == "channels":
+        return False
+    return layout == "tokens" or (input_dims >= 4 and not isinstance(module, CHANNEL_FIRST_1D))
+
+
 def tokens_to_grid(tokens: Tensor, grid: tuple[int, int] | None = None,
                    class_token: str = "auto") -> tuple[Tensor, Tensor | None]:
     """(N, L, D) tokens -> ((N, D, h, w) maps, (N, D) class token or None).

@@ -24,20 +24,25 @@ class _RectifiedReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, guided: bool, top=None, inplace: bool = False):
-        ctx.guided = guided
-        if guided:  # the mask, not x: an in-place ReLU overwrites x
-            ctx.save_for_backward((x > 0) if top is None else (x > 0) & (x < top))
+        ctx.guided, ctx.top = guided, top
         if inplace:  # as torch's relu_: x itself is rectified (mark_dirty), no copy and no extra graph node
             ctx.mark_dirty(x)
-            return x.clamp_min_(0) if top is None else x.clamp_(0, top)
-        return x.clamp_min(0) if top is None else x.clamp(0, top)
+            out = x.clamp_min_(0) if top is None else x.clamp_(0, top)
+        else:
+            out = x.clamp_min(0) if top is None else x.clamp(0, top)
+        if guided:  # the output says where the input was in (0, top): no mask to compute or keep
+            ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         g = grad.clamp_min(0)
         if ctx.guided:
-            (mask,) = ctx.saved_tensors
-            g = g * mask
+            (out,) = ctx.saved_tensors
+            if ctx.top is None:
+                g = torch.ops.aten.threshold_backward(g, out, 0)
+            else:
+                g = torch.ops.aten.hardtanh_backward(g, out, 0, ctx.top)
         return g, None, None, None
 
 

@@ -1,0 +1,225 @@
+"""Methods against their peers, side by side in one run, on the same model, inputs and device.
+
+    python -m benchmarks.methods [--device cpu|cuda] [--batch N] [--only deconv,gradcam,guided,saliency]
+                                 [--quick] [--json PATH]
+
+- deconv: VGG16 (random weights), one 224 px image, the top-3 features of each of its 13 conv and 5 max-pool
+  layers (54 reconstructions): one ``lightning_vis.deconvnet`` call against 54 calls of captum's
+  ``NeuronDeconvolution`` (its neuron selector: half the squared norm of the feature map, whose gradient is the
+  map itself, i.e. the same target). On a GPU also batch --batch.
+- gradcam: Grad-CAM of VGG16 features.28 for --batch images (top class) against pytorch-grad-cam's ``GradCAM``.
+- guided, saliency: against captum's ``GuidedBackprop`` and ``Saliency`` (abs), same targets.
+Every row also reports how far our result is from the peer's (max |difference| / max |peer|), so a speed-up
+cannot come from computing something else. Times: median wall-clock of --reps runs after one warm-up, at
+torch's thread count on CPU, synchronised on CUDA. Peers that are not installed are skipped
+(``make bench`` installs captum and grad-cam).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import lightning_vis as lv
+
+from . import kernels
+
+SECTIONS = ("deconv", "gradcam", "guided", "saliency")
+# (section, minimum ratio, device): the goals of the issues
+GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda")]
+
+
+def race(device: str, reps: int, fns: dict) -> tuple[dict, dict]:
+    """Median seconds of each callable over reps rounds, the callables taking turns in every round (the
+    machine's noise hits all alike), after one warm-up each; and each one's last result."""
+    results = {k: fn() for k, fn in fns.items()}
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            results[k] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, results
+
+
+def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.detach().float().cpu(), torch.as_tensor(theirs).detach().float().cpu()
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
+
+
+def model_and_layers(quick: bool, device: str):
+    torch.manual_seed(0)
+    if quick:  # a small VGG-like net for the smoke test
+        cfg = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True))
+        model = nn.Sequential()
+        model.features = cfg
+        model.pool = nn.AdaptiveAvgPool2d(1)
+        model.flat = nn.Flatten()
+        model.fc = nn.Linear(16, 10)
+        size, cam_layer = 32, "features.6"
+    else:
+        import torchvision
+
+        model, size, cam_layer = torchvision.models.vgg16(), 224, "features.28"
+    # pytorch-grad-cam keeps a CPU activation by reference (output.cpu() is the same tensor), so an in-place
+    # ReLU after the layer overwrites what it stored (a 0.40 difference on the quick net; FIELD_NOTES, captum
+    # #156). Plain ReLUs here, so that every peer computes what it means to; ours is right either way (tests).
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return model.eval().to(device), size, cam_layer
+
+
+def captum_or_none():
+    try:
+        import captum.attr as ca
+        return ca
+    except ImportError:
+        return None
+
+
+def bench_deconv(model, size, device, batch, reps):
+    layer_types = [nn.Conv2d, nn.MaxPool2d]
+    x = torch.randn(1, 3, size, size, device=device)
+    fns = {"ours": lambda: lv.deconvnet(model, x, layer_types, top_k=3)}
+    rec = fns["ours"]()
+    n_rec = sum(v.shape[1] for v in rec.images.values())
+    ca = captum_or_none()
+    if ca is not None:
+        def peer():
+            out = []
+            for name in rec.images:
+                nd = ca.NeuronDeconvolution(model, model.get_submodule(name))
+                for c in rec.features[name][0].tolist():
+                    dims = tuple(range(1, rec.images[name].dim() - 2))
+                    out.append(nd.attribute(x, neuron_selector=lambda o, c=c, d=dims: 0.5 * o[:, c].pow(2).sum(d)))
+            return out
+        fns["peer"] = peer
+    t, res = race(device, reps, fns)
+    row = dict(section="deconv", what=f"{n_rec} reconstructions, batch 1", device=device, ours_s=t["ours"])
+    if "peer" in t:
+        ours = [res["ours"].images[k][0, j] for k in rec.images for j in range(rec.images[k].shape[1])]
+        row.update(peer=f"captum NeuronDeconvolution x {len(res['peer'])}", peer_s=t["peer"],
+                   diff=max(rel_diff(o, p[0]) for o, p in zip(ours, res["peer"])))
+    rows = [row]
+    if device == "cuda" and batch > 1:
+        xb = torch.randn(batch, 3, size, size, device=device)
+        t, _ = race(device, reps, {"ours": lambda: lv.deconvnet(model, xb, layer_types, top_k=3)})
+        rows.append(dict(section="deconv", what=f"{n_rec * batch} reconstructions, batch {batch}", device=device,
+                         ours_s=t["ours"], note=f"{t['ours'] / batch * 1e3:.1f} ms per image"))
+    return rows
+
+
+def bench_gradcam(model, size, cam_layer, device, batch, reps):
+    x = torch.randn(batch, 3, size, size, device=device)
+    fns = {"ours": lambda: lv.grad_cam(model, x, cam_layer)}
+    try:
+        from pytorch_grad_cam import GradCAM
+    except ImportError:
+        GradCAM = None
+    if GradCAM is not None:
+        peer = GradCAM(model=model, target_layers=[model.get_submodule(cam_layer)])
+        fns["peer"] = lambda: peer(input_tensor=x, targets=None)
+    t, res = race(device, reps, fns)
+    row = dict(section="gradcam", what=f"Grad-CAM {cam_layer}, batch {batch}", device=device, ours_s=t["ours"])
+    if GradCAM is not None:
+        peer.activations_and_grads.release()
+        for p in model.parameters():  # pytorch-grad-cam fills .grad; leave the model as we found it
+            p.grad = None
+        # pytorch-grad-cam min-max scales each map and resizes it with OpenCV: compare the scaled maps
+        row.update(peer="pytorch-grad-cam GradCAM", peer_s=t["peer"], diff=rel_diff(res["ours"].normalized(),
+                                                                                    res["peer"]))
+    return [row]
+
+
+def bench_input_grads(section, model, size, device, batch, reps):
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    if section == "guided":
+        fns = {"ours": lambda: lv.guided_backprop(model, x, target).maps}
+    else:
+        fns = {"ours": lambda: lv.saliency(model, x, target).maps}
+    ca = captum_or_none()
+    if ca is not None:
+        method = ca.GuidedBackprop(model) if section == "guided" else ca.Saliency(model)
+        kw = {} if section == "guided" else {"abs": True}
+        fns["peer"] = lambda: method.attribute(x, target=target, **kw)
+    t, res = race(device, reps, fns)
+    row = dict(section=section, what=f"{section}, batch {batch}", device=device, ours_s=t["ours"])
+    if ca is not None:
+        row.update(peer=f"captum {type(method).__name__}", peer_s=t["peer"], diff=rel_diff(res["ours"], res["peer"]))
+    return [row]
+
+
+def goal_lines(rows):
+    lines = []
+    for section, need, device in GOALS:
+        for r in rows:
+            if r["section"] == section and r["device"] == device and "ratio" in r:
+                verdict = "PASS" if r["ratio"] >= need else "MISS"
+                lines.append(f"{verdict}  {device} {r['what']}: {r['ratio']:.2f}x {r['peer']} (goal >= {need}x)")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="batch for gradcam/guided/saliency (GPU 64, CPU 8)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default GPU 10, CPU 3)")
+    ap.add_argument("--quick", action="store_true", help="a small VGG-like net at 32 px (a smoke test)")
+    ap.add_argument("--json", default="out/benchmarks/methods.json")
+    args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    device = args.device
+    batch = args.batch or (64 if device == "cuda" else 8)
+    reps = args.reps or (10 if device == "cuda" else 3)
+    if args.quick:
+        batch, reps = min(batch, 4), 1
+    model, size, cam_layer = model_and_layers(args.quick, device)
+    print(f"{'VGG-like' if args.quick else 'VGG16'} at {size} px on {device}, batch {batch}, {reps} reps; "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    rows = []
+    import warnings
+    warnings.filterwarnings("ignore", module="captum")  # its notes on requires_grad, once per call
+    for section in sections:
+        print(f"[{section}] ...", flush=True)
+        if section == "deconv":
+            rows += bench_deconv(model, size, device, batch, reps)
+        elif section == "gradcam":
+            rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
+        else:
+            rows += bench_input_grads(section, model, size, device, batch, reps)
+    for r in rows:
+        if "peer_s" in r:
+            r["ratio"] = r["peer_s"] / r["ours_s"]
+    print(f"\n{'what':<38}{'device':<7}{'ours s':>9}{'peer s':>9}{'ratio':>7}{'diff':>10}  peer")
+    for r in rows:
+        peer = r.get("peer", "(peer not installed)" if "note" not in r else r["note"])
+        print(f"{r['what']:<38}{r['device']:<7}{r['ours_s']:>9.3f}{r.get('peer_s', float('nan')):>9.3f}"
+              f"{r.get('ratio', float('nan')):>7.2f}{r.get('diff', float('nan')):>10.2e}  {peer}")
+    goals = goal_lines(rows)
+    if goals and not args.quick:
+        print("\nGoals (ratio = peer s / ours s, same run):\n" + "\n".join(goals))
+    kernels.write_record(args.json, "lightning-vis/benchmarks/methods/1", rows, goals,
+                         batch=batch, reps=reps, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
