@@ -6,6 +6,8 @@
     lightning-vis cam --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layer features.18
     lightning-vis cam --model torchvision:r3d_18 --images clip.gif --layer layer4 (video: a GIF in, a GIF out)
     lightning-vis saliency --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --method guided
+    lightning-vis topk --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10 -k 9
+    lightning-vis health --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers 'features.*'
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from torch import nn
 from . import images as im
 from .activations import activation_grid, activations, top_predictions
 from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
+from .dataset import top_k_examples
 from .deconv import deconvnet
+from .health import filter_health
+from .receptive import receptive_field
 from .hooks import LayerNotFoundError, resolve_layers
 from .hooks.taps import layers as list_layers
 
@@ -266,6 +271,79 @@ def cmd_saliency(args, model, categories, transform):
     print(f"wrote {out}/")
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of --images as a dataset: (input, displayable picture) per file, in sorted order."""
+
+    def __init__(self, paths, transform, size, gray):
+        self.paths, self.transform, self.size, self.gray = paths, transform, size, gray
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.transform, self.size, self.gray)
+
+
+def _loader(args, model, categories, transform):
+    paths, out, names = _run_images(args, model, categories)
+    ds = ImageFiles(paths, transform, args.size, args.gray)
+    return ds, torch.utils.data.DataLoader(ds, batch_size=args.batch_size), out
+
+
+def cmd_topk(args, model, categories, transform):
+    ds, loader, out = _loader(args, model, categories, transform)
+    res = top_k_examples(model, loader, args.layers, k=args.k, score=args.score)
+    report = {}
+    pictures = _Shown(ds)
+    for layer, entry in res.layers.items():
+        try:
+            rf = receptive_field(model, layer, res.input_shape)
+        except ValueError:
+            rf = None  # token or linear layers: whole pictures
+        channels = range(min(args.channels, entry.indices.shape[0]))
+        rows = []
+        for c in channels:
+            crops = res.crops(pictures, layer, c, rf=rf)
+            tiles = [torch.nn.functional.interpolate(t[None].float(), size=(args.tile, args.tile), mode="bilinear",
+                                                     align_corners=False)[0] for t in crops]
+            tiles += [torch.ones(3, args.tile, args.tile)] * (args.k - len(tiles))
+            rows += tiles
+        f = im.save_png(im.grid(torch.stack(rows), ncol=args.k), out / f"{layer}_top{args.k}.png")
+        report[layer] = {"file": str(f), "receptive_field": rf.size if rf else None, "channels": {
+            c: [{"image": ds.paths[i].name, "score": round(float(s), 4)}
+                for i, s in zip(entry.indices[c].tolist(), entry.scores[c].tolist()) if i >= 0]
+            for c in range(entry.indices.shape[0])}}
+    (out / "topk.json").write_text(json.dumps(report, indent=1))
+    print(f"{res.seen} images scanned; one row per channel (first {args.channels}), best first; wrote {out}/")
+
+
+class _Shown:
+    """dataset[i] -> the displayable picture of image i (crops are cut from what people look at)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, i):
+        return self.ds[i][1]
+
+
+def cmd_health(args, model, categories, transform):
+    ds, loader, out = _loader(args, model, categories, transform)
+    rep = filter_health(model, loader, args.layers, threshold=args.threshold)
+    print(rep.summary())
+    bad = rep.suspicious()
+    for r in bad[:args.show]:
+        why = [w for w, on in (("dead", r["dead"]), ("noise-only", r["noise_only"]),
+                               (f"duplicates {r['duplicate_of']}", r["duplicate_of"])) if on]
+        print(f"  {r['layer']} #{r['channel']}: {', '.join(why)} (active {r['active_fraction']:.3f}, "
+              f"noise score {r['noise_score']})")
+    (out / "health.json").write_text(json.dumps({"seen": rep.seen, "table": rep.table(), "suspicious": bad},
+                                                indent=1))
+    (out / "health.txt").write_text(rep.summary() + "\n")
+    rep.plots(out / "plots")
+    print(f"{len(bad)} suspicious filters of {sum(len(h.mean) for h in rep.layers.values())}; wrote {out}/")
+
+
 def _normalize_rgb(r: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
     """(k, C, H, W) reconstructions -> displayable images: each centred at grey and scaled by a high percentile
     of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to [0, 1]."""
@@ -326,6 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed (default %(default)s)")
     targeted(p)
     p.set_defaults(run=cmd_saliency)
+
+    p = sub.add_parser("topk", help="the k images that excite each channel most, cropped to its receptive field")
+    common(p)
+    p.add_argument("-k", "--k", type=int, default=9, help="images per channel (default %(default)s)")
+    p.add_argument("--score", choices=["max", "mean"], default="max")
+    p.add_argument("--channels", type=int, default=16, help="channels drawn per layer (default %(default)s)")
+    p.add_argument("--tile", type=int, default=64, help="crop size in the grid (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(run=cmd_topk)
+    p = sub.add_parser("health", help="dead, noise-only and duplicate filters: table, ranked list and plots")
+    common(p)
+    p.add_argument("--threshold", type=float, default=0.0, help="a unit is active above this (default 0)")
+    p.add_argument("--show", type=int, default=20, help="suspicious filters printed (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(run=cmd_health)
     return ap
 
 

@@ -125,3 +125,36 @@ def save_png(image: Tensor, path) -> Path:
     arr = to_uint8(image).numpy()
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
     return path
+
+
+def bar_chart(values, title: str = "", bar_labels=None, x_labels=None, size=(480, 240)) -> Tensor:
+    """A plain bar chart as a (3, H, W) image: bars scaled to the largest value, each bar's value above it,
+    optional labels under the bars (bar_labels) or along the axis (x_labels: first, middle, last)."""
+    from PIL import Image, ImageDraw
+
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("bar_chart needs at least one value")
+    w, h = size
+    left, right, top, bottom = 30, 10, 24, 36
+    pic = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(pic)
+    draw.text((left, 4), title, fill="black")
+    peak = max(max(values), 1e-12)
+    slot = (w - left - right) / len(values)
+    for i, v in enumerate(values):
+        x0 = left + i * slot + 0.1 * slot
+        x1 = left + (i + 1) * slot - 0.1 * slot
+        y0 = h - bottom - (h - top - bottom) * v / peak
+        draw.rectangle([x0, y0, x1, h - bottom], fill="#3b528b")
+        if v and slot >= 14:
+            draw.text((x0, y0 - 11), f"{v:g}", fill="black")
+        if bar_labels:
+            draw.text((x0, h - bottom + 4 + 11 * (i % 2)), str(bar_labels[i])[:max(3, int(slot / 6) * 2)],
+                      fill="black")
+    draw.line([left, h - bottom, w - right, h - bottom], fill="black")
+    if x_labels:
+        for frac, label in zip((0.0, 0.5, 1.0), x_labels):
+            draw.text((left + frac * (w - left - right) - 4 * frac * len(label), h - bottom + 4), label,
+                      fill="black")
+    return torch.from_numpy(__import__("numpy").asarray(pic).copy()).permute(2, 0, 1).float() / 255

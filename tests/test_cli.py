@@ -141,3 +141,25 @@ def test_cam_and_saliency_errors_are_one_line(photos, tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     last = err.split("\r")[-1]  # after a progress bar that was cleared
     assert message in last and "Traceback" not in err and len(last.strip().splitlines()) == 1
+
+
+def test_topk_writes_crop_grids_and_json(photos, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["topk", *MODEL, "--images", str(photos), "--layers", "conv2", "--size", "16", "-k", "2",
+                     "--channels", "3", "--tile", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "topk.json").read_text())
+    assert report["conv2"]["receptive_field"] == [8, 8]  # conv3 (3) -> pool2 (4, jump 2) -> conv3 (4 + 2 * 2)
+    assert len(report["conv2"]["channels"]) == 6
+    assert {e["image"] for e in report["conv2"]["channels"]["0"]} == {"a.png", "b.jpg"}
+    grid = Image.open(out / "conv2_top2.png")
+    assert grid.size == (1 + 2 * 9, 1 + 3 * 9)  # 2 crops per row, 3 channels, 8 px tiles
+
+
+def test_health_writes_table_and_plots(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["health", *MODEL, "--images", str(photos), "--layers", "relu1", "relu2", "--size", "16",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "health.json").read_text())
+    assert report["seen"] == 2 and len(report["table"]) == 4 + 6
+    assert (out / "plots" / "relu1_active.png").exists() and (out / "plots" / "dead_per_layer.png").exists()
+    assert "median active" in capsys.readouterr().out

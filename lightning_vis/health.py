@@ -1,0 +1,202 @@
+"""Filter health: which filters never fire on the data (dead), which duplicate another, which are noise only.
+
+- Activity, one streaming pass over a DataLoader: per channel the fraction of positions above a threshold, the
+  mean and the max activation. A channel whose max never exceeds the threshold is dead (quiver's black filter).
+- Duplicates: filter pairs of a layer whose weights have cosine similarity above a threshold.
+- Noise: the share of a filter's spectral energy above a quarter of the sampling rate, relative to what white
+  noise puts there (1.0: as rough as noise); the same for rendered visualizations when given. Weights decide
+  only for kernels of 5 or more (a 3x3 spectrum cannot tell an edge detector from noise); renders always. The seeds used
+  "empty", noise-only filters to find overfitted networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import images as im
+from .hooks import ModelGuard, capture
+from .hooks.attention import is_token_layout, tokens_to_grid
+from .hooks.resolve import LayerSpec
+
+
+@dataclass
+class LayerHealth:
+    active_fraction: Tensor  # (C,) share of positions (over the dataset) above the threshold
+    mean: Tensor  # (C,)
+    max: Tensor  # (C,)
+    dead: Tensor  # (C,) bool: never above the threshold
+    zero_weights: Tensor | None  # (C,) bool: the filter's weights (and bias) are all zero
+    noise_score: Tensor | None  # (C,) weight roughness relative to white noise (None: no spatial kernel)
+    render_noise_score: Tensor | None  # (C,) the same for rendered visualizations, when given
+    noise_only: Tensor  # (C,) bool
+    duplicates: list[tuple[int, int, float]]  # (i, j, cosine similarity), i < j
+    weights_from: str | None  # the module whose weights were inspected
+
+
+@dataclass
+class HealthReport:
+    layers: dict[str, LayerHealth] = field(default_factory=dict)
+    seen: int = 0
+
+    def table(self) -> list[dict]:
+        """One row per (layer, channel)."""
+        rows = []
+        for name, h in self.layers.items():
+            dup = {}
+            for i, j, s in h.duplicates:
+                dup.setdefault(i, []).append(j)
+                dup.setdefault(j, []).append(i)
+            for c in range(len(h.mean)):
+                rows.append({
+                    "layer": name, "channel": c, "active_fraction": round(float(h.active_fraction[c]), 4),
+                    "mean": round(float(h.mean[c]), 4), "max": round(float(h.max[c]), 4), "dead": bool(h.dead[c]),
+                    "zero_weights": bool(h.zero_weights[c]) if h.zero_weights is not None else None,
+                    "noise_score": round(float(h.noise_score[c]), 3) if h.noise_score is not None else None,
+                    "noise_only": bool(h.noise_only[c]), "duplicate_of": dup.get(c, [])})
+        return rows
+
+    def suspicious(self) -> list[dict]:
+        """Rows of dead, noise-only or duplicated filters, worst first (dead, then noise, then duplicates)."""
+        def rank(r):
+            return (not r["dead"], not r["noise_only"], not r["duplicate_of"], -(r["noise_score"] or 0))
+        return sorted((r for r in self.table() if r["dead"] or r["noise_only"] or r["duplicate_of"]), key=rank)
+
+    def summary(self) -> str:
+        head = f"{'layer':<24}{'channels':>9}{'dead':>6}{'noise':>7}{'dup pairs':>10}{'median active':>15}"
+        lines = [head, "-" * len(head)]
+        for name, h in self.layers.items():
+            lines.append(f"{name:<24}{len(h.mean):>9}{int(h.dead.sum()):>6}{int(h.noise_only.sum()):>7}"
+                         f"{len(h.duplicates):>10}{float(h.active_fraction.median()):>15.3f}")
+        return "\n".join(lines)
+
+    def plots(self, folder) -> list[Path]:
+        """PNG plots: per layer a histogram of the channels' active fractions, and bars of suspicious counts."""
+        folder = Path(folder)
+        paths = []
+        for name, h in self.layers.items():
+            counts = torch.histc(h.active_fraction.float(), bins=20, min=0, max=1)
+            paths.append(im.save_png(im.bar_chart(counts.tolist(), title=f"{name}: channels by active fraction",
+                                                  x_labels=("0", "0.5", "1")), folder / f"{name}_active.png"))
+        names = list(self.layers)
+        for what in ("dead", "noise_only"):
+            vals = [int(getattr(self.layers[n], what).sum()) for n in names]
+            paths.append(im.save_png(im.bar_chart(vals, title=f"{what.replace('_', '-')} filters per layer",
+                                                  bar_labels=names), folder / f"{what}_per_layer.png"))
+        return paths
+
+
+def high_frequency_score(x: Tensor, spatial_dims: int, cutoff: float = 0.25, pad_to: int = 16) -> Tensor:
+    """(C, ..., *spatial) filters or images -> (C,) share of spectral energy above `cutoff` cycles per sample
+    (radially), summed over the middle dims, divided by the share white noise would have (1.0 = like noise).
+    Each filter's mean is not removed: a constant filter scores 0."""
+    shape = x.shape[-spatial_dims:]
+    size = [max(pad_to, 2 * n) for n in shape]
+    power = torch.fft.fftn(x.float(), s=size, dim=tuple(range(-spatial_dims, 0))).abs().pow(2)
+    power = power.flatten(1, -spatial_dims - 1).sum(1) if power.dim() > spatial_dims + 1 else power
+    freqs = torch.meshgrid(*[torch.fft.fftfreq(n) for n in size], indexing="ij")
+    high = torch.stack(freqs).pow(2).sum(0).sqrt() > cutoff
+    share = (power * high).flatten(1).sum(1) / power.flatten(1).sum(1).clamp_min(1e-20)
+    return share / high.float().mean()
+
+
+def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
+    """The conv/linear module whose filters make this layer's channels: the layer itself, or the last module
+    before it (in definition order) with weights of `channels` output filters."""
+    def fits(m):
+        w = getattr(m, "weight", None)
+        return isinstance(w, Tensor) and w.dim() >= 2 and w.shape[0] == channels and not isinstance(
+            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm))
+    if fits(module):
+        return name, module
+    last = None
+    for k, m in model.named_modules():
+        if k == name:
+            break
+        if fits(m):
+            last = (k, m)
+    return last if last is not None else (None, None)
+
+
+def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
+                  duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
+                  renders: dict[str, Tensor] | None = None, device=None, progress: bool = True) -> HealthReport:
+    """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
+    near-duplicate filters and noise-only filters (weights, and `renders[layer]` (C, 3, H, W) feature
+    visualizations when given, as rough as white noise: score >= noise_threshold)."""
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    stats: dict[str, list] = {}
+    seen = 0
+    batches = dataloader
+    if progress:
+        try:
+            from tqdm import tqdm
+            batches = tqdm(dataloader, desc="filter health", unit="batch", leave=False)
+        except ImportError:
+            pass
+    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers) as tap:
+        for batch in batches:
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+            for v in tap.values.values():
+                v.clear()
+            model(x)
+            seen += x.shape[0]
+            for name in tap.layers:
+                if not tap.values.get(name):
+                    raise ValueError(f"layer {name!r} did not run in the forward pass")
+                act = tap.values[name][0]
+                if is_token_layout(act, tap.layers[name], "auto", x.dim()):
+                    act = tokens_to_grid(act)[0]
+                flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
+                s = stats.setdefault(name, [0, 0.0, 0.0, torch.full((flat.shape[0],), float("-inf"))])
+                s[0] = s[0] + (flat > threshold).sum(1).cpu()
+                s[1] = s[1] + flat.sum(1).cpu()
+                s[2] = s[2] + flat.shape[1]
+                s[3] = torch.maximum(s[3], flat.amax(1).cpu())
+        layer_modules = dict(tap.layers)
+    if seen == 0:
+        raise ValueError("the dataloader yielded no batches: no activity to measure")
+    report = HealthReport(seen=seen)
+    for name, (active, total, count, top) in stats.items():
+        channels = top.shape[0]
+        wname, wmod = _weights_for(model, name, layer_modules[name], channels)
+        zero = noise = None
+        duplicates = []
+        if wmod is not None:
+            w = wmod.weight.detach().float().cpu()
+            b = getattr(wmod, "bias", None)
+            flat_w = w.flatten(1)
+            zero = flat_w.abs().amax(1) == 0
+            if isinstance(b, Tensor):
+                zero &= b.detach().cpu() == 0
+            spatial = w.dim() - 2
+            if spatial >= 1 and max(w.shape[2:]) > 1:
+                noise = high_frequency_score(w, spatial)
+            unit = flat_w / flat_w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sim = unit @ unit.t()
+            i, j = torch.triu_indices(channels, channels, 1)
+            keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
+            duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
+        render_noise = None
+        if renders is not None and name in renders:
+            r = renders[name]
+            if r.shape[0] != channels:
+                raise ValueError(f"renders[{name!r}] has {r.shape[0]} images for {channels} channels")
+            render_noise = high_frequency_score(r.float().mean(1), 2, pad_to=0)
+        flags = torch.zeros(channels, dtype=torch.bool)
+        judged = noise is not None and min(wmod.weight.shape[2:]) >= 5
+        if judged:  # a 3x3 spectrum says little: trained edge detectors sit near Nyquist too (renders decide)
+            flags |= noise >= noise_threshold
+        if render_noise is not None:
+            flags = (flags if judged else torch.ones_like(flags)) & (render_noise >= noise_threshold)
+        if zero is not None:
+            flags &= ~zero
+        report.layers[name] = LayerHealth(active / count, total / count, top, top <= threshold, zero, noise,
+                                          render_noise, flags, duplicates, wname)
+    return report
+
