@@ -9,6 +9,8 @@
   map itself, i.e. the same target). On a GPU also batch --batch.
 - gradcam: Grad-CAM of VGG16 features.28 for --batch images (top class) against pytorch-grad-cam's ``GradCAM``.
 - guided, saliency: against captum's ``GuidedBackprop`` and ``Saliency`` (abs), same targets.
+- topk: ``top_k_examples`` over 5 layers of ResNet-50 (layer1-4, avgpool) against plain inference over the same
+  DataLoader (2 batches of --batch); the "peer" is inference, so the goal is ratio >= 1/1.15 (<= 15% overhead).
 Every row also reports how far our result is from the peer's (max |difference| / max |peer|), so a speed-up
 cannot come from computing something else. Times: median wall-clock of --reps runs after one warm-up, at
 torch's thread count on CPU, synchronised on CUDA. Peers that are not installed are skipped
@@ -29,9 +31,10 @@ import lightning_vis as lv
 
 from . import kernels
 
-SECTIONS = ("deconv", "gradcam", "guided", "saliency")
+SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk")
 # (section, minimum ratio, device): the goals of the issues
-GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda")]
+GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
+         ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu")]
 
 
 def race(device: str, reps: int, fns: dict) -> tuple[dict, dict]:
@@ -163,13 +166,36 @@ def bench_input_grads(section, model, size, device, batch, reps):
     return [row]
 
 
+def bench_topk(device, batch, reps, quick):
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = (torchvision.models.resnet18() if quick else torchvision.models.resnet50()).eval().to(device)
+    size = 64 if quick else 224
+    loader = DataLoader(TensorDataset(torch.randn(2 * batch, 3, size, size)), batch_size=batch)
+    layers = ["layer1", "layer2", "layer3", "layer4", "avgpool"]
+
+    def plain():
+        with torch.no_grad():
+            for (x,) in loader:
+                model(x.to(device))
+
+    fns = {"ours": lambda: lv.top_k_examples(model, loader, layers, k=9, progress=False), "peer": plain}
+    t, _ = race(device, reps, fns)
+    name = "ResNet-18 at 64 px" if quick else "ResNet-50"
+    return [dict(section="topk", what=f"top-9, 5 layers, {name}, 2 x {batch}", device=device, ours_s=t["ours"],
+                 peer="plain inference, same loader", peer_s=t["peer"],
+                 note=f"{100 * (t['ours'] / t['peer'] - 1):.1f}% over inference")]
+
+
 def goal_lines(rows):
     lines = []
     for section, need, device in GOALS:
         for r in rows:
             if r["section"] == section and r["device"] == device and "ratio" in r:
                 verdict = "PASS" if r["ratio"] >= need else "MISS"
-                lines.append(f"{verdict}  {device} {r['what']}: {r['ratio']:.2f}x {r['peer']} (goal >= {need}x)")
+                lines.append(f"{verdict}  {device} {r['what']}: {r['ratio']:.2f}x {r['peer']} (goal >= {need:.2f}x)")
     return lines
 
 
@@ -201,6 +227,8 @@ def main(argv=None):
         print(f"[{section}] ...", flush=True)
         if section == "deconv":
             rows += bench_deconv(model, size, device, batch, reps)
+        elif section == "topk":
+            rows += bench_topk(device, batch, reps, args.quick)
         elif section == "gradcam":
             rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
         else:
@@ -208,11 +236,12 @@ def main(argv=None):
     for r in rows:
         if "peer_s" in r:
             r["ratio"] = r["peer_s"] / r["ours_s"]
-    print(f"\n{'what':<38}{'device':<7}{'ours s':>9}{'peer s':>9}{'ratio':>7}{'diff':>10}  peer")
+    print(f"\n{'what':<46}{'device':<7}{'ours s':>9}{'peer s':>9}{'ratio':>7}{'diff':>10}  peer")
     for r in rows:
         peer = r.get("peer", "(peer not installed)" if "note" not in r else r["note"])
-        print(f"{r['what']:<38}{r['device']:<7}{r['ours_s']:>9.3f}{r.get('peer_s', float('nan')):>9.3f}"
-              f"{r.get('ratio', float('nan')):>7.2f}{r.get('diff', float('nan')):>10.2e}  {peer}")
+        print(f"{r['what']:<46}{r['device']:<7}{r['ours_s']:>9.3f}{r.get('peer_s', float('nan')):>9.3f}"
+              f"{r.get('ratio', float('nan')):>7.2f}{r.get('diff', float('nan')):>10.2e}  {peer}"
+              + (f" ({r['note']})" if "note" in r and "peer" in r else ""))
     goals = goal_lines(rows)
     if goals and not args.quick:
         print("\nGoals (ratio = peer s / ours s, same run):\n" + "\n".join(goals))

@@ -148,12 +148,19 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
             batches = tqdm(dataloader, desc="top-k examples", unit="batch", leave=False)
         except ImportError:
             pass
-    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers) as tap:
+    def reduce(name, module, act):
+        if name not in tokens:
+            tokens[name] = is_token_layout(act, module, "auto", act_dims[0])
+        return _per_channel(act, tokens[name], score)
+
+    act_dims = [4]
+    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers, reduce=reduce) as tap:
         names = list(tap.layers)
         for batch in batches:
             x = _batch_input(batch).to(device, non_blocking=True)
             if result.input_shape is None:
                 result.input_shape = tuple(x.shape[1:])
+            act_dims[0] = x.dim()
             for v in tap.values.values():
                 v.clear()
             model(x)
@@ -165,10 +172,7 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
             for name in names:
                 if not tap.values.get(name):
                     raise ValueError(f"layer {name!r} did not run in the forward pass")
-                act = tap.values[name][0]
-                if name not in tokens:
-                    tokens[name] = is_token_layout(act, tap.layers[name], "auto", x.dim())
-                s, pos, grid = _per_channel(act, tokens[name], score)
+                s, pos, grid = tap.values[name][0]
                 s, pos = s.t().cpu(), pos.transpose(0, 1).cpu()  # (C, N), (C, N, d)
                 ids = idx.expand(s.shape[0], -1)
                 prev = result.layers.get(name)

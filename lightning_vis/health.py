@@ -139,9 +139,18 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
             batches = tqdm(dataloader, desc="filter health", unit="batch", leave=False)
         except ImportError:
             pass
-    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers) as tap:
+    dims = [4]
+
+    def reduce(name, module, act):
+        if is_token_layout(act, module, "auto", dims[0]):
+            act = tokens_to_grid(act)[0]
+        flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
+        return (flat > threshold).sum(1).cpu(), flat.sum(1).cpu(), flat.shape[1], flat.amax(1).cpu()
+
+    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers, reduce=reduce) as tap:
         for batch in batches:
             x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+            dims[0] = x.dim()
             for v in tap.values.values():
                 v.clear()
             model(x)
@@ -149,15 +158,9 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
             for name in tap.layers:
                 if not tap.values.get(name):
                     raise ValueError(f"layer {name!r} did not run in the forward pass")
-                act = tap.values[name][0]
-                if is_token_layout(act, tap.layers[name], "auto", x.dim()):
-                    act = tokens_to_grid(act)[0]
-                flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
-                s = stats.setdefault(name, [0, 0.0, 0.0, torch.full((flat.shape[0],), float("-inf"))])
-                s[0] = s[0] + (flat > threshold).sum(1).cpu()
-                s[1] = s[1] + flat.sum(1).cpu()
-                s[2] = s[2] + flat.shape[1]
-                s[3] = torch.maximum(s[3], flat.amax(1).cpu())
+                active, total, count, top = tap.values[name][0]
+                s = stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
+                s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
         layer_modules = dict(tap.layers)
     if seen == 0:
         raise ValueError("the dataloader yielded no batches: no activity to measure")

@@ -23,8 +23,9 @@ def test_methods_benchmark_agrees_with_the_peers(tmp_path):
     path = tmp_path / "m.json"
     assert methods.main(["--device", "cpu", "--quick", "--json", str(path)]) == 0
     rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {"deconv", "gradcam", "guided", "saliency"}
+    assert set(rows) == {"deconv", "gradcam", "guided", "saliency", "topk"}
     assert rows["deconv"]["what"].startswith("15 reconstructions")  # 3 convs + 2 pools, top-3 each
+    assert rows.pop("topk")["peer_s"] > 0  # against plain inference: a time, no result to compare
     for section, r in rows.items():
         assert "peer" in r, f"{section}: peer not installed (make test installs captum and grad-cam)"
         assert r["diff"] < 1e-4, (section, r["diff"])

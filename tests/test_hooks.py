@@ -193,3 +193,17 @@ def test_rules_keep_inplace_relu_semantics(rule):
     (gx,) = torch.autograd.grad(h, x, g)
     want = {"deconvnet": g.clamp_min(0), "guided": g.clamp_min(0) * (x > 0), "gradient": g * (x > 0)}[rule]
     torch.testing.assert_close(gx, want)
+
+
+def test_capture_reduce_summarises_before_inplace_ops_and_copies_nothing():
+    conv = nn.Conv2d(1, 2, 1)
+    m = nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU(inplace=True)))
+    x = torch.randn(3, 1, 4, 4)
+    with torch.no_grad(), capture(m, "conv", reduce=lambda name, mod, t: (name, type(mod).__name__, t.amin())) \
+            as tap:
+        m(x)
+        want = conv(x).amin()
+    name, kind, low = tap.values["conv"][0]
+    assert (name, kind) == ("conv", "Conv2d") and low == want and low < 0  # before the in-place ReLU
+    with pytest.raises(ValueError, match="unreduced"):
+        capture(m, "conv", grads=True, reduce=lambda *a: 0)

@@ -42,15 +42,18 @@ class capture:
         after the layer cannot corrupt it. Where nothing below the layer requires grad (frozen parameters, an
         input without grad) the output becomes a leaf that does: only the part above the layer is recorded.
         Outputs only.
+    reduce: ``f(name, module, output) -> value`` recorded instead of a copy of the output, called when the layer
+        returns (before any later in-place op): streaming statistics without a copy of every activation.
     For a layer returning a tuple (e.g. ``nn.MultiheadAttention``), its first tensor is recorded.
     """
 
-    def __init__(self, model: nn.Module, spec: LayerSpec, *, what: str = "output", grads: bool = False):
+    def __init__(self, model: nn.Module, spec: LayerSpec, *, what: str = "output", grads: bool = False,
+                 reduce=None):
         if what not in ("output", "input"):
             raise ValueError(f"what must be 'output' or 'input', not {what!r}")
-        if grads and what != "output":
-            raise ValueError("grads=True taps layer outputs only")
-        self.model, self.what, self.grads = model, what, grads
+        if grads and (what != "output" or reduce is not None):
+            raise ValueError("grads=True taps layer outputs only, unreduced")
+        self.model, self.what, self.grads, self.reduce = model, what, grads, reduce
         self.layers = resolve_layers(model, spec)
         self.values: dict[str, list[Tensor]] = defaultdict(list)
         self.live: dict[str, list[Tensor]] = defaultdict(list)
@@ -71,7 +74,10 @@ class capture:
                     return copy
                 first = _first_tensor(output)
                 return type(output)(copy if v is first else v for v in output)
-            self.values[name].append(out.detach().clone())
+            if self.reduce is not None:  # summarised on the spot: nothing copied, nothing kept
+                self.values[name].append(self.reduce(name, module, out.detach()))
+            else:
+                self.values[name].append(out.detach().clone())
             return None
         return hook
 
