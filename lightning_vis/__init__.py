@@ -2,12 +2,19 @@
 
 __version__ = "0.1.0"
 
-from . import health, hooks, images, ops  # noqa: F401  (ops loads the compiled operators)
-from .activations import activation_grid, activations, top_predictions  # noqa: F401
-from .attribution import (CAM, Attribution, attention_maps, attention_rollout,  # noqa: F401
-                          grad_cam, guided_backprop, saliency)
-from .dataset import TopK, top_k_examples  # noqa: F401
-from .deconv import Reconstructions, deconvnet  # noqa: F401
-from .health import HealthReport, filter_health  # noqa: F401
-from .hooks import capture, layers, resolve_layers  # noqa: F401
-from .receptive import ReceptiveField, receptive_field  # noqa: F401
+from . import health, hooks, images, objectives, ops, params  # ops loads the compiled operators
+from .activations import activation_grid, activations, top_predictions
+from .attribution import CAM, Attribution, attention_maps, attention_rollout, grad_cam, guided_backprop, saliency
+from .dataset import TopK, top_k_examples
+from .deconv import Reconstructions, deconvnet
+from .featureviz import RenderResult, Transforms, deep_dream, render
+from .health import HealthReport, filter_health
+from .hooks import capture, layers, resolve_layers
+from .receptive import ReceptiveField, receptive_field
+
+__all__ = [
+    "CAM", "Attribution", "HealthReport", "Reconstructions", "ReceptiveField", "RenderResult", "TopK", "Transforms",
+    "activation_grid", "activations", "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream",
+    "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "objectives", "ops",
+    "params", "receptive_field", "render", "resolve_layers", "saliency", "top_k_examples", "top_predictions",
+]

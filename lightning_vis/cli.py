@@ -8,6 +8,8 @@
     lightning-vis saliency --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --method guided
     lightning-vis topk --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10 -k 9
     lightning-vis health --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers 'features.*'
+    lightning-vis render --model torchvision:mobilenet_v2 --weights w.pth --layer features.10 --channels 0-15
+    lightning-vis dream --model torchvision:mobilenet_v2 --weights w.pth --image photo.png --layer features.7
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .activations import activation_grid, activations, top_predictions
 from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from .dataset import top_k_examples
 from .deconv import deconvnet
+from .featureviz import deep_dream, render
 from .health import filter_health
 from .receptive import receptive_field
 from .hooks import LayerNotFoundError, resolve_layers
@@ -344,6 +347,71 @@ def cmd_health(args, model, categories, transform):
     print(f"{len(bad)} suspicious filters of {sum(len(h.mean) for h in rep.layers.values())}; wrote {out}/")
 
 
+def parse_channels(spec: str) -> list[int]:
+    """'0-15', '3,7,9' or '0-3,8' -> channel indices."""
+    out = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise CliError(f"--channels {spec!r}: expected indices and ranges such as 0-15 or 3,7,9") from None
+    return out
+
+
+def _preprocess(transform):
+    """[0, 1] images -> the model's input normalisation (torchvision's metadata), or unchanged."""
+    if transform is None or not hasattr(transform, "mean"):
+        return None
+    mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
+
+    def pre(x):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean.to(x).view(view)) / std.to(x).view(view)
+    return pre
+
+
+def cmd_render(args, model, categories, transform):
+    resolve_layers(model, args.layer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    units = parse_channels(args.channels)
+    size = [int(v) for v in args.size.split(",")]
+    res = render(model, (args.layer, units), size=size if len(size) > 1 else size[0], steps=args.steps,
+                 param=args.param, seed=args.seed, channels=1 if args.gray else 3, preprocess=_preprocess(transform),
+                 chunk_size=args.chunk_size)
+    files = []
+    for u, img in zip(units, res.images):
+        if img.dim() == 4:  # a space-time render: (C, T, H, W)
+            files.append(str(im.save_gif(img.transpose(0, 1), out / f"{args.layer}_{u}.gif")))
+            img = im.grid(img.transpose(0, 1), ncol=img.shape[1])
+        files.append(str(im.save_png(img, out / f"{args.layer}_{u}.png")))
+    tiles = res.images if res.images.dim() == 4 else res.images[:, :, res.images.shape[2] // 2]
+    grid = im.save_png(im.grid(tiles), out / f"{args.layer}_grid.png")
+    settings = {**res.settings, "model": args.model, "layer": args.layer, "channels": units,
+                "final_objective": [round(float(v), 4) for v in res.final_scores()], "files": files,
+                "grid": str(grid)}
+    (out / f"{args.layer}_render.json").write_text(json.dumps(settings, indent=1))
+    print(f"rendered {len(units)} channels of {args.layer}; wrote {out}/")
+
+
+def cmd_dream(args, model, categories, transform):
+    resolve_layers(model, args.layer)
+    path = Path(args.image)
+    if not path.is_file():
+        raise CliError(f"--image {args.image!r}: no such file")
+    _, shown = load_image(path, transform, args.size, args.gray)
+    if shown.dim() != 3:
+        raise CliError(f"--image {args.image!r}: DeepDream takes a still image")
+    out = Path(args.out)
+    picture = shown[:1] if args.gray else shown
+    dream = deep_dream(model, picture, args.layer, octaves=args.octaves, steps=args.steps, lr=args.lr,
+                       tile=args.tile, seed=args.seed, preprocess=_preprocess(transform))
+    f = im.save_png(im.grid(torch.stack([picture.expand(3, -1, -1), dream.expand(3, -1, -1)]), ncol=2),
+                    out / f"{path.stem}_dream_{args.layer}.png")
+    print(f"wrote {f}")
+
+
 def _normalize_rgb(r: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
     """(k, C, H, W) reconstructions -> displayable images: each centred at grey and scaled by a high percentile
     of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to [0, 1]."""
@@ -419,6 +487,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=20, help="suspicious filters printed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(run=cmd_health)
+
+    p = sub.add_parser("render", help="feature visualizations of channels (one PNG each, a grid, the settings)")
+    common(p, with_images=False)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--channels", default="0-7", help="indices and ranges, e.g. 0-15 or 3,7 (default %(default)s)")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--size", default="128", help="H, or H,W, or T,H,W for video nets (default %(default)s)")
+    p.add_argument("--param", choices=["fft", "pixel"], default="fft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=32, help="channels optimised together (default %(default)s)")
+    p.add_argument("--gray", action="store_true", help="one-channel images (non-torchvision models)")
+    p.add_argument("--out", default="out/lightning-vis")
+    p.set_defaults(run=cmd_render)
+    p = sub.add_parser("dream", help="DeepDream: amplify what a layer sees in an image")
+    common(p, with_images=False)
+    p.add_argument("--image", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--octaves", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20, help="steps per octave (default %(default)s)")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--tile", type=int, default=None, help="tile size for large images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224, help="input size for non-torchvision models")
+    p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
+    p.add_argument("--out", default="out/lightning-vis")
+    p.set_defaults(run=cmd_dream)
     return ap
 
 

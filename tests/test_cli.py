@@ -163,3 +163,25 @@ def test_health_writes_table_and_plots(photos, tmp_path, capsys):
     assert report["seen"] == 2 and len(report["table"]) == 4 + 6
     assert (out / "plots" / "relu1_active.png").exists() and (out / "plots" / "dead_per_layer.png").exists()
     assert "median active" in capsys.readouterr().out
+
+
+def test_render_writes_one_png_per_unit_a_grid_and_settings(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["render", *MODEL, "--layer", "conv2", "--channels", "0-2,5", "--steps", "3", "--size", "12",
+                     "--out", str(out)]) == 0
+    settings = json.loads((out / "conv2_render.json").read_text())
+    assert settings["channels"] == [0, 1, 2, 5] and settings["steps"] == 3 and len(settings["final_objective"]) == 4
+    assert Image.open(out / "conv2_5.png").size == (12, 12)
+    assert Image.open(out / "conv2_grid.png").size == (1 + 2 * 13, 1 + 2 * 13)
+
+
+def test_render_video_units_as_gifs_and_dream(photos, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["render", "--model", "tests.cli_models:tiny_video_cnn", "--layer", "conv2", "--channels", "1",
+                     "--steps", "2", "--size", "3,8,8", "--out", str(out)]) == 0
+    with Image.open(out / "conv2_1.gif") as gif:
+        assert gif.n_frames == 3
+    assert cli.main(["dream", *MODEL, "--image", str(photos / "a.png"), "--layer", "conv1", "--octaves", "2",
+                     "--steps", "2", "--size", "16", "--out", str(out)]) == 0
+    assert Image.open(out / "a_dream_conv1.png").size == (1 + 2 * 17, 18)
+    assert cli.main(["render", *MODEL, "--layer", "conv2", "--channels", "x-y", "--out", str(out)]) == 2

@@ -1,0 +1,344 @@
+"""Feature visualization by optimisation: render what a unit, channel, layer or class responds to, for many units
+in one batched optimisation (one unit per batch element), and DeepDream.
+
+    result = lv.render(model, ("features.28", range(16)), size=128, steps=128, seed=0)
+    result.images            # (16, 3, 128, 128) in [0, 1]
+    lv.render(model, lv.objectives.channel("layer3", 5) - 0.5 * lv.objectives.diversity("layer3"), batch=4)
+
+Parameterizations (lightning_vis.params): decorrelated Fourier ("fft", Lucid's CDFS) or pixels with Øygard's
+schedule (blur width and step size decreasing over the run). Transforms are differentiable and seeded, with
+different randomness per batch element. The ReLU gradient fix (Lucid's redirected ReLU for the first steps, or
+the seed's leaky-ReLU substitution) is scoped to the run with a TorchFunctionMode: nothing in the model changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .hooks import ModelGuard, resolve_layers
+from .hooks.attention import is_token_layout, tokens_to_grid
+from .objectives import Objective, channel, layer
+from .params import ImageParam
+
+# ----------------------------------------------------------------------------------------------------------------
+# transforms (differentiable; per-element randomness from a seeded generator)
+
+
+@dataclass
+class Transforms:
+    """pad (constant 0.5), then one affine resampling per element: jitter (pixels, both directions), scale
+    (factors drawn from a list) and rotation (degrees drawn from a list); then an optional Gaussian blur.
+    ``standard()``: Lucid's standard transforms."""
+
+    pad: int = 0
+    jitter: int = 0
+    scales: Sequence[float] = (1.0,)
+    angles: Sequence[float] = (0.0,)
+
+    @classmethod
+    def standard(cls) -> "Transforms":
+        return cls(pad=12, jitter=8, scales=tuple(1 + (i - 5) / 50 for i in range(11)), angles=tuple(range(-10, 11)))
+
+    @classmethod
+    def none(cls) -> "Transforms":
+        return cls()
+
+    def __call__(self, x: Tensor, gen: torch.Generator, blur: float = 0.0) -> Tensor:
+        if self.pad:  # the last two (spatial) dims: clips are not padded in time
+            x = F.pad(x, [self.pad] * 4, value=0.5)
+        b = x.shape[0]
+        if self.jitter or len(self.scales) > 1 or len(self.angles) > 1 or self.scales[0] != 1 or self.angles[0]:
+            nd = x.dim() - 2
+            h, w = x.shape[-2:]
+            shift = torch.randint(-self.jitter, self.jitter + 1, (b, 2), generator=gen).float() if self.jitter \
+                else torch.zeros(b, 2)
+            scale = torch.tensor(self.scales)[torch.randint(len(self.scales), (b,), generator=gen)]
+            angle = torch.tensor(self.angles, dtype=torch.float)[torch.randint(len(self.angles), (b,), generator=gen)]
+            rad = angle * math.pi / 180
+            cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
+            theta = torch.zeros(b, 2, 3)
+            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+            theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 1] / w, 2 * shift[:, 0] / h
+            theta = theta.to(x)
+            if nd == 2:
+                grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+                x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+            else:  # clips: the same 2D transform for every frame of an element
+                t = x.shape[2]
+                frames = x.transpose(1, 2).flatten(0, 1)
+                th = theta.repeat_interleave(t, 0)
+                grid = F.affine_grid(th, list(frames.shape), align_corners=False)
+                frames = F.grid_sample(frames, grid, padding_mode="reflection", align_corners=False)
+                x = frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
+        if blur > 0:
+            x = gaussian_blur(x, blur)
+        return x
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of the last two dims (reflect padding)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    shape = x.shape
+    y = x.reshape(-1, 1, *shape[-2:])
+    y = F.pad(y, [radius, radius, radius, radius], mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ReLU gradient fixes
+
+
+class _RedirectedReLU(torch.autograd.Function):
+    """Lucid's redirected ReLU: where the gradient through the ReLU would be zero for a whole element, the
+    gradient is passed where it pushes a negative input up."""
+
+    @staticmethod
+    def forward(ctx, x, inplace: bool = False):
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x.clamp_min_(0)
+        else:
+            out = x.clamp_min(0)
+        ctx.save_for_backward(out)  # out > 0 exactly where x > 0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        alive = out > 0
+        relu_grad = grad * alive
+        redirected = grad * (alive | (grad < 0))
+        dead = relu_grad.flatten(1).abs().amax(1) == 0
+        return torch.where(dead.view(-1, *[1] * (out.dim() - 1)), redirected, relu_grad), None
+
+
+class ReluFix(TorchFunctionMode):
+    """mode "redirect": ReLUs use the redirected gradient; "leaky": ReLUs become leaky_relu(0.01) (the seed's
+    substitution), for the duration of the context only."""
+
+    _FUNCS = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_}
+
+    def __init__(self, mode: str):
+        if mode not in ("redirect", "leaky"):
+            raise ValueError(f"relu_fix must be 'redirect', 'leaky' or None, not {mode!r}")
+        super().__init__()
+        self.mode = mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FUNCS and isinstance(args[0], Tensor) and args[0].requires_grad:
+            x = args[0]
+            inplace = bool(func in (torch.relu_, torch.Tensor.relu_) or kwargs.get("inplace") or
+                           (len(args) > 1 and args[1] is True))
+            if self.mode == "leaky":
+                return F.leaky_relu(x, 0.01, inplace=inplace)
+            return _RedirectedReLU.apply(x, inplace)
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# render
+
+
+@dataclass
+class RenderResult:
+    images: Tensor  # (N, C, *size) in [0, 1]
+    losses: Tensor  # (steps, N) the objective per element per step (to maximise)
+    settings: dict = field(default_factory=dict)  # JSON-serialisable
+
+    def final_scores(self) -> Tensor:
+        return self.losses[-1]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _activations(model, names, modules, x, needs_output, input_dims):
+    """Forward until every needed layer has run (the rest of the network is skipped unless the output is needed);
+    token layouts put on their grid."""
+    acts = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            out = output if isinstance(output, Tensor) else output[0]
+            if name not in acts:
+                acts[name] = tokens_to_grid(out)[0] if is_token_layout(out, module, "auto", input_dims) else out
+            if not needs_output and len(acts) == len(names):
+                raise _Stop
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    out = None
+    try:
+        out = model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in acts]
+    if missing:
+        raise ValueError(f"layers {missing} did not run in the forward pass")
+    return acts, out
+
+
+def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, channels: int = 3, steps: int = 128,
+           lr: float | None = None, param: str = "fft", transforms: Transforms | str = "standard",
+           preprocess: Callable[[Tensor], Tensor] | None = None, batch: int | None = None, chunk_size: int = 32,
+           seed: int = 0, relu_fix: str | None = "redirect", relu_fix_steps: int = 16, decay_power: float = 1.0,
+           blur: tuple[float, float] = (1.0, 0.0), image: Tensor | None = None, device=None,
+           progress: bool = True) -> RenderResult:
+    """Optimise images to maximise `objective`: an Objective, or (layer, channels) to render those channels of
+    the layer (one per batch element, in chunks of chunk_size).
+
+    size: H (square), (H, W), or (T, H, W) for video nets (space-time renders). param "fft" (Adam, lr 0.05) or
+    "pixel" (Adam, lr decaying from 0.05 to 0.005 with a Gaussian blur of width blur[0] -> blur[1] every step:
+    Øygard's schedule). preprocess maps [0, 1] images to what the model expects (e.g. ImageNet normalisation).
+    The same arguments and seed give the same images. The model is restored afterwards."""
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(v) for v in size)
+    if len(size) not in (2, 3):
+        raise ValueError(f"size must be H, (H, W) or (T, H, W), got {size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(transforms, str):
+        if transforms not in ("standard", "none"):
+            raise ValueError(f"transforms must be 'standard', 'none' or a Transforms, not {transforms!r}")
+        transforms = Transforms.standard() if transforms == "standard" else Transforms.none()
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    lr = lr if lr is not None else 0.05
+    if isinstance(objective, tuple):
+        layer_name, units = objective
+        units = list(units) if not isinstance(units, int) else [units]
+        jobs = [(channel(layer_name, units[i:i + chunk_size]), len(units[i:i + chunk_size]))
+                for i in range(0, len(units), chunk_size)]
+        desc = f"{layer_name}: {len(units)} channels"
+    elif isinstance(objective, Objective):
+        jobs = [(objective, batch or 1)]
+        desc = objective.name
+    else:
+        raise ValueError("objective must be an Objective or (layer, channels)")
+    settings = dict(size=list(size), channels=channels, steps=steps, lr=lr, param=param, seed=seed,
+                    relu_fix=relu_fix, relu_fix_steps=relu_fix_steps, decay_power=decay_power, blur=list(blur),
+                    transforms=dict(pad=transforms.pad, jitter=transforms.jitter, scales=list(transforms.scales),
+                                    angles=list(transforms.angles)), objective=desc, chunk_size=chunk_size)
+    names = list(dict.fromkeys(n for job, _ in jobs for n in job.layers))
+    modules = resolve_layers(model, names) if names else {}
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=steps * len(jobs), desc=f"render {desc}", unit="step", leave=False)
+        except ImportError:
+            pass
+    images, losses = [], []
+    with ModelGuard(model, eval=True, freeze=True):
+        for j, (obj, n) in enumerate(jobs):
+            gen = torch.Generator().manual_seed(seed + 1000003 * j)
+            start = None if image is None else (image[None] if image.dim() == len(size) + 1 else image).to(device)
+            img_param = ImageParam(n, channels, size, param, seed=seed + 1000003 * j, decay_power=decay_power,
+                                   image=start, device=device)
+            opt = torch.optim.Adam(img_param.parameters(), lr=lr)
+            history = []
+            for step in range(steps):
+                frac = step / max(1, steps - 1)
+                if param == "pixel":
+                    for g in opt.param_groups:
+                        g["lr"] = lr * (1 - frac) + lr * 0.1 * frac
+                sigma = blur[0] * (1 - frac) + blur[1] * frac if param == "pixel" else 0.0
+                opt.zero_grad(set_to_none=True)
+                x = transforms(img_param(), gen, blur=sigma)
+                if preprocess is not None:
+                    x = preprocess(x)
+                fix = ReluFix(relu_fix) if relu_fix and (relu_fix == "leaky" or step < relu_fix_steps) else None
+                if fix is not None:
+                    with fix:
+                        acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, x.dim())
+                        value = obj(acts, out)
+                else:
+                    acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, x.dim())
+                    value = obj(acts, out)
+                if value.shape != (n,):
+                    raise ValueError(f"objective {obj.name} gave shape {tuple(value.shape)}, not one value per "
+                                     f"batch element ({n},)")
+                (-value.sum()).backward()
+                opt.step()
+                history.append(value.detach().cpu())
+                if bar is not None:
+                    bar.update(1)
+            with torch.no_grad():
+                images.append(img_param().detach().cpu())
+            losses.append(torch.stack(history))
+    if bar is not None:
+        bar.close()
+    return RenderResult(torch.cat(images), torch.cat(losses, 1), settings)
+
+
+def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int = 4, octave_scale: float = 1.4,
+               steps: int = 20, lr: float = 0.02, tile: int | None = None, jitter: int = 16, seed: int = 0,
+               preprocess: Callable[[Tensor], Tensor] | None = None, progress: bool = True) -> Tensor:
+    """DeepDream (Mordvintsev et al.; Conveiro's octaves and tiling): gradient ascent on the image's pixels to
+    amplify `layer_name`'s activations, from the smallest octave up, each octave keeping the detail it added.
+    image: (C, H, W) or (1, C, H, W) in [0, 1]. tile: process the image in tiles of this size (shifted randomly
+    every step) to bound memory on large images. Returns (C, H, W) in [0, 1]."""
+    if image.dim() == 4:
+        image = image[0]
+    if image.dim() != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
+    modules = resolve_layers(model, layer_name)
+    (name,) = modules
+    objective = layer(name)
+    gen = torch.Generator().manual_seed(seed)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else image.device
+    base = image.float().to(device)[None]
+    shapes = [tuple(max(8, int(round(s / octave_scale ** o))) for s in base.shape[-2:])
+              for o in reversed(range(octaves))]
+    detail = torch.zeros_like(F.interpolate(base, size=shapes[0], mode="bilinear", align_corners=False))
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=octaves * steps, desc=f"deep dream {name}", unit="step", leave=False)
+        except ImportError:
+            pass
+    with ModelGuard(model, eval=True, freeze=True):
+        for shape in shapes:
+            scaled = F.interpolate(base, size=shape, mode="bilinear", align_corners=False)
+            detail = F.interpolate(detail, size=shape, mode="bilinear", align_corners=False)
+            for _ in range(steps):
+                dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
+                img = (scaled + detail).roll((dy, dx), (-2, -1)).detach().requires_grad_(True)
+                grad = torch.zeros_like(img)
+                th = tile or max(shape)
+                for y in range(0, shape[0], th):
+                    for x in range(0, shape[1], th):
+                        piece = img[..., y:y + th, x:x + th]
+                        inp = preprocess(piece) if preprocess is not None else piece
+                        acts, _ = _activations(model, [name], modules, inp, False, 4)
+                        (g,) = torch.autograd.grad(objective(acts).sum(), img)
+                        grad += g
+                grad = grad.roll((-dy, -dx), (-2, -1))
+                detail = detail + lr * grad / grad.abs().mean().clamp_min(1e-8)
+                detail = (scaled + detail).clamp(0, 1) - scaled
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return (F.interpolate(base, size=shapes[-1], mode="bilinear", align_corners=False) + detail).clamp(0, 1)[0].cpu()
