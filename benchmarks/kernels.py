@@ -125,6 +125,33 @@ def bench_shape(timer, device, shape, dtype, k, s, p):
     return rows
 
 
+FFT_CPU = [(16, 128), (8, 224)]
+FFT_CUDA = [(1, 128), (128, 128), (512, 128), (128, 224), (512, 224)]
+FFT_QUICK = [(2, 32)]
+
+
+def bench_fft(timer, device, batch, size):
+    """fft_image forward + backward against the pure-torch composite (Lucid's parameterization)."""
+    from lightning_vis.params import frequency_scale, lucid_color_matrix
+
+    hw = [size, size]
+    spec = (torch.randn(batch, 3, size, size // 2 + 1, 2, device=device) * 0.01).requires_grad_(True)
+    scale = frequency_scale(hw).to(device)
+    color = lucid_color_matrix().to(device)
+    grad = torch.randn(batch, 3, size, size, device=device)
+
+    def ours():
+        torch.autograd.grad(O.fft_image(spec, hw, scale=scale, color=color), spec, grad)
+
+    def ref():
+        torch.autograd.grad(O.reference.fft_image(spec, scale, color, hw, True), spec, grad)
+
+    t = timer({"ref": ref, "ours": ours})
+    return [dict(op="fft_image", device=device, shape=[batch, 3, size, size], dtype="float32", k=0, s=0, p=0,
+                 layout="NCHW", reference="torch composite", ref_ms=round(t["ref"], 4), ours_ms=round(t["ours"], 4),
+                 ratio=round(t["ref"] / t["ours"], 2), ours_gbps=0.0, pct_copy=0.0, copy_gbps=0.0)]
+
+
 # (device, op prefix, layout, reference, dtype, minimum ratio): the goals of the issue
 GOALS = [
     ("cpu", "pool", "NCHW", "torch NCHW", "float32", 5.0),
@@ -139,8 +166,18 @@ GOALS = [
 ]
 
 
+FFT_GOALS = [("cpu", None, 1.0), ("cuda", (512, 224), 3.0), ("cuda", (128, 128), 3.0)]
+
+
 def goal_lines(rows):
     lines = []
+    for device, shape, need in FFT_GOALS:
+        for r in rows:
+            if r["op"] == "fft_image" and r["device"] == device and (
+                    shape is None or (r["shape"][0], r["shape"][2]) == shape):
+                verdict = "PASS" if r["ratio"] >= need else "MISS"
+                lines.append(f"{verdict}  {device} fft_image fwd+bwd {r['shape'][0]}x{r['shape'][2]}: "
+                             f"{r['ratio']:.2f}x the torch composite (goal >= {need}x)")
     for device, op, layout, ref, dtype, need in GOALS:
         for r in rows:
             if (r["device"], r["layout"], r["reference"], r["dtype"]) == (device, layout, ref, dtype) and \
@@ -152,12 +189,12 @@ def goal_lines(rows):
 
 
 def print_table(rows):
-    head = f"{'op':<9}{'device':<6}{'shape':<22}{'dtype':<9}{'k/s/p':<7}{'layout':<14}{'reference':<21}" \
+    head = f"{'op':<10}{'device':<6}{'shape':<22}{'dtype':<9}{'k/s/p':<7}{'layout':<14}{'reference':<21}" \
            f"{'ref ms':>9}{'ours ms':>9}{'ratio':>7}{'GB/s':>8}{'% copy':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['op']:<9}{r['device']:<6}{str(tuple(r['shape'])):<22}{r['dtype']:<9}"
+        print(f"{r['op']:<10}{r['device']:<6}{str(tuple(r['shape'])):<22}{r['dtype']:<9}"
               f"{str(r['k']) + '/' + str(r['s']) + '/' + str(r['p']):<7}{r['layout']:<14}{r['reference']:<21}"
               f"{r['ref_ms']:>9.3f}{r['ours_ms']:>9.3f}{r['ratio']:>7.2f}{r['ours_gbps']:>8.1f}{r['pct_copy']:>8.1f}")
 
@@ -206,6 +243,10 @@ def main(argv=None):
         for i, (shape, dtype, k, s, p) in enumerate(shapes):
             print(f"[{device} {i + 1}/{len(shapes)}] {tuple(shape)} {str(dtype)[6:]} k{k} s{s} p{p} ...", flush=True)
             rows += bench_shape(timer, device, shape, dtype, k, s, p)
+        ffts = FFT_QUICK if args.quick else (FFT_CPU if device == "cpu" else FFT_CUDA)
+        for batch, size in ffts:
+            print(f"[{device} fft_image] {batch} x {size} ...", flush=True)
+            rows += bench_fft(timer, device, batch, size)
     print()
     print_table(rows)
     goals = goal_lines(rows)

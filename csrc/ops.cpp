@@ -17,6 +17,10 @@ TORCH_LIBRARY(lightning_vis, m) {
   m.def(
       "gather_switches(Tensor grad, Tensor switches, int[] kernel_size, int[] stride, int[] padding, "
       "int[] dilation) -> Tensor");
+  m.def("fft_image(Tensor spectrum, Tensor scale, Tensor color, int[] size, bool sigmoid) -> Tensor");
+  m.def(
+      "fft_image_backward(Tensor grad, Tensor out, Tensor scale, Tensor color, int[] size, bool sigmoid) -> "
+      "Tensor");
 }
 
 namespace {

@@ -3,13 +3,16 @@ frequency-scaled spectrum; Olah et al., Lucid) and plain pixels, for images (B, 
 
 ``fft_image`` maps a real spectrum (B, C, *freq, 2) (the half spectrum of ``torch.fft.rfftn``, real and imaginary
 parts last) to an image in [0, 1]: spectrum * scale -> inverse real FFT (orthonormal) / 4 -> colour decorrelation
-(3 channels) -> sigmoid. Every step is differentiable; the FFT runs in float32 under mixed precision.
+(3 channels) -> sigmoid, by the compiled operator ``lightning_vis.ops.fft_image`` (its pure-torch reference where
+the extension is missing). Differentiable; the FFT runs in float32 under mixed precision.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import ops
 
 # Lucid's colour correlation: the square root of ImageNet's RGB covariance (SVD), columns normalised by the
 # largest column norm.
@@ -48,7 +51,7 @@ def frequency_scale(size, decay_power: float = 1.0) -> Tensor:
 
 def fft_image(spectrum: Tensor, size, *, decay_power: float = 1.0, color: Tensor | None = None,
               decorrelate: bool = True, sigmoid: bool = True) -> Tensor:
-    """The pure-torch parameterization (the reference for the compiled operator).
+    """The parameterization with its frequency scale and colour matrix (Lucid's by default), via ops.fft_image.
 
     spectrum: (B, C, *spectrum_shape(size), 2) real; size: (H, W) or (T, H, W); C 1 or 3 (decorrelation only for
     3). color: the 3x3 decorrelation matrix (default Lucid's). Returns (B, C, *size) in [0, 1] (sigmoid=False:
@@ -60,14 +63,11 @@ def fft_image(spectrum: Tensor, size, *, decay_power: float = 1.0, color: Tensor
                          f"{size}, got {tuple(spectrum.shape)}")
     with torch.autocast(spectrum.device.type, enabled=False):
         real = spectrum if spectrum.dtype == torch.float64 else spectrum.float()  # fp32 at least, also under autocast
-        spec = torch.view_as_complex(real.contiguous())
-        scale = frequency_scale(size, decay_power).to(real)
-        img = torch.fft.irfftn(spec * scale, s=size, dim=tuple(range(-nd, 0)), norm="ortho") / 4
-    c = img.shape[1]
-    if decorrelate and c == 3:
-        m = (lucid_color_matrix() if color is None else color).to(img)
-        img = torch.einsum("ij,bj...->bi...", m, img)
-    return torch.sigmoid(img) if sigmoid else img
+        scale = frequency_scale(size, decay_power)
+        m = None
+        if decorrelate and spectrum.shape[1] == 3:
+            m = lucid_color_matrix() if color is None else color
+        return ops.fft_image(real, size, scale=scale, color=m, sigmoid=sigmoid)
 
 
 def fft_spectrum_from_image(image: Tensor, *, decay_power: float = 1.0, color: Tensor | None = None,

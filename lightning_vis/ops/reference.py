@@ -116,3 +116,14 @@ def gather_switches(grad: torch.Tensor, switches: torch.Tensor, k, s, p, d) -> t
     idx, valid, _ = _flat_targets(switches, grad.shape[2:], k, s, p, d)
     out = grad.flatten(2).gather(2, idx) * valid
     return out.to(grad.dtype).view(switches.shape)
+
+
+def fft_image(spectrum: Tensor, scale: Tensor, color: Tensor | None, size, sigmoid: bool = True) -> Tensor:
+    """Pure-torch fft_image: view_as_complex(spectrum) * scale -> irfftn (orthonormal) over the last len(size) dims
+    -> / 4 -> colour mixing by `color` (3 channels, when given) -> sigmoid."""
+    nd = len(size)
+    img = torch.fft.irfftn(torch.view_as_complex(spectrum.contiguous()) * scale, s=list(size),
+                           dim=tuple(range(-nd, 0)), norm="ortho") / 4
+    if color is not None and color.numel() and img.shape[1] == 3:
+        img = torch.einsum("ij,bj...->bi...", color.to(img), img)
+    return torch.sigmoid(img) if sigmoid else img
