@@ -20,7 +20,10 @@ demo: build $(DEMO_STAMP)
 test: build
 	$(PY) -m pytest -q
 
+# torch-lucent 0.1.8 pins an ancient kornia: installed without its pins (benchmarks.methods shims the renamed calls)
 bench: build
+	$(PIP) install -q decorator kornia
+	$(PIP) install -q --no-deps torch-lucent==0.1.8
 	$(PY) -m benchmarks.kernels
 	$(PY) -m benchmarks.methods
 

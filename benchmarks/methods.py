@@ -11,6 +11,10 @@
 - guided, saliency: against captum's ``GuidedBackprop`` and ``Saliency`` (abs), same targets.
 - topk: ``top_k_examples`` over 5 layers of ResNet-50 (layer1-4, avgpool) against plain inference over the same
   DataLoader (2 batches of --batch); the "peer" is inference, so the goal is ratio >= 1/1.15 (<= 15% overhead).
+- render: channels of VGG16 features.28 at 128 px (CPU: 4 channels, 96 px, 8 steps), standard transforms, Adam
+  0.05, against torch-lucent 0.1.8's batched ``render_vis`` (one channel per batch element) on the same
+  channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
+  (its per-channel time). lucent needs shims for today's kornia and IPython (``make bench`` installs it).
 Every row also reports how far our result is from the peer's (max |difference| / max |peer|), so a speed-up
 cannot come from computing something else. Times: median wall-clock of --reps runs after one warm-up, at
 torch's thread count on CPU, synchronised on CUDA. Peers that are not installed are skipped
@@ -31,10 +35,10 @@ import lightning_vis as lv
 
 from . import kernels
 
-SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk")
+SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render")
 # (section, minimum ratio, device): the goals of the issues
 GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
-         ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu")]
+         ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda")]
 
 
 def race(device: str, reps: int, fns: dict) -> tuple[dict, dict]:
@@ -189,6 +193,60 @@ def bench_topk(device, batch, reps, quick):
                  note=f"{100 * (t['ours'] / t['peer'] - 1):.1f}% over inference")]
 
 
+def lucent_or_none():
+    """torch-lucent 0.1.8, importable with today's kornia (old top-level names) and without IPython."""
+    import sys
+    import types
+
+    try:
+        import kornia
+        import kornia.geometry.transform as kgt
+    except ImportError:
+        return None
+    kornia.get_rotation_matrix2d = getattr(kornia, "get_rotation_matrix2d", kgt.get_rotation_matrix2d)
+    kornia.warp_affine = getattr(kornia, "warp_affine", kgt.warp_affine)
+    if "IPython" not in sys.modules:
+        try:
+            import IPython.display  # noqa: F401
+        except ImportError:
+            ip, ipd = types.ModuleType("IPython"), types.ModuleType("IPython.display")
+            ipd.display = lambda *a, **k: None
+            ip.display = ipd
+            sys.modules.update({"IPython": ip, "IPython.display": ipd})
+    try:
+        from lucent.optvis import objectives, param, render
+    except ImportError:
+        return None
+    return objectives, param, render
+
+
+def bench_render(model, device, reps, quick):
+    layer = "features.6" if quick else "features.28"
+    if device == "cuda":
+        n, size, steps, peer_n = 512, 128, 128, 32
+    else:
+        n, size, steps, peer_n = 4, (32 if quick else 96), (2 if quick else 8), 4
+    fns = {"ours": lambda: lv.render(model, (layer, range(n)), size=size, steps=steps, chunk_size=min(n, 128),
+                                     progress=False)}
+    luc = lucent_or_none()
+    if luc is not None:
+        objectives, param, render = luc
+
+        def peer():
+            obj = objectives.channel(layer.replace(".", "_"), 0, batch=0)
+            for i in range(1, peer_n):
+                obj = obj + objectives.channel(layer.replace(".", "_"), i, batch=i)
+            return render.render_vis(model, obj, lambda: param.image(size, batch=peer_n), thresholds=(steps,),
+                                     show_image=False, progress=False)
+        fns["peer"] = peer
+    t, _ = race(device, max(1, reps // 3), fns)
+    row = dict(section="render", what=f"{n} channels {layer}, {size} px, {steps} steps", device=device,
+               ours_s=t["ours"], note=f"{t['ours'] / n:.3f} s per channel")
+    if "peer" in t:  # per channel, extrapolated to n channels
+        row.update(peer=f"torch-lucent 0.1.8 render_vis, batch {peer_n}", peer_s=t["peer"] / peer_n * n)
+    return [row]
+
+
 def goal_lines(rows):
     lines = []
     for section, need, device in GOALS:
@@ -227,6 +285,8 @@ def main(argv=None):
         print(f"[{section}] ...", flush=True)
         if section == "deconv":
             rows += bench_deconv(model, size, device, batch, reps)
+        elif section == "render":
+            rows += bench_render(model, device, reps, args.quick)
         elif section == "topk":
             rows += bench_topk(device, batch, reps, args.quick)
         elif section == "gradcam":

@@ -41,10 +41,12 @@ class Transforms:
     jitter: int = 0
     scales: Sequence[float] = (1.0,)
     angles: Sequence[float] = (0.0,)
+    jitter_after: int = 0  # a second jitter after scaling and rotation (Lucid's final jitter 4)
 
     @classmethod
     def standard(cls) -> "Transforms":
-        return cls(pad=12, jitter=8, scales=tuple(1 + (i - 5) / 50 for i in range(11)), angles=tuple(range(-10, 11)))
+        return cls(pad=12, jitter=8, scales=tuple(1 + (i - 5) / 50 for i in range(11)), angles=tuple(range(-10, 11)),
+                   jitter_after=4)
 
     @classmethod
     def none(cls) -> "Transforms":
@@ -54,18 +56,24 @@ class Transforms:
         if self.pad:  # the last two (spatial) dims: clips are not padded in time
             x = F.pad(x, [self.pad] * 4, value=0.5)
         b = x.shape[0]
-        if self.jitter or len(self.scales) > 1 or len(self.angles) > 1 or self.scales[0] != 1 or self.angles[0]:
+        if self.jitter or self.jitter_after or len(self.scales) > 1 or len(self.angles) > 1 or self.scales[0] != 1 \
+                or self.angles[0]:
             nd = x.dim() - 2
             h, w = x.shape[-2:]
             shift = torch.randint(-self.jitter, self.jitter + 1, (b, 2), generator=gen).float() if self.jitter \
                 else torch.zeros(b, 2)
             scale = torch.tensor(self.scales)[torch.randint(len(self.scales), (b,), generator=gen)]
             angle = torch.tensor(self.angles, dtype=torch.float)[torch.randint(len(self.angles), (b,), generator=gen)]
+            after = torch.randint(-self.jitter_after, self.jitter_after + 1, (b, 2), generator=gen).float() \
+                if self.jitter_after else torch.zeros(b, 2)
             rad = angle * math.pi / 180
             cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
             theta = torch.zeros(b, 2, 3)
             theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-            theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 1] / w, 2 * shift[:, 0] / h
+            # output pixel p samples input A (p + after) + shift: jitter, scale and rotate, then jitter again
+            sx = 2 * shift[:, 1] / w + cos * 2 * after[:, 1] / w - sin * 2 * after[:, 0] / h
+            sy = 2 * shift[:, 0] / h + sin * 2 * after[:, 1] / w + cos * 2 * after[:, 0] / h
+            theta[:, 0, 2], theta[:, 1, 2] = sx, sy
             theta = theta.to(x)
             if nd == 2:
                 grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -236,7 +244,8 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
         raise ValueError("objective must be an Objective or (layer, channels)")
     settings = dict(size=list(size), channels=channels, steps=steps, lr=lr, param=param, seed=seed,
                     relu_fix=relu_fix, relu_fix_steps=relu_fix_steps, decay_power=decay_power, blur=list(blur),
-                    transforms=dict(pad=transforms.pad, jitter=transforms.jitter, scales=list(transforms.scales),
+                    transforms=dict(pad=transforms.pad, jitter=transforms.jitter, jitter_after=transforms.jitter_after,
+                                    scales=list(transforms.scales),
                                     angles=list(transforms.angles)), objective=desc, chunk_size=chunk_size)
     names = list(dict.fromkeys(n for job, _ in jobs for n in job.layers))
     modules = resolve_layers(model, names) if names else {}
