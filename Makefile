@@ -7,6 +7,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs)
 PEERS := captum==0.9.0 grad-cam==1.5.7
+# the callbacks' trainers and loggers, and the digits data of the demo and tests
+TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
 DEMO_STAMP := $(VENV)/.demo-deps
@@ -35,7 +37,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
 	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow tqdm pytest expecttest setuptools wheel
-	$(PIP) install -q $(PEERS)
+	$(PIP) install -q $(PEERS) $(TRAINING)
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)

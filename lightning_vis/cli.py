@@ -195,7 +195,7 @@ def cmd_deconv(args, model, categories, transform):
             if args.heat:  # |reconstruction| summed over channels, coloured over the image
                 tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
             else:
-                tiles = list(_normalize_rgb(r[0]))
+                tiles = list(im.signed_rgb(r[0]))
             f = out / path.stem / f"{layer}_{args.rule}.png"
             im.save_png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1), f)
             entry[layer] = {"features": rec.features[layer][0].tolist(), "file": str(f)}
@@ -246,7 +246,7 @@ def cmd_cam(args, model, categories, transform):
     for path in progress(paths, args.method):
         x, shown = load_image(path, transform, args.size, args.gray)
         cam = grad_cam(model, x[None], args.layer, target, method=args.method)
-        extra = list(_normalize_rgb(cam.guided)) if cam.guided is not None else []
+        extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
         files = _write_view(shown, cam.maps[0], out / f"{path.stem}_{args.method}.png", extra)
         report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
     (out / f"{args.method}.json").write_text(json.dumps(report, indent=1))
@@ -265,7 +265,7 @@ def cmd_saliency(args, model, categories, transform):
             res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
                            seed=args.seed)
         heat = res.maps[0].abs().amax(0)  # the strongest channel at each pixel
-        extra = list(_normalize_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
+        extra = list(im.signed_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
         if shown.dim() == 3:
             heat = im.clip_percentile(heat)
         files = _write_view(shown, heat, out / f"{path.stem}_{args.method}.png", extra, scaled=shown.dim() == 3)
@@ -410,15 +410,6 @@ def cmd_dream(args, model, categories, transform):
     f = im.save_png(im.grid(torch.stack([picture.expand(3, -1, -1), dream.expand(3, -1, -1)]), ncol=2),
                     out / f"{path.stem}_dream_{args.layer}.png")
     print(f"wrote {f}")
-
-
-def _normalize_rgb(r: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
-    """(k, C, H, W) reconstructions -> displayable images: each centred at grey and scaled by a high percentile
-    of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to [0, 1]."""
-    r = r.float()
-    scale = r.flatten(1).abs().quantile(percentile, dim=1).clamp_min(1e-12)[:, None, None, None]
-    out = (0.5 + 0.5 * r / scale).clamp(0, 1)
-    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out[:, :3]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,21 @@ class TopK:
                                        torch.cat([a.positions, b.positions], 1), self.k, a.grid)
         return out
 
+    def state_dict(self) -> dict:
+        """Plain tensors, numbers and lists (loads with torch.load(weights_only=True))."""
+        return {"k": self.k, "score": self.score, "seen": self.seen,
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "layers": {name: {"scores": e.scores, "indices": e.indices, "positions": e.positions,
+                                  "grid": list(e.grid)} for name, e in self.layers.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TopK":
+        out = cls(state["k"], state["score"], seen=state["seen"],
+                  input_shape=tuple(state["input_shape"]) if state["input_shape"] else None)
+        for name, e in state["layers"].items():
+            out.layers[name] = LayerTopK(e["scores"], e["indices"], e["positions"], tuple(e["grid"]))
+        return out
+
     def crops(self, dataset, layer: str, channel: int, model: nn.Module | None = None, rf=None) -> list[Tensor]:
         """The input regions the best units saw, for each of the channel's top-k inputs (dataset[index][0] or
         dataset[index] is the input). Pass the model (or its receptive_field for the layer) to crop; without,
@@ -121,6 +136,73 @@ def _per_channel(act: Tensor, tokens: bool, score: str) -> tuple[Tensor, Tensor,
     return (best if score == "max" else flat.mean(2)), pos, grid
 
 
+class TopKCollector:
+    """Streaming top-k per (layer, channel), fed from forward passes someone else runs (a DataLoader loop here, a
+    Lightning validation loop in the callbacks): ``attach(model)`` hooks the layers (statistics taken when each
+    layer returns, nothing copied), ``add(n, indices)`` after each forward of n inputs, ``result()`` at the end."""
+
+    def __init__(self, model: nn.Module, layers: LayerSpec, k: int = 9, score: str = "max"):
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.model, self.k, self.score = model, k, score
+        self.tap = capture(model, layers, reduce=self._reduce)
+        self.names = list(self.tap.layers)
+        self.tokens: dict[str, bool] = {}
+        self.input_dims = 4
+        self.state = TopK(k, score)
+
+    def _reduce(self, name, module, act):
+        if name not in self.tokens:
+            self.tokens[name] = is_token_layout(act, module, "auto", self.input_dims)
+        return _per_channel(act, self.tokens[name], self.score)
+
+    def attach(self) -> "TopKCollector":
+        self.tap.__enter__()
+        return self
+
+    def detach(self) -> None:
+        self.tap.__exit__(None, None, None)
+
+    def before(self, x: Tensor) -> None:
+        """Call with the batch before its forward pass."""
+        self.input_dims = x.dim()
+        if self.state.input_shape is None:
+            self.state.input_shape = tuple(x.shape[1:])
+        for v in self.tap.values.values():
+            v.clear()
+
+    def add(self, indices: Tensor) -> None:
+        """After the forward pass of a batch whose inputs have these dataset indices."""
+        for name in self.names:
+            if not self.tap.values.get(name):
+                raise ValueError(f"layer {name!r} did not run in the forward pass")
+            s, pos, grid = self.tap.values[name][0]
+            s, pos = s.t().cpu(), pos.transpose(0, 1).cpu()  # (C, N), (C, N, d)
+            ids = indices.cpu().long().expand(s.shape[0], -1)
+            prev = self.state.layers.get(name)
+            if prev is not None:
+                s, ids, pos = (torch.cat([prev.scores, s], 1), torch.cat([prev.indices, ids], 1),
+                               torch.cat([prev.positions, pos], 1))
+            self.state.layers[name] = _select(s, ids, pos, self.k, grid)
+        self.state.seen += len(indices)
+
+    def result(self) -> TopK:
+        """The top-k so far, padded to k columns where fewer inputs were seen."""
+        out = TopK(self.k, self.score, seen=self.state.seen, input_shape=self.state.input_shape)
+        for name, entry in self.state.layers.items():
+            missing = self.k - entry.scores.shape[1]
+            if missing > 0:
+                c, d = entry.scores.shape[0], entry.positions.shape[-1]
+                entry = LayerTopK(
+                    torch.cat([entry.scores, torch.full((c, missing), float("-inf"))], 1),
+                    torch.cat([entry.indices, torch.full((c, missing), -1, dtype=torch.long)], 1),
+                    torch.cat([entry.positions, torch.zeros(c, missing, d, dtype=torch.long)], 1), entry.grid)
+            out.layers[name] = entry
+        return out
+
+
 def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, score: str = "max", *,
                    device=None, progress: bool = True, gather: bool = True) -> TopK:
     """For every channel of every layer, the k dataset inputs with the highest activation score: "max" (the
@@ -130,17 +212,12 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
     the model's). Dataset indices follow the loader's (deterministic) sampler. Under an initialised
     torch.distributed group each rank scans its shard; with gather=True the results are all-gathered and merged,
     so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), linear and token layers."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    collector = TopKCollector(model, layers, k, score)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     order = _dataset_indices(dataloader)
-    result = TopK(k, score)
     seen = 0
-    tokens: dict[str, bool] = {}
     batches = dataloader
     if progress:
         try:
@@ -148,49 +225,22 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
             batches = tqdm(dataloader, desc="top-k examples", unit="batch", leave=False)
         except ImportError:
             pass
-    def reduce(name, module, act):
-        if name not in tokens:
-            tokens[name] = is_token_layout(act, module, "auto", act_dims[0])
-        return _per_channel(act, tokens[name], score)
-
-    act_dims = [4]
-    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers, reduce=reduce) as tap:
-        names = list(tap.layers)
-        for batch in batches:
-            x = _batch_input(batch).to(device, non_blocking=True)
-            if result.input_shape is None:
-                result.input_shape = tuple(x.shape[1:])
-            act_dims[0] = x.dim()
-            for v in tap.values.values():
-                v.clear()
-            model(x)
-            n = x.shape[0]
-            idx = torch.arange(seen, seen + n)
-            if order is not None:
-                idx = torch.tensor(order[seen:seen + n])
-            seen += n
-            for name in names:
-                if not tap.values.get(name):
-                    raise ValueError(f"layer {name!r} did not run in the forward pass")
-                s, pos, grid = tap.values[name][0]
-                s, pos = s.t().cpu(), pos.transpose(0, 1).cpu()  # (C, N), (C, N, d)
-                ids = idx.expand(s.shape[0], -1)
-                prev = result.layers.get(name)
-                if prev is not None:
-                    s, ids, pos = (torch.cat([prev.scores, s], 1), torch.cat([prev.indices, ids], 1),
-                                   torch.cat([prev.positions, pos], 1))
-                result.layers[name] = _select(s, ids, pos, k, grid)
+    with ModelGuard(model, eval=True), torch.no_grad():
+        collector.attach()
+        try:
+            for batch in batches:
+                x = _batch_input(batch).to(device, non_blocking=True)
+                collector.before(x)
+                model(x)
+                n = x.shape[0]
+                idx = torch.tensor(order[seen:seen + n]) if order is not None else torch.arange(seen, seen + n)
+                seen += n
+                collector.add(idx)
+        finally:
+            collector.detach()
     if seen == 0:
         raise ValueError("the dataloader yielded no batches: nothing to rank")
-    for name, entry in result.layers.items():  # fewer than k inputs: pad so that shapes are (C, k)
-        missing = k - entry.scores.shape[1]
-        if missing > 0:
-            c, d = entry.scores.shape[0], entry.positions.shape[-1]
-            result.layers[name] = LayerTopK(
-                torch.cat([entry.scores, torch.full((c, missing), float("-inf"))], 1),
-                torch.cat([entry.indices, torch.full((c, missing), -1, dtype=torch.long)], 1),
-                torch.cat([entry.positions, torch.zeros(c, missing, d, dtype=torch.long)], 1), entry.grid)
-    result.seen = seen
+    result = collector.result()
     if gather:
         result = all_gather_merge(result)
     return result

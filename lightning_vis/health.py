@@ -121,6 +121,48 @@ def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
     return last if last is not None else (None, None)
 
 
+class ActivityCollector:
+    """Streaming per-channel activity of layers over forward passes someone else runs (a DataLoader loop here, a
+    Lightning validation loop in the callbacks): attach(), before(x) and add(n) around each forward, detach()."""
+
+    def __init__(self, model: nn.Module, layers: LayerSpec, threshold: float = 0.0):
+        self.model, self.threshold = model, threshold
+        self.tap = capture(model, layers, reduce=self._reduce)
+        self.stats: dict[str, list] = {}
+        self.seen, self.input_dims = 0, 4
+
+    def _reduce(self, name, module, act):
+        if is_token_layout(act, module, "auto", self.input_dims):
+            act = tokens_to_grid(act)[0]
+        flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
+        return (flat > self.threshold).sum(1).cpu(), flat.sum(1).cpu(), flat.shape[1], flat.amax(1).cpu()
+
+    def attach(self) -> "ActivityCollector":
+        self.tap.__enter__()
+        return self
+
+    def detach(self) -> None:
+        self.tap.__exit__(None, None, None)
+
+    def before(self, x: Tensor) -> None:
+        self.input_dims = x.dim()
+        for v in self.tap.values.values():
+            v.clear()
+
+    def add(self, n: int) -> None:
+        for name in self.tap.layers:
+            if not self.tap.values.get(name):
+                raise ValueError(f"layer {name!r} did not run in the forward pass")
+            active, total, count, top = self.tap.values[name][0]
+            s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
+            s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
+        self.seen += n
+
+    def report(self, **kwargs) -> "HealthReport":
+        """The health report from what was collected (see filter_health for the keyword arguments)."""
+        return _report(self.model, self.stats, dict(self.tap.layers), self.seen, self.threshold, **kwargs)
+
+
 def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
                   duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
                   renders: dict[str, Tensor] | None = None, device=None, progress: bool = True) -> HealthReport:
@@ -130,8 +172,7 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    stats: dict[str, list] = {}
-    seen = 0
+    collector = ActivityCollector(model, layers, threshold)
     batches = dataloader
     if progress:
         try:
@@ -139,31 +180,24 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
             batches = tqdm(dataloader, desc="filter health", unit="batch", leave=False)
         except ImportError:
             pass
-    dims = [4]
-
-    def reduce(name, module, act):
-        if is_token_layout(act, module, "auto", dims[0]):
-            act = tokens_to_grid(act)[0]
-        flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
-        return (flat > threshold).sum(1).cpu(), flat.sum(1).cpu(), flat.shape[1], flat.amax(1).cpu()
-
-    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers, reduce=reduce) as tap:
-        for batch in batches:
-            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-            dims[0] = x.dim()
-            for v in tap.values.values():
-                v.clear()
-            model(x)
-            seen += x.shape[0]
-            for name in tap.layers:
-                if not tap.values.get(name):
-                    raise ValueError(f"layer {name!r} did not run in the forward pass")
-                active, total, count, top = tap.values[name][0]
-                s = stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
-                s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
-        layer_modules = dict(tap.layers)
-    if seen == 0:
+    with ModelGuard(model, eval=True), torch.no_grad():
+        collector.attach()
+        try:
+            for batch in batches:
+                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+                collector.before(x)
+                model(x)
+                collector.add(x.shape[0])
+        finally:
+            collector.detach()
+    if collector.seen == 0:
         raise ValueError("the dataloader yielded no batches: no activity to measure")
+    return collector.report(duplicate_threshold=duplicate_threshold, noise_threshold=noise_threshold,
+                            renders=renders)
+
+
+def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold: float = 0.95,
+            noise_threshold: float = 0.9, renders: dict[str, Tensor] | None = None) -> HealthReport:
     report = HealthReport(seen=seen)
     for name, (active, total, count, top) in stats.items():
         channels = top.shape[0]

@@ -158,3 +158,22 @@ def bar_chart(values, title: str = "", bar_labels=None, x_labels=None, size=(480
             draw.text((left + frac * (w - left - right) - 4 * frac * len(label), h - bottom + 4), label,
                       fill="black")
     return torch.from_numpy(__import__("numpy").asarray(pic).copy()).permute(2, 0, 1).float() / 255
+
+
+def signed_rgb(r: Tensor, percentile: float = 0.995) -> Tensor:
+    """(k, C, H, W) signed maps (reconstructions, gradients) -> displayable images: each centred at grey and scaled
+    by a high percentile of its magnitude (a few extreme pixels would otherwise leave the rest grey), clipped to
+    [0, 1]; one channel shown grey, more than three cut to three."""
+    r = r.float()
+    scale = r.flatten(1).abs().quantile(percentile, dim=1).clamp_min(1e-12)[:, None, None, None]
+    out = (0.5 + 0.5 * r / scale).clamp(0, 1)
+    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out[:, :3]
+
+
+def to_display(images: Tensor) -> Tensor:
+    """(N, C, H, W) model inputs (any range) -> (N, 3, H, W) in [0, 1]: each image min-max scaled as a whole."""
+    x = images.float()
+    flat = x.flatten(1)
+    lo, hi = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]

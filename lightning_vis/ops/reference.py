@@ -118,7 +118,8 @@ def gather_switches(grad: torch.Tensor, switches: torch.Tensor, k, s, p, d) -> t
     return out.to(grad.dtype).view(switches.shape)
 
 
-def fft_image(spectrum: Tensor, scale: Tensor, color: Tensor | None, size, sigmoid: bool = True) -> Tensor:
+def fft_image(spectrum: torch.Tensor, scale: torch.Tensor, color: torch.Tensor | None, size,
+              sigmoid: bool = True) -> torch.Tensor:
     """Pure-torch fft_image: view_as_complex(spectrum) * scale -> irfftn (orthonormal) over the last len(size) dims
     -> / 4 -> colour mixing by `color` (3 channels, when given) -> sigmoid."""
     nd = len(size)

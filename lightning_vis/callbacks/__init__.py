@@ -1,0 +1,29 @@
+"""Layer 4: Lightning callbacks that run lightning_vis's methods during training and log what they show.
+
+    from lightning_vis.callbacks import Visualize, FeatureVisualization, DatasetExamples
+    trainer = Trainer(callbacks=[Visualize(images, ["conv1", "conv2"], cam_layer="conv2",
+                                           viz_layer="conv2", channels=range(8))])
+
+These classes subclass ``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else
+``pytorch_lightning.Callback``; ``lightning_vis.callbacks.pl`` has the ``pytorch_lightning`` ones whatever is
+installed (a trainer accepts only callbacks of its own package).
+"""
+
+try:
+    import lightning.pytorch as _pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    import pytorch_lightning as _pl
+
+from ._core import build, log_images, log_scalars, out_dir
+
+_classes = build(_pl, __name__)
+ActivationMaps = _classes["ActivationMaps"]
+Attribution = _classes["Attribution"]
+DatasetExamples = _classes["DatasetExamples"]
+Deconvnet = _classes["Deconvnet"]
+FeatureVisualization = _classes["FeatureVisualization"]
+FilterHealth = _classes["FilterHealth"]
+Visualize = _classes["Visualize"]
+
+__all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "FeatureVisualization", "FilterHealth",
+           "Visualize", "log_images", "log_scalars", "out_dir"]
