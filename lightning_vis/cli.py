@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import images as im
+from ._util import progress_bar
 from .activations import activation_grid, activations, top_predictions
 from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from .dataset import top_k_examples
@@ -43,11 +44,7 @@ class CliError(Exception):
 
 
 def progress(iterable, desc: str, total: int | None = None):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # no progress bar, same behaviour
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, unit="img", file=sys.stderr, leave=False)
+    return progress_bar(True, desc, total=total, unit="img", iterable=iterable)
 
 
 def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[str] | None, object]:

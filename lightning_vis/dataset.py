@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .hooks import ModelGuard, capture
 from .hooks.attention import is_token_layout, tokens_to_grid
 from .hooks.resolve import LayerSpec
+from ._util import model_device, progress_bar
 from .receptive import receptive_field
 
 SCORES = ("max", "mean")
@@ -213,18 +214,10 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
     torch.distributed group each rank scans its shard; with gather=True the results are all-gathered and merged,
     so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), linear and token layers."""
     collector = TopKCollector(model, layers, k, score)
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = device if device is not None else model_device(model)
     order = _dataset_indices(dataloader)
     seen = 0
-    batches = dataloader
-    if progress:
-        try:
-            from tqdm import tqdm
-            batches = tqdm(dataloader, desc="top-k examples", unit="batch", leave=False)
-        except ImportError:
-            pass
+    batches = progress_bar(progress, "top-k examples", unit="batch", iterable=dataloader)
     with ModelGuard(model, eval=True), torch.no_grad():
         collector.attach()
         try:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
 from .hooks.attention import is_token_layout, tokens_to_grid
 from .objectives import Objective, channel, layer
@@ -227,9 +228,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
         if transforms not in ("standard", "none"):
             raise ValueError(f"transforms must be 'standard', 'none' or a Transforms, not {transforms!r}")
         transforms = Transforms.standard() if transforms == "standard" else Transforms.none()
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = device if device is not None else model_device(model)
     lr = lr if lr is not None else 0.05
     if isinstance(objective, tuple):
         layer_name, units = objective
@@ -249,13 +248,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                                     angles=list(transforms.angles)), objective=desc, chunk_size=chunk_size)
     names = list(dict.fromkeys(n for job, _ in jobs for n in job.layers))
     modules = resolve_layers(model, names) if names else {}
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=steps * len(jobs), desc=f"render {desc}", unit="step", leave=False)
-        except ImportError:
-            pass
+    bar = progress_bar(progress, f"render {desc}", total=steps * len(jobs), unit="step")
     images, losses = [], []
     with ModelGuard(model, eval=True, freeze=True):
         for j, (obj, n) in enumerate(jobs):
@@ -289,13 +282,11 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                 (-value.sum()).backward()
                 opt.step()
                 history.append(value.detach().cpu())
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             with torch.no_grad():
                 images.append(img_param().detach().cpu())
             losses.append(torch.stack(history))
-    if bar is not None:
-        bar.close()
+    bar.close()
     return RenderResult(torch.cat(images), torch.cat(losses, 1), settings)
 
 
@@ -320,13 +311,7 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
     shapes = [tuple(max(8, int(round(s / octave_scale ** o))) for s in base.shape[-2:])
               for o in reversed(range(octaves))]
     detail = torch.zeros_like(F.interpolate(base, size=shapes[0], mode="bilinear", align_corners=False))
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=octaves * steps, desc=f"deep dream {name}", unit="step", leave=False)
-        except ImportError:
-            pass
+    bar = progress_bar(progress, f"deep dream {name}", total=octaves * steps, unit="step")
     with ModelGuard(model, eval=True, freeze=True):
         for shape in shapes:
             scaled = F.interpolate(base, size=shape, mode="bilinear", align_corners=False)
@@ -346,8 +331,6 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
                 grad = grad.roll((-dy, -dx), (-2, -1))
                 detail = detail + lr * grad / grad.abs().mean().clamp_min(1e-8)
                 detail = (scaled + detail).clamp(0, 1) - scaled
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+    bar.close()
     return (F.interpolate(base, size=shapes[-1], mode="bilinear", align_corners=False) + detail).clamp(0, 1)[0].cpu()

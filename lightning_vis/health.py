@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import images as im
+from ._util import model_device, progress_bar
 from .hooks import ModelGuard, capture
 from .hooks.attention import is_token_layout, tokens_to_grid
 from .hooks.resolve import LayerSpec
@@ -169,17 +170,9 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
     near-duplicate filters and noise-only filters (weights, and `renders[layer]` (C, 3, H, W) feature
     visualizations when given, as rough as white noise: score >= noise_threshold)."""
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = device if device is not None else model_device(model)
     collector = ActivityCollector(model, layers, threshold)
-    batches = dataloader
-    if progress:
-        try:
-            from tqdm import tqdm
-            batches = tqdm(dataloader, desc="filter health", unit="batch", leave=False)
-        except ImportError:
-            pass
+    batches = progress_bar(progress, "filter health", unit="batch", iterable=dataloader)
     with ModelGuard(model, eval=True), torch.no_grad():
         collector.attach()
         try:

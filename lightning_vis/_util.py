@@ -1,0 +1,34 @@
+"""Small helpers shared by the methods: the model's device and progress bars."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str = "it", iterable=None):
+    """A tqdm bar on stderr (cleared when done), or a silent stand-in when disabled or tqdm is missing. With an
+    iterable: the wrapped iterable (or the iterable itself)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
+        except ImportError:
+            pass
+    return iterable if iterable is not None else _NoBar()
