@@ -135,8 +135,11 @@ class ActivityCollector:
     def _reduce(self, name, module, act):
         if is_token_layout(act, module, "auto", self.input_dims):
             act = tokens_to_grid(act)[0]
-        flat = (act[..., None] if act.dim() == 2 else act).transpose(0, 1).flatten(1).float()  # (C, N*P)
-        return (flat > self.threshold).sum(1).cpu(), flat.sum(1).cpu(), flat.shape[1], flat.amax(1).cpu()
+        a = (act[..., None] if act.dim() == 2 else act).flatten(2)  # (N, C, P): a view, nothing copied
+        if a.dtype not in (torch.float32, torch.float64):
+            a = a.float()
+        return ((a > self.threshold).sum((0, 2)).cpu(), a.sum((0, 2)).cpu(), a.shape[0] * a.shape[2],
+                a.amax((0, 2)).cpu())
 
     def attach(self) -> "ActivityCollector":
         self.tap.__enter__()

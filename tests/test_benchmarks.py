@@ -31,3 +31,13 @@ def test_methods_benchmark_agrees_with_the_peers(tmp_path):
         assert "peer" in r, f"{section}: peer not installed (make test installs captum and grad-cam)"
         assert r["diff"] < 1e-4, (section, r["diff"])
         assert r["ours_s"] > 0 and r["peer_s"] > 0
+
+
+def test_callbacks_benchmark_smoke(tmp_path):
+    from benchmarks import callbacks
+
+    path = tmp_path / "c.json"
+    assert callbacks.main(["--quick", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["what"].split(",")[0] for r in rows] == ["train step", "validation epoch"]
+    assert rows[0]["own_hooks_s_per_step"] >= 0 and all(r["bare_s"] > 0 and r["with_s"] > 0 for r in rows)
