@@ -192,3 +192,22 @@ def test_ddp_dataset_examples_merge_exactly(tmp_path):
     for layer in ("conv1", "conv2"):
         assert torch.equal(saved.layers["net." + layer].indices, want.layers[layer].indices)
         torch.testing.assert_close(saved.layers["net." + layer].scores, want.layers[layer].scores)
+
+
+def _ddp_sharded_render(tmp_path):
+    module = make_module(L.LightningModule)
+    fv = C.FeatureVisualization("net.conv2", [0, 1, 2], size=8, steps=2, image_channels=1, rank_zero_only=False,
+                                every_n_epochs=1, on_fit_end=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                        callbacks=[fv], enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, DataLoader(data(), batch_size=8))
+
+
+def test_ddp_sharded_feature_visualization(tmp_path):
+    """rank_zero_only=False: each rank renders its share of the channels; rank zero logs all of them."""
+    _ddp_sharded_render(tmp_path)
+    pngs = list((tmp_path / "lightning_vis" / "feature_viz" / "net.conv2").glob("*.png"))
+    assert len(pngs) == 1
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (1 + 2 * 9, 1 + 2 * 9)  # 3 renders of 8 px in a 2 x 2 grid

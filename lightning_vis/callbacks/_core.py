@@ -98,6 +98,7 @@ class Scheduled:
             self.run(trainer, pl_module, final)
         self.runs += 1
 
+
     def on_train_epoch_end(self, trainer, pl_module):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._go(trainer, pl_module)
@@ -184,9 +185,24 @@ class FeatureVisualizationMixin(Scheduled):
         return f"[{self.layer}]"
 
     def run(self, trainer, pl_module, final):
-        res = render(pl_module, (self.layer, self.channels), size=self.size, steps=self.steps, seed=self.seed,
-                     channels=self.image_channels, preprocess=self.preprocess, progress=False, **self.render_kwargs)
-        imgs = res.images
+        """On rank zero, all channels in one batched render; or, with rank_zero_only=False under DDP, sharded:
+        rank r renders channels r, r + world, ... and rank zero gathers them."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        mine = list(range(rank, len(self.channels), world)) if not self.rank_zero_only else \
+            list(range(len(self.channels)))
+        imgs = render(pl_module, (self.layer, [self.channels[i] for i in mine]), size=self.size, steps=self.steps,
+                      seed=self.seed + rank, channels=self.image_channels, preprocess=self.preprocess,
+                      progress=False, **self.render_kwargs).images if mine else None
+        if not self.rank_zero_only and world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (mine, imgs))
+            if rank != 0:
+                return
+            by_pos = {i: img for pos, part in gathered if part is not None for i, img in zip(pos, part)}
+            imgs = torch.stack([by_pos[i] for i in range(len(self.channels))])
         if imgs.dim() == 5:  # clips: the middle frame
             imgs = imgs[:, :, imgs.shape[2] // 2]
         if not self.history or self.history[-1][0] != trainer.current_epoch or final:
