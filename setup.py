@@ -153,6 +153,7 @@ log(summary)
 
 setup(
     packages=find_packages(include=["lightning_vis", "lightning_vis.*"]),
+    package_data={"lightning_vis.explorer": ["page.html"]},
     ext_modules=[ext],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

@@ -207,7 +207,7 @@ def lucent_or_none():
     kornia.warp_affine = getattr(kornia, "warp_affine", kgt.warp_affine)
     if "IPython" not in sys.modules:
         try:
-            import IPython.display  # noqa: F401
+            import IPython.display  # noqa: F401  (a real IPython, when installed)
         except ImportError:
             ip, ipd = types.ModuleType("IPython"), types.ModuleType("IPython.display")
             ipd.display = lambda *a, **k: None

@@ -12,9 +12,18 @@ from .health import HealthReport, filter_health
 from .hooks import capture, layers, resolve_layers
 from .receptive import ReceptiveField, receptive_field
 
+
+
+def serve(model, images, labels=None, **kwargs):
+    """The local web explorer (lightning_vis.explorer.serve): layers, images, activation grids, filters, CAMs."""
+    from .explorer import serve as _serve
+
+    return _serve(model, images, labels, **kwargs)
+
+
 __all__ = [
     "CAM", "Attribution", "HealthReport", "Reconstructions", "ReceptiveField", "RenderResult", "TopK", "Transforms",
     "activation_grid", "activations", "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream",
     "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "objectives", "ops",
-    "params", "receptive_field", "render", "resolve_layers", "saliency", "top_k_examples", "top_predictions",
+    "params", "receptive_field", "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions",
 ]

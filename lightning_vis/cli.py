@@ -11,6 +11,7 @@
     lightning-vis render --model torchvision:mobilenet_v2 --weights w.pth --layer features.10 --channels 0-15
     lightning-vis dream --model torchvision:mobilenet_v2 --weights w.pth --image photo.png --layer features.7
     lightning-vis report --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10
+    lightning-vis serve --model torchvision:mobilenet_v2 --weights w.pth --images photos/
 """
 
 from __future__ import annotations
@@ -433,6 +434,36 @@ def cmd_report(args, model, categories, transform):
     print(f"gallery: {index} (open it in a browser; no server needed)")
 
 
+def cmd_serve(args, model, categories, transform):
+    from .explorer.server import Explorer, default_input, make_server
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise CliError(f"--images {args.images!r}: not a folder")
+    names = categories
+    if args.labels:
+        if not Path(args.labels).is_file():
+            raise CliError(f"--labels {args.labels!r}: no such file")
+        names = Path(args.labels).read_text().splitlines()
+    mean = getattr(transform, "mean", None) if transform is not None else None
+    std = getattr(transform, "std", None) if transform is not None else None
+    to_input, preprocess = default_input(args.size, mean, std, gray=args.gray)
+    explorer = Explorer(model, folder, to_input=to_input, class_names=names, preprocess=preprocess,
+                        render_steps=args.render_steps, image_channels=1 if args.gray else 3, name=args.model)
+    try:
+        server = make_server(explorer, args.host, args.port)
+    except OSError as e:
+        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    print(f"lightning-vis explorer on http://{args.host}:{server.server_address[1]}/ "
+          f"({len(explorer.names())} images, {len(explorer.layer_names)} layers; Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lightning-vis", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -537,6 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evolution", nargs="*", default=[], metavar="LAYER=DIR",
                    help="evolution strips written by the FeatureVisualization callback, per layer")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("serve", help="the local web explorer: layers, images, activation grids, filters, CAMs")
+    common(p, with_images=False)
+    p.add_argument("--images", required=True, help="the folder of images to browse")
+    p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--size", type=int, default=224, help="input size (default %(default)s)")
+    p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
+    p.add_argument("--render-steps", type=int, default=48, help="steps of on-demand feature visualizations")
+    p.set_defaults(run=cmd_serve)
     return ap
 
 

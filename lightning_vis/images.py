@@ -68,10 +68,13 @@ def grid(images: Tensor, ncol: int | None = None, pad: int = 1, pad_value: float
     n, c, h, w = images.shape
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
+    # every tile padded on its top and left, the grid then padded on the bottom and right: one reshape, no loop
+    tiles = torch.full((nrow * ncol, c, h + pad, w + pad), pad_value, dtype=images.dtype)
+    tiles[:n, :, pad:, pad:] = images
+    rows = tiles.view(nrow, ncol, c, h + pad, w + pad).permute(2, 0, 3, 1, 4).reshape(c, nrow * (h + pad),
+                                                                                      ncol * (w + pad))
     out = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), pad_value, dtype=images.dtype)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        out[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    out[:, :-pad or None, :-pad or None] = rows
     return out
 
 

@@ -41,3 +41,12 @@ def test_callbacks_benchmark_smoke(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [r["what"].split(",")[0] for r in rows] == ["train step", "validation epoch"]
     assert rows[0]["own_hooks_s_per_step"] >= 0 and all(r["bare_s"] > 0 and r["with_s"] > 0 for r in rows)
+
+
+def test_explorer_benchmark_smoke(tmp_path):
+    from benchmarks import explorer
+
+    path = tmp_path / "e.json"
+    assert explorer.main(["--quick", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert len(record["rows"]) == 4 and record["first_ms"] > 0

@@ -185,3 +185,10 @@ def test_render_video_units_as_gifs_and_dream(photos, tmp_path):
                      "--steps", "2", "--size", "16", "--out", str(out)]) == 0
     assert Image.open(out / "a_dream_conv1.png").size == (1 + 2 * 17, 18)
     assert cli.main(["render", *MODEL, "--layer", "conv2", "--channels", "x-y", "--out", str(out)]) == 2
+
+
+def test_serve_refuses_bad_input_with_one_line(tmp_path, capsys):
+    assert cli.main(["serve", *MODEL, "--images", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "tests.cli_models:not_a_model", "--images", str(tmp_path)]) == 2
+    assert "not an nn.Module" in capsys.readouterr().err
