@@ -110,32 +110,33 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 class _RedirectedReLU(torch.autograd.Function):
-    """Lucid's redirected ReLU: where the gradient through the ReLU would be zero for a whole element, the
-    gradient is passed where it pushes a negative input up."""
+    """Lucid's redirected ReLU (top: a clipped rectifier, clamp(x, 0, top)): where the gradient through it would
+    be zero for a whole element, the gradient is passed where it pushes a unit below zero up."""
 
     @staticmethod
-    def forward(ctx, x, inplace: bool = False):
+    def forward(ctx, x, inplace: bool = False, top=None):
         if inplace:
             ctx.mark_dirty(x)
-            out = x.clamp_min_(0)
+            out = x.clamp_min_(0) if top is None else x.clamp_(0, top)
         else:
-            out = x.clamp_min(0)
-        ctx.save_for_backward(out)  # out > 0 exactly where x > 0
+            out = x.clamp_min(0) if top is None else x.clamp(0, top)
+        ctx.top = top
+        ctx.save_for_backward(out)  # out > 0 (and < top) exactly where the input is
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        alive = out > 0
+        alive = out > 0 if ctx.top is None else (out > 0) & (out < ctx.top)
         relu_grad = grad * alive
-        redirected = grad * (alive | (grad < 0))
+        redirected = grad * (alive | ((grad < 0) & (out <= 0)))
         dead = relu_grad.flatten(1).abs().amax(1) == 0
-        return torch.where(dead.view(-1, *[1] * (out.dim() - 1)), redirected, relu_grad), None
+        return torch.where(dead.view(-1, *[1] * (out.dim() - 1)), redirected, relu_grad), None, None
 
 
 class ReluFix(TorchFunctionMode):
-    """mode "redirect": ReLUs use the redirected gradient; "leaky": ReLUs become leaky_relu(0.01) (the seed's
-    substitution), for the duration of the context only."""
+    """mode "redirect": ReLUs (and clipped ones: ReLU6, hardtanh(x, 0, top)) use the redirected gradient;
+    "leaky": their negative side becomes leaky_relu(0.01) (the seed's substitution); for the context only."""
 
     _FUNCS = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_}
 
@@ -147,6 +148,16 @@ class ReluFix(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if (func is F.relu6 or func is F.hardtanh) and isinstance(args[0], Tensor) and args[0].requires_grad:
+            names = ("input", "min_val", "max_val", "inplace") if func is F.hardtanh else ("input", "inplace")
+            b = {"min_val": 0.0, "max_val": 6.0, "inplace": False, **dict(zip(names, args)), **kwargs}
+            if b["min_val"] == 0:  # a clipped rectifier (ReLU6): the fix below, the clip above
+                x, top, inplace = b["input"], b["max_val"], bool(b["inplace"])
+                if self.mode == "leaky":
+                    low = F.leaky_relu(x, 0.01, inplace=inplace)
+                    return low.clamp_max_(top) if inplace else low.clamp_max(top)
+                return _RedirectedReLU.apply(x, inplace, top)
+            return func(*args, **kwargs)
         if func in self._FUNCS and isinstance(args[0], Tensor) and args[0].requires_grad:
             x = args[0]
             inplace = bool(func in (torch.relu_, torch.Tensor.relu_) or kwargs.get("inplace") or

@@ -129,6 +129,11 @@ def test_redirected_relu_and_leaky_substitution():
         out = nn.ReLU(inplace=True)(h)  # in place: same values, same gradient
     assert out is h
     torch.testing.assert_close(torch.autograd.grad(h, x, g)[0], gx)
+    with ReluFix("redirect"):  # ReLU6 too: the same rule below zero, the clip above
+        y6 = nn.ReLU6()(x * 4)
+    (g6,) = torch.autograd.grad(y6, x, g)
+    # row 0: 8 > 6 is clipped, so no gradient gets through anywhere and the redirect applies there too
+    torch.testing.assert_close(g6, torch.tensor([[-4.0, 0.0], [-4.0, 0.0]]))
     relu = nn.ReLU()
     with ReluFix("leaky"):
         z = relu(x)
