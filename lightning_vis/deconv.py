@@ -49,10 +49,10 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     unit of a linear layer, and a hidden dimension D of a token layer (N, L, D) of an attention model (as in
     hooks.attention.is_token_layout; all its tokens are sent back).
 
-    One forward pass records everything (activations, ReLU masks, max-pool switches); the targets are then sent
-    back together: ``torch.vmap`` over ``autograd.grad`` runs the backward once for a stack of target gradients
-    (functorch's batching rules fold the stack into the batch: one convolution per layer, not one per target;
-    ``is_grads_batched=True`` would loop over it) ("slots", one per (layer, k), each holding every image's target).
+    One forward pass records everything (activations, ReLU masks, max-pool switches). The targets are then sent
+    back in stacks of "slots" (one per (layer, k), each holding every image's target): ``torch.vmap`` over
+    ``autograd.grad`` runs one backward pass per stack, and functorch's batching rules fold the stack into the batch
+    (one convolution per layer, not one per target; ``is_grads_batched=True`` would loop over the targets).
 
     inputs: (N, C, ...) batch. rule: "deconvnet" or "guided" (guided backprop).
     chunk_size: slots per backward pass; by default as many as fit in memory_budget bytes (default 2 GiB on

@@ -160,7 +160,9 @@ def bar_chart(values, title: str = "", bar_labels=None, x_labels=None, size=(480
         for frac, label in zip((0.0, 0.5, 1.0), x_labels):
             draw.text((left + frac * (w - left - right) - 4 * frac * len(label), h - bottom + 4), label,
                       fill="black")
-    return torch.from_numpy(__import__("numpy").asarray(pic).copy()).permute(2, 0, 1).float() / 255
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1).float() / 255
 
 
 def signed_rgb(r: Tensor, percentile: float = 0.995) -> Tensor:

@@ -120,7 +120,8 @@ class Explorer:
             except HttpError:
                 continue
         if shape is None:
-            probe = self.to_input(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (224, 224)))
+            from PIL import Image
+            probe = self.to_input(Image.new("RGB", (224, 224)))
             shape = tuple(probe[0].shape)
         self.input_shape = shape
         self.layer_info = [i for i in list_layers(model, torch.zeros(1, *shape), leaves_only=True)

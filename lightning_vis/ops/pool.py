@@ -155,8 +155,8 @@ def _register() -> None:
         (switches,) = ctx.saved_tensors
         return torch.ops.lightning_vis.unpool(grad, switches, *ctx.params, ctx.size), *([None] * 5)
 
-    # vmap (e.g. autograd.grad(..., is_grads_batched=True), which deconvnet uses to send many targets back through
-    # one forward): the vmapped dimension is folded into N, an unbatched switches tensor is broadcast.
+    # vmap (deconvnet sends many targets back through one forward with torch.vmap over autograd.grad): the vmapped
+    # dimension is folded into N, an unbatched switches tensor is broadcast.
     def fold(info, in_dims, tensors):
         folded = []
         for t, dim in zip(tensors, in_dims):
