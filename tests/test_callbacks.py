@@ -211,3 +211,35 @@ def test_ddp_sharded_feature_visualization(tmp_path):
     assert len(pngs) == 1
     from PIL import Image
     assert Image.open(pngs[0]).size == (1 + 2 * 9, 1 + 2 * 9)  # 3 renders of 8 px in a 2 x 2 grid
+
+
+def test_log_images_dispatch_per_logger_kind(tmp_path):
+    """TensorBoard-like loggers get add_images, W&B-like ones log_image, others a PNG under their log dir."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Experiment:
+        def add_images(self, tag, images, step):
+            calls.append(("tb", tag, tuple(images.shape), step))
+
+    class TensorBoardLogger:
+        experiment = Experiment()
+        log_dir = str(tmp_path / "tb")
+
+    class WandbLogger:
+        log_dir = None
+
+        def log_image(self, key, images, step):
+            calls.append(("wandb", key, len(images), step))
+
+    class CSVLogger:
+        log_dir = str(tmp_path / "csv")
+
+    trainer = SimpleNamespace(loggers=[TensorBoardLogger(), WandbLogger(), CSVLogger()],
+                              default_root_dir=str(tmp_path))
+    files = C.log_images(trainer, "activations/conv1", torch.rand(2, 3, 5, 5), 7)
+    assert calls == [("tb", "lightning_vis/activations/conv1", (2, 3, 5, 5), 7),
+                     ("wandb", "lightning_vis/activations/conv1", 2, 7)]
+    assert [str(f) for f in files] == [str(tmp_path / "csv" / "lightning_vis" / "activations/conv1" / "step0000007.png")]
+    assert C.log_images(SimpleNamespace(loggers=[], default_root_dir=str(tmp_path)), "x", torch.rand(1, 3, 2, 2), 0)

@@ -231,3 +231,38 @@ def test_ddp_merge_equals_one_process(tmp_path):
         assert torch.equal(scores, want.layers[layer].scores)
         assert torch.equal(positions, want.layers[layer].positions)
     assert isinstance(want, TopK)
+
+
+def test_top_k_on_clips_and_token_layers():
+    """3D conv maps keep (t, h, w) positions and crop the best frame; token layers are ranked on their grid."""
+    torch.manual_seed(7)
+    net3d = nn.Sequential(OrderedDict(conv=nn.Conv3d(1, 3, 3, padding=1), relu=nn.ReLU()))
+    clips = torch.randn(6, 1, 4, 8, 8)
+    res = lv.top_k_examples(net3d, DataLoader(TensorDataset(clips), batch_size=4), "relu", k=2, progress=False)
+    entry = res.layers["relu"]
+    assert entry.positions.shape == (3, 2, 3) and entry.grid == (4, 8, 8)
+    with torch.no_grad():
+        a = net3d(clips)
+    for c in range(3):
+        best = a[:, c].flatten(1).amax(1)
+        assert entry.indices[c].tolist() == best.argsort(descending=True)[:2].tolist()
+        i, (t, y, x) = int(entry.indices[c, 0]), entry.positions[c, 0].tolist()
+        assert a[i, c, t, y, x] == best[i]
+    crops = res.crops(TensorDataset(clips), "relu", 0, model=net3d)
+    assert crops[0].dim() == 3 and crops[0].shape[0] == 1  # (C, h, w): the middle frame of the box
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                            num_classes=3).eval()
+    imgs = torch.randn(5, 3, 16, 16)
+    res = lv.top_k_examples(vit, DataLoader(TensorDataset(imgs), batch_size=2), "encoder.layers.encoder_layer_0",
+                            k=3, progress=False)
+    entry = res.layers["encoder.layers.encoder_layer_0"]
+    assert entry.grid == (2, 2) and entry.indices.shape == (8, 3)  # 8 hidden dims, a 2x2 patch grid
+    with torch.no_grad():
+        out = {}
+        h = vit.encoder.layers.encoder_layer_0.register_forward_hook(lambda m, i, o: out.setdefault("t", o))
+        vit(imgs)
+        h.remove()
+    patches = out["t"][:, 1:]  # class token dropped: (5, 4, 8)
+    assert entry.indices[:, 0].tolist() == patches.amax(1).argmax(0).tolist()

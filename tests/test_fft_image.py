@@ -107,3 +107,16 @@ def test_cuda_gradcheck_and_large_batch():
     big, sc, col = tensors([128, 128], 3, True, 64, device="cuda")
     out = O.fft_image(big, [128, 128], scale=sc, color=col)
     torch.testing.assert_close(out, R.fft_image(big, sc, col, [128, 128], True), atol=1e-5, rtol=1e-4)
+
+
+def test_fp32_under_autocast():
+    """Under mixed precision the FFT stays float32: the same values as outside autocast."""
+    from lightning_vis.params import fft_image as param_image
+
+    spec, _, _ = tensors([12, 10], 3, True, 2)
+    plain = param_image(spec, (12, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = param_image(spec.to(torch.bfloat16), (12, 10))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, param_image(spec.to(torch.bfloat16).float(), (12, 10)))
+    assert (mixed - plain).abs().max() < 0.05  # only the bf16 rounding of the spectrum differs
