@@ -161,7 +161,7 @@ def test_cached_views_are_fast_and_write_no_files(server, tmp_path):
     t = time.perf_counter()
     assert request(srv, "/api/activations?image=img2.png&layer=relu2")[0] == 200  # forward cached per image
     assert time.perf_counter() - t < 2.0
-    assert ("act", "img2.png", "relu2", "per_image", False) in ex.pngs
+    assert ("act", "img2.png", "relu2", "per_image", False, None) in ex.pngs
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -211,3 +211,38 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert (tmp_path / "explorer.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_video_nets_show_the_frame_asked_for(tmp_path):
+    import threading
+
+    torch.manual_seed(1)
+    net = nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
+                                    flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(4)]
+    frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    to_input, pre = default_input(12)
+    ex = Explorer(net, folder, to_input=to_input, preprocess=pre, render_steps=1, render_size=12)
+    assert ex.input_shape == (3, 4, 12, 12) and ex.frames() == 4
+    srv = make_server(ex, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert js(request(srv, "/api/model")[2])["frames"] == 4
+        grids = [request(srv, f"/api/activations?image=clip.gif&layer=relu&frame={t}")[2] for t in range(4)]
+        assert all(g[:4] == b"\x89PNG" for g in grids) and len(set(grids)) == 4  # every frame its own maps
+        with torch.no_grad():
+            acts = net.relu(net.conv(ex._picture("clip.gif")[0][None]))
+        want = torch.tensor(np.asarray(Image.open(io.BytesIO(grids[2])).convert("RGB"))).float()
+        assert want.shape[:2] == (1 + 2 * 49, 1 + 2 * 49) and acts.shape[2] == 4
+        status, kind, data = request(srv, "/api/cam?image=clip.gif&layer=relu&frame=1")
+        assert status == 200 and Image.open(io.BytesIO(data)).size == (12, 12)
+        frame3 = np.asarray(Image.open(io.BytesIO(request(srv, "/api/image?image=clip.gif&frame=3")[2])).convert("RGB"))
+        assert np.abs(frame3.astype(int) - np.asarray(frames[3].convert("RGB")).astype(int)).max() <= 1
+        status, _, data = request(srv, "/api/activations?image=clip.gif&layer=relu&frame=9")
+        assert status == 400 and "frame 9 out of range" in js(data)["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -7,6 +7,7 @@ API (every route answers JSON errors {"error": ...} with a 4xx status for bad in
     GET  /api/model                          {"name", "layers": [{"name", "type", "shape", "filters"}], "classes"}
     GET  /api/images                         {"images": [names]} (the folder's images, then uploads)
     GET  /api/image?image=N                  PNG of the image as the model sees it
+    (video nets: clips are GIFs with frames; image, activations and cam take &frame=T, default the middle one)
     POST /api/upload  (body: image bytes)    {"name"}; at most 8 MB, must decode as an image; kept in memory
     GET  /api/predictions?image=N&k=5        {"predictions": [{"index", "name", "p"}]}
     GET  /api/activations?image=N&layer=L&scale=per_image|shared&overlay=0|1
@@ -197,17 +198,34 @@ class Explorer:
         return {"predictions": [{"index": i, "name": n, "p": round(p, 4)}
                                 for i, n, p in top_predictions(logits, k, names)[0]]}
 
-    def _maps(self, image, layer):
+    def frames(self) -> int | None:
+        """Frames of a clip input (video nets), else None."""
+        return self.input_shape[1] if len(self.input_shape) == 4 else None
+
+    def _frame(self, frame: int | None, length: int) -> int:
+        """The index into a time axis of `length` for input frame `frame` (default: the middle one)."""
+        total = self.frames() or 1
+        if frame is None:
+            frame = total // 2
+        if not 0 <= frame < total:
+            raise HttpError(400, f"frame {frame} out of range: clips have {total} frames (0..{total - 1})")
+        return min(length - 1, frame * length // total)
+
+    def shown(self, image: str, frame: int | None = None):
+        _, pic = self._picture(image)
+        return pic[:, self._frame(frame, pic.shape[1])] if pic.dim() == 4 else pic
+
+    def _maps(self, image, layer, frame=None):
         acts, _ = self.activations(image)
         a = acts[layer]
-        if a.dim() == 5:
-            a = a[:, :, a.shape[2] // 2]
+        if a.dim() == 5:  # (1, C, T, H, W): the maps of the frame asked for
+            a = a[:, :, self._frame(frame, a.shape[2])]
         if a.dim() == 3:
             a = a[:, :, None]
         return a
 
     def grid_info(self, image, layer) -> dict:
-        a = self._maps(image, layer)
+        a = self._maps(image, layer, None)
         n = a.shape[1]
         cols = math.ceil(math.sqrt(n))
         # small maps enlarged to 48 px; the whole grid kept within ~1024 px across (a quick PNG)
@@ -215,17 +233,17 @@ class Explorer:
         return {"filters": n, "cols": cols, "cell": int(cell), "cell_h": max(1, int(cell * a.shape[-2] // a.shape[-1])),
                 "pad": 1}
 
-    def activation_png(self, image, layer, scale="per_image", overlay=False) -> bytes:
+    def activation_png(self, image, layer, scale="per_image", overlay=False, frame=None) -> bytes:
         if scale not in ("per_image", "shared"):
             raise HttpError(400, f"scale must be 'per_image' or 'shared', not {scale!r}")
 
         def make():
-            a = self._maps(image, layer)[0]  # (C, h, w)
+            a = self._maps(image, layer, frame)[0]  # (C, h, w)
             info = self.grid_info(image, layer)
             maps = im.normalize(a, scale)
             size = (info["cell_h"], info["cell"])
             if overlay:
-                _, shown = self._picture(image)
+                shown = self.shown(image, frame)
                 base = F.interpolate(shown[None], size=size, mode="bilinear", align_corners=False)[0]
                 heat = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 return _png(im.grid(0.5 * base + 0.5 * im.colormap(heat, "jet")), "JPEG")
@@ -234,7 +252,7 @@ class Explorer:
             else:  # coloured at the layer's resolution, then enlarged: the same picture, far fewer pixels to map
                 tiles = F.interpolate(im.colormap(maps, "viridis"), size=size, mode="nearest")
             return _png(im.grid(tiles))
-        return self.pngs.get_or(("act", image, layer, scale, overlay), make)
+        return self.pngs.get_or(("act", image, layer, scale, overlay, frame), make)
 
     def deconv_png(self, image, layer, filt, rule="deconvnet") -> bytes:
         if rule not in ("deconvnet", "guided"):
@@ -265,7 +283,7 @@ class Explorer:
             self.renders[(layer, filt)] = make()
         return self.renders[(layer, filt)]
 
-    def cam_png(self, image, layer, cls=None, method="gradcam") -> bytes:
+    def cam_png(self, image, layer, cls=None, method="gradcam", frame=None) -> bytes:
         if method not in CAM_METHODS:
             raise HttpError(400, f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
 
@@ -276,10 +294,11 @@ class Explorer:
                     cam = grad_cam(self.model, x[None], layer, cls, method=method)
             except ValueError as e:
                 raise HttpError(400, str(e)) from None
-            if cam.maps.dim() == 4:
-                return _png(im.overlay(shown[:, shown.shape[1] // 2], cam.maps[0, cam.maps.shape[1] // 2]))
+            if cam.maps.dim() == 4:  # a clip: the frame asked for
+                t = self._frame(frame, cam.maps.shape[1])
+                return _png(im.overlay(shown[:, t], cam.maps[0, t]))
             return _png(im.overlay(shown, cam.maps[0]))
-        return self.pngs.get_or(("cam", image, layer, cls, method), make)
+        return self.pngs.get_or(("cam", image, layer, cls, method, frame), make)
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
@@ -345,7 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path in ("/", "/index.html"):
                 return self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             if url.path == "/api/model":
-                return self._json({"name": ex.name, "classes": len(ex.class_names or []), "layers": [
+                return self._json({"name": ex.name, "classes": len(ex.class_names or []), "frames": ex.frames(),
+                                   "layers": [
                     {"name": i.name, "type": i.type, "shape": list(i.output_shape), "filters": i.output_shape[1]}
                     for i in ex.layer_info]})
             if url.path == "/api/images":
@@ -366,8 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
                 except ValueError:
                     raise HttpError(400, f"parameter {key!r} must be an integer, got {q[key]!r}") from None
 
+            frame = integer("frame", -1)
+            frame = None if frame < 0 else frame
             if url.path == "/api/image":
-                return self._send(200, _png(ex._picture(need("image"))[1]), "image/png")
+                return self._send(200, _png(ex.shown(need("image"), frame)), "image/png")
             if url.path == "/api/predictions":
                 return self._json(ex.predictions(need("image"), integer("k", 5)))
             if url.path == "/api/featureviz":
@@ -381,11 +403,11 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/cam":
                 cls = integer("class", -1)
                 return self._send(200, ex.cam_png(image, ex.layer(q.get("layer")), None if cls < 0 else cls,
-                                                  q.get("method", "gradcam")), "image/png")
+                                                  q.get("method", "gradcam"), frame), "image/png")
             layer = ex.layer(q.get("layer"))
             if url.path == "/api/activations":
                 overlay = q.get("overlay", "0") == "1"
-                return self._send(200, ex.activation_png(image, layer, q.get("scale", "per_image"), overlay),
+                return self._send(200, ex.activation_png(image, layer, q.get("scale", "per_image"), overlay, frame),
                                   "image/jpeg" if overlay else "image/png")
             if url.path == "/api/grid":
                 return self._json(ex.grid_info(image, layer))
@@ -439,12 +461,19 @@ def default_input(size: int, mean=None, std=None, gray: bool = False):
     m = torch.tensor(mean).view(-1, 1, 1) if mean is not None else None
     s = torch.tensor(std).view(-1, 1, 1) if std is not None else None
 
-    def to_input(pil):
+    def one(pil):
         pil = pil.convert("L" if gray else "RGB").resize((size, size))
         arr = torch.from_numpy(np.asarray(pil).copy()).float() / 255
-        shown = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
-        x = (shown - m) / s if m is not None else shown
-        return x, shown.expand(3, -1, -1)
+        return arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+
+    def to_input(pil):
+        from PIL import ImageSequence
+
+        frames = [one(f) for f in ImageSequence.Iterator(pil)] if getattr(pil, "n_frames", 1) > 1 else [one(pil)]
+        shown = torch.stack(frames, 1) if len(frames) > 1 else frames[0]  # a GIF with frames: a clip (C, T, H, W)
+        view = (-1,) + (1,) * (shown.dim() - 1)
+        x = (shown - m.view(view)) / s.view(view) if m is not None else shown
+        return x, shown.expand(3, *shown.shape[1:])
 
     def preprocess(x):
         if m is None:
