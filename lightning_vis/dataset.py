@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .hooks import ModelGuard, capture
-from .hooks.attention import is_token_layout, tokens_to_grid
+from .hooks import ModelGuard
+from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
 from ._util import model_device, progress_bar
 from .receptive import receptive_field
@@ -124,12 +124,8 @@ def _batch_input(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _per_channel(act: Tensor, tokens: bool, score: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def _per_channel(act: Tensor, score: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """(N, C, *grid) maps -> (N, C) scores and (N, C, len(grid)) positions of the maximum."""
-    if tokens:
-        act = tokens_to_grid(act)[0]
-    if act.dim() == 2:
-        act = act[..., None]
     grid = tuple(act.shape[2:])
     flat = act.flatten(2).float()
     best, where = flat.max(2)
@@ -137,49 +133,31 @@ def _per_channel(act: Tensor, tokens: bool, score: str) -> tuple[Tensor, Tensor,
     return (best if score == "max" else flat.mean(2)), pos, grid
 
 
-class TopKCollector:
+class TopKCollector(StreamingTap):
     """Streaming top-k per (layer, channel), fed from forward passes someone else runs (a DataLoader loop here, a
-    Lightning validation loop in the callbacks): ``attach(model)`` hooks the layers (statistics taken when each
-    layer returns, nothing copied), ``add(n, indices)`` after each forward of n inputs, ``result()`` at the end."""
+    Lightning validation loop in the callbacks): attach(), then before(x) and add(indices) around each forward,
+    result() at the end (statistics taken when each layer returns, nothing copied)."""
 
     def __init__(self, model: nn.Module, layers: LayerSpec, k: int = 9, score: str = "max"):
         if score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.model, self.k, self.score = model, k, score
-        self.tap = capture(model, layers, reduce=self._reduce)
-        self.names = list(self.tap.layers)
-        self.tokens: dict[str, bool] = {}
-        self.input_dims = 4
+        super().__init__(model, layers)
+        self.k, self.score = k, score
         self.state = TopK(k, score)
 
-    def _reduce(self, name, module, act):
-        if name not in self.tokens:
-            self.tokens[name] = is_token_layout(act, module, "auto", self.input_dims)
-        return _per_channel(act, self.tokens[name], self.score)
-
-    def attach(self) -> "TopKCollector":
-        self.tap.__enter__()
-        return self
-
-    def detach(self) -> None:
-        self.tap.__exit__(None, None, None)
+    def summarise(self, name, maps):
+        return _per_channel(maps, self.score)
 
     def before(self, x: Tensor) -> None:
-        """Call with the batch before its forward pass."""
-        self.input_dims = x.dim()
+        super().before(x)
         if self.state.input_shape is None:
             self.state.input_shape = tuple(x.shape[1:])
-        for v in self.tap.values.values():
-            v.clear()
 
     def add(self, indices: Tensor) -> None:
         """After the forward pass of a batch whose inputs have these dataset indices."""
-        for name in self.names:
-            if not self.tap.values.get(name):
-                raise ValueError(f"layer {name!r} did not run in the forward pass")
-            s, pos, grid = self.tap.values[name][0]
+        for name, (s, pos, grid) in self.batch_values().items():
             s, pos = s.t().cpu(), pos.transpose(0, 1).cpu()  # (C, N), (C, N, d)
             ids = indices.cpu().long().expand(s.shape[0], -1)
             prev = self.state.layers.get(name)

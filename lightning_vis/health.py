@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from . import images as im
 from ._util import model_device, progress_bar
-from .hooks import ModelGuard, capture
-from .hooks.attention import is_token_layout, tokens_to_grid
+from .hooks import ModelGuard
+from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
 
 
@@ -122,42 +122,25 @@ def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
     return last if last is not None else (None, None)
 
 
-class ActivityCollector:
+class ActivityCollector(StreamingTap):
     """Streaming per-channel activity of layers over forward passes someone else runs (a DataLoader loop here, a
     Lightning validation loop in the callbacks): attach(), before(x) and add(n) around each forward, detach()."""
 
     def __init__(self, model: nn.Module, layers: LayerSpec, threshold: float = 0.0):
-        self.model, self.threshold = model, threshold
-        self.tap = capture(model, layers, reduce=self._reduce)
+        super().__init__(model, layers)
+        self.threshold = threshold
         self.stats: dict[str, list] = {}
-        self.seen, self.input_dims = 0, 4
+        self.seen = 0
 
-    def _reduce(self, name, module, act):
-        if is_token_layout(act, module, "auto", self.input_dims):
-            act = tokens_to_grid(act)[0]
-        a = (act[..., None] if act.dim() == 2 else act).flatten(2)  # (N, C, P): a view, nothing copied
+    def summarise(self, name, maps):
+        a = maps.flatten(2)  # (N, C, P): a view, nothing copied
         if a.dtype not in (torch.float32, torch.float64):
             a = a.float()
         return ((a > self.threshold).sum((0, 2)).cpu(), a.sum((0, 2)).cpu(), a.shape[0] * a.shape[2],
                 a.amax((0, 2)).cpu())
 
-    def attach(self) -> "ActivityCollector":
-        self.tap.__enter__()
-        return self
-
-    def detach(self) -> None:
-        self.tap.__exit__(None, None, None)
-
-    def before(self, x: Tensor) -> None:
-        self.input_dims = x.dim()
-        for v in self.tap.values.values():
-            v.clear()
-
     def add(self, n: int) -> None:
-        for name in self.tap.layers:
-            if not self.tap.values.get(name):
-                raise ValueError(f"layer {name!r} did not run in the forward pass")
-            active, total, count, top = self.tap.values[name][0]
+        for name, (active, total, count, top) in self.batch_values().items():
             s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
             s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
         self.seen += n

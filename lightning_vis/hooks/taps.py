@@ -117,6 +117,52 @@ class capture:
         return got[0]
 
 
+class StreamingTap:
+    """Per-batch statistics of layers over forward passes someone else runs (a DataLoader loop, a Lightning
+    validation loop): subclasses give ``summarise(name, maps)``, called when each layer returns with its output as
+    (N, C, *grid) maps (token layouts put on their grid, (N, C) outputs as (N, C, 1)); nothing is copied or kept.
+    Call attach() once, before(x) ahead of each forward and batch_values() after it, detach() at the end."""
+
+    def __init__(self, model: nn.Module, layers: LayerSpec):
+        self.model = model
+        self.tap = capture(model, layers, reduce=self._reduce)
+        self.names = list(self.tap.layers)
+        self.tokens: dict[str, bool] = {}
+        self.input_dims = 4
+
+    def summarise(self, name: str, maps: Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _reduce(self, name, module, act):
+        from .attention import is_token_layout, tokens_to_grid
+
+        if name not in self.tokens:
+            self.tokens[name] = is_token_layout(act, module, "auto", self.input_dims)
+        if self.tokens[name]:
+            act = tokens_to_grid(act)[0]
+        return self.summarise(name, act[..., None] if act.dim() == 2 else act)
+
+    def attach(self):
+        self.tap.__enter__()
+        return self
+
+    def detach(self) -> None:
+        self.tap.__exit__(None, None, None)
+
+    def before(self, x: Tensor) -> None:
+        """Ahead of the forward pass of batch x."""
+        self.input_dims = x.dim()
+        for v in self.tap.values.values():
+            v.clear()
+
+    def batch_values(self) -> dict:
+        """{layer: its summary} of the last forward pass (the first call of a layer called several times)."""
+        missing = [name for name in self.names if not self.tap.values.get(name)]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
+        return {name: self.tap.values[name][0] for name in self.names}
+
+
 @dataclass
 class LayerInfo:
     name: str
