@@ -138,6 +138,8 @@ class TopKCollector(StreamingTap):
     Lightning validation loop in the callbacks): attach(), then before(x) and add(indices) around each forward,
     result() at the end (statistics taken when each layer returns, nothing copied)."""
 
+    needs_indices = True
+
     def __init__(self, model: nn.Module, layers: LayerSpec, k: int = 9, score: str = "max"):
         if score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
@@ -182,39 +184,48 @@ class TopKCollector(StreamingTap):
         return out
 
 
+def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None, desc: str = "scan",
+         progress: bool = True) -> int:
+    """One pass over `dataloader` (batches `x` or `(x, ...)`) in eval mode without gradients, on `device` (default:
+    the model's), feeding every tap; returns the number of inputs seen. Dataset indices follow the loader's
+    sampler, which must be deterministic when a tap needs them."""
+    device = device if device is not None else model_device(model)
+    order = _dataset_indices(dataloader) if any(t.needs_indices for t in taps) else None
+    seen = 0
+    with ModelGuard(model, eval=True), torch.no_grad():
+        try:
+            for t in taps:
+                t.attach()
+            for batch in progress_bar(progress, desc, unit="batch", iterable=dataloader):
+                x = _batch_input(batch).to(device, non_blocking=True)
+                for t in taps:
+                    t.before(x)
+                model(x)
+                n = x.shape[0]
+                idx = torch.tensor(order[seen:seen + n]) if order is not None else torch.arange(seen, seen + n)
+                seen += n
+                for t in taps:
+                    t.add(idx)
+        finally:
+            for t in taps:
+                t.detach()
+    return seen
+
+
 def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, score: str = "max", *,
                    device=None, progress: bool = True, gather: bool = True) -> TopK:
     """For every channel of every layer, the k dataset inputs with the highest activation score: "max" (the
     strongest unit, whose position is kept for the crop) or "mean" (over the map; position of the max kept).
 
-    One pass over `dataloader` (batches `x` or `(x, ...)`) in eval mode without gradients, on `device` (default:
-    the model's). Dataset indices follow the loader's (deterministic) sampler. Under an initialised
-    torch.distributed group each rank scans its shard; with gather=True the results are all-gathered and merged,
-    so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), linear and token layers."""
+    One pass over `dataloader` (see :func:`scan`). Dataset indices follow the loader's (deterministic) sampler.
+    Under an initialised torch.distributed group each rank scans its shard; with gather=True the results are
+    all-gathered and merged, so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), linear and
+    token layers."""
     collector = TopKCollector(model, layers, k, score)
-    device = device if device is not None else model_device(model)
-    order = _dataset_indices(dataloader)
-    seen = 0
-    batches = progress_bar(progress, "top-k examples", unit="batch", iterable=dataloader)
-    with ModelGuard(model, eval=True), torch.no_grad():
-        collector.attach()
-        try:
-            for batch in batches:
-                x = _batch_input(batch).to(device, non_blocking=True)
-                collector.before(x)
-                model(x)
-                n = x.shape[0]
-                idx = torch.tensor(order[seen:seen + n]) if order is not None else torch.arange(seen, seen + n)
-                seen += n
-                collector.add(idx)
-        finally:
-            collector.detach()
-    if seen == 0:
+    if scan(model, dataloader, [collector], device=device, desc="top-k examples", progress=progress) == 0:
         raise ValueError("the dataloader yielded no batches: nothing to rank")
     result = collector.result()
-    if gather:
-        result = all_gather_merge(result)
-    return result
+    return all_gather_merge(result) if gather else result
 
 
 def all_gather_merge(result: TopK) -> TopK:

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import images as im
-from ._util import model_device, progress_bar
-from .hooks import ModelGuard
+from .dataset import scan
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
 
@@ -124,7 +123,8 @@ def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
 
 class ActivityCollector(StreamingTap):
     """Streaming per-channel activity of layers over forward passes someone else runs (a DataLoader loop here, a
-    Lightning validation loop in the callbacks): attach(), before(x) and add(n) around each forward, detach()."""
+    Lightning validation loop in the callbacks): attach(), before(x) and add(indices) around each forward,
+    detach()."""
 
     def __init__(self, model: nn.Module, layers: LayerSpec, threshold: float = 0.0):
         super().__init__(model, layers)
@@ -139,11 +139,11 @@ class ActivityCollector(StreamingTap):
         return ((a > self.threshold).sum((0, 2)).cpu(), a.sum((0, 2)).cpu(), a.shape[0] * a.shape[2],
                 a.amax((0, 2)).cpu())
 
-    def add(self, n: int) -> None:
+    def add(self, indices) -> None:
         for name, (active, total, count, top) in self.batch_values().items():
             s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
             s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
-        self.seen += n
+        self.seen += len(indices)
 
     def report(self, **kwargs) -> "HealthReport":
         """The health report from what was collected (see filter_health for the keyword arguments)."""
@@ -156,20 +156,8 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
     near-duplicate filters and noise-only filters (weights, and `renders[layer]` (C, 3, H, W) feature
     visualizations when given, as rough as white noise: score >= noise_threshold)."""
-    device = device if device is not None else model_device(model)
     collector = ActivityCollector(model, layers, threshold)
-    batches = progress_bar(progress, "filter health", unit="batch", iterable=dataloader)
-    with ModelGuard(model, eval=True), torch.no_grad():
-        collector.attach()
-        try:
-            for batch in batches:
-                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-                collector.before(x)
-                model(x)
-                collector.add(x.shape[0])
-        finally:
-            collector.detach()
-    if collector.seen == 0:
+    if scan(model, dataloader, [collector], device=device, desc="filter health", progress=progress) == 0:
         raise ValueError("the dataloader yielded no batches: no activity to measure")
     return collector.report(duplicate_threshold=duplicate_threshold, noise_threshold=noise_threshold,
                             renders=renders)

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from . import images as im
 from .activations import activation_grid, activations, top_predictions
 from .attribution import grad_cam
-from .dataset import top_k_examples
+from .dataset import TopKCollector, scan
 from .deconv import deconvnet
 from .featureviz import render
-from .health import filter_health
+from .health import ActivityCollector
 from .receptive import receptive_field
 
 CSS = """
@@ -115,8 +115,9 @@ def build(model: nn.Module, inputs: Tensor, shown: Tensor, names: Sequence[str],
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=16)
-    topk = top_k_examples(model, loader, list(layers), k=k, progress=progress)
-    health = filter_health(model, loader, list(layers), progress=False)
+    collectors = [TopKCollector(model, list(layers), k), ActivityCollector(model, list(layers))]
+    scan(model, loader, collectors, desc="top-k and health", progress=progress)  # one pass for both
+    topk, health = collectors[0].result(), collectors[1].report()
     layer_pages = {}
     for name in layers:
         n_units = min(units, topk.layers[name].indices.shape[0])

@@ -268,7 +268,9 @@ class _ValidationCollector:
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self._collector is not None and dataloader_idx == 0:
             n = _input_of(batch).shape[0]
-            self.feed(n)
+            idx = torch.tensor(self._order[self._seen:self._seen + n]) if self._order is not None \
+                else torch.arange(self._seen, self._seen + n)
+            self._collector.add(idx)
             self._seen += n
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -301,11 +303,6 @@ class DatasetExamplesMixin(_ValidationCollector):
     def make_collector(self, pl_module):
         return TopKCollector(pl_module, self.layers, self.k, self.score)
 
-    def feed(self, n):
-        idx = torch.tensor(self._order[self._seen:self._seen + n]) if self._order is not None \
-            else torch.arange(self._seen, self._seen + n)
-        self._collector.add(idx)
-
     def finish(self, trainer, pl_module):
         self.result = all_gather_merge(self._collector.result())
         if trainer.is_global_zero:
@@ -336,9 +333,6 @@ class FilterHealthMixin(_ValidationCollector):
 
     def make_collector(self, pl_module):
         return ActivityCollector(pl_module, self.layers, self.threshold)
-
-    def feed(self, n):
-        self._collector.add(n)
 
     def finish(self, trainer, pl_module):
         import torch.distributed as dist

@@ -121,7 +121,10 @@ class StreamingTap:
     """Per-batch statistics of layers over forward passes someone else runs (a DataLoader loop, a Lightning
     validation loop): subclasses give ``summarise(name, maps)``, called when each layer returns with its output as
     (N, C, *grid) maps (token layouts put on their grid, (N, C) outputs as (N, C, 1)); nothing is copied or kept.
-    Call attach() once, before(x) ahead of each forward and batch_values() after it, detach() at the end."""
+    Call attach() once, before(x) ahead of each forward and add(indices) after it (the dataset indices of the
+    batch's inputs), detach() at the end. needs_indices: whether add() uses the indices or only their count."""
+
+    needs_indices = False
 
     def __init__(self, model: nn.Module, layers: LayerSpec):
         self.model = model
@@ -131,6 +134,9 @@ class StreamingTap:
         self.input_dims = 4
 
     def summarise(self, name: str, maps: Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add(self, indices) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _reduce(self, name, module, act):
