@@ -435,7 +435,7 @@ def cmd_report(args, model, categories, transform):
 
 
 def cmd_serve(args, model, categories, transform):
-    from .explorer.server import Explorer, default_input, make_server
+    from .explorer.server import Explorer, default_input, make_server, run_until_interrupted
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -454,14 +454,7 @@ def cmd_serve(args, model, categories, transform):
         server = make_server(explorer, args.host, args.port)
     except OSError as e:
         raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
-    print(f"lightning-vis explorer on http://{args.host}:{server.server_address[1]}/ "
-          f"({len(explorer.names())} images, {len(explorer.layer_names)} layers; Ctrl-C stops it)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_until_interrupted(server, f"{len(explorer.names())} images, {len(explorer.layer_names)} layers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -444,7 +444,14 @@ def serve(model: nn.Module, images, labels=None, *, host: str = "127.0.0.1", por
     if not block:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
-    print(f"lightning-vis explorer on http://{host}:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
+    return run_until_interrupted(server)
+
+
+def run_until_interrupted(server: ThreadingHTTPServer, about: str = "") -> ThreadingHTTPServer:
+    """Says where the explorer listens, serves until Ctrl-C, then closes the socket."""
+    host, port = server.server_address[:2]
+    print(f"lightning-vis explorer on http://{host}:{port}/ ({about + '; ' if about else ''}Ctrl-C stops it)",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
