@@ -6,7 +6,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import time
 from collections import OrderedDict
 
@@ -17,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from lightning_vis.explorer.server import MAX_UPLOAD, Explorer, default_input, make_server
+from tests.browser import chromium, needs_chromium
 
 
 def tiny():
@@ -164,26 +164,13 @@ def test_cached_views_are_fast_and_write_no_files(server, tmp_path):
     assert ("act", "img2.png", "relu2", "per_image", False, None) in ex.pngs
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and shutil.which("chromedriver")),
-                    reason="needs Debian's chromium and chromium-driver (make test installs them as root)")
+@needs_chromium
 def test_page_in_headless_chromium(server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
+    driver = chromium(tmp_path, "1300,900")
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
     srv, *_ = server
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,900"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     wait = WebDriverWait(driver, 30)
 
     def loaded(element_id):

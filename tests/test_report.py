@@ -1,9 +1,7 @@
 """The static gallery: built for a tiny model from generated pictures, every referenced file exists, and a real
 headless Chromium (Debian's chromium + chromium-driver) opens it from disk and loads every image."""
 
-import os
 import re
-import shutil
 from collections import OrderedDict
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_vis import cli, report
+from tests.browser import chromium, needs_chromium
 
 
 def tiny():
@@ -64,23 +63,9 @@ def test_cli_report(tmp_path):
     assert (out / "index.html").exists() and (out / "units" / "conv2" / "1.png").exists()
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and shutil.which("chromedriver")),
-                    reason="needs Debian's chromium and chromium-driver (make test installs them as root)")
+@needs_chromium
 def test_gallery_renders_in_headless_chromium(gallery, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    driver = chromium(tmp_path, "1200,1600")
     try:
         driver.get(gallery.as_uri())
         total, loaded = driver.execute_script(
