@@ -13,6 +13,7 @@ the seed's leaky-ReLU substitution) is scoped to the run with a TorchFunctionMod
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -279,12 +280,8 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                 x = transforms(img_param(), gen, blur=sigma)
                 if preprocess is not None:
                     x = preprocess(x)
-                fix = ReluFix(relu_fix) if relu_fix and (relu_fix == "leaky" or step < relu_fix_steps) else None
-                if fix is not None:
-                    with fix:
-                        acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, x.dim())
-                        value = obj(acts, out)
-                else:
+                fixed = relu_fix and (relu_fix == "leaky" or step < relu_fix_steps)
+                with ReluFix(relu_fix) if fixed else contextlib.nullcontext():
                     acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, x.dim())
                     value = obj(acts, out)
                 if value.shape != (n,):
