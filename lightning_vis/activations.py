@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import images as im
@@ -24,12 +25,15 @@ def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec) -> tuple[di
 
 
 def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap: str = "viridis",
-                    max_filters: int | None = None, ncol: int | None = None) -> Tensor:
+                    max_filters: int | None = None, ncol: int | None = None,
+                    cell: int | tuple[int, int] | None = None) -> Tensor:
     """Every filter's map of one input as one coloured grid image (3, H', W').
 
     act: a layer's output (N, C, H, W), or (N, C, L) shown as 1-pixel-high strips; 3D (N, C, T, H, W) maps show
     their middle frame. scale: "per_image" (each filter on its own scale) or "shared" (one scale: compare
-    filters' strength)."""
+    filters' strength). cell: the size maps are shown at: an int enlarges narrower maps by a whole factor to at
+    least that width; (h, w) resizes every map to exactly that (area average when shrinking). Maps are coloured
+    at the smaller of the two sizes (nearest enlargement after colouring gives the same picture)."""
     if act.dim() not in (3, 4, 5):
         raise ValueError(f"activation maps need (N, C, L), (N, C, H, W) or (N, C, T, H, W), got shape "
                          f"{tuple(act.shape)}")
@@ -42,7 +46,18 @@ def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap:
         maps = maps[:, maps.shape[1] // 2]
     if max_filters is not None:
         maps = maps[:max_filters]
-    return im.grid(im.colormap(im.normalize(maps, scale), cmap), ncol=ncol)
+    maps = im.normalize(maps, scale)
+    h, w = maps.shape[-2:]
+    if isinstance(cell, int):
+        size = (h * -(-cell // w), w * -(-cell // w)) if w < cell else (h, w)
+    else:
+        size = tuple(cell) if cell is not None else (h, w)
+    if size[1] < w:
+        maps = F.interpolate(maps[:, None], size=size, mode="area")[:, 0]
+    colours = im.colormap(maps, cmap)
+    if size[1] > w:
+        colours = F.interpolate(colours, size=size, mode="nearest")
+    return im.grid(colours, ncol=ncol)
 
 
 def top_predictions(logits: Tensor, k: int | None = None, class_names: Sequence[str] | None = None):

@@ -171,9 +171,8 @@ def cmd_activations(args, model, categories, transform):
             if a.dim() < 3:
                 continue
             f = out / path.stem / f"{layer}_activations.png"
-            if a.dim() == 4 and a.shape[-1] < 48:  # small maps: enlarged for display
-                a = torch.nn.functional.interpolate(a, scale_factor=-(-48 // a.shape[-1]), mode="nearest")
-            im.save_png(activation_grid(a, scale=args.scale), f)
+            # small maps enlarged for display
+            im.save_png(activation_grid(a, scale=args.scale, cell=48 if a.dim() == 4 else None), f)
             entry.setdefault("files", []).append(str(f))
         report[path.name] = entry
         top = entry.get("predictions", [])[:1]

@@ -163,7 +163,7 @@ def build(model: nn.Module, inputs: Tensor, shown: Tensor, names: Sequence[str],
                  "cams": {}}
         for layer, a in acts.items():
             if a.dim() == 4:
-                grid = activation_grid(_enlarge_maps(a[i:i + 1]), max_filters=64)
+                grid = activation_grid(a, i, max_filters=64, cell=48)
                 entry["activations"][layer] = _rel(im.save_png(grid, out / "samples" / f"{stem}_{layer}.png"), out)
         for layer, r in rec.images.items():
             row = im.grid(torch.cat([shown[i:i + 1], im.signed_rgb(r[i])]), ncol=r.shape[1] + 1)
@@ -187,7 +187,3 @@ def _enlarge(img: Tensor, size: int = 128) -> Tensor:
     if max(img.shape[-2:]) >= size:
         return img
     return F.interpolate(img[None], size=(size, size), mode="nearest")[0]
-
-
-def _enlarge_maps(a: Tensor) -> Tensor:
-    return F.interpolate(a, scale_factor=-(-48 // a.shape[-1]), mode="nearest") if a.shape[-1] < 48 else a

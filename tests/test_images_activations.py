@@ -109,3 +109,18 @@ def test_top_predictions():
     assert len(lv.top_predictions(logits)[0]) == 3  # the default 5 clipped to the 3 classes
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         lv.top_predictions(logits, class_names=["a", "b"])
+
+
+def test_activation_grid_cell_sizes():
+    import torch.nn.functional as F
+
+    from lightning_vis.activations import activation_grid
+
+    a = torch.randn(1, 6, 7, 10)
+    enlarged = F.interpolate(a, scale_factor=5, mode="nearest")  # 10 px wide -> at least 48: a factor of 5
+    torch.testing.assert_close(activation_grid(a, cell=48), activation_grid(enlarged))
+    assert activation_grid(a, cell=(20, 30)).shape == (3, 1 + 2 * 21, 1 + 3 * 31)
+    big = torch.randn(1, 4, 64, 64)
+    shrunk = activation_grid(big, cell=(16, 16))
+    assert shrunk.shape == (3, 1 + 2 * 17, 1 + 2 * 17)
+    assert torch.equal(activation_grid(big, cell=(64, 64)), activation_grid(big))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import images as im
-from ..activations import top_predictions
+from ..activations import activation_grid, top_predictions
 from ..attribution import CAM_METHODS, grad_cam
 from ..dataset import top_k_examples
 from ..deconv import deconvnet
@@ -240,18 +240,14 @@ class Explorer:
         def make():
             a = self._maps(image, layer, frame)[0]  # (C, h, w)
             info = self.grid_info(image, layer)
-            maps = im.normalize(a, scale)
             size = (info["cell_h"], info["cell"])
             if overlay:
+                maps = im.normalize(a, scale)
                 shown = self.shown(image, frame)
                 base = F.interpolate(shown[None], size=size, mode="bilinear", align_corners=False)[0]
                 heat = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 return _png(im.grid(0.5 * base + 0.5 * im.colormap(heat, "jet")), "JPEG")
-            elif size[1] < maps.shape[-1]:  # shrunk (area average), then coloured
-                tiles = im.colormap(F.interpolate(maps[:, None], size=size, mode="area")[:, 0], "viridis")
-            else:  # coloured at the layer's resolution, then enlarged: the same picture, far fewer pixels to map
-                tiles = F.interpolate(im.colormap(maps, "viridis"), size=size, mode="nearest")
-            return _png(im.grid(tiles))
+            return _png(activation_grid(a[None], 0, scale, cell=size))
         return self.pngs.get_or(("act", image, layer, scale, overlay, frame), make)
 
     def deconv_png(self, image, layer, filt, rule="deconvnet") -> bytes:
