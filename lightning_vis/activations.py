@@ -10,30 +10,62 @@ from torch import Tensor, nn
 
 from . import images as im
 from .hooks import ModelGuard, capture
+from .hooks.layout import Layout
 from .hooks.resolve import LayerSpec
 
 
-def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec) -> tuple[dict[str, Tensor], Tensor]:
+class LayerOutputs(dict):
+    """{layer: its output as the layer returned it}; ``layouts[layer]``: its Layout (hooks.layout) or the
+    Unplaceable reason; ``maps(layer)``: the output as (N, C, *grid) maps (tokens on their grid, channels-last
+    moved), LayoutError when it cannot be placed."""
+
+    def __init__(self, values=(), layouts=None):
+        super().__init__(values)
+        self.layouts = layouts or {}
+
+    def layout(self, name: str) -> Layout:
+        lay = self.layouts.get(name)
+        if lay is None:
+            raise KeyError(f"no output of layer {name!r}; layers: {', '.join(self)}")
+        if not isinstance(lay, Layout):
+            raise lay.error()
+        return lay
+
+    def maps(self, name: str) -> Tensor:
+        return self.layout(name).to_maps(self[name])
+
+
+def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec, *, layout=None,
+                grid=None) -> tuple[LayerOutputs, Tensor]:
     """One forward pass in eval mode without gradients; returns ({layer name: its output}, model output).
 
-    Outputs keep their layout: (N, C, L), (N, C, H, W), (N, C, T, H, W) or (N, features). A layer called
-    several times in the pass gives its first call (``lightning_vis.capture`` gives every call). The model
-    is restored afterwards (training flags, hooks)."""
-    with ModelGuard(model, eval=True), torch.no_grad(), capture(model, layers) as tap:
+    Outputs keep their layout: (N, C, L), (N, C, H, W), (N, C, T, H, W), channels-last (N, H, W, C), tokens (N, L, D)
+    or (N, features); the returned mapping knows each one's layout (``.layouts``, ``.maps(name)``; layout= / grid=
+    override it). A layer called several times in the pass gives its first call (``lightning_vis.capture`` gives
+    every call). The model is restored afterwards (training flags, hooks)."""
+    with ModelGuard(model, eval=True), torch.no_grad(), \
+            capture(model, layers, layouts=True, layout=layout, grid=grid) as tap:
         out = model(inputs)
-    return {name: tap.values[name][0] for name in tap.layers if tap.values.get(name)}, out
+    got = {name: tap.values[name][0] for name in tap.layers if tap.values.get(name)}
+    return LayerOutputs(got, {name: tap.tracer.layouts.get(name) for name in got}), out
 
 
 def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap: str = "viridis",
                     max_filters: int | None = None, ncol: int | None = None,
-                    cell: int | tuple[int, int] | None = None) -> Tensor:
+                    cell: int | tuple[int, int] | None = None, layout: Layout | None = None) -> Tensor:
     """Every filter's map of one input as one coloured grid image (3, H', W').
 
-    act: a layer's output (N, C, H, W), or (N, C, L) shown as 1-pixel-high strips; 3D (N, C, T, H, W) maps show
-    their middle frame. scale: "per_image" (each filter on its own scale) or "shared" (one scale: compare
+    act: a layer's output in its own layout, with ``layout`` (from ``activations(...).layouts`` or
+    hooks.layout; channels-last maps and tokens are put on their grid), or channels-first maps (N, C, H, W), (N, C, L)
+    shown as 1-pixel-high strips, (N, C, T, H, W) showing their middle frame. scale: "per_image" (each filter on
+    its own scale) or "shared" (one scale: compare
     filters' strength). cell: the size maps are shown at: an int enlarges narrower maps by a whole factor to at
     least that width; (h, w) resizes every map to exactly that (area average when shrinking). Maps are coloured
     at the smaller of the two sizes (nearest enlargement after colouring gives the same picture)."""
+    if layout is not None:
+        if layout.kind == "vector":
+            raise ValueError(f"a {tuple(act.shape)} vector output has no maps to show")
+        act = layout.to_maps(act)
     if act.dim() not in (3, 4, 5):
         raise ValueError(f"activation maps need (N, C, L), (N, C, H, W) or (N, C, T, H, W), got shape "
                          f"{tuple(act.shape)}")

@@ -7,12 +7,18 @@ eval mode inside a ModelGuard (the model comes back exactly as it was) and takes
 ``torch.autograd.grad`` with the parameters frozen, so parameters' ``.grad`` is never touched.
 
 Targets (``target=``): None (each input's top prediction), one class index for all, one per input (a sequence
-or tensor), or a callable ``f(output) -> (N,)`` scores (for models whose output is not (N, classes) logits).
+or tensor), or a callable ``f(output) -> (N,)`` scores, applied to whatever the model returns (dicts of
+segmentation models, lists of detections, tuples, dataclasses; ready-made ones in lightning_vis.targets).
+
+Layers: anything hooks.layout can place (channels-first and channels-last maps, tokens on a 2D or space-time grid
+with any prefix tokens); ``layout=`` / ``grid=`` override it. Models with activation checkpointing work (see
+hooks.checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hooks import ModelGuard, capture, capture_attention, resolve_layers, tokens_to_grid
-from .hooks.attention import is_token_layout
+from .hooks import ModelGuard, capture, capture_attention, resolve_layers
+from .hooks.checkpoint import input_gradient
+from .hooks.layout import Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
+from .targets import describe
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
@@ -61,21 +69,25 @@ class CAM(Attribution):
 # targets
 
 
-def target_scores(output: Tensor, target: Target) -> tuple[Tensor, Tensor | None]:
-    """(N,) scores to explain and (N,) their class indices (None for a callable target)."""
-    if not isinstance(output, Tensor):
-        raise ValueError(f"the model returned a {type(output).__name__}; pass a callable target that maps it to "
-                         "(N,) scores")
-    n = output.shape[0]
+def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
+    """(N,) scores to explain and (N,) their class indices (None for a callable target). A callable target is
+    applied to the output as it is, whatever its type; class targets need (N, classes) logits."""
     if callable(target) and not isinstance(target, Tensor):
         scores = target(output)
-        if not isinstance(scores, Tensor) or scores.shape != (n,):
+        n = _batch_of(output)
+        if not isinstance(scores, Tensor) or scores.dim() != 1 or (n is not None and scores.shape[0] != n):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(f"a callable target must return (N,) = ({n},) scores, one per input; it returned {got}")
+            want = f"(N,) = ({n},)" if n is not None else "(N,)"
+            raise ValueError(f"a callable target must return {want} scores, one per input; it returned {got}")
         return scores, None
+    if not isinstance(output, Tensor):
+        raise ValueError(f"the model returned a {describe(output)}: a class target needs (N, classes) logits; pass "
+                         "target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, key=...), "
+                         "segmentation, detection, similarity)")
+    n = output.shape[0]
     if output.dim() != 2:
         raise ValueError(f"a class target needs (N, classes) logits, but the model output has shape "
-                         f"{tuple(output.shape)}; pass target=callable(output) -> (N,) scores")
+                         f"{tuple(output.shape)}; pass target=f(output) -> (N,) scores (see lightning_vis.targets)")
     n_cls = output.shape[1]
     if target is None:
         classes = output.detach().argmax(1)
@@ -92,16 +104,37 @@ def target_scores(output: Tensor, target: Target) -> tuple[Tensor, Tensor | None
     return output.gather(1, classes[:, None])[:, 0], classes
 
 
+def _batch_of(output) -> int | None:
+    if isinstance(output, Tensor):
+        return int(output.shape[0]) if output.dim() else None
+    if isinstance(output, (list, tuple)) and output and all(isinstance(v, dict) for v in output):
+        return len(output)  # a list of per-image results (detection)
+    return None
+
+
+def check_target(target) -> None:
+    """Malformed targets are refused before any forward pass."""
+    if target is None or callable(target):
+        return
+    try:
+        t = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"target must be a class index, one per input, or a callable, not {target!r}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"target classes must be integers, got {target!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # input gradients: saliency, SmoothGrad, guided backprop
 
 
 def _input_gradient(model, inputs, target, rule):
     x = inputs.detach().clone().requires_grad_(True)
+    # the rules stay on through the backward pass: torch.utils.checkpoint recomputes segments under them
     with BackwardRules(rule) if rule else contextlib.nullcontext():
         out = model(x)
-    scores, classes = target_scores(out, target)
-    (g,) = torch.autograd.grad(scores.sum(), x)  # each score depends on its own input only (eval mode)
+        scores, classes = target_scores(out, target)
+        g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
     return g, scores.detach(), classes
 
 
@@ -109,6 +142,8 @@ def _chunked(inputs, target, chunk_size, fn):
     """fn(inputs chunk, target chunk) over chunks of the batch; results concatenated."""
     n = inputs.shape[0]
     size = chunk_size or n
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     per_input = target is not None and not callable(target) and torch.as_tensor(target).numel() == n > 1
     parts = [fn(inputs[i:i + size], torch.as_tensor(target)[i:i + size] if per_input else target)
              for i in range(0, n, size)]
@@ -126,6 +161,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
     if samples < 0:
         raise ValueError(f"samples must be >= 0 (0: plain gradient), got {samples}")
     _check_batch(inputs)
+    check_target(target)
 
     def plain(x, t):
         g, s, c = _input_gradient(model, x, t, None)  # plain autograd
@@ -138,7 +174,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
         # the class explained is the clean input's (as captum's NoiseTunnel with the same target)
         with torch.no_grad():
             if target is None:
-                target = model(inputs).argmax(1)
+                target = target_scores(model(inputs), None)[1]
         gen = torch.Generator().manual_seed(seed)
         span = (inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)).view(-1, *[1] * (inputs.dim() - 1))
         noise_t = torch.randn((samples, *inputs.shape), generator=gen).to(inputs.device, inputs.dtype)
@@ -157,6 +193,7 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
     """Guided backpropagation (Springenberg et al.): the input gradient of the target score where every ReLU
     (module or functional, ReLU6 too) passes only positive gradient at positive input. maps: (N, *input shape)."""
     _check_batch(inputs)
+    check_target(target)
     with ModelGuard(model, eval=True, freeze=True):
         maps, scores, classes = _chunked(inputs, target, chunk_size,
                                          lambda x, t: _input_gradient(model, x, t, "guided"))
@@ -165,22 +202,6 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
 
 # ----------------------------------------------------------------------------------------------------------------
 # the Grad-CAM family
-
-
-def spatial_layout(act: Tensor, module: nn.Module, name: str, layout: str = "auto",
-                   grid: tuple[int, int] | None = None, input_dims: int = 4) -> Tensor:
-    """A layer output as (N, C, *spatial): conv outputs as they are; token outputs (N, L, D) put on their grid
-    (class token dropped). layout: "auto" (see hooks.is_token_layout), "channels" or "tokens"."""
-    if is_token_layout(act, module, layout, input_dims):
-        try:
-            return tokens_to_grid(act, grid)[0]
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from e
-    if act.dim() < 3 or act.dim() > 5:
-        raise ValueError(f"layer {name!r} outputs shape {tuple(act.shape)}, which has no spatial map: a CAM needs "
-                         "(N, C, L), (N, C, H, W), (N, C, T, H, W) or tokens (N, L, D); pick a conv or attention "
-                         "block")
-    return act
 
 
 def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
@@ -211,49 +232,139 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
-def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec, target: Target = None, *,
-             method: str = "gradcam", layout: str = "auto", grid: tuple[int, int] | None = None,
-             chunk_size: int | None = None) -> CAM:
+def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
+             method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
     """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam" or
     "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``).
 
-    maps: (N, *input spatial), upsampled (bi/tri)linearly from the layer's grid, >= 0, not normalised (see
-    ``CAM.normalized``). 3D conv layers give (N, T, H, W) maps; token layers are put on their patch grid.
-    Only the part of the network above the layer is differentiated (the parameters are frozen)."""
+    layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
+    class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
+    (bi/tri)linearly from the layer's grid, >= 0, not normalised (see ``CAM.normalized``). Conv layers (1D, 2D, 3D),
+    channels-last maps (Swin) and token layers on their grid (ViT, DeiT, LeViT; MViT's space-time tokens give
+    (N, T, H, W) maps) alike, as hooks.layout decides; ``layout=`` / ``grid=`` override it. Only the part of the
+    network above the layer is differentiated (the parameters are frozen). A layer whose gradient is zero everywhere
+    gets a warning naming a layer that works."""
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     _check_batch(inputs)
+    check_target(target)
+    if layer is None:
+        layer = default_cam_layer(model, inputs[:1])
     found = resolve_layers(model, layer)
     if len(found) != 1:
         raise ValueError(f"grad_cam takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
     (name, module), = found.items()
+    zero = []
 
     def one(x, t):
-        with capture(model, name, grads=True) as tap:
-            out = model(x)
-        if not tap.live.get(name):
-            raise ValueError(f"layer {name!r} did not run in the forward pass (or its output does not need "
-                             "gradients)")
-        scores, classes = target_scores(out, t)
-        act = tap.live[name][0]
-        (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True)
-        if grad is None:
-            raise ValueError(f"the target does not depend on layer {name!r}")
-        a = spatial_layout(act.detach(), module, name, layout, grid, x.dim())
-        g = spatial_layout(grad, module, name, layout, grid, x.dim())
-        if a.dim() != x.dim():
-            raise ValueError(f"layer {name!r} gives {a.dim() - 2}D maps {tuple(a.shape)} for {x.dim() - 2}D inputs "
-                             f"{tuple(x.shape)}: the map cannot be laid over the input")
+        lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid)
+        if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
+            what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
+            raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "
+                             f"{x.dim() - 2}D input {tuple(x.shape)}; pick a layer with maps over the input (or "
+                             "layer=None)")
+        a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
+        zero.append(bool(g.abs().amax() == 0))
         low = cam_from(a.float(), g.float(), method)
         return upsample(low, x.shape[2:]), low, scores.detach(), classes
 
     with ModelGuard(model, eval=True, freeze=True):
         maps, low, scores, classes = _chunked(inputs, target, chunk_size, one)
+    if zero and all(zero):
+        try:
+            better = default_cam_layer(model, inputs[:1])
+        except ValueError:
+            better = None
+        hint = f"; a layer that works: {better!r}" if better and better != name else ""
+        warnings.warn(f"grad_cam: the target's gradient at layer {name!r} is zero everywhere on its grid, so the map "
+                      "is empty (after the last block of a class-token transformer only the class token reaches the "
+                      f"head){hint}", RuntimeWarning, stacklevel=2)
     cam = CAM(maps, classes, scores, method, low_res=low, layer=name)
     if method == "guided-gradcam":
         gb = guided_backprop(model, inputs, classes if classes is not None else target, chunk_size=chunk_size)
         cam.guided = gb.maps * maps[:, None]
     return cam
+
+
+def _layer_gradient(model, x, target, name, layout, grid):
+    """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
+    checkpointing (a layer inside a reentrant checkpoint gets its gradient from the recomputation)."""
+    with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
+        out = model(x)
+        tap.forward_done()
+        if not tap.live.get(name):
+            raise ValueError(f"layer {name!r} did not run in the forward pass")
+        lay = tap.layout(name)
+        scores, classes = target_scores(out, target)
+        act = tap.live[name][0]
+        if name not in tap.ungraded:
+            (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True)
+            if grad is None:
+                raise ValueError(f"the target does not depend on layer {name!r}")
+            return lay, act, grad, scores, classes
+    # the layer ran under no_grad inside the model (a reentrant torch.utils.checkpoint): run again with an input that
+    # needs gradients, and take the layer's gradient where the backward pass recomputes it
+    xg = x.detach().clone().requires_grad_(True)
+    with capture(model, name, grads=True) as tap:
+        out = model(xg)
+        tap.forward_done()
+        scores, classes = target_scores(out, target)
+        input_gradient(scores.sum(), xg)
+        if not tap.late_grads.get(name):
+            raise ValueError(f"the target does not depend on layer {name!r}")
+        return lay, act, tap.late_grads[name][0], scores, classes
+
+
+def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
+    """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
+    over the input (a grid of the input's dimensionality, larger than 1 on every axis) and that runs once; for
+    tokens with a class token in front (ViT, DeiT, MViT: the head reads only the class token after the last block)
+    the last block's pre-attention norm, as pytorch-grad-cam's documentation advises."""
+    finished, calls = [], {}
+    handles = []
+    named = list(model.named_modules())
+
+    def hook_for(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                finished.append(name)
+        return hook
+
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model) as tracer:
+        try:
+            for k, m in named:
+                if k:
+                    handles.append(m.register_forward_hook(hook_for(k)))
+            model(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    spatial = inputs.dim() - 2
+
+    def maps_over_input(k):
+        lay = tracer.layouts.get(k)
+        return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
+            all(g > 1 for g in lay.grid) and calls.get(k) == 1
+
+    candidates = [k for k in finished if maps_over_input(k)]
+    if not candidates:
+        raise ValueError("no layer of the model gives maps over the input (a grid of its size); name one with layer=")
+    last = candidates[-1]
+    lay = tracer.layouts[last]
+    if lay.kind == "tokens" and lay.prefix > 0:
+        modules = dict(named)
+        blocks = [k for k in finished if any(_is_attention(c) for c in modules[k].children())]
+        for block in reversed(blocks):
+            norms = [f"{block}.{c}" for c, m in modules[block].named_children()
+                     if isinstance(m, nn.LayerNorm) and maps_over_input(f"{block}.{c}")]
+            if norms:
+                return norms[0]
+    return last
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
 
 def _check_batch(inputs):
@@ -266,37 +377,51 @@ def _check_batch(inputs):
 # attention
 
 
-def _patch_grid(length: int, class_token: str, grid) -> tuple[bool, int, int]:
-    """(class token in front?, h, w) for a sequence of `length` tokens (see tokens_to_grid)."""
-    maps, cls = tokens_to_grid(torch.zeros(1, length, 1), grid, class_token)
-    return cls is not None, maps.shape[-2], maps.shape[-1]
-
-
-def _patch_weights(w: Tensor, class_token: str, grid) -> Tensor:
-    """(N, heads, L, L) -> (N, heads, h, w): what the class token attends to (or, with no class token, the
-    attention each patch receives, averaged over queries)."""
-    n, heads, length, _ = w.shape
-    has_cls, h, wd = _patch_grid(length, class_token, grid)
-    row = w[:, :, 0, 1:] if has_cls else w.mean(2)
-    return row.reshape(n, heads, h, wd)
-
-
-def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec = nn.MultiheadAttention, *,
-                   class_token: str = "auto", grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
-    """Per attention layer (nn.MultiheadAttention; torchvision's ViT blocks included), per head, what the class
-    token attends to on the patch grid: {layer: (N, heads, h, w)}. Without a class token: the attention each
-    patch receives, averaged over queries."""
-    _check_batch(inputs)
+def _attention_records(model, inputs, layers):
     with ModelGuard(model, eval=True), torch.no_grad(), capture_attention(model, layers) as tap:
         model(inputs)
-    return {name: _patch_weights(v[0], class_token, grid) for name, v in tap.values.items() if v}
+    if not tap.records:
+        where = "the layers named" if layers is not None else "the model"
+        raise ValueError(f"no attention weights were computed in {where} during the forward pass (looked for "
+                         "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)")
+    return tap.records
+
+
+def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = None, *, class_token: str = "auto",
+                   grid=None) -> dict[str, Tensor]:
+    """Per attention layer, per head, what the class token attends to on the input's grid: {layer: (N, heads,
+    *grid)}; without a class token (Swin, LeViT), the attention each position receives, averaged over the queries.
+
+    Attention from whatever computes it (hooks.capture_attention): nn.MultiheadAttention (torchvision's ViT),
+    F.scaled_dot_product_attention (timm's fused attention), explicit softmax (LeViT's biases, MViT's pooled keys on
+    their space-time grid); window attention (Swin, MaxViT, MobileViT) placed back on the image grid. layers: the
+    modules to watch (default: every module in which attention happens). class_token: "auto" (from the token
+    layout), "first" or "none" (mean over queries). A layer whose attention cannot be placed is left out with a
+    warning (an error when none can)."""
+    _check_batch(inputs)
+    records = _attention_records(model, inputs, layers)
+    maps, skipped = {}, {}
+    for r in records:
+        if r.layer in maps or r.layer in skipped:
+            continue  # the first call of each module
+        try:
+            maps[r.layer] = r.received(class_token, grid)
+        except ValueError as e:
+            skipped[r.layer] = str(e)
+    if not maps:
+        raise LayoutError(next(iter(skipped.values())))
+    if skipped:
+        warnings.warn(f"attention_maps: left out {len(skipped)} layer(s): {next(iter(skipped.values()))}",
+                      RuntimeWarning, stacklevel=2)
+    return maps
 
 
 def rollout(attentions: Sequence[Tensor], *, head_fusion: str = "mean", discard_ratio: float = 0.0,
-            residual: bool = True) -> Tensor:
+            residual: bool = True, keep: int = 1) -> Tensor:
     """Attention rollout (Abnar and Zuidema) of per-block weights [(N, heads, L, L), ...] in forward order:
     heads fused (mean, max or min), optionally the smallest discard_ratio of each row's weights dropped (never
-    the class token's), residual: A <- (A + I) / 2, rows renormalised, then A_last @ ... @ A_first. -> (N, L, L)."""
+    the first `keep` (prefix) tokens'), residual: A <- (A + I) / 2, rows renormalised, then A_last @ ... @ A_first.
+    -> (N, L, L)."""
     if not attentions:
         raise ValueError("rollout needs the weights of at least one attention block")
     if head_fusion not in ("mean", "max", "min"):
@@ -310,7 +435,7 @@ def rollout(attentions: Sequence[Tensor], *, head_fusion: str = "mean", discard_
         if discard_ratio > 0:
             k = int(a.shape[-1] * discard_ratio)
             if k:
-                low = a[..., 1:].topk(k, dim=-1, largest=False).indices + 1
+                low = a[..., keep:].topk(k, dim=-1, largest=False).indices + keep
                 a = a.scatter(-1, low, 0.0)
         if residual:
             a = (a + torch.eye(a.shape[-1], device=a.device)) / 2
@@ -319,19 +444,37 @@ def rollout(attentions: Sequence[Tensor], *, head_fusion: str = "mean", discard_
     return result
 
 
-def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec = nn.MultiheadAttention, *,
+def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = None, *,
                       head_fusion: str = "mean", discard_ratio: float = 0.0, class_token: str = "auto",
-                      grid: tuple[int, int] | None = None) -> Tensor:
-    """Attention rollout across the attention blocks (in module order) as a map on the patch grid
-    (N, h, w): the class token's row of the rolled-out matrix (without a class token: the mean row)."""
-    _check_batch(inputs)
-    with ModelGuard(model, eval=True), torch.no_grad(), capture_attention(model, layers) as tap:
-        model(inputs)
-    order = [w for name in tap.layers for w in tap.values.get(name, [])]
-    if not order:
-        raise ValueError("no attention layer ran in the forward pass")
-    r = rollout(order, head_fusion=head_fusion, discard_ratio=discard_ratio)
-    has_cls, h, w = _patch_grid(r.shape[-1], class_token, grid)
-    row = r[:, 0, 1:] if has_cls else r.mean(1)
-    return row.reshape(r.shape[0], h, w)
+                      grid=None) -> Tensor:
+    """Attention rollout across the attention blocks (in the order they run) as a map on the input's grid (N, *grid):
+    the class token's row of the rolled-out matrix, its prefix tokens dropped (without a class token: the mean row).
 
+    Defined where every block attends over the same tokens (ViT, DeiT, token-mixing models); refused with a clear
+    error where it is not: window attention (Swin, MaxViT: attention stays inside windows, there are no token-to-token
+    paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling)."""
+    if class_token not in ("auto", "first", "none"):
+        raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+    _check_batch(inputs)
+    records = _attention_records(model, inputs, layers)
+    windowed = [r for r in records if r.kind != "global"]
+    if windowed:
+        raise ValueError(f"attention rollout is not defined for window attention ({windowed[0].layer!r}: "
+                         f"{windowed[0].scheme or 'windows in the batch'}): each block attends inside windows, so "
+                         "there are no token-to-token paths to multiply; use attention_maps")
+    sizes = [tuple(r.weights.shape[-2:]) for r in records]
+    if any(sq != sk for sq, sk in sizes) or len(set(sizes)) > 1:
+        changes = " -> ".join(dict.fromkeys(f"{sq}x{sk}" for sq, sk in sizes))
+        raise ValueError(f"attention rollout is not defined here: the blocks attend over different token sets "
+                         f"({changes} queries x keys: pooling or subsampling); use attention_maps")
+    key = records[0].key
+    if grid is not None:
+        g = tuple(int(v) for v in grid)
+        key = Layout("tokens", g, sizes[0][1] - int(torch.tensor(g).prod()), "given")
+    if key is None:
+        raise LayoutError(f"attention rollout: {records[0].why}; pass grid=(h, w)")
+    prefix = key.prefix if class_token != "first" else max(1, key.prefix)
+    r = rollout([rec.weights for rec in records], head_fusion=head_fusion, discard_ratio=discard_ratio,
+                keep=max(prefix, 1))
+    row = r[:, 0] if (class_token != "none" and prefix > 0) else r.mean(1)
+    return row[:, prefix:].reshape(r.shape[0], *key.grid)

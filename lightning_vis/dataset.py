@@ -140,12 +140,13 @@ class TopKCollector(StreamingTap):
 
     needs_indices = True
 
-    def __init__(self, model: nn.Module, layers: LayerSpec, k: int = 9, score: str = "max"):
+    def __init__(self, model: nn.Module, layers: LayerSpec, k: int = 9, score: str = "max", *, layout=None,
+                 grid=None):
         if score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        super().__init__(model, layers)
+        super().__init__(model, layers, layout=layout, grid=grid)
         self.k, self.score = k, score
         self.state = TopK(k, score)
 
@@ -213,15 +214,15 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
 
 
 def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, score: str = "max", *,
-                   device=None, progress: bool = True, gather: bool = True) -> TopK:
+                   device=None, progress: bool = True, gather: bool = True, layout=None, grid=None) -> TopK:
     """For every channel of every layer, the k dataset inputs with the highest activation score: "max" (the
     strongest unit, whose position is kept for the crop) or "mean" (over the map; position of the max kept).
 
     One pass over `dataloader` (see :func:`scan`). Dataset indices follow the loader's (deterministic) sampler.
     Under an initialised torch.distributed group each rank scans its shard; with gather=True the results are
-    all-gathered and merged, so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), linear and
-    token layers."""
-    collector = TopKCollector(model, layers, k, score)
+    all-gathered and merged, so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), channels-last,
+    linear and token layers, as hooks.layout decides (layout= / grid= override it)."""
+    collector = TopKCollector(model, layers, k, score, layout=layout, grid=grid)
     if scan(model, dataloader, [collector], device=device, desc="top-k examples", progress=progress) == 0:
         raise ValueError("the dataloader yielded no batches: nothing to rank")
     result = collector.result()

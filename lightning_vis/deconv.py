@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture
-from .hooks.attention import is_token_layout
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
+from .hooks.checkpoint import reentrant_guard
 
 
 @dataclass
@@ -36,18 +36,15 @@ def _feature_norms(act: Tensor) -> Tensor:
     return act.flatten(2).norm(dim=2) if act.dim() > 2 else act.abs()
 
 
-def _features_first(t: Tensor, tokens: bool, dim: int = 1) -> Tensor:
-    """A view with the features on `dim`: a token layout (..., L, D) has them last."""
-    return t.movedim(-1, dim) if tokens else t
-
-
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
-              chunk_size: int | None = None, memory_budget: int | None = None) -> Reconstructions:
+              chunk_size: int | None = None, memory_budget: int | None = None, layout=None,
+              grid=None) -> Reconstructions:
     """Reconstructions of the top_k strongest features (by activation norm) of each layer for each input, or of
-    the features named (a list for every layer, or {layer: [channels]}). A feature is a channel of a conv layer, a
-    unit of a linear layer, and a hidden dimension D of a token layer (N, L, D) of an attention model (as in
-    hooks.attention.is_token_layout; all its tokens are sent back).
+    the features named (a list for every layer, or {layer: [channels]}). A feature is a channel of a conv layer
+    (channels-first or channels-last, as hooks.layout decides; layout= / grid= override it), a unit of a linear
+    layer, and a hidden dimension D of a token layer (N, L, D) of an attention model (all its tokens are sent
+    back).
 
     One forward pass records everything (activations, ReLU masks, max-pool switches). The targets are then sent
     back in stacks of "slots" (one per (layer, k), each holding every image's target): ``torch.vmap`` over
@@ -65,54 +62,57 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     n = inputs.shape[0]
     with ModelGuard(model, eval=True, freeze=True):
         x = inputs.detach().clone().requires_grad_(True)
-        with BackwardRules(rule), capture(model, layers, grads=True) as tap:
+        # the rules and the taps stay on through the backward passes: torch.utils.checkpoint recomputes under them
+        with BackwardRules(rule), capture(model, layers, grads=True, layouts=True, layout=layout, grid=grid) as tap, \
+                reentrant_guard("deconvnet"):
             model(x)
-        names = list(tap.layers)
-        result = Reconstructions()
-        tokens = {}
-        for name in names:
-            if not tap.live.get(name):
-                raise ValueError(f"layer {name!r} did not run in the forward pass")
-            tokens[name] = is_token_layout(tap.live[name][0], tap.layers[name], input_dims=x.dim())
-            norms = _feature_norms(_features_first(tap.live[name][0].detach().float(), tokens[name]))
-            n_ch = norms.shape[1]
-            if features is None:
-                if not 1 <= top_k <= n_ch:
-                    raise ValueError(f"top_k must be between 1 and {n_ch} (the channels of {name!r}), got {top_k}")
-                scores, chans = norms.topk(top_k, dim=1)
-            else:
-                wanted = features.get(name, []) if isinstance(features, dict) else features
-                if not wanted:
-                    raise ValueError(f"no features given for layer {name!r}")
-                bad = [c for c in wanted if not 0 <= c < n_ch]
-                if bad:
-                    raise ValueError(f"features {bad} out of range for {name!r}, which has {n_ch} channels")
-                chans = torch.tensor(wanted, device=norms.device).expand(n, -1)
-                scores = norms.gather(1, chans)
-            result.features[name], result.scores[name] = chans, scores
-        acts = {name: tap.live[name][0] for name in names}
-        slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
-        per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
-        size = chunk_size or max(1, _budget(x.device, memory_budget) // per_slot)
-        recs = {}
-        for chunk in _chunks(slots, size, mix_layers=x.device.type == "cuda"):
-            outs, grads = [], []
-            for name in dict.fromkeys(name for name, _ in chunk):
-                act = acts[name].detach()
-                g = act.new_zeros(len(chunk), *act.shape)
-                gv, av = _features_first(g, tokens[name], 2), _features_first(act, tokens[name])  # views
-                rows = torch.arange(n, device=act.device)
-                for s, (slot_name, k) in enumerate(chunk):
-                    if slot_name == name:
-                        c = result.features[name][:, k]
-                        gv[s, rows, c] = av[rows, c]
-                outs.append(acts[name])
-                grads.append(g)
-            with warnings.catch_warnings():  # ops without a batching rule (attention's backward) loop: still right
-                warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
-                rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
-            for s, slot in enumerate(chunk):
-                recs[slot] = rec[s]
+            tap.forward_done()
+            names = list(tap.layers)
+            result = Reconstructions()
+            lay = {}
+            for name in names:
+                if not tap.live.get(name):
+                    raise ValueError(f"layer {name!r} did not run in the forward pass")
+                lay[name] = tap.layout(name)
+                norms = _feature_norms(lay[name].unit_first(tap.live[name][0].detach().float()))
+                n_ch = norms.shape[1]
+                if features is None:
+                    if not 1 <= top_k <= n_ch:
+                        raise ValueError(f"top_k must be between 1 and {n_ch} (the channels of {name!r}), got {top_k}")
+                    scores, chans = norms.topk(top_k, dim=1)
+                else:
+                    wanted = features.get(name, []) if isinstance(features, dict) else features
+                    if not wanted:
+                        raise ValueError(f"no features given for layer {name!r}")
+                    bad = [c for c in wanted if not 0 <= c < n_ch]
+                    if bad:
+                        raise ValueError(f"features {bad} out of range for {name!r}, which has {n_ch} channels")
+                    chans = torch.tensor(wanted, device=norms.device).expand(n, -1)
+                    scores = norms.gather(1, chans)
+                result.features[name], result.scores[name] = chans, scores
+            acts = {name: tap.live[name][0] for name in names}
+            slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
+            per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
+            size = chunk_size or max(1, _budget(x.device, memory_budget) // per_slot)
+            recs = {}
+            for chunk in _chunks(slots, size, mix_layers=x.device.type == "cuda"):
+                outs, grads = [], []
+                for name in dict.fromkeys(name for name, _ in chunk):
+                    act = acts[name].detach()
+                    g = act.new_zeros(len(chunk), *act.shape)
+                    gv, av = lay[name].unit_first(g, 2), lay[name].unit_first(act)  # views, units on dim 2 / 1
+                    rows = torch.arange(n, device=act.device)
+                    for s, (slot_name, k) in enumerate(chunk):
+                        if slot_name == name:
+                            c = result.features[name][:, k]
+                            gv[s, rows, c] = av[rows, c]
+                    outs.append(acts[name])
+                    grads.append(g)
+                with warnings.catch_warnings():  # ops without a batching rule (attention's backward) loop: still right
+                    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+                    rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
+                for s, slot in enumerate(chunk):
+                    recs[slot] = rec[s]
         for name in names:
             k = result.features[name].shape[1]
             result.images[name] = torch.stack([recs[(name, j)] for j in range(k)], dim=1).detach()

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
-from .hooks.attention import is_token_layout, tokens_to_grid
+from .hooks.layout import Layout, LayoutError, trace_layouts
 from .objectives import Objective, channel, layer
 from .params import ImageParam
 
@@ -187,16 +187,16 @@ class _Stop(Exception):
     pass
 
 
-def _activations(model, names, modules, x, needs_output, input_dims):
+def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layout]):
     """Forward until every needed layer has run (the rest of the network is skipped unless the output is needed);
-    token layouts put on their grid."""
+    each layer's output as (B, C, *grid) maps by its layout (tokens on their grid, channels-last moved)."""
     acts = {}
 
     def hook_for(name):
         def hook(module, args, output):
             out = output if isinstance(output, Tensor) else output[0]
             if name not in acts:
-                acts[name] = tokens_to_grid(out)[0] if is_token_layout(out, module, "auto", input_dims) else out
+                acts[name] = layouts[name].to_maps(out)
             if not needs_output and len(acts) == len(names):
                 raise _Stop
         return hook
@@ -216,18 +216,74 @@ def _activations(model, names, modules, x, needs_output, input_dims):
     return acts, out
 
 
+def _layouts(model, names, x) -> dict[str, Layout]:
+    """The layouts of the objective's layers for inputs like x (hooks.layout; remembered per input shape)."""
+    found = trace_layouts(model, x.detach())
+    out = {}
+    for n in names:
+        lay = found.get(n)
+        if lay is None:
+            raise ValueError(f"layer {n!r} did not run in the forward pass")
+        if not isinstance(lay, Layout):
+            raise lay.error()
+        out[n] = lay
+    return out
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) or (B, C, T, H, W) resized bilinearly in space to `size`."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.dim() == 4:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    b, c, t = x.shape[:3]
+    frames = F.interpolate(x.transpose(1, 2).flatten(0, 1), size=size, mode="bilinear", align_corners=False)
+    return frames.view(b, t, c, *size).transpose(1, 2)
+
+
+def _fit(model, names, x, size, input_size, preprocess):
+    """(the spatial size fed to the model or None for "as transformed", the layers' layouts). The transformed input
+    (padded and jittered: larger than `size`) is tried first; a model that refuses it (a ViT with a fixed input
+    size) gets inputs resized to `size` (or input_size when given)."""
+    def prepared(s):
+        y = _resize(x, s) if s is not None else x
+        return preprocess(y) if preprocess is not None else y
+
+    if input_size is not None:
+        return tuple(input_size), _layouts(model, names, prepared(tuple(input_size)))
+    try:
+        return None, _layouts(model, names, prepared(None))
+    except LayoutError:
+        raise
+    except Exception as first:
+        if tuple(x.shape[-2:]) == tuple(size[-2:]):
+            raise ValueError(f"render: the model refused a {tuple(x.shape)} input ({type(first).__name__}: "
+                             f"{first})") from None
+        try:
+            return tuple(size[-2:]), _layouts(model, names, prepared(tuple(size[-2:])))
+        except LayoutError:
+            raise
+        except Exception:
+            raise ValueError(f"render: the model refused the transformed {tuple(x.shape)} input and one of the "
+                             f"render size {tuple(size[-2:])} ({type(first).__name__}: {first}); pass "
+                             "input_size=(H, W) the model accepts") from None
+
+
 def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, channels: int = 3, steps: int = 128,
            lr: float | None = None, param: str = "fft", transforms: Transforms | str = "standard",
            preprocess: Callable[[Tensor], Tensor] | None = None, batch: int | None = None, chunk_size: int = 32,
            seed: int = 0, relu_fix: str | None = "redirect", relu_fix_steps: int = 16, decay_power: float = 1.0,
            blur: tuple[float, float] = (1.0, 0.0), image: Tensor | None = None, device=None,
-           progress: bool = True) -> RenderResult:
+           input_size: Sequence[int] | None = None, progress: bool = True) -> RenderResult:
     """Optimise images to maximise `objective`: an Objective, or (layer, channels) to render those channels of
     the layer (one per batch element, in chunks of chunk_size).
 
     size: H (square), (H, W), or (T, H, W) for video nets (space-time renders). param "fft" (Adam, lr 0.05) or
     "pixel" (Adam, lr decaying from 0.05 to 0.005 with a Gaussian blur of width blur[0] -> blur[1] every step:
     Øygard's schedule). preprocess maps [0, 1] images to what the model expects (e.g. ImageNet normalisation).
+    Layers are read through their layout (hooks.layout): channels-last maps and token layers put on their grid.
+    input_size: the (H, W) the model is fed; by default the transformed images as they are (larger than `size`:
+    padded), and, for a model that refuses them (a ViT or MaxViT with a fixed input size), resized back to `size`.
     The same arguments and seed give the same images. The model is restored afterwards."""
     if isinstance(size, int):
         size = (size, size)
@@ -236,6 +292,14 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
         raise ValueError(f"size must be H, (H, W) or (T, H, W), got {size}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if any(v < 1 for v in size):
+        raise ValueError(f"size must be positive, got {size}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if input_size is not None:
+        input_size = tuple(int(v) for v in ((input_size, input_size) if isinstance(input_size, int) else input_size))
+        if len(input_size) != 2 or min(input_size) < 1:
+            raise ValueError(f"input_size must be (H, W) of positive integers, got {input_size}")
     if isinstance(transforms, str):
         if transforms not in ("standard", "none"):
             raise ValueError(f"transforms must be 'standard', 'none' or a Transforms, not {transforms!r}")
@@ -245,6 +309,8 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
     if isinstance(objective, tuple):
         layer_name, units = objective
         units = list(units) if not isinstance(units, int) else [units]
+        if not units:
+            raise ValueError(f"no channels to render for {layer_name!r}")
         jobs = [(channel(layer_name, units[i:i + chunk_size]), len(units[i:i + chunk_size]))
                 for i in range(0, len(units), chunk_size)]
         desc = f"{layer_name}: {len(units)} channels"
@@ -262,6 +328,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
     modules = resolve_layers(model, names) if names else {}
     bar = progress_bar(progress, f"render {desc}", total=steps * len(jobs), unit="step")
     images, losses = [], []
+    fit, layouts = input_size, None
     with ModelGuard(model, eval=True, freeze=True):
         for j, (obj, n) in enumerate(jobs):
             gen = torch.Generator().manual_seed(seed + 1000003 * j)
@@ -278,11 +345,16 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                 sigma = blur[0] * (1 - frac) + blur[1] * frac if param == "pixel" else 0.0
                 opt.zero_grad(set_to_none=True)
                 x = transforms(img_param(), gen, blur=sigma)
+                if step == 0:  # the input size the model takes and the layers' layouts, for this batch size
+                    fit, layouts = _fit(model, obj.layers, x, size, fit, preprocess)
+                    settings["input_size"] = list(fit) if fit is not None else list(x.shape[-2:])
+                if fit is not None:
+                    x = _resize(x, fit)
                 if preprocess is not None:
                     x = preprocess(x)
                 fixed = relu_fix and (relu_fix == "leaky" or step < relu_fix_steps)
                 with ReluFix(relu_fix) if fixed else contextlib.nullcontext():
-                    acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, x.dim())
+                    acts, out = _activations(model, obj.layers, modules, x, obj.needs_output, layouts)
                     value = obj(acts, out)
                 if value.shape != (n,):
                     raise ValueError(f"objective {obj.name} gave shape {tuple(value.shape)}, not one value per "
@@ -333,7 +405,7 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
                     for x in range(0, shape[1], th):
                         piece = img[..., y:y + th, x:x + th]
                         inp = preprocess(piece) if preprocess is not None else piece
-                        acts, _ = _activations(model, [name], modules, inp, False, 4)
+                        acts, _ = _activations(model, [name], modules, inp, False, _layouts(model, [name], inp))
                         (g,) = torch.autograd.grad(objective(acts).sum(), img)
                         grad += g
                 grad = grad.roll((-dy, -dx), (-2, -1))

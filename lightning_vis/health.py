@@ -126,8 +126,8 @@ class ActivityCollector(StreamingTap):
     Lightning validation loop in the callbacks): attach(), before(x) and add(indices) around each forward,
     detach()."""
 
-    def __init__(self, model: nn.Module, layers: LayerSpec, threshold: float = 0.0):
-        super().__init__(model, layers)
+    def __init__(self, model: nn.Module, layers: LayerSpec, threshold: float = 0.0, *, layout=None, grid=None):
+        super().__init__(model, layers, layout=layout, grid=grid)
         self.threshold = threshold
         self.stats: dict[str, list] = {}
         self.seen = 0
@@ -152,11 +152,12 @@ class ActivityCollector(StreamingTap):
 
 def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
                   duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
-                  renders: dict[str, Tensor] | None = None, device=None, progress: bool = True) -> HealthReport:
+                  renders: dict[str, Tensor] | None = None, device=None, progress: bool = True, layout=None,
+                  grid=None) -> HealthReport:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
     near-duplicate filters and noise-only filters (weights, and `renders[layer]` (C, 3, H, W) feature
     visualizations when given, as rough as white noise: score >= noise_threshold)."""
-    collector = ActivityCollector(model, layers, threshold)
+    collector = ActivityCollector(model, layers, threshold, layout=layout, grid=grid)
     if scan(model, dataloader, [collector], device=device, desc="filter health", progress=progress) == 0:
         raise ValueError("the dataloader yielded no batches: no activity to measure")
     return collector.report(duplicate_threshold=duplicate_threshold, noise_threshold=noise_threshold,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .hooks import ModelGuard
-from .hooks.attention import is_token_layout
+from .hooks.layout import LayoutTracer
 from .hooks.resolve import LayerSpec, resolve_layers
 from .hooks.rules import _POOLS
 
@@ -69,7 +69,7 @@ class _Stop(Exception):
     pass
 
 
-def _support(model, params, name, module, shape):
+def _support(model, params, name, module, shape, layout=None, grid_override=None):
     """The layer's grid, its centre unit c and c + 1, and the input support of each (2, *spatial)."""
     got = {}
 
@@ -78,19 +78,23 @@ def _support(model, params, name, module, shape):
         raise _Stop
 
     x = torch.ones(2, *shape, requires_grad=True)
-    handle = module.register_forward_hook(hook)
+    tracer = LayoutTracer(model, layout, grid_override)
     try:
-        with _Linearised():
-            torch.func.functional_call(model, params, (x,), strict=False)
+        with tracer:
+            handle = module.register_forward_hook(hook)  # after the tracer's: the layout is decided when it stops
+            try:
+                with _Linearised():
+                    torch.func.functional_call(model, params, (x,), strict=False)
+            finally:
+                handle.remove()
     except _Stop:
         pass
-    finally:
-        handle.remove()
     if "out" not in got:
         raise ValueError(f"layer {name!r} did not run in the forward pass")
-    out = got["out"]
-    if is_token_layout(out, module, "auto", x.dim()):
-        raise ValueError(f"layer {name!r} has a token layout {tuple(out.shape)}: attention sees the whole input")
+    lay = tracer.layout(name)
+    if lay.kind == "tokens":
+        raise ValueError(f"layer {name!r} has a token layout ({lay.describe()}): attention sees the whole input")
+    out = lay.unit_first(got["out"])
     grid = tuple(out.shape[2:])
     if len(grid) != len(shape) - 1:
         raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}, which has no {len(shape) - 1}D map "
@@ -111,10 +115,12 @@ def _extent(support: Tensor, axis: int) -> tuple[int, int]:
     return int(idx.min()), int(idx.max())
 
 
-def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: int = 4096) -> ReceptiveField:
+def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: int = 4096, *, layout=None,
+                    grid=None) -> ReceptiveField:
     """The receptive field of `layer`'s units for inputs of shape (C, *spatial). Where the field of the centre
     unit is clipped by the input's edges, it is measured again on a larger input (up to max_size per axis; the
-    forward stops at the layer, so a fixed-size head does not matter)."""
+    forward stops at the layer, so a fixed-size head does not matter). Channels-first and channels-last layers
+    (hooks.layout; layout= / grid= override it); token layers are refused (attention sees the whole input)."""
     shape = tuple(int(v) for v in input_shape)
     if len(shape) < 2:
         raise ValueError(f"input_shape must be (C, *spatial), got {shape}")
@@ -125,14 +131,15 @@ def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: i
     spatial = shape[1:]
     params = {k: p.detach().abs() + 1e-3 for k, p in model.named_parameters()}
     with ModelGuard(model, eval=True, freeze=True):
-        grid, *_ = _support(model, params, name, module, shape)
+        overrides = (layout, grid)
+        grid, *_ = _support(model, params, name, module, shape, *overrides)
         size, jump, start = [], [], []
         for axis in range(len(spatial)):
             n = spatial[axis]
             while True:
                 probe = list(spatial)
                 probe[axis] = n
-                _, c, c1, sup = _support(model, params, name, module, (shape[0], *probe))
+                _, c, c1, sup = _support(model, params, name, module, (shape[0], *probe), *overrides)
                 (lo, hi), (lo1, _) = _extent(sup[0], axis), _extent(sup[1], axis)
                 if (lo > 0 and hi < n - 1) or 2 * n > max_size:
                     break

@@ -78,7 +78,13 @@ def test_vit_attention_and_token_grids():
     assert hook_counts(vit) == 0
 
 
-def test_only_attention_layers():
-    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
-    with pytest.raises(ValueError, match="not attention layers"):
-        capture_attention(vit, "conv_proj")
+def test_a_layer_without_attention_records_nothing_and_the_method_says_so():
+    import lightning_vis as lv
+
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), capture_attention(vit, "conv_proj") as att:
+        vit(x)
+    assert att.records == [] and hook_counts(vit) == 0
+    with pytest.raises(ValueError, match="no attention weights were computed in the layers named"):
+        lv.attention_maps(vit, x, "conv_proj")

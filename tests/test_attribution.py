@@ -190,8 +190,10 @@ def small_vit(image_size=24, patch=8):
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(4)
-    return VisionTransformer(image_size=image_size, patch_size=patch, num_layers=2, num_heads=2, hidden_dim=16,
-                             mlp_dim=32, num_classes=5).eval()
+    vit = VisionTransformer(image_size=image_size, patch_size=patch, num_layers=2, num_heads=2, hidden_dim=16,
+                            mlp_dim=32, num_classes=5).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head: every gradient would be 0
+    return vit
 
 
 def test_vit_cam_on_token_layer_infers_the_grid():
@@ -265,7 +267,7 @@ def test_methods_leave_the_model_as_it_was_and_never_fill_grad():
     (lambda n, x: lv.grad_cam(n, x, "conv2", target=5), r"target class 5 out of range.*5 classes \(0..4\)"),
     (lambda n, x: lv.saliency(n, x, target=-1), "target class -1 out of range"),
     (lambda n, x: lv.guided_backprop(n, x, target=[1, 2, 3]), "3 targets for a batch of 2"),
-    (lambda n, x: lv.grad_cam(n, x, "fc"), r"outputs shape \(2, 5\), which has no spatial map"),
+    (lambda n, x: lv.grad_cam(n, x, "fc"), r"'fc' outputs \(2, 5\), a vector: no spatial map over the 2D input"),
     (lambda n, x: lv.grad_cam(n, x, "conv*"), "takes one layer.*conv1, conv2"),
     (lambda n, x: lv.grad_cam(n, x, "conv3"), "conv1|conv2"),
     (lambda n, x: lv.grad_cam(n, x, "conv2", method="cam"), "choose one of gradcam"),

@@ -1,39 +1,47 @@
-"""Token layouts and attention weights: attention-based layers seen with the same tools as conv layers.
+"""Attention weights from whatever computes them, placed on the input's grid.
 
-- ``tokens_to_grid``: a (N, L, D) token layout -> (N, D, h, w) spatial maps, the class token set apart; the grid
-  size is inferred (a square number of patch tokens, with or without one class token in front) or given.
-- ``capture_attention``: the per-head attention weights of ``nn.MultiheadAttention`` layers, also where the
-  caller asked for none (torchvision's ViT calls them with ``need_weights=False``): the weights are requested for
-  the pass and the caller still gets back exactly the return value it asked for.
+``capture_attention`` records, for the pass it wraps only, the per-head attention weights computed inside the
+modules it watches:
+
+- ``nn.MultiheadAttention`` (torchvision's ViT, which asks for no weights): recomputed from the module's own
+  projections by ``F.multi_head_attention_forward(..., need_weights=True)`` in a pre-hook; the module's call is
+  untouched (its fast path included).
+- ``F.scaled_dot_product_attention`` (timm's fused attention): softmax(q k^T * scale + mask) recomputed next to the
+  call, which itself runs as it would; explicit ``softmax(..., dim=-1)`` over the last axis (timm without fused
+  attention, LeViT with its attention biases, Swin's window attention, MaxViT, MViT's pooled attention): the
+  softmax's output itself. Both through a ``TorchFunctionMode`` scoped to the pass (nothing in torch is patched;
+  other threads are unaffected); the model's output is the same tensor, bit for bit.
+
+The weights are credited to the innermost watched module running at the time (by default every module in which
+attention happens). Each record knows its placement: for global attention the token layouts of its queries and keys
+(prefix tokens + grid, from hooks.layout, MViT's pooled key grids included); for window attention (torchvision's
+and timm's Swin, MaxViT's window and grid partitions, MobileViT's patch folding) how windows map back onto the
+image grid. ``AttentionRecord.received()`` gives, per head, what the class token attends to (or, without one, the
+attention each position receives averaged over queries) on the grid.
+
+``tokens_to_grid``: a (N, L, D) token layout -> (N, D, h, w) maps, the class token set apart, the grid inferred as
+a square (hooks.layout decides grids for any model; this is the plain helper for a known square layout).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from .layout import Layout, LayoutTracer, _first_tensor, _signature
 from .resolve import LayerSpec, resolve_layers
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
-
-
-# 3D outputs of these layers are (N, C, L) channels-first maps; other layers' 3D outputs are (N, L, D) tokens.
-CHANNEL_FIRST_1D = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-                    nn.AdaptiveMaxPool1d, nn.BatchNorm1d, nn.InstanceNorm1d)
-
-
-def is_token_layout(output: Tensor, module: nn.Module, layout: str = "auto", input_dims: int = 4) -> bool:
-    """Whether a layer's output is a (N, L, D) token layout. layout "tokens" / "channels" say so; "auto": a 3D
-    output of a model whose input has spatial dims (input_dims >= 4: images, clips), unless the layer is a 1D
-    conv / pool / norm. For 1D inputs (N, C, L) "auto" means channels (a transformer on sequences: say "tokens")."""
-    if layout not in ("auto", "channels", "tokens"):
-        raise ValueError(f"layout must be 'auto', 'channels' or 'tokens', not {layout!r}")
-    if output.dim() != 3 or layout == "channels":
-        return False
-    return layout == "tokens" or (input_dims >= 4 and not isinstance(module, CHANNEL_FIRST_1D))
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+_SDPA = F.scaled_dot_product_attention
+_LEAVES = (nn.Softmax, nn.Dropout, nn.Identity)  # modules attention passes through, never its owner
 
 
 def tokens_to_grid(tokens: Tensor, grid: tuple[int, int] | None = None,
@@ -65,44 +73,342 @@ def tokens_to_grid(tokens: Tensor, grid: tuple[int, int] | None = None,
     return patches.transpose(1, 2).reshape(n, d, h, w), cls
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class AttentionRecord:
+    """Weights of one attention computation of `layer`.
+
+    kind "global": ``weights`` (N, heads, Lq, Lk) over token layouts ``query`` / ``key`` (Layout of kind tokens,
+    or None where they could not be placed: ``why`` says why). kind "window": ``weights`` as computed (windows in
+    the batch) and ``place``, a function (N, heads, queries-averaged-or-first, keys per window) -> (N, heads, H, W).
+    """
+
+    layer: str
+    weights: Tensor
+    kind: str
+    source: str
+    query: Layout | None = None
+    key: Layout | None = None
+    place: object = None
+    why: str = ""
+    scheme: str = ""
+
+    @property
+    def placeable(self) -> bool:
+        return self.kind == "window" and self.place is not None or (self.kind == "global" and self.key is not None)
+
+    def received(self, class_token: str = "auto", grid=None) -> Tensor:
+        """(N, heads, *grid): per head, what the class token attends to (class_token "auto" with a prefix, or
+        "first"), else the attention each position receives averaged over the queries ("none", or no prefix)."""
+        if class_token not in ("auto", "first", "none"):
+            raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+        w = self.weights.float()
+        if self.kind == "window":
+            if self.place is None:
+                raise ValueError(f"attention of {self.layer!r} cannot be placed on the image: {self.why}")
+            return self.place(w.mean(-2))
+        key = self.key
+        if grid is not None:
+            g = tuple(int(v) for v in grid)
+            if w.shape[-1] - math.prod(g) < 0:
+                raise ValueError(f"grid {g} has more cells than the {w.shape[-1]} keys of {self.layer!r}")
+            key = Layout("tokens", g, w.shape[-1] - math.prod(g), "given")
+        if key is None:
+            raise ValueError(f"attention of {self.layer!r} ({w.shape[-2]} queries x {w.shape[-1]} keys) cannot be "
+                             f"placed on the input's grid: {self.why}; pass grid=(h, w)")
+        first = class_token == "first" or (class_token == "auto" and self.query is not None and self.query.prefix > 0)
+        row = w[..., 0, :] if first else w.mean(-2)
+        return row[..., key.prefix:].reshape(*row.shape[:-1], *key.grid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# placing window attention back on the image
+
+
+def _swin_placer(frame_module, x: Tensor, n_windows_total: int, area: int, timm_order: bool):
+    """Swin's shifted windows in 2D (torchvision, timm) and 3D (torchvision's Swin3D): (B*nW, heads, area) received
+    -> (B, heads, *grid). torchvision pads, then rolls; timm rolls, then pads. A window that covers a whole axis
+    is clipped to it (timm, Swin3D) or padded (torchvision 2D), and is not shifted along it."""
+    b, spatial = x.shape[0], tuple(x.shape[1:-1])
+    d = len(spatial)
+    ws_attr = _tuple(frame_module.window_size, d)
+    shift_attr = _tuple(frame_module.shift_size, d)
+    if ws_attr is None or shift_attr is None:
+        return None
+    for ws in (ws_attr, tuple(min(w, s) for w, s in zip(ws_attr, spatial))):
+        padded = tuple(-(-s // w) * w for s, w in zip(spatial, ws))
+        counts = tuple(p // w for p, w in zip(padded, ws))
+        if math.prod(ws) == area and b * math.prod(counts) == n_windows_total:
+            break
+    else:
+        return None
+    shift = tuple(0 if w >= s else sh for w, s, sh in zip(ws, spatial, shift_attr))
+    dims = tuple(range(2, 2 + d))
+    crop = (Ellipsis, *[slice(0, s) for s in spatial])
+
+    def place(r: Tensor) -> Tensor:
+        heads = r.shape[1]
+        m = r.reshape(b, *counts, heads, *ws)  # (b, counts..., heads, window...)
+        m = m.permute(0, 1 + d, *[i for k in range(d) for i in (1 + k, 2 + d + k)]).reshape(b, heads, *padded)
+        if timm_order:  # rolled before padding: crop, then roll back
+            return m[crop].roll(shift, dims)
+        return m.roll(shift, dims)[crop]
+    return place
+
+
+def _tuple(v, d: int):
+    if isinstance(v, int):
+        return (v,) * d
+    try:
+        t = tuple(int(i) for i in v)
+    except (TypeError, ValueError):
+        return None
+    return t if len(t) == d else None
+
+
+def _maxvit_placer(frame_module, x: Tensor, groups: int, positions: int):
+    """torchvision MaxViT: (B, G, heads, P) received -> (B, heads, H, W); "window": G windows of P cells;
+    "grid": G offsets inside blocks, P blocks (dilated attention)."""
+    b, _, h, w = x.shape
+    p = int(frame_module.p)
+    gh, gw = h // p, w // p
+    if frame_module.partition_type == "window":
+        if groups != gh * gw or positions != p * p:
+            return None
+
+        def place(r):
+            heads = r.shape[2]
+            return r.reshape(b, gh, gw, heads, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, heads, h, w)
+    else:
+        if groups != p * p or positions != gh * gw:
+            return None
+
+        def place(r):
+            heads = r.shape[2]
+            return r.reshape(b, p, p, heads, gh, gw).permute(0, 3, 4, 1, 5, 2).reshape(b, heads, h, w)
+    return place
+
+
+def _mobilevit_placer(frame_module, x: Tensor, folded_batch: int, tokens: int):
+    """timm MobileViT: patch pixels folded into the batch, (B*P, heads, N) received -> (B, heads, H', W')."""
+    b, _, h, w = x.shape
+    ph, pw = _tuple(frame_module.patch_size, 2) or (0, 0)
+    if not ph:
+        return None
+    nh, nw = -(-h // ph), -(-w // pw)
+    if folded_batch != b * ph * pw or tokens != nh * nw:
+        return None
+
+    def place(r):
+        heads = r.shape[1]
+        return r.reshape(b, ph, pw, heads, nh, nw).permute(0, 3, 4, 1, 5, 2).reshape(b, heads, nh * ph, nw * pw)
+    return place
+
+
+def _window_placement(stack, weights: Tensor, batch: int):
+    """(place function, scheme) for window attention whose batch holds windows, from the enclosing block."""
+    for name, module, x in reversed(stack):
+        if x is None:
+            continue
+        if hasattr(module, "window_size") and hasattr(module, "shift_size") and x.dim() in (4, 5) and \
+                x.shape[0] == batch:
+            timm_order = type(module).__module__.startswith("timm")
+            place = _swin_placer(module, x, weights.shape[0], weights.shape[-1], timm_order)
+            return place, f"shifted windows of {name}"
+        if hasattr(module, "partition_type") and hasattr(module, "p") and x.dim() == 4 and x.shape[0] == batch:
+            if weights.dim() != 5:
+                return None, ""
+            return _maxvit_placer(module, x, weights.shape[1], weights.shape[-1]), \
+                f"{module.partition_type} partitions of {name}"
+        if hasattr(module, "patch_size") and hasattr(module, "patch_area") and x.dim() == 4 and x.shape[0] == batch:
+            return _mobilevit_placer(module, x, weights.shape[0], weights.shape[-1]), f"patches of {name}"
+    return None, ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# capture
+
+
+def _sdpa_weights(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q k^T * scale + mask): the weights F.scaled_dot_product_attention uses (without dropout)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+    lq, lk = logits.shape[-2:]
+    if is_causal:
+        logits = logits.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    return logits.softmax(-1)
+
+
+def _attention_like(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return "attention" in name or "attn" in name
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, owner: "capture_attention"):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            if func is _SDPA:
+                names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+                b = {**dict(zip(names, args)), **kwargs}
+                q, k = b["query"], b["key"]
+                if self.owner._watching():
+                    with torch.no_grad():
+                        w = _sdpa_weights(q.detach(), k.detach(), b.get("attn_mask"), 0.0, b.get("is_causal", False),
+                                          b.get("scale"), b.get("enable_gqa", False))
+                    self.owner._record(w, "scaled_dot_product_attention")
+            elif func in _SOFTMAX and isinstance(out, Tensor) and out.dim() >= 3:
+                dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+                if dim in (-1, out.dim() - 1) and self.owner._watching():
+                    self.owner._record(out.detach().float().clone(), "softmax")
+        except Exception as e:  # capture must never change what the model computes
+            self.owner.failures.append(f"{type(e).__name__}: {e}")
+        return out
+
+
 class capture_attention:
-    """Records per-head attention weights (N, heads, L, S) of the nn.MultiheadAttention layers spec names
-    (default: all of them), one entry per call, in ``values[name]``."""
+    """Records per-head attention weights computed inside the modules `spec` names (default: every module in which
+    attention happens), for the pass it wraps. ``records``: AttentionRecord in call order; ``values[layer]``: the
+    raw weights per call. The model's output is unchanged, bit for bit."""
 
-    def __init__(self, model: nn.Module, spec: LayerSpec = nn.MultiheadAttention):
-        self.layers = resolve_layers(model, spec)
-        wrong = [k for k, m in self.layers.items() if not isinstance(m, nn.MultiheadAttention)]
-        if wrong:
-            raise ValueError(f"not attention layers (nn.MultiheadAttention): {', '.join(wrong)}")
+    def __init__(self, model: nn.Module, spec: LayerSpec | None = None):
+        self.model = model
+        self.watched = resolve_layers(model, spec) if spec is not None else None
+        everything = dict(model.named_modules())
+        mha = [k for k, m in everything.items() if isinstance(m, nn.MultiheadAttention)]
+        if self.watched is not None:
+            mha = [k for k in mha if any(k == w or k.startswith(w + ".") or w == "" for w in self.watched)]
+        self._mha = set(mha)
+        others = [k for k, m in (self.watched or everything).items() if not isinstance(m, nn.MultiheadAttention)
+                  and (self.watched is not None or _attention_like(m))]
+        # the mode makes nn.MultiheadAttention leave its fast path: only where other attention must be seen
+        self._use_mode = bool(others) or not self._mha
+        self.records: list[AttentionRecord] = []
         self.values: dict[str, list[Tensor]] = defaultdict(list)
+        self.failures: list[str] = []
+        self._stack: list = []
         self._handles = []
+        self._mode = None
+        self.tracer = LayoutTracer(model, cache=False)
 
-    def _hooks(self, name):
-        asked = []  # per call in flight: (need_weights, average_attn_weights) the caller asked for
+    # ---------------------------------------------------------------------------------------------- the stack
+    def _watching(self) -> bool:
+        """Inside a watched module, and not inside an nn.MultiheadAttention (recomputed by its own hook)."""
+        if not self._stack or any(n in self._mha for n, _, _ in self._stack):
+            return False
+        if self.watched is None:
+            return True
+        return any(n in self.watched for n, _, _ in self._stack)
 
-        def pre(module, args, kwargs):
-            kwargs = dict(kwargs)
-            kwargs.update(zip(_MHA_ARGS[3:], args[3:]))  # positional extras -> keywords
-            asked.append((kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True)))
-            kwargs.update(need_weights=True, average_attn_weights=False)
-            return args[:3], kwargs
+    def _credit(self) -> str:
+        """The innermost watched module running (an nn.Softmax / nn.Dropout leaf credits the module around it)."""
+        if self.watched is None:
+            return next((n for n, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), self._stack[-1][0])
+        return next(n for n, _, _ in reversed(self._stack) if n in self.watched)
 
-        def post(module, args, output):
-            out, weights = output
-            need, average = asked.pop()
-            self.values[name].append(weights.detach().clone())
-            return out, (weights.mean(1) if average else weights) if need else None
+    def _record(self, w: Tensor, source: str) -> None:
+        layer = self._credit()
+        batch = self.tracer.ctx.batch
+        if w.dim() == 3:  # one head: (N, Lq, Lk)
+            w = w[:, None]
+        place, scheme = _window_placement(self._stack, w, batch)  # first: a single padded window is not global
+        if place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
+            rec = self._global(layer, w, source)
+        else:
+            why = "" if place is not None else (f"its weights {tuple(w.shape)} hold windows or patches in the batch "
+                                                f"(batch {batch}) in a scheme lightning-vis does not know")
+            rec = AttentionRecord(layer, w, "window", source, place=place, why=why, scheme=scheme)
+        self.records.append(rec)
+        self.values[layer].append(w)
 
-        return pre, post
+    def _global(self, layer: str, w: Tensor, source: str) -> AttentionRecord:
+        ctx, known = self.tracer.ctx, self.tracer._known
+        x = next((x for n, _, x in reversed(self._stack) if n == layer), None)
+        given = known.get(_signature(x)) if x is not None else None
+        layouts = []
+        for count in (w.shape[-2], w.shape[-1]):
+            if given is not None and given.kind == "tokens" and given.prefix + math.prod(given.grid) == count:
+                layouts.append(given)
+                continue
+            found = ctx.token_layout(count, given.grid if given is not None and given.kind == "tokens" else None)
+            layouts.append(Layout("tokens", found[1], found[0], "attention") if found else None)
+        why = "" if layouts[1] is not None else (f"{w.shape[-1]} keys do not split into prefix tokens and a grid that "
+                                                 f"follows from the input {ctx.input_grid}")
+        return AttentionRecord(layer, w, "global", source, query=layouts[0], key=layouts[1], why=why)
+
+    def _pre(self, name, module):
+        def hook(mod, args, kwargs):
+            x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+            self._stack.append((name, mod, x))
+            if name in self._mha and (self.watched is None or self._watching_mha(name)):
+                self._mha_weights(name, mod, args, kwargs)
+        return hook
+
+    def _watching_mha(self, name):
+        return any(n in self.watched for n, _, _ in self._stack)
+
+    def _post(self, name):
+        def hook(mod, args, output):
+            if self._stack and self._stack[-1][0] == name:
+                self._stack.pop()
+        return hook
+
+    def _mha_weights(self, name, mod: nn.MultiheadAttention, args, kwargs):
+        b = dict(zip(_MHA_ARGS, args))
+        b.update(kwargs)
+        q, k, v = b["query"], b["key"], b["value"]
+        if mod.batch_first and q.dim() == 3:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        with torch.no_grad():
+            _, w = F.multi_head_attention_forward(
+                q, k, v, mod.embed_dim, mod.num_heads, mod.in_proj_weight, mod.in_proj_bias, mod.bias_k, mod.bias_v,
+                mod.add_zero_attn, 0.0, mod.out_proj.weight, mod.out_proj.bias, training=False,
+                key_padding_mask=b.get("key_padding_mask"), need_weights=True, attn_mask=b.get("attn_mask"),
+                use_separate_proj_weight=not mod._qkv_same_embed_dim, q_proj_weight=mod.q_proj_weight,
+                k_proj_weight=mod.k_proj_weight, v_proj_weight=mod.v_proj_weight, average_attn_weights=False,
+                is_causal=b.get("is_causal", False))
+        if w.dim() == 3:  # an unbatched call
+            w = w[None]
+        self._record(w.float(), "MultiheadAttention")  # credited to the MHA (or the watched module around it)
 
     def __enter__(self) -> "capture_attention":
-        for name, module in self.layers.items():
-            pre, post = self._hooks(name)
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(post))
+        try:
+            self.tracer.__enter__()
+            for name, module in self.model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(self._pre(name, module), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._post(name)))
+            if self._use_mode:
+                self._mode = _Mode(self)
+                self._mode.__enter__()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.tracer.__exit__(*exc)
+
+    def layers(self) -> list[str]:
+        """The modules credited with attention, in call order."""
+        return list(dict.fromkeys(r.layer for r in self.records))

@@ -16,17 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .guard import ModelGuard
+from .layout import Layout, LayoutError, LayoutTracer, Unplaceable, _first_tensor
 from .resolve import LayerSpec, resolve_layers
-
-
-def _first_tensor(value):
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            if isinstance(v, Tensor):
-                return v
-    return None
 
 
 class capture:
@@ -43,12 +34,20 @@ class capture:
         input without grad) the output becomes a leaf that does: only the part above the layer is recorded.
         Outputs only.
     reduce: ``f(name, module, output) -> value`` recorded instead of a copy of the output, called when the layer
-        returns (before any later in-place op): streaming statistics without a copy of every activation.
-    For a layer returning a tuple (e.g. ``nn.MultiheadAttention``), its first tensor is recorded.
+        returns (before any later in-place op): streaming statistics without a copy of every activation; inside it,
+        ``tap.layout(name)`` is already known.
+    layouts: decide the layout of every output (hooks.layout: channels-first, channels-last, tokens on their grid,
+        vectors) in the same pass; ``tap.layout(name)`` and ``tap.maps(name)`` read it. layout / grid: overrides
+        for one layer, or a dict per layer name.
+    For a layer returning a tuple (e.g. ``nn.MultiheadAttention``) or a dict, its first tensor is recorded.
+
+    Recomputation (``torch.utils.checkpoint``): keep the context open around the backward pass; calls made after the
+    forward (``tap.recording = False``, set by ``forward_done()``) hand on the same kind of tensor and record
+    nothing.
     """
 
     def __init__(self, model: nn.Module, spec: LayerSpec, *, what: str = "output", grads: bool = False,
-                 reduce=None):
+                 reduce=None, layouts: bool = False, layout=None, grid=None):
         if what not in ("output", "input"):
             raise ValueError(f"what must be 'output' or 'input', not {what!r}")
         if grads and (what != "output" or reduce is not None):
@@ -57,7 +56,15 @@ class capture:
         self.layers = resolve_layers(model, spec)
         self.values: dict[str, list[Tensor]] = defaultdict(list)
         self.live: dict[str, list[Tensor]] = defaultdict(list)
+        self.tracer = LayoutTracer(model, layout, grid) if layouts or layout is not None or grid is not None else None
+        self.recording = True
+        self.ungraded: set[str] = set()  # layers that ran under no_grad inside the model (reentrant checkpointing)
+        self.late_grads: dict[str, list[Tensor]] = defaultdict(list)  # their gradients, from recomputation
         self._handles = []
+
+    def forward_done(self) -> None:
+        """The forward pass is over: later calls of the hooks (checkpoint recomputation) record nothing."""
+        self.recording = False
 
     def _output_hook(self, name):
         def hook(module, args, output):
@@ -65,15 +72,26 @@ class capture:
             if out is None:
                 return None
             if self.grads:
-                if not out.requires_grad:  # nothing below needs gradients: start the graph here
+                if self.recording and not torch.is_grad_enabled():
+                    self.ungraded.add(name)  # e.g. inside a reentrant checkpoint: no graph from here
+                if not self.recording and name in self.ungraded and out.requires_grad:
+                    out.register_hook(lambda g, name=name: self.late_grads[name].append(g))  # recomputed: its grad
+                if not out.requires_grad and torch.is_grad_enabled():  # nothing below needs gradients: start here
                     out = out.detach().requires_grad_(True)
-                self.live[name].append(out)
-                self.values[name].append(out.detach())
+                if self.recording:
+                    self.live[name].append(out)
+                    self.values[name].append(out.detach())
                 copy = out.clone()  # what the rest of the network sees (and may modify in place)
+                if self.tracer is not None:
+                    self.tracer.alias(copy, _first_tensor(output))
                 if isinstance(output, Tensor):
                     return copy
                 first = _first_tensor(output)
+                if isinstance(output, dict):
+                    return type(output)((k, copy if v is first else v) for k, v in output.items())
                 return type(output)(copy if v is first else v for v in output)
+            if not self.recording:
+                return None
             if self.reduce is not None:  # summarised on the spot: nothing copied, nothing kept
                 self.values[name].append(self.reduce(name, module, out.detach()))
             else:
@@ -90,6 +108,8 @@ class capture:
 
     def __enter__(self) -> "capture":
         try:
+            if self.tracer is not None:  # its hooks first: a layer's layout is known when the tap's hook runs
+                self.tracer.__enter__()
             for name, module in self.layers.items():
                 if self.what == "output":
                     self._handles.append(module.register_forward_hook(self._output_hook(name)))
@@ -104,6 +124,21 @@ class capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.tracer is not None:
+            self.tracer.__exit__(*exc)
+
+    def layout(self, name: str) -> Layout:
+        """The layout of the layer's (first) output; LayoutError when it cannot be placed. Needs layouts=True."""
+        if self.tracer is None:
+            raise RuntimeError("this tap decides no layouts: capture(..., layouts=True)")
+        return self.tracer.layout(name)
+
+    def maps(self, name: str, call: int = 0) -> Tensor:
+        """The layer's output as (N, C, *grid) maps (tokens on their grid, prefix tokens dropped; vectors (N, D))."""
+        got = self.values.get(name, [])
+        if len(got) <= call:
+            raise RuntimeError(f"layer {name!r} ran {len(got)} times in the pass")
+        return self.layout(name).to_maps(got[call])
 
     def output(self, name: str) -> Tensor:
         """The single recorded value of a layer; an error if it ran zero times or more than once."""
@@ -126,12 +161,10 @@ class StreamingTap:
 
     needs_indices = False
 
-    def __init__(self, model: nn.Module, layers: LayerSpec):
+    def __init__(self, model: nn.Module, layers: LayerSpec, *, layout=None, grid=None):
         self.model = model
-        self.tap = capture(model, layers, reduce=self._reduce)
+        self.tap = capture(model, layers, reduce=self._reduce, layouts=True, layout=layout, grid=grid)
         self.names = list(self.tap.layers)
-        self.tokens: dict[str, bool] = {}
-        self.input_dims = 4
 
     def summarise(self, name: str, maps: Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -139,14 +172,12 @@ class StreamingTap:
     def add(self, indices) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _reduce(self, name, module, act):
-        from .attention import is_token_layout, tokens_to_grid
+    def layout(self, name: str) -> Layout:
+        return self.tap.layout(name)
 
-        if name not in self.tokens:
-            self.tokens[name] = is_token_layout(act, module, "auto", self.input_dims)
-        if self.tokens[name]:
-            act = tokens_to_grid(act)[0]
-        return self.summarise(name, act[..., None] if act.dim() == 2 else act)
+    def _reduce(self, name, module, act):
+        maps = self.tap.layout(name).to_maps(act)
+        return self.summarise(name, maps[..., None] if maps.dim() == 2 else maps)
 
     def attach(self):
         self.tap.__enter__()
@@ -157,7 +188,6 @@ class StreamingTap:
 
     def before(self, x: Tensor) -> None:
         """Ahead of the forward pass of batch x."""
-        self.input_dims = x.dim()
         for v in self.tap.values.values():
             v.clear()
 
@@ -176,12 +206,27 @@ class LayerInfo:
     output_shape: tuple | None  # of the first call; None when the output is not a tensor
     calls: int
     params: int
+    layout: Layout | Unplaceable | None = None  # of the first call's output (hooks.layout)
+
+    @property
+    def units(self) -> int | None:
+        """Channels / hidden units of the output (None when it cannot be placed)."""
+        if isinstance(self.layout, Layout) and self.output_shape is not None:
+            return int(self.output_shape[self.layout.unit_dim])
+        return None
+
+    @property
+    def layout_text(self) -> str:
+        if isinstance(self.layout, Layout):
+            return self.layout.describe()
+        return "-" if self.layout is None else "cannot place"
 
 
-def layers(model: nn.Module, example_input, *, leaves_only: bool = False) -> list[LayerInfo]:
-    """Every submodule the example forward pass runs, with its type and output shape (one dry forward in eval
-    mode without gradients; the model is restored afterwards). ``example_input``: a tensor or a tuple of
-    positional inputs."""
+def layers(model: nn.Module, example_input, *, leaves_only: bool = False, layout=None,
+           grid=None) -> list[LayerInfo]:
+    """Every submodule the example forward pass runs, with its type, output shape and layout (one dry forward in
+    eval mode without gradients; the model is restored afterwards). ``example_input``: a tensor or a tuple of
+    positional inputs. layout / grid: overrides, as in capture."""
     shapes: dict[str, list] = defaultdict(list)
     named = [(k, m) for k, m in model.named_modules() if k and (not leaves_only or not any(m.children()))]
     handles = []
@@ -192,7 +237,7 @@ def layers(model: nn.Module, example_input, *, leaves_only: bool = False) -> lis
             shapes[name].append(tuple(out.shape) if out is not None else None)
         return hook
 
-    with ModelGuard(model, eval=True), torch.no_grad():
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model, layout, grid) as tracer:
         try:
             for k, m in named:
                 handles.append(m.register_forward_hook(hook_for(k)))
@@ -201,5 +246,5 @@ def layers(model: nn.Module, example_input, *, leaves_only: bool = False) -> lis
         finally:
             for h in handles:
                 h.remove()
-    return [LayerInfo(k, type(m).__name__, shapes[k][0], len(shapes[k]), sum(p.numel() for p in m.parameters()))
-            for k, m in named if shapes.get(k)]
+    return [LayerInfo(k, type(m).__name__, shapes[k][0], len(shapes[k]), sum(p.numel() for p in m.parameters()),
+                      tracer.layouts.get(k)) for k, m in named if shapes.get(k)]

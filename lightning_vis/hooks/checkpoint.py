@@ -1,0 +1,54 @@
+"""Gradients through models that use activation checkpointing (``torch.utils.checkpoint``: timm's
+``set_grad_checkpointing()``, torchvision's ``densenet121(memory_efficient=True)``, user code).
+
+- Non-reentrant checkpointing (``use_reentrant=False``, what timm and torchvision use) recomputes a segment's
+  forward during the backward pass and checks that it saves the same tensors: the methods therefore keep their taps
+  and backward rules active through the backward pass, and taps hand on the same kind of tensor when called again
+  (``capture.forward_done``).
+- Reentrant checkpointing (``use_reentrant=True``) runs the segment's forward under ``no_grad`` and refuses
+  ``torch.autograd.grad``: input gradients are taken with ``.backward()`` instead (the parameters are frozen, so only
+  the method's own input copy receives a gradient), and a layer inside such a segment gets its gradient from a
+  tensor hook on the recomputed output. Where that cannot work (deconvnet's batched backward passes),
+  :class:`ReentrantCheckpointError` says how to turn checkpointing off for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+HOW_TO_TURN_OFF = ("turn checkpointing off for this call (timm: model.set_grad_checkpointing(False); torchvision "
+                   "DenseNet: memory_efficient=False) or use torch.utils.checkpoint.checkpoint(..., "
+                   "use_reentrant=False)")
+
+
+class ReentrantCheckpointError(ValueError):
+    """The model uses reentrant torch.utils.checkpoint where a method needs torch.autograd.grad."""
+
+
+def _is_reentrant_error(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and "use_reentrant=True" in str(e)
+
+
+@contextlib.contextmanager
+def reentrant_guard(what: str):
+    """Turns torch's reentrant-checkpoint error into one line that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _is_reentrant_error(e):
+            raise ReentrantCheckpointError(f"{what}: the model uses torch.utils.checkpoint with use_reentrant=True, "
+                                           f"which does not allow torch.autograd.grad; {HOW_TO_TURN_OFF}") from None
+        raise
+
+
+def input_gradient(total: Tensor, x: Tensor) -> Tensor:
+    """d total / d x for a leaf x that requires grad, through any kind of checkpointing. Parameters must not require
+    grad (the methods freeze them), so nothing else is accumulated."""
+    x.grad = None
+    total.backward()  # not autograd.grad: reentrant checkpointing refuses it
+    g = x.grad if x.grad is not None else torch.zeros_like(x)
+    x.grad = None
+    return g
