@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
-from .hooks.checkpoint import input_gradient
+from .hooks.checkpoint import HOW_TO_TURN_OFF, ReentrantCheckpointError, _is_reentrant_error, input_gradient
 from .hooks.layout import Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
@@ -130,11 +130,15 @@ def check_target(target) -> None:
 
 def _input_gradient(model, inputs, target, rule):
     x = inputs.detach().clone().requires_grad_(True)
-    # the rules stay on through the backward pass: torch.utils.checkpoint recomputes segments under them
-    with BackwardRules(rule) if rule else contextlib.nullcontext():
+    rules = BackwardRules(rule) if rule else contextlib.nullcontext()
+    with rules:
         out = model(x)
-        scores, classes = target_scores(out, target)
-        g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
+    if rule and rules.skipped_no_grad:
+        raise ReentrantCheckpointError(f"{rule} backprop: part of the model runs under torch.no_grad in the forward "
+                                       "pass and is recomputed in the backward pass (torch.utils.checkpoint with "
+                                       f"use_reentrant=True), where the {rule} rules cannot reach; {HOW_TO_TURN_OFF}")
+    scores, classes = target_scores(out, target)
+    g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
     return g, scores.detach(), classes
 
 
@@ -288,7 +292,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
 
 def _layer_gradient(model, x, target, name, layout, grid):
     """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
-    checkpointing (a layer inside a reentrant checkpoint gets its gradient from the recomputation)."""
+    checkpointing."""
     with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
         out = model(x)
         tap.forward_done()
@@ -298,26 +302,35 @@ def _layer_gradient(model, x, target, name, layout, grid):
         scores, classes = target_scores(out, target)
         act = tap.live[name][0]
         if name not in tap.ungraded:
-            (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True)
-            if grad is None:
-                raise ValueError(f"the target does not depend on layer {name!r}")
-            return lay, act, grad, scores, classes
-    # the layer ran under no_grad inside the model (a reentrant torch.utils.checkpoint): run again with an input that
-    # needs gradients, and take the layer's gradient where the backward pass recomputes it
+            try:
+                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
+            except RuntimeError as e:
+                if not _is_reentrant_error(e):
+                    raise
+            else:
+                if grad is None:
+                    raise ValueError(f"the target does not depend on layer {name!r}")
+                return lay, act, grad, scores, classes
+    # reentrant torch.utils.checkpoint: no autograd.grad, and a layer inside a segment ran under no_grad. Run again
+    # with an input that needs gradients and catch the layer's gradient with a tensor hook during .backward(): on the
+    # layer's output itself, or, inside a segment, on its recomputation.
     xg = x.detach().clone().requires_grad_(True)
     with capture(model, name, grads=True) as tap:
         out = model(xg)
         tap.forward_done()
+        if name not in tap.ungraded:
+            tap.live[name][0].register_hook(lambda g: tap.late_grads[name].append(g))
         scores, classes = target_scores(out, target)
         input_gradient(scores.sum(), xg)
         if not tap.late_grads.get(name):
             raise ValueError(f"the target does not depend on layer {name!r}")
-        return lay, act, tap.late_grads[name][0], scores, classes
+        return lay, tap.values[name][0], tap.late_grads[name][0], scores, classes
 
 
 def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
-    over the input (a grid of the input's dimensionality, larger than 1 on every axis) and that runs once; for
+    over the input (a grid of the input's dimensionality, larger than 1 on every axis; not a head's adaptive pooling)
+    and that runs once; for
     tokens with a class token in front (ViT, DeiT, MViT: the head reads only the class token after the last block)
     the last block's pre-attention norm, as pytorch-grad-cam's documentation advises."""
     finished, calls = [], {}
@@ -342,10 +355,12 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
                 h.remove()
     spatial = inputs.dim() - 2
 
+    modules = dict(named)
+
     def maps_over_input(k):
         lay = tracer.layouts.get(k)
         return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
-            all(g > 1 for g in lay.grid) and calls.get(k) == 1
+            all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE)
 
     candidates = [k for k in finished if maps_over_input(k)]
     if not candidates:
@@ -353,7 +368,6 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     last = candidates[-1]
     lay = tracer.layouts[last]
     if lay.kind == "tokens" and lay.prefix > 0:
-        modules = dict(named)
         blocks = [k for k in finished if any(_is_attention(c) for c in modules[k].children())]
         for block in reversed(blocks):
             norms = [f"{block}.{c}" for c, m in modules[block].named_children()
@@ -361,6 +375,10 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
             if norms:
                 return norms[0]
     return last
+
+
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)  # a head's pooling to a fixed size (VGG's 7x7): not a map
 
 
 def _is_attention(module: nn.Module) -> bool:

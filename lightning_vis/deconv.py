@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointError
 
 from .hooks import ModelGuard, capture
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
-from .hooks.checkpoint import reentrant_guard
+from .hooks.checkpoint import HOW_TO_TURN_OFF, ReentrantCheckpointError, reentrant_guard, ungraded
 
 
 @dataclass
@@ -59,15 +60,31 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     """
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
+    args = (model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid)
+    try:
+        return _deconvnet(*args, batched=True)
+    except CheckpointError:  # activation checkpointing recomputes without the rules under vmap: target by target
+        return _deconvnet(*args, batched=False)
+
+
+def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid, *, batched):
     n = inputs.shape[0]
     with ModelGuard(model, eval=True, freeze=True):
         x = inputs.detach().clone().requires_grad_(True)
         # the rules and the taps stay on through the backward passes: torch.utils.checkpoint recomputes under them
-        with BackwardRules(rule), capture(model, layers, grads=True, layouts=True, layout=layout, grid=grid) as tap, \
+        rules = BackwardRules(rule)
+        with rules, capture(model, layers, grads=True, layouts=True, layout=layout, grid=grid) as tap, \
                 reentrant_guard("deconvnet"):
             model(x)
             tap.forward_done()
             names = list(tap.layers)
+            if tap.ungraded:
+                raise ungraded("deconvnet", sorted(tap.ungraded)[0])
+            if rules.skipped_no_grad:
+                raise ReentrantCheckpointError(f"deconvnet: part of the model runs under torch.no_grad in the forward "
+                                               "pass and is recomputed in the backward pass (torch.utils.checkpoint "
+                                               f"with use_reentrant=True), where the rules cannot reach; "
+                                               f"{HOW_TO_TURN_OFF}")
             result = Reconstructions()
             lay = {}
             for name in names:
@@ -108,9 +125,13 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
                             gv[s, rows, c] = av[rows, c]
                     outs.append(acts[name])
                     grads.append(g)
-                with warnings.catch_warnings():  # ops without a batching rule (attention's backward) loop: still right
-                    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
-                    rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
+                if batched:
+                    with warnings.catch_warnings():  # ops without a batching rule (attention's backward) loop: right
+                        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+                        rec = torch.vmap(lambda *g: torch.autograd.grad(outs, x, g, retain_graph=True)[0])(*grads)
+                else:
+                    rec = torch.stack([torch.autograd.grad(outs, x, [g[s] for g in grads], retain_graph=True)[0]
+                                       for s in range(len(chunk))])
                 for s, slot in enumerate(chunk):
                     recs[slot] = rec[s]
         for name in names:

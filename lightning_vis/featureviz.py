@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
+from .hooks.checkpoint import ungraded
 from .hooks.layout import Layout, LayoutError, trace_layouts
 from .objectives import Objective, channel, layer
 from .params import ImageParam
@@ -195,6 +196,8 @@ def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layo
     def hook_for(name):
         def hook(module, args, output):
             out = output if isinstance(output, Tensor) else output[0]
+            if not torch.is_grad_enabled():
+                raise ungraded("feature visualization", name)
             if name not in acts:
                 acts[name] = layouts[name].to_maps(out)
             if not needs_output and len(acts) == len(names):

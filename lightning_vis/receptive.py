@@ -18,21 +18,25 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .hooks import ModelGuard
-from .hooks.layout import LayoutTracer
-from .hooks.resolve import LayerSpec, resolve_layers
+from .hooks.checkpoint import ReentrantCheckpointError, ungraded
+from .hooks.layout import LayoutError, LayoutTracer
+from .hooks.resolve import LayerNotFoundError, LayerSpec, resolve_layers
 from .hooks.rules import _POOLS
 
 
 @dataclass
 class ReceptiveField:
-    """Per spatial axis of the input: size, jump (the input stride between neighbouring units) and start (the
-    first input coordinate seen by unit 0, negative inside the padding). grid: the layer's spatial shape."""
+    """Per spatial axis of the input: size, jump (the input stride between neighbouring units; 0 where every unit sees
+    the whole input) and start (the first input coordinate seen by unit 0, negative inside the padding). grid: the
+    layer's spatial shape."""
 
     size: tuple[int, ...]
     jump: tuple[int, ...]
     start: tuple[int, ...]
     grid: tuple[int, ...]
     input_size: tuple[int, ...]
+    unbounded: tuple[bool, ...] = ()  # per axis: the field is the whole input at any size (jump 0), or reaches
+    # beyond the largest input the model accepts
 
     def box(self, position) -> tuple[tuple[int, int], ...]:
         """[(lo, hi) per axis], hi exclusive, of the input region unit `position` sees, clipped to the input."""
@@ -74,10 +78,12 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
     got = {}
 
     def hook(mod, args, output):
+        if not torch.is_grad_enabled():
+            raise ungraded("receptive_field", name)
         got["out"] = output if isinstance(output, Tensor) else output[0]
         raise _Stop
 
-    x = torch.ones(2, *shape, requires_grad=True)
+    x = torch.ones(2, *shape, dtype=torch.float64, requires_grad=True)
     tracer = LayoutTracer(model, layout, grid_override)
     try:
         with tracer:
@@ -108,10 +114,12 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
     return grid, c, c1, g.abs().sum(1) > 0
 
 
-def _extent(support: Tensor, axis: int) -> tuple[int, int]:
+def _extent(support: Tensor, axis: int, name: str = "") -> tuple[int, int]:
     others = tuple(d for d in range(support.dim()) if d != axis)
     hit = support.any(dim=others) if others else support
     idx = hit.nonzero().flatten()
+    if not idx.numel():
+        raise ValueError(f"layer {name!r}: the unit depends on no input pixel (its gradient is zero everywhere)")
     return int(idx.min()), int(idx.max())
 
 
@@ -129,24 +137,49 @@ def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: i
         raise ValueError(f"receptive_field takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
     (name, module), = found.items()
     spatial = shape[1:]
-    params = {k: p.detach().abs() + 1e-3 for k, p in model.named_parameters()}
+    # float64: a product of |weights| over dozens of layers at thousands of pixels neither under- nor overflows
+    params = {k: p.detach().double().abs() + 1e-3 for k, p in model.named_parameters()}
+    params.update({k: b.detach().double() for k, b in model.named_buffers() if b.is_floating_point()})
     with ModelGuard(model, eval=True, freeze=True):
         overrides = (layout, grid)
         grid, *_ = _support(model, params, name, module, shape, *overrides)
-        size, jump, start = [], [], []
+        size, jump, start, whole = [], [], [], []
         for axis in range(len(spatial)):
-            n = spatial[axis]
+            n, found, everything = spatial[axis], None, False
             while True:
                 probe = list(spatial)
                 probe[axis] = n
-                _, c, c1, sup = _support(model, params, name, module, (shape[0], *probe), *overrides)
-                (lo, hi), (lo1, _) = _extent(sup[0], axis), _extent(sup[1], axis)
-                if (lo > 0 and hi < n - 1) or 2 * n > max_size:
+                try:
+                    _, c, c1, sup = _support(model, params, name, module, (shape[0], *probe), *overrides)
+                except (LayerNotFoundError, ReentrantCheckpointError, LayoutError):
+                    raise
+                except Exception:
+                    if found is None:
+                        raise
+                    everything = True  # the model takes no larger input (a fixed size): as far as it could see
+                    break
+                (lo, hi), (lo1, _) = _extent(sup[0], axis, name), _extent(sup[1], axis, name)
+                covers = lo == 0 and hi == n - 1
+                if found is not None and covers and found[2]:
+                    everything = True  # the whole input at any size: global pooling, attention
+                    break
+                found = (c, c1, covers, lo, hi, lo1)
+                if lo > 0 and hi < n - 1:
+                    break
+                if 2 * n > max_size:
+                    everything = True  # still clipped at the largest size measured
                     break
                 n *= 2  # clipped: measure on a longer axis
-            step = c1[axis] - c[axis]
-            j = (lo1 - lo) // step if step else 1
-            size.append(hi - lo + 1)
-            jump.append(max(1, j))
-            start.append(lo - c[axis] * max(1, j))
-    return ReceptiveField(tuple(size), tuple(jump), tuple(start), grid, tuple(spatial))
+            c, c1, covers, lo, hi, lo1 = found
+            if everything and covers:
+                size.append(spatial[axis])
+                jump.append(0)
+                start.append(0)
+            else:
+                step = c1[axis] - c[axis]
+                j = (lo1 - lo) // step if step else 1
+                size.append(hi - lo + 1)
+                jump.append(max(1, j))
+                start.append(lo - c[axis] * max(1, j))
+            whole.append(everything)
+    return ReceptiveField(tuple(size), tuple(jump), tuple(start), grid, tuple(spatial), tuple(whole))

@@ -28,6 +28,13 @@ class ReentrantCheckpointError(ValueError):
     """The model uses reentrant torch.utils.checkpoint where a method needs torch.autograd.grad."""
 
 
+def ungraded(what: str, layer: str) -> ReentrantCheckpointError:
+    """The error for a layer that ran under no_grad inside the model while the method needs its gradient."""
+    return ReentrantCheckpointError(f"{what}: layer {layer!r} runs under torch.no_grad inside the model (as "
+                                    "torch.utils.checkpoint with use_reentrant=True does), so no gradient reaches "
+                                    f"it; {HOW_TO_TURN_OFF}")
+
+
 def _is_reentrant_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "use_reentrant=True" in str(e)
 

@@ -467,6 +467,12 @@ class LayoutTracer:
             out = _first_tensor(output)
             if out is None:
                 return None
+            many = [k for k, v in output.items() if isinstance(v, Tensor)] if isinstance(output, dict) else []
+            if len(many) > 1:  # which one would be "the" output is a guess: refuse
+                self.layouts.setdefault(name, Unplaceable(name, None, f"it returns a dict of {len(many)} tensors "
+                                                                      f"({', '.join(map(str, many[:6]))}); name the "
+                                                                      "layer that computes the one you want"))
+                return None
             decided = self._decide(name, module, out, frame[1], frame[2])  # every call: later ones feed evidence
             self.layouts.setdefault(name, decided)  # what methods read: the first call (as capture's values[0])
             if isinstance(decided, Layout):

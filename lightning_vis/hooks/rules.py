@@ -6,6 +6,10 @@ Rules for ReLU (and for clipped rectifiers such as ReLU6, ``hardtanh(x, 0, top)`
 - "deconvnet" (Zeiler and Fergus): the backward passes ``relu(grad)``, ignoring the forward mask;
 - "guided" (guided backprop): ``relu(grad) * (0 < input (< top))``;
 - "gradient": the plain gradient (only the max-pools change: to the switch operator).
+
+Activation checkpointing (torch.utils.checkpoint) recomputes segments during the backward pass without this mode:
+the rules' autograd functions save what torch's own ops save, so the recomputation fits, and max-pools inside a
+segment are left to torch (see hooks.checkpoint).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ class _RectifiedReLU(torch.autograd.Function):
             out = x.clamp_min_(0) if top is None else x.clamp_(0, top)
         else:
             out = x.clamp_min(0) if top is None else x.clamp(0, top)
-        if guided:  # the output says where the input was in (0, top): no mask to compute or keep
-            ctx.save_for_backward(out)
+        # the output says where the input was in (0, top): no mask to compute or keep. Saved for the deconvnet
+        # rule too, as torch's own relu saves its result: activation checkpointing recomputes segments without the
+        # rules and checks that they save the same tensors
+        ctx.save_for_backward(out)
         return out
 
     @staticmethod
@@ -58,6 +64,13 @@ for _nd in (1, 2, 3):
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
+def _in_checkpoint() -> bool:
+    """Inside a segment of torch.utils.checkpoint (non-reentrant: saved-tensor hooks are set). Its recomputation runs
+    without this mode, so max-pools there stay torch's own (the same gradient, through int64 indices), whose saved
+    tensors the recomputation reproduces."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 class BackwardRules(TorchFunctionMode):
     """Inside ``with BackwardRules("deconvnet"):`` ReLUs and max-pools follow the rule's backward."""
 
@@ -66,9 +79,16 @@ class BackwardRules(TorchFunctionMode):
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         super().__init__()
         self.rule = rule
+        self.skipped_no_grad = False  # a rectifier ran under no_grad inside a gradient pass (reentrant checkpoint)
+
+    def __enter__(self):
+        self._grad_outside = torch.is_grad_enabled()
+        return super().__enter__()
 
     def _rectify(self, x, inplace: bool, top=None):
         """In-place semantics are kept for in-place calls: the caller may read the input tensor afterwards."""
+        if self._grad_outside and not torch.is_grad_enabled():
+            self.skipped_no_grad = True  # its recomputation, during the backward pass, will not see the rules
         if self.rule == "gradient" or not x.requires_grad:
             if top is None:
                 return torch.relu_(x) if inplace else torch.relu(x)
@@ -86,7 +106,7 @@ class BackwardRules(TorchFunctionMode):
         if func in _RELU or func in _RELU_INPLACE:
             inplace = func in _RELU_INPLACE or kwargs.get("inplace", False) or (len(args) > 1 and args[1] is True)
             return self._rectify(args[0], inplace)
-        if func in _POOLS:
+        if func in _POOLS and not _in_checkpoint():
             bound = dict(zip(_POOL_ARGS, args))
             bound.update(kwargs)
             nd = _POOLS[func]

@@ -1,0 +1,567 @@
+"""Every method on the model zoos: torchvision's classification, video, segmentation and detection builders and a
+timm set, random weights, small inputs, as a new user would call them.
+
+    python -m benchmarks.zoo                      # everything (about an hour on 2 CPU cores): the table + JSON
+    python -m benchmarks.zoo --only resnet18 vit  # names containing these
+    python -m benchmarks.zoo --ci                 # the representative subset tests/test_zoo.py runs
+
+Each call checks shapes against the layer's layout (and the layout against what the architecture is known to
+produce, where the case says), values against an independent plain-autograd reference (Grad-CAM, saliency), that the
+result is not silently empty, and that the model is unchanged afterwards (hooks, training flags, requires_grad,
+parameters' .grad, the output bit for bit). A method the model cannot support must be refused with the clear error
+the case expects (e.g. attention rollout over Swin's windows); anything else is a failure. The table marks each cell
+ok, "refused" (the expected one-line error) or FAIL (with the error), and "-" where the method does not apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import lightning_vis as lv
+from lightning_vis import targets
+from lightning_vis.hooks import Layout, hook_counts
+
+METHODS = ("layers", "activations", "gradcam", "saliency", "guided", "deconvnet", "render", "topk", "receptive",
+           "attention", "rollout", "checkpoint")
+
+
+@dataclass
+class Case:
+    name: str
+    family: str
+    build: Callable[[], nn.Module]
+    shape: tuple  # the input batch
+    task: str = "classify"  # classify | video | segment | detect
+    layer: str | None = None  # the CAM layer (None: grad_cam's default)
+    expect: dict = field(default_factory=dict)  # layer -> the layout it is known to have (Layout.describe())
+    attention: bool = False
+    refuse: dict = field(default_factory=dict)  # method -> regex of the expected clear refusal
+    checkpoint: Callable[[nn.Module, bool], None] | None = None  # turns activation checkpointing on/off
+    ci: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the zoo
+
+
+def _tv(name, **kw):
+    import torchvision
+
+    return lambda: torchvision.models.get_model(name, weights=None, **kw)
+
+
+def _timm(name, **kw):
+    def build():
+        import timm
+        return timm.create_model(name, pretrained=False, **kw)
+    return build
+
+
+def _small_mvit():
+    """torchvision's MViT-V2 architecture (its block settings, rel-pos embedding, residual pooling) with 4 blocks at
+    8 x 64 x 64: mvit_v2_s itself only takes 16 x 224 x 224."""
+    from torchvision.models.video.mvit import MSBlockConfig, _mvit
+
+    blocks = [MSBlockConfig(num_heads=h, input_channels=i, output_channels=o, kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3],
+                            stride_q=sq, stride_kv=skv)
+              for h, i, o, sq, skv in [(1, 96, 96, [1, 1, 1], [1, 4, 4]), (1, 96, 192, [1, 2, 2], [1, 2, 2]),
+                                       (2, 192, 192, [1, 1, 1], [1, 2, 2]), (2, 192, 384, [1, 2, 2], [1, 1, 1])]]
+    return _mvit(spatial_size=(64, 64), temporal_size=8, block_setting=blocks, residual_pool=True,
+                 residual_with_cls_embed=False, rel_pos_embed=True, proj_after_attn=True, stochastic_depth_prob=0.0,
+                 weights=None, progress=False, num_classes=10)
+
+
+def _timm_checkpointing(model, on):
+    model.set_grad_checkpointing(on)
+
+
+def _densenet_checkpointing(model, on):
+    for m in model.modules():
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = on
+
+
+WINDOWS = {"rollout": "not defined for window attention"}
+POOLED = {"rollout": "not defined here: the blocks attend over different token sets"}
+TOKENS_RF = {"receptive": "token layout"}
+
+
+def cases() -> list[Case]:
+    import torchvision
+
+    out = []
+    img = (2, 3, 64, 64)
+    # one per family in CI: the first case of each family below is the representative
+    ci = {"alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+          "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+          "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "swin_v2_t", "vgg11",
+          "vit_b_16", "wide_resnet50_2"}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        family = re.sub(r"(_?\d.*|_[a-z]$)", "", name) or name
+        kw, shape, case = {}, img, {}
+        if name.startswith("vit_"):
+            patch = int(re.search(r"_(\d+)$", name).group(1))
+            kw = {"image_size": 4 * patch}
+            shape = (2, 3, 4 * patch, 4 * patch)
+            case = dict(attention=True, refuse=TOKENS_RF, expect={"encoder.layers.encoder_layer_1": "tokens 1+4x4"})
+        elif name.startswith("swin"):
+            case = dict(attention=True, refuse=WINDOWS, expect={"features.1": "channels-last 16x16",
+                                                                "permute": "channels-first 2x2"})
+        elif name == "maxvit_t":
+            shape = (1, 3, 224, 224)
+            case = dict(attention=True, refuse=WINDOWS, expect={"blocks.3": "channels-first 7x7"})
+        elif name == "inception_v3":
+            kw, shape = {"init_weights": False, "aux_logits": False}, (2, 3, 96, 96)
+        elif name == "googlenet":
+            kw = {"init_weights": False, "aux_logits": False}
+        elif name.startswith("densenet"):
+            case = dict(checkpoint=_densenet_checkpointing)
+        elif name.startswith("convnext"):
+            case = dict(expect={"features.1.0.block.3": "channels-last 16x16", "features.1": "channels-first 16x16"})
+        out.append(Case(f"torchvision:{name}", family, _tv(name, **kw), shape, ci=name in ci, **case))
+    video = (1, 3, 8, 64, 64)
+    for name in torchvision.models.list_models(module=torchvision.models.video):
+        if name.startswith("mvit"):
+            continue
+        case, shape = {}, video
+        if name == "s3d":  # its head pools 2x7x7 at stride 8x32x32
+            shape = (1, 3, 16, 224, 224)
+        if name.startswith("swin3d"):
+            case = dict(attention=True, refuse=WINDOWS, expect={"features.0": "channels-last 4x16x16",
+                                                                "features.1": "channels-last 4x8x8"})
+        out.append(Case(f"torchvision.video:{name}", "video-" + name.split("_")[0], _tv(name), shape, "video",
+                        ci=name in {"r3d_18", "r2plus1d_18", "s3d", "swin3d_t", "mc3_18"}, **case))
+    out.append(Case("torchvision.video:mvit (MViT-V2, 4 blocks, 8x64x64)", "video-mvit", _small_mvit, video, "video",
+                    attention=True, refuse={**POOLED, **TOKENS_RF}, ci=True,
+                    expect={"conv_proj": "channels-first 4x16x16", "blocks.1": "tokens 1+4x8x8",
+                            "blocks.3": "tokens 1+4x4x4"}))
+    for name in ("mvit_v1_b", "mvit_v2_s"):
+        out.append(Case(f"torchvision.video:{name}", "video-mvit", _tv(name), (1, 3, 16, 224, 224), "video",
+                        attention=True, refuse={**POOLED, **TOKENS_RF}))
+    for name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        layer = "backbone.layer4" if "resnet" in name else "backbone.16"
+        out.append(Case(f"torchvision.segmentation:{name}", "segmentation", _tv(name, weights_backbone=None,
+                                                                                  num_classes=5),
+                        (1, 3, 64, 64), "segment", layer=layer,
+                        ci=name in {"fcn_resnet50", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"}))
+    for name in torchvision.models.list_models(module=torchvision.models.detection):
+        layer = {"ssd300_vgg16": "backbone.features", "ssdlite320_mobilenet_v3_large": "backbone.features.1"}.get(
+            name, "backbone.body.layer4" if "resnet" in name else "backbone.body.16")
+        out.append(Case(f"torchvision.detection:{name}", "detection",
+                        _tv(name, weights_backbone=None, num_classes=5, box_score_thresh=0.0)
+                        if "rcnn" in name else _tv(name, weights_backbone=None, num_classes=5),
+                        (1, 3, 128, 128), "detect", layer=layer,
+                        ci=name in {"fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"}))
+    t224 = (2, 3, 64, 64)
+    out += [
+        Case("timm:vit_tiny_patch16_224 (fused attention)", "timm-vit", _timm("vit_tiny_patch16_224", img_size=64),
+             t224, attention=True, refuse=TOKENS_RF, checkpoint=_timm_checkpointing, ci=True,
+             expect={"blocks.11": "tokens 1+4x4", "patch_embed": "tokens 4x4"}),
+        Case("timm:vit_tiny_patch16_224 (explicit softmax)", "timm-vit", _timm_unfused("vit_tiny_patch16_224",
+                                                                                        img_size=64),
+             t224, attention=True, refuse=TOKENS_RF, ci=True, expect={"blocks.11": "tokens 1+4x4"}),
+        Case("timm:vit_small_patch14_reg4_dinov2 (4 registers)", "timm-vit", _timm("vit_small_patch14_reg4_dinov2",
+                                                                                     img_size=56),
+             (2, 3, 56, 56), attention=True, refuse=TOKENS_RF, ci=True, expect={"blocks.11": "tokens 5+4x4"}),
+        Case("timm:deit_tiny_distilled_patch16_224", "timm-deit", _timm("deit_tiny_distilled_patch16_224", img_size=64),
+             t224, attention=True, refuse=TOKENS_RF, ci=True, expect={"blocks.11": "tokens 2+4x4"}),
+        Case("timm:swin_tiny_patch4_window7_224", "timm-swin", _timm("swin_tiny_patch4_window7_224"),
+             (1, 3, 224, 224), attention=True, refuse=WINDOWS, checkpoint=_timm_checkpointing, ci=True,
+             expect={"layers.0": "channels-last 56x56", "layers.3": "channels-last 7x7"}),
+        Case("timm:convnext_atto (conv MLP)", "timm-convnext", _timm("convnext_atto"), t224,
+             checkpoint=_timm_checkpointing, ci=True,
+             expect={"stages.1": "channels-first 8x8", "stages.1.blocks.0.norm": "channels-first 8x8"}),
+        Case("timm:convnext_atto (channels-last MLP)", "timm-convnext", _timm("convnext_atto", conv_mlp=False), t224,
+             ci=True, expect={"stages.1": "channels-first 8x8", "stages.1.blocks.0.norm": "channels-last 8x8",
+                              "stages.1.blocks.0.mlp": "channels-last 8x8"}),
+        Case("timm:efficientnet_b0", "timm-efficientnet", _timm("efficientnet_b0"), t224, ci=True),
+        Case("timm:resnet18", "timm-resnet", _timm("resnet18"), t224, checkpoint=_timm_checkpointing, ci=True),
+        Case("timm:mobilevit_xxs", "timm-mobilevit", _timm("mobilevit_xxs"), t224, attention=True,
+             refuse=WINDOWS, ci=True, expect={"stages.3": "channels-first 4x4"}),
+        Case("timm:levit_128s", "timm-levit", _timm("levit_128s"), (2, 3, 224, 224), attention=True,
+             refuse={**POOLED, **TOKENS_RF}, ci=True, expect={"stages.1": "tokens 7x7", "stages.2": "tokens 4x4"}),
+    ]
+    return out
+
+
+def _timm_unfused(name, **kw):
+    def build():
+        model = _timm(name, **kw)()
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        return model
+    return build
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# independent references
+
+
+def ref_maps(t: Tensor, desc: str) -> Tensor:
+    """(N, C, *grid) from a tensor whose layout is known by description ('channels-last 7x7', 'tokens 1+4x4'),
+    written without lightning_vis.hooks.layout."""
+    kind, _, rest = desc.partition(" ")
+    if kind == "channels-first":
+        return t
+    if kind == "channels-last":
+        return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    prefix, _, grid = rest.rpartition("+")
+    dims = [int(v) for v in grid.split("x")]
+    return t[:, int(prefix or 0):].permute(0, 2, 1).reshape(t.shape[0], t.shape[2], *dims)
+
+
+def _first_tensor(value):
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return next((v for v in value if isinstance(v, Tensor)), None)
+    return None
+
+
+def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
+    """Grad-CAM's low-resolution map by plain autograd (a forward hook, torch.autograd.grad, the layout by hand)."""
+    got = {}
+    module = model.get_submodule(layer)
+
+    def keep(m, a, o):  # the network goes on with a copy: a later in-place op (DenseNet's F.relu_) cannot change it
+        if "a" in got:
+            return None
+        got["a"] = _first_tensor(o)
+        return got["a"].clone() if isinstance(o, Tensor) else None
+    h = module.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            scores = target(out)
+            (g,) = torch.autograd.grad(scores.sum(), got["a"])
+    finally:
+        h.remove()
+    a, g = ref_maps(got["a"].detach(), desc).float(), ref_maps(g, desc).float()
+    dims = tuple(range(2, a.dim()))
+    return (g.mean(dims, keepdim=True) * a).sum(1)  # before the ReLU
+
+
+def ref_saliency(model, x, target) -> Tensor:
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(target(model(xg)).sum(), xg)
+    return g.abs()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the checks
+
+
+class Refused(Exception):
+    pass
+
+
+def _state(model):
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            hook_counts(model), all(p.grad is None for p in model.parameters()))
+
+
+def _outputs_equal(a, b) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_outputs_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_outputs_equal(u, v) for u, v in zip(a, b))
+    return True
+
+
+def _nonempty(t: Tensor, what: str):
+    if not torch.isfinite(t).all():
+        raise AssertionError(f"{what} has non-finite values")
+    if t.float().abs().amax() == 0:
+        raise AssertionError(f"{what} is all zero")
+
+
+def _close(a, b, what, rtol=1e-3, atol=1e-5):
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shape {tuple(a.shape)} != reference {tuple(b.shape)}")
+    scale = b.abs().amax().clamp_min(1e-12)
+    err = float(((a - b).abs().amax() / scale))
+    if err > rtol:
+        raise AssertionError(f"{what}: {err:.2e} relative difference from the plain-autograd reference")
+
+
+def _target_for(case, model, x):
+    """A callable target (N,) for the task, and its scores on x."""
+    if case.task == "segment":  # the class most pixels get, over them
+        with torch.no_grad():
+            return targets.segmentation(int(model(x)["out"].argmax(1).flatten().mode().values))
+    if case.task == "detect":
+        with torch.no_grad():
+            dets = model(x)
+        if not dets or not len(dets[0]["boxes"]):
+            raise Refused("no detections to explain with random weights")
+        return targets.detection(dets[0]["boxes"][:1], dets[0]["labels"][:1])
+    with torch.no_grad():
+        cls = model(x).argmax(1)
+    return targets.classifier(cls)
+
+
+def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
+    """{method: ("ok" | "refused" | "FAIL" | "-", note)} for one case."""
+    torch.manual_seed(seed)
+    results = {}
+    try:
+        model = case.build().eval()
+    except Exception as e:  # noqa: BLE001 - a builder that fails here is reported, not hidden
+        return {m: ("FAIL", f"build: {type(e).__name__}: {e}") for m in methods}
+    with torch.no_grad():  # torchvision zero-initialises some heads: every gradient would be 0
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, Tensor) and w.dim() >= 2 and not w.any():
+                nn.init.normal_(w, std=0.02)
+    x = torch.rand(case.shape)
+    inputs = x  # detection models take a batch tensor as well as a list of images
+    before = _state(model)
+    try:
+        with torch.no_grad():
+            reference_out = model(inputs)
+    except Exception as e:  # noqa: BLE001
+        return {m: ("FAIL", f"the model refuses {tuple(x.shape)}: {type(e).__name__}: {e}") for m in methods}
+    ctx = {}
+
+    def check(method, fn):
+        if method not in methods and method != "layers":  # layers picks the layers the others use
+            return
+        try:
+            note = fn() or ""
+            results[method] = ("ok", note)
+        except Refused as e:
+            results[method] = ("-", str(e))
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            expected = case.refuse.get(method)
+            if expected and re.search(expected, str(e)):
+                results[method] = ("refused", msg[:160])
+            else:
+                results[method] = ("FAIL", msg[:300] + ("" if isinstance(e, AssertionError) else
+                                                         " @ " + _where(e)))
+
+    spatial = x.dim() - 2
+
+    def layers():
+        infos = lv.layers(model, (inputs,))
+        ctx["infos"] = {i.name: i for i in infos}
+        for name, desc in case.expect.items():
+            info = ctx["infos"].get(name)
+            if info is None or info.layout_text != desc:
+                got = info.layout_text if info else "did not run"
+                raise AssertionError(f"{name}: layout {got!r}, the architecture says {desc!r}")
+        placed = [i for i in infos if isinstance(i.layout, Layout) and i.layout.kind != "vector"
+                  and i.layout.spatial_dims == spatial and min(i.layout.grid) > 1 and i.units and i.units > 1
+                  and i.calls == 1]
+        if not placed:
+            raise AssertionError("no layer with maps over the input")
+        cam = case.layer or lv.attribution.default_cam_layer(model, x[:1])
+        ctx["cam"] = cam
+        ctx["mid"] = placed[len(placed) // 2].name
+        return f"{len(infos)} layers; CAM layer {cam} ({ctx['infos'][cam].layout_text}); middle {ctx['mid']} " \
+               f"({ctx['infos'][ctx['mid']].layout_text})"
+
+    def need(key):
+        if key not in ctx:
+            raise Refused("layers failed")
+        return ctx[key]
+
+    def activations():
+        names = list(dict.fromkeys([need("cam"), need("mid")]))
+        acts, _ = lv.activations(model, inputs, names)
+        for name in names:
+            lay = acts.layout(name)
+            maps = acts.maps(name)
+            if maps.shape[1] != ctx["infos"][name].units or tuple(maps.shape[2:]) != lay.grid:
+                raise AssertionError(f"{name}: maps {tuple(maps.shape)} do not match {lay.describe()}")
+            if maps.float().std() == 0:
+                raise AssertionError(f"{name}: constant maps")
+            grid = lv.activation_grid(acts[name], 0, layout=lay, max_filters=16)
+            _nonempty(grid, f"{name} grid")
+
+    def gradcam():
+        target = _target_for(case, model, inputs)
+        cam = lv.grad_cam(model, inputs, need("cam"), target)
+        want = tuple(x.shape[2:]) if case.task != "detect" else None
+        if want and tuple(cam.maps.shape[1:]) != want:
+            raise AssertionError(f"maps {tuple(cam.maps.shape)} for input {tuple(x.shape)}")
+        desc = case.expect.get(ctx["cam"], ctx["infos"][ctx["cam"]].layout_text)
+        ref = ref_grad_cam(model, inputs, ctx["cam"], desc, target)
+        _close(cam.low_res, ref.clamp_min(0), "low-res map")
+        _nonempty(ref, "the map before its ReLU")  # random weights may leave nothing positive: not our fault
+        return f"{ctx['cam']}: {tuple(cam.low_res.shape[1:])}"
+
+    def saliency():
+        target = _target_for(case, model, inputs)
+        s = lv.saliency(model, x, target)
+        _close(s.maps, ref_saliency(model, x, target), "saliency")
+        _nonempty(s.maps, "saliency")
+
+    def guided():
+        g = lv.guided_backprop(model, x, _target_for(case, model, inputs))
+        if g.maps.shape != x.shape:
+            raise AssertionError(f"maps {tuple(g.maps.shape)}")
+        _nonempty(g.maps, "guided backprop")
+
+    def deconvnet():
+        mid = need("mid")
+        rec = lv.deconvnet(model, x, [mid], top_k=1)
+        if rec.images[mid].shape != (x.shape[0], 1, *x.shape[1:]):
+            raise AssertionError(f"reconstructions {tuple(rec.images[mid].shape)}")
+        _nonempty(rec.images[mid], "reconstruction")
+
+    def render():
+        if case.task == "detect":
+            raise Refused("detection models take image lists of any size: renders of the backbone instead")
+        size = tuple(x.shape[2:]) if spatial == 3 else x.shape[-1]
+        res = lv.render(model, (need("mid"), [0, 1]), size=size, steps=2, progress=False)
+        _nonempty(res.images, "render")
+        return f"input {res.settings['input_size']}"
+
+    def topk():
+        if case.task == "detect":
+            raise Refused("a batch of images of one size; detection models resize their inputs")
+        data = torch.utils.data.TensorDataset(torch.rand(3, *x.shape[1:]))
+        res = lv.top_k_examples(model, torch.utils.data.DataLoader(data, batch_size=2), [need("mid")], k=2,
+                                progress=False)
+        e = res.layers[ctx["mid"]]
+        lay = ctx["infos"][ctx["mid"]].layout
+        if e.grid != lay.grid or not ((e.indices >= 0) & (e.indices < 3)).all():
+            raise AssertionError(f"grid {e.grid} vs {lay.describe()}, indices {e.indices[:2].tolist()}")
+
+    def receptive():
+        rf = lv.receptive_field(model, need("mid"), tuple(x.shape[1:]), max_size=4 * max(x.shape[2:]))
+        if min(rf.size) < 1:
+            raise AssertionError(f"size {rf.size}")
+        return f"{ctx['mid']}: size {rf.size}"
+
+    def attention():
+        if not case.attention:
+            raise Refused("no attention")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            maps = lv.attention_maps(model, x)
+        for name, m in maps.items():
+            if m.dim() != 2 + spatial or m.shape[0] != x.shape[0]:
+                raise AssertionError(f"{name}: maps {tuple(m.shape)}")
+            _nonempty(m, name)
+        return f"{len(maps)} layers"
+
+    def rollout():
+        if not case.attention:
+            raise Refused("no attention")
+        r = lv.attention_rollout(model, x)
+        if r.dim() != 1 + spatial:
+            raise AssertionError(f"rollout {tuple(r.shape)}")
+        _nonempty(r, "rollout")
+
+    def checkpoint():
+        if case.checkpoint is None:
+            raise Refused("no checkpointing switch")
+        target = _target_for(case, model, inputs)
+        plain_cam = lv.grad_cam(model, x, need("cam"), target).low_res
+        plain_sal = lv.saliency(model, x, target).maps
+        case.checkpoint(model, True)
+        try:
+            cam = lv.grad_cam(model, x, need("cam"), target).low_res
+            sal = lv.saliency(model, x, target).maps
+        finally:
+            case.checkpoint(model, False)
+        _close(cam, plain_cam, "grad_cam with checkpointing")
+        _close(sal, plain_sal, "saliency with checkpointing")
+
+    for method, fn in (("layers", layers), ("activations", activations), ("gradcam", gradcam),
+                       ("saliency", saliency), ("guided", guided), ("deconvnet", deconvnet), ("render", render),
+                       ("topk", topk), ("receptive", receptive), ("attention", attention), ("rollout", rollout),
+                       ("checkpoint", checkpoint)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            check(method, fn)
+    after = _state(model)
+    with torch.no_grad():
+        same = _outputs_equal(reference_out, model(inputs))
+    if after != before or not same:
+        what = "output changed" if not same else "hooks, flags or .grad changed"
+        results["model unchanged"] = ("FAIL", what)
+    else:
+        results["model unchanged"] = ("ok", "")
+    return results
+
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in tb if "lightning_vis" in f.filename]
+    f = (ours or tb)[-1]
+    return f"{Path(f.filename).name}:{f.lineno}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the table
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    cols = list(METHODS) + ["model unchanged"]
+    mark = {"ok": "ok", "refused": "refused", "FAIL": "**FAIL**", "-": "-"}
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, res in rows:
+        lines.append(f"| {name} | " + " | ".join(mark[res.get(c, ('-', ''))[0]] for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=[], help="cases whose name contains one of these")
+    ap.add_argument("--ci", action="store_true", help="the representative subset CI runs")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="methods to check")
+    ap.add_argument("--json", default="benchmarks/results/zoo.json")
+    ap.add_argument("--markdown", default="benchmarks/results/zoo.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    chosen = [c for c in cases() if (not args.only or any(o in c.name for o in args.only)) and (c.ci or not args.ci)]
+    rows, failures = [], 0
+    t0 = time.time()
+    for i, case in enumerate(chosen, 1):
+        t = time.time()
+        res = run_case(case, methods=args.methods)
+        rows.append((case.name, res))
+        bad = {k: v[1] for k, v in res.items() if v[0] == "FAIL"}
+        failures += len(bad)
+        print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s " +
+              ("ok" if not bad else "FAIL " + json.dumps(bad)[:600]), flush=True)
+    md = table(rows)
+    total = sum(1 for _, r in rows for v in r.values() if v[0] != "-")
+    ok = sum(1 for _, r in rows for v in r.values() if v[0] in ("ok", "refused"))
+    summary = (f"{len(rows)} models, {ok}/{total} applicable checks pass ({failures} failures), "
+               f"{time.time() - t0:.0f} s on {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(md)
+    print(summary)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"schema": "lightning-vis/benchmarks/zoo/1", "summary": summary,
+                                               "rows": [{"model": n, "results": r} for n, r in rows]}, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n\n" + summary + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
