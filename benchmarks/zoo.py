@@ -84,6 +84,16 @@ def _small_mvit():
                  weights=None, progress=False, num_classes=10)
 
 
+def _family(name: str) -> str:
+    """torchvision builder -> architecture family: resnet50 -> resnet, efficientnet_v2_s -> efficientnet_v2,
+    regnet_y_400mf -> regnet_y, vgg16_bn -> vgg, vit_l_16 -> vit."""
+    for prefix in ("efficientnet_v2", "mobilenet_v2", "mobilenet_v3", "regnet_x", "regnet_y", "swin_v2",
+                   "wide_resnet", "shufflenet"):
+        if name.startswith(prefix):
+            return prefix
+    return re.match(r"[a-z]+", name).group(0)
+
+
 def _timm_checkpointing(model, on):
     model.set_grad_checkpointing(on)
 
@@ -107,10 +117,11 @@ def cases() -> list[Case]:
     # one per family in CI: the first case of each family below is the representative
     ci = {"alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
           "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
-          "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "swin_v2_t", "vgg11",
+          "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t",
+          "swin_v2_t", "vgg11",
           "vit_b_16", "wide_resnet50_2"}
     for name in torchvision.models.list_models(module=torchvision.models):
-        family = re.sub(r"(_?\d.*|_[a-z]$)", "", name) or name
+        family = _family(name)
         kw, shape, case = {}, img, {}
         if name.startswith("vit_"):
             patch = int(re.search(r"_(\d+)$", name).group(1))

@@ -1,10 +1,10 @@
 """Where does the network look? Saliency (and SmoothGrad), guided backprop, the Grad-CAM family (Grad-CAM,
 Grad-CAM++, Layer-CAM, Guided Grad-CAM) and attention maps / attention rollout.
 
-Batched over inputs; for 1D, 2D and 3D (video) conv nets and for token layers of attention models, whose
-(N, L, D) outputs are put on their patch grid (class token set apart, grid size inferred). Every method runs in
-eval mode inside a ModelGuard (the model comes back exactly as it was) and takes gradients with
-``torch.autograd.grad`` with the parameters frozen, so parameters' ``.grad`` is never touched.
+Batched over inputs; for 1D, 2D and 3D (video) conv nets and for attention models. Every method runs in eval mode
+inside a ModelGuard (the model comes back exactly as it was) and takes gradients with the parameters frozen
+(``torch.autograd.grad``, or ``.backward()`` into the method's own input copy), so parameters' ``.grad`` is never
+touched.
 
 Targets (``target=``): None (each input's top prediction), one class index for all, one per input (a sequence
 or tensor), or a callable ``f(output) -> (N,)`` scores, applied to whatever the model returns (dicts of

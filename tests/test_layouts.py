@@ -225,3 +225,16 @@ def test_layouts_are_remembered_per_model_and_input_shape():
     finally:
         h.remove()
     assert hook_counts(cl) == 0
+
+
+def test_a_pass_that_starts_at_a_submodule_is_traced_too():
+    """Lightning's validation_step may call self.net(x) rather than self(x): the tap still knows the layouts."""
+    cf, cl, tok = twins()
+    wrapper = nn.Module()
+    wrapper.net = cl
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), lv.capture(wrapper, "net.mix", layouts=True) as tap:
+        wrapper.net(x)
+    assert tap.layout("net.mix").describe() == "channels-last 8x8"
+    torch.testing.assert_close(tap.maps("net.mix"), cf.mix(cf.act(cf.embed(x))))
+    assert hook_counts(wrapper) == 0

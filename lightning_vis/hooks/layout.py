@@ -385,59 +385,88 @@ def _cache_key(model: nn.Module, shape, layout, grid):
 
 
 class LayoutTracer:
-    """Decides the layout of every module's output during one forward pass (hooks on every module, removed on
-    exit). ``layouts[name]``: Layout or Unplaceable of the module's first call. Overrides: ``layout`` / ``grid``
-    for one layer (applied to every layer) or a dict per layer name.
+    """Decides the layout of every module's output during one forward pass. ``layouts[name]``: Layout or
+    Unplaceable of the module's first call. Overrides: ``layout`` / ``grid`` for one layer (applied to every layer)
+    or a dict per layer name.
 
-    The first module to run is the model: its first argument is the input (a tensor, or a list of images). Layouts
-    depend only on the model and the input's shape: they are remembered per model, input shape and overrides, and
-    a pass that finds them remembered does no work in its hooks."""
+    The pass starts with the first call of an entry module (default: the model; ``entries``: the names of modules
+    whose call may start it, e.g. the ancestors of the layers a tap watches, for code that calls a submodule
+    directly): its first argument is the input (a tensor, or a list of images). Layouts depend only on the model and
+    the input's shape: they are remembered per model, input shape and overrides (``cache``), and a pass that finds
+    them remembered registers nothing more; otherwise hooks on every module decide them, and are removed when the
+    entry module returns."""
 
-    def __init__(self, model: nn.Module, layout=None, grid=None, *, cache: bool = True):
+    def __init__(self, model: nn.Module, layout=None, grid=None, *, cache: bool = True, entries=None):
         check_overrides(layout, grid)
         self.model, self.layout_override, self.grid_override, self.cache = model, layout, grid, cache
+        self.entries = [""] if entries is None else list(entries)
         self.layouts: dict[str, Layout | Unplaceable] = {}
         self.ctx = _Context()
         self._known: dict = {}  # tensor signature -> Layout, for every output decided
         self._recent: list[tuple[tuple, Layout]] = []  # (shape, layout) of outputs, in completion order
         self._stack: list = []
-        self._handles = []
-        self._key = None
-        self._started = self._cached = False
+        self._handles, self._watch = [], []
+        self._key = self._entry = None
+        self._started = self._cached = self._done = False
 
     # ---------------------------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "LayoutTracer":
+        modules = dict(self.model.named_modules())
         try:
-            for name, module in self.model.named_modules():
-                self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._post(name, module)))
+            for name in self.entries:
+                self._handles.append(modules[name].register_forward_pre_hook(self._starter(name), with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
+        for h in self._handles + self._watch:
             h.remove()
         self._handles.clear()
-        if self.cache and self._started and not self._cached and not self._stack and exc[:1] in ((), (None,)):
-            _CACHE.setdefault(self.model, {})[self._key] = dict(self.layouts)
+        self._watch.clear()
+
+    def _starter(self, name):
+        def hook(module, args, kwargs):
+            if self._started:
+                return None
+            self._start(args, kwargs)
+            if not self._cached:
+                self._entry = name
+                for k, m in self.model.named_modules():
+                    if k != name:  # the entry module is already past its pre-hooks
+                        self._watch.append(m.register_forward_pre_hook(self._pre(k), with_kwargs=True))
+                    # first among the module's hooks: a tap's hook reads the layout decided here
+                    self._watch.append(m.register_forward_hook(self._post(k, m), prepend=True))
+                x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+                self._stack.append((name, x, 0))
+            return None
+        return hook
+
+    def _finish(self) -> None:
+        """The entry module returned: the pass is traced. Hooks off, the layouts remembered, the rest let go."""
+        self._done = True
+        for h in self._watch:
+            h.remove()
+        self._watch.clear()
+        if self.cache:
+            per_model = _CACHE.setdefault(self.model, {})
+            per_model[self._key] = dict(self.layouts)
+            while len(per_model) > 32:  # input shapes of one model: a few in practice; bounded anyway
+                per_model.pop(next(iter(per_model)))
+        self._known.clear()
+        self._recent.clear()
 
     def _pre(self, name):
         def hook(module, args, kwargs):
-            if self._cached:
-                return None
-            x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
-            if not self._started:
-                self._start(args, kwargs)
-                if self._cached:
-                    return None
-            self._stack.append((name, x, len(self._recent)))
+            if not self._done:
+                x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
+                self._stack.append((name, x, len(self._recent)))
             return None
         return hook
 
     def _start(self, args, kwargs):
-        """The first module to run gets the model input: its batch and grid; remembered layouts end the work."""
+        """The entry module's call gets the model input: its batch and grid; remembered layouts end the work."""
         self._started = True
         first = args[0] if args else next(iter(kwargs.values()), None)
         shape = _input_key(first)
@@ -458,30 +487,35 @@ class LayoutTracer:
 
     def _post(self, name, module):
         def hook(mod, args, output):
-            if self._cached or not self._started:
+            if self._done:
                 return None
             frame = self._stack.pop() if self._stack and self._stack[-1][0] == name else (name, None, len(self._recent))
-            hint = _int_hint(output)
-            if hint is not None:
-                self.ctx.hints.append(hint)
-            out = _first_tensor(output)
-            if out is None:
-                return None
-            many = [k for k, v in output.items() if isinstance(v, Tensor)] if isinstance(output, dict) else []
-            if len(many) > 1:  # which one would be "the" output is a guess: refuse
-                self.layouts.setdefault(name, Unplaceable(name, None, f"it returns a dict of {len(many)} tensors "
-                                                                      f"({', '.join(map(str, many[:6]))}); name the "
-                                                                      "layer that computes the one you want"))
-                return None
-            decided = self._decide(name, module, out, frame[1], frame[2])  # every call: later ones feed evidence
-            self.layouts.setdefault(name, decided)  # what methods read: the first call (as capture's values[0])
-            if isinstance(decided, Layout):
-                self._known[_signature(out)] = decided
-                self._recent.append((tuple(out.shape), decided))
-                if decided.grid and decided.kind != "vector":
-                    self.ctx.saw(decided.grid)
+            self._observe(name, module, output, frame)
+            if name == self._entry and not self._stack:
+                self._finish()
             return None
         return hook
+
+    def _observe(self, name, module, output, frame) -> None:
+        hint = _int_hint(output)
+        if hint is not None:
+            self.ctx.hints.append(hint)
+        out = _first_tensor(output)
+        if out is None:
+            return
+        many = [k for k, v in output.items() if isinstance(v, Tensor)] if isinstance(output, dict) else []
+        if len(many) > 1:  # which one would be "the" output is a guess: refuse
+            self.layouts.setdefault(name, Unplaceable(name, None, f"it returns a dict of {len(many)} tensors "
+                                                                  f"({', '.join(map(str, many[:6]))}); name the "
+                                                                  "layer that computes the one you want"))
+            return
+        decided = self._decide(name, module, out, frame[1], frame[2])  # every call: later ones feed evidence
+        self.layouts.setdefault(name, decided)  # what methods read: the first call (as capture's values[0])
+        if isinstance(decided, Layout):
+            self._known[_signature(out)] = decided
+            self._recent.append((tuple(out.shape), decided))
+            if decided.grid and decided.kind != "vector":
+                self.ctx.saw(decided.grid)
 
     def alias(self, new: Tensor, old: Tensor) -> None:
         """`new` (a copy a tap hands on in place of `old`) has old's layout."""

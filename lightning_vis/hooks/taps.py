@@ -56,7 +56,11 @@ class capture:
         self.layers = resolve_layers(model, spec)
         self.values: dict[str, list[Tensor]] = defaultdict(list)
         self.live: dict[str, list[Tensor]] = defaultdict(list)
-        self.tracer = LayoutTracer(model, layout, grid) if layouts or layout is not None or grid is not None else None
+        if layouts or layout is not None or grid is not None:  # the pass may start at any ancestor of a layer
+            entries = {".".join(name.split(".")[:i]) for name in self.layers for i in range(name.count(".") + 2)}
+            self.tracer = LayoutTracer(model, layout, grid, entries=sorted(entries | {""}))
+        else:
+            self.tracer = None
         self.recording = True
         self.ungraded: set[str] = set()  # layers that ran under no_grad inside the model (reentrant checkpointing)
         self.late_grads: dict[str, list[Tensor]] = defaultdict(list)  # their gradients, from recomputation
@@ -108,7 +112,7 @@ class capture:
 
     def __enter__(self) -> "capture":
         try:
-            if self.tracer is not None:  # its hooks first: a layer's layout is known when the tap's hook runs
+            if self.tracer is not None:  # its hooks run first: a layer's layout is known when the tap's hook runs
                 self.tracer.__enter__()
             for name, module in self.layers.items():
                 if self.what == "output":
