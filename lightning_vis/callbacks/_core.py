@@ -244,7 +244,7 @@ class ActivationMapsMixin(OnImages):
         self.layers, self.scale, self.max_filters = layers, scale, max_filters
 
     def describe(self):
-        return f"ActivationMaps({self.layers!r})"
+        return f"{type(self).__name__}({self.layers!r})"
 
     def check(self, trainer, pl_module):
         acts, _ = activations(pl_module, _on(self.images[:1], pl_module), self.layers)
@@ -271,7 +271,7 @@ class DeconvnetMixin(OnImages):
         self.layers, self.top_k, self.rule = layers, _positive("top_k", top_k, optional=False), rule
 
     def describe(self):
-        return f"Deconvnet({self.layers!r}, rule={self.rule!r})"
+        return f"{type(self).__name__}({self.layers!r}, rule={self.rule!r})"
 
     def pictures(self, pl_module, images):
         rec = deconvnet(pl_module, _on(images, pl_module), self.layers, top_k=self.top_k, rule=self.rule)
@@ -290,7 +290,7 @@ class AttributionMixin(OnImages):
         self.layer, self.method, self.target = layer, method, target
 
     def describe(self):
-        return f"Attribution({self.layer!r}, method={self.method!r})"
+        return f"{type(self).__name__}({self.layer!r}, method={self.method!r})"
 
     def _key_extra(self):
         return f"[{self.layer},{self.method}]"
@@ -321,14 +321,14 @@ class FeatureVisualizationMixin(Scheduled):
         self.history: list[tuple[int, Tensor]] = []  # (epoch, (n, C, H, W) renders)
 
     def describe(self):
-        return f"FeatureVisualization({self.layer!r}, channels {self.channels[0]}..{max(self.channels)})"
+        return f"{type(self).__name__}({self.layer!r}, channels {self.channels[0]}..{max(self.channels)})"
 
     def _key_extra(self):
         return f"[{self.layer}]"
 
-    def _render(self, pl_module, channels, steps, seed):
-        return render(pl_module, (self.layer, channels), size=self.size, steps=steps, seed=seed,
-                      channels=self.image_channels, preprocess=self.preprocess, progress=False,
+    def _render(self, pl_module, units, steps, seed, image_channels=None):
+        return render(pl_module, (self.layer, units), size=self.size, steps=steps, seed=seed,
+                      channels=image_channels or self.image_channels, preprocess=self.preprocess, progress=False,
                       **self.render_kwargs).images
 
     def check(self, trainer, pl_module):
@@ -337,8 +337,7 @@ class FeatureVisualizationMixin(Scheduled):
         except RuntimeError as e:
             other = 1 if self.image_channels != 1 else 3
             try:
-                render(pl_module, (self.layer, [max(self.channels)]), size=self.size, steps=1, channels=other,
-                       preprocess=self.preprocess, progress=False, **self.render_kwargs)
+                self._render(pl_module, [max(self.channels)], 1, self.seed, other)
                 hint = f": it takes {other}-channel images, so pass image_channels={other}"
             except Exception:  # noqa: BLE001 - only a hint
                 hint = ""
@@ -432,9 +431,9 @@ def _sample_batch(loader):
 
 class _ValidationCollector(Lifecycle):
     """Hooks the layers for the validation epoch (not the sanity check), feeds each batch's input (found by
-    ``batch_input``) to a collector. Layer names are checked at fit start, where the input is in a validation
-    batch before the first training step (on a batch of the validation set's first sample), and both again on
-    the real batches; the hooks come off at the epoch's end, on an exception and at teardown."""
+    ``batch_input``) to a collector. The layer names are checked at fit start, and where the input is in a
+    validation batch before the first training step (on a batch made of the validation set's first sample), then
+    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown."""
 
     def __init__(self, layers, every_n_epochs: int = 1, batch_input=None):
         self.layers = layers
@@ -444,8 +443,7 @@ class _ValidationCollector(Lifecycle):
         self._input_checked = False
 
     def describe(self):
-        return f"{type(self).__name__[:-5] if type(self).__name__.endswith('Mixin') else type(self).__name__}" \
-               f"({self.layers!r})"
+        return f"{type(self).__name__}({self.layers!r})"
 
     def _active(self, trainer) -> bool:
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
