@@ -334,10 +334,11 @@ class Output:
     def __init__(self, folder: str | Path):
         self.folder = check_out(str(folder))
         # beside --out (in its first existing ancestor), or inside it where only --out itself is writable
-        anchor = next(p for p in self.folder.parents if p.exists())
+        absolute = Path(os.path.abspath(self.folder))
+        anchor = next((p for p in absolute.parents if p.exists()), absolute)
         if not os.access(anchor, os.W_OK | os.X_OK) and self.folder.is_dir():
             anchor = self.folder
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.folder.name or 'out'}.partial-", dir=anchor))
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{absolute.name or 'out'}.partial-", dir=anchor))
 
     def __enter__(self) -> "Output":
         return self

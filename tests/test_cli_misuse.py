@@ -280,3 +280,11 @@ def test_error_lines_are_not_glued_onto_a_progress_bar(files, tmp_path, capsys):
     assert "saliency:" in err.split("\r")[1]  # the bar was drawn
     assert shown_lines(err)[-1].startswith("lightning-vis saliency: ") and "out of range" in shown_lines(err)[-1]
     nothing_written(tmp_path)
+
+
+def test_out_may_be_the_current_folder(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["render", *MODEL, "--layer", "conv2", "--channels", "1", "--steps", "1", "--size", "8",
+                     "--out", "."]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv2_1.png", "conv2_grid.png", "conv2_render.json"]
+    assert json.loads((tmp_path / "conv2_render.json").read_text())["files"] == ["conv2_1.png"]
