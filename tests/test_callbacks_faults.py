@@ -3,7 +3,7 @@ model's flags as they were; every configuration error is raised before the first
 list, dataclass and named-tuple batches through batch_input; fit-end frames labelled with the last trained epoch
 and logged once, also after resuming from a checkpoint saved after fit."""
 
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 
 import pytest
@@ -363,3 +363,31 @@ def test_resuming_from_a_checkpoint_saved_after_fit(tmp_path):
     assert [e for e, _ in fv3.history] == [0, 1] and fv3.runs == fv.runs
     with pytest.raises(KeyError):
         image_steps(tb3.log_dir, "feature_viz/net.conv2")
+
+
+class Noisy(TinyL):
+    """BatchNorm (running statistics), Dropout (random) and a shuffled loader: what a callback could disturb."""
+
+    def __init__(self):
+        super().__init__()
+        n = self.net
+        self.net = nn.Sequential(OrderedDict(conv1=n.conv1, bn1=nn.BatchNorm2d(4), relu1=n.relu1, pool1=n.pool1,
+                                             conv2=n.conv2, relu2=n.relu2, drop=nn.Dropout(0.3), gap=n.gap,
+                                             flat=n.flat, fc=n.fc))
+
+
+def test_training_is_the_same_with_and_without_the_callbacks(tmp_path):
+    """The checks at fit start and the runs at epoch ends take no random numbers from training, update no
+    BatchNorm statistics and leave the gradients alone: the trained weights are bit for bit the same."""
+    def fit(callbacks):
+        torch.manual_seed(0)
+        module = Noisy()
+        trainer = L.Trainer(max_epochs=2, logger=False, callbacks=callbacks, default_root_dir=tmp_path, **QUIET)
+        trainer.fit(module, DataLoader(data(), batch_size=8, shuffle=True), DataLoader(data(20, 1), batch_size=6))
+        return module.state_dict()
+
+    plain = fit([])
+    watched = fit(every_callback(data(2, 3).tensors[0]))
+    assert plain.keys() == watched.keys()
+    for name in plain:
+        assert torch.equal(plain[name], watched[name]), name
