@@ -3,6 +3,7 @@ store) wrote: every image pixel for pixel, every scalar at its step."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,20 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_run(run_dir: Path, wait_s: float = 120) -> list:
+    """The run file's records once W&B's service has written its last one ("exit"): finish() can return before
+    the service has flushed the file."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = list(wandb_records(next(run_dir.glob("run-*.wandb"))))
+        except Exception:  # noqa: BLE001 - a file still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_wandb_offline_images_and_scalars_read_back(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
@@ -81,7 +96,7 @@ def test_wandb_offline_images_and_scalars_read_back(tmp_path, monkeypatch):
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in wandb_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "history"]
+               for r in finished_run(run_dir) if r.WhichOneof("record_type") == "history"]
     pics, scalars = expected(cbs, module)
     for key, want in pics.items():
         rows = [h for h in history if f"{key}/filenames" in h]
