@@ -98,6 +98,10 @@ def progress(iterable, desc: str, total: int | None = None):
 # the model
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _import_factory(spec: str, source: str, name: str):
     try:
         module = importlib.import_module(source)
@@ -114,15 +118,15 @@ def _build(spec: str, source: str, name: str) -> nn.Module:
     if isinstance(factory, nn.Module):
         return factory
     if not callable(factory):
-        raise CliError(f"--model {spec!r}: {name!r} is a {type(factory).__name__}, not a function that returns an "
-                       "nn.Module")
+        raise CliError(f"--model {spec!r}: {name!r} is {_a(type(factory).__name__)}, not a function that returns "
+                       "an nn.Module")
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001 - whatever the factory does wrong, one line
         raise CliError(f"--model {spec!r}: calling {name}() failed ({type(e).__name__}: {one_line(e)}); --model "
                        "names a function or class that builds an nn.Module with no arguments") from e
     if not isinstance(model, nn.Module):
-        raise CliError(f"--model {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+        raise CliError(f"--model {spec!r}: the factory returned {_a(type(model).__name__)}, not an nn.Module")
     return model
 
 
@@ -153,12 +157,12 @@ def load_weights(model: nn.Module, weights: str, spec: str) -> None:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, dict) or not state:
-        raise CliError(f"--weights {weights!r}: holds {'an empty dict' if isinstance(state, dict) else 'a ' + type(state).__name__}, "
-                       "not a state dict ({name: tensor})")
+        held = "an empty dict" if isinstance(state, dict) else _a(type(state).__name__)
+        raise CliError(f"--weights {weights!r}: holds {held}, not a state dict ({{name: tensor}})")
     odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if odd:
-        raise CliError(f"--weights {weights!r}: not a state dict: {odd[0]!r} holds a "
-                       f"{type(state[odd[0]]).__name__}, not a tensor")
+        raise CliError(f"--weights {weights!r}: not a state dict: {odd[0]!r} holds "
+                       f"{_a(type(state[odd[0]]).__name__)}, not a tensor")
     own = model.state_dict()
     if not set(state) & set(own):  # a Lightning module's prefix ("model.", "net.") in front of every key
         prefix = os.path.commonprefix(list(state)).rpartition(".")[0]

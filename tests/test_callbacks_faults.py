@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_vis as lv
-from tests.test_callbacks import TinyL, data, loaders, tb_tags
+from tests.test_callbacks import TinyL, data, loaders
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning_vis import callbacks as C  # noqa: E402
@@ -116,7 +116,8 @@ class BrokenExperiment:
 
 def test_an_exception_in_the_callbacks_own_work_restores_the_model(tmp_path):
     """A logger that fails while a callback logs, a model that fails inside a callback's method (in eval mode
-    while the trainer trains: only there), a layer that does not run in the validation forward: hooks off, flags restored."""
+    while the trainer trains: only there), a layer that does not run in the validation forward: hooks off, flags
+    restored."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     images = data(2, 3).tensors[0]
@@ -173,7 +174,8 @@ def test_an_exception_in_the_callbacks_own_work_restores_the_model(tmp_path):
     (lambda im: C.Deconvnet(im, ["net.conv2"], top_k=7), "top_k"),
     # feature visualization assumed 3 channels: a 1-channel model is told what to pass
     (lambda im: C.Visualize(viz_layer="net.conv2", channels=[0]), "does not take 3-channel.*image_channels=1"),
-    (lambda im: C.FeatureVisualization("net.conv2", [0, 9], size=8, image_channels=1), "unit 9 out of range: net.conv2 has 6"),
+    (lambda im: C.FeatureVisualization("net.conv2", [0, 9], size=8, image_channels=1),
+     "unit 9 out of range: net.conv2 has 6"),
     (lambda im: C.ActivationMaps(torch.rand(2, 3, 12, 12), ["net.conv1"]), "expected input.*to have 1 channels"),
     (lambda im: C.DatasetExamples(["net.conv2"], k=0), "k must be >= 1"),
 ])

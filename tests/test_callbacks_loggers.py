@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import lightning_vis.images as im
 from tests.test_callbacks import TinyL, data, loaders
