@@ -279,8 +279,10 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < low:
             raise CliError(f"{_flag(name)} {value}: must be {'positive' if low == 1 else 'at least 0'}")
-    if isinstance(getattr(args, "size", None), int):
+    if getattr(args, "size", None) is not None:
         parse_size(str(args.size), "--size")
+    if args.command == "render":
+        parse_channels(args.channels)
     if getattr(args, "render_size", None):
         parse_size(str(args.render_size), "--render-size")
     port = getattr(args, "port", None)
