@@ -7,8 +7,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs)
 PEERS := captum==0.9.0 grad-cam==1.5.7
-# the callbacks' trainers and loggers, and the digits data of the demo and tests
-TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn selenium
+# the callbacks' trainers and loggers (W&B and MLflow: tested offline / on a local store), and the digits data of the
+# demo and tests
+TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built

@@ -100,7 +100,8 @@ def main(argv=None):
     def fit(with_callbacks: bool) -> float:
         clock = StepClock()
         cbs = [C.ActivationMaps(images, ["net.3", "net.6"], **far), C.Deconvnet(images, ["net.6"], **far),
-               C.Attribution(images, "net.6", **far), C.FeatureVisualization("net.6", range(4), **far)] \
+               C.Attribution(images, "net.6", **far),
+               C.FeatureVisualization("net.6", range(4), image_channels=1, **far)] \
             if with_callbacks else []
         acc = [0.0]
         for cb in cbs:

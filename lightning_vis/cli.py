@@ -12,6 +12,12 @@
     lightning-vis dream --model torchvision:mobilenet_v2 --weights w.pth --image photo.png --layer features.7
     lightning-vis report --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10
     lightning-vis serve --model torchvision:mobilenet_v2 --weights w.pth --images photos/
+
+Arguments are checked before any work; a mistake is one line on stderr and exit status 2. Files in --images that
+are not pictures, cannot be decoded, are over the 179-megapixel budget or are clips for an image model (stills for
+a video model) are skipped with a warning. Outputs are written to a hidden folder beside --out and moved into it
+when the command succeeds (the JSON index last): a failed run leaves --out as it was.
+LIGHTNING_VIS_TRACEBACK=1 shows the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -19,14 +25,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
+import re
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import images as im
-from ._util import progress_bar
+from ._util import model_device, progress_bar
 from .activations import activation_grid, activations, top_predictions
 from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from .dataset import top_k_examples
@@ -34,18 +46,139 @@ from .deconv import deconvnet
 from .featureviz import deep_dream, render
 from .health import filter_health
 from .receptive import receptive_field
-from .hooks import LayerNotFoundError, resolve_layers
+from .hooks import LayerNotFoundError, ModelGuard, resolve_layers
 from .hooks.taps import layers as list_layers
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+#: the most pixels one picture (all frames of a clip together) or one model input may have: Pillow's own limit
+#: for decompression bombs (2 x Image.MAX_IMAGE_PIXELS), checked from the file's header before decoding
+MAX_PIXELS = 178_956_970
+MAX_CHANNELS = 65_536  # the most units a --channels spec may name
+LAYERS_REAL_FORWARD = 3 * 1024 * 1024  # `layers`: larger example inputs go through the meta device
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class BadImage(CliError):
+    """A file of --images that cannot be used: skipped with a warning while others remain."""
+
+
+def one_line(e: BaseException | str) -> str:
+    """An error message on one line (torch's and Pillow's span several)."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def say(message: str, err: bool = False) -> None:
+    """A line on stdout (or stderr) that clears the progress bars first instead of being glued onto one."""
+    try:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stderr if err else sys.stdout)
+    except ImportError:
+        print(message, file=sys.stderr if err else sys.stdout)
+
+
+def close_progress_bars() -> None:
+    """Closes (and so clears) every open progress bar, e.g. before an error line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def progress(iterable, desc: str, total: int | None = None):
     return progress_bar(True, desc, total=total, unit="img", iterable=iterable)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _import_factory(spec: str, source: str, name: str):
+    try:
+        module = importlib.import_module(source)
+    except ImportError as e:
+        raise CliError(f"--model {spec!r}: cannot import {name!r} from {source!r} ({e})") from e
+    try:
+        return getattr(module, name)
+    except AttributeError as e:
+        raise CliError(f"--model {spec!r}: cannot import {name!r} from {source!r} ({e})") from e
+
+
+def _build(spec: str, source: str, name: str) -> nn.Module:
+    factory = _import_factory(spec, source, name)
+    if isinstance(factory, nn.Module):
+        return factory
+    if not callable(factory):
+        raise CliError(f"--model {spec!r}: {name!r} is {_a(type(factory).__name__)}, not a function that returns "
+                       "an nn.Module")
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - whatever the factory does wrong, one line
+        raise CliError(f"--model {spec!r}: calling {name}() failed ({type(e).__name__}: {one_line(e)}); --model "
+                       "names a function or class that builds an nn.Module with no arguments") from e
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {spec!r}: the factory returned {_a(type(model).__name__)}, not an nn.Module")
+    return model
+
+
+def _listed(keys, n: int = 3) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, weights: str, spec: str) -> None:
+    """A state dict file into the model; one line naming what is wrong otherwise (not a PyTorch file, damaged,
+    pickled objects, not a state dict, keys or shapes that do not fit)."""
+    import pickle
+
+    path = Path(weights)
+    if not path.is_file():
+        raise CliError(f"--weights {weights!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, pickled objects: torch raises many kinds
+        text = one_line(e)
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if isinstance(e, pickle.UnpicklingError) and pickled:
+            raise CliError(f"--weights {weights!r}: holds pickled Python objects ({pickled[1]}), not only tensors (a "
+                           "whole model saved with torch.save(model)?): save model.state_dict() instead") from None
+        why = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        why = why[1] if why else text.split(". ")[0]
+        raise CliError(f"--weights {weights!r}: not a PyTorch weights file, or a damaged one ({why})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning checkpoint
+    if not isinstance(state, dict) or not state:
+        held = "an empty dict" if isinstance(state, dict) else _a(type(state).__name__)
+        raise CliError(f"--weights {weights!r}: holds {held}, not a state dict ({{name: tensor}})")
+    odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CliError(f"--weights {weights!r}: not a state dict: {odd[0]!r} holds "
+                       f"{_a(type(state[odd[0]]).__name__)}, not a tensor")
+    own = model.state_dict()
+    if not set(state) & set(own):  # a Lightning module's prefix ("model.", "net.") in front of every key
+        prefix = os.path.commonprefix(list(state)).rpartition(".")[0]
+        if prefix and {k[len(prefix) + 1:] for k in state} == set(own):
+            state = {k[len(prefix) + 1:]: v for k, v in state.items()}
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the model" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        what = [f"missing {_listed(missing)}" if missing else "", f"unexpected {_listed(unexpected)}" if unexpected
+                else "", f"shape of {_listed(shapes, 2)}" if shapes else ""]
+        raise CliError(f"--weights {weights!r} do not fit {spec}: " + "; ".join(w for w in what if w))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CliError(f"--weights {weights!r} do not fit {spec}: {one_line(e)}") from e
 
 
 def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[str] | None, object]:
@@ -72,24 +205,189 @@ def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[s
         except (ValueError, AttributeError):
             pass
     else:
-        try:
-            factory = getattr(importlib.import_module(source), name)
-        except (ImportError, AttributeError) as e:
-            raise CliError(f"--model {spec!r}: cannot import {name!r} from {source!r} ({e})") from e
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise CliError(f"--model {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+        model = _build(spec, source, name)
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise CliError(f"--weights {weights!r}: no such file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CliError(f"--weights {weights!r} do not fit {spec}: {str(e).splitlines()[0]}") from e
+        load_weights(model, weights, spec)
     return model.eval(), categories, transform
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# arguments, checked before any work
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+#: int arguments and their smallest valid value (those a command has)
+AT_LEAST = {"top": 1, "top_k": 1, "k": 1, "tile": 1, "batch_size": 1, "steps": 1, "chunk_size": 1, "octaves": 1,
+            "units": 1, "render_size": 1, "samples": 1, "show": 0, "render_steps": 1, "size": 1, "channels": 1}
+
+
+def parse_size(spec: str, flag: str, dims=(1, 2, 3), channels_first: bool = False) -> list[int]:
+    """'H', 'H,W' or 'T,H,W' (as many as dims allows; after a channel count with channels_first): positive ints,
+    H x W (x T) within the pixel budget."""
+    try:
+        size = [int(v) for v in str(spec).split(",")]
+    except ValueError:
+        raise CliError(f"{flag} {spec!r}: expected integers separated by commas") from None
+    if len(size) not in dims:
+        raise CliError(f"{flag} {spec!r}: expected {' or '.join(str(d) for d in dims)} numbers")
+    if min(size) < 1:
+        raise CliError(f"{flag} {spec!r}: sizes must be positive")
+    space = size[1:] if channels_first else size
+    pixels = math.prod(space) * (space[0] if len(space) == 1 and not channels_first else 1)
+    if pixels > MAX_PIXELS:
+        raise CliError(f"{flag} {spec!r}: {pixels / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f}-megapixel "
+                       "budget")
+    return size
+
+
+def parse_channels(spec: str) -> list[int]:
+    """'0-15', '3,7,9' or '0-3,8' -> channel indices (ranges ascending, at most MAX_CHANNELS in all)."""
+    out = []
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise CliError(f"--channels {spec!r}: expected indices and ranges such as 0-15 or 3,7,9") from None
+        if hi < lo:
+            raise CliError(f"--channels {spec!r}: the range {part.strip()} is empty (write low-high, e.g. {hi}-{lo})")
+        if len(out) + hi - lo + 1 > MAX_CHANNELS:
+            raise CliError(f"--channels {spec!r}: more than {MAX_CHANNELS} channels")
+        out += range(lo, hi + 1)
+    return out
+
+
+def check_out(folder: str) -> Path:
+    """--out: a folder, or a path where one can be made (not a file, nor under one)."""
+    out = Path(folder)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise CliError(f"--out {folder!r}: {'is' if p == out else f'{str(p)!r} is'} a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise CliError(f"--out {folder!r}: {str(p)!r} is not writable")
+            break
+    return out
+
+
+def check_args(args) -> None:
+    """Every argument that can be checked without the model: counts, sizes, ports, files, --out."""
+    for name, low in AT_LEAST.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise CliError(f"{_flag(name)} {value}: must be {'positive' if low == 1 else 'at least 0'}")
+    if getattr(args, "size", None) is not None:
+        parse_size(str(args.size), "--size")
+    if args.command == "render":
+        parse_channels(args.channels)
+    if getattr(args, "render_size", None):
+        parse_size(str(args.render_size), "--render-size")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise CliError(f"--port {port}: must be 0..65535 (0: any free port)")
+    for name in ("lr", "threshold"):
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise CliError(f"{_flag(name)} {value}: must be a finite number")
+    if getattr(args, "lr", None) is not None and args.lr <= 0:
+        raise CliError(f"--lr {args.lr}: must be positive")
+    if args.command == "topk":
+        grid = (args.tile * args.k) * (args.tile * args.channels)
+        if grid > MAX_PIXELS:
+            raise CliError(f"--tile {args.tile} with -k {args.k} and --channels {args.channels}: a "
+                           f"{grid / 1e6:.0f}-megapixel grid, over the {MAX_PIXELS / 1e6:.0f}-megapixel budget")
+    if getattr(args, "labels", None) and not Path(args.labels).is_file():
+        raise CliError(f"--labels {args.labels!r}: no such file")
+    if getattr(args, "out", None) is not None:
+        check_out(args.out)
+
+
+def read_labels(args, categories):
+    if not getattr(args, "labels", None):
+        return categories
+    try:
+        return Path(args.labels).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"--labels {args.labels!r}: not a text file of class names ({one_line(e)})") from None
+
+
+def _check_layers(model, layers, flag: str = "--layers") -> list[str]:
+    """Resolved layer names (globs expanded); unknown names fail here, with suggestions, before any work."""
+    try:
+        return list(resolve_layers(model, layers))
+    except LayerNotFoundError as e:
+        raise CliError(f"{flag}: {e}") from None
+
+
+def _explicit(layers) -> set[str]:
+    return {s for s in layers if not any(c in s for c in "*?[")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs: written beside --out, moved into it when the command succeeds
+
+
+class Output:
+    """The files of one command. They are written into a hidden temporary folder beside --out and moved into
+    --out by commit(), the .json / .html indexes last; on failure (or Ctrl-C) the temporary folder is removed and
+    --out is left as it was. path(rel) gives where to write, final(path) the path the file will have."""
+
+    INDEXES = (".json", ".html")
+
+    def __init__(self, folder: str | Path):
+        self.folder = check_out(str(folder))
+        # beside --out (in its first existing ancestor), or inside it where only --out itself is writable
+        absolute = Path(os.path.abspath(self.folder))
+        anchor = next((p for p in absolute.parents if p.exists()), absolute)
+        if not os.access(anchor, os.W_OK | os.X_OK) and self.folder.is_dir():
+            anchor = self.folder
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{absolute.name or 'out'}.partial-", dir=anchor))
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        shutil.rmtree(self.stage, ignore_errors=True)
+        return False
+
+    def path(self, rel) -> Path:
+        p = self.stage / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def final(self, path) -> str:
+        return str(self.folder / Path(path).relative_to(self.stage))
+
+    def png(self, image, rel) -> str:
+        return self.final(im.save_png(image, self.path(rel)))
+
+    def gif(self, frames, rel, **kw) -> str:
+        return self.final(im.save_gif(frames, self.path(rel), **kw))
+
+    def text(self, rel, text: str) -> str:
+        p = self.path(rel)
+        p.write_text(text)
+        return self.final(p)
+
+    def commit(self) -> None:
+        files = sorted((p for p in self.stage.rglob("*") if p.is_file()),
+                       key=lambda p: (p.suffix in self.INDEXES, len(p.parts), str(p)))
+        for f in files:
+            target = self.folder / f.relative_to(self.stage)
+            if target.is_dir():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(f, target)
+            except OSError:  # another file system
+                shutil.move(f, target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pictures
 
 
 def image_paths(args_images: list[str]) -> list[Path]:
@@ -97,7 +395,7 @@ def image_paths(args_images: list[str]) -> list[Path]:
     for a in args_images:
         p = Path(a)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file():
             paths.append(p)
         else:
@@ -107,17 +405,41 @@ def image_paths(args_images: list[str]) -> list[Path]:
     return paths
 
 
+def probe_image(path: Path) -> tuple[int, int, int]:
+    """(width, height, frames) from the file's header, without decoding the pixels; BadImage if it is not a
+    picture Pillow reads or is over the pixel budget (all frames together)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own budget below, on all frames; reading the header decodes nothing
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as pil:
+                (w, h), frames = pil.size, getattr(pil, "n_frames", 1)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for files it cannot read
+        raise BadImage(f"{path}: not an image ({one_line(e)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if w * h * frames > MAX_PIXELS:
+        raise BadImage(f"{path}: {w}x{h}{f' x {frames} frames' if frames > 1 else ''} is "
+                       f"{w * h * frames / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f}-megapixel budget")
+    return w, h, frames
+
+
 def load_image(path: Path, transform, size: int, gray: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(model input, the same picture displayable in [0, 1]): (C, H, W) and (3, H, W) for an image; a GIF with
-    several frames is a clip: (C, T, H, W) and (3, T, H, W), for video models."""
+    several frames is a clip: (C, T, H, W) and (3, T, H, W), for video models. BadImage when the file is not a
+    picture, is over the pixel budget (checked before decoding) or cannot be decoded (truncated, damaged)."""
     from PIL import Image, ImageSequence
     import numpy as np
 
+    probe_image(path)
     try:
-        pil = Image.open(path)
-        frames = [f.convert("L" if gray and transform is None else "RGB") for f in ImageSequence.Iterator(pil)]
-    except OSError as e:
-        raise CliError(f"{path}: not an image ({e})") from e
+        with Image.open(path) as pil:
+            frames = [f.convert("L" if gray and transform is None else "RGB") for f in ImageSequence.Iterator(pil)]
+    except Exception as e:  # noqa: BLE001
+        raise BadImage(f"{path}: cannot be decoded ({one_line(e)})") from None
     if transform is None:
         frames = [f.resize((size, size)) for f in frames]
     arrs = [torch.from_numpy(np.asarray(f).copy()).float() / 255 for f in frames]
@@ -132,74 +454,158 @@ def load_image(path: Path, transform, size: int, gray: bool = False) -> tuple[to
     return x, x.expand(3, *x.shape[1:])
 
 
+class Inputs:
+    """The pictures of --images for one model. Every file's header is read first: those that are not pictures or
+    are over the pixel budget are skipped with a warning. Each picture is decoded when used (one that cannot be
+    is skipped); the first still and the first clip are tried on the model (one forward pass without
+    gradients), so that clips given to an image model, or stills to a video model, are skipped with a warning
+    naming what the model said, instead of failing deep inside torch. ``skipped``: {file name: why}."""
+
+    def __init__(self, args, model, transform):
+        self.args, self.model, self.transform = args, model, transform
+        self.skipped: dict[str, str] = {}
+        self.verdict: dict[int, str | None] = {}  # input dims -> None (the model takes them) or why not
+        self.paths = []
+        for p in image_paths(args.images):
+            try:
+                probe_image(p)
+                self.paths.append(p)
+            except BadImage as e:
+                self.skip(p, e)
+        self.none_left(len(self.paths))
+
+    def skip(self, path: Path, why) -> None:
+        self.skipped[path.name] = str(why)
+        say(f"lightning-vis {self.args.command}: skipping {why}", err=True)
+
+    def none_left(self, used: int) -> None:
+        if used == 0:
+            first = next(iter(self.skipped.values()), "")
+            raise CliError(f"none of the --images can be used ({len(self.skipped)} skipped; {first})")
+
+    def load(self, path: Path):
+        x, shown = load_image(path, self.transform, self.args.size, self.args.gray)
+        if x.dim() not in self.verdict:
+            what = f"a clip of {x.shape[1]} frames" if x.dim() == 4 else "a still image"
+            try:
+                with ModelGuard(self.model, eval=True), torch.no_grad():
+                    self.model(x[None].to(model_device(self.model)))
+                self.verdict[x.dim()] = None
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+                self.verdict[x.dim()] = f"the model does not take {what} of shape {tuple(x.shape)} ({one_line(e)})"
+        if self.verdict[x.dim()]:
+            raise BadImage(f"{path}: {self.verdict[x.dim()]}")
+        return x, shown
+
+    def __iter__(self):
+        """(path, input, shown) for every usable picture, with a progress bar; the rest skipped with a warning."""
+        used = 0
+        for path in progress(self.paths, self.args.command):
+            try:
+                x, shown = self.load(path)
+            except BadImage as e:
+                self.skip(path, e)
+                continue
+            used += 1
+            yield path, x, shown
+        self.none_left(used)
+
+    def usable(self, keep: bool = False) -> list[tuple]:
+        """Decodes every picture once, for commands that need them all before they start: (path, input, shown)
+        of the usable ones (input and shown None unless keep), all of one shape (the first usable picture's; the
+        others skipped)."""
+        good, shape = [], None
+        for path, x, shown in self:
+            if shape is None or x.shape == shape:
+                shape = x.shape
+                good.append((path, x, shown) if keep else (path, None, None))
+            else:
+                self.skip(path, f"{path}: shape {tuple(x.shape)}, not {tuple(shape)} like the first picture")
+        self.paths = [p for p, _, _ in good]
+        return good
+
+    def record_skipped(self, report: dict) -> dict:
+        for name, why in self.skipped.items():
+            report.setdefault(name, {"skipped": why})
+        return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands
+
+
 def cmd_layers(args, model, categories, transform):
-    shape = [int(v) for v in args.input_size.split(",")]
-    info = list_layers(model, torch.zeros(1, *shape), leaves_only=not args.all)
+    shape = parse_size(args.input_size, "--input-size", dims=(2, 3, 4), channels_first=True)
+    # a real forward pass for ordinary sizes; larger ones on the meta device (shapes only, nothing allocated)
+    meta = math.prod(shape) > LAYERS_REAL_FORWARD
+    try:
+        info = list_layers(model.to("meta") if meta else model, torch.zeros(1, *shape, device="meta" if meta else None),
+                           leaves_only=not args.all)
+    except NotImplementedError as e:
+        raise CliError(f"--input-size {args.input_size!r}: the model cannot run on the meta device ({one_line(e)}); "
+                       f"an input of at most {LAYERS_REAL_FORWARD:,} values runs for real") from None
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise CliError(f"--input-size {args.input_size!r}: the model does not take a {tuple([1, *shape])} input "
+                       f"({one_line(e)})") from None
+    if not info:
+        raise CliError(f"{args.model}: no layer ran in the forward pass")
     width = max(len(i.name) for i in info)
     for i in info:
         print(f"{i.name:<{width}}  {i.type:<20} {str(list(i.output_shape) if i.output_shape else '-'):<22} "
               f"{i.params:>10,d} params")
 
 
-def _run_images(args, model, categories, layers=None):
-    if layers is None:
-        layers = args.layers
-    if layers:
-        resolve_layers(model, layers)  # unknown names fail here, with suggestions, before any work
-    paths = image_paths(args.images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = categories
-    if getattr(args, "labels", None):
-        if not Path(args.labels).is_file():
-            raise CliError(f"--labels {args.labels!r}: no such file")
-        names = Path(args.labels).read_text().splitlines()
-    return paths, out, names
-
-
 def cmd_activations(args, model, categories, transform):
-    paths, out, names = _run_images(args, model, categories)
+    _check_layers(model, args.layers)
+    names = read_labels(args, categories)
+    inputs = Inputs(args, model, transform)
     report = {}
-    for path in progress(paths, "activations"):
-        x, _ = load_image(path, transform, args.size, args.gray)
-        acts, logits = activations(model, x[None], args.layers)
-        entry = {}
-        if logits.dim() == 2:
-            entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)}
-                                    for i, n, p in top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
-        for layer, a in acts.items():
-            if a.dim() < 3:
-                continue
-            f = out / path.stem / f"{layer}_activations.png"
-            # small maps enlarged for display
-            im.save_png(activation_grid(a, scale=args.scale, cell=48 if a.dim() == 4 else None), f)
-            entry.setdefault("files", []).append(str(f))
-        report[path.name] = entry
-        top = entry.get("predictions", [])[:1]
-        if top:
-            print(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
-    (out / "activations.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}/")
+    with Output(args.out) as out:
+        for path, x, _ in inputs:
+            acts, logits = activations(model, x[None], args.layers)
+            entry = {}
+            if logits.dim() == 2:
+                entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
+                                        top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
+            for layer, a in acts.items():
+                if a.dim() < 3:
+                    if layer in _explicit(args.layers):
+                        raise CliError(f"--layers {layer}: its output {tuple(a.shape)} has no maps to draw (pick a "
+                                       "conv or token layer)")
+                    continue  # a glob also matched Linear or pooled layers
+                # small maps enlarged for display
+                f = out.png(activation_grid(a, scale=args.scale, cell=48 if a.dim() == 4 else None),
+                            Path(path.stem) / f"{layer}_activations.png")
+                entry.setdefault("files", []).append(f)
+            report[path.name] = entry
+            top = entry.get("predictions", [])[:1]
+            if top:
+                say(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
+        out.text("activations.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
 
 
 def cmd_deconv(args, model, categories, transform):
-    paths, out, _ = _run_images(args, model, categories)
+    _check_layers(model, args.layers)
+    inputs = Inputs(args, model, transform)
     report = {}
-    for path in progress(paths, "deconv"):
-        x, shown = load_image(path, transform, args.size, args.gray)
-        rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule)
-        entry = {}
-        for layer, r in rec.images.items():
-            if args.heat:  # |reconstruction| summed over channels, coloured over the image
-                tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
-            else:
-                tiles = list(im.signed_rgb(r[0]))
-            f = out / path.stem / f"{layer}_{args.rule}.png"
-            im.save_png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1), f)
-            entry[layer] = {"features": rec.features[layer][0].tolist(), "file": str(f)}
-        report[path.name] = entry
-    (out / f"{args.rule}.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}/")
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule)
+            entry = {}
+            for layer, r in rec.images.items():
+                if args.heat:  # |reconstruction| summed over channels, coloured over the image
+                    tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
+                else:
+                    tiles = list(im.signed_rgb(r[0]))
+                f = out.png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1),
+                            Path(path.stem) / f"{layer}_{args.rule}.png")
+                entry[layer] = {"features": rec.features[layer][0].tolist(), "file": f}
+            report[path.name] = entry
+        out.text(f"{args.rule}.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
 
 
 def _parse_target(args, names):
@@ -221,55 +627,60 @@ def _explained(result, names, path):
         return {}
     cls = int(result.targets[0])
     name = names[cls] if names and cls < len(names) else str(cls)
-    print(f"{path.name}: explaining class {cls} ({name}), score {float(result.scores[0]):.3f}")
+    say(f"{path.name}: explaining class {cls} ({name}), score {float(result.scores[0]):.3f}")
     return {"class": cls, "name": name, "score": round(float(result.scores[0]), 4)}
 
 
-def _write_view(shown, heat, f: Path, extra: list[torch.Tensor] = (), scaled: bool = False) -> list[str]:
+def _write_view(out: Output, shown, heat, rel: str, extra: list[torch.Tensor] = (), scaled: bool = False) -> list[str]:
     """Image | heat overlay (| extra images) as one PNG; clips as a GIF of overlays and a PNG frame strip.
     scaled: heat is already in [0, 1]."""
     if shown.dim() == 4:  # (3, T, H, W) clip and (T, h, w) heat
         frames = im.video_overlay(shown, heat)
-        gif = im.save_gif(frames, f.with_suffix(".gif"))
-        strip = im.save_png(im.grid(torch.cat([shown.transpose(0, 1), frames]), ncol=frames.shape[0]), f)
-        return [str(gif), str(strip)]
+        gif = out.gif(frames, Path(rel).with_suffix(".gif"))
+        strip = out.png(im.grid(torch.cat([shown.transpose(0, 1), frames]), ncol=frames.shape[0]), rel)
+        return [gif, strip]
     tiles = [shown, im.overlay(shown, heat, scale=not scaled)] + [t.to(shown.device) for t in extra]
-    return [str(im.save_png(im.grid(torch.stack(tiles), ncol=len(tiles)), f))]
+    return [out.png(im.grid(torch.stack(tiles), ncol=len(tiles)), rel)]
 
 
 def cmd_cam(args, model, categories, transform):
-    paths, out, names = _run_images(args, model, categories, [args.layer])
+    _check_layers(model, [args.layer], "--layer")
+    names = read_labels(args, categories)
     target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
     report = {}
-    for path in progress(paths, args.method):
-        x, shown = load_image(path, transform, args.size, args.gray)
-        cam = grad_cam(model, x[None], args.layer, target, method=args.method)
-        extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
-        files = _write_view(shown, cam.maps[0], out / f"{path.stem}_{args.method}.png", extra)
-        report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
-    (out / f"{args.method}.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}/")
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            cam = grad_cam(model, x[None], args.layer, target, method=args.method)
+            extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
+            files = _write_view(out, shown, cam.maps[0], f"{path.stem}_{args.method}.png", extra)
+            report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
+        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
 
 
 def cmd_saliency(args, model, categories, transform):
-    paths, out, names = _run_images(args, model, categories, [])
+    names = read_labels(args, categories)
     target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
     report = {}
-    for path in progress(paths, args.method):
-        x, shown = load_image(path, transform, args.size, args.gray)
-        if args.method == "guided":
-            res = guided_backprop(model, x[None], target)
-        else:
-            res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
-                           seed=args.seed)
-        heat = res.maps[0].abs().amax(0)  # the strongest channel at each pixel
-        extra = list(im.signed_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
-        if shown.dim() == 3:
-            heat = im.clip_percentile(heat)
-        files = _write_view(shown, heat, out / f"{path.stem}_{args.method}.png", extra, scaled=shown.dim() == 3)
-        report[path.name] = {**_explained(res, names, path), "files": files}
-    (out / f"{args.method}.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}/")
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            if args.method == "guided":
+                res = guided_backprop(model, x[None], target)
+            else:
+                res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
+                               seed=args.seed)
+            heat = res.maps[0].abs().amax(0)  # the strongest channel at each pixel
+            extra = list(im.signed_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
+            if shown.dim() == 3:
+                heat = im.clip_percentile(heat)
+            files = _write_view(out, shown, heat, f"{path.stem}_{args.method}.png", extra, scaled=shown.dim() == 3)
+            report[path.name] = {**_explained(res, names, path), "files": files}
+        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -285,37 +696,44 @@ class ImageFiles(torch.utils.data.Dataset):
         return load_image(self.paths[i], self.transform, self.size, self.gray)
 
 
-def _loader(args, model, categories, transform):
-    paths, out, names = _run_images(args, model, categories)
-    ds = ImageFiles(paths, transform, args.size, args.gray)
-    return ds, torch.utils.data.DataLoader(ds, batch_size=args.batch_size), out
+def _loader(args, model, transform):
+    """The usable pictures (all decoded once first: a bad file is skipped before the scan, not in the middle of
+    it) as a dataset and a DataLoader."""
+    _check_layers(model, args.layers)
+    inputs = Inputs(args, model, transform)
+    ds = ImageFiles([p for p, _, _ in inputs.usable()], transform, args.size, args.gray)
+    return inputs, ds, torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
 
 
 def cmd_topk(args, model, categories, transform):
-    ds, loader, out = _loader(args, model, categories, transform)
+    inputs, ds, loader = _loader(args, model, transform)
     res = top_k_examples(model, loader, args.layers, k=args.k, score=args.score)
     report = {}
     pictures = _Shown(ds)
-    for layer, entry in res.layers.items():
-        try:
-            rf = receptive_field(model, layer, res.input_shape)
-        except ValueError:
-            rf = None  # token or linear layers: whole pictures
-        channels = range(min(args.channels, entry.indices.shape[0]))
-        rows = []
-        for c in channels:
-            crops = res.crops(pictures, layer, c, rf=rf)
-            tiles = [torch.nn.functional.interpolate(t[None].float(), size=(args.tile, args.tile), mode="bilinear",
-                                                     align_corners=False)[0] for t in crops]
-            tiles += [torch.ones(3, args.tile, args.tile)] * (args.k - len(tiles))
-            rows += tiles
-        f = im.save_png(im.grid(torch.stack(rows), ncol=args.k), out / f"{layer}_top{args.k}.png")
-        report[layer] = {"file": str(f), "receptive_field": rf.size if rf else None, "channels": {
-            c: [{"image": ds.paths[i].name, "score": round(float(s), 4)}
-                for i, s in zip(entry.indices[c].tolist(), entry.scores[c].tolist()) if i >= 0]
-            for c in range(entry.indices.shape[0])}}
-    (out / "topk.json").write_text(json.dumps(report, indent=1))
-    print(f"{res.seen} images scanned; one row per channel (first {args.channels}), best first; wrote {out}/")
+    with Output(args.out) as out:
+        for layer, entry in res.layers.items():
+            try:
+                rf = receptive_field(model, layer, res.input_shape)
+            except ValueError:
+                rf = None  # token or linear layers: whole pictures
+            channels = range(min(args.channels, entry.indices.shape[0]))
+            rows = []
+            for c in channels:
+                crops = res.crops(pictures, layer, c, rf=rf)
+                tiles = [torch.nn.functional.interpolate(t[None].float(), size=(args.tile, args.tile),
+                                                         mode="bilinear", align_corners=False)[0] for t in crops]
+                tiles += [torch.ones(3, args.tile, args.tile)] * (args.k - len(tiles))
+                rows += tiles
+            f = out.png(im.grid(torch.stack(rows), ncol=args.k), f"{layer}_top{args.k}.png")
+            report[layer] = {"file": f, "receptive_field": rf.size if rf else None, "channels": {
+                c: [{"image": ds.paths[i].name, "score": round(float(s), 4)}
+                    for i, s in zip(entry.indices[c].tolist(), entry.scores[c].tolist()) if i >= 0]
+                for c in range(entry.indices.shape[0])}}
+        if inputs.skipped:
+            report["skipped"] = inputs.skipped
+        out.text("topk.json", json.dumps(report, indent=1))
+        out.commit()
+    print(f"{res.seen} images scanned; one row per channel (first {args.channels}), best first; wrote {out.folder}/")
 
 
 class _Shown:
@@ -329,32 +747,24 @@ class _Shown:
 
 
 def cmd_health(args, model, categories, transform):
-    ds, loader, out = _loader(args, model, categories, transform)
+    inputs, ds, loader = _loader(args, model, transform)
     rep = filter_health(model, loader, args.layers, threshold=args.threshold)
-    print(rep.summary())
     bad = rep.suspicious()
+    with Output(args.out) as out:
+        index = {"seen": rep.seen, "table": rep.table(), "suspicious": bad}
+        if inputs.skipped:
+            index["skipped"] = inputs.skipped
+        out.text("health.txt", rep.summary() + "\n")
+        rep.plots(out.path("plots"))
+        out.text("health.json", json.dumps(index, indent=1))
+        out.commit()
+    print(rep.summary())
     for r in bad[:args.show]:
         why = [w for w, on in (("dead", r["dead"]), ("noise-only", r["noise_only"]),
                                (f"duplicates {r['duplicate_of']}", r["duplicate_of"])) if on]
         print(f"  {r['layer']} #{r['channel']}: {', '.join(why)} (active {r['active_fraction']:.3f}, "
               f"noise score {r['noise_score']})")
-    (out / "health.json").write_text(json.dumps({"seen": rep.seen, "table": rep.table(), "suspicious": bad},
-                                                indent=1))
-    (out / "health.txt").write_text(rep.summary() + "\n")
-    rep.plots(out / "plots")
-    print(f"{len(bad)} suspicious filters of {sum(len(h.mean) for h in rep.layers.values())}; wrote {out}/")
-
-
-def parse_channels(spec: str) -> list[int]:
-    """'0-15', '3,7,9' or '0-3,8' -> channel indices."""
-    out = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise CliError(f"--channels {spec!r}: expected indices and ranges such as 0-15 or 3,7,9") from None
-    return out
+    print(f"{len(bad)} suspicious filters of {sum(len(h.mean) for h in rep.layers.values())}; wrote {out.folder}/")
 
 
 def _preprocess(transform):
@@ -369,68 +779,103 @@ def _preprocess(transform):
     return pre
 
 
+def _check_render(model, layer, units, size, channels, preprocess):
+    """One render step of the highest unit: the layer, the unit range and that the model takes these images,
+    checked before the real work."""
+    try:
+        render(model, (layer, [max(units)]), size=size, steps=1, channels=channels, preprocess=preprocess,
+               progress=False)
+    except RuntimeError as e:
+        raise CliError(f"the model does not take {channels}-channel images of size {size} ({one_line(e)})"
+                       + ("; for a one-channel model add --gray" if channels == 3 else "")) from None
+
+
 def cmd_render(args, model, categories, transform):
-    resolve_layers(model, args.layer)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_layers(model, args.layer, "--layer")
     units = parse_channels(args.channels)
-    size = [int(v) for v in args.size.split(",")]
-    res = render(model, (args.layer, units), size=size if len(size) > 1 else size[0], steps=args.steps,
-                 param=args.param, seed=args.seed, channels=1 if args.gray else 3, preprocess=_preprocess(transform),
-                 chunk_size=args.chunk_size)
+    size = parse_size(args.size, "--size")
+    size = size if len(size) > 1 else size[0]
+    channels, preprocess = 1 if args.gray else 3, _preprocess(transform)
+    _check_render(model, args.layer, units, size, channels, preprocess)
+    res = render(model, (args.layer, units), size=size, steps=args.steps, param=args.param, seed=args.seed,
+                 channels=channels, preprocess=preprocess, chunk_size=args.chunk_size)
     files = []
-    for u, img in zip(units, res.images):
-        if img.dim() == 4:  # a space-time render: (C, T, H, W)
-            files.append(str(im.save_gif(img.transpose(0, 1), out / f"{args.layer}_{u}.gif")))
-            img = im.grid(img.transpose(0, 1), ncol=img.shape[1])
-        files.append(str(im.save_png(img, out / f"{args.layer}_{u}.png")))
-    tiles = res.images if res.images.dim() == 4 else res.images[:, :, res.images.shape[2] // 2]
-    grid = im.save_png(im.grid(tiles), out / f"{args.layer}_grid.png")
-    settings = {**res.settings, "model": args.model, "layer": args.layer, "channels": units,
-                "final_objective": [round(float(v), 4) for v in res.final_scores()], "files": files,
-                "grid": str(grid)}
-    (out / f"{args.layer}_render.json").write_text(json.dumps(settings, indent=1))
-    print(f"rendered {len(units)} channels of {args.layer}; wrote {out}/")
+    with Output(args.out) as out:
+        for u, img in zip(units, res.images):
+            if img.dim() == 4:  # a space-time render: (C, T, H, W)
+                files.append(out.gif(img.transpose(0, 1), f"{args.layer}_{u}.gif"))
+                img = im.grid(img.transpose(0, 1), ncol=img.shape[1])
+            files.append(out.png(img, f"{args.layer}_{u}.png"))
+        tiles = res.images if res.images.dim() == 4 else res.images[:, :, res.images.shape[2] // 2]
+        grid = out.png(im.grid(tiles), f"{args.layer}_grid.png")
+        settings = {**res.settings, "model": args.model, "layer": args.layer, "channels": units,
+                    "final_objective": [round(float(v), 4) for v in res.final_scores()], "files": files,
+                    "grid": grid}
+        out.text(f"{args.layer}_render.json", json.dumps(settings, indent=1))
+        out.commit()
+    print(f"rendered {len(units)} channels of {args.layer}; wrote {out.folder}/")
 
 
 def cmd_dream(args, model, categories, transform):
-    resolve_layers(model, args.layer)
+    _check_layers(model, args.layer, "--layer")
     path = Path(args.image)
     if not path.is_file():
         raise CliError(f"--image {args.image!r}: no such file")
     _, shown = load_image(path, transform, args.size, args.gray)
     if shown.dim() != 3:
         raise CliError(f"--image {args.image!r}: DeepDream takes a still image")
-    out = Path(args.out)
     picture = shown[:1] if args.gray else shown
+    preprocess = _preprocess(transform)
+    try:
+        with ModelGuard(model, eval=True), torch.no_grad():
+            model((preprocess(picture[None]) if preprocess else picture[None]).to(model_device(model)))
+    except RuntimeError as e:
+        raise CliError(f"--image {args.image!r}: the model does not take it as a {tuple(picture.shape)} input "
+                       f"({one_line(e)})" + ("; for a one-channel model add --gray" if not args.gray else "")) from None
     dream = deep_dream(model, picture, args.layer, octaves=args.octaves, steps=args.steps, lr=args.lr,
-                       tile=args.tile, seed=args.seed, preprocess=_preprocess(transform))
-    f = im.save_png(im.grid(torch.stack([picture.expand(3, -1, -1), dream.expand(3, -1, -1)]), ncol=2),
-                    out / f"{path.stem}_dream_{args.layer}.png")
+                       tile=args.tile, seed=args.seed, preprocess=preprocess)
+    with Output(args.out) as out:
+        f = out.png(im.grid(torch.stack([picture.expand(3, -1, -1), dream.expand(3, -1, -1)]), ncol=2),
+                    f"{path.stem}_dream_{args.layer}.png")
+        out.commit()
     print(f"wrote {f}")
 
 
 def cmd_report(args, model, categories, transform):
     from . import report
 
-    paths, out, names = _run_images(args, model, categories)
-    loaded = [load_image(p, transform, args.size, args.gray) for p in paths]
-    if any(x.dim() != 3 for x, _ in loaded):
-        raise CliError("report takes still images")
-    inputs = torch.stack([x for x, _ in loaded])
-    shown = torch.stack([s for _, s in loaded])
+    layers = _check_layers(model, args.layers)
+    if args.cam_layer:
+        _check_layers(model, [args.cam_layer], "--cam-layer")
     evolution = {}
     for item in args.evolution:
         layer, _, folder = item.partition("=")
         if not folder:
             raise CliError(f"--evolution {item!r}: expected LAYER=DIR")
+        if not Path(folder).is_dir():
+            raise CliError(f"--evolution {item!r}: {folder!r} is not a folder")
         evolution[layer] = Path(folder)
-    index = report.build(model, inputs, shown, [p.name for p in paths], args.layers, out, cam_layer=args.cam_layer,
-                         class_names=names, preprocess=_preprocess(transform), units=args.units,
-                         render_steps=args.steps, render_size=args.render_size,
-                         image_channels=1 if args.gray else 3, k=args.k, evolution=evolution,
-                         title=f"lightning-vis: {args.model}")
-    print(f"gallery: {index} (open it in a browser; no server needed)")
+    if evolution:
+        _check_layers(model, list(evolution), "--evolution")
+    names = read_labels(args, categories)
+    inputs = Inputs(args, model, transform)
+    loaded = inputs.usable(keep=True)
+    if any(x.dim() != 3 for _, x, _ in loaded):
+        raise CliError("report takes still images")
+    batch = torch.stack([x for _, x, _ in loaded])
+    shown = torch.stack([s for _, _, s in loaded])
+    channels = 1 if args.gray else 3
+    _check_render(model, layers[0], [0], args.render_size, channels, _preprocess(transform))
+    if args.cam_layer:
+        grad_cam(model, batch[:1], args.cam_layer)  # a layer without a spatial map fails here, before any work
+    with Output(args.out) as out:
+        index = report.build(model, batch, shown, [p.name for p, _, _ in loaded], layers, out.stage,
+                             cam_layer=args.cam_layer, class_names=names, preprocess=_preprocess(transform),
+                             units=args.units, render_steps=args.steps, render_size=args.render_size,
+                             image_channels=channels, k=args.k, evolution=evolution,
+                             title=f"lightning-vis: {args.model}")
+        out.commit()
+    print(f"gallery: {out.final(index)} (open it in a browser; no server needed)")
 
 
 def cmd_serve(args, model, categories, transform):
@@ -456,10 +901,16 @@ def cmd_serve(args, model, categories, transform):
     run_until_interrupted(server, f"{len(explorer.names())} images, {len(explorer.layer_names)} layers")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line on stderr (and exit status 2), not argparse's usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lightning-vis", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = OneLineParser(prog="lightning-vis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     def common(p, with_images=True, with_layers=True):
         p.add_argument("--model", required=True, help="torchvision:<name> or package.module:factory")
@@ -577,11 +1028,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         model, categories, transform = load_model(args.model, args.weights)
         args.run(args, model, categories, transform)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"lightning-vis {args.command}: interrupted (nothing written)", file=sys.stderr)
+        return 130
     except (CliError, LayerNotFoundError, ValueError) as e:
-        print(f"lightning-vis {args.command}: {e}", file=sys.stderr)
+        close_progress_bars()
+        print(f"lightning-vis {args.command}: {one_line(e)}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        close_progress_bars()
+        print(f"lightning-vis {args.command}: out of memory ({one_line(e)}); try smaller sizes or batches",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - an unexpected error: one line, the traceback on request
+        close_progress_bars()
+        if os.environ.get("LIGHTNING_VIS_TRACEBACK"):
+            raise
+        print(f"lightning-vis {args.command}: {type(e).__name__}: {one_line(e)} (set LIGHTNING_VIS_TRACEBACK=1 "
+              "for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

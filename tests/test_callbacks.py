@@ -102,7 +102,7 @@ def test_callbacks_log_to_tensorboard_and_csv(tmp_path):
     csv_pngs = list((tmp_path / "csv").rglob("*.png"))
     assert any("activations" in str(p) for p in csv_pngs), csv_pngs
     fv = cbs[3]
-    assert [e for e, _ in fv.history] == [0, 1, 2]  # after epochs 0 and 1, and at fit end (epoch counter 2)
+    assert [e for e, _ in fv.history] == [0, 1]  # after epochs 0 and 1; the fit end (same step) adds no frame
     evo = C.out_dir(trainer) / "evolution" / "net.conv2"
     assert (evo / "channel0.png").exists() and (evo / "channel1.gif").exists()
     topk = cbs[4].result

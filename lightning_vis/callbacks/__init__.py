@@ -7,6 +7,10 @@
 These classes subclass ``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else
 ``pytorch_lightning.Callback``; ``lightning_vis.callbacks.pl`` has the ``pytorch_lightning`` ones whatever is
 installed (a trainer accepts only callbacks of its own package).
+
+Any batch structure: `batch_input` (a key, an index or a function batch -> input) says where the model's input is
+in the validation batches and in `images`; by default a tensor batch itself, the first element of a tuple or
+list, or the "image" / "input" / "x" ... entry of a dict, dataclass or named tuple (`find_input`).
 """
 
 try:
@@ -14,6 +18,7 @@ try:
 except ImportError:  # pragma: no cover - depends on what is installed
     import pytorch_lightning as _pl
 
+from ._batch import INPUT_NAMES, find_input
 from ._core import build, log_images, log_scalars, out_dir
 
 _classes = build(_pl, __name__)
@@ -26,4 +31,4 @@ FilterHealth = _classes["FilterHealth"]
 Visualize = _classes["Visualize"]
 
 __all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "FeatureVisualization", "FilterHealth",
-           "Visualize", "log_images", "log_scalars", "out_dir"]
+           "Visualize", "INPUT_NAMES", "find_input", "log_images", "log_scalars", "out_dir"]

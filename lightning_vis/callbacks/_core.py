@@ -4,10 +4,15 @@
 Thin adapters: every picture or number comes from a method of lightning_vis; the callbacks decide when to run
 it (schedule, rank), how to run it inside a trainer (gradients on, inference mode off, the model and its
 ``.grad`` left alone: the methods' guard does that), and where its results go (every logger on the trainer).
+
+Their life cycle: the configuration is checked when fit starts (layers, channels, what the model takes, where
+the input is in a validation batch), before the first training step; whatever they attach to the model is
+removed in ``on_exception`` and ``teardown`` as well as at the end of their own work.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,6 +25,8 @@ from ..dataset import TopK, TopKCollector, _dataset_indices, all_gather_merge
 from ..deconv import deconvnet
 from ..featureviz import render
 from ..health import ActivityCollector
+from ..hooks import LayerNotFoundError, resolve_layers
+from ._batch import find_input
 
 TAG = "lightning_vis"
 
@@ -38,17 +45,21 @@ def out_dir(trainer) -> Path:
 
 
 def log_images(trainer, tag: str, images: Tensor, step: int) -> list[Path]:
-    """(N, 3, H, W) images in [0, 1] to every logger: TensorBoard add_images, W&B log_image; a logger without
-    images (CSV, ...) gets a PNG grid under its own log dir, a trainer without loggers under default_root_dir.
+    """(N, 3, H, W) images in [0, 1] to every logger: TensorBoard ``add_images``; W&B ``log_image`` (one picture
+    each, 8-bit); MLflow ``log_image`` (their grid, 8-bit, under the key and step); a logger without images (CSV,
+    ...) gets a PNG grid under its own log dir, a trainer without loggers under default_root_dir.
     Returns the PNG paths."""
     images = images.detach().float().clamp(0, 1).cpu()
+    key = f"{TAG}/{tag}"
     folders = []
     for logger in trainer.loggers:
         kind = type(logger).__name__
         if kind == "TensorBoardLogger":
-            logger.experiment.add_images(f"{TAG}/{tag}", images, step)
-        elif kind == "WandbLogger":
-            logger.log_image(key=f"{TAG}/{tag}", images=list(images), step=step)
+            logger.experiment.add_images(key, images, step)
+        elif kind == "WandbLogger":  # 8-bit arrays: wandb would min-max stretch float tensors
+            logger.log_image(key=key, images=[im.to_uint8(x).numpy() for x in images], step=step)
+        elif kind == "MLFlowLogger":
+            logger.experiment.log_image(logger.run_id, im.to_uint8(im.grid(images)).numpy(), key=key, step=step)
         else:
             folders.append(Path(getattr(logger, "log_dir", None) or trainer.default_root_dir) / TAG)
     if not trainer.loggers:
@@ -71,18 +82,85 @@ def _same_size(tiles: list[Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the life cycle every callback shares: configuration checked when fit starts, clean-up on every way out
+
+
+def _positive(name: str, value, optional: bool = True):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _callback_work(module):
+    """Gradients on, inference mode off (validation runs under it), the global RNGs (CPU and the module's GPU) as
+    they were afterwards: a check or a render does not change what training draws next."""
+    p = next(module.parameters(), None)
+    devices = [p.device] if p is not None and p.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+class Lifecycle:
+    """Checks the configuration at fit start (``check``, errors re-raised as one clear ValueError naming the
+    callback) and releases what the callback holds (``cleanup``) in ``on_exception`` and ``teardown``."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def check(self, trainer, pl_module) -> None:
+        """Raise on a configuration that cannot work with this model; called before the first training step."""
+
+    def cleanup(self) -> None:
+        """Remove whatever the callback attached to the model."""
+
+    def _checked(self, trainer, pl_module, check) -> None:
+        try:
+            with _callback_work(pl_module):
+                check(trainer, pl_module)
+        except LayerNotFoundError as e:
+            raise LayerNotFoundError(f"{self.describe()}: {e}") from e
+        except (ValueError, TypeError, RuntimeError, NotImplementedError, IndexError, KeyError) as e:
+            raise ValueError(f"{self.describe()}: {_first_line(e)}") from e
+
+    def on_fit_start(self, trainer, pl_module):
+        self._checked(trainer, pl_module, self.check)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.cleanup()
+
+    def teardown(self, trainer, pl_module, stage):
+        self.cleanup()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # scheduled callbacks
 
 
-class Scheduled:
+class Scheduled(Lifecycle):
     """Runs ``run(trainer, module)`` every_n_epochs (at the end of a training epoch), every_n_train_steps, and at
-    fit end; on global rank zero only unless rank_zero_only=False (then every rank runs it: shard the work)."""
+    fit end; on global rank zero only unless rank_zero_only=False (then every rank runs it: shard the work).
+
+    A run at a global step that already had one (the fit end right after the last epoch's run, or both schedules
+    on one step) is not repeated: the model is the same, so nothing is logged twice. ``trained_epoch`` is the
+    epoch of the last training step seen (the label of what a run shows: after fit, ``current_epoch`` is one
+    past it)."""
 
     def __init__(self, every_n_epochs: int | None = 1, every_n_train_steps: int | None = None,
                  on_fit_end: bool = True, rank_zero_only: bool = True):
-        self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
+        self.every_n_epochs = _positive("every_n_epochs", every_n_epochs)
+        self.every_n_train_steps = _positive("every_n_train_steps", every_n_train_steps)
         self.run_on_fit_end, self.rank_zero_only = on_fit_end, rank_zero_only
         self.runs = 0
+        self.last_step: int | None = None  # the global step of the last run
+        self.trained_epoch: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -91,28 +169,40 @@ class Scheduled:
     def _key_extra(self) -> str:
         return ""
 
+    def epoch(self, trainer) -> int:
+        """The epoch the model was last trained in (for a model not trained under this callback: the last
+        completed one)."""
+        return self.trained_epoch if self.trained_epoch is not None else max(trainer.current_epoch - 1, 0)
+
     def _go(self, trainer, pl_module, final: bool = False):
         if self.rank_zero_only and not trainer.is_global_zero:
             return
-        with torch.inference_mode(False), torch.enable_grad():
-            self.run(trainer, pl_module, final)
-        self.runs += 1
+        if self.last_step is None or self.last_step != trainer.global_step:
+            with _callback_work(pl_module):
+                self.run(trainer, pl_module)
+            self.last_step = trainer.global_step
+            self.runs += 1
+        if final:
+            self.fit_ended(trainer)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained_epoch = trainer.current_epoch
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._go(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._go(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             self._go(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module):
         if self.run_on_fit_end:
             self._go(trainer, pl_module, final=True)
 
-    def run(self, trainer, pl_module, final: bool) -> None:  # pragma: no cover - abstract
+    def run(self, trainer, pl_module) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fit_ended(self, trainer) -> None:
+        """After the fit-end run (or its skip)."""
 
 
 def _on(images: Tensor, module) -> Tensor:
@@ -120,71 +210,141 @@ def _on(images: Tensor, module) -> Tensor:
     return images.to(p.device) if p is not None else images
 
 
-class ActivationMapsMixin(Scheduled):
-    """Per sample image and layer: the grid of every filter's activation map."""
+class OnImages(Scheduled):
+    """A scheduled method on fixed sample images (any batch: see ``batch_input``); its configuration is checked
+    at fit start by running it on the first image."""
 
-    def __init__(self, images: Tensor, layers, *, scale: str = "per_image", max_filters: int | None = 64, **kw):
+    def __init__(self, images, *, batch_input=None, **kw):
         super().__init__(**kw)
-        self.images, self.layers, self.scale, self.max_filters = images, layers, scale, max_filters
+        self.images = find_input(images, batch_input, what="images")
 
-    def run(self, trainer, pl_module, final):
-        acts, _ = activations(pl_module, _on(self.images, pl_module), self.layers)
-        for layer, a in acts.items():
-            if a.dim() < 3:
-                continue
-            grids = [activation_grid(a, i, self.scale, max_filters=self.max_filters) for i in range(a.shape[0])]
-            log_images(trainer, f"activations/{layer}", _same_size(grids), trainer.global_step)
+    def check(self, trainer, pl_module):
+        self.pictures(pl_module, self.images[:1])
+
+    def run(self, trainer, pl_module):
+        for tag, pictures in self.pictures(pl_module, self.images):
+            log_images(trainer, tag, pictures, trainer.global_step)
+
+    def pictures(self, pl_module, images: Tensor) -> list[tuple[str, Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-class DeconvnetMixin(Scheduled):
+def _explicit(layers) -> set[str]:
+    """The layer names given as plain names (not globs, types or modules)."""
+    specs = layers if isinstance(layers, (list, tuple, set)) else [layers]
+    return {s for s in specs if isinstance(s, str) and not any(c in s for c in "*?[")}
+
+
+class ActivationMapsMixin(OnImages):
+    """Per sample image and layer: the grid of every filter's activation map (a layer named explicitly must give
+    maps; layers matched by a glob or type without maps, such as Linear ones, are left out)."""
+
+    def __init__(self, images, layers, *, scale: str = "per_image", max_filters: int | None = 64, **kw):
+        super().__init__(images, **kw)
+        self.layers, self.scale, self.max_filters = layers, scale, max_filters
+
+    def describe(self):
+        return f"{type(self).__name__}({self.layers!r})"
+
+    def check(self, trainer, pl_module):
+        acts, _ = activations(pl_module, _on(self.images[:1], pl_module), self.layers)
+        flat = [n for n, a in acts.items() if a.dim() < 3 and n in _explicit(self.layers)]
+        if flat:
+            raise ValueError(f"layer {flat[0]!r} gives {tuple(acts[flat[0]].shape)} outputs: no maps to show "
+                             "(pick a conv or token layer)")
+        if not any(a.dim() >= 3 for a in acts.values()):
+            raise ValueError(f"none of the layers {sorted(acts)} gives maps to show")
+
+    def pictures(self, pl_module, images):
+        acts, _ = activations(pl_module, _on(images, pl_module), self.layers)
+        return [(f"activations/{layer}",
+                 _same_size([activation_grid(a, i, self.scale, max_filters=self.max_filters)
+                             for i in range(a.shape[0])]))
+                for layer, a in acts.items() if a.dim() >= 3]
+
+
+class DeconvnetMixin(OnImages):
     """Per sample image and layer: the image, then the deconvnet (or guided) reconstructions of its top_k features."""
 
-    def __init__(self, images: Tensor, layers, *, top_k: int = 3, rule: str = "deconvnet", **kw):
-        super().__init__(**kw)
-        self.images, self.layers, self.top_k, self.rule = images, layers, top_k, rule
+    def __init__(self, images, layers, *, top_k: int = 3, rule: str = "deconvnet", **kw):
+        super().__init__(images, **kw)
+        self.layers, self.top_k, self.rule = layers, _positive("top_k", top_k, optional=False), rule
 
-    def run(self, trainer, pl_module, final):
-        rec = deconvnet(pl_module, _on(self.images, pl_module), self.layers, top_k=self.top_k, rule=self.rule)
-        shown = im.to_display(self.images.cpu())
-        for layer, r in rec.images.items():
-            rows = [im.grid(torch.cat([shown[i:i + 1], im.signed_rgb(r[i].cpu())]), ncol=r.shape[1] + 1)
-                    for i in range(r.shape[0])]
-            log_images(trainer, f"{self.rule}/{layer}", _same_size(rows), trainer.global_step)
+    def describe(self):
+        return f"{type(self).__name__}({self.layers!r}, rule={self.rule!r})"
+
+    def pictures(self, pl_module, images):
+        rec = deconvnet(pl_module, _on(images, pl_module), self.layers, top_k=self.top_k, rule=self.rule)
+        shown = im.to_display(images.cpu())
+        return [(f"{self.rule}/{layer}",
+                 _same_size([im.grid(torch.cat([shown[i:i + 1], im.signed_rgb(r[i].cpu())]), ncol=r.shape[1] + 1)
+                             for i in range(r.shape[0])]))
+                for layer, r in rec.images.items()]
 
 
-class AttributionMixin(Scheduled):
+class AttributionMixin(OnImages):
     """Per sample image: a CAM overlay (method of lightning_vis.grad_cam) of the target class (default: top)."""
 
-    def __init__(self, images: Tensor, layer: str, *, method: str = "gradcam", target=None, **kw):
-        super().__init__(**kw)
-        self.images, self.layer, self.method, self.target = images, layer, method, target
+    def __init__(self, images, layer: str, *, method: str = "gradcam", target=None, **kw):
+        super().__init__(images, **kw)
+        self.layer, self.method, self.target = layer, method, target
+
+    def describe(self):
+        return f"{type(self).__name__}({self.layer!r}, method={self.method!r})"
 
     def _key_extra(self):
         return f"[{self.layer},{self.method}]"
 
-    def run(self, trainer, pl_module, final):
-        cam = grad_cam(pl_module, _on(self.images, pl_module), self.layer, self.target, method=self.method)
-        shown = im.to_display(self.images.cpu())
-        tiles = [im.overlay(shown[i], cam.maps[i].cpu()) for i in range(len(shown))]
-        log_images(trainer, f"{self.method}/{self.layer}", torch.stack(tiles), trainer.global_step)
+    def pictures(self, pl_module, images):
+        cam = grad_cam(pl_module, _on(images, pl_module), self.layer, self.target, method=self.method)
+        shown = im.to_display(images.cpu())
+        return [(f"{self.method}/{self.layer}",
+                 torch.stack([im.overlay(shown[i], cam.maps[i].cpu()) for i in range(len(shown))]))]
 
 
 class FeatureVisualizationMixin(Scheduled):
-    """Renders channels of a layer on schedule, logs the grid, and keeps every render: at fit end each channel's
-    evolution across epochs is written as a strip (PNG) and a GIF, and logged ("the vision sharpens")."""
+    """Renders channels of a layer on schedule, logs the grid, and keeps one render per trained epoch (the latest):
+    at fit end each channel's evolution across epochs is written as a strip (PNG) and a GIF, and logged ("the
+    vision sharpens"). The history, labelled with the epoch each render shows, is saved in checkpoints: a run
+    resumed from one goes on with it. At fit start one render step of the highest channel checks the layer, the
+    channel range and that the model takes ``image_channels``-channel images of this size."""
 
     def __init__(self, layer: str, channels, *, size=64, steps: int = 64, seed: int = 0, image_channels: int = 3,
                  preprocess=None, render_kwargs: dict | None = None, **kw):
         super().__init__(**kw)
         self.layer, self.channels = layer, list(channels)
-        self.size, self.steps, self.seed, self.image_channels = size, steps, seed, image_channels
+        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of channel indices >= 0, got {channels!r}")
+        self.size, self.steps, self.seed = size, _positive("steps", steps, optional=False), seed
+        self.image_channels = _positive("image_channels", image_channels, optional=False)
         self.preprocess, self.render_kwargs = preprocess, render_kwargs or {}
         self.history: list[tuple[int, Tensor]] = []  # (epoch, (n, C, H, W) renders)
+
+    def describe(self):
+        return f"{type(self).__name__}({self.layer!r}, channels {self.channels[0]}..{max(self.channels)})"
 
     def _key_extra(self):
         return f"[{self.layer}]"
 
-    def run(self, trainer, pl_module, final):
+    def _render(self, pl_module, units, steps, seed, image_channels=None):
+        return render(pl_module, (self.layer, units), size=self.size, steps=steps, seed=seed,
+                      channels=image_channels or self.image_channels, preprocess=self.preprocess, progress=False,
+                      **self.render_kwargs).images
+
+    def check(self, trainer, pl_module):
+        try:
+            self._render(pl_module, [max(self.channels)], 1, self.seed)
+        except RuntimeError as e:
+            other = 1 if self.image_channels != 1 else 3
+            try:
+                self._render(pl_module, [max(self.channels)], 1, self.seed, other)
+                hint = f": it takes {other}-channel images, so pass image_channels={other}"
+            except Exception:  # noqa: BLE001 - only a hint
+                hint = ""
+            raise ValueError(f"the model does not take {self.image_channels}-channel renders of size {self.size} "
+                             f"({_first_line(e)}){hint}") from e
+
+    def run(self, trainer, pl_module):
         """On rank zero, all channels in one batched render; or, with rank_zero_only=False under DDP, sharded:
         rank r renders channels r, r + world, ... and rank zero gathers them."""
         import torch.distributed as dist
@@ -193,9 +353,8 @@ class FeatureVisualizationMixin(Scheduled):
         rank = dist.get_rank() if world > 1 else 0
         mine = list(range(rank, len(self.channels), world)) if not self.rank_zero_only else \
             list(range(len(self.channels)))
-        imgs = render(pl_module, (self.layer, [self.channels[i] for i in mine]), size=self.size, steps=self.steps,
-                      seed=self.seed + rank, channels=self.image_channels, preprocess=self.preprocess,
-                      progress=False, **self.render_kwargs).images if mine else None
+        imgs = self._render(pl_module, [self.channels[i] for i in mine], self.steps, self.seed + rank) \
+            if mine else None
         if not self.rank_zero_only and world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, (mine, imgs))
@@ -205,10 +364,15 @@ class FeatureVisualizationMixin(Scheduled):
             imgs = torch.stack([by_pos[i] for i in range(len(self.channels))])
         if imgs.dim() == 5:  # clips: the middle frame
             imgs = imgs[:, :, imgs.shape[2] // 2]
-        if not self.history or self.history[-1][0] != trainer.current_epoch or final:
-            self.history.append((trainer.current_epoch, imgs))
+        epoch = self.epoch(trainer)
+        if self.history and self.history[-1][0] == epoch:
+            self.history[-1] = (epoch, imgs)  # a later render of the same epoch replaces it
+        else:
+            self.history.append((epoch, imgs))
         log_images(trainer, f"feature_viz/{self.layer}", imgs.expand(-1, 3, -1, -1), trainer.global_step)
-        if final:
+
+    def fit_ended(self, trainer):
+        if trainer.is_global_zero:
             self.write_evolution(trainer)
 
     def write_evolution(self, trainer) -> list[Path]:
@@ -225,49 +389,108 @@ class FeatureVisualizationMixin(Scheduled):
         return files
 
     def state_dict(self):
-        return {"history": [(e, t.clone()) for e, t in self.history], "runs": self.runs}
+        return {"history": [(e, t.clone()) for e, t in self.history], "runs": self.runs,
+                "last_step": self.last_step, "trained_epoch": self.trained_epoch}
 
     def load_state_dict(self, state):
         self.history = [(e, t) for e, t in state.get("history", [])]
         self.runs = state.get("runs", 0)
+        self.last_step, self.trained_epoch = state.get("last_step"), state.get("trained_epoch")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # collected from the validation batches the trainer already runs
 
 
-def _input_of(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _val_loader(trainer):
+    loader = trainer.val_dataloaders
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return loader
 
 
-class _ValidationCollector:
-    """Hooks the layers for the validation epoch (not the sanity check), feeds each batch to a collector."""
+def _sample_batch(loader):
+    """A batch of the loader's first sample, built the way the loader builds its batches (its dataset and
+    collate_fn, no worker started); None where that cannot be done cheaply (iterable datasets) or fails."""
+    from torch.utils.data import IterableDataset
 
-    def __init__(self, every_n_epochs: int = 1):
-        self.every_n_epochs = every_n_epochs
+    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if dataset is None or collate is None or isinstance(dataset, IterableDataset):
+        return None
+    try:
+        if len(dataset) == 0:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            sample = dataset[0]
+            return collate([sample]) if getattr(loader, "_auto_collation", True) else collate(sample)
+    except Exception:  # noqa: BLE001 - the user's dataset: the first real batch is checked instead
+        return None
+
+
+class _ValidationCollector(Lifecycle):
+    """Hooks the layers for the validation epoch (not the sanity check), feeds each batch's input (found by
+    ``batch_input``) to a collector. The layer names are checked at fit start, and where the input is in a
+    validation batch before the first training step (on a batch made of the validation set's first sample), then
+    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown."""
+
+    def __init__(self, layers, every_n_epochs: int = 1, batch_input=None):
+        self.layers = layers
+        self.every_n_epochs = _positive("every_n_epochs", every_n_epochs, optional=False)
+        self.batch_input = batch_input
         self._collector = None
+        self._input_checked = False
+
+    def describe(self):
+        return f"{type(self).__name__}({self.layers!r})"
 
     def _active(self, trainer) -> bool:
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
+    def check(self, trainer, pl_module):
+        resolve_layers(pl_module, self.layers)
+        self.make_collector(pl_module)  # the collector's own arguments (k, score, ...)
+
+    def _check_input(self, trainer, pl_module):
+        if self._input_checked:
+            return
+        batch = _sample_batch(_val_loader(trainer))
+        if batch is not None:
+            self._checked(trainer, pl_module,
+                          lambda t, m: find_input(batch, self.batch_input, what="a validation batch"))
+            self._input_checked = True
+
+    def setup(self, trainer, pl_module, stage):
+        self._input_checked = False
+
+    def on_train_start(self, trainer, pl_module):
+        self._check_input(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.state.fn != "fit":  # trainer.validate(): no fit start
+            self._checked(trainer, pl_module, self.check)
+        if not trainer.sanity_checking:
+            self._check_input(trainer, pl_module)
+
     def on_validation_epoch_start(self, trainer, pl_module):
         if self._active(trainer):
             self._collector = self.make_collector(pl_module).attach()
-            loader = trainer.val_dataloaders
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
             try:
-                self._order = _dataset_indices(loader)
+                self._order = _dataset_indices(_val_loader(trainer))
             except ValueError:
                 self._order = None
             self._seen = 0
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if self._collector is not None and dataloader_idx == 0:
-            self._collector.before(_input_of(batch))
+            x = find_input(batch, self.batch_input, what="the validation batch")
+            self._collector.before(x)
+            self._n = x.shape[0]
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self._collector is not None and dataloader_idx == 0:
-            n = _input_of(batch).shape[0]
+            n = self._n
             idx = torch.tensor(self._order[self._seen:self._seen + n]) if self._order is not None \
                 else torch.arange(self._seen, self._seen + n)
             self._collector.add(idx)
@@ -277,10 +500,12 @@ class _ValidationCollector:
         if self._collector is None:
             return
         self._collector.detach()
-        self.finish(trainer, pl_module)
-        self._collector = None
+        try:
+            self.finish(trainer, pl_module)
+        finally:
+            self._collector = None
 
-    def teardown(self, trainer, pl_module, stage):
+    def cleanup(self):
         if self._collector is not None:
             self._collector.detach()
             self._collector = None
@@ -291,9 +516,9 @@ class DatasetExamplesMixin(_ValidationCollector):
     trainer runs (no extra pass), merged exactly across DDP ranks; ``result`` (a lightning_vis.TopK) is saved
     under the log dir (topk.pt: {"epoch", "result": TopK.state_dict()}) and in checkpoints."""
 
-    def __init__(self, layers, *, k: int = 9, score: str = "max", every_n_epochs: int = 1):
-        super().__init__(every_n_epochs)
-        self.layers, self.k, self.score = layers, k, score
+    def __init__(self, layers, *, k: int = 9, score: str = "max", every_n_epochs: int = 1, batch_input=None):
+        super().__init__(layers, every_n_epochs, batch_input)
+        self.k, self.score = k, score
         self.result = None
 
     @property
@@ -322,9 +547,9 @@ class FilterHealthMixin(_ValidationCollector):
     """Per layer, every validation epoch: the share of dead channels, noise-only and duplicate filters, the median
     active fraction, logged as scalars (activity merged across DDP ranks); ``report`` keeps the last one."""
 
-    def __init__(self, layers, *, threshold: float = 0.0, every_n_epochs: int = 1):
-        super().__init__(every_n_epochs)
-        self.layers, self.threshold = layers, threshold
+    def __init__(self, layers, *, threshold: float = 0.0, every_n_epochs: int = 1, batch_input=None):
+        super().__init__(layers, every_n_epochs, batch_input)
+        self.threshold = threshold
         self.report = None
 
     @property
@@ -371,22 +596,31 @@ def build(pl, module: str) -> dict:
     class Visualize(base):
         """Several callbacks configured at once: activation maps and deconvnet of `images` on `layers`, CAMs on
         `cam_layer`, feature visualizations of `channels` of `viz_layer`, dataset examples and filter health of
-        `layers`; each part is left out when what it needs is not given. Hooks are forwarded to every part."""
+        `layers`; each part is left out when what it needs is not given. `images` may be any batch and
+        `batch_input` says where the input is in it and in the validation batches (see find_input); renders
+        have as many channels as `images` unless render_kwargs say otherwise. Every hook is forwarded to every
+        part (on_exception and teardown to all of them even when one fails)."""
 
-        def __init__(self, images: Tensor | None = None, layers=None, *, cam_layer: str | None = None,
+        def __init__(self, images=None, layers=None, *, cam_layer: str | None = None,
                      viz_layer: str | None = None, channels=None, k: int = 9, every_n_epochs: int = 1,
-                     render_kwargs: dict | None = None):
+                     render_kwargs: dict | None = None, batch_input=None):
             parts = []
+            if images is not None:
+                images = find_input(images, batch_input, what="images")
             if images is not None and layers is not None:
                 parts += [classes["ActivationMaps"](images, layers, every_n_epochs=every_n_epochs),
                           classes["Deconvnet"](images, layers, every_n_epochs=every_n_epochs)]
             if images is not None and cam_layer is not None:
                 parts.append(classes["Attribution"](images, cam_layer, every_n_epochs=every_n_epochs))
             if viz_layer is not None and channels is not None:
+                kwargs = dict(render_kwargs or {})
+                if images is not None:
+                    kwargs.setdefault("image_channels", images.shape[1])
                 parts.append(classes["FeatureVisualization"](viz_layer, channels, every_n_epochs=every_n_epochs,
-                                                             **(render_kwargs or {})))
+                                                             **kwargs))
             if layers is not None:
-                parts += [classes["DatasetExamples"](layers, k=k), classes["FilterHealth"](layers)]
+                parts += [classes["DatasetExamples"](layers, k=k, batch_input=batch_input),
+                          classes["FilterHealth"](layers, batch_input=batch_input)]
             self.parts = parts
 
         def state_dict(self):
@@ -403,9 +637,24 @@ def build(pl, module: str) -> dict:
                 getattr(p, hook)(*args, **kwargs)
         return call
 
-    for hook in ("on_train_epoch_end", "on_train_batch_end", "on_fit_end", "on_validation_epoch_start",
-                 "on_validation_batch_start", "on_validation_batch_end", "on_validation_epoch_end", "teardown"):
+    def forward_all(hook):
+        def call(self, *args, **kwargs):
+            errors = []
+            for p in self.parts:
+                try:
+                    getattr(p, hook)(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - every part cleans up; the first error is raised
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        return call
+
+    hooks = [h for h in vars(base) if h.startswith("on_") and callable(getattr(base, h)) and
+             h not in ("on_save_checkpoint", "on_load_checkpoint")] + ["setup"]
+    for hook in hooks:
         setattr(Visualize, hook, forward(hook))
+    for hook in ("on_exception", "teardown"):
+        setattr(Visualize, hook, forward_all(hook))
     Visualize.__module__ = module
     classes["Visualize"] = Visualize
     return classes
