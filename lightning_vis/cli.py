@@ -47,6 +47,7 @@ from .featureviz import deep_dream, render
 from .health import filter_health
 from .receptive import receptive_field
 from .hooks import LayerNotFoundError, ModelGuard, resolve_layers
+from .hooks.layout import Layout
 from .hooks.taps import layers as list_layers
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -552,7 +553,7 @@ def cmd_layers(args, model, categories, transform):
     width = max(len(i.name) for i in info)
     for i in info:
         print(f"{i.name:<{width}}  {i.type:<20} {str(list(i.output_shape) if i.output_shape else '-'):<22} "
-              f"{i.params:>10,d} params")
+              f"{i.layout_text:<24} {i.params:>10,d} params")
 
 
 def cmd_activations(args, model, categories, transform):
@@ -568,13 +569,17 @@ def cmd_activations(args, model, categories, transform):
                 entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
                                         top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
             for layer, a in acts.items():
-                if a.dim() < 3:
+                lay = acts.layouts.get(layer)
+                if not isinstance(lay, Layout) or lay.kind == "vector":
                     if layer in _explicit(args.layers):
-                        raise CliError(f"--layers {layer}: its output {tuple(a.shape)} has no maps to draw (pick a "
-                                       "conv or token layer)")
+                        why = f": {lay.reason}" if lay is not None and not isinstance(lay, Layout) else \
+                            " has no maps to draw"
+                        raise CliError(f"--layers {layer}: its output {tuple(a.shape)}{why} (pick a conv or token "
+                                       "layer)")
                     continue  # a glob also matched Linear or pooled layers
                 # small maps enlarged for display
-                f = out.png(activation_grid(a, scale=args.scale, cell=48 if a.dim() == 4 else None),
+                f = out.png(activation_grid(a, scale=args.scale, cell=48 if len(lay.grid) == 2 else None,
+                                            layout=lay),
                             Path(path.stem) / f"{layer}_activations.png")
                 entry.setdefault("files", []).append(f)
             report[path.name] = entry

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .batches import BatchInput, find_input
 from .hooks import ModelGuard
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
@@ -67,10 +68,11 @@ class TopK:
             out.layers[name] = LayerTopK(e["scores"], e["indices"], e["positions"], tuple(e["grid"]))
         return out
 
-    def crops(self, dataset, layer: str, channel: int, model: nn.Module | None = None, rf=None) -> list[Tensor]:
-        """The input regions the best units saw, for each of the channel's top-k inputs (dataset[index][0] or
-        dataset[index] is the input). Pass the model (or its receptive_field for the layer) to crop; without,
-        whole inputs. 3D inputs: the best frame's crop."""
+    def crops(self, dataset, layer: str, channel: int, model: nn.Module | None = None, rf=None,
+              batch_input: BatchInput = None) -> list[Tensor]:
+        """The input regions the best units saw, for each of the channel's top-k inputs (the input of
+        dataset[index] as batches.find_input finds it). Pass the model (or its receptive_field for the layer) to
+        crop; without, whole inputs. 3D inputs: the best frame's crop."""
         entry = self.layers[layer]
         if rf is None and model is not None:
             rf = receptive_field(model, layer, self.input_shape)
@@ -78,8 +80,7 @@ class TopK:
         for idx, pos in zip(entry.indices[channel].tolist(), entry.positions[channel].tolist()):
             if idx < 0:
                 continue
-            item = dataset[idx]
-            x = item[0] if isinstance(item, (tuple, list)) else item
+            x = find_input(dataset[idx], batch_input, what=f"dataset[{idx}]")
             if rf is not None and len(pos) == x.dim() - 1:
                 box = rf.box(pos)
                 x = x[(slice(None), *[slice(lo, hi) for lo, hi in box])]
@@ -118,10 +119,6 @@ def _dataset_indices(loader) -> list[int] | None:
     raise ValueError(f"the DataLoader draws samples with a {type(sampler).__name__}: top-k examples need to know "
                      "each sample's dataset index, so use shuffle=False (a SequentialSampler, or a "
                      "DistributedSampler with shuffle=False)")
-
-
-def _batch_input(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _per_channel(act: Tensor, score: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -186,10 +183,11 @@ class TopKCollector(StreamingTap):
 
 
 def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None, desc: str = "scan",
-         progress: bool = True) -> int:
-    """One pass over `dataloader` (batches `x` or `(x, ...)`) in eval mode without gradients, on `device` (default:
-    the model's), feeding every tap; returns the number of inputs seen. Dataset indices follow the loader's
-    sampler, which must be deterministic when a tap needs them."""
+         progress: bool = True, batch_input: BatchInput = None) -> int:
+    """One pass over `dataloader` in eval mode without gradients, on `device` (default: the model's), feeding every
+    tap; returns the number of inputs seen. The input of each batch: see batches.find_input (a tensor, (x, ...),
+    a dict / dataclass with "image", "input", "x", ..., or batch_input= a key, an index or a function). Dataset
+    indices follow the loader's sampler, which must be deterministic when a tap needs them."""
     device = device if device is not None else model_device(model)
     order = _dataset_indices(dataloader) if any(t.needs_indices for t in taps) else None
     seen = 0
@@ -198,7 +196,7 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
             for t in taps:
                 t.attach()
             for batch in progress_bar(progress, desc, unit="batch", iterable=dataloader):
-                x = _batch_input(batch).to(device, non_blocking=True)
+                x = find_input(batch, batch_input).to(device, non_blocking=True)
                 for t in taps:
                     t.before(x)
                 model(x)
@@ -214,7 +212,8 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
 
 
 def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, score: str = "max", *,
-                   device=None, progress: bool = True, gather: bool = True, layout=None, grid=None) -> TopK:
+                   device=None, progress: bool = True, gather: bool = True, layout=None, grid=None,
+                   batch_input: BatchInput = None) -> TopK:
     """For every channel of every layer, the k dataset inputs with the highest activation score: "max" (the
     strongest unit, whose position is kept for the crop) or "mean" (over the map; position of the max kept).
 
@@ -223,7 +222,8 @@ def top_k_examples(model: nn.Module, dataloader, layers: LayerSpec, k: int = 9, 
     all-gathered and merged, so every rank returns the exact whole-dataset result. Conv (1D/2D/3D), channels-last,
     linear and token layers, as hooks.layout decides (layout= / grid= override it)."""
     collector = TopKCollector(model, layers, k, score, layout=layout, grid=grid)
-    if scan(model, dataloader, [collector], device=device, desc="top-k examples", progress=progress) == 0:
+    if scan(model, dataloader, [collector], device=device, desc="top-k examples", progress=progress,
+            batch_input=batch_input) == 0:
         raise ValueError("the dataloader yielded no batches: nothing to rank")
     result = collector.result()
     return all_gather_merge(result) if gather else result

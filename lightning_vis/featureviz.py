@@ -260,16 +260,11 @@ def _fit(model, names, x, size, input_size, preprocess):
         raise
     except Exception as first:
         if tuple(x.shape[-2:]) == tuple(size[-2:]):
-            raise ValueError(f"render: the model refused a {tuple(x.shape)} input ({type(first).__name__}: "
-                             f"{first})") from None
+            raise
         try:
             return tuple(size[-2:]), _layouts(model, names, prepared(tuple(size[-2:])))
-        except LayoutError:
-            raise
         except Exception:
-            raise ValueError(f"render: the model refused the transformed {tuple(x.shape)} input and one of the "
-                             f"render size {tuple(size[-2:])} ({type(first).__name__}: {first}); pass "
-                             "input_size=(H, W) the model accepts") from None
+            raise first from None  # what the model says about the transformed input (e.g. wrong channels)
 
 
 def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, channels: int = 3, steps: int = 128,

@@ -153,12 +153,13 @@ class ActivityCollector(StreamingTap):
 def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
                   duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
                   renders: dict[str, Tensor] | None = None, device=None, progress: bool = True, layout=None,
-                  grid=None) -> HealthReport:
+                  grid=None, batch_input=None) -> HealthReport:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
     near-duplicate filters and noise-only filters (weights, and `renders[layer]` (C, 3, H, W) feature
     visualizations when given, as rough as white noise: score >= noise_threshold)."""
     collector = ActivityCollector(model, layers, threshold, layout=layout, grid=grid)
-    if scan(model, dataloader, [collector], device=device, desc="filter health", progress=progress) == 0:
+    if scan(model, dataloader, [collector], device=device, desc="filter health", progress=progress,
+            batch_input=batch_input) == 0:
         raise ValueError("the dataloader yielded no batches: no activity to measure")
     return collector.report(duplicate_threshold=duplicate_threshold, noise_threshold=noise_threshold,
                             renders=renders)

@@ -100,7 +100,8 @@ def test_an_exception_in_a_validation_step_used_to_leave_the_collectors_hooks(tm
             attached.append(lv.hooks.hook_counts(pl_module))
 
     module = failing_state("fit", "validation", tmp_path, cbs + [Spy()])
-    assert attached == [4]  # the first validation batch ran with the 4 hooks on
+    # the first validation batch ran with the collectors' hooks on: their 4 taps, and the layout tracer's
+    assert len(attached) == 1 and attached[0] >= 4
     assert lv.hooks.hook_counts(module) == 0 and all(cb._collector is None for cb in cbs)
 
 

@@ -18,7 +18,7 @@ try:
 except ImportError:  # pragma: no cover - depends on what is installed
     import pytorch_lightning as _pl
 
-from ._batch import INPUT_NAMES, find_input
+from ..batches import INPUT_NAMES, find_input
 from ._core import build, log_images, log_scalars, out_dir
 
 _classes = build(_pl, __name__)

@@ -1,4 +1,5 @@
-"""Finding the model's input in a batch of any structure: the one hook every callback takes (``batch_input``)."""
+"""Finding the model's input in a batch of any structure: the one hook (``batch_input``) that the callbacks, the dataset
+pass (top-k, filter health) and the atlas take. Layer 3: no Lightning."""
 
 from __future__ import annotations
 
