@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
 from .hooks.checkpoint import ungraded
-from .hooks.layout import Layout, LayoutError, trace_layouts
+from .hooks.layout import Layout, LayoutError, LayoutTracer
 from .objectives import Objective, channel, layer
 from .params import ImageParam
 
@@ -219,18 +219,31 @@ def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layo
     return acts, out
 
 
-def _layouts(model, names, x) -> dict[str, Layout]:
-    """The layouts of the objective's layers for inputs like x (hooks.layout; remembered per input shape)."""
-    found = trace_layouts(model, x.detach())
-    out = {}
-    for n in names:
-        lay = found.get(n)
-        if lay is None:
-            raise ValueError(f"layer {n!r} did not run in the forward pass")
-        if not isinstance(lay, Layout):
-            raise lay.error()
-        out[n] = lay
-    return out
+def _layouts(model, names, modules, x, needs_output=False) -> dict[str, Layout]:
+    """The layouts of the objective's layers for inputs like x (hooks.layout), from a pass without gradients that
+    stops, as the render's own passes do, once those layers ran (a head that takes one input size never runs)."""
+    seen = set()
+
+    def hook_for(name):
+        def hook(module, args, output):
+            seen.add(name)
+            if not needs_output and len(seen) == len(names):
+                raise _Stop
+        return hook
+
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model) as tracer:
+        handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]  # after the tracer's own
+        try:
+            model(x.detach())
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"layers {missing} did not run in the forward pass")
+    return {n: tracer.layout(n) for n in names}
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -244,7 +257,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return frames.view(b, t, c, *size).transpose(1, 2)
 
 
-def _fit(model, names, x, size, input_size, preprocess):
+def _fit(model, names, modules, x, size, input_size, preprocess, needs_output):
     """(the spatial size fed to the model or None for "as transformed", the layers' layouts). The transformed input
     (padded and jittered: larger than `size`) is tried first; a model that refuses it (a ViT with a fixed input
     size) gets inputs resized to `size` (or input_size when given)."""
@@ -253,16 +266,16 @@ def _fit(model, names, x, size, input_size, preprocess):
         return preprocess(y) if preprocess is not None else y
 
     if input_size is not None:
-        return tuple(input_size), _layouts(model, names, prepared(tuple(input_size)))
+        return tuple(input_size), _layouts(model, names, modules, prepared(tuple(input_size)), needs_output)
     try:
-        return None, _layouts(model, names, prepared(None))
+        return None, _layouts(model, names, modules, prepared(None), needs_output)
     except LayoutError:
         raise
     except Exception as first:
         if tuple(x.shape[-2:]) == tuple(size[-2:]):
             raise
         try:
-            return tuple(size[-2:]), _layouts(model, names, prepared(tuple(size[-2:])))
+            return tuple(size[-2:]), _layouts(model, names, modules, prepared(tuple(size[-2:])), needs_output)
         except Exception:
             raise first from None  # what the model says about the transformed input (e.g. wrong channels)
 
@@ -344,7 +357,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                 opt.zero_grad(set_to_none=True)
                 x = transforms(img_param(), gen, blur=sigma)
                 if step == 0:  # the input size the model takes and the layers' layouts, for this batch size
-                    fit, layouts = _fit(model, obj.layers, x, size, fit, preprocess)
+                    fit, layouts = _fit(model, obj.layers, modules, x, size, fit, preprocess, obj.needs_output)
                     settings["input_size"] = list(fit) if fit is not None else list(x.shape[-2:])
                 if fit is not None:
                     x = _resize(x, fit)
@@ -390,6 +403,7 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
               for o in reversed(range(octaves))]
     detail = torch.zeros_like(F.interpolate(base, size=shapes[0], mode="bilinear", align_corners=False))
     bar = progress_bar(progress, f"deep dream {name}", total=octaves * steps, unit="step")
+    layouts: dict[tuple, dict] = {}  # per input shape (octaves and tiles change it)
     with ModelGuard(model, eval=True, freeze=True):
         for shape in shapes:
             scaled = F.interpolate(base, size=shape, mode="bilinear", align_corners=False)
@@ -403,7 +417,9 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
                     for x in range(0, shape[1], th):
                         piece = img[..., y:y + th, x:x + th]
                         inp = preprocess(piece) if preprocess is not None else piece
-                        acts, _ = _activations(model, [name], modules, inp, False, _layouts(model, [name], inp))
+                        lay = layouts.get(tuple(inp.shape)) or layouts.setdefault(
+                            tuple(inp.shape), _layouts(model, [name], modules, inp))  # per tile shape
+                        acts, _ = _activations(model, [name], modules, inp, False, lay)
                         (g,) = torch.autograd.grad(objective(acts).sum(), img)
                         grad += g
                 grad = grad.roll((-dy, -dx), (-2, -1))
