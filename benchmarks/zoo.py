@@ -353,9 +353,12 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         return {m: ("FAIL", f"the model refuses {tuple(x.shape)}: {type(e).__name__}: {e}") for m in methods}
     ctx = {}
 
+    times = {}
+
     def check(method, fn):
         if method not in methods and method != "layers":  # layers picks the layers the others use
             return
+        t0 = time.perf_counter()
         try:
             note = fn() or ""
             results[method] = ("ok", note)
@@ -369,6 +372,8 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             else:
                 results[method] = ("FAIL", msg[:300] + ("" if isinstance(e, AssertionError) else
                                                          " @ " + _where(e)))
+        finally:
+            times[method] = round(time.perf_counter() - t0, 2)
 
     spatial = x.dim() - 2
 
@@ -515,6 +520,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         results["model unchanged"] = ("FAIL", what)
     else:
         results["model unchanged"] = ("ok", "")
+    results["seconds"] = times
     return results
 
 
@@ -554,13 +560,15 @@ def main(argv=None) -> int:
         t = time.time()
         res = run_case(case, methods=args.methods)
         rows.append((case.name, res))
-        bad = {k: v[1] for k, v in res.items() if v[0] == "FAIL"}
+        bad = {k: v[1] for k, v in res.items() if k != "seconds" and v[0] == "FAIL"}
         failures += len(bad)
-        print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s " +
+        slow = sorted(res["seconds"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s (slowest: {slow}) " +
               ("ok" if not bad else "FAIL " + json.dumps(bad)[:600]), flush=True)
     md = table(rows)
-    total = sum(1 for _, r in rows for v in r.values() if v[0] != "-")
-    ok = sum(1 for _, r in rows for v in r.values() if v[0] in ("ok", "refused"))
+    cells = [v for _, r in rows for k, v in r.items() if k != "seconds"]
+    total = sum(1 for v in cells if v[0] != "-")
+    ok = sum(1 for v in cells if v[0] in ("ok", "refused"))
     summary = (f"{len(rows)} models, {ok}/{total} applicable checks pass ({failures} failures), "
                f"{time.time() - t0:.0f} s on {platform.processor() or platform.machine()}, torch {torch.__version__}")
     print(md)

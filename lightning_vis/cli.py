@@ -718,7 +718,7 @@ def cmd_topk(args, model, categories, transform):
     with Output(args.out) as out:
         for layer, entry in res.layers.items():
             try:
-                rf = receptive_field(model, layer, res.input_shape)
+                rf = receptive_field(model, layer, res.input_shape, max_size=2 * max(res.input_shape[1:]))
             except ValueError:
                 rf = None  # token or linear layers: whole pictures
             channels = range(min(args.channels, entry.indices.shape[0]))

@@ -74,8 +74,8 @@ class TopK:
         dataset[index] as batches.find_input finds it). Pass the model (or its receptive_field for the layer) to
         crop; without, whole inputs. 3D inputs: the best frame's crop."""
         entry = self.layers[layer]
-        if rf is None and model is not None:
-            rf = receptive_field(model, layer, self.input_shape)
+        if rf is None and model is not None:  # fields larger than twice the input crop the whole input anyway
+            rf = receptive_field(model, layer, self.input_shape, max_size=2 * max(self.input_shape[1:]))
         out = []
         for idx, pos in zip(entry.indices[channel].tolist(), entry.positions[channel].tolist()):
             if idx < 0:

@@ -83,7 +83,8 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
         got["out"] = output if isinstance(output, Tensor) else output[0]
         raise _Stop
 
-    x = torch.ones(2, *shape, dtype=torch.float64, requires_grad=True)
+    dtype = next(iter(params.values())).dtype if params else torch.float32
+    x = torch.ones(2, *shape, dtype=dtype, requires_grad=True)
     tracer = LayoutTracer(model, layout, grid_override)
     try:
         with tracer:
@@ -111,7 +112,17 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
     target[(0, slice(None), *c)] = 1.0
     target[(1, slice(None), *c1)] = 1.0
     (g,) = torch.autograd.grad(out, x, target)
-    return grid, c, c1, g.abs().sum(1) > 0
+    g = g.abs().sum(1)
+    # float32 loses the edge of a very deep field to underflow: a gradient this small says "measure in float64"
+    faint = dtype == torch.float32 and bool((g > 0).any()) and float(g[g > 0].min()) < 1e-30
+    return grid, c, c1, g > 0, faint
+
+
+def _positive(p: Tensor) -> Tensor:
+    """A parameter made positive (|p| plus a little: every path carries gradient), with filters (dim >= 2) scaled to
+    sum 1 per output: activations stay bounded through hundreds of layers (computed in float64)."""
+    w = p.detach().double().abs() + 1e-3
+    return w / w.sum(tuple(range(1, w.dim())), keepdim=True) if w.dim() >= 2 else w
 
 
 def _extent(support: Tensor, axis: int, name: str = "") -> tuple[int, int]:
@@ -137,49 +148,56 @@ def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: i
         raise ValueError(f"receptive_field takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
     (name, module), = found.items()
     spatial = shape[1:]
-    # float64: a product of |weights| over dozens of layers at thousands of pixels neither under- nor overflows
-    params = {k: p.detach().double().abs() + 1e-3 for k, p in model.named_parameters()}
-    params.update({k: b.detach().double() for k, b in model.named_buffers() if b.is_floating_point()})
+    exact = {k: _positive(p) for k, p in model.named_parameters()}
+    exact.update({k: b.detach().double() for k, b in model.named_buffers() if b.is_floating_point()})
+    params = [{k: v.float() for k, v in exact.items()}]  # float32 first (fast); float64 once a gradient is faint
+    overrides = (layout, grid)
+
+    def measure(sizes):
+        *found, faint = _support(model, params[0], name, module, (shape[0], *sizes), *overrides)
+        if faint:
+            params[0] = exact
+            *found, _ = _support(model, exact, name, module, (shape[0], *sizes), *overrides)
+        return found
+
     with ModelGuard(model, eval=True, freeze=True):
-        overrides = (layout, grid)
-        grid, *_ = _support(model, params, name, module, shape, *overrides)
+        base = measure(spatial)
+        grid = base[0]
         size, jump, start, whole = [], [], [], []
-        for axis in range(len(spatial)):
-            n, found, everything = spatial[axis], None, False
+        for a in range(len(spatial)):
+            # an axis whose field is clipped by the input's edges is measured again on a longer input (the other
+            # axes as they are): until the field fits, the layer's grid stops growing with the input (global
+            # pooling: the whole input at any size), the model refuses a longer input (a fixed size) or max_size
+            n, (grid_a, c, c1, sup), unbounded = spatial[a], base, False
             while True:
-                probe = list(spatial)
-                probe[axis] = n
-                try:
-                    _, c, c1, sup = _support(model, params, name, module, (shape[0], *probe), *overrides)
-                except (LayerNotFoundError, ReentrantCheckpointError, LayoutError):
-                    raise
-                except Exception:
-                    if found is None:
-                        raise
-                    everything = True  # the model takes no larger input (a fixed size): as far as it could see
-                    break
-                (lo, hi), (lo1, _) = _extent(sup[0], axis, name), _extent(sup[1], axis, name)
-                covers = lo == 0 and hi == n - 1
-                if found is not None and covers and found[2]:
-                    everything = True  # the whole input at any size: global pooling, attention
-                    break
-                found = (c, c1, covers, lo, hi, lo1)
+                (lo, hi), lo1 = _extent(sup[0], a, name), _extent(sup[1], a, name)[0]
                 if lo > 0 and hi < n - 1:
                     break
                 if 2 * n > max_size:
-                    everything = True  # still clipped at the largest size measured
+                    unbounded = True
                     break
-                n *= 2  # clipped: measure on a longer axis
-            c, c1, covers, lo, hi, lo1 = found
-            if everything and covers:
-                size.append(spatial[axis])
+                longer = list(spatial)
+                longer[a] = 2 * n
+                try:
+                    more = measure(longer)
+                except (LayerNotFoundError, ReentrantCheckpointError, LayoutError):
+                    raise
+                except Exception:
+                    unbounded = True  # as far as the model lets us see
+                    break
+                if more[0][a] == grid_a[a]:  # the grid did not grow with the input: global along this axis
+                    unbounded = True
+                    break
+                n, (grid_a, c, c1, sup) = 2 * n, more
+            if unbounded and lo == 0 and hi == n - 1:  # the whole input, wherever the unit is
+                size.append(spatial[a])
                 jump.append(0)
                 start.append(0)
             else:
-                step = c1[axis] - c[axis]
+                step = c1[a] - c[a]
                 j = (lo1 - lo) // step if step else 1
                 size.append(hi - lo + 1)
                 jump.append(max(1, j))
-                start.append(lo - c[axis] * max(1, j))
-            whole.append(everything)
+                start.append(lo - c[a] * max(1, j))
+            whole.append(unbounded)
     return ReceptiveField(tuple(size), tuple(jump), tuple(start), grid, tuple(spatial), tuple(whole))
