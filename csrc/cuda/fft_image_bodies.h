@@ -1,0 +1,168 @@
+// The fft_image operator's fused colour-mixing + sigmoid passes, written once (single_source.h): per-thread bodies
+// and their planner. fft_image_kernel.cu launches them on the GPU; the simulator runs them on the CPU.
+//
+// img / out / grad: (B, C, P) contiguous, C = 1 or 3; color: 9 values (row-major 3x3) or nullptr. One work item is
+// V = 16 bytes of consecutive pixels of one image, all its channels: one 16-byte load / store per channel when the
+// channel planes are aligned (P a multiple of V), pixel by pixel otherwise (and at an image's tail).
+#pragma once
+#include <cstdint>
+
+#include "single_source.h"
+
+namespace lightning_vis {
+namespace gpu {
+
+template <typename T>
+struct FftPixels {
+  static constexpr int V = 16 / sizeof(T);
+  int64_t C, P, groups;
+  Div<int64_t> per_image;
+  // Reads V pixels of the C planes at src into x (zeros past the image's end); returns whether vectorised.
+  LV_HOST_DEVICE bool load(const T* src, int64_t p0, T (&x)[3][V]) const {
+    const bool vec = p0 + V <= P && P % V == 0 && is_aligned(src, 16);
+    LV_UNROLL
+    for (int k = 0; k < 3; ++k) {
+      if (k >= C) break;
+      if (vec) {
+        const Vec<T, V> u = ld_vec<V>(src + k * P);
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) x[k][i] = u.v[i];
+      } else {
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) x[k][i] = p0 + i < P ? ld(src + k * P + i) : T(0);
+      }
+    }
+    return vec;
+  }
+  LV_HOST_DEVICE void store(T* dst, int64_t p0, bool vec, const T (&y)[3][V]) const {
+    LV_UNROLL
+    for (int k = 0; k < 3; ++k) {
+      if (k >= C) break;
+      if (vec) {
+        Vec<T, V> u;
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) u.v[i] = y[k][i];
+        st_vec<V>(dst + k * P, u);
+      } else {
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) {
+          if (p0 + i < P) st(dst + k * P + i, y[k][i]);
+        }
+      }
+    }
+  }
+  LV_HOST_DEVICE void load_color(const T* color, T (&m)[9]) const {
+    LV_UNROLL
+    for (int k = 0; k < 9; ++k) m[k] = color != nullptr ? ld(color + k) : T(0);
+  }
+};
+
+// out = f(M . img / 4) (M = identity without a colour matrix), f = sigmoid or identity.
+template <typename T>
+struct FftMix {
+  static constexpr int V = FftPixels<T>::V;
+  FftPixels<T> px;
+  const T* img;
+  const T* color;
+  T* out;
+  bool sigmoid;
+  LV_HOST_DEVICE void operator()(const Thread& th) const {
+    T m[9];
+    px.load_color(color, m);
+    for (int64_t q = first_item<int64_t>(th); q < px.groups; q += grid_stride<int64_t>(th)) {
+      int64_t j;
+      const int64_t b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+      T x[3][V], y[3][V];
+      const bool vec = px.load(img + base, p0, x);
+      if (vec) LV_PATH(fft_mix_vec);
+      else LV_PATH(fft_mix_scalar);
+      LV_UNROLL
+      for (int k = 0; k < 3; ++k) {
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) {
+          T v = color != nullptr ? (m[3 * k] * x[0][i] + m[3 * k + 1] * x[1][i] + m[3 * k + 2] * x[2][i]) * T(0.25)
+                                 : (k < px.C ? x[k][i] * T(0.25) : T(0));
+          y[k][i] = sigmoid ? T(1) / (T(1) + exp_(-v)) : v;
+        }
+      }
+      px.store(out + base, p0, vec, y);
+    }
+  }
+};
+
+// grad_img = M^T . (grad * f'(.)) / 4, f' from the saved output.
+template <typename T>
+struct FftMixBackward {
+  static constexpr int V = FftPixels<T>::V;
+  FftPixels<T> px;
+  const T* grad;
+  const T* out;
+  const T* color;
+  T* grad_img;
+  bool sigmoid;
+  LV_HOST_DEVICE void operator()(const Thread& th) const {
+    T m[9];
+    px.load_color(color, m);
+    for (int64_t q = first_item<int64_t>(th); q < px.groups; q += grid_stride<int64_t>(th)) {
+      int64_t j;
+      const int64_t b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+      T gr[3][V], y[3][V], d[3][V], r[3][V];
+      const bool vec = px.load(grad + base, p0, gr);
+      px.load(out + base, p0, y);
+      if (vec) LV_PATH(fft_mix_back_vec);
+      else LV_PATH(fft_mix_back_scalar);
+      LV_UNROLL
+      for (int k = 0; k < 3; ++k) {
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) {
+          d[k][i] = k < px.C ? gr[k][i] * (sigmoid ? y[k][i] * (T(1) - y[k][i]) : T(1)) * T(0.25) : T(0);
+        }
+      }
+      LV_UNROLL
+      for (int j2 = 0; j2 < 3; ++j2) {
+        LV_UNROLL
+        for (int i = 0; i < V; ++i) {
+          r[j2][i] = color != nullptr ? m[j2] * d[0][i] + m[3 + j2] * d[1][i] + m[6 + j2] * d[2][i] : d[j2][i];
+        }
+      }
+      px.store(grad_img + base, p0, vec, r);
+    }
+  }
+};
+
+template <typename T>
+FftPixels<T> fft_pixels(int64_t B, int64_t C, int64_t P) {
+  constexpr int V = FftPixels<T>::V;
+  const int64_t per_image = (P + V - 1) / V;
+  return FftPixels<T>{C, P, B * per_image, Div<int64_t>(per_image)};
+}
+
+template <class L>
+void dispatch_fft_mix(L& launch, bool is_double, const void* img, const void* color, void* out, int64_t B, int64_t C,
+                      int64_t P, bool sigmoid, const Limits& lim) {
+  auto go = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto px = fft_pixels<T>(B, C, P);
+    launch(FftMix<T>{px, static_cast<const T*>(img), static_cast<const T*>(color), static_cast<T*>(out), sigmoid},
+           make_plan("fft_mix", 64, FftPixels<T>::V, px.groups, lim));
+  };
+  if (is_double) go(Tag<double>{});
+  else go(Tag<float>{});
+}
+
+template <class L>
+void dispatch_fft_mix_backward(L& launch, bool is_double, const void* grad, const void* out, const void* color,
+                               void* grad_img, int64_t B, int64_t C, int64_t P, bool sigmoid, const Limits& lim) {
+  auto go = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto px = fft_pixels<T>(B, C, P);
+    launch(FftMixBackward<T>{px, static_cast<const T*>(grad), static_cast<const T*>(out),
+                             static_cast<const T*>(color), static_cast<T*>(grad_img), sigmoid},
+           make_plan("fft_mix_backward", 64, FftPixels<T>::V, px.groups, lim));
+  };
+  if (is_double) go(Tag<double>{});
+  else go(Tag<float>{});
+}
+
+}  // namespace gpu
+}  // namespace lightning_vis
