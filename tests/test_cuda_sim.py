@@ -51,8 +51,9 @@ def run_three(sim, x, k, s, p, d, ceil, seed=0):
     args = (list(k), list(s), list(p), list(d))
     v_ref, s_ref = ops.max_pool_with_switches(x, *args, ceil)
     v, sw = torch.ops.lightning_vis_sim.max_pool_with_switches(x, *args, ceil)
-    torch.testing.assert_close(v, v_ref, rtol=0, atol=0, equal_nan=True)
-    assert v.stride() == v_ref.stride() and torch.equal(sw, s_ref)
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"pool values: {m}")
+    assert v.stride() == v_ref.stride(), "pool: values in another layout than the CPU kernels'"
+    torch.testing.assert_close(sw, s_ref, rtol=0, atol=0, msg=lambda m: f"pool switches: {m}")
     g = torch.randn(v_ref.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
     g = g.contiguous(memory_format=torch.channels_last) if v_ref.dim() == 4 and not v_ref.is_contiguous() else g
     if v_ref.dim() == 5 and not v_ref.is_contiguous():
@@ -61,11 +62,11 @@ def run_three(sim, x, k, s, p, d, ceil, seed=0):
     size = list(x.shape[2:])
     u_ref = ops.unpool(g, s_ref, *args, size)
     u = torch.ops.lightning_vis_sim.unpool(g, s_ref, *args, size)
-    torch.testing.assert_close(u, u_ref)
+    torch.testing.assert_close(u, u_ref, msg=lambda m: f"unpool: {m}")
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(x.dtype)
     grad = off(torch.empty_like(x).copy_(grad))  # in x's layout
-    assert torch.equal(torch.ops.lightning_vis_sim.gather_switches(grad, s_ref, *args),
-                       ops.gather_switches(grad, s_ref, *args))
+    torch.testing.assert_close(torch.ops.lightning_vis_sim.gather_switches(grad, s_ref, *args),
+                               ops.gather_switches(grad, s_ref, *args), rtol=0, atol=0, msg=lambda m: f"gather: {m}")
 
 
 def test_random_configurations_match_the_cpu_kernels(sim):
@@ -202,7 +203,7 @@ def fft_config(rng: random.Random):
 def test_fft_image_element_kernels_match_the_cpu(sim, dtype):
     """The fused colour-mixing + sigmoid passes of fft_image, forward and backward, on random sizes (planes a
     multiple of the vector width or not), 1 or 3 channels, with and without the colour matrix and the sigmoid, under
-    the real grid and a one-block grid."""
+    the real grid, a one-block grid and forced 64-bit indexing."""
     from lightning_vis.params import frequency_scale, lucid_color_matrix
 
     sim.reset()
@@ -210,7 +211,7 @@ def test_fft_image_element_kernels_match_the_cpu(sim, dtype):
     large = [([40, 36], 3, True, True, 2), ([33, 31], 3, False, True, 2)]  # over 256 work items: one block strides
     for i in range(60 + len(large)):
         size, c, colored, sig, b = fft_config(rng) if i < 60 else large[i - 60]
-        sim.configure(max_blocks=1 if i % 3 == 0 else H100_MAX_BLOCKS)
+        sim.configure(max_blocks=1 if i % 3 == 0 else H100_MAX_BLOCKS, force_int64=i % 3 == 1)
         g = torch.Generator().manual_seed(i)
         spec = torch.randn(b, c, *size[:-1], size[-1] // 2 + 1, 2, generator=g, dtype=torch.float64).to(dtype)
         scale = frequency_scale(size, 1.0).to(dtype)
@@ -226,7 +227,9 @@ def test_fft_image_element_kernels_match_the_cpu(sim, dtype):
     counts = sim.path_counts()
     for name in ["fft_mix_vec", "fft_mix_scalar", "fft_mix_back_vec", "fft_mix_back_scalar"]:
         assert counts[name] > 0, (name, counts)
-    assert any(pl["blocks"] * pl["threads"] < pl["work"] for pl in sim.plans())  # the one-block grid strode
+    plans = sim.plans()
+    assert any(pl["blocks"] * pl["threads"] < pl["work"] for pl in plans)  # the one-block grid strode
+    assert {pl["index_bits"] for pl in plans} == {32, 64}
 
 
 # One small problem per branch of the kernel bodies: the proof that every fast path runs in CI.

@@ -3,7 +3,8 @@
 //
 // img / out / grad: (B, C, P) contiguous, C = 1 or 3; color: 9 values (row-major 3x3) or nullptr. One work item is
 // V = 16 bytes of consecutive pixels of one image, all its channels: one 16-byte load / store per channel when the
-// channel planes are aligned (P a multiple of V), pixel by pixel otherwise (and at an image's tail).
+// channel planes are aligned (P a multiple of V), pixel by pixel otherwise (and at an image's tail). Index
+// arithmetic in int32 (the image of a work item by multiply-high) when the tensors allow it, else int64.
 #pragma once
 #include <cstdint>
 
@@ -12,13 +13,13 @@
 namespace lightning_vis {
 namespace gpu {
 
-template <typename T>
+template <typename T, typename I>
 struct FftPixels {
   static constexpr int V = 16 / sizeof(T);
-  int64_t C, P, groups;
-  Div<int64_t> per_image;
+  I C, P, groups;
+  Div<I> per_image;
   // Reads V pixels of the C planes at src into x (zeros past the image's end); returns whether vectorised.
-  LV_HOST_DEVICE bool load(const T* src, int64_t p0, T (&x)[3][V]) const {
+  LV_HOST_DEVICE bool load(const T* src, I p0, T (&x)[3][V]) const {
     const bool vec = p0 + V <= P && P % V == 0 && is_aligned(src, 16);
     LV_UNROLL
     for (int k = 0; k < 3; ++k) {
@@ -34,7 +35,7 @@ struct FftPixels {
     }
     return vec;
   }
-  LV_HOST_DEVICE void store(T* dst, int64_t p0, bool vec, const T (&y)[3][V]) const {
+  LV_HOST_DEVICE void store(T* dst, I p0, bool vec, const T (&y)[3][V]) const {
     LV_UNROLL
     for (int k = 0; k < 3; ++k) {
       if (k >= C) break;
@@ -58,10 +59,10 @@ struct FftPixels {
 };
 
 // out = f(M . img / 4) (M = identity without a colour matrix), f = sigmoid or identity.
-template <typename T>
+template <typename T, typename I>
 struct FftMix {
-  static constexpr int V = FftPixels<T>::V;
-  FftPixels<T> px;
+  static constexpr int V = FftPixels<T, I>::V;
+  FftPixels<T, I> px;
   const T* img;
   const T* color;
   T* out;
@@ -69,9 +70,9 @@ struct FftMix {
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     T m[9];
     px.load_color(color, m);
-    for (int64_t q = first_item<int64_t>(th); q < px.groups; q += grid_stride<int64_t>(th)) {
-      int64_t j;
-      const int64_t b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+    for (I q = first_item<I>(th); q < px.groups; q += grid_stride<I>(th)) {
+      I j;
+      const I b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
       T x[3][V], y[3][V];
       const bool vec = px.load(img + base, p0, x);
       if (vec) LV_PATH(fft_mix_vec);
@@ -91,10 +92,10 @@ struct FftMix {
 };
 
 // grad_img = M^T . (grad * f'(.)) / 4, f' from the saved output.
-template <typename T>
+template <typename T, typename I>
 struct FftMixBackward {
-  static constexpr int V = FftPixels<T>::V;
-  FftPixels<T> px;
+  static constexpr int V = FftPixels<T, I>::V;
+  FftPixels<T, I> px;
   const T* grad;
   const T* out;
   const T* color;
@@ -103,9 +104,9 @@ struct FftMixBackward {
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     T m[9];
     px.load_color(color, m);
-    for (int64_t q = first_item<int64_t>(th); q < px.groups; q += grid_stride<int64_t>(th)) {
-      int64_t j;
-      const int64_t b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+    for (I q = first_item<I>(th); q < px.groups; q += grid_stride<I>(th)) {
+      I j;
+      const I b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
       T gr[3][V], y[3][V], d[3][V], r[3][V];
       const bool vec = px.load(grad + base, p0, gr);
       px.load(out + base, p0, y);
@@ -130,38 +131,48 @@ struct FftMixBackward {
   }
 };
 
-template <typename T>
-FftPixels<T> fft_pixels(int64_t B, int64_t C, int64_t P) {
-  constexpr int V = FftPixels<T>::V;
+// Calls f(Tag<T>, Tag<I>) with the data type and the index type (int32 while every offset fits with headroom).
+template <class F>
+void with_fft_types(bool is_double, int64_t B, int64_t C, int64_t P, const Limits& lim, F&& f) {
+  const bool int64 = lim.force_int64 || B * C * P + 64 >= (int64_t(1) << 30);
+  auto with_i = [&](auto t) {
+    if (int64) f(t, Tag<int64_t>{});
+    else f(t, Tag<int32_t>{});
+  };
+  if (is_double) with_i(Tag<double>{});
+  else with_i(Tag<float>{});
+}
+
+template <typename T, typename I>
+FftPixels<T, I> fft_pixels(int64_t B, int64_t C, int64_t P) {
+  constexpr int V = FftPixels<T, I>::V;
   const int64_t per_image = (P + V - 1) / V;
-  return FftPixels<T>{C, P, B * per_image, Div<int64_t>(per_image)};
+  return FftPixels<T, I>{static_cast<I>(C), static_cast<I>(P), static_cast<I>(B * per_image), Div<I>(per_image)};
 }
 
 template <class L>
 void dispatch_fft_mix(L& launch, bool is_double, const void* img, const void* color, void* out, int64_t B, int64_t C,
                       int64_t P, bool sigmoid, const Limits& lim) {
-  auto go = [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const auto px = fft_pixels<T>(B, C, P);
-    launch(FftMix<T>{px, static_cast<const T*>(img), static_cast<const T*>(color), static_cast<T*>(out), sigmoid},
-           make_plan("fft_mix", 64, FftPixels<T>::V, px.groups, lim));
-  };
-  if (is_double) go(Tag<double>{});
-  else go(Tag<float>{});
+  with_fft_types(is_double, B, C, P, lim, [&](auto tt, auto ti) {
+    using T = typename decltype(tt)::type;
+    using I = typename decltype(ti)::type;
+    const auto px = fft_pixels<T, I>(B, C, P);
+    launch(FftMix<T, I>{px, static_cast<const T*>(img), static_cast<const T*>(color), static_cast<T*>(out), sigmoid},
+           make_plan("fft_mix", 8 * sizeof(I), FftPixels<T, I>::V, px.groups, lim));
+  });
 }
 
 template <class L>
 void dispatch_fft_mix_backward(L& launch, bool is_double, const void* grad, const void* out, const void* color,
                                void* grad_img, int64_t B, int64_t C, int64_t P, bool sigmoid, const Limits& lim) {
-  auto go = [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const auto px = fft_pixels<T>(B, C, P);
-    launch(FftMixBackward<T>{px, static_cast<const T*>(grad), static_cast<const T*>(out),
-                             static_cast<const T*>(color), static_cast<T*>(grad_img), sigmoid},
-           make_plan("fft_mix_backward", 64, FftPixels<T>::V, px.groups, lim));
-  };
-  if (is_double) go(Tag<double>{});
-  else go(Tag<float>{});
+  with_fft_types(is_double, B, C, P, lim, [&](auto tt, auto ti) {
+    using T = typename decltype(tt)::type;
+    using I = typename decltype(ti)::type;
+    const auto px = fft_pixels<T, I>(B, C, P);
+    launch(FftMixBackward<T, I>{px, static_cast<const T*>(grad), static_cast<const T*>(out),
+                                static_cast<const T*>(color), static_cast<T*>(grad_img), sigmoid},
+           make_plan("fft_mix_backward", 8 * sizeof(I), FftPixels<T, I>::V, px.groups, lim));
+  });
 }
 
 }  // namespace gpu
