@@ -16,7 +16,8 @@ import torch
 import lightning_vis.ops  # noqa: F401  (registers torch.ops.lightning_vis)
 
 from . import _cuda_sim
-from ._pool_cases import DTYPES, random_case, torch_pool
+from ._pool_cases import (DTYPES, channels_last_cases, check_against_cpu, misalign, random_case, s2_cases,
+                          torch_pool, vec_width)
 
 ops = torch.ops.lightning_vis
 N_CONFIGS = 960  # random pooling configurations torch accepts (>= 640), each through pool, unpool and gather
@@ -32,41 +33,8 @@ def sim():
     module.configure()
 
 
-def vec_width(dtype):
-    return 16 // torch.empty(0, dtype=dtype).element_size()
-
-
-def misalign(t):
-    """The same values one element off a 16-byte boundary (a dense tensor with a storage offset)."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
-    if t.dim() >= 4 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous():
-        return flat.view(t.movedim(1, -1).shape).copy_(t.movedim(1, -1)).movedim(-1, 1)
-    return flat.view(t.shape).copy_(t)
-
-
-def run_three(sim, x, k, s, p, d, ceil, seed=0):
-    """pool, unpool and gather on the simulator and on the CPU kernels; raises AssertionError on a difference. When x
-    is off its 16-byte alignment, so are the values given to unpool and the gradient given to gather."""
-    off = (lambda t: misalign(t)) if x.data_ptr() % 16 else (lambda t: t)
-    args = (list(k), list(s), list(p), list(d))
-    v_ref, s_ref = ops.max_pool_with_switches(x, *args, ceil)
-    v, sw = torch.ops.lightning_vis_sim.max_pool_with_switches(x, *args, ceil)
-    torch.testing.assert_close(v, v_ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"pool values: {m}")
-    assert v.stride() == v_ref.stride(), "pool: values in another layout than the CPU kernels'"
-    torch.testing.assert_close(sw, s_ref, rtol=0, atol=0, msg=lambda m: f"pool switches: {m}")
-    g = torch.randn(v_ref.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
-    g = g.contiguous(memory_format=torch.channels_last) if v_ref.dim() == 4 and not v_ref.is_contiguous() else g
-    if v_ref.dim() == 5 and not v_ref.is_contiguous():
-        g = g.contiguous(memory_format=torch.channels_last_3d)
-    g = off(g)
-    size = list(x.shape[2:])
-    u_ref = ops.unpool(g, s_ref, *args, size)
-    u = torch.ops.lightning_vis_sim.unpool(g, s_ref, *args, size)
-    torch.testing.assert_close(u, u_ref, msg=lambda m: f"unpool: {m}")
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(x.dtype)
-    grad = off(torch.empty_like(x).copy_(grad))  # in x's layout
-    torch.testing.assert_close(torch.ops.lightning_vis_sim.gather_switches(grad, s_ref, *args),
-                               ops.gather_switches(grad, s_ref, *args), rtol=0, atol=0, msg=lambda m: f"gather: {m}")
+def simulated(name, *args):
+    return getattr(torch.ops.lightning_vis_sim, name)(*args)
 
 
 def test_random_configurations_match_the_cpu_kernels(sim):
@@ -91,7 +59,7 @@ def test_random_configurations_match_the_cpu_kernels(sim):
         sim.configure(max_blocks=tiny if mode == 1 else H100_MAX_BLOCKS, force_int64=mode == 2)
         sim.reset()
         try:
-            run_three(sim, x, case.k, case.s, case.p, case.d, case.ceil_mode, seed)
+            check_against_cpu(simulated, x, case.k, case.s, case.p, case.d, case.ceil_mode, seed)
         except (AssertionError, RuntimeError) as e:
             raise AssertionError(f"{case} (mode {mode}, offset {x.storage_offset()}): {e}") from e
         plans = sim.plans()
@@ -107,33 +75,17 @@ def test_random_configurations_match_the_cpu_kernels(sim):
     assert strided >= 60 and int64 >= 3 * (N_CONFIGS // 3), (strided, int64)
 
 
-# Windows the S2 bodies serve, with shapes around their vector widths: (kernel, stride, padding) per 2D / 3D.
-S2_WINDOWS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((2, 2, 2), (2, 2, 2), (0, 0, 0)),
-              ((3, 3, 3), (2, 2, 2), (1, 1, 1)), ((1, 2), (1, 2), (0, 0)), ((3, 2), (2, 2), (1, 0))]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_s2_fast_paths_every_width(sim, dtype):
-    """Planar 2x2/s2 and 3x3/s2/p1 (and their 3D and rectangular forms) at every width up to a few vector widths:
+    """Planar 2x2/s2 and 3x3/s2/p1 (and their 3D and rectangular forms) at every width up to four vector widths:
     whole and partial groups, rows aligned and not, tiles inside and over the edge, floor and ceil mode."""
-    V = vec_width(dtype)
     sim.configure()
     sim.reset()
-    gen = torch.Generator().manual_seed(V)
-    for k, s, p in S2_WINDOWS:
-        nd = len(k)
-        for w in range(1, 4 * V + 4):
-            for ceil in (False, True):
-                spatial = ((3,) if nd == 3 else ()) + (w % 3 + 3, w)
-                x = torch.randn((1, 2) + spatial, generator=gen, dtype=torch.float64).to(dtype)
-                if w % 4 == 1:
-                    x = misalign(x)
-                try:
-                    run_three(sim, x, k, s, p, [1] * nd, ceil, seed=w)
-                except RuntimeError as e:
-                    if "Output size is too small" in str(e):
-                        continue
-                    raise
+    n = 0
+    for x, k, s, p, d, ceil_mode in s2_cases(dtype):
+        check_against_cpu(simulated, x, k, s, p, d, ceil_mode, seed=n)
+        n += 1
+    assert n >= 6 * 2 * 4 * vec_width(dtype)
     counts = sim.path_counts()
     for name in ["pool_s2_k2", "pool_s2_k3", "pool_s2_fixed_rows", "pool_s2_vec_load", "pool_s2_scalar_load",
                  "pool_s2_vec_store", "pool_s2_scalar_store", "unpool_s2_k2", "unpool_s2_k3", "unpool_s2_fixed_rows",
@@ -151,28 +103,17 @@ def test_s2_fast_paths_every_width(sim, dtype):
 def test_channels_last_vector_paths(sim, dtype):
     """Channels last with C a multiple of 16 bytes of elements: one 16-byte access per window cell; C not a multiple,
     or a misaligned tensor: the one-element bodies."""
-    V = vec_width(dtype)
     sim.configure()
-    gen = torch.Generator().manual_seed(7)
-    for C, misaligned, want in [(V, False, "vec"), (3 * V, False, "vec"), (V + 1, False, "generic"),
-                                (2 * V, True, "generic")]:
-        for shape, k, s, p, d in [((2, C, 7, 9), (3, 3), (2, 2), (1, 1), (1, 1)),
-                                  ((1, C, 6, 8), (2, 2), (2, 2), (0, 0), (1, 1)),
-                                  ((2, C, 9, 7), (2, 3), (1, 2), (1, 1), (2, 1)),
-                                  ((1, C, 4, 5, 6), (2, 2, 2), (2, 2, 2), (0, 1, 1), (1, 1, 1))]:
-            x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-            x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-            if misaligned:
-                x = misalign(x)
-            sim.reset()
-            run_three(sim, x, k, s, p, d, False)
-            kernels = [pl["kernel"] for pl in sim.plans()]
-            if want == "vec":
-                assert kernels == ["pool_cl_vec", "unpool_cl_vec", "gather_cl_vec"], (C, shape, kernels)
-                counts = sim.path_counts()
-                assert counts["pool_cl_vec"] > 0 and counts["unpool_cl_vec"] > 0 and counts["gather_cl_vec"] > 0
-            else:
-                assert kernels == ["pool_generic", "unpool_generic", "gather_generic"], (C, shape, kernels)
+    for x, k, s, p, d, vector in channels_last_cases(dtype):
+        sim.reset()
+        check_against_cpu(simulated, x, k, s, p, d, False)
+        kernels = [pl["kernel"] for pl in sim.plans()]
+        if vector:
+            assert kernels == ["pool_cl_vec", "unpool_cl_vec", "gather_cl_vec"], (x.shape, kernels)
+            counts = sim.path_counts()
+            assert counts["pool_cl_vec"] > 0 and counts["unpool_cl_vec"] > 0 and counts["gather_cl_vec"] > 0
+        else:
+            assert kernels == ["pool_generic", "unpool_generic", "gather_generic"], (x.shape, kernels)
 
 
 def test_int32_and_wide_windows(sim):
@@ -185,7 +126,7 @@ def test_int32_and_wide_windows(sim):
             if layout == "cl":
                 x = x.contiguous(memory_format=torch.channels_last)
             sim.reset()
-            run_three(sim, x, (17, 16), (3, 2), (2, 0), (1, 1), True)
+            check_against_cpu(simulated, x, (17, 16), (3, 2), (2, 0), (1, 1), True)
             assert {pl["index_bits"] for pl in sim.plans()} == {64 if force else 32}
     sim.configure()
 
@@ -254,7 +195,7 @@ def test_every_kernel_path_is_reached(sim):
     sim.configure()
     sim.reset()
     for x, k, s, p in every_path_cases():
-        run_three(sim, x, k, s, p, [1] * len(k), False)
+        check_against_cpu(simulated, x, k, s, p, [1] * len(k), False)
     for size in ([8, 8], [5, 7]):  # planes of 64 (vector) and 35 (scalar) pixels
         spec = torch.randn(2, 3, size[0], size[1] // 2 + 1, 2)
         scale, color = frequency_scale(size, 1.0), lucid_color_matrix()
