@@ -117,7 +117,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 class Build(BuildExtension):
     """Object files in a fixed folder per configuration (an editable install would use a fresh temp dir), unless
-    --build-temp names one: ninja rebuilds only what changed. The backends built are also written to build/backends.txt."""
+    --build-temp names one: ninja rebuilds only what changed. The backends built are also written to
+    build/backends.txt."""
 
     def finalize_options(self):
         given = self.build_temp is not None  # --build-temp (e.g. .ci/run's instrumented build) wins

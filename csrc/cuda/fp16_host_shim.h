@@ -52,7 +52,9 @@ inline __half __float2half_rn(float f) {
   return __half{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
-inline float __bfloat162float(__nv_bfloat16 h) { return lightning_vis::shim::from_bits(static_cast<uint32_t>(h.x) << 16); }
+inline float __bfloat162float(__nv_bfloat16 h) {
+  return lightning_vis::shim::from_bits(static_cast<uint32_t>(h.x) << 16);
+}
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   const uint32_t u = lightning_vis::shim::bits(f);

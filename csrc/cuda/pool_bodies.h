@@ -713,7 +713,8 @@ void dispatch_pool(L& launch, const PoolGeom& pg, Dtype dt, SwitchDtype st, cons
              make_plan("pool_cl_vec", bits, V, work, lim));
       return;
     }
-    launch(PoolGeneric<T, S, I>{g, x, y, sw, static_cast<I>(outputs)}, make_plan("pool_generic", bits, 1, outputs, lim));
+    launch(PoolGeneric<T, S, I>{g, x, y, sw, static_cast<I>(outputs)},
+           make_plan("pool_generic", bits, 1, outputs, lim));
   });
 }
 

@@ -185,8 +185,8 @@ void simulate(const char* op, F&& body) {
       }
       if (missed || twice) {
         std::ostringstream os;
-        os << "CUDA simulator: " << op << ": output '" << b->name << "' has " << missed << " elements never written and "
-           << twice << " written more than once (of " << b->writes.size() << "; first: element " << first
+        os << "CUDA simulator: " << op << ": output '" << b->name << "' has " << missed
+           << " elements never written and " << twice << " written more than once (of " << b->writes.size() << "; first: element " << first
            << ", written " << int(b->writes[first]) << " times)";
         throw Fault(os.str());
       }
