@@ -2,8 +2,7 @@
 kernels' own bodies on the CPU. It is never part of lightning_vis._C: torch's JIT extension loader compiles it with
 the host compiler into build/<name>/ the first time (about two minutes on two cores), then only when a source changes.
 
-The fp16 / bf16 conversions come from the CUDA toolkit's cuda_fp16.h / cuda_bf16.h (host code), found as setup.py
-finds the toolkit; where there is none, from csrc/cuda/fp16_host_shim.h, so that the simulator also runs on a machine
+The fp16 / bf16 conversions come from the CUDA toolkit's cuda_fp16.h / cuda_bf16.h (host code); where there is none, from csrc/cuda/fp16_host_shim.h, so that the simulator also runs on a machine
 without CUDA. Environment:
   LIGHTNING_VIS_SIM_HEADERS=cuda|shim   force either (default: the toolkit's when found)
   LIGHTNING_VIS_SIM_ASAN=1              build with AddressSanitizer (libasan must be preloaded; .ci/run does)
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,18 +21,15 @@ CSRC = ROOT / "csrc"
 
 
 def cuda_include() -> Path | None:
-    """The include folder of a CUDA toolkit whose cuda_fp16.h compiles in host code, or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    if torch.version.cuda:
-        candidates.append(f"/usr/local/cuda-{torch.version.cuda}")
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if c and all(os.path.exists(os.path.join(c, "include", f))
-                     for f in ("cuda_fp16.h", "cuda_bf16.h", os.path.join("crt", "host_defines.h"))):
-            return Path(c) / "include"
+    """The include folder of a CUDA toolkit whose cuda_fp16.h compiles in host code, or None: torch's choice of
+    CUDA_HOME first, then the toolkit of torch's CUDA version, then any /usr/local/cuda-*."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [CUDA_HOME, f"/usr/local/cuda-{torch.version.cuda}" if torch.version.cuda else None]
+    for c in candidates + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        include = Path(c or "/nonexistent") / "include"
+        if all((include / f).exists() for f in ("cuda_fp16.h", "cuda_bf16.h", "crt/host_defines.h")):
+            return include
     return None
 
 

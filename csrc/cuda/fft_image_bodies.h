@@ -56,6 +56,16 @@ struct FftPixels {
     LV_UNROLL
     for (int k = 0; k < 9; ++k) m[k] = color != nullptr ? ld(color + k) : T(0);
   }
+  // Calls f(p0, base) for the work items of thread th: pixels p0 .. p0 + V - 1 of one image, at offset base of its
+  // first plane.
+  template <class F>
+  LV_HOST_DEVICE void for_items(const Thread& th, F&& f) const {
+    for (I q = first_item<I>(th); q < groups; q += grid_stride<I>(th)) {
+      I j;
+      const I b = divmod(per_image, q, j), p0 = j * V;
+      f(p0, b * C * P + p0);
+    }
+  }
 };
 
 // out = f(M . img / 4) (M = identity without a colour matrix), f = sigmoid or identity.
@@ -70,9 +80,7 @@ struct FftMix {
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     T m[9];
     px.load_color(color, m);
-    for (I q = first_item<I>(th); q < px.groups; q += grid_stride<I>(th)) {
-      I j;
-      const I b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+    px.for_items(th, [&](I p0, I base) {
       T x[3][V], y[3][V];
       const bool vec = px.load(img + base, p0, x);
       if (vec) LV_PATH(fft_mix_vec);
@@ -87,7 +95,7 @@ struct FftMix {
         }
       }
       px.store(out + base, p0, vec, y);
-    }
+    });
   }
 };
 
@@ -104,9 +112,7 @@ struct FftMixBackward {
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     T m[9];
     px.load_color(color, m);
-    for (I q = first_item<I>(th); q < px.groups; q += grid_stride<I>(th)) {
-      I j;
-      const I b = divmod(px.per_image, q, j), p0 = j * V, base = b * px.C * px.P + p0;
+    px.for_items(th, [&](I p0, I base) {
       T gr[3][V], y[3][V], d[3][V], r[3][V];
       const bool vec = px.load(grad + base, p0, gr);
       px.load(out + base, p0, y);
@@ -127,52 +133,51 @@ struct FftMixBackward {
         }
       }
       px.store(grad_img + base, p0, vec, r);
-    }
+    });
   }
 };
 
-// Calls f(Tag<T>, Tag<I>) with the data type and the index type (int32 while every offset fits with headroom).
-template <class F>
-void with_fft_types(bool is_double, int64_t B, int64_t C, int64_t P, const Limits& lim, F&& f) {
+template <typename T>
+const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+T* typed(void* p) {
+  return static_cast<T*>(p);
+}
+
+// Launches Body<T, I>{pixels, pointers (as T), sigmoid} with T from is_double and I int32 while every offset fits.
+template <template <typename, typename> class Body, class L, class... Ptr>
+void dispatch_fft(L& launch, const char* name, bool is_double, int64_t B, int64_t C, int64_t P, bool sigmoid,
+                  const Limits& lim, Ptr... pointers) {
   const bool int64 = lim.force_int64 || B * C * P + 64 >= (int64_t(1) << 30);
-  auto with_i = [&](auto t) {
-    if (int64) f(t, Tag<int64_t>{});
-    else f(t, Tag<int32_t>{});
+  auto go = [&](auto tt, auto ti) {
+    using T = typename decltype(tt)::type;
+    using I = typename decltype(ti)::type;
+    constexpr int V = FftPixels<T, I>::V;
+    const int64_t per_image = (P + V - 1) / V;
+    const FftPixels<T, I> px{static_cast<I>(C), static_cast<I>(P), static_cast<I>(B * per_image), Div<I>(per_image)};
+    launch(Body<T, I>{px, typed<T>(pointers)..., sigmoid}, make_plan(name, 8 * sizeof(I), V, px.groups, lim));
+  };
+  auto with_i = [&](auto tt) {
+    if (int64) go(tt, Tag<int64_t>{});
+    else go(tt, Tag<int32_t>{});
   };
   if (is_double) with_i(Tag<double>{});
   else with_i(Tag<float>{});
 }
 
-template <typename T, typename I>
-FftPixels<T, I> fft_pixels(int64_t B, int64_t C, int64_t P) {
-  constexpr int V = FftPixels<T, I>::V;
-  const int64_t per_image = (P + V - 1) / V;
-  return FftPixels<T, I>{static_cast<I>(C), static_cast<I>(P), static_cast<I>(B * per_image), Div<I>(per_image)};
-}
-
 template <class L>
 void dispatch_fft_mix(L& launch, bool is_double, const void* img, const void* color, void* out, int64_t B, int64_t C,
                       int64_t P, bool sigmoid, const Limits& lim) {
-  with_fft_types(is_double, B, C, P, lim, [&](auto tt, auto ti) {
-    using T = typename decltype(tt)::type;
-    using I = typename decltype(ti)::type;
-    const auto px = fft_pixels<T, I>(B, C, P);
-    launch(FftMix<T, I>{px, static_cast<const T*>(img), static_cast<const T*>(color), static_cast<T*>(out), sigmoid},
-           make_plan("fft_mix", 8 * sizeof(I), FftPixels<T, I>::V, px.groups, lim));
-  });
+  dispatch_fft<FftMix>(launch, "fft_mix", is_double, B, C, P, sigmoid, lim, img, color, out);
 }
 
 template <class L>
 void dispatch_fft_mix_backward(L& launch, bool is_double, const void* grad, const void* out, const void* color,
                                void* grad_img, int64_t B, int64_t C, int64_t P, bool sigmoid, const Limits& lim) {
-  with_fft_types(is_double, B, C, P, lim, [&](auto tt, auto ti) {
-    using T = typename decltype(tt)::type;
-    using I = typename decltype(ti)::type;
-    const auto px = fft_pixels<T, I>(B, C, P);
-    launch(FftMixBackward<T, I>{px, static_cast<const T*>(grad), static_cast<const T*>(out),
-                                static_cast<const T*>(color), static_cast<T*>(grad_img), sigmoid},
-           make_plan("fft_mix_backward", 8 * sizeof(I), FftPixels<T, I>::V, px.groups, lim));
-  });
+  dispatch_fft<FftMixBackward>(launch, "fft_mix_backward", is_double, B, C, P, sigmoid, lim, grad, out, color,
+                               grad_img);
 }
 
 }  // namespace gpu

@@ -96,6 +96,7 @@ struct PoolGeneric {
   T* y;
   S* sw;
   I total;
+  Div<I> per;  // unused: one element per work item
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     using A = typename Acc<T>::type;
     for (I e = first_item<I>(th); e < total; e += grid_stride<I>(th)) {
@@ -351,6 +352,7 @@ struct UnpoolGeneric {
   const S* sw;
   T* out;
   I total;
+  Div<I> per;  // unused: one element per work item
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     using A = typename Acc<T>::type;
     for (I e = first_item<I>(th); e < total; e += grid_stride<I>(th)) {
@@ -519,6 +521,7 @@ struct GatherGeneric {
   const S* sw;
   T* out;
   I total;
+  Div<I> per;  // unused: one element per work item
   LV_HOST_DEVICE void operator()(const Thread& th) const {
     for (I e = first_item<I>(th); e < total; e += grid_stride<I>(th)) {
       LV_PATH(gather_generic);
@@ -655,13 +658,27 @@ void with_s2_shape(int kw, const PoolGeom& g, F&& f) {
   return f(Int<3>{}, Int<0>{}, Int<0>{}, "any rows");
 }
 
-// Calls f(Tag<T>, Tag<S>, Tag<I>) for the data type, switch type and index type.
+// The types of one launch: data T, switches S, index I (int32 while every offset fits, unless the limits force int64),
+// the vector width V and the index bits.
+template <typename T_, typename S_, typename I_>
+struct Types {
+  using T = T_;
+  using S = S_;
+  using I = I_;
+  static constexpr int V = 16 / sizeof(T);
+  static constexpr int bits = 8 * sizeof(I);
+};
+
+// Calls f(Types<T, S, I>{}) for the problem.
 template <class F>
-void with_types(Dtype dt, SwitchDtype st, bool int64, F&& f) {
+void with_types(const PoolGeom& g, Dtype dt, SwitchDtype st, const Limits& lim, F&& f) {
+  const bool int64 = lim.force_int64 || !fits_int32(g);
   auto with_s = [&](auto t) {
+    using T = typename decltype(t)::type;
     auto with_i = [&](auto s) {
-      if (int64) f(t, s, Tag<int64_t>{});
-      else f(t, s, Tag<int32_t>{});
+      using S = typename decltype(s)::type;
+      if (int64) f(Types<T, S, int64_t>{});
+      else f(Types<T, S, int32_t>{});
     };
     if (st == SwitchDtype::U8) with_i(Tag<uint8_t>{});
     else with_i(Tag<int32_t>{});
@@ -682,106 +699,106 @@ bool cl_vector_ok(const PoolGeom& g, const void* data_a, const void* data_b, con
          is_aligned(switches, sizeof(S) * V);
 }
 
+// Launches body B{geometry, pointers..., work items, divisor per} under the plan named `name`.
+template <class B, typename I, class L, class... P>
+void launch_body(L& launch, const char* name, const char* shape, int vec, int64_t work, int64_t per,
+                 const Limits& lim, const Geo<I>& g, P... pointers) {
+  launch(B{g, pointers..., static_cast<I>(work), Div<I>(per)}, make_plan(name, 8 * sizeof(I), vec, work, lim, shape));
+}
+
+// Planar bodies over rows of `len` cells in groups of `group`: (work items, groups per row).
+inline void row_groups(int64_t rows, int64_t len, int64_t group, int64_t& work, int64_t& per_row) {
+  per_row = (len + group - 1) / group;
+  work = rows * per_row;
+}
+
 template <class L>
 void dispatch_pool(L& launch, const PoolGeom& pg, Dtype dt, SwitchDtype st, const void* x_, void* y_, void* sw_,
                    const Limits& lim) {
-  with_types(dt, st, lim.force_int64 || !fits_int32(pg), [&](auto tt, auto ts, auto ti) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(ts)::type;
-    using I = typename decltype(ti)::type;
-    constexpr int V = 16 / sizeof(T);
-    constexpr int bits = 8 * sizeof(I);
+  with_types(pg, dt, st, lim, [&](auto ty) {
+    using Ty = decltype(ty);
+    using T = typename Ty::T;
+    using S = typename Ty::S;
+    using I = typename Ty::I;
     const Geo<I> g(pg);
-    const T* x = static_cast<const T*>(x_);
-    T* y = static_cast<T*>(y_);
-    S* sw = static_cast<S*>(sw_);
+    const auto x = static_cast<const T*>(x_);
+    const auto y = static_cast<T*>(y_);
+    const auto sw = static_cast<S*>(sw_);
     const int64_t outputs = pg.N * pg.C * pg.out_plane();
     if constexpr (std::is_same<S, uint8_t>::value) {
       if (const int kw = s2_window(pg)) {
-        const int64_t per_row = (pg.out[2] + V - 1) / V, work = pg.N * pg.C * pg.out[0] * pg.out[1] * per_row;
-        with_s2_shape(kw, pg, [&](auto kw_, auto kt_, auto kh_, const char* shape) {
+        int64_t work, per_row;
+        row_groups(pg.N * pg.C * pg.out[0] * pg.out[1], pg.out[2], Ty::V, work, per_row);
+        return with_s2_shape(kw, pg, [&](auto kw_, auto kt_, auto kh_, const char* shape) {
           constexpr int KW = decltype(kw_)::value, KT = decltype(kt_)::value, KH = decltype(kh_)::value;
-          launch(PoolS2<T, S, I, KW, KT, KH>{g, x, y, sw, static_cast<I>(work), Div<I>(per_row)},
-                 make_plan(KW == 2 ? "pool_s2_k2" : "pool_s2_k3", bits, V, work, lim, shape));
+          launch_body<PoolS2<T, S, I, KW, KT, KH>>(launch, KW == 2 ? "pool_s2_k2" : "pool_s2_k3", shape, Ty::V, work,
+                                                   per_row, lim, g, x, y, sw);
         });
-        return;
       }
     }
     if (cl_vector_ok<T, S>(pg, x, y, sw)) {
-      const int64_t work = outputs / V;
-      launch(PoolCL<T, S, I>{g, x, y, sw, static_cast<I>(work), Div<I>(pg.C / V)},
-             make_plan("pool_cl_vec", bits, V, work, lim));
-      return;
+      return launch_body<PoolCL<T, S, I>>(launch, "pool_cl_vec", "", Ty::V, outputs / Ty::V, pg.C / Ty::V, lim, g, x,
+                                          y, sw);
     }
-    launch(PoolGeneric<T, S, I>{g, x, y, sw, static_cast<I>(outputs)},
-           make_plan("pool_generic", bits, 1, outputs, lim));
+    launch_body<PoolGeneric<T, S, I>>(launch, "pool_generic", "", 1, outputs, 1, lim, g, x, y, sw);
   });
 }
 
 template <class L>
 void dispatch_unpool(L& launch, const PoolGeom& pg, Dtype dt, SwitchDtype st, const void* v_, const void* sw_,
                      void* out_, const Limits& lim) {
-  with_types(dt, st, lim.force_int64 || !fits_int32(pg), [&](auto tt, auto ts, auto ti) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(ts)::type;
-    using I = typename decltype(ti)::type;
-    constexpr int V = 16 / sizeof(T);
-    constexpr int bits = 8 * sizeof(I);
+  with_types(pg, dt, st, lim, [&](auto ty) {
+    using Ty = decltype(ty);
+    using T = typename Ty::T;
+    using S = typename Ty::S;
+    using I = typename Ty::I;
     const Geo<I> g(pg);
-    const T* v = static_cast<const T*>(v_);
-    const S* sw = static_cast<const S*>(sw_);
-    T* out = static_cast<T*>(out_);
+    const auto v = static_cast<const T*>(v_);
+    const auto sw = static_cast<const S*>(sw_);
+    const auto out = static_cast<T*>(out_);
     const int64_t cells = pg.N * pg.C * pg.in_plane();
     if constexpr (std::is_same<S, uint8_t>::value) {
       if (const int kw = s2_window(pg)) {
-        const int64_t per_row = (pg.in[2] + 2 * V - 1) / (2 * V), work = pg.N * pg.C * pg.in[0] * pg.in[1] * per_row;
-        with_s2_shape(kw, pg, [&](auto kw_, auto kt_, auto kh_, const char* shape) {
+        int64_t work, per_row;
+        row_groups(pg.N * pg.C * pg.in[0] * pg.in[1], pg.in[2], 2 * Ty::V, work, per_row);
+        return with_s2_shape(kw, pg, [&](auto kw_, auto kt_, auto kh_, const char* shape) {
           constexpr int KW = decltype(kw_)::value, KT = decltype(kt_)::value, KH = decltype(kh_)::value;
-          launch(UnpoolS2<T, S, I, KW, KT, KH>{g, v, sw, out, static_cast<I>(work), Div<I>(per_row)},
-                 make_plan(KW == 2 ? "unpool_s2_k2" : "unpool_s2_k3", bits, V, work, lim, shape));
+          launch_body<UnpoolS2<T, S, I, KW, KT, KH>>(launch, KW == 2 ? "unpool_s2_k2" : "unpool_s2_k3", shape, Ty::V,
+                                                     work, per_row, lim, g, v, sw, out);
         });
-        return;
       }
     }
     if (cl_vector_ok<T, S>(pg, v, out, sw)) {
-      const int64_t work = cells / V;
-      launch(UnpoolCL<T, S, I>{g, v, sw, out, static_cast<I>(work), Div<I>(pg.C / V)},
-             make_plan("unpool_cl_vec", bits, V, work, lim));
-      return;
+      return launch_body<UnpoolCL<T, S, I>>(launch, "unpool_cl_vec", "", Ty::V, cells / Ty::V, pg.C / Ty::V, lim, g,
+                                            v, sw, out);
     }
-    launch(UnpoolGeneric<T, S, I>{g, v, sw, out, static_cast<I>(cells)},
-           make_plan("unpool_generic", bits, 1, cells, lim));
+    launch_body<UnpoolGeneric<T, S, I>>(launch, "unpool_generic", "", 1, cells, 1, lim, g, v, sw, out);
   });
 }
 
 template <class L>
 void dispatch_gather(L& launch, const PoolGeom& pg, Dtype dt, SwitchDtype st, const void* grad_, const void* sw_,
                      void* out_, const Limits& lim) {
-  with_types(dt, st, lim.force_int64 || !fits_int32(pg), [&](auto tt, auto ts, auto ti) {
-    using T = typename decltype(tt)::type;
-    using S = typename decltype(ts)::type;
-    using I = typename decltype(ti)::type;
-    constexpr int V = 16 / sizeof(T);
-    constexpr int bits = 8 * sizeof(I);
+  with_types(pg, dt, st, lim, [&](auto ty) {
+    using Ty = decltype(ty);
+    using T = typename Ty::T;
+    using S = typename Ty::S;
+    using I = typename Ty::I;
     const Geo<I> g(pg);
-    const T* grad = static_cast<const T*>(grad_);
-    const S* sw = static_cast<const S*>(sw_);
-    T* out = static_cast<T*>(out_);
+    const auto grad = static_cast<const T*>(grad_);
+    const auto sw = static_cast<const S*>(sw_);
+    const auto out = static_cast<T*>(out_);
     const int64_t outputs = pg.N * pg.C * pg.out_plane();
     if (!pg.channels_last) {
-      const int64_t per_row = (pg.out[2] + V - 1) / V, work = pg.N * pg.C * pg.out[0] * pg.out[1] * per_row;
-      launch(GatherRows<T, S, I>{g, grad, sw, out, static_cast<I>(work), Div<I>(per_row)},
-             make_plan("gather_rows", bits, V, work, lim));
-      return;
+      int64_t work, per_row;
+      row_groups(pg.N * pg.C * pg.out[0] * pg.out[1], pg.out[2], Ty::V, work, per_row);
+      return launch_body<GatherRows<T, S, I>>(launch, "gather_rows", "", Ty::V, work, per_row, lim, g, grad, sw, out);
     }
     if (cl_vector_ok<T, S>(pg, grad, out, sw)) {
-      const int64_t work = outputs / V;
-      launch(GatherCL<T, S, I>{g, grad, sw, out, static_cast<I>(work), Div<I>(pg.C / V)},
-             make_plan("gather_cl_vec", bits, V, work, lim));
-      return;
+      return launch_body<GatherCL<T, S, I>>(launch, "gather_cl_vec", "", Ty::V, outputs / Ty::V, pg.C / Ty::V, lim,
+                                            g, grad, sw, out);
     }
-    launch(GatherGeneric<T, S, I>{g, grad, sw, out, static_cast<I>(outputs)},
-           make_plan("gather_generic", bits, 1, outputs, lim));
+    launch_body<GatherGeneric<T, S, I>>(launch, "gather_generic", "", 1, outputs, 1, lim, g, grad, sw, out);
   });
 }
 
