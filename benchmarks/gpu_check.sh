@@ -29,7 +29,7 @@ step() {  # step NAME MIN_SECONDS FUNCTION: runs FUNCTION with the time left, un
     note "SKIP  $name: $(left) s left of the ${budget} s budget (needs ~${min} s)"
     return 0
   fi
-  timeout --signal=INT --kill-after=10 "$(left)" bash -c "$fn"
+  timeout --signal=INT --kill-after=10 "$(left)" bash -o pipefail -c "$fn"
   rc=$?
   note "$( [ $rc -eq 0 ] && echo 'OK  ' || echo "FAIL") $name: rc=$rc, $((SECONDS - t0)) s"
   return $rc
@@ -42,8 +42,12 @@ step() {  # step NAME MIN_SECONDS FUNCTION: runs FUNCTION with the time left, un
 } 2>&1 | tee "$out/gpu.txt"
 
 build() {
-  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
-  python3 -c "import lightning_vis.ops as O; print(O.build_info()); assert 'cuda' in O.backends()" | tee -a "$out/gpu.txt"
+  if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+    tail -30 "$out/build.log"
+    return 1
+  fi
+  python3 -c "import lightning_vis.ops as O; print(O.build_info()); assert 'cuda' in O.backends()" |
+    tee -a "$out/gpu.txt"
 }
 
 tests() {

@@ -2,8 +2,8 @@
 kernels' own bodies on the CPU. It is never part of lightning_vis._C: torch's JIT extension loader compiles it with
 the host compiler into build/<name>/ the first time (about two minutes on two cores), then only when a source changes.
 
-The fp16 / bf16 conversions come from the CUDA toolkit's cuda_fp16.h / cuda_bf16.h (host code); where there is none, from csrc/cuda/fp16_host_shim.h, so that the simulator also runs on a machine
-without CUDA. Environment:
+The fp16 / bf16 conversions come from the CUDA toolkit's cuda_fp16.h / cuda_bf16.h (host code); where there is none,
+from csrc/cuda/fp16_host_shim.h, so that the simulator also runs on a machine without CUDA. Environment:
   LIGHTNING_VIS_SIM_HEADERS=cuda|shim   force either (default: the toolkit's when found)
   LIGHTNING_VIS_SIM_ASAN=1              build with AddressSanitizer (libasan must be preloaded; .ci/run does)
 """
