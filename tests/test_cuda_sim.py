@@ -21,7 +21,7 @@ from ._pool_cases import (DTYPES, channels_last_cases, check_against_cpu, misali
 
 ops = torch.ops.lightning_vis
 N_CONFIGS = 960  # random pooling configurations torch accepts (>= 640), each through pool, unpool and gather
-H100_MAX_BLOCKS = 132 * 32  # the real launcher's grid cap on an H100 (launch.cuh)
+H100_MAX_BLOCKS = 132 * 32  # the real launcher's grid cap on an H100 (launch.h)
 
 
 @pytest.fixture(scope="module")

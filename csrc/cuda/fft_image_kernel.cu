@@ -2,7 +2,7 @@
 // with the simulator).
 #include "fft_image_bodies.h"
 #include "fft_image_kernel.h"
-#include "launch.cuh"
+#include "launch.h"
 
 namespace lightning_vis {
 namespace gpu {

@@ -1,5 +1,5 @@
 // GPU launches of the pooling kernels: the bodies and the planner are pool_bodies.h (shared with the simulator).
-#include "launch.cuh"
+#include "launch.h"
 #include "pool_bodies.h"
 #include "pool_kernel.h"
 
