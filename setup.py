@@ -116,12 +116,15 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 class Build(BuildExtension):
-    """Object files in a fixed folder per configuration (an editable install would use a fresh temp dir):
-    ninja rebuilds only what changed. The backends built are also written to build/backends.txt."""
+    """Object files in a fixed folder per configuration (an editable install would use a fresh temp dir), unless
+    --build-temp names one: ninja rebuilds only what changed. The backends built are also written to
+    build/backends.txt."""
 
     def finalize_options(self):
+        given = self.build_temp is not None  # --build-temp (e.g. .ci/run's instrumented build) wins
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp-cuda" if build_cuda else "temp-cpu")
+        if not given:
+            self.build_temp = os.path.join(ROOT, "build", "temp-cuda" if build_cuda else "temp-cpu")
 
     def run(self):
         super().run()

@@ -7,21 +7,9 @@
 #include <string>
 #include <vector>
 
-TORCH_LIBRARY(lightning_vis, m) {
-  m.def(
-      "max_pool_with_switches(Tensor self, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "bool ceil_mode) -> (Tensor values, Tensor switches)");
-  m.def(
-      "unpool(Tensor values, Tensor switches, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "int[] output_size) -> Tensor");
-  m.def(
-      "gather_switches(Tensor grad, Tensor switches, int[] kernel_size, int[] stride, int[] padding, "
-      "int[] dilation) -> Tensor");
-  m.def("fft_image(Tensor spectrum, Tensor scale, Tensor color, int[] size, bool sigmoid) -> Tensor");
-  m.def(
-      "fft_image_backward(Tensor grad, Tensor out, Tensor scale, Tensor color, int[] size, bool sigmoid) -> "
-      "Tensor");
-}
+#include "schemas.h"
+
+TORCH_LIBRARY(lightning_vis, m) { lightning_vis::define_schemas(m); }
 
 namespace {
 std::vector<std::string> backends() {

@@ -26,6 +26,10 @@ at::Tensor gather_switches_impl(const at::Tensor& grad, const at::Tensor& switch
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 GatherKernel kernel_fn);
 
+// The GPU kernels' element types (pool_geometry.h) of a data tensor and of a switches tensor.
+gpu::Dtype gpu_dtype(const at::Tensor& t);
+gpu::SwitchDtype gpu_switch_dtype(const at::Tensor& switches);
+
 // The operator functions a backend registers: `m.impl("unpool", &unpool_op<my_unpool_kernel>)`.
 template <PoolKernel K>
 std::tuple<at::Tensor, at::Tensor> pool_op(const at::Tensor& x, at::IntArrayRef k, at::IntArrayRef s,

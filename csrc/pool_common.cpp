@@ -161,6 +161,20 @@ void check_switches(const char* op, const at::Tensor& switches, const PoolGeom& 
 
 }  // namespace
 
+gpu::Dtype gpu_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return gpu::Dtype::F32;
+    case at::kDouble: return gpu::Dtype::F64;
+    case at::kHalf: return gpu::Dtype::F16;
+    case at::kBFloat16: return gpu::Dtype::BF16;
+    default: TORCH_CHECK(false, "lightning_vis GPU kernels: unsupported dtype ", t.scalar_type());
+  }
+}
+
+gpu::SwitchDtype gpu_switch_dtype(const at::Tensor& switches) {
+  return switches.scalar_type() == at::kByte ? gpu::SwitchDtype::U8 : gpu::SwitchDtype::I32;
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool_with_switches_impl(
     const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool ceil_mode, PoolKernel kernel_fn) {

@@ -45,4 +45,10 @@ LV_HOST_DEVICE int64_t end_tap(int64_t start, int64_t dil, int64_t size, int64_t
   return n < k ? n : k;
 }
 
+namespace gpu {
+// Element types of the GPU kernels' tensors (the data; the switches: uint8 up to 255 window cells, else int32).
+enum class Dtype { F32, F64, F16, BF16 };
+enum class SwitchDtype { U8, I32 };
+}  // namespace gpu
+
 }  // namespace lightning_vis

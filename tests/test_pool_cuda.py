@@ -1,5 +1,7 @@
 """CUDA kernels against the CPU kernels and torch, on fresh random inputs each run, with the allocator
-poisoned so that an output element the kernel forgets to write shows up. Skipped without a GPU (CI)."""
+poisoned so that an output element the kernel forgets to write shows up; every fast path of the bodies (the same
+cases as the simulator's, tests/test_cuda_sim.py), streams, gradcheck, opcheck and the 64-bit index path. Skipped
+without a GPU (CI runs the kernels' bodies through the simulator instead)."""
 
 import os
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 import lightning_vis.ops as O
 
-from ._pool_cases import random_case, torch_pool
+from ._pool_cases import DTYPES, channels_last_cases, check_against_cpu, misalign, random_case, s2_cases, torch_pool
 from .conftest import requires_cuda
 
 pytestmark = requires_cuda
@@ -47,6 +49,23 @@ def test_cuda_equals_cpu_on_fresh_random_configurations():
         assert torch.equal(u, O.unpool(g.cuda(), s, case.k, case.s, case.p, case.d, output_size=size, **kw)), msg
         checked += 1
     assert checked >= 200
+
+
+def on_gpu(name, *args):
+    """The CUDA operator on copies of the arguments (off their alignment where the CPU tensors are), poisoned
+    allocator, results back on the CPU."""
+    dev = [(misalign(a.cuda()) if a.data_ptr() % 16 else a.cuda()) if isinstance(a, torch.Tensor) else a for a in args]
+    poison()
+    out = getattr(ops, name)(*dev)
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_fast_paths_equal_cpu(dtype):
+    for i, (x, k, s, p, d, ceil_mode) in enumerate(s2_cases(dtype)):
+        check_against_cpu(on_gpu, x, k, s, p, d, ceil_mode, seed=i)
+    for x, k, s, p, d, _ in channels_last_cases(dtype):
+        check_against_cpu(on_gpu, x, k, s, p, d, False)
 
 
 def test_cuda_gather_equals_cpu():

@@ -11,37 +11,23 @@
 namespace lightning_vis {
 namespace {
 
-gpu::Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return gpu::Dtype::F32;
-    case at::kDouble: return gpu::Dtype::F64;
-    case at::kHalf: return gpu::Dtype::F16;
-    case at::kBFloat16: return gpu::Dtype::BF16;
-    default: TORCH_CHECK(false, "lightning_vis CUDA kernels: unsupported dtype ", t.scalar_type());
-  }
-}
-
-gpu::SwitchDtype switch_dtype_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kByte ? gpu::SwitchDtype::U8 : gpu::SwitchDtype::I32;
-}
-
 void pool_cuda_kernel(const PoolGeom& g, const at::Tensor& x, at::Tensor& values, at::Tensor& switches) {
   c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(gpu::launch_pool(g, dtype_of(x), switch_dtype_of(switches), x.const_data_ptr(),
+  C10_CUDA_CHECK(gpu::launch_pool(g, gpu_dtype(x), gpu_switch_dtype(switches), x.const_data_ptr(),
                                   values.mutable_data_ptr(), switches.mutable_data_ptr(),
                                   at::cuda::getCurrentCUDAStream()));
 }
 
 void unpool_cuda_kernel(const PoolGeom& g, const at::Tensor& values, const at::Tensor& switches, at::Tensor& out) {
   c10::cuda::CUDAGuard guard(values.device());
-  C10_CUDA_CHECK(gpu::launch_unpool(g, dtype_of(values), switch_dtype_of(switches), values.const_data_ptr(),
+  C10_CUDA_CHECK(gpu::launch_unpool(g, gpu_dtype(values), gpu_switch_dtype(switches), values.const_data_ptr(),
                                     switches.const_data_ptr(), out.mutable_data_ptr(),
                                     at::cuda::getCurrentCUDAStream()));
 }
 
 void gather_cuda_kernel(const PoolGeom& g, const at::Tensor& grad, const at::Tensor& switches, at::Tensor& out) {
   c10::cuda::CUDAGuard guard(grad.device());
-  C10_CUDA_CHECK(gpu::launch_gather(g, dtype_of(grad), switch_dtype_of(switches), grad.const_data_ptr(),
+  C10_CUDA_CHECK(gpu::launch_gather(g, gpu_dtype(grad), gpu_switch_dtype(switches), grad.const_data_ptr(),
                                     switches.const_data_ptr(), out.mutable_data_ptr(),
                                     at::cuda::getCurrentCUDAStream()));
 }

@@ -7,9 +7,6 @@
 namespace lightning_vis {
 namespace gpu {
 
-enum class Dtype { F32, F64, F16, BF16 };
-enum class SwitchDtype { U8, I32 };
-
 // All pointers are dense tensors in the layout given by g.channels_last; every launch is asynchronous on
 // `stream` and returns the launch error, if any.
 cudaError_t launch_pool(const PoolGeom& g, Dtype dt, SwitchDtype st, const void* x, void* values, void* switches,
