@@ -1,0 +1,182 @@
+"""The explorer's bounded state: a thread-safe LRU cache bounded in bytes that computes each missing entry once, and
+one background worker for the slow jobs (feature visualizations, the folder's top-k scan) with a bounded queue."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+class HttpError(Exception):
+    """A refusal with its HTTP status and a one-line message for the client."""
+
+    def __init__(self, status: int, message: str, *, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class Pending(HttpError):
+    """202: the answer is being computed in the background; ask again."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(202, message, headers={"Retry-After": str(retry_after)})
+
+
+def nbytes(value, _seen=None) -> int:
+    """Memory held by a value made of tensors, bytes, strings and containers of them (tensors sharing a storage
+    are counted once; an expanded view costs its storage, not its shape)."""
+    seen = set() if _seen is None else _seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(nbytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v, seen) for v in value)
+    return 0
+
+
+class _Flight:
+    """One computation in progress that other threads wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = self.error = None
+
+
+class ByteLRU:
+    """A least-recently-used cache holding at most `max_bytes` (as :func:`nbytes` counts them), safe to share
+    between threads. ``get_or(key, make)`` returns the cached value or computes it with ``make()`` outside the
+    cache's lock; however many threads ask for a missing key at once, ``make`` runs once and the others wait for its
+    value (or its exception). A value larger than the whole budget is returned but not kept."""
+
+    def __init__(self, max_bytes: int, name: str = "cache"):
+        self.max_bytes, self.name = int(max_bytes), name
+        self.bytes = 0
+        self._items: OrderedDict = OrderedDict()  # key -> (value, size)
+        self._flights: dict = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._items)
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def put(self, key, value) -> bool:
+        """Keeps value (evicting the least recently used entries to make room); False if it is over the budget."""
+        size = nbytes(value)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if size > self.max_bytes:
+                return False
+            while self._items and self.bytes + size > self.max_bytes:
+                _, (_, freed) = self._items.popitem(last=False)
+                self.bytes -= freed
+            self._items[key] = (value, size)
+            self.bytes += size
+            return True
+
+    def pop(self, key, default=None):
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return default
+            self.bytes -= item[1]
+            return item[0]
+
+    def get_or(self, key, make):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            flight = self._flights.get(key)
+            owner = flight is None
+            if owner:
+                flight = self._flights[key] = _Flight()
+        if not owner:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            flight.value = make()
+            self.put(key, flight.value)
+            return flight.value
+        except BaseException as e:
+            flight.error = e
+            raise
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+
+def _lower_priority():
+    """The background worker yields the CPU to interactive requests (Linux: a nice value per thread; the threads
+    torch starts from it inherit it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
+class Jobs:
+    """Slow work on one background thread, at a lower CPU priority, with at most `limit` jobs waiting or running.
+    ``submit(key, fn)`` returns the Future of that key's job (an existing one if it is already queued); over the
+    limit it refuses with 429. Finished jobs leave the queue: their results live wherever `fn` puts them."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-vis-jobs", initializer=_lower_priority)
+        self._futures: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+    def submit(self, key, fn, what: str) -> Future:
+        with self._lock:
+            future = self._futures.get(key)
+            if future is not None:
+                return future
+            if len(self._futures) >= self.limit:
+                raise HttpError(429, f"{len(self._futures)} slow jobs (feature visualizations, the folder's top-k) "
+                                f"are already queued, the limit: ask for {what} again when they are done",
+                                headers={"Retry-After": "5"})
+            future = self._futures[key] = self._pool.submit(fn)
+
+        def forget(_):
+            with self._lock:
+                self._futures.pop(key, None)
+        future.add_done_callback(forget)
+        return future
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
