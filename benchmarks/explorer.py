@@ -228,6 +228,7 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
         while time.monotonic() - stalled_at < stall_wait and any(still_open(s) for s in stalls):
             time.sleep(0.5)
         held = sum(still_open(s) for s in stalls)
+        closed_after = None if held else time.monotonic() - stalled_at
         for s in stalls:
             s.close()
         end = srv.status()
@@ -250,7 +251,8 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
             rss_start_mb=round(rss_start), rss_after_first_views_mb=round(rss_warm),
             rss_peak_mb=round(max(srv.rss, default=0)), rss_end_mb=round(end["VmRSS"] / 1024),
             threads_peak=threads_under_load, threads_end=end["Threads"],
-            stalled=stalled, stalled_held_after_s=round(stall_wait, 1), stalled_still_open=held)
+            stalled=stalled, stalled_held_after_s=round(stall_wait, 1), stalled_still_open=held,
+            stalled_all_closed_after_s=None if closed_after is None else round(closed_after, 1))
         return row
     finally:
         srv.close()
@@ -294,7 +296,7 @@ def main(argv=None):
     others = [c for c in convs if c not in layers]
     if args.quick:
         args.clients, args.requests, args.stalled = 4, 4, 2
-        args.stall_wait = min(args.stall_wait, 3.0)
+        args.stall_wait = min(args.stall_wait, 6.0)
         args.timeout = args.timeout or 1.0
     runs = []
     if args.compare:

@@ -238,3 +238,35 @@ def test_video_nets_show_the_frame_asked_for(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_lv_serve_and_the_cli_serve(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import lightning_vis as lv
+
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    srv = lv.serve(tiny(), tmp_path, ["cat", "dog", "emu"], port=0, size=16, mean=None, block=False, render_steps=1,
+                   render_size=16)
+    try:
+        status, _, data = request(srv, "/api/predictions?image=a.png&k=3")
+        assert status == 200 and {p["name"] for p in js(data)["predictions"]} == {"cat", "dog", "emu"}
+    finally:
+        srv.shutdown()
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_vis.cli", "serve", "--model", "tests.cli_models:tiny_cnn",
+                             "--images", str(tmp_path), "--size", "16", "--port", "0", "--timeout", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("lightning-vis explorer on http://127.0.0.1:") and "1 images" in banner, (
+            banner, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/api/images")
+        assert json.loads(conn.getresponse().read()) == {"images": ["a.png"]}
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit
+        assert proc.wait(30) == 0, proc.stderr.read()

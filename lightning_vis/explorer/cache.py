@@ -153,7 +153,7 @@ class Jobs:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-vis-jobs", initializer=_lower_priority)
+        self._pool = None  # started on the first job (again after close)
         self._futures: dict = {}
         self._lock = threading.Lock()
 
@@ -170,6 +170,8 @@ class Jobs:
                 raise HttpError(429, f"{len(self._futures)} slow jobs (feature visualizations, the folder's top-k) "
                                 f"are already queued, the limit: ask for {what} again when they are done",
                                 headers={"Retry-After": "5"})
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-vis-jobs", initializer=_lower_priority)
             future = self._futures[key] = self._pool.submit(fn)
 
         def forget(_):
@@ -179,4 +181,8 @@ class Jobs:
         return future
 
     def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancels the queued jobs and lets the thread go when the running one ends."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

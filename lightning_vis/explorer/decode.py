@@ -40,8 +40,8 @@ def _check_pixels(pil, frames: int, max_pixels: int, label: str):
         raise HttpError(415, f"{label}: an empty image ({w}x{h})")
     if w * h * frames > max_pixels:
         what = f"{w}x{h}" if frames == 1 else f"{frames} frames of {w}x{h}"
-        raise HttpError(413, f"{label}: {what} = {w * h * frames / 1e6:.1f} megapixels, over the explorer's budget of "
-                        f"{max_pixels / 1e6:.1f} megapixels per picture")
+        raise HttpError(413, f"{label}: {what} = {w * h * frames / 1e6:.3g} megapixels, over the explorer's budget "
+                        f"of {max_pixels / 1e6:.3g} megapixels per picture (all frames of a clip together)")
 
 
 def probe(path: Path, max_pixels: int) -> None:

@@ -233,6 +233,8 @@ class App:
 
         png = "image/png"
         frame = integer("frame")
+        if frame is not None:
+            ex._frame(frame, 1)  # 400 unless 0 <= frame < the clips' frames (0 for an image model)
         if path == "/api/image":
             return 200, png, ex.image_png(need("image"), frame)
         if path == "/api/predictions":
@@ -267,9 +269,10 @@ class _JsonErrorTask(ErrorTask):
         message = {413: f"request body over the {adj.max_request_body_size - 1} byte limit (uploads: at most "
                         f"{(adj.max_request_body_size - 1) >> 20} MB)",
                    431: f"request line and headers over the {adj.max_request_header_size} byte limit",
-                   400: f"malformed request: {e.body}"}.get(e.code, e.body)
+                   400: f"malformed request: {e.body}", 501: f"malformed request: {e.body}"}.get(e.code, e.body)
+        code = 400 if e.code == 501 else e.code  # an unsupported Transfer-Encoding is the client's mistake
         body = json.dumps({"error": message}).encode()
-        self.status = f"{e.code} {e.reason}"
+        self.status = f"{code} {http.HTTPStatus(code).phrase}"
         self.response_headers.extend([("Content-Type", "application/json"), *SECURITY_HEADERS,
                                       ("Content-Security-Policy", API_CSP)])
         self.set_close_on_finish()
@@ -314,6 +317,8 @@ class ExplorerServer:
     waits), ``server_close()``, ``server_address`` and ``url``."""
 
     def __init__(self, explorer, host: str, port: int, *, allow_origins=(), timeout: float | None = None):
+        for origin in allow_origins:
+            parse_origin(origin)  # a bad origin is refused before the socket is bound
         lim = explorer.limits
         timeout = lim.timeout if timeout is None else timeout
         self.explorer = explorer
