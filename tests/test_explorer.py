@@ -199,6 +199,14 @@ def test_page_in_headless_chromium(server, tmp_path):
         wait.until(lambda d: loaded("deconv") and loaded("viz") and loaded("cam"))
         wait.until(lambda d: len(d.find_elements("css selector", "#topk img")) >= 1)
         assert driver.find_element("id", "error").text == ""
+        # an upload from the page (a POST with this page's Origin) becomes the selected image
+        (tmp_path / "mine.png").write_bytes(png_bytes(12))
+        count = len(driver.find_elements("css selector", "#thumbs img"))
+        driver.find_element("id", "upload").send_keys(str(tmp_path / "mine.png"))
+        wait.until(lambda d: len(d.find_elements("css selector", "#thumbs img")) == count + 1)
+        wait.until(lambda d: d.find_element("css selector", "#thumbs img.sel").get_attribute("data-image")
+                   .startswith("upload-") and loaded("grid"))
+        assert driver.find_element("id", "error").text == ""
         driver.save_screenshot(str(tmp_path / "explorer.png"))
         assert (tmp_path / "explorer.png").stat().st_size > 10_000
     finally:

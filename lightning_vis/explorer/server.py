@@ -436,9 +436,12 @@ class Explorer:
             done = self.renders.get(key)
             if done is not None:
                 return done
-            with self._background_model() as model:
-                res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
-                             channels=self.image_channels, preprocess=self.preprocess, progress=False)
+            try:
+                with self._background_model() as model:
+                    res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
+                                 channels=self.image_channels, preprocess=self.preprocess, progress=False)
+            except ValueError as e:  # what the method refuses for this layer
+                raise HttpError(400, str(e)) from None
             img = res.images[0]
             out = _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
             self.renders.put(key, out)

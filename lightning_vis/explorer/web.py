@@ -158,7 +158,7 @@ def page_and_csp(path: Path = PAGE) -> tuple[bytes, str]:
 class App:
     """The WSGI application: the policy, then the routes of Explorer (see server.py for the API)."""
 
-    def __init__(self, explorer, policy: OriginPolicy):
+    def __init__(self, explorer, policy: OriginPolicy | None):
         self.explorer, self.policy = explorer, policy
         self.page, self.csp = page_and_csp()
 
@@ -330,11 +330,10 @@ class ExplorerServer:
         dispatcher = _Dispatcher()
         dispatcher.set_thread_count(lim.threads)
         self._map: dict = {}
-        self._server = _Server(None, map=self._map, dispatcher=dispatcher, adj=self.adj, sockinfo=self.adj.listen[0])
+        app = App(explorer, None)  # its policy needs the port bound
+        self._server = _Server(app, map=self._map, dispatcher=dispatcher, adj=self.adj, sockinfo=self.adj.listen[0])
         self._server.request_timeout = max(timeout, lim.request_timeout)
-        port = int(self._server.effective_port)
-        self.policy = OriginPolicy(host, port, allow_origins)
-        self._server.application = App(explorer, self.policy)
+        self.policy = app.policy = OriginPolicy(host, int(self._server.effective_port), allow_origins)
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
