@@ -59,7 +59,6 @@ from .web import make_server, run_until_interrupted
 
 log = logging.getLogger("lightning_vis.explorer")
 
-IMAGE_SUFFIXES = SUFFIXES
 MAX_UPLOAD = 8 << 20
 RULES = ("deconvnet", "guided")
 # shares of Limits.cache_bytes
