@@ -11,7 +11,9 @@ What it measures, per server:
 - status codes (no 5xx, no refused or reset connections), the server's RSS (sampled every 100 ms: peak and end)
   and its thread count;
 - stalled clients: some connections send half a request line and stop, others promise a body they never send;
-  how many the server still holds open after `--stall-wait` seconds.
+  how many the server still holds open after `--stall-wait` seconds;
+- then memory under churn: `--churn` uploads one after another, each looked at (5 grids and a Grad-CAM), the RSS
+  every 40 (bounded caches plateau; unbounded ones grow).
 
     python -m benchmarks.explorer [--json PATH] [--compare DIR] [--quick]
 
@@ -161,8 +163,8 @@ def still_open(s: socket.socket) -> bool:
 
 
 def run_load(label: str, source: Path, folder: Path, images: list[str], layers: list[str], others: list[str],
-             weights: str, *,
-             clients: int, requests: int, stalled: int, stall_wait: float, timeout: float, seed: int = 0) -> dict:
+             weights: str, *, clients: int, requests: int, stalled: int, stall_wait: float, timeout: float,
+             churn: int = 0, seed: int = 0) -> dict:
     srv = Server(source, folder, weights, timeout)
     port = srv.port
     try:
@@ -231,6 +233,19 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
         closed_after = None if held else time.monotonic() - stalled_at
         for s in stalls:
             s.close()
+        churn_rss = []
+        rng = random.Random(seed)
+        for i in range(churn):  # one user uploading photos one after another, each looked at in 5 layers + a CAM
+            status, _, body = post(port, "/api/upload", photo(rng))
+            if status != 200:
+                statuses[status] = statuses.get(status, 0) + 1
+                continue
+            name = json.loads(body)["name"]
+            for layer in layers[::max(1, len(layers) // 5)][:5]:
+                get(port, f"/api/activations?image={name}&layer={layer}")
+            get(port, f"/api/cam?image={name}&layer={layers[-1]}")
+            if (i + 1) % 40 == 0 or i + 1 == churn:
+                churn_rss.append((i + 1, round(srv.status()["VmRSS"] / 1024)))
         end = srv.status()
         row = dict(
             server=label, clients=clients, requests=sum(statuses.values()), load_s=round(load_s, 1),
@@ -252,7 +267,8 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
             rss_peak_mb=round(max(srv.rss, default=0)), rss_end_mb=round(end["VmRSS"] / 1024),
             threads_peak=threads_under_load, threads_end=end["Threads"],
             stalled=stalled, stalled_held_after_s=round(stall_wait, 1), stalled_still_open=held,
-            stalled_all_closed_after_s=None if closed_after is None else round(closed_after, 1))
+            stalled_all_closed_after_s=None if closed_after is None else round(closed_after, 1),
+            churn_uploads_rss_mb=churn_rss, rss_peak_overall_mb=round(max(srv.rss, default=0)))
         return row
     finally:
         srv.close()
@@ -269,6 +285,8 @@ def main(argv=None):
                     help="seconds after which stalled connections are counted (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=0,
                     help="the server's connection timeout, where it takes one (default: its own)")
+    ap.add_argument("--churn", type=int, default=120,
+                    help="then this many uploads one after another, each viewed (RSS every 40; default %(default)s)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: 4 clients, 2 layers, 1 image")
     args = ap.parse_args(argv)
     from PIL import Image
@@ -295,7 +313,7 @@ def main(argv=None):
     layers = convs[::max(1, len(convs) // 12)][:12] if not args.quick else convs[:2]
     others = [c for c in convs if c not in layers]
     if args.quick:
-        args.clients, args.requests, args.stalled = 4, 4, 2
+        args.clients, args.requests, args.stalled, args.churn = 4, 4, 2, 2
         args.stall_wait = min(args.stall_wait, 6.0)
         args.timeout = args.timeout or 1.0
     runs = []
@@ -308,7 +326,7 @@ def main(argv=None):
               f"{len(images)} images x {len(layers)} layers, {args.stalled} stalled connections", flush=True)
         row = run_load(label, source, folder, images, layers, others, weights, clients=args.clients,
                        requests=args.requests, stalled=args.stalled, stall_wait=args.stall_wait,
-                       timeout=args.timeout)
+                       timeout=args.timeout, churn=args.churn)
         row["source"] = str(source)
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
@@ -318,7 +336,8 @@ def main(argv=None):
         goals.append(f"{'PASS' if ok else 'MISS'}  {r['server']}: grid p95 {r['grid_p95_ms']:.0f} ms (goal <= 300), "
                      f"{r['errors_5xx']} 5xx, {r['connection_failures']} failed connections, RSS peak "
                      f"{r['rss_peak_mb']} MB, {r['stalled_still_open']}/{r['stalled']} stalled connections held "
-                     f"after {r['stalled_held_after_s']:.0f} s")
+                     f"after {r['stalled_held_after_s']:.0f} s; RSS after {r['churn_uploads_rss_mb'][-1][0]} uploads "
+                     f"viewed: {r['churn_uploads_rss_mb'][-1][1]} MB" if r["churn_uploads_rss_mb"] else "")
         print(goals[-1])
     kernels.write_record(args.json, "lightning-vis/benchmarks/explorer/2", rows, goals, weights=weights_name,
                          model="mobilenet_v2", images=images, layers=layers)

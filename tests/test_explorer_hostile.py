@@ -383,7 +383,7 @@ def test_chunked_body_over_the_limit(hostile):
 def test_stalled_clients_hold_no_worker_and_are_closed_after_the_timeout(hostile):
     srv, *_ = hostile
     port = srv.server_address[1]
-    request(srv, "/api/model")
+    assert request(srv, "/api/activations?image=img1.png&layer=conv1")[0] == 200
     threads = threading.active_count()
     stalled = []
     for i in range(30):
@@ -398,8 +398,9 @@ def test_stalled_clients_hold_no_worker_and_are_closed_after_the_timeout(hostile
     opened = time.monotonic()
     t = time.perf_counter()
     assert request(srv, "/api/activations?image=img1.png&layer=conv1")[0] == 200  # the workers are free
-    assert time.perf_counter() - t < 5
     assert threading.active_count() == threads  # no thread per connection
+    assert request(srv, "/api/activations?image=img2.png&layer=pool1&scale=shared")[0] == 200  # and compute too
+    assert time.perf_counter() - t < 5
     deadline = opened + TIMEOUT + CLOSE_SLACK
     closed = [closed_by_server(s, deadline - time.monotonic()) for s in stalled]
     for s in stalled:

@@ -1,5 +1,6 @@
-"""The explorer's bounded state: a thread-safe LRU cache bounded in bytes that computes each missing entry once, and
-one background worker for the slow jobs (feature visualizations, the folder's top-k scan) with a bounded queue."""
+"""The explorer's bounded state: a thread-safe LRU cache bounded in bytes that computes each missing entry once, the
+few threads that do the computing, and one background worker for the slow jobs (feature visualizations, the
+folder's top-k scan) with a bounded queue."""
 
 from __future__ import annotations
 
@@ -135,6 +136,42 @@ class ByteLRU:
             with self._lock:
                 self._flights.pop(key, None)
             flight.done.set()
+
+
+_local = threading.local()
+
+
+def _mark_compute():
+    _local.compute = True
+
+
+class Compute:
+    """The threads that run torch and encode pictures: at most `threads` at once, however many requests wait (the
+    HTTP workers only look up caches and wait here). ``run(fn)`` runs fn on one of them and returns its result, or
+    runs it at once when called from one of them (work that needs other work, e.g. a grid that needs a forward
+    pass, never waits for a free thread). Keeping the big allocations on a few threads also keeps glibc from
+    giving every HTTP worker its own heap arena."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def run(self, fn):
+        if getattr(_local, "compute", False):
+            return fn()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lightning-vis-compute",
+                                                initializer=_mark_compute)
+            pool = self._pool
+        return pool.submit(fn).result()
+
+    def close(self):
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _lower_priority():

@@ -53,7 +53,7 @@ from ..deconv import deconvnet
 from ..featureviz import render
 from ..hooks import LayerNotFoundError, ModelGuard, capture, resolve_layers
 from ..hooks.taps import layers as list_layers
-from .cache import ByteLRU, HttpError, Jobs, Pending
+from .cache import ByteLRU, Compute, HttpError, Jobs, Pending
 from .decode import SUFFIXES, frame_count, probe, read_frames
 from .web import make_server, run_until_interrupted
 
@@ -67,11 +67,12 @@ CACHE_SHARES = {"forward": 0.5, "pngs": 0.2, "uploads": 0.125, "pictures": 0.1, 
 
 @dataclass(frozen=True)
 class Limits:
-    """Every bound the explorer keeps. The defaults suit one machine serving a few dozen people; memory: RSS stays
+    """Every bound the explorer keeps. The defaults suit one machine serving a few dozen people. Memory: RSS stays
     under (the process after start-up, with a second copy of the model for the background jobs) + cache_bytes +
-    what requests hold while they run: one model pass at a time on the interactive model and one on the background
-    copy, `threads` grids being encoded, DECODE_SLOTS decodes of at most `pixels` pixels (4 bytes each), and the
-    request bodies being received (held in memory up to 512 KB each, beyond that in an anonymous temporary file)."""
+    what the computing holds while it runs: `compute_threads` computations for the interactive routes (at most one
+    of them a model pass, the others encoding pictures), one job on the background copy, at most DECODE_SLOTS
+    decodes of `pixels` pixels (4 bytes each), and the request bodies being received (each in memory up to 512 KB,
+    beyond that in an anonymous temporary file). The HTTP workers only look up caches and wait."""
 
     upload_bytes: int = MAX_UPLOAD  # a larger request body is refused with 413 before it is read
     pixels: int = 40_000_000  # decoded pixels per picture, all frames of a clip together (from the header)
@@ -81,7 +82,8 @@ class Limits:
     jobs: int = 8  # slow jobs (feature visualizations, the top-k scan) waiting or running
     job_wait: float = 5.0  # seconds a request waits for its slow job before answering 202 (ask again)
     topk_images: int = 1000  # the first folder images ranked for the top-k panel
-    threads: int = 4  # HTTP worker threads
+    threads: int = 16  # HTTP worker threads (they look up caches and wait; the computing is done by compute_threads)
+    compute_threads: int = 2  # threads that run the model and encode pictures for the interactive routes
     timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
     request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this
     connections: int = 100  # connections open at once; more wait in the listen backlog
@@ -171,6 +173,7 @@ class Explorer:
         self.forward, self.pngs, self.uploads, self.pictures, self.renders = (
             ByteLRU(int(budget * CACHE_SHARES[k]), k) for k in ("forward", "pngs", "uploads", "pictures", "renders"))
         self.jobs = Jobs(self.limits.jobs)
+        self.compute = Compute(self.limits.compute_threads)
         self._uploaded = 0
         self._upload_lock = threading.Lock()
         self._background = None  # the model copy the slow jobs use (False: copying failed, they share self.model)
@@ -249,7 +252,7 @@ class Explorer:
     def _picture(self, name: str):
         """(input, shown) of a folder image or an upload."""
         if name in self.files:
-            return self.pictures.get_or(name, lambda: self._load_file(name))
+            return self._cached(self.pictures, name, lambda: self._load_file(name))
         pair = self.uploads.get(name)
         if pair is not None:
             return pair
@@ -270,7 +273,7 @@ class Explorer:
             raise HttpError(400, "empty upload: send the image bytes as the request body")
         if len(data) > self.limits.upload_bytes:
             raise HttpError(413, f"upload of {len(data)} bytes is over the {self.limits.upload_bytes} byte limit")
-        pair = self._decode(data, "the upload")
+        pair = self.compute.run(lambda: self._decode(data, "the upload"))
         with self._upload_lock:
             while True:
                 self._uploaded += 1
@@ -302,7 +305,7 @@ class Explorer:
                     capture(self.model, self.layer_names) as tap:
                 logits = self.model(x[None])
             return {k: v[0] for k, v in tap.values.items() if v}, logits
-        return self.forward.get_or(name, run)
+        return self._cached(self.forward, name, run)
 
     @contextmanager
     def _background_model(self):
@@ -323,6 +326,14 @@ class Explorer:
                     yield self.model
             else:
                 yield self._background
+
+    def _cached(self, cache: ByteLRU, key, make):
+        """A cache hit answered at once by the calling thread; a miss computed on the compute threads (where every
+        nested lookup computes inline, so whoever computes an entry is running, never queued)."""
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        return self.compute.run(lambda: cache.get_or(key, make))
 
     def _wait(self, future, message: str):
         try:
@@ -368,7 +379,8 @@ class Explorer:
         return pic[:, self._frame(frame, pic.shape[1])] if pic.dim() == 4 else pic
 
     def image_png(self, image: str, frame: int | None = None) -> bytes:
-        return _png(self.shown(image, frame))
+        self._picture(image)  # 404 before the key is made
+        return self._cached(self.pngs, ("image", image, frame), lambda: _png(self.shown(image, frame)))
 
     def _maps(self, image, layer, frame=None):
         acts, _ = self.activations(image)
@@ -403,7 +415,7 @@ class Explorer:
                 heat = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 return _png(im.grid(0.5 * base + 0.5 * im.colormap(heat, "jet")), "JPEG")
             return _png(activation_grid(a[None], 0, scale, cell=size))
-        return self.pngs.get_or(("act", image, layer, scale, overlay, frame), make)
+        return self._cached(self.pngs, ("act", image, layer, scale, overlay, frame), make)
 
     def _filter(self, layer, filt) -> int:
         n = self.layer_filters(layer)
@@ -422,7 +434,7 @@ class Explorer:
             with self.lock:
                 rec = deconvnet(self.model, x[None], layer, features=[filt], rule=rule)
             return _png(im.signed_rgb(rec.images[layer][0])[0])
-        return self.pngs.get_or(("deconv", image, layer, filt, rule), make)
+        return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make)
 
     def featureviz_png(self, layer, filt) -> bytes:
         self._filter(layer, filt)
@@ -471,7 +483,7 @@ class Explorer:
                 t = self._frame(frame, cam.maps.shape[1])
                 return _png(im.overlay(shown[:, t], cam.maps[0, t]))
             return _png(im.overlay(shown, cam.maps[0]))
-        return self.pngs.get_or(("cam", image, layer, cls, method, frame), make)
+        return self._cached(self.pngs, ("cam", image, layer, cls, method, frame), make)
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
@@ -524,6 +536,7 @@ class Explorer:
 
     def close(self):
         self.jobs.close()
+        self.compute.close()
 
 
 def default_input(size: int, mean=None, std=None, gray: bool = False):
