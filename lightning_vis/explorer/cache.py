@@ -141,19 +141,24 @@ class ByteLRU:
 _local = threading.local()
 
 
-def _mark_compute():
+def _worker_thread(torch_threads: int | None):
+    """A Compute or Jobs thread: its nested lookups compute inline; torch_threads caps the threads torch's ops use
+    from it (a per-thread setting), so that the explorer's threads together do not ask for many more cores than
+    there are. (Not a lower OS priority: a thread descheduled while it holds the GIL would stall every other.)"""
     _local.compute = True
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 class Compute:
-    """The threads that run torch and encode pictures: at most `threads` at once, however many requests wait (the
-    HTTP workers only look up caches and wait here). ``run(fn)`` runs fn on one of them and returns its result, or
-    runs it at once when called from one of them (work that needs other work, e.g. a grid that needs a forward
-    pass, never waits for a free thread). Keeping the big allocations on a few threads also keeps glibc from
-    giving every HTTP worker its own heap arena."""
+    """A few threads that do one kind of heavy work (passes of the model; decoding and encoding pictures): at most
+    `threads` at once, however many requests wait (the HTTP workers only look up caches and wait here). ``run(fn)``
+    runs fn on one of them and returns its result, or runs it at once when called from any Compute thread (work
+    that needs other work never waits for a free thread, so no pool waits on another). Keeping the big allocations
+    on a few threads also keeps glibc from giving every HTTP worker its own heap arena."""
 
-    def __init__(self, threads: int):
-        self.threads = threads
+    def __init__(self, threads: int, name: str = "lightning-vis-compute", torch_threads: int | None = None):
+        self.threads, self.name, self.torch_threads = threads, name, torch_threads
         self._pool = None
         self._lock = threading.Lock()
 
@@ -162,8 +167,8 @@ class Compute:
             return fn()
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lightning-vis-compute",
-                                                initializer=_mark_compute)
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name,
+                                                initializer=_worker_thread, initargs=(self.torch_threads,))
             pool = self._pool
         return pool.submit(fn).result()
 
@@ -174,17 +179,11 @@ class Compute:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _lower_priority():
-    """The background worker yields the CPU to interactive requests (Linux: a nice value per thread; the threads
-    torch starts from it inherit it)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):
-        pass
 
 
 class Jobs:
-    """Slow work on one background thread, at a lower CPU priority, with at most `limit` jobs waiting or running.
+    """Slow work on one background thread (torch ops on one core from it), with at most `limit` jobs waiting or
+    running.
     ``submit(key, fn)`` returns the Future of that key's job (an existing one if it is already queued); over the
     limit it refuses with 429. Finished jobs leave the queue: their results live wherever `fn` puts them."""
 
@@ -208,7 +207,8 @@ class Jobs:
                                 f"are already queued, the limit: ask for {what} again when they are done",
                                 headers={"Retry-After": "5"})
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-vis-jobs", initializer=_lower_priority)
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-vis-jobs", initializer=_worker_thread,
+                                                initargs=(1,))
             future = self._futures[key] = self._pool.submit(fn)
 
         def forget(_):

@@ -69,8 +69,8 @@ CACHE_SHARES = {"forward": 0.5, "pngs": 0.2, "uploads": 0.125, "pictures": 0.1, 
 class Limits:
     """Every bound the explorer keeps. The defaults suit one machine serving a few dozen people. Memory: RSS stays
     under (the process after start-up, with a second copy of the model for the background jobs) + cache_bytes +
-    what the computing holds while it runs: `compute_threads` computations for the interactive routes (at most one
-    of them a model pass, the others encoding pictures), one job on the background copy, at most DECODE_SLOTS
+    what the computing holds while it runs: one model pass (its own thread), `compute_threads` pictures being
+    encoded, one job on the background copy, at most DECODE_SLOTS
     decodes of `pixels` pixels (4 bytes each), and the request bodies being received (each in memory up to 512 KB,
     beyond that in an anonymous temporary file). The HTTP workers only look up caches and wait."""
 
@@ -83,7 +83,7 @@ class Limits:
     job_wait: float = 5.0  # seconds a request waits for its slow job before answering 202 (ask again)
     topk_images: int = 1000  # the first folder images ranked for the top-k panel
     threads: int = 16  # HTTP worker threads (they look up caches and wait; the computing is done by compute_threads)
-    compute_threads: int = 2  # threads that run the model and encode pictures for the interactive routes
+    compute_threads: int = 2  # threads that decode and encode pictures (one more runs the model's passes)
     timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
     request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this
     connections: int = 100  # connections open at once; more wait in the listen backlog
@@ -173,7 +173,8 @@ class Explorer:
         self.forward, self.pngs, self.uploads, self.pictures, self.renders = (
             ByteLRU(int(budget * CACHE_SHARES[k]), k) for k in ("forward", "pngs", "uploads", "pictures", "renders"))
         self.jobs = Jobs(self.limits.jobs)
-        self.compute = Compute(self.limits.compute_threads)
+        self.compute = Compute(self.limits.compute_threads, "lightning-vis-compute", 1)  # decodes and encodes
+        self.model_work = Compute(1, "lightning-vis-model")  # passes of the model (serialised by its lock anyway)
         self._uploaded = 0
         self._upload_lock = threading.Lock()
         self._background = None  # the model copy the slow jobs use (False: copying failed, they share self.model)
@@ -305,7 +306,9 @@ class Explorer:
                     capture(self.model, self.layer_names) as tap:
                 logits = self.model(x[None])
             return {k: v[0] for k, v in tap.values.items() if v}, logits
-        return self._cached(self.forward, name, run)
+        if name not in self.forward:
+            self._picture(name)  # decoded on the compute threads, not on the model's
+        return self._cached(self.forward, name, run, self.model_work)
 
     @contextmanager
     def _background_model(self):
@@ -327,13 +330,16 @@ class Explorer:
             else:
                 yield self._background
 
-    def _cached(self, cache: ByteLRU, key, make):
-        """A cache hit answered at once by the calling thread; a miss computed on the compute threads (where every
-        nested lookup computes inline, so whoever computes an entry is running, never queued)."""
+    def _cached(self, cache: ByteLRU, key, make, pool: Compute | None = None):
+        """A cache hit answered at once by the calling thread; a miss computed on `pool` (default: the compute
+        threads; self.model_work for passes of the model). On a pool's thread, nested lookups compute inline, so
+        whoever computes an entry is running, never queued. The routes fetch what a picture needs (the decoded
+        image, the forward pass) before they queue its encoding, so that an encoding thread does not sit waiting
+        for the model."""
         hit = cache.get(key)
         if hit is not None:
             return hit
-        return self.compute.run(lambda: cache.get_or(key, make))
+        return (pool or self.compute).run(lambda: cache.get_or(key, make))
 
     def _wait(self, future, message: str):
         try:
@@ -379,7 +385,7 @@ class Explorer:
         return pic[:, self._frame(frame, pic.shape[1])] if pic.dim() == 4 else pic
 
     def image_png(self, image: str, frame: int | None = None) -> bytes:
-        self._picture(image)  # 404 before the key is made
+        self._picture(image)  # decoded (or 404) before the encoding is queued
         return self._cached(self.pngs, ("image", image, frame), lambda: _png(self.shown(image, frame)))
 
     def _maps(self, image, layer, frame=None):
@@ -415,7 +421,10 @@ class Explorer:
                 heat = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 return _png(im.grid(0.5 * base + 0.5 * im.colormap(heat, "jet")), "JPEG")
             return _png(activation_grid(a[None], 0, scale, cell=size))
-        return self._cached(self.pngs, ("act", image, layer, scale, overlay, frame), make)
+        key = ("act", image, layer, scale, overlay, frame)
+        if key not in self.pngs:
+            self.activations(image)  # the forward pass on the model's thread, before the encoding is queued
+        return self._cached(self.pngs, key, make)
 
     def _filter(self, layer, filt) -> int:
         n = self.layer_filters(layer)
@@ -434,7 +443,7 @@ class Explorer:
             with self.lock:
                 rec = deconvnet(self.model, x[None], layer, features=[filt], rule=rule)
             return _png(im.signed_rgb(rec.images[layer][0])[0])
-        return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make)
+        return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make, self.model_work)
 
     def featureviz_png(self, layer, filt) -> bytes:
         self._filter(layer, filt)
@@ -483,7 +492,7 @@ class Explorer:
                 t = self._frame(frame, cam.maps.shape[1])
                 return _png(im.overlay(shown[:, t], cam.maps[0, t]))
             return _png(im.overlay(shown, cam.maps[0]))
-        return self._cached(self.pngs, ("cam", image, layer, cls, method, frame), make)
+        return self._cached(self.pngs, ("cam", image, layer, cls, method, frame), make, self.model_work)
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
@@ -537,6 +546,7 @@ class Explorer:
     def close(self):
         self.jobs.close()
         self.compute.close()
+        self.model_work.close()
 
 
 def default_input(size: int, mean=None, std=None, gray: bool = False):
