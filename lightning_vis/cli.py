@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also serve pages of this origin (http://host:port; repeatable): by default only the "
                         "explorer's own address is answered (Host and Origin checked)")
-    p.add_argument("--threads", type=int, default=4, help="worker threads (default %(default)s)")
+    p.add_argument("--threads", type=int, default=32,
+                   help="HTTP worker threads, more than the people using it at once (default %(default)s)")
     p.add_argument("--timeout", type=float, default=15.0,
                    help="seconds a connection may stay silent before it is closed (default %(default)s)")
     p.add_argument("--cache-mb", type=float, default=1024,

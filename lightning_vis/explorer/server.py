@@ -71,8 +71,11 @@ class Limits:
     under (the process after start-up, with a second copy of the model for the background jobs) + cache_bytes +
     what the computing holds while it runs: one model pass (its own thread), `compute_threads` pictures being
     encoded, one job on the background copy, at most DECODE_SLOTS
-    decodes of `pixels` pixels (4 bytes each), and the request bodies being received (each in memory up to 512 KB,
-    beyond that in an anonymous temporary file). The HTTP workers only look up caches and wait."""
+    decodes of `pixels` pixels (4 bytes each), the request bodies being received (each in memory up to 512 KB,
+    beyond that in an anonymous temporary file) and the responses not yet read by their clients (4 MB each at most
+    in memory, for at most `connections` connections and `timeout` seconds). The HTTP workers only look up caches
+    and wait: keep `threads` above the number of people using the explorer at once, or their cache hits queue
+    behind the ones waiting for the model."""
 
     upload_bytes: int = MAX_UPLOAD  # a larger request body is refused with 413 before it is read
     pixels: int = 40_000_000  # decoded pixels per picture, all frames of a clip together (from the header)
@@ -82,7 +85,7 @@ class Limits:
     jobs: int = 8  # slow jobs (feature visualizations, the top-k scan) waiting or running
     job_wait: float = 5.0  # seconds a request waits for its slow job before answering 202 (ask again)
     topk_images: int = 1000  # the first folder images ranked for the top-k panel
-    threads: int = 16  # HTTP worker threads (they look up caches and wait; the computing is done by compute_threads)
+    threads: int = 32  # HTTP worker threads (they answer cache hits and wait for the compute threads)
     compute_threads: int = 2  # threads that decode and encode pictures (one more runs the model's passes)
     timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
     request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this

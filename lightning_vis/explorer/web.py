@@ -5,8 +5,9 @@ is synchronous torch code around one model lock, so what bounds the server is a 
 event loop. Waitress has exactly that (`threads`), and its single I/O thread buffers each request in full before a
 worker sees it, so a slow or stalled client never holds a worker; it refuses a Content-Length that is over the limit
 (413) or not digits (400) before reading the body, closes connections idle for `channel_timeout`, caps open
-connections and sets the listen backlog; responses are buffered too, so a client that does not read holds no
-worker either. Starlette/uvicorn would add an event loop we do not need (the routes would run on its thread pool
+connections and sets the listen backlog; responses are buffered too (in memory up to 4 MB: waitress's default of
+1 MB sent every grid through a temporary file, which cost more than the rest of a cached answer), so a client that
+does not read holds no worker either. Starlette/uvicorn would add an event loop we do not need (the routes would run on its thread pool
 anyway) and uvicorn bounds neither request bodies nor the time a client may take to send a request (slowloris):
 both would have to be written here. Flask would add a dependency for the dozen lines of routing below.
 
@@ -326,7 +327,7 @@ class ExplorerServer:
                                connection_limit=lim.connections, channel_timeout=max(1, math.ceil(timeout)),
                                cleanup_interval=1, max_request_body_size=lim.upload_bytes + 1,
                                max_request_header_size=lim.header_bytes, ident="lightning-vis",
-                               expose_tracebacks=False)
+                               expose_tracebacks=False, outbuf_overflow=4 << 20)
         dispatcher = _Dispatcher()
         dispatcher.set_thread_count(lim.threads)
         self._map: dict = {}
