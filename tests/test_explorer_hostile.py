@@ -195,22 +195,29 @@ def test_png_bombs_are_refused_from_their_header(hostile, size, message):
     assert rss_mb() - before < 50 and len(ex.names()) == names
 
 
-def test_gif_bomb_is_one_frame_for_an_image_model(hostile):
-    srv, ex, *_ = hostile
-    bomb = gif_bomb()
-    assert len(bomb) < 80_000 and Image.open(io.BytesIO(bomb)).n_frames == 2000
-    before = rss_mb()
-    status, _, data = request(srv, "/api/upload", "POST", bomb)
-    assert status == 200 and rss_mb() - before < 50  # 3.3 GB before the fix
-    name = js(data)["name"]
-    x, shown = ex._picture(name)
-    assert x.shape == (3, 16, 16)
-    first = Image.open(io.BytesIO(bomb)).convert("RGB").resize((16, 16))
-    assert torch.allclose(shown, torch.from_numpy(np.asarray(first).copy()).permute(2, 0, 1).float() / 255)
-    for path in (f"/api/activations?image={name}&layer=conv1", f"/api/predictions?image={name}",
-                 f"/api/cam?image={name}&layer=conv1", f"/api/deconv?image={name}&layer=conv1&filter=0",
-                 f"/api/image?image={name}"):
-        assert request(srv, path)[0] == 200, path
+def test_gif_bomb_is_one_frame_for_an_image_model(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    to_input, pre = default_input(224)  # every frame decoded would be 2000 x 1.2 MB: 2.4 GB
+    ex = Explorer(hostile_net(), tmp_path, to_input=to_input, preprocess=pre)
+    srv = start(ex)
+    try:
+        bomb = gif_bomb()
+        assert len(bomb) < 80_000 and Image.open(io.BytesIO(bomb)).n_frames == 2000
+        status, _, data = request(srv, "/api/upload", "POST", png_bytes(2))  # the threads and their heaps started
+        before = rss_mb()
+        status, _, data = request(srv, "/api/upload", "POST", bomb)
+        assert status == 200 and rss_mb() - before < 100  # 3.3 GB before the fix
+        name = js(data)["name"]
+        x, shown = ex._picture(name)
+        assert x.shape == (3, 224, 224)
+        first = Image.open(io.BytesIO(bomb)).convert("RGB").resize((224, 224))
+        assert torch.allclose(shown, torch.from_numpy(np.asarray(first).copy()).permute(2, 0, 1).float() / 255)
+        for path in (f"/api/activations?image={name}&layer=conv1", f"/api/predictions?image={name}",
+                     f"/api/cam?image={name}&layer=conv1", f"/api/deconv?image={name}&layer=conv1&filter=0",
+                     f"/api/image?image={name}"):  # 500 for every one before the fix
+            assert request(srv, path)[0] == 200, path
+    finally:
+        srv.shutdown()
 
 
 def test_video_model_clips_are_capped_in_frames_and_pixels(tmp_path):
@@ -220,15 +227,16 @@ def test_video_model_clips_are_capped_in_frames_and_pixels(tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
     (folder / "clip.gif").write_bytes(gif_bytes(3, (12, 12), seed=4))
-    to_input, pre = default_input(12)
+    to_input, pre = default_input(96)  # every frame decoded would be 2000 x 2 x 110 KB: 440 MB
     ex = Explorer(net, folder, to_input=to_input, preprocess=pre, render_steps=1, render_size=12,
                   limits=Limits(clip_frames=4, pixels=25_000))
-    assert ex.clip_frames == 3 and ex.input_shape == (3, 3, 12, 12)  # the folder's first clip
+    assert ex.clip_frames == 3 and ex.input_shape == (3, 3, 96, 96)  # the folder's first clip
+    ex.upload(gif_bytes(3, (12, 12), seed=6))  # the threads and their heaps started
     before = rss_mb()
     name = ex.upload(gif_bomb(2000, (12, 12)))
-    assert ex._picture(name)[0].shape == (3, 3, 12, 12) and rss_mb() - before < 50  # the first 3 of 2000 frames
+    assert ex._picture(name)[0].shape == (3, 3, 96, 96) and rss_mb() - before < 100  # the first 3 of 2000 frames
     short = ex._picture(ex.upload(gif_bytes(2, (12, 12), seed=5)))[0]
-    assert short.shape == (3, 3, 12, 12) and torch.equal(short[:, 2], short[:, 1])  # the last frame repeated
+    assert short.shape == (3, 3, 96, 96) and torch.equal(short[:, 2], short[:, 1])  # the last frame repeated
     with pytest.raises(HttpError) as e:  # frames of 10000 px: the third is over the 25000 px budget of a clip
         ex.upload(gif_bytes(4, (100, 100)))
     assert e.value.status == 413 and "3 frames of 100x100 = 0.03 megapixels, over the explorer's budget of " \
@@ -240,13 +248,15 @@ def test_uploads_are_bounded_in_memory_and_never_shadow_folder_files(tmp_path):
     folder.mkdir()
     (folder / "upload-1.png").write_bytes(png_bytes(7))
     (folder / "upload-2.png").write_bytes(png_bytes(8))
-    to_input, pre = default_input(224)
+    to_input, pre = default_input(512)  # 3 MB a picture: 200 uploads kept would be 600 MB
     ex = Explorer(nn.Sequential(nn.Conv2d(3, 2, 3)), folder, to_input=to_input, preprocess=pre,
-                  limits=Limits(cache_bytes=32 << 20))  # uploads: 4 MB
+                  limits=Limits(cache_bytes=128 << 20))  # uploads: 16 MB
     srv = start(ex)
     try:
         tiny = png_bytes(1, (1, 1))
         assert len(tiny) < 100
+        for _ in range(8):  # the budget filled, the threads and their heaps started
+            assert request(srv, "/api/upload", "POST", tiny)[0] == 200
         before = rss_mb()
         names = []
         for i in range(200):  # 200 uploads of ~75 bytes: 239 MB kept forever before the fix
@@ -254,17 +264,17 @@ def test_uploads_are_bounded_in_memory_and_never_shadow_folder_files(tmp_path):
             assert status == 200
             names.append(js(data)["name"])
             assert ex.uploads.bytes <= ex.uploads.max_bytes
-        assert rss_mb() - before < 4 + 60
+        assert rss_mb() - before < 100  # 239 MB for 200 uploads of 224 px before the fix
         assert len(set(names)) == 200 and not {"upload-1.png", "upload-2.png"} & set(names)
-        assert names[0] == "upload-3.png"
-        kept = ex.uploads.max_bytes // nbytes(ex._picture(names[-1]))  # 6 pictures of 224 px (input = shown)
+        assert names[0] == "upload-11.png"  # after the 8 above, which skipped the folder's two names
+        kept = ex.uploads.max_bytes // nbytes(ex._picture(names[-1]))  # 5 pictures of 512 px (input = shown)
         listed = js(request(srv, "/api/images")[2])["images"]
-        assert kept == 6 and listed == ["upload-1.png", "upload-2.png", *names[-kept:]]
+        assert kept == 5 and listed == ["upload-1.png", "upload-2.png", *names[-kept:]]
         status, _, data = request(srv, f"/api/image?image={names[0]}")
         assert status == 404 and "is no longer kept" in js(data)["error"] and "upload it again" in js(data)["error"]
         # the folder's upload-1.png is still the folder's picture
         got = np.asarray(Image.open(io.BytesIO(request(srv, "/api/image?image=upload-1.png")[2])))
-        want = np.asarray(Image.open(io.BytesIO(png_bytes(7))).convert("RGB").resize((224, 224)))
+        want = np.asarray(Image.open(io.BytesIO(png_bytes(7))).convert("RGB").resize((512, 512)))
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     finally:
         srv.shutdown()
