@@ -26,6 +26,12 @@ def tiny():
                                      gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(6, 3)))
 
 
+def video_net():
+    torch.manual_seed(1)
+    return nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
+                                     flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+
+
 def png_bytes(seed=0, size=(20, 24)):
     buf = io.BytesIO()
     rng = np.random.default_rng(seed)
@@ -216,9 +222,7 @@ def test_page_in_headless_chromium(server, tmp_path):
 def test_video_nets_show_the_frame_asked_for(tmp_path):
     import threading
 
-    torch.manual_seed(1)
-    net = nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
-                                    flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    net = video_net()
     folder = tmp_path / "clips"
     folder.mkdir()
     rng = np.random.default_rng(3)

@@ -28,7 +28,7 @@ from lightning_vis.explorer.cache import ByteLRU, HttpError, nbytes
 from lightning_vis.explorer.server import Explorer, Limits, default_input
 from lightning_vis.explorer.web import make_server, parse_origin
 from tests.browser import chromium, needs_chromium
-from tests.test_explorer import js, png_bytes
+from tests.test_explorer import js, png_bytes, video_net
 
 XSS_IMAGE = "x\"><img id=pwnimage src=x onerror=document.title='pwned'>.png"
 XSS_LABEL = "<img id=pwnlabel src=x onerror=document.title='pwned'>"
@@ -221,9 +221,7 @@ def test_gif_bomb_is_one_frame_for_an_image_model(tmp_path):
 
 
 def test_video_model_clips_are_capped_in_frames_and_pixels(tmp_path):
-    torch.manual_seed(1)
-    net = nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
-                                    flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    net = video_net()
     folder = tmp_path / "clips"
     folder.mkdir()
     (folder / "clip.gif").write_bytes(gif_bytes(3, (12, 12), seed=4))
