@@ -10,6 +10,8 @@ PEERS := captum==0.9.0 grad-cam==1.5.7
 # the callbacks' trainers and loggers (W&B and MLflow: tested offline / on a local store), and the digits data of the
 # demo and tests
 TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium
+# the web explorer's HTTP server
+SERVER := waitress>=3.0
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
@@ -39,7 +41,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
 	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow tqdm pytest expecttest setuptools wheel
-	$(PIP) install -q $(PEERS) $(TRAINING)
+	$(PIP) install -q $(PEERS) $(TRAINING) '$(SERVER)'
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -884,11 +884,16 @@ def cmd_report(args, model, categories, transform):
 
 
 def cmd_serve(args, model, categories, transform):
-    from .explorer.server import Explorer, default_input, make_server, run_until_interrupted
+    from .explorer.server import Explorer, Limits, default_input
+    from .explorer.web import make_server, run_until_interrupted
 
     folder = Path(args.images)
     if not folder.is_dir():
         raise CliError(f"--images {args.images!r}: not a folder")
+    for flag, value in (("--render-steps", args.render_steps), ("--threads", args.threads),
+                        ("--timeout", args.timeout), ("--cache-mb", args.cache_mb)):
+        if not value > 0:
+            raise CliError(f"{flag} must be > 0, got {value}")
     names = categories
     if args.labels:
         if not Path(args.labels).is_file():
@@ -897,13 +902,18 @@ def cmd_serve(args, model, categories, transform):
     mean = getattr(transform, "mean", None) if transform is not None else None
     std = getattr(transform, "std", None) if transform is not None else None
     to_input, preprocess = default_input(args.size, mean, std, gray=args.gray)
+    limits = Limits(threads=args.threads, timeout=args.timeout, cache_bytes=int(args.cache_mb * (1 << 20)))
     explorer = Explorer(model, folder, to_input=to_input, class_names=names, preprocess=preprocess,
-                        render_steps=args.render_steps, image_channels=1 if args.gray else 3, name=args.model)
+                        render_steps=args.render_steps, image_channels=1 if args.gray else 3, name=args.model,
+                        limits=limits)
     try:
-        server = make_server(explorer, args.host, args.port)
+        server = make_server(explorer, args.host, args.port, allow_origins=args.allow_origin)
+    except ValueError as e:
+        raise CliError(f"--allow-origin {e}") from None
     except OSError as e:
         raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
-    run_until_interrupted(server, f"{len(explorer.names())} images, {len(explorer.layer_names)} layers")
+    skipped = f", {len(explorer.skipped)} files skipped" if explorer.skipped else ""
+    run_until_interrupted(server, f"{len(explorer.names())} images{skipped}, {len(explorer.layer_names)} layers")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1026,6 +1036,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="input size (default %(default)s)")
     p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
     p.add_argument("--render-steps", type=int, default=48, help="steps of on-demand feature visualizations")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also serve pages of this origin (http://host:port; repeatable): by default only the "
+                        "explorer's own address is answered (Host and Origin checked)")
+    p.add_argument("--threads", type=int, default=32,
+                   help="HTTP worker threads, more than the people using it at once (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=15.0,
+                   help="seconds a connection may stay silent before it is closed (default %(default)s)")
+    p.add_argument("--cache-mb", type=float, default=1024,
+                   help="memory for all caches together, in MB (default %(default)s)")
     p.set_defaults(run=cmd_serve)
     return ap
 

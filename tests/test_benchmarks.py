@@ -49,4 +49,8 @@ def test_explorer_benchmark_smoke(tmp_path):
     path = tmp_path / "e.json"
     assert explorer.main(["--quick", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
-    assert len(record["rows"]) == 4 and record["first_ms"] > 0
+    assert record["schema"] == "lightning-vis/benchmarks/explorer/2"
+    (row,) = record["rows"]
+    assert row["requests"] == 16 and row["errors_5xx"] == 0 and row["connection_failures"] == 0
+    assert row["grid_p50_ms"] > 0 and row["rss_peak_mb"] >= row["rss_start_mb"] > 0
+    assert row["stalled_still_open"] == 0  # this tree's explorer closes them after its (1 s) timeout

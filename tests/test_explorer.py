@@ -26,6 +26,12 @@ def tiny():
                                      gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(6, 3)))
 
 
+def video_net():
+    torch.manual_seed(1)
+    return nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
+                                     flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+
+
 def png_bytes(seed=0, size=(20, 24)):
     buf = io.BytesIO()
     rng = np.random.default_rng(seed)
@@ -80,7 +86,12 @@ def test_binds_localhost_and_lists_model_and_images(server):
     assert [layer["name"] for layer in model["layers"]] == ["conv1", "relu1", "pool1", "conv2", "relu2", "gap"]
     assert model["layers"][3]["filters"] == 6 and model["layers"][3]["shape"] == [1, 6, 8, 8]
     names = js(request(srv, "/api/images")[2])["images"]
-    assert names[:4] == ["broken.png", "img0.png", "img1.png", "img2.png"] and "escape.png" not in names
+    # broken.png is skipped at start-up (with a warning), escape.png points outside the folder
+    assert names[:3] == ["img0.png", "img1.png", "img2.png"] and "escape.png" not in names and "broken.png" not in names
+    assert "not a PNG, JPEG, GIF, BMP or WebP image" in ex.skipped["broken.png"]
+    assert [(layer["kind"], layer["primary"]) for layer in model["layers"]] == [
+        ("conv", True), ("other", False), ("pool", True), ("conv", True), ("other", False), ("pool", True)]
+    assert model["rule"]["default"] == "deconvnet" and "max-pool" in model["rule"]["why"]
     status, kind, page = request(srv, "/")
     assert status == 200 and b"lightning-vis explorer" in page and kind.startswith("text/html")
 
@@ -118,7 +129,7 @@ def test_image_predictions_activations_grid_deconv_cam_viz_topk(server):
     ("/api/image?image=/etc/passwd", 404, "no image"),
     ("/api/image?image=escape.png", 404, "no image 'escape.png'"),
     ("/../../etc/passwd", 404, "no route"),
-    ("/api/image?image=broken.png", 415, "not a readable image"),
+    ("/api/image?image=broken.png", 415, "'broken.png' was skipped at start-up: broken.png: not a PNG"),
     ("/api/image", 400, "missing parameter 'image'"),
     ("/api/activations?image=img0.png&layer=conv9", 404, "did you mean"),
     ("/api/activations?image=img0.png&layer=fc", 400, "no spatial maps"),
@@ -147,7 +158,7 @@ def test_uploads(server):
     assert name in js(request(srv, "/api/images")[2])["images"]
     assert request(srv, f"/api/activations?image={name}&layer=conv1")[0] == 200
     status, _, data = request(srv, "/api/upload", "POST", b"GIF89a but not really")
-    assert status == 415 and "does not decode as an image" in js(data)["error"]
+    assert status == 415 and js(data)["error"] == "the upload: not a PNG, JPEG, GIF, BMP or WebP image"
     status, _, data = request(srv, "/api/upload", "POST", b"")
     assert status == 400
     status, _, data = request(srv, "/api/upload", "POST", b"x", {"Content-Length": str(MAX_UPLOAD + 1)})
@@ -194,6 +205,14 @@ def test_page_in_headless_chromium(server, tmp_path):
         wait.until(lambda d: loaded("deconv") and loaded("viz") and loaded("cam"))
         wait.until(lambda d: len(d.find_elements("css selector", "#topk img")) >= 1)
         assert driver.find_element("id", "error").text == ""
+        # an upload from the page (a POST with this page's Origin) becomes the selected image
+        (tmp_path / "mine.png").write_bytes(png_bytes(12))
+        count = len(driver.find_elements("css selector", "#thumbs img"))
+        driver.find_element("id", "upload").send_keys(str(tmp_path / "mine.png"))
+        wait.until(lambda d: len(d.find_elements("css selector", "#thumbs img")) == count + 1)
+        wait.until(lambda d: d.find_element("css selector", "#thumbs img.sel").get_attribute("data-image")
+                   .startswith("upload-") and loaded("grid"))
+        assert driver.find_element("id", "error").text == ""
         driver.save_screenshot(str(tmp_path / "explorer.png"))
         assert (tmp_path / "explorer.png").stat().st_size > 10_000
     finally:
@@ -203,9 +222,7 @@ def test_page_in_headless_chromium(server, tmp_path):
 def test_video_nets_show_the_frame_asked_for(tmp_path):
     import threading
 
-    torch.manual_seed(1)
-    net = nn.Sequential(OrderedDict(conv=nn.Conv3d(3, 4, 3, padding=1), relu=nn.ReLU(), gap=nn.AdaptiveAvgPool3d(1),
-                                    flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    net = video_net()
     folder = tmp_path / "clips"
     folder.mkdir()
     rng = np.random.default_rng(3)
@@ -233,3 +250,35 @@ def test_video_nets_show_the_frame_asked_for(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_lv_serve_and_the_cli_serve(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import lightning_vis as lv
+
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    srv = lv.serve(tiny(), tmp_path, ["cat", "dog", "emu"], port=0, size=16, mean=None, block=False, render_steps=1,
+                   render_size=16)
+    try:
+        status, _, data = request(srv, "/api/predictions?image=a.png&k=3")
+        assert status == 200 and {p["name"] for p in js(data)["predictions"]} == {"cat", "dog", "emu"}
+    finally:
+        srv.shutdown()
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_vis.cli", "serve", "--model", "tests.cli_models:tiny_cnn",
+                             "--images", str(tmp_path), "--size", "16", "--port", "0", "--timeout", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("lightning-vis explorer on http://127.0.0.1:") and "1 images" in banner, (
+            banner, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/api/images")
+        assert json.loads(conn.getresponse().read()) == {"images": ["a.png"]}
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit
+        assert proc.wait(30) == 0, proc.stderr.read()

@@ -238,3 +238,30 @@ def test_a_pass_that_starts_at_a_submodule_is_traced_too():
     assert tap.layout("net.mix").describe() == "channels-last 8x8"
     torch.testing.assert_close(tap.maps("net.mix"), cf.mix(cf.act(cf.embed(x))))
     assert hook_counts(wrapper) == 0
+
+
+def test_the_explorer_shows_token_and_channels_last_layers_as_maps(tmp_path):
+    """Its layer list, grids and top images read each layer's layout: D maps on the patch grid, not L strips."""
+    import io
+
+    from PIL import Image
+
+    from lightning_vis.explorer.server import Explorer, default_input
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        buf = io.BytesIO()
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(buf, format="PNG")
+        (folder / f"{i}.png").write_bytes(buf.getvalue())
+    cf, cl, tok = twins()
+    to_input, preprocess = default_input(32)
+    for net, kind in ((tok, "tokens 1+8x8"), (cl, "channels-last 8x8")):
+        ex = Explorer(net, folder, to_input=to_input, preprocess=preprocess, render_steps=1, render_size=16)
+        layer = {i["name"]: i for i in ex.model_info()["layers"]}["mix"]
+        assert layer["layout"] == kind and layer["filters"] == 5
+        grid = ex.grid_info("0.png", "mix")
+        assert grid["filters"] == 5 and grid["cell"] == grid["cell_h"]  # 5 square maps
+        maps = ex._maps("0.png", "mix")
+        x, _ = ex._picture("0.png")
+        torch.testing.assert_close(maps, cf.mix(cf.act(cf.embed(x[None]))))

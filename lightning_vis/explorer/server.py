@@ -1,39 +1,45 @@
-"""The explorer's server: a JSON + PNG API over one model and one image folder, and the page that uses it.
-Python's standard library only (ThreadingHTTPServer); one lock around the model.
+"""The explorer's state and routes: one model, one image folder (plus uploads), caches, and the work behind each API
+route. The HTTP side (server, origin policy, headers, the page) is in ``web.py``.
 
-API (every route answers JSON errors {"error": ...} with a 4xx status for bad input; PNGs are streamed from memory):
+API (every route answers JSON errors {"error": ...} with a 4xx status for bad input; PNGs are encoded in memory):
 
     GET  /                                   the page
-    GET  /api/model                          {"name", "layers": [{"name", "type", "shape", "filters"}], "classes"}
-    GET  /api/images                         {"images": [names]} (the folder's images, then uploads)
+    GET  /api/model                          {"name", "classes", "frames", "rule": {"default", "why"}, "limits",
+                                              "layers": [{"name", "type", "shape", "filters", "kind", "primary"}]}
+    GET  /api/images                         {"images": [names]} (the folder's images, then the uploads kept)
     GET  /api/image?image=N                  PNG of the image as the model sees it
     (video nets: clips are GIFs with frames; image, activations and cam take &frame=T, default the middle one)
-    POST /api/upload  (body: image bytes)    {"name"}; at most 8 MB, must decode as an image; kept in memory
+    POST /api/upload  (body: image bytes)    {"name"}; at most Limits.upload_bytes, decoded under the pixel budget
     GET  /api/predictions?image=N&k=5        {"predictions": [{"index", "name", "p"}]}
     GET  /api/activations?image=N&layer=L&scale=per_image|shared&overlay=0|1
                                              PNG grid of every filter's map (overlay=1: on the image, as JPEG)
-    GET  /api/grid?image=N&layer=L           {"filters", "cols", "cell"}: where each filter sits in that PNG
+    GET  /api/grid?image=N&layer=L           {"filters", "cols", "cell", "cell_h", "pad"}: where each filter sits
     GET  /api/deconv?image=N&layer=L&filter=F&rule=deconvnet|guided     PNG reconstruction of one filter
-    GET  /api/featureviz?layer=L&filter=F    PNG feature visualization (rendered on first request, cached)
-    GET  /api/cam?image=N&layer=L&class=C&method=gradcam|gradcam++|layercam   PNG overlay (class: default top)
-    GET  /api/topk?layer=L&filter=F          {"images": [{"image", "score"}]}: the folder's top-k for the filter
+                                             (rule: default /api/model's rule.default)
+    GET  /api/featureviz?layer=L&filter=F    PNG feature visualization; 202 {"pending", "message"} while it renders
+    GET  /api/cam?image=N&layer=L&class=C&method=gradcam|gradcam++|layercam   PNG overlay (no class: the top one)
+    GET  /api/topk?layer=L&filter=F          {"images": [{"image", "score"}]}: the folder's top-k; 202 while it ranks
 
-Safety: binds 127.0.0.1 unless told otherwise; an image is named by its listing name only, and a folder entry is
-served only if its real path is inside the folder (no traversal, no symlink escape).
+Bounds (``Limits``): every cache is an LRU bounded in bytes (one budget, ``cache_bytes``, shared out below);
+pictures are refused from their header when over the pixel budget, decoded to one frame for image models and to a
+clip of at most ``clip_frames`` frames for video models; uploads live in their own byte-bounded LRU under names
+that never collide with the folder's; the slow jobs (feature visualizations, the folder's top-k scan) run one at a
+time on a copy of the model in a background thread, at most ``jobs`` queued, so they never hold the interactive
+routes; a bad folder file is skipped with a warning at start-up.
 """
 
 from __future__ import annotations
 
+import copy
 import io
-import json
+import logging
 import math
-import sys
+import re
 import threading
-import traceback
-from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import torch
 import torch.nn.functional as F
@@ -46,33 +52,52 @@ from ..dataset import top_k_examples
 from ..deconv import deconvnet
 from ..featureviz import render
 from ..hooks import LayerNotFoundError, ModelGuard, capture, resolve_layers
+from ..hooks.layout import Layout
 from ..hooks.taps import layers as list_layers
+from .cache import ByteLRU, Compute, HttpError, Jobs, Pending
+from .decode import SUFFIXES, frame_count, probe, read_frames
+from .web import make_server, run_until_interrupted
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+log = logging.getLogger("lightning_vis.explorer")
+
 MAX_UPLOAD = 8 << 20
-PAGE = Path(__file__).with_name("page.html")
+RULES = ("deconvnet", "guided")
+# shares of Limits.cache_bytes
+CACHE_SHARES = {"forward": 0.5, "pngs": 0.2, "uploads": 0.125, "pictures": 0.1, "renders": 0.075}
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+@dataclass(frozen=True)
+class Limits:
+    """Every bound the explorer keeps. The defaults suit one machine serving a few dozen people. Memory: RSS stays
+    under (the process after start-up, with a second copy of the model for the background jobs) + cache_bytes +
+    what the computing holds while it runs: one model pass (its own thread), `compute_threads` pictures being
+    encoded, one job on the background copy, at most DECODE_SLOTS
+    decodes of `pixels` pixels (4 bytes each), the request bodies being received (each in memory up to 512 KB,
+    beyond that in an anonymous temporary file) and the responses not yet read by their clients (4 MB each at most
+    in memory, for at most `connections` connections and `timeout` seconds). The HTTP workers only look up caches
+    and wait: keep `threads` above the number of people using the explorer at once, or their cache hits queue
+    behind the ones waiting for the model."""
 
+    upload_bytes: int = MAX_UPLOAD  # a larger request body is refused with 413 before it is read
+    pixels: int = 40_000_000  # decoded pixels per picture, all frames of a clip together (from the header)
+    clip_frames: int = 16  # frames kept of a clip for video models
+    images: int = 5000  # folder images listed (by name)
+    cache_bytes: int = 1 << 30  # all caches together (activations, PNGs, uploads, pictures, renders)
+    jobs: int = 8  # slow jobs (feature visualizations, the top-k scan) waiting or running
+    job_wait: float = 5.0  # seconds a request waits for its slow job before answering 202 (ask again)
+    topk_images: int = 1000  # the first folder images ranked for the top-k panel
+    threads: int = 32  # HTTP worker threads (they answer cache hits and wait for the compute threads)
+    compute_threads: int = 2  # threads that decode and encode pictures (one more runs the model's passes)
+    timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
+    request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this
+    connections: int = 100  # connections open at once; more wait in the listen backlog
+    backlog: int = 128  # the listen backlog
+    header_bytes: int = 32 << 10  # request line and headers
 
-class _LRU(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
-        self[key] = value
-        while len(self) > self.size:
-            self.popitem(last=False)
-        return value
+    def __post_init__(self):
+        for key, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"Limits.{key} must be > 0, got {value!r}")
 
 
 def _png(image: torch.Tensor, fmt: str = "PNG") -> bytes:
@@ -89,111 +114,261 @@ def _png(image: torch.Tensor, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+_GENERIC = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+          nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.FractionalMaxPool2d,
+          nn.FractionalMaxPool3d)
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+_VIDEO = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+          nn.BatchNorm3d)
+
+
+def layer_kind(name: str, module: nn.Module) -> str:
+    """What a layer is to someone browsing the network: "conv", "pool", "attention", "block" (a module holding at
+    least two convolutions / linear / attention layers: a residual block, an inverted residual, a transformer
+    block), "stage" (a plain Sequential of blocks directly under the model) or "other" (normalisation,
+    activations, dropout, wrappers of one layer)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, _POOLS):
+        return "pool"
+    if isinstance(module, nn.MultiheadAttention) or type(module).__name__.lower().endswith("attention"):
+        return "attention"
+    if not any(module.children()) or sum(isinstance(m, _WEIGHTED) for m in module.modules()) < 2:
+        return "other"
+    if type(module) not in _GENERIC:
+        return "block"
+    return "stage" if "." not in name else "other"
+
+
+def _has_max_pool(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.pooling._MaxPoolNd) for m in model.modules())
+
+
 class Explorer:
-    """The state behind the API: the model, the images, caches. ``load(name) -> (input, shown)`` turns a picture
-    into the model's input (C, H, W) and a displayable (3, H, W) image; ``decode(bytes)`` does the same for an
-    upload (PIL image -> the same pair)."""
+    """The state behind the API: the model, the images, caches. ``to_input(pil) -> (input, shown)`` turns one frame
+    (a PIL image) into the model's input (C, H, W) and a displayable (3, H, W) image; video models get a clip of
+    frames stacked on dim 1 (C, T, H, W).
+
+    frames: the clip length for video models; default: 1 (an image model) unless the model has 3D layers, then the
+    frames of the folder's first animated picture (at most limits.clip_frames; 8 if none). A shorter clip repeats
+    its last frame, a longer one is cut.
+    """
 
     def __init__(self, model: nn.Module, folder, *, to_input, class_names=None, preprocess=None,
-                 render_steps: int = 48, render_size: int = 96, image_channels: int = 3, name: str = "model"):
-        self.model, self.to_input, self.class_names, self.preprocess = model.eval(), to_input, class_names, preprocess
+                 render_steps: int = 48, render_size: int = 96, image_channels: int = 3, name: str = "model",
+                 frames: int | None = None, limits: Limits | None = None):
+        if isinstance(render_steps, bool) or not isinstance(render_steps, int) or render_steps < 1:
+            raise ValueError(f"render_steps must be an integer >= 1, got {render_steps!r}")
+        if isinstance(render_size, bool) or not isinstance(render_size, int) or not 8 <= render_size <= 1024:
+            raise ValueError(f"render_size must be an integer in 8..1024, got {render_size!r}")
+        self.model, self.to_input, self.class_names, self.preprocess = model, to_input, class_names, preprocess
         self.render_steps, self.render_size, self.image_channels, self.name = (render_steps, render_size,
                                                                                 image_channels, name)
+        self.limits = limits if limits is not None else Limits()
         self.folder = Path(folder).resolve()
         if not self.folder.is_dir():
             raise ValueError(f"images folder {folder!r} is not a directory")
-        self.files = {}
-        for p in sorted(self.folder.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.resolve().is_relative_to(self.folder):
-                self.files[p.name] = p  # symlinks pointing outside the folder are left out
-        self.uploads: dict[str, tuple] = {}
-        self.lock = threading.RLock()
-        self.pictures = _LRU(64)  # name -> (input, shown)
-        self.forward = _LRU(16)  # name -> ({layer: activation}, logits)
-        self.pngs = _LRU(256)
-        self.renders: dict = {}
-        self._topk = None
-        shape = None
-        for name in self.files:  # the input shape from the first readable image
-            try:
-                shape = tuple(self._picture(name)[0].shape)
-                break
-            except HttpError:
-                continue
-        if shape is None:
-            from PIL import Image
-            probe = self.to_input(Image.new("RGB", (224, 224)))
-            shape = tuple(probe[0].shape)
-        self.input_shape = shape
-        self.layer_info = [i for i in list_layers(model, torch.zeros(1, *shape), leaves_only=True)
-                           if i.output_shape is not None and len(i.output_shape) >= 3]
+        self.files: dict[str, Path] = {}
+        self.skipped: dict[str, str] = {}  # name -> why it is not served
+        self._scan_folder()
+        self.lock = threading.RLock()  # around every pass of hooks on self.model
+        budget = self.limits.cache_bytes
+        self.forward, self.pngs, self.uploads, self.pictures, self.renders = (
+            ByteLRU(int(budget * CACHE_SHARES[k]), k) for k in ("forward", "pngs", "uploads", "pictures", "renders"))
+        self.jobs = Jobs(self.limits.jobs)
+        self.compute = Compute(self.limits.compute_threads, "lightning-vis-compute", 1)  # decodes and encodes
+        self.model_work = Compute(1, "lightning-vis-model")  # passes of the model (serialised by its lock anyway)
+        self._uploaded = 0
+        self._upload_lock = threading.Lock()
+        self._background = None  # the model copy the slow jobs use (False: copying failed, they share self.model)
+        self._background_lock = threading.Lock()
+        self._topk = self._topk_names = None
+
+        if frames is None:
+            frames = 1
+            if any(isinstance(m, _VIDEO) for m in model.modules()):
+                first = next((n for n in (frame_count(p) for p in self.files.values()) if n > 1), 8)
+                frames = min(first, self.limits.clip_frames)
+        if not 1 <= frames <= self.limits.clip_frames:
+            raise ValueError(f"frames must be in 1..{self.limits.clip_frames}, got {frames}")
+        self.clip_frames = frames
+        from PIL import Image
+        x, _ = self.to_input(Image.new("RGB", (224, 224)))
+        self.input_shape = tuple(x.shape) if frames == 1 else (x.shape[0], frames, *x.shape[1:])
+        modules = dict(model.named_modules())
+        # the layers with maps: those the layout model places on a grid (conv maps, channels-last maps, tokens)
+        self.layer_info = [i for i in list_layers(model, torch.zeros(1, *self.input_shape))
+                           if isinstance(i.layout, Layout) and i.layout.kind != "vector"]
+        self.layer_kinds = {i.name: layer_kind(i.name, modules[i.name]) for i in self.layer_info}
         self.layer_names = [i.name for i in self.layer_info]
+        if _has_max_pool(model):
+            self.default_rule, self.rule_why = "deconvnet", (
+                "the deconvnet rule (Zeiler & Fergus): this network has max-pool layers, whose switches place "
+                "the reconstruction")
+        else:
+            self.default_rule, self.rule_why = "guided", (
+                "guided backprop: this network has no max-pool layers, so the deconvnet rule's reconstruction "
+                "through strided convolutions is a checkerboard; guided backprop gives a readable picture")
 
     # ---------------------------------------------------------------------------------------------------- data
+    def _scan_folder(self):
+        """The folder's pictures by name: files with an image suffix inside the folder (symlinks pointing outside
+        are left out) whose header reads as a picture under the pixel budget; the others are skipped, each with a
+        warning. At most limits.images are listed."""
+        over = 0
+        for p in sorted(self.folder.iterdir()):
+            try:
+                if p.suffix.lower() not in SUFFIXES or not p.is_file() or not p.resolve().is_relative_to(self.folder):
+                    continue
+            except OSError:
+                continue
+            if len(self.files) >= self.limits.images:
+                over += 1
+                continue
+            try:
+                probe(p, self.limits.pixels)
+            except (HttpError, OSError) as e:
+                self.skipped[p.name] = str(e)
+                log.warning("lightning-vis explorer: skipping %s", e if isinstance(e, HttpError) else f"{p.name}: {e}")
+                continue
+            self.files[p.name] = p
+        if over:
+            log.warning("lightning-vis explorer: the folder holds %d more images than the %d listed (by name)",
+                        over, self.limits.images)
+
     def names(self) -> list[str]:
-        return list(self.files) + list(self.uploads)
+        uploads = sorted(self.uploads.keys(), key=lambda n: int(re.sub(r"\D", "", n) or 0))
+        return list(self.files) + uploads
+
+    def _decode(self, source, label: str):
+        pairs = read_frames(source, self.to_input, max_pixels=self.limits.pixels, frames=self.clip_frames,
+                            label=label)
+        if self.clip_frames == 1:
+            return pairs[0]
+        pairs += [pairs[-1]] * (self.clip_frames - len(pairs))
+        return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+    def _load_file(self, name: str):
+        real = self.files[name].resolve()
+        if not real.is_relative_to(self.folder):
+            raise HttpError(403, f"image {name!r} lies outside the images folder")
+        return self._decode(real, name)
 
     def _picture(self, name: str):
-        def load():
-            if name in self.uploads:
-                return self.uploads[name]
-            path = self.files.get(name)
-            if path is None:
-                raise HttpError(404, f"no image {name!r}; images: {', '.join(self.names()[:20])}")
-            real = path.resolve()
-            if not real.is_relative_to(self.folder):
-                raise HttpError(403, f"image {name!r} lies outside the images folder")
-            from PIL import Image
-            try:
-                with Image.open(real) as pil:
-                    return self.to_input(pil)
-            except OSError as e:
-                raise HttpError(415, f"{name}: not a readable image ({e})") from None
-        return self.pictures.get_or(name, load)
+        """(input, shown) of a folder image or an upload."""
+        if name in self.files:
+            return self._cached(self.pictures, name, lambda: self._load_file(name))
+        pair = self.uploads.get(name)
+        if pair is not None:
+            return pair
+        if name in self.skipped:
+            raise HttpError(415, f"image {name!r} was skipped at start-up: {self.skipped[name]}")
+        m = re.fullmatch(r"upload-(\d+)\.png", name)
+        if m and int(m.group(1)) <= self._uploaded:
+            raise HttpError(404, f"upload {name!r} is no longer kept (uploads are kept in memory up to "
+                            f"{self.uploads.max_bytes >> 20} MB, the oldest dropped first): upload it again")
+        shown = self.names()[:20]
+        raise HttpError(404, f"no image {name!r}; images: {', '.join(shown) or '(none)'}"
+                        f"{', ...' if len(self.names()) > 20 else ''}")
 
     def upload(self, data: bytes) -> str:
+        """Decodes an upload (one frame, or a clip for video models, under the pixel budget) and keeps it under a
+        new name that no folder file and no earlier upload has."""
         if not data:
             raise HttpError(400, "empty upload: send the image bytes as the request body")
-        if len(data) > MAX_UPLOAD:
-            raise HttpError(413, f"upload of {len(data)} bytes is over the {MAX_UPLOAD} byte limit")
-        from PIL import Image
-        try:
-            with Image.open(io.BytesIO(data)) as pil:
-                pil.load()
-                pair = self.to_input(pil)
-        except Exception:
-            raise HttpError(415, "the upload does not decode as an image (PNG, JPEG, ...)") from None
-        name = f"upload-{len(self.uploads) + 1}.png"
-        self.uploads[name] = pair
+        if len(data) > self.limits.upload_bytes:
+            raise HttpError(413, f"upload of {len(data)} bytes is over the {self.limits.upload_bytes} byte limit")
+        pair = self.compute.run(lambda: self._decode(data, "the upload"))
+        with self._upload_lock:
+            while True:
+                self._uploaded += 1
+                name = f"upload-{self._uploaded}.png"
+                if name not in self.files and name not in self.skipped:
+                    break
+        if not self.uploads.put(name, pair):
+            raise HttpError(413, f"the upload decodes to more than the uploads' memory budget "
+                            f"({self.uploads.max_bytes >> 20} MB)")
         return name
 
     def layer(self, name: str | None) -> str:
         if not name:
             raise HttpError(400, "missing parameter 'layer'")
-        if name not in self.layer_names:
+        if name not in self.layer_kinds:
             try:
                 resolve_layers(self.model, name)
             except LayerNotFoundError as e:
                 raise HttpError(404, str(e)) from None
-            raise HttpError(400, f"layer {name!r} has no spatial maps to show; layers: "
-                            f"{', '.join(self.layer_names[:12])}, ...")
+            shown = [n for n in self.layer_names if self.layer_kinds[n] != "other"] or self.layer_names
+            raise HttpError(400, f"layer {name!r} has no spatial maps to show; layers with maps: "
+                            f"{', '.join(shown[:12])}{', ...' if len(shown) > 12 else ''}")
         return name
 
     def activations(self, name: str):
         def run():
             x, _ = self._picture(name)
             with self.lock, ModelGuard(self.model, eval=True), torch.no_grad(), \
-                    capture(self.model, self.layer_names) as tap:
+                    capture(self.model, self.layer_names, layouts=True) as tap:
                 logits = self.model(x[None])
-            return {k: v[0] for k, v in tap.values.items() if v}, logits
-        return self.forward.get_or(name, run)
+            # every layer as (1, C, *grid) maps, whatever its layout (tokens on their grid, channels-last moved)
+            return {k: tap.maps(k).contiguous() for k, v in tap.values.items() if v}, logits
+        if name not in self.forward:
+            self._picture(name)  # decoded on the compute threads, not on the model's
+        return self._cached(self.forward, name, run, self.model_work)
+
+    @contextmanager
+    def _background_model(self):
+        """The model the slow jobs use: a private copy (made under the model's lock, so that no hook of a running
+        request is copied), so that a long render never holds the interactive routes; the shared model under its
+        lock where the model cannot be copied."""
+        with self._background_lock:
+            if self._background is None:
+                try:
+                    with self.lock:
+                        self._background = copy.deepcopy(self.model)
+                except Exception as e:  # noqa: BLE001 - any model that deepcopy cannot copy
+                    log.warning("lightning-vis explorer: cannot copy the model for background jobs (%s); they "
+                                "share it", e)
+                    self._background = False
+            if self._background is False:
+                with self.lock:
+                    yield self.model
+            else:
+                yield self._background
+
+    def _cached(self, cache: ByteLRU, key, make, pool: Compute | None = None):
+        """A cache hit answered at once by the calling thread; a miss computed on `pool` (default: the compute
+        threads; self.model_work for passes of the model). On a pool's thread, nested lookups compute inline, so
+        whoever computes an entry is running, never queued. The routes fetch what a picture needs (the decoded
+        image, the forward pass) before they queue its encoding, so that an encoding thread does not sit waiting
+        for the model."""
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        return (pool or self.compute).run(lambda: cache.get_or(key, make))
+
+    def _wait(self, future, message: str):
+        try:
+            return future.result(timeout=self.limits.job_wait)
+        except FutureTimeout:
+            raise Pending(message) from None
 
     # -------------------------------------------------------------------------------------------------- routes
+    def model_info(self) -> dict:
+        return {"name": self.name, "classes": len(self.class_names or []), "frames": self.frames(),
+                "rule": {"default": self.default_rule, "why": self.rule_why},
+                "limits": {"upload_bytes": self.limits.upload_bytes, "pixels": self.limits.pixels},
+                "layers": [{"name": i.name, "type": i.type, "shape": list(i.output_shape), "layout": i.layout_text,
+                            "filters": self.layer_filters(i.name), "kind": self.layer_kinds[i.name],
+                            "primary": self.layer_kinds[i.name] != "other"} for i in self.layer_info]}
+
     def predictions(self, image: str, k: int = 5) -> dict:
+        if k < 1:
+            raise HttpError(400, f"k must be >= 1, got {k}")
         _, logits = self.activations(image)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             return {"predictions": []}
-        k = max(1, min(k, logits.shape[1]))
+        k = min(k, logits.shape[1])
         names = self.class_names if self.class_names and len(self.class_names) == logits.shape[1] else None
         return {"predictions": [{"index": i, "name": n, "p": round(p, 4)}
                                 for i, n, p in top_predictions(logits, k, names)[0]]}
@@ -214,6 +389,10 @@ class Explorer:
     def shown(self, image: str, frame: int | None = None):
         _, pic = self._picture(image)
         return pic[:, self._frame(frame, pic.shape[1])] if pic.dim() == 4 else pic
+
+    def image_png(self, image: str, frame: int | None = None) -> bytes:
+        self._picture(image)  # decoded (or 404) before the encoding is queued
+        return self._cached(self.pngs, ("image", image, frame), lambda: _png(self.shown(image, frame)))
 
     def _maps(self, image, layer, frame=None):
         acts, _ = self.activations(image)
@@ -248,40 +427,65 @@ class Explorer:
                 heat = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 return _png(im.grid(0.5 * base + 0.5 * im.colormap(heat, "jet")), "JPEG")
             return _png(activation_grid(a[None], 0, scale, cell=size))
-        return self.pngs.get_or(("act", image, layer, scale, overlay, frame), make)
+        key = ("act", image, layer, scale, overlay, frame)
+        if key not in self.pngs:
+            self.activations(image)  # the forward pass on the model's thread, before the encoding is queued
+        return self._cached(self.pngs, key, make)
 
-    def deconv_png(self, image, layer, filt, rule="deconvnet") -> bytes:
-        if rule not in ("deconvnet", "guided"):
-            raise HttpError(400, f"rule must be 'deconvnet' or 'guided', not {rule!r}")
-        n = self._maps(image, layer).shape[1]
+    def _filter(self, layer, filt) -> int:
+        n = self.layer_filters(layer)
         if not 0 <= filt < n:
             raise HttpError(400, f"filter {filt} out of range: {layer!r} has {n} filters (0..{n - 1})")
+        return filt
+
+    def deconv_png(self, image, layer, filt, rule=None) -> bytes:
+        rule = rule or self.default_rule
+        if rule not in RULES:
+            raise HttpError(400, f"rule must be 'deconvnet' or 'guided', not {rule!r}")
+        self._filter(layer, filt)
 
         def make():
             x, _ = self._picture(image)
             with self.lock:
                 rec = deconvnet(self.model, x[None], layer, features=[filt], rule=rule)
             return _png(im.signed_rgb(rec.images[layer][0])[0])
-        return self.pngs.get_or(("deconv", image, layer, filt, rule), make)
+        return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make, self.model_work)
 
     def featureviz_png(self, layer, filt) -> bytes:
-        n = self.layer_filters(layer)
-        if not 0 <= filt < n:
-            raise HttpError(400, f"filter {filt} out of range: {layer!r} has {n} filters (0..{n - 1})")
+        self._filter(layer, filt)
+        key = ("viz", layer, filt)
+        png = self.renders.get(key)
+        if png is not None:
+            return png
 
-        def make():
-            with self.lock:
-                res = render(self.model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
-                             channels=self.image_channels, preprocess=self.preprocess, progress=False)
+        def job():
+            done = self.renders.get(key)
+            if done is not None:
+                return done
+            try:
+                with self._background_model() as model:
+                    res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
+                                 channels=self.image_channels, preprocess=self.preprocess, progress=False)
+            except ValueError as e:  # what the method refuses for this layer
+                raise HttpError(400, str(e)) from None
             img = res.images[0]
-            return _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
-        if (layer, filt) not in self.renders:
-            self.renders[(layer, filt)] = make()
-        return self.renders[(layer, filt)]
+            out = _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
+            self.renders.put(key, out)
+            return out
+        future = self.jobs.submit(key, job, f"the feature visualization of filter {filt} of {layer!r}")
+        return self._wait(future, f"rendering filter {filt} of {layer!r} ({self.render_steps} steps): ask again "
+                          "in a moment")
 
     def cam_png(self, image, layer, cls=None, method="gradcam", frame=None) -> bytes:
         if method not in CAM_METHODS:
             raise HttpError(400, f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+        if cls is not None:
+            _, logits = self.activations(image)
+            n = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+            if cls < 0 or (n is not None and cls >= n):
+                raise HttpError(400, f"target class {cls} out of range: the model has "
+                                f"{n if n is not None else 'no known number of'} classes"
+                                f"{f' (0..{n - 1})' if n else ''}; leave 'class' out for the top class")
 
         def make():
             x, shown = self._picture(image)
@@ -294,188 +498,78 @@ class Explorer:
                 t = self._frame(frame, cam.maps.shape[1])
                 return _png(im.overlay(shown[:, t], cam.maps[0, t]))
             return _png(im.overlay(shown, cam.maps[0]))
-        return self.pngs.get_or(("cam", image, layer, cls, method, frame), make)
+        return self._cached(self.pngs, ("cam", image, layer, cls, method, frame), make, self.model_work)
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
-        return int(info.output_shape[1])
+        return int(info.units)
 
-    def topk(self, layer, filt, k: int = 6) -> dict:
-        n = self.layer_filters(layer)
-        if not 0 <= filt < n:
-            raise HttpError(400, f"filter {filt} out of range: {layer!r} has {n} filters (0..{n - 1})")
-        if self._topk is None or layer not in self._topk.layers:
-            names, xs = [], []
-            for nm in self.files:  # the readable images of the folder
+    def _rank_folder(self, k: int = 6):
+        """The background job behind /api/topk: one pass over the folder's first limits.topk_images readable
+        images (decoded one batch at a time; unreadable ones skipped with a warning) on the background model."""
+        if self._topk is not None:
+            return
+        candidates = list(self.files)[:self.limits.topk_images]
+        kept: list[str] = []
+
+        def batches():
+            xs = []
+            for name in candidates:
                 try:
-                    xs.append(self._picture(nm)[0])
-                    names.append(nm)
-                except HttpError:
+                    xs.append(self._load_file(name)[0])
+                except HttpError as e:
+                    self.skipped.setdefault(name, str(e))
+                    log.warning("lightning-vis explorer: top-k skips %s", e)
                     continue
-            if not names:
-                return {"images": []}
-            self._topk_names = names
-            xs = torch.stack(xs)
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs), batch_size=16)
-            with self.lock:
-                self._topk = top_k_examples(self.model, loader, self.layer_names, k=min(k, len(names)),
-                                            progress=False)
-        entry = self._topk.layers[layer]
-        files = self._topk_names
-        return {"images": [{"image": files[i], "score": round(s, 4)} for i, s in
-                           zip(entry.indices[filt].tolist(), entry.scores[filt].tolist()) if i >= 0]}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    explorer: Explorer = None  # set per server
-    server_version = "lightning-vis"
-
-    def log_message(self, fmt, *args):  # quiet; errors are reported below
-        pass
-
-    def _send(self, status: int, body: bytes, kind: str):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, obj, status=200):
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def _handle(self, method: str):
-        url = urlparse(self.path)
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        ex = self.explorer
-        try:
-            if method == "POST":
-                if url.path != "/api/upload":
-                    raise HttpError(404, f"no POST route {url.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_UPLOAD:
-                    raise HttpError(413, f"upload of {length} bytes is over the {MAX_UPLOAD} byte limit")
-                return self._json({"name": ex.upload(self.rfile.read(length))})
-            if url.path in ("/", "/index.html"):
-                return self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            if url.path == "/api/model":
-                return self._json({"name": ex.name, "classes": len(ex.class_names or []), "frames": ex.frames(),
-                                   "layers": [
-                    {"name": i.name, "type": i.type, "shape": list(i.output_shape), "filters": i.output_shape[1]}
-                    for i in ex.layer_info]})
-            if url.path == "/api/images":
-                return self._json({"images": ex.names()})
-
-            def need(key):
-                if key not in q or q[key] == "":
-                    raise HttpError(400, f"missing parameter {key!r}")
-                return q[key]
-
-            def integer(key, default=None):
-                if key not in q:
-                    if default is not None:
-                        return default
-                    raise HttpError(400, f"missing parameter {key!r}")
+                kept.append(name)
+                if len(xs) == 16:
+                    yield torch.stack(xs)
+                    xs = []
+            if xs:
+                yield torch.stack(xs)
+        result = None
+        if candidates:
+            with self._background_model() as model:
                 try:
-                    return int(q[key])
-                except ValueError:
-                    raise HttpError(400, f"parameter {key!r} must be an integer, got {q[key]!r}") from None
+                    result = top_k_examples(model, batches(), self.layer_names, k=min(k, len(candidates)),
+                                            progress=False)
+                except ValueError:  # no readable image
+                    result = None
+        self._topk_names, self._topk = kept, result if result is not None else False
 
-            frame = integer("frame", -1)
-            frame = None if frame < 0 else frame
-            if url.path == "/api/image":
-                return self._send(200, _png(ex.shown(need("image"), frame)), "image/png")
-            if url.path == "/api/predictions":
-                return self._json(ex.predictions(need("image"), integer("k", 5)))
-            if url.path == "/api/featureviz":
-                return self._send(200, ex.featureviz_png(ex.layer(q.get("layer")), integer("filter")), "image/png")
-            if url.path == "/api/topk":
-                return self._json(ex.topk(ex.layer(q.get("layer")), integer("filter")))
-            if url.path not in ("/api/cam", "/api/activations", "/api/grid", "/api/deconv"):
-                raise HttpError(404, f"no route {url.path}")
-            image = need("image")
-            ex._picture(image)  # 404 for an unknown image, before any work
-            if url.path == "/api/cam":
-                cls = integer("class", -1)
-                return self._send(200, ex.cam_png(image, ex.layer(q.get("layer")), None if cls < 0 else cls,
-                                                  q.get("method", "gradcam"), frame), "image/png")
-            layer = ex.layer(q.get("layer"))
-            if url.path == "/api/activations":
-                overlay = q.get("overlay", "0") == "1"
-                return self._send(200, ex.activation_png(image, layer, q.get("scale", "per_image"), overlay, frame),
-                                  "image/jpeg" if overlay else "image/png")
-            if url.path == "/api/grid":
-                return self._json(ex.grid_info(image, layer))
-            if url.path == "/api/deconv":
-                return self._send(200, ex.deconv_png(image, layer, integer("filter"), q.get("rule", "deconvnet")),
-                                  "image/png")
-            raise HttpError(404, f"no route {url.path}")
-        except HttpError as e:
-            return self._json({"error": str(e)}, e.status)
-        except Exception as e:  # never a traceback to the client
-            traceback.print_exc(file=sys.stderr)
-            return self._json({"error": f"internal error: {type(e).__name__}"}, 500)
+    def topk(self, layer, filt) -> dict:
+        self._filter(layer, filt)
+        if self._topk is None:
+            n = min(len(self.files), self.limits.topk_images)
+            self._wait(self.jobs.submit(("topk",), self._rank_folder, "the folder's top images"),
+                       f"ranking the folder's {n} images for every layer: ask again in a moment")
+        if not self._topk:
+            return {"images": []}
+        entry, names = self._topk.layers[layer], self._topk_names
+        return {"images": [{"image": names[i], "score": round(s, 4)} for i, s in
+                           zip(entry.indices[filt].tolist(), entry.scores[filt].tolist()) if 0 <= i < len(names)]}
 
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-
-def make_server(explorer: Explorer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"explorer": explorer})
-    return ThreadingHTTPServer((host, port), handler)
-
-
-def serve(model: nn.Module, images, labels=None, *, host: str = "127.0.0.1", port: int = 8000, size: int = 224,
-          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), block: bool = True, **kwargs):
-    """Serves the explorer for `model` over the image folder `images` (inputs resized to size x size and
-    normalised with mean/std; pass mean=None for [0, 1] inputs). Blocks until Ctrl-C unless block=False, which
-    returns the running server (call .shutdown())."""
-    to_input, preprocess = default_input(size, mean, std)
-    ex = Explorer(model, images, to_input=to_input, class_names=labels, preprocess=preprocess, **kwargs)
-    server = make_server(ex, host, port)
-    if not block:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
-    return run_until_interrupted(server)
-
-
-def run_until_interrupted(server: ThreadingHTTPServer, about: str = "") -> ThreadingHTTPServer:
-    """Says where the explorer listens, serves until Ctrl-C, then closes the socket."""
-    host, port = server.server_address[:2]
-    print(f"lightning-vis explorer on http://{host}:{port}/ ({about + '; ' if about else ''}Ctrl-C stops it)",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return server
+    def close(self):
+        self.jobs.close()
+        self.compute.close()
+        self.model_work.close()
 
 
 def default_input(size: int, mean=None, std=None, gray: bool = False):
-    """(PIL image -> (model input, shown)), and the matching preprocess for renders."""
+    """(PIL image -> (model input (C, H, W), shown (3, H, W))) for one frame, and the matching preprocess for
+    renders. A JPEG is decoded at the smallest of its built-in reduced scales that still covers size x size."""
     import numpy as np
 
     m = torch.tensor(mean).view(-1, 1, 1) if mean is not None else None
     s = torch.tensor(std).view(-1, 1, 1) if std is not None else None
 
-    def one(pil):
+    def to_input(pil):
+        if getattr(pil, "format", None) == "JPEG":  # (a no-op once the image is loaded)
+            pil.draft("RGB", (size, size))
         pil = pil.convert("L" if gray else "RGB").resize((size, size))
         arr = torch.from_numpy(np.asarray(pil).copy()).float() / 255
-        return arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
-
-    def to_input(pil):
-        from PIL import ImageSequence
-
-        frames = [one(f) for f in ImageSequence.Iterator(pil)] if getattr(pil, "n_frames", 1) > 1 else [one(pil)]
-        shown = torch.stack(frames, 1) if len(frames) > 1 else frames[0]  # a GIF with frames: a clip (C, T, H, W)
-        view = (-1,) + (1,) * (shown.dim() - 1)
-        x = (shown - m.view(view)) / s.view(view) if m is not None else shown
+        shown = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+        x = (shown - m) / s if m is not None else shown
         return x, shown.expand(3, *shown.shape[1:])
 
     def preprocess(x):
@@ -484,3 +578,19 @@ def default_input(size: int, mean=None, std=None, gray: bool = False):
         view = (1, -1) + (1,) * (x.dim() - 2)
         return (x - m.to(x).view(view)) / s.to(x).view(view)
     return to_input, preprocess
+
+
+def serve(model: nn.Module, images, labels=None, *, host: str = "127.0.0.1", port: int = 8000, size: int = 224,
+          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), block: bool = True, allow_origins=(),
+          **kwargs):
+    """Serves the explorer for `model` over the image folder `images` (inputs resized to size x size and
+    normalised with mean/std; pass mean=None for [0, 1] inputs). Pages served from other origins may use it only
+    when named in allow_origins ("http://host:port"). kwargs go to Explorer (render_steps, limits=Limits(...), ...).
+    Blocks until Ctrl-C unless block=False, which returns the running server (call .shutdown())."""
+    to_input, preprocess = default_input(size, mean, std)
+    ex = Explorer(model, images, to_input=to_input, class_names=labels, preprocess=preprocess, **kwargs)
+    server = make_server(ex, host, port, allow_origins=allow_origins)
+    if not block:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+    return run_until_interrupted(server)

@@ -1,0 +1,397 @@
+"""The explorer over HTTP: waitress, an origin policy, security headers, and the page.
+
+Why waitress (Pylons' pure-Python WSGI server; maintained, one dependency and no others): the work behind the routes
+is synchronous torch code around one model lock, so what bounds the server is a fixed pool of worker threads, not an
+event loop. Waitress has exactly that (`threads`), and its single I/O thread buffers each request in full before a
+worker sees it, so a slow or stalled client never holds a worker; it refuses a Content-Length that is over the limit
+(413) or not digits (400) before reading the body, closes connections idle for `channel_timeout`, caps open
+connections and sets the listen backlog; responses are buffered too (in memory up to 4 MB: waitress's default of
+1 MB sent every grid through a temporary file, which cost more than the rest of a cached answer), so a client that
+does not read holds no worker either. Starlette/uvicorn would add an event loop we do not need (the routes would run on its thread pool
+anyway) and uvicorn bounds neither request bodies nor the time a client may take to send a request (slowloris; its
+keep-alive timeout is reset by every byte received, encode/uvicorn#157): both would have to be written here. Flask would add a dependency for the dozen lines of routing below.
+
+Added here on top of waitress: a deadline for receiving a whole request (a client that drips a byte now and then is
+closed after Limits.request_timeout), JSON bodies for waitress's own refusals, and the policy:
+- the Host header must name the served address (plus --allow-origin's), so a page of another site that reaches
+  this server through a DNS name of its own (DNS rebinding) is refused;
+- a request carrying an Origin must come from the served address or an --allow-origin origin, and a cross-site
+  request without one (an <img> or a no-cors fetch of another site's page) is refused by its Sec-Fetch-Site;
+- every response: nosniff, no referrer, not framable, Cross-Origin-Resource-Policy same-origin, no-store; the page
+  has a strict Content-Security-Policy (its one script and one style allowed by their SHA-256, nothing inline
+  else, images from this server and blob: URLs only) and puts every name in the DOM as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http
+import ipaddress
+import json
+import logging
+import math
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from .cache import HttpError, Pending
+
+log = logging.getLogger("lightning_vis.explorer")
+PAGE = Path(__file__).with_name("page.html")
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+_WILDCARD = {"", "0.0.0.0", "::"}
+_DEFAULT_PORT = {"http": 80, "https": 443}
+SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                    ("X-Frame-Options", "DENY"), ("Cross-Origin-Resource-Policy", "same-origin"),
+                    ("Cross-Origin-Opener-Policy", "same-origin"), ("Cache-Control", "no-store")]
+API_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def parse_origin(origin: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an origin "http(s)://host[:port]"; ValueError saying what is wrong otherwise."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in _DEFAULT_PORT or not parts.hostname or parts.username is not None
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"{origin!r} is not an origin: give scheme, host and port, e.g. http://dashboard.lan:8080")
+    return parts.scheme, parts.hostname.lower(), port or _DEFAULT_PORT[parts.scheme]
+
+
+class OriginPolicy:
+    """Which Host and Origin headers this server answers: the address it serves (a loopback bind also answers to
+    localhost, 127.0.0.1 and [::1]; a bind to every interface to any IP address and this machine's names), on its
+    port, plus the origins allowed explicitly (whose pages get CORS headers)."""
+
+    def __init__(self, host: str, port: int, allow_origins=()):
+        self.port = port
+        host = host.strip("[]").lower()
+        self.any_ip = host in _WILDCARD
+        names = {host}
+        if self.any_ip or host in _LOOPBACK or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+            names |= _LOOPBACK
+        if self.any_ip:
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.names = names - {""}
+        self.url = f"http://{_bracket('127.0.0.1' if self.any_ip else host)}:{port}"
+        self.origins, self.extra = set(), set()
+        for o in allow_origins:
+            scheme, h, p = parse_origin(o)
+            self.origins.add(f"{scheme}://{_bracket(h)}:{p}")
+            self.extra.add((h, p))
+
+    def served(self, host: str, port: int) -> bool:
+        if (host, port) in self.extra:
+            return True
+        return port == self.port and (host in self.names or (self.any_ip and _is_ip(host)))
+
+    def check(self, environ) -> str | None:
+        """Raises HttpError 400/403 for a request this server must not answer; returns the origin to echo in
+        Access-Control-Allow-Origin (an --allow-origin origin), else None."""
+        raw = environ.get("HTTP_HOST")
+        if not raw:
+            raise HttpError(400, "missing Host header")
+        try:
+            parts = urlsplit("//" + raw)
+            host, port = (parts.hostname or "").lower(), parts.port or 80
+        except ValueError:
+            raise HttpError(400, f"malformed Host header {raw!r}") from None
+        if not host or not self.served(host, port):
+            raise HttpError(403, f"Host {raw!r} is not this explorer's address ({self.url}): refused (a page of "
+                            "another site reaching this server under a DNS name of its own, DNS rebinding, is refused "
+                            "this way); to serve it under another name, start it with --allow-origin http://NAME:PORT")
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None:
+            try:
+                scheme, h, p = parse_origin(origin)
+            except ValueError:
+                scheme = None
+            norm = f"{scheme}://{_bracket(h)}:{p}" if scheme else None
+            if norm in self.origins:
+                return norm
+            if scheme != "http" or not self.served(h, p):
+                raise HttpError(403, f"requests from pages of {origin!r} are refused: only this explorer's own page "
+                                f"({self.url}) and the origins given with --allow-origin may use it")
+            return None
+        site = environ.get("HTTP_SEC_FETCH_SITE")
+        if site in ("cross-site", "same-site"):
+            raise HttpError(403, f"a {site} request (from a page of another site) is refused")
+        return None
+
+
+def page_and_csp(path: Path = PAGE) -> tuple[bytes, str]:
+    """The page, and a Content-Security-Policy that allows exactly its inline <script> and <style> blocks (by their
+    SHA-256) and nothing else inline."""
+    html = path.read_text(encoding="utf-8")
+
+    def hashes(tag):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; img-src 'self' blob:; "
+           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html.encode("utf-8"), csp
+
+
+class App:
+    """The WSGI application: the policy, then the routes of Explorer (see server.py for the API)."""
+
+    def __init__(self, explorer, policy: OriginPolicy | None):
+        self.explorer, self.policy = explorer, policy
+        self.page, self.csp = page_and_csp()
+
+    def __call__(self, environ, start_response):
+        headers = list(SECURITY_HEADERS)
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            cors = self.policy.check(environ)
+            if cors:
+                headers += [("Access-Control-Allow-Origin", cors), ("Vary", "Origin")]
+            if method == "OPTIONS":  # a CORS preflight of an allowed origin
+                headers += [("Access-Control-Allow-Methods", "GET, POST"), ("Allow", "GET, HEAD, POST, OPTIONS"),
+                            ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "600")]
+                status, kind, body = 204, None, b""
+            else:
+                status, kind, body = self.route(method, environ)
+        except Pending as e:
+            headers += list(e.headers.items())
+            status, kind, body = e.status, "application/json", json.dumps({"pending": True, "message": str(e)})
+        except HttpError as e:
+            headers += list(e.headers.items())
+            status, kind, body = e.status, "application/json", json.dumps({"error": str(e)})
+        except Exception as e:  # never a traceback to the client
+            log.exception("lightning-vis explorer: %s %s failed", method, environ.get("PATH_INFO"))
+            status, kind, body = 500, "application/json", json.dumps({"error": f"internal error: {type(e).__name__}"})
+        body = body.encode() if isinstance(body, str) else body
+        headers.append(("Content-Security-Policy", self.csp if kind and kind.startswith("text/html") else API_CSP))
+        if kind:
+            headers.append(("Content-Type", kind))
+        headers.append(("Content-Length", str(len(body))))
+        start_response(f"{status} {http.HTTPStatus(status).phrase}", headers)
+        return [] if method == "HEAD" else [body]
+
+    def route(self, method: str, environ):
+        ex = self.explorer
+        path = environ.get("PATH_INFO", "")
+        if method == "POST":
+            if path != "/api/upload":
+                raise HttpError(404, f"no POST route {path}")
+            length = int(environ.get("CONTENT_LENGTH") or 0)  # waitress has refused what is not digits
+            if length > ex.limits.upload_bytes:
+                raise HttpError(413, f"upload of {length} bytes is over the {ex.limits.upload_bytes} byte limit")
+            return 200, "application/json", json.dumps({"name": ex.upload(environ["wsgi.input"].read(length))})
+        if method not in ("GET", "HEAD"):
+            raise HttpError(405, f"method {method} not allowed: GET or POST (uploads)",
+                            headers={"Allow": "GET, HEAD, POST, OPTIONS"})
+        if path in ("/", "/index.html"):
+            return 200, "text/html; charset=utf-8", self.page
+        if path == "/api/model":
+            return 200, "application/json", json.dumps(ex.model_info())
+        if path == "/api/images":
+            return 200, "application/json", json.dumps({"images": ex.names()})
+        try:
+            q = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                                  max_num_fields=32).items()}
+        except ValueError:
+            raise HttpError(400, "too many query parameters (at most 32)") from None
+
+        def need(key):
+            if not q.get(key):
+                raise HttpError(400, f"missing parameter {key!r}")
+            return q[key]
+
+        def integer(key, default=None, required=False):
+            if not q.get(key):
+                if required:
+                    raise HttpError(400, f"missing parameter {key!r}")
+                return default
+            if not re.fullmatch(r"[+-]?\d{1,40}", q[key].strip()):
+                raise HttpError(400, f"parameter {key!r} must be an integer, got {q[key][:40]!r}")
+            return int(q[key])
+
+        png = "image/png"
+        frame = integer("frame")
+        if frame is not None:
+            ex._frame(frame, 1)  # 400 unless 0 <= frame < the clips' frames (0 for an image model)
+        if path == "/api/image":
+            return 200, png, ex.image_png(need("image"), frame)
+        if path == "/api/predictions":
+            return 200, "application/json", json.dumps(ex.predictions(need("image"), integer("k", 5)))
+        if path == "/api/featureviz":
+            return 200, png, ex.featureviz_png(ex.layer(q.get("layer")), integer("filter", required=True))
+        if path == "/api/topk":
+            return 200, "application/json", json.dumps(ex.topk(ex.layer(q.get("layer")),
+                                                               integer("filter", required=True)))
+        if path not in ("/api/cam", "/api/activations", "/api/grid", "/api/deconv"):
+            raise HttpError(404, f"no route {path}")
+        image = need("image")
+        ex._picture(image)  # 404 for an unknown image, before any work
+        layer = ex.layer(q.get("layer"))
+        if path == "/api/cam":
+            return 200, png, ex.cam_png(image, layer, integer("class"), q.get("method") or "gradcam", frame)
+        if path == "/api/activations":
+            overlay = q.get("overlay", "0") == "1"
+            return (200, "image/jpeg" if overlay else png,
+                    ex.activation_png(image, layer, q.get("scale") or "per_image", overlay, frame))
+        if path == "/api/grid":
+            return 200, "application/json", json.dumps(ex.grid_info(image, layer))
+        return 200, png, ex.deconv_png(image, layer, integer("filter", required=True), q.get("rule") or None)
+
+
+# ------------------------------------------------------------------------------------------------------ waitress
+class _JsonErrorTask(ErrorTask):
+    """waitress's own refusals (malformed or oversized requests), as JSON with a message that says the limit."""
+
+    def execute(self):
+        e, adj = self.request.error, self.channel.server.adj
+        message = {413: f"request body over the {adj.max_request_body_size - 1} byte limit (uploads: at most "
+                        f"{(adj.max_request_body_size - 1) >> 20} MB)",
+                   431: f"request line and headers over the {adj.max_request_header_size} byte limit",
+                   400: f"malformed request: {e.body}", 501: f"malformed request: {e.body}"}.get(e.code, e.body)
+        code = 400 if e.code == 501 else e.code  # an unsupported Transfer-Encoding is the client's mistake
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{code} {http.HTTPStatus(code).phrase}"
+        self.response_headers.extend([("Content-Type", "application/json"), *SECURITY_HEADERS,
+                                      ("Content-Security-Policy", API_CSP)])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    """A connection that remembers when its current request began arriving."""
+
+    error_task_class = _JsonErrorTask
+    request_started = 0.0
+
+    def received(self, data):
+        if self.request is None:
+            self.request_started = time.monotonic()
+        return super().received(data)
+
+
+class _Server(TcpWSGIServer):
+    channel_class = _Channel
+    request_timeout = 60.0
+
+    def maintenance(self, now):
+        super().maintenance(now)  # closes connections idle for channel_timeout
+        cutoff = time.monotonic() - self.request_timeout
+        for channel in list(self.active_channels.values()):
+            if channel.request is not None and not channel.requests and channel.request_started < cutoff:
+                channel.will_close = True  # still sending one request after request_timeout: a drip
+
+
+class _Dispatcher(ThreadedTaskDispatcher):
+    # waitress warns on every request that waits for a worker: under load that is expected, not news
+    queue_logger = logging.getLogger("lightning_vis.explorer.queue")
+
+
+logging.getLogger("lightning_vis.explorer.queue").setLevel(logging.ERROR)
+
+
+class ExplorerServer:
+    """The explorer's HTTP server: ``serve_forever()`` (blocks), ``shutdown()`` (from another thread: stops it and
+    waits), ``server_close()``, ``server_address`` and ``url``."""
+
+    def __init__(self, explorer, host: str, port: int, *, allow_origins=(), timeout: float | None = None):
+        for origin in allow_origins:
+            parse_origin(origin)  # a bad origin is refused before the socket is bound
+        lim = explorer.limits
+        timeout = lim.timeout if timeout is None else timeout
+        self.explorer = explorer
+        self.adj = Adjustments(host=host, port=port, threads=lim.threads, backlog=lim.backlog,
+                               connection_limit=lim.connections, channel_timeout=max(1, math.ceil(timeout)),
+                               cleanup_interval=1, max_request_body_size=lim.upload_bytes + 1,
+                               max_request_header_size=lim.header_bytes, ident="lightning-vis",
+                               expose_tracebacks=False, outbuf_overflow=4 << 20)
+        dispatcher = _Dispatcher()
+        dispatcher.set_thread_count(lim.threads)
+        self._map: dict = {}
+        app = App(explorer, None)  # its policy needs the port bound
+        self._server = _Server(app, map=self._map, dispatcher=dispatcher, adj=self.adj, sockinfo=self.adj.listen[0])
+        self._server.request_timeout = max(timeout, lim.request_timeout)
+        self.policy = app.policy = OriginPolicy(host, int(self._server.effective_port), allow_origins)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._closed = False
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self._server.effective_host, int(self._server.effective_port)
+
+    @property
+    def url(self) -> str:
+        return self.policy.url
+
+    def serve_forever(self):
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set() and self._map:
+                wasyncore.loop(timeout=self.adj.asyncore_loop_timeout, map=self._map, count=1)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        self._stop.set()
+        try:
+            self._server.pull_trigger()  # wakes the loop
+        except OSError:
+            pass
+        self._stopped.wait(10)
+        self.server_close()
+
+    def server_close(self):
+        if self._closed or not self._stopped.is_set():
+            return
+        self._closed = True
+        wasyncore.close_all(self._map)
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        self.explorer.close()
+
+
+def make_server(explorer, host: str = "127.0.0.1", port: int = 8000, *, allow_origins=(),
+                timeout: float | None = None) -> ExplorerServer:
+    """The explorer's server bound to host:port (port 0: any free port), not yet serving. allow_origins: pages of
+    these origins ("http://host:port") may use it too. timeout: overrides explorer.limits.timeout (seconds)."""
+    return ExplorerServer(explorer, host, port, allow_origins=allow_origins, timeout=timeout)
+
+
+def run_until_interrupted(server: ExplorerServer, about: str = "") -> ExplorerServer:
+    """Says where the explorer listens, serves until Ctrl-C, then closes the socket."""
+    extra = f"; also for pages of {', '.join(sorted(server.policy.origins))}" if server.policy.origins else ""
+    print(f"lightning-vis explorer on {server.url}/ ({about + '; ' if about else ''}Ctrl-C stops it{extra})",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server._stop.set()
+        server.server_close()
+    return server
+
