@@ -106,7 +106,7 @@ def _densenet_checkpointing(model, on):
 
 WINDOWS = {"rollout": "not defined for window attention"}
 POOLED = {"rollout": "not defined here: the blocks attend over different token sets"}
-TOKENS_RF = {"receptive": "token layout"}
+TOKENS_RF = {}  # token layers have receptive fields too (a ViT's: the whole input)
 
 
 def cases() -> list[Case]:
@@ -494,16 +494,18 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         if case.checkpoint is None:
             raise Refused("no checkpointing switch")
         target = _target_for(case, model, inputs)
-        plain_cam = lv.grad_cam(model, x, need("cam"), target).low_res
-        plain_sal = lv.saliency(model, x, target).maps
-        case.checkpoint(model, True)
+        case.checkpoint(model, True)  # timm's checkpoint_seq calls a stage's blocks one by one: a layer that runs
         try:
-            cam = lv.grad_cam(model, x, need("cam"), target).low_res
+            layer = lv.attribution.default_cam_layer(model, x[:1])
+            cam = lv.grad_cam(model, x, layer, target).low_res
             sal = lv.saliency(model, x, target).maps
         finally:
             case.checkpoint(model, False)
+        plain_cam = lv.grad_cam(model, x, layer, target).low_res
+        plain_sal = lv.saliency(model, x, target).maps
         _close(cam, plain_cam, "grad_cam with checkpointing")
         _close(sal, plain_sal, "saliency with checkpointing")
+        return f"{layer}"
 
     for method, fn in (("layers", layers), ("activations", activations), ("gradcam", gradcam),
                        ("saliency", saliency), ("guided", guided), ("deconvnet", deconvnet), ("render", render),

@@ -297,7 +297,7 @@ def _layer_gradient(model, x, target, name, layout, grid):
         out = model(x)
         tap.forward_done()
         if not tap.live.get(name):
-            raise ValueError(f"layer {name!r} did not run in the forward pass")
+            raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
         lay = tap.layout(name)
         scores, classes = target_scores(out, target)
         act = tap.live[name][0]
@@ -325,6 +325,13 @@ def _layer_gradient(model, x, target, name, layout, grid):
         if not tap.late_grads.get(name):
             raise ValueError(f"the target does not depend on layer {name!r}")
         return lay, tap.values[name][0], tap.late_grads[name][0], scores, classes
+
+
+def _ran_inside(tap, name: str) -> str:
+    """A hint when a container did not run but its children did (timm's checkpoint_seq calls the blocks of a stage
+    one by one): the last of them that ran."""
+    inside = [k for k in (tap.tracer.layouts if tap.tracer is not None else {}) if k.startswith(name + ".")]
+    return f"; the model calls its parts directly: pick one of them, e.g. {inside[-1]!r}" if inside else ""
 
 
 def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:

@@ -40,7 +40,7 @@ from torch import nn
 from . import images as im
 from ._util import model_device, progress_bar
 from .activations import activation_grid, activations, top_predictions
-from .attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
+from .attribution import CAM_METHODS, default_cam_layer, grad_cam, guided_backprop, saliency
 from .dataset import top_k_examples
 from .deconv import deconvnet
 from .featureviz import deep_dream, render
@@ -323,6 +323,40 @@ def _check_layers(model, layers, flag: str = "--layers") -> list[str]:
         raise CliError(f"{flag}: {e}") from None
 
 
+def _overrides(args, model) -> dict:
+    """--layout / --grid as the methods' layout= and grid= (one value for every layer, or LAYER=VALUE each), checked
+    before any work."""
+    from .hooks.layout import check_overrides
+
+    out = {}
+    for flag, key in (("--layout", "layout"), ("--grid", "grid")):
+        given = getattr(args, key, None) or []
+        per_layer, every = {}, None
+        for item in given:
+            layer, sep, value = item.rpartition("=")
+            if key == "grid":
+                try:
+                    value = tuple(int(v) for v in value.lower().split("x"))
+                except ValueError:
+                    raise CliError(f"{flag} {item!r}: expected HxW or TxHxW, e.g. 14x14 or 8x7x7 (or LAYER=14x14)") \
+                        from None
+            if sep:
+                _check_layers(model, [layer], flag)
+                per_layer[layer] = value
+            else:
+                every = value
+        if per_layer and every is not None:
+            raise CliError(f"{flag}: give one value for every layer or LAYER=VALUE pairs, not both")
+        value = per_layer or every
+        if value is not None:
+            try:
+                check_overrides(value if key == "layout" else None, value if key == "grid" else None)
+            except ValueError as e:
+                raise CliError(f"{flag}: {e}") from None
+            out[key] = value
+    return out
+
+
 def _explicit(layers) -> set[str]:
     return {s for s in layers if not any(c in s for c in "*?[")}
 
@@ -558,12 +592,13 @@ def cmd_layers(args, model, categories, transform):
 
 def cmd_activations(args, model, categories, transform):
     _check_layers(model, args.layers)
+    ov = _overrides(args, model)
     names = read_labels(args, categories)
     inputs = Inputs(args, model, transform)
     report = {}
     with Output(args.out) as out:
         for path, x, _ in inputs:
-            acts, logits = activations(model, x[None], args.layers)
+            acts, logits = activations(model, x[None], args.layers, **ov)
             entry = {}
             if logits.dim() == 2:
                 entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
@@ -593,11 +628,12 @@ def cmd_activations(args, model, categories, transform):
 
 def cmd_deconv(args, model, categories, transform):
     _check_layers(model, args.layers)
+    ov = _overrides(args, model)
     inputs = Inputs(args, model, transform)
     report = {}
     with Output(args.out) as out:
         for path, x, shown in inputs:
-            rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule)
+            rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule, **ov)
             entry = {}
             for layer, r in rec.images.items():
                 if args.heat:  # |reconstruction| summed over channels, coloured over the image
@@ -649,14 +685,20 @@ def _write_view(out: Output, shown, heat, rel: str, extra: list[torch.Tensor] = 
 
 
 def cmd_cam(args, model, categories, transform):
-    _check_layers(model, [args.layer], "--layer")
+    if args.layer is not None:
+        _check_layers(model, [args.layer], "--layer")
+    ov = _overrides(args, model)
     names = read_labels(args, categories)
     target = _parse_target(args, names)
     inputs = Inputs(args, model, transform)
+    layer = args.layer
     report = {}
     with Output(args.out) as out:
         for path, x, shown in inputs:
-            cam = grad_cam(model, x[None], args.layer, target, method=args.method)
+            if layer is None:  # the default: the last layer with maps (a class-token ViT's last norm1)
+                layer = default_cam_layer(model, x[None])
+                say(f"--layer not given: explaining {layer!r}")
+            cam = grad_cam(model, x[None], layer, target, method=args.method, **ov)
             extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
             files = _write_view(out, shown, cam.maps[0], f"{path.stem}_{args.method}.png", extra)
             report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
@@ -711,8 +753,9 @@ def _loader(args, model, transform):
 
 
 def cmd_topk(args, model, categories, transform):
+    ov = _overrides(args, model)
     inputs, ds, loader = _loader(args, model, transform)
-    res = top_k_examples(model, loader, args.layers, k=args.k, score=args.score)
+    res = top_k_examples(model, loader, args.layers, k=args.k, score=args.score, **ov)
     report = {}
     pictures = _Shown(ds)
     with Output(args.out) as out:
@@ -752,8 +795,9 @@ class _Shown:
 
 
 def cmd_health(args, model, categories, transform):
+    ov = _overrides(args, model)
     inputs, ds, loader = _loader(args, model, transform)
-    rep = filter_health(model, loader, args.layers, threshold=args.threshold)
+    rep = filter_health(model, loader, args.layers, threshold=args.threshold, **ov)
     bad = rep.suspicious()
     with Output(args.out) as out:
         index = {"seen": rep.seen, "table": rep.table(), "suspicious": bad}
@@ -784,12 +828,12 @@ def _preprocess(transform):
     return pre
 
 
-def _check_render(model, layer, units, size, channels, preprocess):
+def _check_render(model, layer, units, size, channels, preprocess, **ov):
     """One render step of the highest unit: the layer, the unit range and that the model takes these images,
     checked before the real work."""
     try:
         render(model, (layer, [max(units)]), size=size, steps=1, channels=channels, preprocess=preprocess,
-               progress=False)
+               progress=False, **ov)
     except RuntimeError as e:
         raise CliError(f"the model does not take {channels}-channel images of size {size} ({one_line(e)})"
                        + ("; for a one-channel model add --gray" if channels == 3 else "")) from None
@@ -801,9 +845,10 @@ def cmd_render(args, model, categories, transform):
     size = parse_size(args.size, "--size")
     size = size if len(size) > 1 else size[0]
     channels, preprocess = 1 if args.gray else 3, _preprocess(transform)
-    _check_render(model, args.layer, units, size, channels, preprocess)
+    ov = _overrides(args, model)
+    _check_render(model, args.layer, units, size, channels, preprocess, **ov)
     res = render(model, (args.layer, units), size=size, steps=args.steps, param=args.param, seed=args.seed,
-                 channels=channels, preprocess=preprocess, chunk_size=args.chunk_size)
+                 channels=channels, preprocess=preprocess, chunk_size=args.chunk_size, **ov)
     files = []
     with Output(args.out) as out:
         for u, img in zip(units, res.images):
@@ -938,7 +983,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--size", type=int, default=224, help="input size for non-torchvision models")
             p.add_argument("--gray", action="store_true", help="one-channel input (non-torchvision models)")
 
-    p = sub.add_parser("layers", help="list the model's layers with type, output shape and parameters")
+    def layouts(p):
+        p.add_argument("--layout", action="append", default=[], metavar="[LAYER=]KIND",
+                       help="where a layer's units are, when lightning-vis cannot tell (it says so): channels_first, "
+                            "channels_last or tokens; for every layer, or LAYER=KIND (repeatable)")
+        p.add_argument("--grid", action="append", default=[], metavar="[LAYER=]HxW",
+                       help="the grid of a token layer: HxW or TxHxW (prefix tokens are the rest); for every layer, "
+                            "or LAYER=HxW (repeatable)")
+
+    p = sub.add_parser("layers", help="list the model's layers with type, output shape, layout and parameters")
     common(p, with_images=False)
     p.add_argument("--input-size", default="3,224,224", help="C,H,W of the example input (default %(default)s)")
     p.add_argument("--all", action="store_true", help="containers too, not only leaf layers")
@@ -948,12 +1001,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="predictions to show (default %(default)s)")
     p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
     p.add_argument("--scale", choices=["per_image", "shared"], default="per_image")
+    layouts(p)
     p.set_defaults(run=cmd_activations)
     p = sub.add_parser("deconv", help="deconvnet (or guided backprop) reconstructions of the top features")
     common(p)
     p.add_argument("--top-k", type=int, default=3, help="strongest features per layer (default %(default)s)")
     p.add_argument("--rule", choices=["deconvnet", "guided"], default="deconvnet")
     p.add_argument("--heat", action="store_true", help="overlay heat maps on the image instead of RGB")
+    layouts(p)
     p.set_defaults(run=cmd_deconv)
 
     def targeted(p):
@@ -962,9 +1017,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cam", help="class activation maps (Grad-CAM family) overlaid on each image or clip")
     common(p, with_layers=False)
-    p.add_argument("--layer", required=True, help="the layer to explain (a conv layer or a token block)")
+    p.add_argument("--layer", help="the layer to explain (a conv layer or a token block); default: the last layer "
+                                   "with maps (for a class-token ViT its last block's norm1)")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam")
     targeted(p)
+    layouts(p)
     p.set_defaults(run=cmd_cam)
     p = sub.add_parser("saliency", help="saliency maps (gradient, SmoothGrad or guided backprop) on each image")
     common(p, with_layers=False)
@@ -981,12 +1038,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=16, help="channels drawn per layer (default %(default)s)")
     p.add_argument("--tile", type=int, default=64, help="crop size in the grid (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
+    layouts(p)
     p.set_defaults(run=cmd_topk)
     p = sub.add_parser("health", help="dead, noise-only and duplicate filters: table, ranked list and plots")
     common(p)
     p.add_argument("--threshold", type=float, default=0.0, help="a unit is active above this (default 0)")
     p.add_argument("--show", type=int, default=20, help="suspicious filters printed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
+    layouts(p)
     p.set_defaults(run=cmd_health)
 
     p = sub.add_parser("render", help="feature visualizations of channels (one PNG each, a grid, the settings)")
@@ -998,6 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", choices=["fft", "pixel"], default="fft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=32, help="channels optimised together (default %(default)s)")
+    layouts(p)
     p.add_argument("--gray", action="store_true", help="one-channel images (non-torchvision models)")
     p.add_argument("--out", default="out/lightning-vis")
     p.set_defaults(run=cmd_render)

@@ -219,7 +219,7 @@ def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layo
     return acts, out
 
 
-def _layouts(model, names, modules, x, needs_output=False) -> dict[str, Layout]:
+def _layouts(model, names, modules, x, needs_output=False, overrides=(None, None)) -> dict[str, Layout]:
     """The layouts of the objective's layers for inputs like x (hooks.layout), from a pass without gradients that
     stops, as the render's own passes do, once those layers ran (a head that takes one input size never runs)."""
     seen = set()
@@ -231,7 +231,7 @@ def _layouts(model, names, modules, x, needs_output=False) -> dict[str, Layout]:
                 raise _Stop
         return hook
 
-    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model) as tracer:
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model, *overrides) as tracer:
         handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]  # after the tracer's own
         try:
             model(x.detach())
@@ -257,7 +257,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return frames.view(b, t, c, *size).transpose(1, 2)
 
 
-def _fit(model, names, modules, x, size, input_size, preprocess, needs_output):
+def _fit(model, names, modules, x, size, input_size, preprocess, needs_output, overrides):
     """(the spatial size fed to the model or None for "as transformed", the layers' layouts). The transformed input
     (padded and jittered: larger than `size`) is tried first; a model that refuses it (a ViT with a fixed input
     size) gets inputs resized to `size` (or input_size when given)."""
@@ -266,16 +266,18 @@ def _fit(model, names, modules, x, size, input_size, preprocess, needs_output):
         return preprocess(y) if preprocess is not None else y
 
     if input_size is not None:
-        return tuple(input_size), _layouts(model, names, modules, prepared(tuple(input_size)), needs_output)
+        return tuple(input_size), _layouts(model, names, modules, prepared(tuple(input_size)), needs_output,
+                                           overrides)
     try:
-        return None, _layouts(model, names, modules, prepared(None), needs_output)
+        return None, _layouts(model, names, modules, prepared(None), needs_output, overrides)
     except LayoutError:
         raise
     except Exception as first:
         if tuple(x.shape[-2:]) == tuple(size[-2:]):
             raise
         try:
-            return tuple(size[-2:]), _layouts(model, names, modules, prepared(tuple(size[-2:])), needs_output)
+            return tuple(size[-2:]), _layouts(model, names, modules, prepared(tuple(size[-2:])), needs_output,
+                                              overrides)
         except Exception:
             raise first from None  # what the model says about the transformed input (e.g. wrong channels)
 
@@ -285,14 +287,15 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
            preprocess: Callable[[Tensor], Tensor] | None = None, batch: int | None = None, chunk_size: int = 32,
            seed: int = 0, relu_fix: str | None = "redirect", relu_fix_steps: int = 16, decay_power: float = 1.0,
            blur: tuple[float, float] = (1.0, 0.0), image: Tensor | None = None, device=None,
-           input_size: Sequence[int] | None = None, progress: bool = True) -> RenderResult:
+           input_size: Sequence[int] | None = None, layout=None, grid=None, progress: bool = True) -> RenderResult:
     """Optimise images to maximise `objective`: an Objective, or (layer, channels) to render those channels of
     the layer (one per batch element, in chunks of chunk_size).
 
     size: H (square), (H, W), or (T, H, W) for video nets (space-time renders). param "fft" (Adam, lr 0.05) or
     "pixel" (Adam, lr decaying from 0.05 to 0.005 with a Gaussian blur of width blur[0] -> blur[1] every step:
     Øygard's schedule). preprocess maps [0, 1] images to what the model expects (e.g. ImageNet normalisation).
-    Layers are read through their layout (hooks.layout): channels-last maps and token layers put on their grid.
+    Layers are read through their layout (hooks.layout; layout= / grid= override it): channels-last maps and token
+    layers put on their grid.
     input_size: the (H, W) the model is fed; by default the transformed images as they are (larger than `size`:
     padded), and, for a model that refuses them (a ViT or MaxViT with a fixed input size), resized back to `size`.
     The same arguments and seed give the same images. The model is restored afterwards."""
@@ -357,7 +360,8 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
                 opt.zero_grad(set_to_none=True)
                 x = transforms(img_param(), gen, blur=sigma)
                 if step == 0:  # the input size the model takes and the layers' layouts, for this batch size
-                    fit, layouts = _fit(model, obj.layers, modules, x, size, fit, preprocess, obj.needs_output)
+                    fit, layouts = _fit(model, obj.layers, modules, x, size, fit, preprocess, obj.needs_output,
+                                        (layout, grid))
                     settings["input_size"] = list(fit) if fit is not None else list(x.shape[-2:])
                 if fit is not None:
                     x = _resize(x, fit)

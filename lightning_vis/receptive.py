@@ -10,6 +10,7 @@ a unit at position p sees ``start + p * jump`` to ``start + p * jump + size - 1`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,7 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
     if "out" not in got:
         raise ValueError(f"layer {name!r} did not run in the forward pass")
     lay = tracer.layout(name)
-    if lay.kind == "tokens":
-        raise ValueError(f"layer {name!r} has a token layout ({lay.describe()}): attention sees the whole input")
-    out = lay.unit_first(got["out"])
+    out = lay.to_maps(got["out"])  # (N, C, *grid): tokens on their grid, prefix tokens left out
     grid = tuple(out.shape[2:])
     if len(grid) != len(shape) - 1:
         raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}, which has no {len(shape) - 1}D map "
@@ -138,16 +137,24 @@ def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: i
                     grid=None) -> ReceptiveField:
     """The receptive field of `layer`'s units for inputs of shape (C, *spatial). Where the field of the centre
     unit is clipped by the input's edges, it is measured again on a larger input (up to max_size per axis; the
-    forward stops at the layer, so a fixed-size head does not matter). Channels-first and channels-last layers
-    (hooks.layout; layout= / grid= override it); token layers are refused (attention sees the whole input)."""
+    forward stops at the layer, so a fixed-size head does not matter). Any layer with a grid (hooks.layout;
+    layout= / grid= override it): conv maps, channels-last maps, tokens (a ViT's: the whole input)."""
     shape = tuple(int(v) for v in input_shape)
     if len(shape) < 2:
         raise ValueError(f"input_shape must be (C, *spatial), got {shape}")
     found = resolve_layers(model, layer)
     if len(found) != 1:
         raise ValueError(f"receptive_field takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
-    (name, module), = found.items()
+    (name, _), = found.items()
     spatial = shape[1:]
+    # the linearised passes run on a copy: a module that caches what it computed from its parameters (timm LeViT's
+    # attention biases) must not keep values computed from the stand-in ones
+    try:
+        model = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - any model deepcopy cannot copy
+        raise ValueError(f"receptive_field measures on a copy of the model, and this model cannot be copied ({e})") \
+            from None
+    module = model.get_submodule(name)
     exact = {k: _positive(p) for k, p in model.named_parameters()}
     exact.update({k: b.detach().double() for k, b in model.named_buffers() if b.is_floating_point()})
     params = [{k: v.float() for k, v in exact.items()}]  # float32 first (fast); float64 once a gradient is faint

@@ -207,9 +207,11 @@ def test_deconvnet_topk_and_render_of_twins_agree():
         torch.testing.assert_close(t.scores, top.scores)
         r = lv.render(net, ("mix", [0, 4]), size=16, steps=3, progress=False, transforms="none").images
         torch.testing.assert_close(r, img)
-    assert lv.receptive_field(cl, "mix", (3, 32, 32)).size == lv.receptive_field(cf, "mix", (3, 32, 32)).size
-    with pytest.raises(ValueError, match="token layout"):
-        lv.receptive_field(tok, "mix", (3, 32, 32))
+    want = lv.receptive_field(cf, "mix", (3, 32, 32))
+    assert want.size == (4, 4) and want.jump == (4, 4)  # one 4x4 patch, every 4 pixels
+    for net in (cl, tok):
+        got = lv.receptive_field(net, "mix", (3, 32, 32))
+        assert (got.size, got.jump, got.start, got.grid) == (want.size, want.jump, want.start, want.grid)
 
 
 def test_layouts_are_remembered_per_model_and_input_shape():
@@ -265,3 +267,33 @@ def test_the_explorer_shows_token_and_channels_last_layers_as_maps(tmp_path):
         maps = ex._maps("0.png", "mix")
         x, _ = ex._picture("0.png")
         torch.testing.assert_close(maps, cf.mix(cf.act(cf.embed(x[None]))))
+
+
+def test_the_command_line_reads_layouts_and_takes_overrides(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    photo = tmp_path / "a.png"
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(photo)
+    vit = ["--model", "tests.cli_models:tiny_vit", "--size", "32"]
+    assert cli.main(["layers", *vit[:2], "--input-size", "3,32,32"]) == 0
+    assert "tokens 1+2x2" in capsys.readouterr().out
+    out = tmp_path / "out"
+    block = "encoder.layers.encoder_layer_0"
+    assert cli.main(["activations", *vit, "--images", str(photo), "--layers", block, "--out", str(out)]) == 0
+    grid = Image.open(out / "a" / f"{block}_activations.png")
+    assert grid.size[0] < 4 * grid.size[1]  # 8 maps of 2x2 in a square-ish grid, not 5 strips of 8
+    assert cli.main(["cam", *vit, "--images", str(photo), "--out", str(out / "cam")]) == 0
+    assert json.loads((out / "cam" / "gradcam.json").read_text())["a.png"]["layer"] == f"{block}.ln_1"
+    assert cli.main(["activations", *vit, "--images", str(photo), "--layers", block, "--grid", f"{block}=1x4",
+                     "--out", str(out / "g")]) == 0
+    capsys.readouterr()
+    assert cli.main(["activations", *vit, "--images", str(photo), "--layers", block, "--layout", "sideways",
+                     "--out", str(out / "bad")]) == 2
+    assert "--layout: layout must be 'auto'" in capsys.readouterr().err and not (out / "bad").exists()
+    assert cli.main(["topk", *vit, "--images", str(photo), "--layers", block, "--grid", "nope=2x2",
+                     "--out", str(out / "bad")]) == 2
+    assert "--grid: " in capsys.readouterr().err
