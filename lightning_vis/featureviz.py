@@ -188,18 +188,15 @@ class _Stop(Exception):
     pass
 
 
-def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layout]):
+def _run_until(model, names, modules, x, needs_output, keep):
     """Forward until every needed layer has run (the rest of the network is skipped unless the output is needed);
-    each layer's output as (B, C, *grid) maps by its layout (tokens on their grid, channels-last moved)."""
+    keep(name, output) -> what is recorded of each layer's first output."""
     acts = {}
 
     def hook_for(name):
         def hook(module, args, output):
-            out = output if isinstance(output, Tensor) else output[0]
-            if not torch.is_grad_enabled():
-                raise ungraded("feature visualization", name)
             if name not in acts:
-                acts[name] = layouts[name].to_maps(out)
+                acts[name] = keep(name, output if isinstance(output, Tensor) else output[0])
             if not needs_output and len(acts) == len(names):
                 raise _Stop
         return hook
@@ -219,30 +216,20 @@ def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layo
     return acts, out
 
 
+def _activations(model, names, modules, x, needs_output, layouts: dict[str, Layout]):
+    """The objective's layers as (B, C, *grid) maps by their layouts (tokens on their grid, channels-last moved)."""
+    def keep(name, out):
+        if not torch.is_grad_enabled():
+            raise ungraded("feature visualization", name)
+        return layouts[name].to_maps(out)
+    return _run_until(model, names, modules, x, needs_output, keep)
+
+
 def _layouts(model, names, modules, x, needs_output=False, overrides=(None, None)) -> dict[str, Layout]:
     """The layouts of the objective's layers for inputs like x (hooks.layout), from a pass without gradients that
     stops, as the render's own passes do, once those layers ran (a head that takes one input size never runs)."""
-    seen = set()
-
-    def hook_for(name):
-        def hook(module, args, output):
-            seen.add(name)
-            if not needs_output and len(seen) == len(names):
-                raise _Stop
-        return hook
-
     with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model, *overrides) as tracer:
-        handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]  # after the tracer's own
-        try:
-            model(x.detach())
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-    missing = [n for n in names if n not in seen]
-    if missing:
-        raise ValueError(f"layers {missing} did not run in the forward pass")
+        _run_until(model, names, modules, x.detach(), needs_output, lambda name, out: None)  # hooks after the tracer's
     return {n: tracer.layout(n) for n in names}
 
 
