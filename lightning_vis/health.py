@@ -136,14 +136,35 @@ class ActivityCollector(StreamingTap):
         a = maps.flatten(2)  # (N, C, P): a view, nothing copied
         if a.dtype not in (torch.float32, torch.float64):
             a = a.float()
-        return ((a > self.threshold).sum((0, 2)).cpu(), a.sum((0, 2)).cpu(), a.shape[0] * a.shape[2],
-                a.amax((0, 2)).cpu())
+        # sums per input in float64, then over the batch: the total hardly depends on how inputs are batched or
+        # sharded across processes
+        return ((a > self.threshold).sum((0, 2)).cpu(), a.sum(2, dtype=torch.float64).sum(0).cpu(),
+                a.shape[0] * a.shape[2], a.amax((0, 2)).cpu())
 
     def add(self, indices) -> None:
         for name, (active, total, count, top) in self.batch_values().items():
             s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
             s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
         self.seen += len(indices)
+
+    def merge(self, parts) -> None:
+        """Adds other collectors' (stats, seen) to this one's (activity of other shards of the dataset)."""
+        for stats, seen in parts:
+            for name, (a, t, c, m) in stats.items():
+                s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(m, float("-inf"))])
+                s[0], s[1], s[2], s[3] = s[0] + a, s[1] + t, s[2] + c, torch.maximum(s[3], m)
+            self.seen += seen
+
+    def all_gather(self) -> None:
+        """Under an initialised torch.distributed group: every rank's activity gathered and added in rank order
+        (every rank then holds the whole dataset's); otherwise nothing."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (self.stats, self.seen))
+            self.stats, self.seen = {}, 0
+            self.merge(parts)
 
     def report(self, **kwargs) -> "HealthReport":
         """The health report from what was collected (see filter_health for the keyword arguments)."""
@@ -192,16 +213,31 @@ def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold
             r = renders[name]
             if r.shape[0] != channels:
                 raise ValueError(f"renders[{name!r}] has {r.shape[0]} images for {channels} channels")
-            render_noise = high_frequency_score(r.float().mean(1), 2, pad_to=0)
-        flags = torch.zeros(channels, dtype=torch.bool)
-        judged = noise is not None and min(wmod.weight.shape[2:]) >= 5
-        if judged:  # a 3x3 spectrum says little: trained edge detectors sit near Nyquist too (renders decide)
-            flags |= noise >= noise_threshold
-        if render_noise is not None:
-            flags = (flags if judged else torch.ones_like(flags)) & (render_noise >= noise_threshold)
-        if zero is not None:
-            flags &= ~zero
-        report.layers[name] = LayerHealth(active / count, total / count, top, top <= threshold, zero, noise,
+            render_noise = render_noise_score(r)
+        kernel = tuple(wmod.weight.shape[2:]) if wmod is not None else ()
+        flags = noise_flags(noise, kernel, render_noise, zero, noise_threshold, channels)
+        report.layers[name] = LayerHealth(active / count, (total / count).float(), top, top <= threshold, zero, noise,
                                           render_noise, flags, duplicates, wname)
     return report
+
+
+def render_noise_score(renders: Tensor) -> Tensor:
+    """(C, 1|3, H, W) feature visualizations -> (C,) high-frequency score of their grey images (1.0: like noise)."""
+    return high_frequency_score(renders.float().mean(1), 2, pad_to=0)
+
+
+def noise_flags(weight_noise: Tensor | None, kernel: tuple, render_noise: Tensor | None, zero: Tensor | None,
+                threshold: float, channels: int) -> Tensor:
+    """(C,) noise-only flags: weights decide for kernels of 5 or more (a 3x3 spectrum says little: trained edge
+    detectors sit near Nyquist too), renders for any; both must agree when both speak; all-zero filters are not
+    noise. Any argument may be a slice of a layer's channels (channels: its length)."""
+    flags = torch.zeros(channels, dtype=torch.bool)
+    judged = weight_noise is not None and len(kernel) > 0 and min(kernel) >= 5
+    if judged:
+        flags |= weight_noise >= threshold
+    if render_noise is not None:
+        flags = (flags if judged else torch.ones_like(flags)) & (render_noise >= threshold)
+    if zero is not None:
+        flags &= ~zero
+    return flags
 
