@@ -258,25 +258,42 @@ class Histograms:
         return cls(state["edges"], {n: LayerHistogram(e["values"], e["maxima"], e["nan"])
                                     for n, e in state["layers"].items()}, state["seen"])
 
-    def display(self, layer: str, channel: int, bins: int = 40, what: str = "values") -> tuple[Tensor, Tensor]:
-        """(bins + 1,) edges spanning the occupied range and (bins,) counts, each fine bin counted where its
-        middle falls (values within one fine bin, 9%, of where they are; the zero bin at 0; overflow at its edge).
-        what: "values" (every position) or "maxima" (each input's strongest)."""
-        counts = getattr(self.layers[layer], what)[channel].double()
+    def midpoints(self) -> Tensor:
+        """(B,) float64 where each bin stands: its middle; 0 for the zero bin; the finite edge for overflow bins."""
         inner = self.edges[1:-1]
         mids = torch.cat([inner[:1], (inner[:-1] + inner[1:]) / 2, inner[-1:]])
-        zero = (len(self.edges) - 1) // 2  # the bin around 0
-        mids[zero] = 0.0
+        mids[(len(self.edges) - 1) // 2] = 0.0
+        return mids
+
+    def display(self, layer: str, channel: int, what: str = "values", bins: int | None = None,
+                edges: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Counts in linear bins for a plot: (edges, counts). Each fine bin is counted where its middle falls (so
+        values sit within one fine bin, 1/8 octave, of where they are; the zero bin at 0; overflow at its edge).
+        what: "values" (every position) or "maxima" (each input's strongest). edges: bin into these; else `bins`
+        bins over the occupied range, by default as many as fit without gaps (no display bin narrower than the
+        widest fine bin in the range; at most 48)."""
+        counts = getattr(self.layers[layer], what)[channel].double()
+        mids = self.midpoints()
         used = counts.nonzero().flatten()
-        if used.numel() == 0:
-            return torch.linspace(0, 1, bins + 1, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
-        lo, hi = float(mids[used.min()]), float(mids[used.max()])
-        if hi <= lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        out_edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
-        where = ((mids[used] - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
-        out = torch.zeros(bins, dtype=torch.float64).index_add_(0, where, counts[used])
-        return out_edges, out
+        if edges is None:
+            if used.numel() == 0:
+                return torch.linspace(0, 1, (bins or 1) + 1, dtype=torch.float64), torch.zeros(bins or 1,
+                                                                                             dtype=torch.float64)
+            lo, hi = float(mids[used.min()]), float(mids[used.max()])
+            if bins is None:
+                widths = (self.edges[1:] - self.edges[:-1])[used]
+                widest = float(widths[torch.isfinite(widths)].max()) if bool(torch.isfinite(widths).any()) else 1.0
+                bins = int(max(1, min(48, (hi - lo) // max(widest, 1e-30))))
+            if hi <= lo:
+                lo, hi = lo - 0.5, hi + 0.5
+            edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+        edges = torch.as_tensor(edges, dtype=torch.float64)
+        nb = len(edges) - 1
+        out = torch.zeros(nb, dtype=torch.float64)
+        if used.numel():
+            where = torch.bucketize(mids[used], edges, right=True) - 1
+            out.index_add_(0, where.clamp(0, nb - 1), counts[used])
+        return edges, out
 
 
 def _bin_counts(values: Tensor, edges: Tensor, channels: int) -> Tensor:
@@ -403,6 +420,7 @@ def all_gather_merge(result):
         return result
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, result)
+    parts = [p for p in parts if p.seen] or parts[:1]  # a rank whose shard was empty saw no layer at all
     merged = parts[0]
     for p in parts[1:]:
         merged = merged.merge(p)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import images as im
 from .dataset import scan
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
@@ -74,18 +73,31 @@ class HealthReport:
         return "\n".join(lines)
 
     def plots(self, folder) -> list[Path]:
-        """PNG plots: per layer a histogram of the channels' active fractions, and bars of suspicious counts."""
+        """PNG plots (matplotlib): per layer a histogram of its channels' active fractions
+        (``<layer>_active.png``), and the dead, noise-only and duplicated filters of every layer side by side
+        (``suspicious_per_layer.png``)."""
+        from . import plots
+        from ._util import file_stem
+
         folder = Path(folder)
         paths = []
         for name, h in self.layers.items():
             counts = torch.histc(h.active_fraction.float(), bins=20, min=0, max=1)
-            paths.append(im.save_png(im.bar_chart(counts.tolist(), title=f"{name}: channels by active fraction",
-                                                  x_labels=("0", "0.5", "1")), folder / f"{name}_active.png"))
+            fig = plots.histogram(torch.linspace(0, 1, 21), counts, ylabel="channels",
+                                  title=f"{name}: {len(h.mean)} channels by active fraction",
+                                  xlabel="share of positions above the threshold, over the dataset")
+            paths.append(plots.save(fig, folder / f"{file_stem(name)}_active.png"))
         names = list(self.layers)
-        for what in ("dead", "noise_only"):
-            vals = [int(getattr(self.layers[n], what).sum()) for n in names]
-            paths.append(im.save_png(im.bar_chart(vals, title=f"{what.replace('_', '-')} filters per layer",
-                                                  bar_labels=names), folder / f"{what}_per_layer.png"))
+        dup = {n: set() for n in names}
+        for n in names:
+            for i, j, _ in self.layers[n].duplicates:
+                dup[n].update((i, j))
+        fig = plots.bar_chart({"dead": [int(self.layers[n].dead.sum()) for n in names],
+                               "noise-only": [int(self.layers[n].noise_only.sum()) for n in names],
+                               "duplicated": [len(dup[n]) for n in names]}, names,
+                              title="suspicious filters per layer", value_label="filters",
+                              empty="no dead, noise-only or duplicated filters")
+        paths.append(plots.save(fig, folder / "suspicious_per_layer.png"))
         return paths
 
 
@@ -190,24 +202,8 @@ def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold
     report = HealthReport(seen=seen)
     for name, (active, total, count, top) in stats.items():
         channels = top.shape[0]
-        wname, wmod = _weights_for(model, name, layer_modules[name], channels)
-        zero = noise = None
-        duplicates = []
-        if wmod is not None:
-            w = wmod.weight.detach().float().cpu()
-            b = getattr(wmod, "bias", None)
-            flat_w = w.flatten(1)
-            zero = flat_w.abs().amax(1) == 0
-            if isinstance(b, Tensor):
-                zero &= b.detach().cpu() == 0
-            spatial = w.dim() - 2
-            if spatial >= 1 and max(w.shape[2:]) > 1:
-                noise = high_frequency_score(w, spatial)
-            unit = flat_w / flat_w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sim = unit @ unit.t()
-            i, j = torch.triu_indices(channels, channels, 1)
-            keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
-            duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
+        wname, wmod, zero, noise, duplicates = weight_health(model, name, layer_modules[name], channels,
+                                                             duplicate_threshold)
         render_noise = None
         if renders is not None and name in renders:
             r = renders[name]
@@ -219,6 +215,31 @@ def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold
         report.layers[name] = LayerHealth(active / count, (total / count).float(), top, top <= threshold, zero, noise,
                                           render_noise, flags, duplicates, wname)
     return report
+
+
+def weight_health(model: nn.Module, name: str, module: nn.Module, channels: int, duplicate_threshold: float = 0.95):
+    """What a layer's weights tell about its `channels` filters, without data: (name of the module whose weights
+    make them, that module, zero (C,) bool: weights and bias all zero, noise (C,) weight roughness or None for
+    kernels without space, duplicates [(i, j, cosine)] above the threshold); all None / [] when no module fits."""
+    wname, wmod = _weights_for(model, name, module, channels)
+    zero = noise = None
+    duplicates = []
+    if wmod is not None:
+        w = wmod.weight.detach().float().cpu()
+        b = getattr(wmod, "bias", None)
+        flat_w = w.flatten(1)
+        zero = flat_w.abs().amax(1) == 0
+        if isinstance(b, Tensor):
+            zero &= b.detach().cpu() == 0
+        spatial = w.dim() - 2
+        if spatial >= 1 and max(w.shape[2:]) > 1:
+            noise = high_frequency_score(w, spatial)
+        unit = flat_w / flat_w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sim = unit @ unit.t()
+        i, j = torch.triu_indices(channels, channels, 1)
+        keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
+        duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
+    return wname, wmod, zero, noise, duplicates
 
 
 def render_noise_score(renders: Tensor) -> Tensor:
