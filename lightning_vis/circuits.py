@@ -152,7 +152,8 @@ def expanded_weights(model: nn.Module, source: LayerSpec, target: LayerSpec, inp
             for start in range(0, len(wanted), batch):
                 js = wanted[start:start + batch]
                 leaf, maps = run(len(js))
-                (g,) = torch.autograd.grad(_select_centre(maps, js, centre).sum(), leaf, allow_unused=True)
+                value = _select_centre(maps, js, centre).sum()
+                (g,) = torch.autograd.grad(value, leaf, allow_unused=True) if value.requires_grad else (None,)
                 if g is None:
                     g = torch.zeros_like(leaf)
                 else:
