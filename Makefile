@@ -7,8 +7,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs)
 PEERS := captum==0.9.0 grad-cam==1.5.7
-# the callbacks' trainers and loggers, and the digits data of the demo and tests
-TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn selenium
+# the callbacks' trainers and loggers, and the digits data of the demo and tests; matplotlib draws every plot (health,
+# the atlas); Lightning Fabric shares the atlas out over processes
+TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard scikit-learn selenium matplotlib
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
@@ -29,6 +30,7 @@ bench: build
 	$(PIP) install -q --no-deps torch-lucent==0.1.8
 	$(PY) -m benchmarks.kernels
 	$(PY) -m benchmarks.methods
+	$(PY) -m benchmarks.atlas
 
 build: $(EXT_STAMP)
 	@cat build/backends.txt

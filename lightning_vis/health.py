@@ -116,14 +116,18 @@ def high_frequency_score(x: Tensor, spatial_dims: int, cutoff: float = 0.25, pad
 
 
 def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
-    """The conv/linear module whose filters make this layer's channels: the layer itself, or the last module
-    before it (in definition order) with weights of `channels` output filters."""
+    """The conv/linear module whose filters make this layer's channels: the layer itself; for a block (a module
+    with children, e.g. an inverted residual block), the last module inside it with weights of `channels` output
+    filters; else the last such module before it (in definition order: an activation after its convolution)."""
     def fits(m):
         w = getattr(m, "weight", None)
         return isinstance(w, Tensor) and w.dim() >= 2 and w.shape[0] == channels and not isinstance(
             m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm))
     if fits(module):
         return name, module
+    inside = [(f"{name}.{k}", m) for k, m in module.named_modules() if k and fits(m)]
+    if inside:
+        return inside[-1]
     last = None
     for k, m in model.named_modules():
         if k == name:

@@ -81,8 +81,8 @@ def bar_chart(values: Sequence[float] | dict[str, Sequence[float]], labels: Sequ
         ax.set_xticks(range(n), labels, fontsize=8)
         ax.set_ylim(0, peak * 1.15)
         ax.set_ylabel(value_label, fontsize=9)
-    if len(series) > 1:
-        ax.legend(fontsize=8, frameon=False)
+    if len(series) > 1:  # beside the axes, where it cannot cover a bar
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     return fig
 
@@ -109,6 +109,10 @@ def histogram(edges: Tensor | Sequence[float], counts: Tensor | Sequence[float],
     if log:
         ax.set_yscale("log")
         ax.set_ylim(0.8, float(counts.max()) * 2)
+    elif bool((counts == counts.round()).all()):  # counts of things: whole-number ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for i, (name, x) in enumerate((marks or {}).items()):
         ax.axvline(x, color=[RED, AMBER, GREY][i % 3], linewidth=1, linestyle="--")
         ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",

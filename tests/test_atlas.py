@@ -11,7 +11,6 @@ Every process runs one thread, so that the 1- and 2-process runs do the same flo
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from torch import nn
 from lightning_vis import cli
 from lightning_vis.circuits import expanded_weights
 from lightning_vis.dataset import bottom_k_examples, top_k_examples
-from tests.browser import chromium, needs_chromium
+from tests.browser import chromium, images_loaded, needs_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 C1, C2 = "c<1>&'\"", "c/2 \u00fc"  # a ModuleDict allows any name without a dot
@@ -52,7 +51,7 @@ def hostile_cnn():
 
 
 ARGS = ["atlas", "--model", "tests.test_atlas:hostile_cnn", "--size", "16", "--render-size", "16", "--steps", "3",
-        "-k", "3", "--batch", "3", "--diverse", "2", "--batch-size", "5", "--connections", "2"]
+        "-k", "3", "--batch", "3", "--diverse", "2", "--batch-size", "5", "--connections", "2", "--accelerator", "cpu"]
 
 
 def _env():
@@ -92,7 +91,7 @@ def one(images, tmp_path_factory):
 
 def test_two_processes_write_exactly_the_files_of_one(one, images, tmp_path):
     out = tmp_path / "two"
-    p = _cli("--images", str(images), "--out", str(out), "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
+    p = _cli("--images", str(images), "--out", str(out), "--devices", "2", "--strategy", "ddp")
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
     assert "units (2 processes)" in err  # rank zero's bar counts both ranks' units
@@ -217,15 +216,7 @@ def test_site_in_headless_chromium(one, tmp_path):
     try:
         for page in sorted(one.rglob("*.html")):
             driver.get(page.as_uri())
-            driver.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
-            deadline = time.time() + 10
-            while True:
-                total, loaded = driver.execute_script(
-                    "const i = [...document.images]; "
-                    "return [i.length, i.filter(x => x.complete && x.naturalWidth > 0).length]")
-                if loaded == total or time.time() > deadline:
-                    break
-                time.sleep(0.1)
+            total, loaded = images_loaded(driver)
             assert total > 0 and loaded == total, page
             bad = driver.execute_script(
                 "return [...document.links].map(a => a.href).filter(h => !h.startsWith('file:'))")

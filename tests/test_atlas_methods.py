@@ -245,3 +245,17 @@ def test_file_stem_keeps_plain_names_and_separates_others():
     stems = [file_stem(n) for n in odd]
     assert len(set(stems)) == len(odd)
     assert all(s and s not in (".", "..") and not s.startswith(".") and "/" not in s for s in stems)
+
+
+def test_atlas_benchmark_smoke(tmp_path):
+    """One process, 16 units, 4 steps: the script runs its worker and writes its record (no timing asserted)."""
+    import json
+
+    from benchmarks import atlas as bench
+
+    path = tmp_path / "a.json"
+    assert bench.main(["--quick", "--processes", "1", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["schema"] == "lightning-vis/benchmarks/atlas/1" and record["config"] == "cpu"
+    first = record["rows"][0]
+    assert first["units"] == 16 and first["processes"] == 1 and first["threads"] == 1 and first["units_per_s"] > 0

@@ -17,6 +17,7 @@ it goes on where it stopped; run a finished atlas again and nothing is rewritten
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -91,7 +92,7 @@ def fingerprint(model: nn.Module) -> str:
         if isinstance(v, Tensor):
             t = v.detach().cpu().contiguous()
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 
@@ -187,9 +188,9 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     shared among its processes; without, an initialised torch.distributed group is used, else one process. The
     model runs where its parameters are (put it on fabric.device first). on_unit(layer, unit): called after each
     unit this rank wrote."""
-    s = settings if settings is not None else Settings(**settings_kwargs)
     if settings is not None and settings_kwargs:
         raise AtlasError("give settings= or its fields as keyword arguments, not both")
+    s = settings if settings is not None else Settings(**settings_kwargs)
     comm = Comm.of(fabric)
     out = Path(out)
     timings: dict[str, float] = {}
@@ -226,6 +227,10 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     verdict = comm.broadcast(verdict)
     if verdict:
         raise AtlasError(verdict)
+    comm.barrier()
+    if not all(comm.gather((out / "atlas.json").is_file())):
+        raise AtlasError(f"{out} is not the same folder for every process: on several nodes the output folder must be "
+                         "on a filesystem they share")
 
     # the layers' facts from the model alone (the same on every rank)
     modules = resolve_layers(model, order)
@@ -307,7 +312,7 @@ def _add_data(ctxs: dict[str, LayerContext], stats: DataStats, model, order) -> 
         ctx.top, ctx.bottom, ctx.hist = stats.top.layers[n], stats.bottom.layers[n], stats.hist.layers[n]
         ctx.hist_edges, ctx.seen = stats.hist.edges, stats.seen
         ctx.selectivity = _selectivity(stats, n)
-        sel = ctx.selectivity[:ctx.shown]
+        sel = ctx.selectivity[:ctx.shown].masked_fill(ctx.dead[:ctx.shown], float("-inf"))  # dead: not selective
         best = torch.argsort(-sel, stable=True)[:max(1, round(0.1 * ctx.shown))]
         ctx.selective = {int(i) for i in best if float(sel[i]) > 0}
 
@@ -366,6 +371,7 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
                 return _input_of(display[i])
         else:
             raise AtlasError("display must be a callable input -> picture, or a dataset of pictures")
+        show = functools.lru_cache(maxsize=64)(show)  # the same pictures come back for many units of a chunk
     label = _as_callable(names, lambda i: f"#{i}", "names")
     written = 0
     for j, (n, start) in enumerate(pending):

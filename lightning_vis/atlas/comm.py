@@ -13,7 +13,7 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 @dataclass
 class Comm:
-    """rank / world and the three collectives the atlas needs; a plain single process when there is no group."""
+    """rank / world and the collectives the atlas needs; a plain single process when there is no group."""
 
     rank: int = 0
     world: int = 1
@@ -40,6 +40,14 @@ class Comm:
             self.fabric.barrier()
         else:
             torch.distributed.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's object, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, obj)
+        return parts
 
     def broadcast(self, obj, src: int = 0):
         """Rank `src`'s object on every rank."""

@@ -56,6 +56,9 @@ def loader_for(data, comm: Comm, batch_size: int, num_workers: int = 0) -> DataL
 def first_input(data) -> torch.Tensor:
     """The dataset's first model input, (C, *spatial)."""
     ds = dataset_of(data)
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise ValueError(f"the atlas needs a map-style dataset (len() and [index]: examples are looked up by index), "
+                         f"not a {type(ds).__name__}")
     if len(ds) == 0:
         raise ValueError("the dataset is empty")
     item = ds[0]

@@ -248,10 +248,10 @@ def unit_page(rec: dict, model_title: str) -> str:
     r = rec["render"]
     h, w = r["display"]
     figs = [f'<figure>{img(r["positive"], "positive render", w, h, "px")}<figcaption>what excites it most '
-            f'(reaches {fmt(r["scores"]["positive"])})</figcaption></figure>']
+            f'(mean activation over the render {fmt(r["scores"]["positive"])})</figcaption></figure>']
     if r.get("negative"):
         figs.append(f'<figure>{img(r["negative"], "negative render", w, h, "px")}<figcaption>what inhibits it most '
-                    f'(reaches {fmt(r["scores"]["negative"])})</figcaption></figure>')
+                    f'(mean activation {fmt(r["scores"]["negative"])})</figcaption></figure>')
     if r.get("diverse"):
         div = "".join(img(p, f"diverse render {i}", 112, 112, "px") for i, p in enumerate(r["diverse"]))
         figs.append(f'<figure class="small">{div}<figcaption>diverse renders: other things that excite it'

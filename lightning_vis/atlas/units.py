@@ -5,6 +5,7 @@ complete: a folder that exists is finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -189,9 +190,28 @@ def _distribution_plot(ctx: LayerContext, unit: int, hist, edges_all: Tensor, se
     return fig
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the block: a unit's pictures are small tensors, for which intra-op threads only
+    cost synchronisation (and, on a busy machine, much more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
                display, names, maps: dict[int, Tensor], model_title: str, chunk_units: list[int]) -> Path:
     """Writes layers/<slug>/<unit>/ (temporary folder, renamed when complete); returns it."""
+    with one_thread():
+        return _write_unit(root, ctx, unit, rendered, i, settings=settings, display=display, names=names, maps=maps,
+                           model_title=model_title, chunk_units=chunk_units)
+
+
+def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
+                display, names, maps: dict[int, Tensor], model_title: str, chunk_units: list[int]) -> Path:
     final = root / "layers" / ctx.slug / str(unit)
     tmp = final.with_name(f".{unit}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,7 +246,7 @@ def write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int,
                              ("selective", unit in ctx.selective)) if on]
     rec = {"layer": ctx.name, "slug": ctx.slug, "unit": unit, "shown": ctx.shown, "render": rend, "health": health,
            "flags": flags, "examples": None, "distribution": None, "connections": {"inputs": None, "outputs": None},
-           "evolution": None, "sub": f"{ctx.type} {list(ctx.shape)}, {ctx.layout.describe()}, {ctx.units} units"}
+           "evolution": None, "sub": f"{ctx.type}, output {' x '.join(map(str, ctx.shape[1:]))} ({ctx.layout.describe()}), {ctx.units} units"}
     if ctx.top is not None:
         rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s, chunk_units),
                            "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s,
