@@ -15,7 +15,8 @@
 Each configuration is one fresh run (`python -m benchmarks.atlas --worker ...`, started once per process count, its
 output in a temporary folder); the render phase is timed on rank zero from the first chunk to the last unit
 written by any rank, so start-up, imports and the process group are not counted; the whole run's wall time is
-reported too. Times on a shared machine are noisy: run it twice.
+reported too. The configurations take turns for --reps rounds and each keeps its median run: a shared machine's
+noise hits them alike.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for vgg16, else cpu")
     ap.add_argument("--weights", help="vgg16: a state_dict file")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 16 units, 4 steps")
+    ap.add_argument("--reps", type=int, default=3, help="rounds; the median run of each configuration is kept")
     ap.add_argument("--json", default=os.path.join("out", "benchmarks", "atlas.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -141,16 +143,21 @@ def main(argv=None) -> int:
     extra = ["--steps", "4", "--max-units", "4", "--batch", "8"] if args.quick else []
     if args.weights:
         extra += ["--weights", args.weights]
-    rows = []
     runs = [(int(v), 1 if args.device == "cpu" else None) for v in args.processes.split(",")]
     if args.device == "cpu" and (os.cpu_count() or 1) > 1 and len(runs) > 1:
         runs.append((1, os.cpu_count()))
-    for p, threads in runs:
-        row = run(args.config, p, args.device, extra, threads)
-        rows.append({"config": args.config, **row})
-        print(f"{args.config}: {p} process(es) x {row['threads']} thread(s) on {row['device']}: {row['units']} units "
-              f"rendered in {row['render_s']:.1f} s = {row['units_per_s']:.2f} units/s (whole run "
-              f"{row['wall_s']:.1f} s, process {row['process_s']:.1f} s)", flush=True)
+    samples: dict = {r: [] for r in runs}
+    for rep in range(args.reps):  # the configurations take turns: the machine's noise hits all alike
+        for p, threads in runs:
+            row = run(args.config, p, args.device, extra, threads)
+            samples[(p, threads)].append(row)
+            print(f"{args.config} round {rep + 1}: {p} process(es) x {row['threads']} thread(s) on {row['device']}: "
+                  f"{row['units']} units rendered in {row['render_s']:.1f} s = {row['units_per_s']:.2f} units/s "
+                  f"(whole run {row['wall_s']:.1f} s, process {row['process_s']:.1f} s)", flush=True)
+    rows = []
+    for key, got in samples.items():
+        best = sorted(got, key=lambda r: r["units_per_s"])[len(got) // 2]  # the median run
+        rows.append({"config": args.config, **best, "units_per_s_runs": [round(r["units_per_s"], 3) for r in got]})
     if len(rows) > 1:
         base = rows[0]["units_per_s"]
         for r in rows:

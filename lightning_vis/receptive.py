@@ -77,7 +77,8 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
         got["out"] = output if isinstance(output, Tensor) else output[0]
         raise _Stop
 
-    x = torch.ones(2, *shape, requires_grad=True)
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    x = torch.ones(2, *shape, device=device, requires_grad=True)  # where the model is (a GPU model too)
     tracer = LayoutTracer(model, layout, grid_override)
     try:
         with tracer:

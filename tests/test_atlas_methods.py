@@ -254,8 +254,16 @@ def test_atlas_benchmark_smoke(tmp_path):
     from benchmarks import atlas as bench
 
     path = tmp_path / "a.json"
-    assert bench.main(["--quick", "--processes", "1", "--json", str(path)]) == 0
+    assert bench.main(["--quick", "--processes", "1", "--reps", "1", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
     assert record["schema"] == "lightning-vis/benchmarks/atlas/1" and record["config"] == "cpu"
     first = record["rows"][0]
     assert first["units"] == 16 and first["processes"] == 1 and first["threads"] == 1 and first["units_per_s"] > 0
+
+
+def test_chunks_are_dealt_out_by_cost():
+    from lightning_vis.atlas.build import deal
+
+    shares = deal(list("abcdef"), [16, 64, 120, 24, 160, 96], 2)
+    assert shares == [["a", "b", "e"], ["c", "d", "f"]]  # 240 and 240, each share in the items' order
+    assert deal(["x"], [3], 3) == [["x"], [], []]

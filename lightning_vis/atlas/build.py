@@ -244,7 +244,7 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
         for i, j, c in dups:
             ctx.duplicates.setdefault(i, []).append((j, c))
             ctx.duplicates.setdefault(j, []).append((i, c))
-        if info.layout.kind in ("channels_first", "channels_last") and example.dim() == 4:
+        if dataset is not None and info.layout.kind in ("channels_first", "channels_last") and example.dim() == 4:
             try:
                 ctx.rf = receptive_field(model, n, tuple(example.shape[1:]))
             except ValueError:
@@ -342,8 +342,9 @@ def _connections_phase(model, pairs, ctxs, example, s: Settings, comm: Comm, out
 
 def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, comm: Comm, out: Path, title,
                  preprocess, batch_size, progress, on_unit, units_of, todo, timings) -> int:
-    """Each rank renders its chunks (every world-th pending one) and writes their unfinished units; rank zero's
-    progress bar counts every rank's units (finished folders), with an ETA."""
+    """Each rank renders its share of the pending chunks (dealt out by cost: units x the layer's depth, a proxy for
+    the forward and backward a render needs) and writes their unfinished units; rank zero's progress bar counts
+    every rank's units (finished folders), with an ETA."""
     t = time.perf_counter()
     total = sum(len(todo(c)) for c in pending) if comm.zero else 0
     bar = progress_bar(progress and comm.zero and total > 0,
@@ -374,9 +375,9 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
         show = functools.lru_cache(maxsize=64)(show)  # the same pictures come back for many units of a chunk
     label = _as_callable(names, lambda i: f"#{i}", "names")
     written = 0
-    for j, (n, start) in enumerate(pending):
-        if j % comm.world != comm.rank:
-            continue
+    depth = {n: i + 1 for i, n in enumerate(ctxs)}
+    mine = deal(pending, [len(units_of(n, start)) * depth[n] for n, start in pending], comm.world)[comm.rank]
+    for n, start in mine:
         ctx, us = ctxs[n], units_of(n, start)
         rendered = render_chunk(model, n, us, s, preprocess)
         maps = {}
@@ -402,6 +403,18 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
     comm.barrier()
     timings["units"] = time.perf_counter() - t
     return written
+
+
+def deal(items: list, costs: list[float], world: int) -> list[list]:
+    """Items dealt out to `world` ranks, costliest first, each to the rank with the least so far (ties: the lower
+    rank), every rank's share in the items' own order. The same on every rank (a function of the lists alone)."""
+    load = [0.0] * world
+    share: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(items)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += costs[i]
+        share[r].append(i)
+    return [[items[i] for i in sorted(idx)] for idx in share]
 
 
 def _input_of(item):
