@@ -305,7 +305,7 @@ def _bin_counts(values: Tensor, edges: Tensor, channels: int) -> Tensor:
     offset = (torch.arange(channels, device=values.device) * nb).view(1, -1, 1)
     step = max(1, (1 << 22) // max(1, values[0].numel()))
     for i in range(0, values.shape[0], step):
-        v = values[i:i + step]
+        v = values[i:i + step].contiguous()  # token maps are transposed views
         idx = torch.bucketize(v, inner, right=True) + offset
         keep = ~torch.isnan(v)
         out += torch.bincount(idx[keep] if not bool(keep.all()) else idx.flatten(), minlength=channels * nb)

@@ -74,8 +74,8 @@ class HealthReport:
 
     def plots(self, folder) -> list[Path]:
         """PNG plots (matplotlib): per layer a histogram of its channels' active fractions
-        (``<layer>_active.png``), and the dead, noise-only and duplicated filters of every layer side by side
-        (``suspicious_per_layer.png``)."""
+        (``<layer>_active.png``); per kind the dead, noise-only and duplicated filters of every layer
+        (``dead_per_layer.png``, ``noise_only_per_layer.png``, ``duplicated_per_layer.png``)."""
         from . import plots
         from ._util import file_stem
 
@@ -92,12 +92,13 @@ class HealthReport:
         for n in names:
             for i, j, _ in self.layers[n].duplicates:
                 dup[n].update((i, j))
-        fig = plots.bar_chart({"dead": [int(self.layers[n].dead.sum()) for n in names],
-                               "noise-only": [int(self.layers[n].noise_only.sum()) for n in names],
-                               "duplicated": [len(dup[n]) for n in names]}, names,
-                              title="suspicious filters per layer", value_label="filters",
-                              empty="no dead, noise-only or duplicated filters")
-        paths.append(plots.save(fig, folder / "suspicious_per_layer.png"))
+        for what, counts in (("dead", [int(self.layers[n].dead.sum()) for n in names]),
+                             ("noise_only", [int(self.layers[n].noise_only.sum()) for n in names]),
+                             ("duplicated", [len(dup[n]) for n in names])):
+            label = what.replace("_", "-")
+            fig = plots.bar_chart(counts, names, title=f"{label} filters per layer", value_label="filters",
+                                  empty=f"no {label} filters in {len(names)} layer{'s' if len(names) > 1 else ''}")
+            paths.append(plots.save(fig, folder / f"{what}_per_layer.png"))
         return paths
 
 

@@ -242,3 +242,31 @@ def test_site_in_headless_chromium(one, tmp_path):
         assert 1 <= shown <= 5
     finally:
         driver.quit()
+
+
+def test_token_layers_of_a_vision_transformer(tmp_path):
+    """Units of token layers are hidden dimensions: maps on the patch grid (class token set apart), no receptive
+    field crop; the default layers leave out modules that never run (MultiheadAttention's out_proj)."""
+    from torch.utils.data import TensorDataset
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from lightning_vis import atlas
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                            num_classes=3).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = atlas.build(vit, TensorDataset(torch.rand(6, 3, 16, 16)), tmp_path / "vit", size=16, steps=2, k=2,
+                          diverse=0, max_units=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.layers == ["conv_proj", "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_0.mlp.3",
+                          "heads.head"]
+    rec = json.loads((tmp_path / "vit" / "layers" / "encoder.layers.encoder_layer_0.mlp.3" / "1" / "unit.json")
+                     .read_text())
+    assert "tokens 1+4x4" in rec["sub"] and rec["examples"]["top"][0]["map"] is not None
+    assert rec["examples"]["top"][0]["crop_size"] == [96, 96]  # the whole picture: attention sees all of it
+    assert rec["connections"]["inputs"]["layer"] == "encoder.layers.encoder_layer_0.mlp.0"
+    assert sum(c for _, _, c in rec["distribution"]["bins"]["values"]) == 6 * 16  # the grid's tokens, not the class

@@ -79,7 +79,8 @@ def test_bottom_k_merges_exactly_and_pads_with_plus_infinity():
     assert torch.equal(merged.layers["conv2"].indices, whole.layers["conv2"].indices)
     torch.testing.assert_close(merged.layers["conv2"].scores, whole.layers["conv2"].scores)  # other batches
     few = bottom_k_examples(model, DataLoader(TensorDataset(x[:2]), batch_size=2), "conv2", k=4, progress=False)
-    assert (few.layers["conv2"].indices[:, 2:] == -1).all() and (few.layers["conv2"].scores[:, 2:] == float("inf")).all()
+    assert (few.layers["conv2"].indices[:, 2:] == -1).all()
+    assert (few.layers["conv2"].scores[:, 2:] == float("inf")).all()
     state = lv.TopK.from_state_dict(whole.state_dict())
     assert not state.largest
     with pytest.raises(ValueError, match="order"):

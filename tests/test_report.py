@@ -53,7 +53,8 @@ def test_gallery_is_the_atlas_plus_samples(gallery):
     for needle in ("pic0.png", "pic1.png", "gradcam++", "activation maps: conv1", "deconvnet", "conv2"):
         assert needle in samples, needle
     assert "pic2.png" not in samples  # samples=2
-    for page in [gallery, root / "samples.html", *root.glob("layers/*/index.html"), *root.glob("layers/*/*/index.html")]:
+    pages = [gallery, root / "samples.html", *root.glob("layers/*/index.html"), *root.glob("layers/*/*/index.html")]
+    for page in pages:
         srcs = re.findall(r'src="([^"]+)"', page.read_text())
         assert srcs and all((page.parent / s).is_file() for s in srcs), page
         assert not any(s.startswith("/") or "://" in s for s in srcs)  # relative: opens from disk anywhere
@@ -80,7 +81,8 @@ def test_cli_report(tmp_path):
 def test_gallery_renders_in_headless_chromium(gallery, tmp_path):
     driver = chromium(tmp_path, "1200,1600")
     try:
-        for page in (gallery, gallery.parent / "samples.html", gallery.parent / "layers" / "conv2" / "1" / "index.html"):
+        root = gallery.parent
+        for page in (gallery, root / "samples.html", root / "layers" / "conv2" / "1" / "index.html"):
             driver.get(page.as_uri())
             total, loaded = images_loaded(driver)
             assert total > 0 and loaded == total, page

@@ -68,7 +68,9 @@ def default_layers(model: nn.Module) -> list[str]:
     return [k for k, m in model.named_modules() if k and isinstance(m, UNIT_TYPES)]
 
 
-def _execution_order(model: nn.Module, names: list[str], example: Tensor) -> list[str]:
+def _execution_order(model: nn.Module, names: list[str], example: Tensor, strict: bool = True) -> list[str]:
+    """The layers in the order they first run (strict: every one must run; else those that do not are left out,
+    e.g. a MultiheadAttention's out_proj, whose weights are used without calling it)."""
     order: list[str] = []
     modules = resolve_layers(model, names)
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n) if n not in order else None)
@@ -80,7 +82,7 @@ def _execution_order(model: nn.Module, names: list[str], example: Tensor) -> lis
         for h in handles:
             h.remove()
     missing = [n for n in names if n not in order]
-    if missing:
+    if missing and strict:
         raise AtlasError(f"layer {missing[0]!r} does not run in the model's forward pass")
     return order
 
@@ -144,7 +146,8 @@ def _selectivity(stats: DataStats, name: str) -> Tensor:
     mean = counts @ mids / n
     std = ((counts @ mids.pow(2)) / n - mean.pow(2)).clamp_min(0).sqrt()
     top = stats.top.layers[name].scores.double()
-    top_mean = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).sum(1) / torch.isfinite(top).sum(1).clamp_min(1)
+    finite = torch.isfinite(top)
+    top_mean = torch.where(finite, top, torch.zeros_like(top)).sum(1) / finite.sum(1).clamp_min(1)
     return torch.where(std > 0, (top_mean - mean) / std.clamp_min(1e-30), torch.zeros_like(std)).float()
 
 
@@ -209,7 +212,7 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     names_given = list(resolve_layers(model, layers)) if layers is not None else default_layers(model)
     if not names_given:
         raise AtlasError("the model has no convolution or linear layer: name the layers to map")
-    order = _execution_order(model, names_given, example)
+    order = _execution_order(model, names_given, example, strict=layers is not None)
     for n in order:
         lay = infos[n].layout if n in infos else None
         if not isinstance(lay, Layout):

@@ -246,7 +246,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
                              ("selective", unit in ctx.selective)) if on]
     rec = {"layer": ctx.name, "slug": ctx.slug, "unit": unit, "shown": ctx.shown, "render": rend, "health": health,
            "flags": flags, "examples": None, "distribution": None, "connections": {"inputs": None, "outputs": None},
-           "evolution": None, "sub": f"{ctx.type}, output {' x '.join(map(str, ctx.shape[1:]))} ({ctx.layout.describe()}), {ctx.units} units"}
+           "evolution": None, "sub": f"{ctx.type}, output {' x '.join(map(str, ctx.shape[1:]))} "
+                                     f"({ctx.layout.describe()}), {ctx.units} units"}
     if ctx.top is not None:
         rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s, chunk_units),
                            "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s,
