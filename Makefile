@@ -8,8 +8,9 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs)
 PEERS := captum==0.9.0 grad-cam==1.5.7
 # the callbacks' trainers and loggers (W&B and MLflow: tested offline / on a local store), and the digits data of the
-# demo and tests
-TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium
+# demo and tests; matplotlib draws every plot (health, the atlas); Lightning Fabric shares the atlas out over processes
+TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium \
+  matplotlib
 # the web explorer's HTTP server
 SERVER := waitress>=3.0
 BROWSER_STAMP := $(VENV)/.browser
@@ -32,6 +33,7 @@ bench: build
 	$(PIP) install -q --no-deps torch-lucent==0.1.8
 	$(PY) -m benchmarks.kernels
 	$(PY) -m benchmarks.methods
+	$(PY) -m benchmarks.atlas
 
 build: $(EXT_STAMP)
 	@cat build/backends.txt

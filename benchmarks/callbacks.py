@@ -47,8 +47,12 @@ def _module(pl, net):
 
 
 def _trainer(pl, callbacks, **kw):
+    import tempfile
+
+    # a folder of its own: the callbacks' files (topk.pt, ...) go under default_root_dir/lightning_vis, which from the
+    # repository's root would be the package itself
     return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, callbacks=callbacks, **kw)
+                      enable_checkpointing=False, callbacks=callbacks, default_root_dir=tempfile.mkdtemp(), **kw)
 
 
 def main(argv=None):

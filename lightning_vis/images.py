@@ -131,38 +131,22 @@ def save_png(image: Tensor, path) -> Path:
 
 
 def bar_chart(values, title: str = "", bar_labels=None, x_labels=None, size=(480, 240)) -> Tensor:
-    """A plain bar chart as a (3, H, W) image: bars scaled to the largest value, each bar's value above it,
-    optional labels under the bars (bar_labels) or along the axis (x_labels: first, middle, last)."""
-    from PIL import Image, ImageDraw
+    """A bar chart (matplotlib, lightning_vis.plots) as a (3, H, W) image of `size` (W, H) pixels: each bar's value
+    next to it, labels under the bars (bar_labels; horizontal bars when there are many or long ones) or along the
+    axis (x_labels: first, middle, last). All-zero values say so instead of drawing an empty panel."""
+    from . import plots
 
     values = [float(v) for v in values]
     if not values:
         raise ValueError("bar_chart needs at least one value")
     w, h = size
-    left, right, top, bottom = 30, 10, 24, 36
-    pic = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(pic)
-    draw.text((left, 4), title, fill="black")
-    peak = max(max(values), 1e-12)
-    slot = (w - left - right) / len(values)
-    for i, v in enumerate(values):
-        x0 = left + i * slot + 0.1 * slot
-        x1 = left + (i + 1) * slot - 0.1 * slot
-        y0 = h - bottom - (h - top - bottom) * v / peak
-        draw.rectangle([x0, y0, x1, h - bottom], fill="#3b528b")
-        if v and slot >= 14:
-            draw.text((x0, y0 - 11), f"{v:g}", fill="black")
-        if bar_labels:
-            draw.text((x0, h - bottom + 4 + 11 * (i % 2)), str(bar_labels[i])[:max(3, int(slot / 6) * 2)],
-                      fill="black")
-    draw.line([left, h - bottom, w - right, h - bottom], fill="black")
-    if x_labels:
-        for frac, label in zip((0.0, 0.5, 1.0), x_labels):
-            draw.text((left + frac * (w - left - right) - 4 * frac * len(label), h - bottom + 4), label,
-                      fill="black")
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1).float() / 255
+    fig = plots.figure(w / 100, h / 100, dpi=100)
+    plots.bar_chart(values, bar_labels, title=title, fig=fig)
+    if x_labels and not bar_labels:
+        ax = fig.axes[0]
+        n = len(values)
+        ax.set_xticks([-0.5, (n - 1) / 2, n - 0.5][:len(x_labels)], list(x_labels)[:3], fontsize=8)
+    return plots.to_image(fig)
 
 
 def signed_rgb(r: Tensor, percentile: float = 0.995) -> Tensor:

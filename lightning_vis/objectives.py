@@ -119,19 +119,23 @@ def direction(layer: str, vector: Tensor) -> Objective:
     return Objective(fn, [layer], f"direction({layer})")
 
 
-def diversity(layer: str) -> Objective:
+def diversity(layer: str, group: int | None = None) -> Objective:
     """Minus the mean cosine similarity of each element's Gram matrix with the others' (Lucid's diversity),
-    vectorised: one (B, B) product, no loop over pairs."""
+    vectorised: one (B, B) product, no loop over pairs. group=g: only among each run of g consecutive elements
+    (many units' diverse renders in one batch, g per unit; B must be a multiple of g)."""
     def fn(acts, _):
         a = _maps(acts[layer]).flatten(2)
         b = a.shape[0]
-        if b < 2:
+        g = b if group is None else group
+        if g < 1 or b % g:
+            raise ValueError(f"diversity: a batch of {b} does not split into groups of {g}")
+        if g < 2:
             return torch.zeros(b, device=a.device)
         gram = torch.einsum("bcp,bdp->bcd", a, a).flatten(1)
-        gram = F.normalize(gram, dim=1)
-        sim = gram @ gram.t()
-        return -(sim.sum(1) - sim.diagonal()) / (b - 1)
-    return Objective(fn, [layer], f"diversity({layer})")
+        gram = F.normalize(gram, dim=1).view(b // g, g, -1)
+        sim = gram @ gram.transpose(1, 2)  # (B / g, g, g)
+        return (-(sim.sum(2) - sim.diagonal(dim1=1, dim2=2)) / (g - 1)).flatten()
+    return Objective(fn, [layer], f"diversity({layer}{'' if group is None else f', group={group}'})")
 
 
 def _check_units(units: Tensor, n: int, where: str):

@@ -84,8 +84,9 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
         got["out"] = output if isinstance(output, Tensor) else output[0]
         raise _Stop
 
-    dtype = next(iter(params.values())).dtype if params else torch.float32
-    x = torch.ones(2, *shape, dtype=dtype, requires_grad=True)
+    first = next(iter(params.values()), None)
+    dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, torch.device("cpu"))
+    x = torch.ones(2, *shape, dtype=dtype, device=device, requires_grad=True)  # where the model is (a GPU model too)
     tracer = LayoutTracer(model, layout, grid_override)
     try:
         with tracer:

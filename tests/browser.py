@@ -26,3 +26,18 @@ def chromium(tmp_path, window: str):
               f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={window}"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def images_loaded(driver, timeout: float = 10.0) -> tuple[int, int]:
+    """(images on the page, images loaded), after making lazy images load and waiting up to `timeout` seconds for
+    all of them."""
+    import time
+
+    driver.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
+    deadline = time.time() + timeout
+    while True:
+        total, loaded = driver.execute_script(
+            "const i = [...document.images]; return [i.length, i.filter(x => x.complete && x.naturalWidth > 0).length]")
+        if loaded == total or time.time() > deadline:
+            return total, loaded
+        time.sleep(0.1)

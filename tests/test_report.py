@@ -1,6 +1,7 @@
-"""The static gallery: built for a tiny model from generated pictures, every referenced file exists, and a real
-headless Chromium (Debian's chromium + chromium-driver) opens it from disk and loads every image."""
+"""The gallery (report.build, lightning-vis report): the atlas of the layers over a handful of pictures plus a
+samples page; every referenced file exists, and a real headless Chromium opens it from disk and loads every image."""
 
+import json
 import re
 from collections import OrderedDict
 
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from lightning_vis import cli, report
-from tests.browser import chromium, needs_chromium
+from lightning_vis import images as im
+from tests.browser import chromium, images_loaded, needs_chromium
 
 
 def tiny():
@@ -26,25 +28,36 @@ def gallery(tmp_path_factory):
     shown = torch.rand(5, 3, 16, 16, generator=g)
     evo = out.parent / "evo"
     evo.mkdir(exist_ok=True)
-    from lightning_vis import images as im
     im.save_png(torch.rand(3, 10, 40), evo / "channel1.png")
-    index = report.build(tiny(), shown, shown, [f"pic{i}.png" for i in range(5)], ["conv1", "conv2"], out,
-                         cam_layer="conv2", class_names=["a", "b", "c"], units=3, render_steps=2, render_size=16,
-                         k=2, evolution={"conv2": evo}, progress=False, samples=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        index = report.build(tiny(), shown, shown, [f"pic{i}.png" for i in range(5)], ["conv1", "conv2"], out,
+                             cam_layer="conv2", class_names=["a", "b", "c"], units=3, render_steps=2,
+                             render_size=16, k=2, evolution={"conv2": evo}, progress=False, samples=2)
+    finally:
+        torch.set_num_threads(threads)
     return index
 
 
-def test_gallery_pages_reference_existing_files(gallery):
-    text = gallery.read_text()
-    srcs = re.findall(r'src="([^"]+)"', text)
-    assert srcs and all((gallery.parent / s).is_file() for s in srcs)
-    assert not any(s.startswith("/") or "://" in s for s in srcs)  # relative: opens from disk anywhere
-    for needle in ('id="layer-conv1"', 'id="layer-conv2"', 'id="samples"', "units/conv2/1_evolution.png",
-                   "pic0.png", "pic1.png", "gradcam++", "activations: conv1", "deconv: conv2", "median active"):
-        assert needle in text, needle
-    assert "pic2.png" not in text  # samples=2
-    assert len(re.findall(r'class="card"', text)) == 6  # 3 units x 2 layers
-    assert len(re.findall(r'alt="top-k crop"', text)) == 12  # k = 2 crops per unit
+def test_gallery_is_the_atlas_plus_samples(gallery):
+    root = gallery.parent
+    meta = json.loads((root / "atlas.json").read_text())
+    assert meta["layers"] == ["conv1", "conv2"] and meta["settings"]["max_units"] == 3
+    assert sorted(p.name for p in (root / "layers" / "conv2").iterdir() if p.is_dir()) == ["0", "1", "2"]
+    unit = json.loads((root / "layers" / "conv2" / "1" / "unit.json").read_text())
+    assert unit["evolution"] == "evolution.png" and len(unit["examples"]["top"]) == 2
+    assert unit["connections"]["inputs"]["layer"] == "conv1"
+    assert 'href="samples.html"' in gallery.read_text()
+    samples = (root / "samples.html").read_text()
+    for needle in ("pic0.png", "pic1.png", "gradcam++", "activation maps: conv1", "deconvnet", "conv2"):
+        assert needle in samples, needle
+    assert "pic2.png" not in samples  # samples=2
+    pages = [gallery, root / "samples.html", *root.glob("layers/*/index.html"), *root.glob("layers/*/*/index.html")]
+    for page in pages:
+        srcs = re.findall(r'src="([^"]+)"', page.read_text())
+        assert srcs and all((page.parent / s).is_file() for s in srcs), page
+        assert not any(s.startswith("/") or "://" in s for s in srcs)  # relative: opens from disk anywhere
 
 
 def test_cli_report(tmp_path):
@@ -60,20 +73,22 @@ def test_cli_report(tmp_path):
     assert cli.main(["report", "--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--layers", "conv2",
                      "--size", "16", "--units", "2", "--steps", "2", "--render-size", "16", "-k", "2",
                      "--cam-layer", "conv2", "--out", str(out)]) == 0
-    assert (out / "index.html").exists() and (out / "units" / "conv2" / "1.png").exists()
+    assert (out / "index.html").exists() and (out / "layers" / "conv2" / "1" / "render.png").exists()
+    assert (out / "samples.html").exists() and not (out / "layers" / "conv2" / "2").exists()
 
 
 @needs_chromium
 def test_gallery_renders_in_headless_chromium(gallery, tmp_path):
     driver = chromium(tmp_path, "1200,1600")
     try:
-        driver.get(gallery.as_uri())
-        total, loaded = driver.execute_script(
-            "const i = [...document.images]; return [i.length, i.filter(x => x.complete && x.naturalWidth > 0).length]")
-        assert total > 20 and loaded == total
-        assert driver.title == "lightning-vis gallery"
-        assert driver.find_element("css selector", "#layer-conv2 .card img.viz").size["width"] > 50
-        driver.save_screenshot(str(tmp_path / "gallery.png"))
-        assert (tmp_path / "gallery.png").stat().st_size > 10_000
+        root = gallery.parent
+        for page in (gallery, root / "samples.html", root / "layers" / "conv2" / "1" / "index.html"):
+            driver.get(page.as_uri())
+            total, loaded = images_loaded(driver)
+            assert total > 0 and loaded == total, page
+        assert driver.title.startswith("conv2 unit 1")
+        assert driver.find_element("css selector", ".renders img").size["width"] > 50
+        driver.save_screenshot(str(tmp_path / "unit.png"))
+        assert (tmp_path / "unit.png").stat().st_size > 10_000
     finally:
         driver.quit()

@@ -1,0 +1,115 @@
+"""The atlas's one streaming pass over the data: for every unit of every layer its top-k and bottom-k inputs, the
+distribution of its activation and its activity, sharded over the processes by a distributed sampler and merged
+exactly (every input counted once; the same numbers as one process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..batches import find_input
+from ..dataset import Histograms, HistogramCollector, TopK, TopKCollector, all_gather_merge, scan
+from ..health import ActivityCollector, HealthReport
+from .comm import Comm
+
+
+class ShardSampler(DistributedSampler):
+    """Rank r's share of the dataset, in whole batches: the batches a single process would make (batch_size
+    consecutive inputs), number r, r + world, r + 2 world, ... So every input is computed in exactly the batch it
+    would be in with one process (matrix products and convolution algorithms may depend on the batch, so this is
+    what makes the numbers independent of the number of processes), and seen exactly once over the ranks (a
+    DistributedSampler pads with repeats, which histograms would count twice)."""
+
+    def __init__(self, dataset, world: int, rank: int, batch_size: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        n, b = len(dataset), batch_size
+        self.order = [i for first in range(rank * b, n, world * b) for i in range(first, min(first + b, n))]
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+def dataset_of(data) -> Dataset:
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
+def loader_for(data, comm: Comm, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """This rank's loader: the user's DataLoader as it is in one process (its sampler must be deterministic), or
+    rebuilt with the same batch size, workers and collate function over this rank's shard; a Dataset gets a
+    sequential loader."""
+    if isinstance(data, DataLoader):
+        if comm.world == 1:
+            return data
+        b = data.batch_size or 1
+        return DataLoader(data.dataset, batch_size=b, num_workers=data.num_workers, collate_fn=data.collate_fn,
+                          pin_memory=data.pin_memory, sampler=ShardSampler(data.dataset, comm.world, comm.rank, b))
+    sampler = ShardSampler(data, comm.world, comm.rank, batch_size) if comm.world > 1 else None
+    return DataLoader(data, batch_size=batch_size, num_workers=num_workers, sampler=sampler)
+
+
+def first_input(data) -> torch.Tensor:
+    """The dataset's first model input, (C, *spatial)."""
+    ds = dataset_of(data)
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise ValueError(f"the atlas needs a map-style dataset (len() and [index]: examples are looked up by index), "
+                         f"not a {type(ds).__name__}")
+    if len(ds) == 0:
+        raise ValueError("the dataset is empty")
+    return find_input(ds[0], what="the dataset's first item")  # a tensor, (x, ...), {"image": x, ...}
+
+
+@dataclass
+class DataStats:
+    """The merged results of the pass: top-k (score "max") and bottom-k (score "min") inputs per unit, activation
+    histograms, and activity (ActivityCollector's stats) from which filter health is computed."""
+
+    top: TopK
+    bottom: TopK
+    hist: Histograms
+    activity: dict
+    seen: int
+
+    def state_dict(self) -> dict:
+        return {"top": self.top.state_dict(), "bottom": self.bottom.state_dict(), "hist": self.hist.state_dict(),
+                "activity": {n: list(v) for n, v in self.activity.items()}, "seen": self.seen}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DataStats":
+        return cls(TopK.from_state_dict(state["top"]), TopK.from_state_dict(state["bottom"]),
+                   Histograms.from_state_dict(state["hist"]), {n: list(v) for n, v in state["activity"].items()},
+                   state["seen"])
+
+    def health(self, model: nn.Module, layers: list[str]) -> HealthReport:
+        """Filter health (dead channels, zero weights, duplicate filters, weight noise) of the layers."""
+        collector = ActivityCollector(model, layers)  # its hooks are never attached: a holder for the stats
+        collector.stats, collector.seen = self.activity, self.seen
+        return collector.report()
+
+
+def dataset_pass(model: nn.Module, data, layers: list[str], k: int, comm: Comm, *, batch_size: int = 32,
+                 num_workers: int = 0, progress: bool = True) -> DataStats:
+    """One pass over this rank's shard feeding every collector, then the exact merge over the ranks (every rank
+    returns the whole dataset's statistics)."""
+    loader = loader_for(data, comm, batch_size, num_workers)
+    top = TopKCollector(model, layers, k, "max")
+    bottom = TopKCollector(model, layers, k, "min", largest=False)
+    hist = HistogramCollector(model, layers)
+    activity = ActivityCollector(model, layers)
+    seen = scan(model, loader, [top, bottom, hist, activity], desc="dataset pass (top/bottom-k, histograms)",
+                progress=progress and comm.zero)
+    if comm.world > 1:
+        activity.all_gather()
+        total = activity.seen
+    else:
+        total = seen
+    if total == 0:
+        raise ValueError("the dataset yielded no inputs")
+    return DataStats(all_gather_merge(top.result()), all_gather_merge(bottom.result()),
+                     all_gather_merge(hist.result()), activity.stats, total)
