@@ -3,7 +3,8 @@ in one batched optimisation (one unit per batch element), and DeepDream.
 
     result = lv.render(model, ("features.28", range(16)), size=128, steps=128, seed=0)
     result.images            # (16, 3, 128, 128) in [0, 1]
-    lv.render(model, lv.objectives.channel("layer3", 5) - 0.5 * lv.objectives.diversity("layer3"), batch=4)
+    lv.render(model, lv.objectives.channel("layer3", 5) + 0.5 * lv.objectives.diversity("layer3"), batch=4)
+    # (diversity is minus the renders' similarity: added, it pushes them apart)
 
 Parameterizations (lightning_vis.params): decorrelated Fourier ("fft", Lucid's CDFS) or pixels with Øygard's
 schedule (blur width and step size decreasing over the run). Transforms are differentiable and seeded, with
