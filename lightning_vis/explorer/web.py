@@ -7,9 +7,10 @@ worker sees it, so a slow or stalled client never holds a worker; it refuses a C
 (413) or not digits (400) before reading the body, closes connections idle for `channel_timeout`, caps open
 connections and sets the listen backlog; responses are buffered too (in memory up to 4 MB: waitress's default of
 1 MB sent every grid through a temporary file, which cost more than the rest of a cached answer), so a client that
-does not read holds no worker either. Starlette/uvicorn would add an event loop we do not need (the routes would run on its thread pool
-anyway) and uvicorn bounds neither request bodies nor the time a client may take to send a request (slowloris; its
-keep-alive timeout is reset by every byte received, encode/uvicorn#157): both would have to be written here. Flask would add a dependency for the dozen lines of routing below.
+does not read holds no worker either. Starlette/uvicorn would add an event loop we do not need (the routes would
+run on its thread pool anyway) and uvicorn bounds neither request bodies nor the time a client may take to send a
+request (slowloris; its keep-alive timeout is reset by every byte received, encode/uvicorn#157): both would have to
+be written here. Flask would add a dependency for the dozen lines of routing below.
 
 Added here on top of waitress: a deadline for receiving a whole request (a client that drips a byte now and then is
 closed after Limits.request_timeout), JSON bodies for waitress's own refusals, and the policy:
