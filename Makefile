@@ -13,6 +13,8 @@ TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 
   matplotlib
 # the web explorer's HTTP server
 SERVER := waitress>=3.0
+# the model zoo the compatibility suite runs every method on (torchvision's builders, and timm's)
+ZOO := timm==1.0.31
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
@@ -43,7 +45,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH_PINS) and the build/test tools into $(VENV) (a few minutes the first time)"
 	$(PIP) install -q $(TORCH_PINS) ninja numpy pillow tqdm pytest expecttest setuptools wheel
-	$(PIP) install -q $(PEERS) $(TRAINING) '$(SERVER)'
+	$(PIP) install -q $(PEERS) $(TRAINING) '$(SERVER)' $(ZOO)
 	@touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -337,7 +337,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
     try:
         model = case.build().eval()
     except Exception as e:  # noqa: BLE001 - a builder that fails here is reported, not hidden
-        return {m: ("FAIL", f"build: {type(e).__name__}: {e}") for m in methods}
+        return {**{m: ("FAIL", f"build: {type(e).__name__}: {e}") for m in methods}, "seconds": {}}
     with torch.no_grad():  # torchvision zero-initialises some heads: every gradient would be 0
         for m in model.modules():
             w = getattr(m, "weight", None)
@@ -350,7 +350,8 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         with torch.no_grad():
             reference_out = model(inputs)
     except Exception as e:  # noqa: BLE001
-        return {m: ("FAIL", f"the model refuses {tuple(x.shape)}: {type(e).__name__}: {e}") for m in methods}
+        return {**{m: ("FAIL", f"the model refuses {tuple(x.shape)}: {type(e).__name__}: {e}") for m in methods},
+                "seconds": {}}
     ctx = {}
 
     times = {}

@@ -231,8 +231,9 @@ def test_report_skips_bad_pictures(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["report", *MODEL, "--images", str(files / "imgs"), "--layers", "conv2", "--size", "16",
                      "--units", "2", "--steps", "2", "--render-size", "16", "-k", "2", "--out", str(out)]) == 0
-    html = (out / "index.html").read_text()
-    assert "a.png" in html and "c.jpg" in html and "truncated.jpg" not in html
+    samples = (out / "samples.html").read_text()  # the atlas's page of the scanned images
+    assert "a.png" in samples and "c.jpg" in samples and "truncated.jpg" not in samples
+    assert "truncated.jpg" not in (out / "atlas.json").read_text()
 
 
 def test_a_run_that_fails_midway_leaves_out_as_it_was(files, tmp_path, capsys, monkeypatch):
