@@ -289,7 +289,9 @@ def test_uploads_are_bounded_in_memory_and_never_shadow_folder_files(tmp_path):
     ("127.0.0.1:{port}", {"Origin": "http://127.0.0.1:{other}"}, 403, "are refused"),
     ("127.0.0.1:{port}", {"Origin": "null"}, 403, "are refused"),
     ("127.0.0.1:{port}", {"Origin": "http://127.0.0.1:{port}"}, 200, None),
-    ("127.0.0.1:{port}", {"Origin": "http://localhost:{port}"}, 200, None),
+    ("localhost:{port}", {"Origin": "http://localhost:{port}"}, 200, None),
+    ("127.0.0.1:{port}", {"Origin": "http://localhost:{port}"}, 403, "are refused"),  # another origin
+    ("127.0.0.1:{port}", {"Origin": "http://127.0.0.1:{port}", "Sec-Fetch-Site": "cross-site"}, 403, "cross-site"),
     ("127.0.0.1:{port}", {"Sec-Fetch-Site": "cross-site"}, 403, "a cross-site request"),
     ("127.0.0.1:{port}", {"Sec-Fetch-Site": "same-site"}, 403, "a same-site request"),
     ("127.0.0.1:{port}", {"Sec-Fetch-Site": "same-origin"}, 200, None),
@@ -726,3 +728,85 @@ def test_the_model_is_left_as_it_was(hostile):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ threads, patterns, origins
+class _CountingNet(nn.Module):
+    """hostile_net that records torch's thread count on the thread running each forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.counts = hostile_net(), []
+
+    def forward(self, x):
+        self.counts.append(torch.get_num_threads())
+        return self.net(x)
+
+
+def test_the_model_thread_uses_the_process_thread_count(tmp_path):
+    """torch.set_num_threads is process-wide in ATen: the decoding threads' count of 1 must not become the count of
+    the model's thread, started after them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        wanted = torch.get_num_threads()
+        (tmp_path / "a.png").write_bytes(png_bytes(1))
+        to_input, pre = default_input(16)
+        model = _CountingNet().eval()
+        ex = Explorer(model, tmp_path, to_input=to_input, preprocess=pre)
+        try:
+            ex.compute.run(lambda: None)  # a decoding thread (count 1) starts first
+            model.counts.clear()
+            ex.activations("a.png")
+            assert model.counts == [wanted]
+        finally:
+            ex.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_layer_names_over_http_are_exact_never_patterns(hostile):
+    import fnmatch
+
+    srv, ex, *_ = hostile
+    fnmatch._compile_pattern.cache_clear()
+    pattern = "*a" * 15000
+    started = time.monotonic()
+    for n in range(5):
+        status, _, data = request(srv, f"/api/featureviz?filter=0&layer={pattern}{n}")
+        assert status == 404 and "no layer" in js(data)["error"], data
+        assert len(data) < 1000  # the name is not echoed in full
+    assert time.monotonic() - started < 5
+    assert fnmatch._compile_pattern.cache_info().currsize == 0  # nothing compiled, nothing kept
+    for glob in ("conv*", "Conv2d", "*"):  # globs and type names are the library's, not the API's
+        status, _, data = request(srv, f"/api/grid?image=img0.png&layer={quote(glob)}")
+        assert status == 404, (glob, data)
+    status, _, data = request(srv, "/api/grid?image=img0.png&layer=conv")
+    assert status == 404 and "conv1" in js(data)["error"]  # the closest names suggested
+    status, _, data = request(srv, "/api/grid?image=img0.png&layer=fc")
+    assert status == 400 and "no spatial maps" in js(data)["error"]
+    status, _, data = request(srv, "/api/image?image=" + "x" * 20000)
+    assert status == 404 and len(data) < 2000
+
+
+def test_origin_must_be_the_request_host_when_serving_every_interface(hostile):
+    _, ex, *_ = hostile
+    srv = make_server(ex, "0.0.0.0", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        names = ex.names()
+        for origin, site in ((f"http://203.0.113.5:{port}", "cross-site"), (f"http://203.0.113.5:{port}", None),
+                             (f"http://127.0.0.1:{port}", "cross-site")):
+            headers = {"Origin": origin, "Content-Type": "text/plain", **({"Sec-Fetch-Site": site} if site else {})}
+            status, h, data = request(srv, "/api/upload", "POST", png_bytes(1), headers=headers,
+                                      host=f"127.0.0.1:{port}")
+            assert status == 403 and "Access-Control-Allow-Origin" not in h, (origin, site, data)
+        assert ex.names() == names
+        status, _, data = request(srv, "/api/upload", "POST", png_bytes(1), host=f"127.0.0.1:{port}",
+                                  headers={"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"})
+        assert status == 200, data
+    finally:
+        srv._stop.set()
+        srv._server.pull_trigger()
+        srv._stopped.wait(10)

@@ -134,14 +134,6 @@ class ByteLRU:
             release_freed_memory(freed)
         return kept
 
-    def pop(self, key, default=None):
-        with self._lock:
-            item = self._items.pop(key, None)
-            if item is None:
-                return default
-            self.bytes -= item[1]
-            return item[0]
-
     def get_or(self, key, make):
         with self._lock:
             if key in self._items:
@@ -173,9 +165,13 @@ _local = threading.local()
 
 
 def _worker_thread(torch_threads: int | None):
-    """A Compute or Jobs thread: its nested lookups compute inline; torch_threads caps the threads torch's ops use
-    from it (a per-thread setting), so that the explorer's threads together do not ask for many more cores than
-    there are. (Not a lower OS priority: a thread descheduled while it holds the GIL would stall every other.)"""
+    """A Compute or Jobs thread: its nested lookups compute inline; torch_threads is the number of threads torch's
+    ops use from it. ATen's torch.set_num_threads is not per thread: it also sets the process-wide count that every
+    thread takes on its first parallel op (the calling thread keeps its own once set). So every explorer thread
+    sets its own count explicitly when it starts, whatever another one set before: the model's thread the count
+    the process had when the explorer was made, the decoding and job threads one each, so that together they do
+    not ask for many more cores than there are. (Not a lower OS priority: a thread descheduled while it holds the
+    GIL would stall every other.)"""
     _local.compute = True
     if torch_threads:
         torch.set_num_threads(torch_threads)

@@ -16,8 +16,10 @@ Added here on top of waitress: a deadline for receiving a whole request (a clien
 closed after Limits.request_timeout), JSON bodies for waitress's own refusals, and the policy:
 - the Host header must name the served address (plus --allow-origin's), so a page of another site that reaches
   this server through a DNS name of its own (DNS rebinding) is refused;
-- a request carrying an Origin must come from the served address or an --allow-origin origin, and a cross-site
-  request without one (an <img> or a no-cors fetch of another site's page) is refused by its Sec-Fetch-Site;
+- a request carrying an Origin must come from the page of the address it was sent to (its Origin is http:// and
+  its Host header) or an --allow-origin origin; a cross-site or same-site request that is not from an
+  --allow-origin origin is refused by its Sec-Fetch-Site, with or without an Origin (an <img> or a no-cors fetch
+  of another site's page sends none);
 - every response: nosniff, no referrer, not framable, Cross-Origin-Resource-Policy same-origin, no-store; the page
   has a strict Content-Security-Policy (its one script and one style allowed by their SHA-256, nothing inline
   else, images from this server and blob: URLs only) and puts every name in the DOM as text.
@@ -120,12 +122,13 @@ class OriginPolicy:
             parts = urlsplit("//" + raw)
             host, port = (parts.hostname or "").lower(), parts.port or 80
         except ValueError:
-            raise HttpError(400, f"malformed Host header {raw!r}") from None
+            raise HttpError(400, f"malformed Host header {raw[:100]!r}") from None
         if not host or not self.served(host, port):
-            raise HttpError(403, f"Host {raw!r} is not this explorer's address ({self.url}): refused (a page of "
+            raise HttpError(403, f"Host {raw[:100]!r} is not this explorer's address ({self.url}): refused (a page of "
                             "another site reaching this server under a DNS name of its own, DNS rebinding, is refused "
                             "this way); to serve it under another name, start it with --allow-origin http://NAME:PORT")
         origin = environ.get("HTTP_ORIGIN")
+        site = environ.get("HTTP_SEC_FETCH_SITE")
         if origin is not None:
             try:
                 scheme, h, p = parse_origin(origin)
@@ -134,11 +137,11 @@ class OriginPolicy:
             norm = f"{scheme}://{_bracket(h)}:{p}" if scheme else None
             if norm in self.origins:
                 return norm
-            if scheme != "http" or not self.served(h, p):
-                raise HttpError(403, f"requests from pages of {origin!r} are refused: only this explorer's own page "
-                                f"({self.url}) and the origins given with --allow-origin may use it")
-            return None
-        site = environ.get("HTTP_SEC_FETCH_SITE")
+            # same-origin: the page's origin is the address this request was sent to (its Host), not any address
+            # this server answers (bound to every interface, that is every IP address)
+            if scheme != "http" or (h, p) != (host, port):
+                raise HttpError(403, f"requests from pages of {origin[:100]!r} are refused: only this explorer's "
+                                f"own page (http://{raw[:100]}) and the origins given with --allow-origin may use it")
         if site in ("cross-site", "same-site"):
             raise HttpError(403, f"a {site} request (from a page of another site) is refused")
         return None
@@ -289,9 +292,13 @@ class _Channel(HTTPChannel):
     request_started = 0.0
 
     def received(self, data):
-        if self.request is None:
-            self.request_started = time.monotonic()
-        return super().received(data)
+        before, now = self.request, time.monotonic()
+        try:
+            return super().received(data)
+        finally:
+            # a request begun in this data, also one pipelined behind a request it completed, began now
+            if self.request is not None and self.request is not before:
+                self.request_started = now
 
 
 class _Server(TcpWSGIServer):
