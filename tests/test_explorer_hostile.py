@@ -321,9 +321,16 @@ def test_cross_origin_upload_and_missing_host_are_refused(hostile):
     assert status == 400 and json.loads(body)["error"] == "missing Host header"
 
 
-def test_allow_origin_adds_an_origin_with_cors(hostile, tmp_path):
-    _, ex, *_ = hostile
-    srv = start(ex, allow_origins=["http://dash.example:9000"])
+def small_explorer(folder):
+    """An explorer of its own over one picture (a server's shutdown closes its explorer for good)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "img0.png").write_bytes(png_bytes(0))
+    to_input, pre = default_input(16)
+    return Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre)
+
+
+def test_allow_origin_adds_an_origin_with_cors(tmp_path):
+    srv = start(small_explorer(tmp_path), allow_origins=["http://dash.example:9000"])
     try:
         port = srv.server_address[1]
         status, h, _ = request(srv, "/api/model", headers={"Origin": "http://dash.example:9000"})
@@ -789,8 +796,8 @@ def test_layer_names_over_http_are_exact_never_patterns(hostile):
     assert status == 404 and len(data) < 2000
 
 
-def test_origin_must_be_the_request_host_when_serving_every_interface(hostile):
-    _, ex, *_ = hostile
+def test_origin_must_be_the_request_host_when_serving_every_interface(tmp_path):
+    ex = small_explorer(tmp_path)
     srv = make_server(ex, "0.0.0.0", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -807,6 +814,38 @@ def test_origin_must_be_the_request_host_when_serving_every_interface(hostile):
                                   headers={"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"})
         assert status == 200, data
     finally:
-        srv._stop.set()
-        srv._server.pull_trigger()
-        srv._stopped.wait(10)
+        srv.shutdown()
+    with pytest.raises(HttpError, match="shutting down"):  # a closed explorer starts no threads again
+        ex.compute.run(lambda: None)
+
+
+class _FailsOnBatches(nn.Module):
+    """hostile_net whose passes over more than one image fail with a RuntimeError (counted per class)."""
+
+    scans = 0
+
+    def __init__(self):
+        super().__init__()
+        self.net = hostile_net()
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            type(self).scans += 1
+            raise RuntimeError("a batch of several images is not supported")
+        return self.net(x)
+
+
+def test_a_failed_topk_scan_is_recorded_not_rerun_on_every_poll(tmp_path):
+    for i in range(2):
+        (tmp_path / f"img{i}.png").write_bytes(png_bytes(i))
+    to_input, pre = default_input(16)
+    ex = Explorer(_FailsOnBatches(), tmp_path, to_input=to_input, preprocess=pre)
+    try:
+        _FailsOnBatches.scans = 0
+        for _ in range(3):
+            with pytest.raises(HttpError, match="ranking the folder's images failed") as e:
+                ex.topk("net.conv1", 0)
+            assert e.value.status == 500
+        assert _FailsOnBatches.scans == 1
+    finally:
+        ex.close()

@@ -187,11 +187,15 @@ class Compute:
     def __init__(self, threads: int, name: str = "lightning-vis-compute", torch_threads: int | None = None):
         self.threads, self.name, self.torch_threads = threads, name, torch_threads
         self._pool = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def submit(self, fn) -> Future:
-        """fn queued for one of the threads (started on first use, again after close)."""
+        """fn queued for one of the threads (started on first use); after close(), a 503 refusal: a closed
+        explorer starts no threads again."""
         with self._lock:
+            if self._closed:
+                raise HttpError(503, "the explorer is shutting down")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name,
                                                 initializer=_worker_thread, initargs=(self.torch_threads,))
@@ -201,8 +205,9 @@ class Compute:
         return fn() if getattr(_local, "compute", False) else self.submit(fn).result()
 
     def close(self):
-        """Cancels what is queued; the running work ends on its own."""
+        """Cancels what is queued; the running work ends on its own. Final: nothing is started after it."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -193,7 +193,7 @@ class Explorer:
         self._upload_lock = threading.Lock()
         self._background = None  # the model copy the slow jobs use (False: copying failed, they share self.model)
         self._background_lock = threading.Lock()
-        self._topk = self._topk_names = None
+        self._topk = self._topk_names = self._topk_error = None
 
         if frames is None:
             frames = 1
@@ -548,6 +548,9 @@ class Explorer:
                                             progress=False)
                 except ValueError:  # no readable image
                     result = None
+                except Exception as e:  # noqa: BLE001 - recorded, so that every poll does not run the scan again
+                    log.exception("lightning-vis explorer: ranking the folder's images failed")
+                    self._topk_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         self._topk_names, self._topk = kept, result if result is not None else False
 
     def topk(self, layer, filt) -> dict:
@@ -556,6 +559,9 @@ class Explorer:
             n = min(len(self.files), self.limits.topk_images)
             self._wait(self.jobs.submit(("topk",), self._rank_folder, "the folder's top images"),
                        f"ranking the folder's {n} images for every layer: ask again in a moment")
+        if self._topk_error:
+            raise HttpError(500, f"ranking the folder's images failed ({self._topk_error}); restart the explorer "
+                            "to try again")
         if not self._topk:
             return {"images": []}
         entry, names = self._topk.layers[layer], self._topk_names
