@@ -17,7 +17,11 @@
 Arguments are checked before any work; a mistake is one line on stderr and exit status 2. Files in --images that
 are not pictures, cannot be decoded, are over the 179-megapixel budget or are clips for an image model (stills for
 a video model) are skipped with a warning. Outputs are written to a hidden folder beside --out and moved into it
-when the command succeeds (the JSON index last): a failed run leaves --out as it was.
+when the command succeeds (the JSON index last): a failed run leaves --out as it was. An existing folder where a
+file goes (or a file where a folder goes) is refused before anything is moved. atlas is the exception: it writes
+into --out as it goes, so that an interrupted or failed run resumes where it stopped when run again (it refuses an
+--out that holds another kind of atlas). Output files are named after the pictures (a0.png -> a0_...); pictures
+with the same stem (a0.png and a0.jpg) get their whole file name (a0.png_..., a0.jpg_...).
 LIGHTNING_VIS_TRACEBACK=1 shows the traceback of an unexpected error.
 """
 
@@ -198,7 +202,8 @@ def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[s
         if name not in available:
             import difflib
             close = difflib.get_close_matches(name, available, n=5)
-            raise CliError(f"torchvision has no model {name!r}; did you mean {', '.join(close) or '...'}?")
+            hint = f"did you mean {', '.join(close)}?" if close else "torchvision.models.list_models() lists them"
+            raise CliError(f"--model {spec!r}: torchvision has no model {name!r}; {hint}")
         model = torchvision.models.get_model(name, weights=None)
         try:
             meta_weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -223,7 +228,14 @@ def _flag(name: str) -> str:
 
 #: int arguments and their smallest valid value (those a command has)
 AT_LEAST = {"top": 1, "top_k": 1, "k": 1, "tile": 1, "batch_size": 1, "steps": 1, "chunk_size": 1, "octaves": 1,
-            "units": 1, "render_size": 1, "samples": 1, "show": 0, "render_steps": 1, "size": 1, "channels": 1}
+            "units": 1, "render_size": 8, "samples": 1, "show": 0, "render_steps": 1, "size": 1, "channels": 1,
+            "threads": 1, "batch": 1, "diverse": 0, "connections": 0, "workers": 0, "num_nodes": 1, "max_units": 1}
+#: int arguments and their largest valid value: dream's octaves shrink the image by 1.4 each (20: 1/600, below
+#: the 8-pixel floor of any picture); the explorer's HTTP threads; renders (report, atlas) in pixels
+AT_MOST = {"octaves": 20, "threads": 1024, "render_size": 4096}
+#: serve's float arguments: (smallest, largest) valid value
+FLOAT_RANGE = {"timeout": (0.1, 86_400.0), "cache_mb": (1.0, float(1 << 20))}
+MAX_DREAM_TILES = 1024  # pieces per DeepDream step (--tile)
 
 
 def parse_size(spec: str, flag: str, dims=(1, 2, 3), channels_first: bool = False) -> list[int]:
@@ -279,8 +291,16 @@ def check_args(args) -> None:
     """Every argument that can be checked without the model: counts, sizes, ports, files, --out."""
     for name, low in AT_LEAST.items():
         value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value < low:
-            raise CliError(f"{_flag(name)} {value}: must be {'positive' if low == 1 else 'at least 0'}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if value < low:
+            raise CliError(f"{_flag(name)} {value}: must be {'positive' if low == 1 else f'at least {low}'}")
+        if value > AT_MOST.get(name, value):
+            raise CliError(f"{_flag(name)} {value}: must be at most {AT_MOST[name]}")
+    for name, (low, high) in FLOAT_RANGE.items():
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not (math.isfinite(value) and low <= value <= high):
+            raise CliError(f"{_flag(name)} {value}: must be a number from {low:g} to {high:g}")
     if getattr(args, "size", None) is not None:
         parse_size(str(args.size), "--size")
     if args.command == "render":
@@ -324,6 +344,15 @@ def _check_layers(model, layers, flag: str = "--layers") -> list[str]:
         raise CliError(f"{flag}: {e}") from None
 
 
+def _one_layer(model, spec: str, flag: str) -> str:
+    """The one layer `spec` names (a name, or a glob or type that matches exactly one layer)."""
+    names = _check_layers(model, [spec], flag)
+    if len(names) != 1:
+        raise CliError(f"{flag} {spec!r}: matches {len(names)} layers ({_listed(names, 4)}); {flag} takes one layer: "
+                       "give its name")
+    return names[0]
+
+
 def _overrides(args, model) -> dict:
     """--layout / --grid as the methods' layout= and grid= (one value for every layer, or LAYER=VALUE each), checked
     before any work."""
@@ -341,9 +370,8 @@ def _overrides(args, model) -> dict:
                 except ValueError:
                     raise CliError(f"{flag} {item!r}: expected HxW or TxHxW, e.g. 14x14 or 8x7x7 (or LAYER=14x14)") \
                         from None
-            if sep:
-                _check_layers(model, [layer], flag)
-                per_layer[layer] = value
+            if sep:  # a glob or type gives the value to every layer it matches
+                per_layer.update(dict.fromkeys(_check_layers(model, [layer], flag), value))
             else:
                 every = value
         if per_layer and every is not None:
@@ -409,12 +437,21 @@ class Output:
         return self.final(p)
 
     def commit(self) -> None:
+        """Moves the files into --out; a clash (a folder where a file goes, a file where a folder goes) is refused
+        before the first move, and nothing of the user's is deleted."""
         files = sorted((p for p in self.stage.rglob("*") if p.is_file()),
                        key=lambda p: (p.suffix in self.INDEXES, len(p.parts), str(p)))
-        for f in files:
-            target = self.folder / f.relative_to(self.stage)
-            if target.is_dir():
-                shutil.rmtree(target)
+        rels = [f.relative_to(self.stage) for f in files]
+        for rel in rels:
+            if (self.folder / rel).is_dir():
+                raise CliError(f"--out {str(self.folder)!r}: {str(rel)!r} is a folder there, where this command "
+                               "writes a file: move it away or choose another --out (nothing was written)")
+            for parent in list(rel.parents)[:-1]:
+                if (self.folder / parent).exists() and not (self.folder / parent).is_dir():
+                    raise CliError(f"--out {str(self.folder)!r}: {str(parent)!r} is a file there, where this command "
+                                   "writes a folder: move it away or choose another --out (nothing was written)")
+        for f, rel in zip(files, rels):
+            target = self.folder / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(f, target)
@@ -490,6 +527,23 @@ def load_image(path: Path, transform, size: int, gray: bool = False) -> tuple[to
     return x, x.expand(3, *x.shape[1:])
 
 
+def _unique(paths: list[Path], what: str) -> dict[Path, str]:
+    """{path: a label no other path has}: what="stem" -> the stem, else the file name, then -2, -3, ...;
+    what="name" -> the file name, else the path."""
+    from collections import Counter
+
+    first = Counter(getattr(p, what) for p in paths)
+    out, used = {}, set()
+    for p in dict.fromkeys(paths):
+        label = getattr(p, what) if first[getattr(p, what)] == 1 else (p.name if what == "stem" else str(p))
+        base, i = label, 2
+        while label in used:
+            label, i = f"{base}-{i}", i + 1
+        used.add(label)
+        out[p] = label
+    return out
+
+
 class Inputs:
     """The pictures of --images for one model. Every file's header is read first: those that are not pictures or
     are over the pixel budget are skipped with a warning. Each picture is decoded when used (one that cannot be
@@ -502,13 +556,24 @@ class Inputs:
         self.skipped: dict[str, str] = {}
         self.verdict: dict[int, str | None] = {}  # input dims -> None (the model takes them) or why not
         self.paths = []
-        for p in image_paths(args.images):
+        given = image_paths(args.images)
+        for p in given:
             try:
                 probe_image(p)
                 self.paths.append(p)
             except BadImage as e:
                 self.skip(p, e)
         self.none_left(len(self.paths))
+        self._stems, self._keys = _unique(given, "stem"), _unique(given, "name")
+
+    def stem(self, path: Path) -> str:
+        """The picture's name in output file names: its stem, or its file name where another picture has the same
+        stem (a0.png, a0.jpg), with -2, -3, ... where even that repeats (the same name in several folders)."""
+        return self._stems[path]
+
+    def key(self, path: Path) -> str:
+        """The picture's key in the JSON index: its file name, or its path where another picture has that name."""
+        return self._keys[path]
 
     def skip(self, path: Path, why) -> None:
         self.skipped[path.name] = str(why)
@@ -616,9 +681,9 @@ def cmd_activations(args, model, categories, transform):
                 # small maps enlarged for display
                 f = out.png(activation_grid(a, scale=args.scale, cell=48 if len(lay.grid) == 2 else None,
                                             layout=lay),
-                            Path(path.stem) / f"{layer}_activations.png")
+                            Path(inputs.stem(path)) / f"{layer}_activations.png")
                 entry.setdefault("files", []).append(f)
-            report[path.name] = entry
+            report[inputs.key(path)] = entry
             top = entry.get("predictions", [])[:1]
             if top:
                 say(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
@@ -642,9 +707,9 @@ def cmd_deconv(args, model, categories, transform):
                 else:
                     tiles = list(im.signed_rgb(r[0]))
                 f = out.png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1),
-                            Path(path.stem) / f"{layer}_{args.rule}.png")
+                            Path(inputs.stem(path)) / f"{layer}_{args.rule}.png")
                 entry[layer] = {"features": rec.features[layer][0].tolist(), "file": f}
-            report[path.name] = entry
+            report[inputs.key(path)] = entry
         out.text(f"{args.rule}.json", json.dumps(inputs.record_skipped(report), indent=1))
         out.commit()
     print(f"wrote {out.folder}/")
@@ -654,7 +719,7 @@ def _parse_target(args, names):
     """--target: a class index or a class name (from --labels or torchvision's list); None: the top class."""
     if args.target is None:
         return None
-    if args.target.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]{1,18}", args.target.strip()):
         return int(args.target)
     if names and args.target in names:
         return names.index(args.target)
@@ -686,13 +751,11 @@ def _write_view(out: Output, shown, heat, rel: str, extra: list[torch.Tensor] = 
 
 
 def cmd_cam(args, model, categories, transform):
-    if args.layer is not None:
-        _check_layers(model, [args.layer], "--layer")
+    layer = _one_layer(model, args.layer, "--layer") if args.layer is not None else None
     ov = _overrides(args, model)
     names = read_labels(args, categories)
     target = _parse_target(args, names)
     inputs = Inputs(args, model, transform)
-    layer = args.layer
     report = {}
     with Output(args.out) as out:
         for path, x, shown in inputs:
@@ -701,8 +764,8 @@ def cmd_cam(args, model, categories, transform):
                 say(f"--layer not given: explaining {layer!r}")
             cam = grad_cam(model, x[None], layer, target, method=args.method, **ov)
             extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
-            files = _write_view(out, shown, cam.maps[0], f"{path.stem}_{args.method}.png", extra)
-            report[path.name] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
+            files = _write_view(out, shown, cam.maps[0], f"{inputs.stem(path)}_{args.method}.png", extra)
+            report[inputs.key(path)] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
         out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
         out.commit()
     print(f"wrote {out.folder}/")
@@ -724,8 +787,9 @@ def cmd_saliency(args, model, categories, transform):
             extra = list(im.signed_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
             if shown.dim() == 3:
                 heat = im.clip_percentile(heat)
-            files = _write_view(out, shown, heat, f"{path.stem}_{args.method}.png", extra, scaled=shown.dim() == 3)
-            report[path.name] = {**_explained(res, names, path), "files": files}
+            files = _write_view(out, shown, heat, f"{inputs.stem(path)}_{args.method}.png", extra,
+                                scaled=shown.dim() == 3)
+            report[inputs.key(path)] = {**_explained(res, names, path), "files": files}
         out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
         out.commit()
     print(f"wrote {out.folder}/")
@@ -841,7 +905,7 @@ def _check_render(model, layer, units, size, channels, preprocess, **ov):
 
 
 def cmd_render(args, model, categories, transform):
-    _check_layers(model, args.layer, "--layer")
+    args.layer = _one_layer(model, args.layer, "--layer")
     units = parse_channels(args.channels)
     size = parse_size(args.size, "--size")
     size = size if len(size) > 1 else size[0]
@@ -867,8 +931,42 @@ def cmd_render(args, model, categories, transform):
     print(f"rendered {len(units)} channels of {args.layer}; wrote {out.folder}/")
 
 
+def _check_dream(model, layer: str, picture, args, preprocess, octave_scale: float = 1.4) -> None:
+    """Every input deep_dream will give the model, tried once before the work (a pass without gradients that stops
+    at the layer): each octave's image, cut into --tile pieces, the edge pieces included. A model that refuses one
+    (too small for its pools, a fixed input size) is a one-line error naming --tile or --octaves."""
+    from .featureviz import _layouts  # the pass deep_dream itself makes to place the layer's units
+
+    h, w = picture.shape[-2:]
+    shapes = list(dict.fromkeys(tuple(max(8, int(round(s / octave_scale ** o))) for s in (h, w))
+                                for o in reversed(range(args.octaves))))
+    modules = resolve_layers(model, layer)
+    tried = set()
+    for shape in shapes:
+        th = args.tile or max(shape)
+        count = math.ceil(shape[0] / th) * math.ceil(shape[1] / th)
+        if count > MAX_DREAM_TILES:
+            raise CliError(f"--tile {args.tile}: cuts the {shape[0]}x{shape[1]} image into {count} pieces per step, "
+                           f"over {MAX_DREAM_TILES}: use a larger tile")
+        for piece in dict.fromkeys((a, b) for a in (min(th, shape[0]), shape[0] % th or th)
+                                   for b in (min(th, shape[1]), shape[1] % th or th)):
+            if piece in tried:
+                continue
+            tried.add(piece)
+            x = torch.zeros(1, picture.shape[0], *piece, device=model_device(model))
+            try:
+                _layouts(model, [layer], modules, preprocess(x) if preprocess else x)
+            except (RuntimeError, ValueError, IndexError) as e:
+                if piece == shape:
+                    raise CliError(f"--octaves {args.octaves}: the model does not take the {piece[0]}x{piece[1]} "
+                                   f"image of the smallest octave ({one_line(e)}); use fewer octaves") from None
+                raise CliError(f"--tile {args.tile}: the model does not take a {piece[0]}x{piece[1]} piece of the "
+                               f"{shape[0]}x{shape[1]} image ({one_line(e)}); use a tile that divides the image "
+                               "into pieces the model takes, or no --tile") from None
+
+
 def cmd_dream(args, model, categories, transform):
-    _check_layers(model, args.layer, "--layer")
+    args.layer = _one_layer(model, args.layer, "--layer")
     path = Path(args.image)
     if not path.is_file():
         raise CliError(f"--image {args.image!r}: no such file")
@@ -883,6 +981,7 @@ def cmd_dream(args, model, categories, transform):
     except RuntimeError as e:
         raise CliError(f"--image {args.image!r}: the model does not take it as a {tuple(picture.shape)} input "
                        f"({one_line(e)})" + ("; for a one-channel model add --gray" if not args.gray else "")) from None
+    _check_dream(model, args.layer, picture, args, preprocess)
     dream = deep_dream(model, picture, args.layer, octaves=args.octaves, steps=args.steps, lr=args.lr,
                        tile=args.tile, seed=args.seed, preprocess=preprocess)
     with Output(args.out) as out:
@@ -897,7 +996,7 @@ def cmd_report(args, model, categories, transform):
 
     layers = _check_layers(model, args.layers)
     if args.cam_layer:
-        _check_layers(model, [args.cam_layer], "--cam-layer")
+        args.cam_layer = _one_layer(model, args.cam_layer, "--cam-layer")
     evolution = {}
     for item in args.evolution:
         layer, _, folder = item.partition("=")
@@ -905,9 +1004,8 @@ def cmd_report(args, model, categories, transform):
             raise CliError(f"--evolution {item!r}: expected LAYER=DIR")
         if not Path(folder).is_dir():
             raise CliError(f"--evolution {item!r}: {folder!r} is not a folder")
-        evolution[layer] = Path(folder)
-    if evolution:
-        _check_layers(model, list(evolution), "--evolution")
+        for name in _check_layers(model, [layer], "--evolution"):  # a glob: every layer it matches
+            evolution[name] = Path(folder)
     names = read_labels(args, categories)
     inputs = Inputs(args, model, transform)
     loaded = inputs.usable(keep=True)
@@ -933,21 +1031,13 @@ def cmd_atlas(args, model, categories, transform):
     from . import atlas
     from .atlas.comm import make_fabric
 
-    for flag, value, low in (("-k", args.k, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1),
-                             ("--diverse", args.diverse, 0), ("--connections", args.connections, 0),
-                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                             ("--num-nodes", args.num_nodes, 1),
-                             ("--max-units", 1 if args.max_units is None else args.max_units, 1)):
-        if value < low:
-            raise CliError(f"{flag} {value}: must be >= {low}")
-    if not 8 <= args.render_size <= 4096:
-        raise CliError(f"--render-size {args.render_size}: must be between 8 and 4096")
     devices = args.devices if args.devices == "auto" else int(args.devices) if args.devices.isdigit() else None
     if devices is None or devices == 0:
         raise CliError(f"--devices {args.devices!r}: a positive number of devices per node, or 'auto'")
     if args.layers:
-        resolve_layers(model, args.layers)
-    paths = image_paths(args.images)
+        _check_layers(model, args.layers)
+    # like _loader: every picture decoded once first, the unusable ones skipped with a warning
+    paths = [p for p, _, _ in Inputs(args, model, transform).usable()]
     ds = ImageFiles(paths, transform, args.size, args.gray)
     x0, _ = ds[0]
     if x0.dim() != 3:
@@ -975,18 +1065,17 @@ def cmd_serve(args, model, categories, transform):
     from .explorer.server import Explorer, Limits, default_input
     from .explorer.web import make_server, run_until_interrupted
 
+    from .explorer.web import parse_origin
+
     folder = Path(args.images)
     if not folder.is_dir():
         raise CliError(f"--images {args.images!r}: not a folder")
-    for flag, value in (("--render-steps", args.render_steps), ("--threads", args.threads),
-                        ("--timeout", args.timeout), ("--cache-mb", args.cache_mb)):
-        if not value > 0:
-            raise CliError(f"{flag} must be > 0, got {value}")
-    names = categories
-    if args.labels:
-        if not Path(args.labels).is_file():
-            raise CliError(f"--labels {args.labels!r}: no such file")
-        names = Path(args.labels).read_text().splitlines()
+    for origin in args.allow_origin:
+        try:
+            parse_origin(origin)
+        except ValueError as e:
+            raise CliError(f"--allow-origin {e}") from None
+    names = read_labels(args, categories)
     mean = getattr(transform, "mean", None) if transform is not None else None
     std = getattr(transform, "std", None) if transform is not None else None
     to_input, preprocess = default_input(args.size, mean, std, gray=args.gray)
@@ -996,10 +1085,12 @@ def cmd_serve(args, model, categories, transform):
                         limits=limits)
     try:
         server = make_server(explorer, args.host, args.port, allow_origins=args.allow_origin)
-    except ValueError as e:
-        raise CliError(f"--allow-origin {e}") from None
+    except ValueError as e:  # the origins are checked above: waitress's "Invalid host/port specified"
+        raise CliError(f"--host {args.host!r}: not an address to listen on ({one_line(e)}); give an IP address or "
+                       "a host name of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
     except OSError as e:
-        raise CliError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+        raise CliError(f"--host {args.host!r} --port {args.port}: cannot listen there "
+                       f"({e.strerror or one_line(e)})") from None
     skipped = f", {len(explorer.skipped)} files skipped" if explorer.skipped else ""
     run_until_interrupted(server, f"{len(explorer.names())} images{skipped}, {len(explorer.layer_names)} layers")
 
@@ -1183,7 +1274,9 @@ def main(argv=None) -> int:
         args.run(args, model, categories, transform)
     except KeyboardInterrupt:
         close_progress_bars()
-        print(f"lightning-vis {args.command}: interrupted (nothing written)", file=sys.stderr)
+        what = ("the units written so far stay in --out: run the same command again to resume"
+                if args.command == "atlas" else "nothing written")
+        print(f"lightning-vis {args.command}: interrupted ({what})", file=sys.stderr)
         return 130
     except (CliError, LayerNotFoundError, ValueError) as e:
         close_progress_bars()
