@@ -86,9 +86,10 @@ def parse_origin(origin: str) -> tuple[str, str, int]:
 
 
 class OriginPolicy:
-    """Which Host and Origin headers this server answers: the address it serves (a loopback bind also answers to
-    localhost, 127.0.0.1 and [::1]; a bind to every interface to any IP address and this machine's names), on its
-    port, plus the origins allowed explicitly (whose pages get CORS headers)."""
+    """Which Host and Origin headers this server answers. Host: the address it serves (a loopback bind also answers
+    to localhost, 127.0.0.1 and [::1]; a bind to every interface to any IP address and this machine's names), on
+    its port, plus the origins allowed explicitly. Origin: the page of the very address the request was sent to
+    (http:// and its Host), or an origin allowed explicitly (whose pages get CORS headers)."""
 
     def __init__(self, host: str, port: int, allow_origins=()):
         self.port = port
