@@ -386,14 +386,15 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
         rendered = render_chunk(model, n, us, s, preprocess)
         maps = {}
         if ctx.top is not None and ctx.layout.kind != "vector":
-            wanted = sorted({int(i) for u in us for e in (ctx.top, ctx.bottom) for i in e.indices[u].tolist()
-                             if i >= 0})
-            maps = example_maps(model, inputs, wanted, n, us, batch_size)
+            wanted: dict[int, list[int]] = {}  # input -> the units whose top-k or bottom-k it is in
+            for u in us:
+                for i in {int(i) for e in (ctx.top, ctx.bottom) for i in e.indices[u].tolist() if i >= 0}:
+                    wanted.setdefault(i, []).append(u)
+            maps = example_maps(model, inputs, wanted, n, batch_size)
         for i, u in enumerate(us):
             if (out / "layers" / ctx.slug / str(u)).is_dir():
                 continue
-            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title,
-                       chunk_units=us)
+            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title)
             written += 1
             if on_unit is not None:
                 on_unit(n, u)
