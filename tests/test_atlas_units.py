@@ -1,8 +1,9 @@
 """A unit's folder of the atlas (atlas/units.py, atlas/build.py): display pictures at another size than the model's
 input are cropped and boxed where the unit looked; the activation maps a chunk keeps are only the (input, unit)
-pairs its pages show."""
+pairs its pages show; unit.json is strict JSON."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -82,3 +83,26 @@ def test_example_maps_keep_only_the_pairs_a_unit_reads(one_thread):
     for (i, u), t in maps.items():
         assert t.shape == (12, 12) and torch.equal(t, full[i, u])
         assert t.untyped_storage().nbytes() == 12 * 12 * 4  # its own storage, not a view of a batch's maps
+
+
+def test_unit_json_is_strict_json_with_infinite_histogram_edges(tmp_path, one_thread):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU())
+    x = torch.rand(3, 3, 8, 8) * 1e7  # activations beyond 2^20: the overflow bin [2^20, inf)
+    out = tmp_path / "atlas"
+    atlas.build(m, TensorDataset(x), out, ["1"], size=8, steps=1, diverse=0, negative=False, k=1, progress=False,
+                tile=8, connections=0)
+    for unit in (0, 1):
+        text = (out / "layers" / "1" / str(unit) / "unit.json").read_text()
+
+        def refuse(name):
+            raise ValueError(f"not strict JSON: {name}")
+
+        rec = json.loads(text, parse_constant=refuse)
+        bins = rec["distribution"]["bins"]["values"]
+        assert sum(c for _, _, c in bins) == 3 * 64
+        assert all(lo is None or math.isfinite(lo) for lo, _, _ in bins)
+        assert all(hi is None or math.isfinite(hi) for _, hi, _ in bins)
+        assert [lo for lo, hi, _ in bins if hi is None] == [pytest.approx(2.0 ** 20, rel=1e-5)]  # no end: null
+        assert rec["distribution"]["max"] > 2.0 ** 20
+    assert (out / "layers" / "1" / "index.html").is_file()

@@ -458,7 +458,7 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
         dist = [r["distribution"] for r in records if r.get("distribution")]
         if dist:
             seen = dist[0]["seen"]
-            active = torch.tensor([d["active_fraction"] for d in dist])
+            active = torch.tensor([d["active_fraction"] for d in dist if d["active_fraction"] is not None])
             fig = plots.histogram(torch.linspace(0, 1, 21), torch.histc(active, 20, 0, 1), ylabel="units",
                                   title=f"{n}: units by active fraction",
                                   xlabel="share of positions above 0, over the dataset")
@@ -470,8 +470,8 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
                                   title=f"{n}: units by selectivity",
                                   xlabel="how far the top-k inputs stand out (standard deviations)")
             pics.append(("selectivity.png", _plot_file(fig, folder / "selectivity.png")))
-        noise = torch.tensor([r["health"]["render_noise"] for r in records])
-        hi = max(1.0, float(noise.max()))
+        noise = torch.tensor([r["health"]["render_noise"] for r in records if r["health"]["render_noise"] is not None])
+        hi = max([1.0, *noise.tolist()])
         fig = plots.histogram(torch.linspace(0, hi, 21), torch.histc(noise, 20, 0, hi), ylabel="units",
                               title=f"{n}: render roughness", xlabel="high-frequency energy (1 = white noise)")
         pics.append(("roughness.png", _plot_file(fig, folder / "roughness.png")))

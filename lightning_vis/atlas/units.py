@@ -63,9 +63,11 @@ class LayerContext:
     seen: int = 0
 
 
-def _round(v: float) -> float:
-    """6 significant digits: what the files keep (sums over differently sharded data agree to far more)."""
-    return float(f"{float(v):.6g}")
+def _round(v: float) -> float | None:
+    """6 significant digits: what the files keep (sums over differently sharded data agree to far more); None (JSON
+    null) for an infinity or NaN, which strict JSON cannot hold."""
+    v = float(v)
+    return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,6 +186,7 @@ def _box(image: Tensor, box, scale: tuple[float, float], colour=(1.0, 1.0, 1.0))
 
 
 def _hist_bins(counts: Tensor, edges: Tensor) -> list:
+    """[[lo, hi, count]] of the non-empty bins; the overflow bins' infinite edge is null (unbounded)."""
     nz = counts.nonzero().flatten().tolist()
     return [[_round(edges[i]), _round(edges[i + 1]), int(counts[i])] for i in nz]
 
@@ -286,7 +289,7 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
     if ctx.evolution is not None and (Path(ctx.evolution) / f"channel{unit}.png").is_file():
         shutil.copyfile(Path(ctx.evolution) / f"channel{unit}.png", tmp / "evolution.png")
         rec["evolution"] = "evolution.png"
-    (tmp / "unit.json").write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    (tmp / "unit.json").write_text(json.dumps(rec, indent=1, sort_keys=True, allow_nan=False) + "\n")
     (tmp / "index.html").write_text(site.unit_page(rec, model_title))
     os.rename(tmp, final)
     return final
