@@ -243,7 +243,8 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
         info = infos[n]
         ctx = LayerContext(n, file_stem(n), info.type, tuple(info.output_shape), info.layout, info.units,
                            min(info.units, s.max_units or info.units))
-        wname, wmod, ctx.zero, ctx.weight_noise, dups = weight_health(model, n, modules[n], info.units)
+        wname, wmod, ctx.zero, ctx.weight_noise, dups, ctx.weights_note = weight_health(model, n, modules[n],
+                                                                                       info.units)
         ctx.weights_from, ctx.kernel = wname, tuple(wmod.weight.shape[2:]) if wmod is not None else ()
         for i, j, c in dups:
             ctx.duplicates.setdefault(i, []).append((j, c))
@@ -477,7 +478,7 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
         pics.append(("roughness.png", _plot_file(fig, folder / "roughness.png")))
         facts = [("type", ctx.type), ("output", f"{' x '.join(map(str, ctx.shape[1:]))}, {ctx.layout.describe()}"),
                  ("units", f"{ctx.shown} of {ctx.units}" if ctx.shown < ctx.units else str(ctx.units)),
-                 ("weights", ctx.weights_from or "-"),
+                 ("weights", ctx.weights_from or (f"- ({ctx.weights_note})" if ctx.weights_note else "-")),
                  ("receptive field", f"{'x'.join(map(str, ctx.rf.size))} px, stride {'x'.join(map(str, ctx.rf.jump))}"
                   if ctx.rf is not None else "-")]
         facts += [("connections from", a) for a, b in pairs if b == n] + [("connections to", b) for a, b in pairs

@@ -45,6 +45,7 @@ class LayerContext:
     weight_noise: Tensor | None = None
     kernel: tuple = ()
     weights_from: str | None = None
+    weights_note: str | None = None  # why no module's weights were inspected
     duplicates: dict = field(default_factory=dict)  # unit -> [(other, cosine)]
     dead: Tensor | None = None
     active: Tensor | None = None
