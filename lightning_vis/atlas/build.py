@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,14 +335,19 @@ def _connections_phase(model, pairs, ctxs, example, s: Settings, comm: Comm, out
         try:
             ew = expanded_weights(model, a, b, example=example[:1], batch=s.batch)
             state = {"weights": ew.weights, "centre": list(ew.centre), "connected": ew.connected}
-        except ValueError:  # no path from a to b (parallel branches)
-            state = {"weights": torch.zeros(ctxs[b].units, ctxs[a].units), "centre": [], "connected": False}
+        except Exception as e:  # noqa: BLE001 - one pair that cannot be linearised must not abort the atlas
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"atlas: connections {a!r} -> {b!r} not computed: {why}", stacklevel=2)
+            state = {"weights": torch.zeros(ctxs[b].units, ctxs[a].units), "centre": [], "connected": False,
+                     "error": why}
         _atomic_save(state, paths[i])
     comm.barrier()
     for i, (a, b) in enumerate(pairs):
         st = torch.load(paths[i], weights_only=True)
         ew = ExpandedWeights(a, b, st["weights"], tuple(st["centre"]), st["connected"])
         ctxs[b].inputs, ctxs[a].outputs = (ew, ctxs[a]), (ew, ctxs[b])
+        if st.get("error"):  # the pages say why instead of showing connections
+            ctxs[b].connection_errors[a] = ctxs[a].connection_errors[b] = st["error"]
     timings["connections"] = time.perf_counter() - t
 
 
@@ -481,8 +487,11 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
                  ("weights", ctx.weights_from or (f"- ({ctx.weights_note})" if ctx.weights_note else "-")),
                  ("receptive field", f"{'x'.join(map(str, ctx.rf.size))} px, stride {'x'.join(map(str, ctx.rf.jump))}"
                   if ctx.rf is not None else "-")]
-        facts += [("connections from", a) for a, b in pairs if b == n] + [("connections to", b) for a, b in pairs
-                                                                           if a == n]
+        errors = ctx.connection_errors
+        facts += [("connections from", a + (f" (not computed: {errors[a]})" if a in errors else ""))
+                  for a, b in pairs if b == n]
+        facts += [("connections to", b + (f" (not computed: {errors[b]})" if b in errors else ""))
+                  for a, b in pairs if a == n]
         info = {"name": n, "facts": facts, "sub": f"{ctx.type}, {ctx.shown} units"}
         site.write_if_changed(folder / "index.html", site.layer_page(info, records, pics, title))
     fig = plots.bar_chart({"dead": [summary[n]["dead"] for n in order], "duplicate": [summary[n]["dup"] for n in order],

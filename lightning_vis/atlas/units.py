@@ -59,6 +59,7 @@ class LayerContext:
     hist: object = None  # LayerHistogram
     inputs: tuple | None = None  # (ExpandedWeights into this layer, source LayerContext)
     outputs: tuple | None = None  # (ExpandedWeights out of this layer, target LayerContext)
+    connection_errors: dict = field(default_factory=dict)  # other layer -> why its connections were not computed
     evolution: Path | None = None
     hist_edges: Tensor | None = None
     seen: int = 0
@@ -286,6 +287,10 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
         if pair is None or s.connections == 0:
             continue
         weights, other = pair
+        if other.name in ctx.connection_errors:
+            rec["connections"][key] = {"layer": other.name, "slug": other.slug, "connected": False, "positive": [],
+                                       "negative": [], "error": ctx.connection_errors[other.name]}
+            continue
         rec["connections"][key] = _connection_record(weights, other, unit, key, s.connections)
     if ctx.evolution is not None and (Path(ctx.evolution) / f"channel{unit}.png").is_file():
         shutil.copyfile(Path(ctx.evolution) / f"channel{unit}.png", tmp / "evolution.png")
