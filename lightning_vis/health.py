@@ -117,6 +117,9 @@ def high_frequency_score(x: Tensor, spatial_dims: int, cutoff: float = 0.25, pad
     return share / high.float().mean()
 
 
+NOISE_THRESHOLD = 0.9  # a filter or render at least this rough (1.0 = white noise) is noise-only
+
+
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 # branches of a block that do not make its output channels on the main path: the shortcut (identity or projection)
 # of a residual block, and squeeze-and-excitation / gating modules (their filters scale channels, not make them)
@@ -229,7 +232,7 @@ class ActivityCollector(StreamingTap):
 
 
 def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
-                  duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
+                  duplicate_threshold: float = 0.95, noise_threshold: float = NOISE_THRESHOLD,
                   renders: dict[str, Tensor] | None = None, device=None, progress: bool = True, layout=None,
                   grid=None, batch_input=None) -> HealthReport:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
@@ -244,7 +247,7 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
 
 
 def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold: float = 0.95,
-            noise_threshold: float = 0.9, renders: dict[str, Tensor] | None = None) -> HealthReport:
+            noise_threshold: float = NOISE_THRESHOLD, renders: dict[str, Tensor] | None = None) -> HealthReport:
     report = HealthReport(seen=seen)
     for name, (active, total, count, top) in stats.items():
         channels = top.shape[0]

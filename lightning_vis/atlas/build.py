@@ -252,7 +252,8 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
             ctx.duplicates.setdefault(j, []).append((i, c))
         if dataset is not None and info.layout.kind in ("channels_first", "channels_last") and example.dim() == 4:
             try:
-                ctx.rf = receptive_field(model, n, tuple(example.shape[1:]))
+                # as TopK.crops: a field larger than twice the input crops the whole input anyway
+                ctx.rf = receptive_field(model, n, tuple(example.shape[1:]), max_size=2 * max(example.shape[2:]))
             except ValueError:
                 ctx.rf = None
         if evolution and n in evolution:
@@ -388,7 +389,9 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
     written = 0
     depth = {n: i + 1 for i, n in enumerate(ctxs)}
     mine = deal(pending, [len(units_of(n, start)) * depth[n] for n, start in pending], comm.world)[comm.rank]
+    slowest = 0.0  # the longest chunk on this rank (seconds)
     for n, start in mine:
+        began = time.perf_counter()
         ctx, us = ctxs[n], units_of(n, start)
         rendered = render_chunk(model, n, us, s, preprocess)
         maps = {}
@@ -407,10 +410,16 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
                 on_unit(n, u)
         if comm.zero:
             refresh()
+        slowest = max(slowest, time.perf_counter() - began)
     if comm.zero:
-        while done < total:  # the other ranks' units
+        # the other ranks' units, while they come; when none has come for a long while (a rank died or stalls), the
+        # barrier below waits instead, bounded by the process group's timeout: an error, never a hang
+        patience, last, seen = max(60.0, 10 * slowest), time.perf_counter(), done
+        while done < total and time.perf_counter() - last < patience:
             time.sleep(0.5)
             refresh()
+            if done != seen:
+                last, seen = time.perf_counter(), done
     bar.close()
     comm.barrier()
     timings["units"] = time.perf_counter() - t

@@ -22,7 +22,7 @@ from .. import objectives, plots
 from ..activations import activations
 from ..circuits import ExpandedWeights
 from ..featureviz import render
-from ..health import noise_flags, render_noise_score
+from ..health import NOISE_THRESHOLD, noise_flags, render_noise_score
 from ..hooks.layout import Layout
 from ..receptive import ReceptiveField
 from . import site
@@ -255,7 +255,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
     render_noise = render_noise_score(pos[None] if pos.dim() == 3 else pos[:, pos.shape[1] // 2][None])
     sl = slice(unit, unit + 1)
     noisy = bool(noise_flags(ctx.weight_noise[sl] if ctx.weight_noise is not None else None, ctx.kernel,
-                             render_noise, ctx.zero[sl] if ctx.zero is not None else None, 0.9, 1)[0])
+                             render_noise, ctx.zero[sl] if ctx.zero is not None else None, NOISE_THRESHOLD,
+                             1)[0])
     dups = [{"unit": j, "cosine": c} for j, c in ctx.duplicates.get(unit, []) if j < ctx.shown]
     health = {"dead": bool(ctx.dead[unit]) if ctx.dead is not None else None,
               "zero_weights": bool(ctx.zero[unit]) if ctx.zero is not None else None,
