@@ -65,6 +65,25 @@ def _select_centre(maps: Tensor, units: Tensor, centre: tuple[int, ...]) -> Tens
     return maps[(torch.arange(maps.shape[0], device=maps.device), units.to(maps.device), *centre)]
 
 
+def _with_first(output, old: Tensor, new: Tensor, name: str):
+    """The layer's output with its first tensor `old` replaced by `new`: a dict, a namedtuple, a tuple or list."""
+    if isinstance(output, dict):
+        items = {k: new if v is old else v for k, v in output.items()}
+        try:
+            return type(output)(items)
+        except TypeError:
+            pass
+    elif isinstance(output, tuple) and hasattr(type(output), "_fields"):  # a namedtuple: fields are arguments
+        return type(output)(*(new if v is old else v for v in output))
+    elif isinstance(output, (tuple, list)):
+        try:
+            return type(output)(new if v is old else v for v in output)
+        except TypeError:
+            pass
+    raise ValueError(f"layer {name!r} returns a {type(output).__name__}, which expanded_weights cannot rebuild "
+                     "with its tensor replaced: take a layer inside it that returns a tensor")
+
+
 def expanded_weights(model: nn.Module, source: LayerSpec, target: LayerSpec, input_shape=None, *,
                      example: Tensor | None = None, kernels: bool = False, batch: int = 64, units=None,
                      layout=None, grid=None) -> ExpandedWeights:
@@ -116,9 +135,7 @@ def expanded_weights(model: nn.Module, source: LayerSpec, target: LayerSpec, inp
         live = leaf * 1  # not a leaf: in-place ops after the layer stay legal
         if isinstance(output, Tensor):
             return live
-        if isinstance(output, dict):
-            return type(output)((k, live if v is out else v) for k, v in output.items())
-        return type(output)(live if v is out else v for v in output)
+        return _with_first(output, out, live, src)
 
     def on_target(module, args, output):
         if "leaf" not in state:

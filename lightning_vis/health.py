@@ -34,6 +34,7 @@ class LayerHealth:
     noise_only: Tensor  # (C,) bool
     duplicates: list[tuple[int, int, float]]  # (i, j, cosine similarity), i < j
     weights_from: str | None  # the module whose weights were inspected
+    weights_note: str | None = None  # why no module's weights were inspected (weights_from None)
 
 
 @dataclass
@@ -116,26 +117,68 @@ def high_frequency_score(x: Tensor, spatial_dims: int, cutoff: float = 0.25, pad
     return share / high.float().mean()
 
 
+NOISE_THRESHOLD = 0.9  # a filter or render at least this rough (1.0 = white noise) is noise-only
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+# branches of a block that do not make its output channels on the main path: the shortcut (identity or projection)
+# of a residual block, and squeeze-and-excitation / gating modules (their filters scale channels, not make them)
+_SIDE_NAMES = ("downsample", "shortcut", "skip", "identity")
+_GATE_NAMES = {"se", "ese", "eca", "gate", "attn_gate"}
+_GATE_TYPES = ("SqueezeExcit", "SEModule", "SELayer", "EffectiveSE", "EcaModule")
+
+
+def _side_branch(path: str, model: nn.Module, root: str) -> str | None:
+    """Why the module at `path` (inside the block `root`) is off the block's main path, or None."""
+    parts = path[len(root) + 1:].split(".") if root else path.split(".")
+    for i, part in enumerate(parts):
+        low = part.lower()
+        if any(n in low for n in _SIDE_NAMES):
+            return "a shortcut branch"
+        if low in _GATE_NAMES or "squeeze" in low or "excit" in low:
+            return "a gating (squeeze-and-excitation) branch"
+        sub = model.get_submodule(".".join(([root] if root else []) + parts[:i + 1]))
+        if any(t in type(sub).__name__ for t in _GATE_TYPES):
+            return "a gating (squeeze-and-excitation) branch"
+    return None
+
+
 def _weights_for(model: nn.Module, name: str, module: nn.Module, channels: int):
-    """The conv/linear module whose filters make this layer's channels: the layer itself; for a block (a module
-    with children, e.g. an inverted residual block), the last module inside it with weights of `channels` output
-    filters; else the last such module before it (in definition order: an activation after its convolution)."""
+    """(name, module, None) of the conv/linear module whose filters make this layer's `channels` channels, or
+    (None, None, why not):
+    - the layer itself when it has such weights;
+    - for a block (a module with children: a residual or inverted-residual block, a stage): the last module inside
+      it, in definition order, with `channels` output filters on the block's main path. Shortcut branches
+      (``downsample``, ``shortcut``, ``skip``, ``identity`` in the name: a ResNet's 1x1 projection has the block's
+      channels too) and squeeze-and-excitation gates are not the main path. None when only those fit, or when no
+      module inside has `channels` filters (channels made by a concatenation or a functional call);
+    - for a module without children or weights (an activation, a pool): the last such module before it in
+      definition order (an activation after its convolution)."""
     def fits(m):
         w = getattr(m, "weight", None)
-        return isinstance(w, Tensor) and w.dim() >= 2 and w.shape[0] == channels and not isinstance(
-            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm))
+        return isinstance(w, Tensor) and w.dim() >= 2 and w.shape[0] == channels and not isinstance(m, _NORMS)
     if fits(module):
-        return name, module
-    inside = [(f"{name}.{k}", m) for k, m in module.named_modules() if k and fits(m)]
-    if inside:
-        return inside[-1]
+        return name, module, None
+    if any(True for _ in module.children()):
+        inside = [(f"{name}.{k}" if name else k, m) for k, m in module.named_modules() if k and fits(m)]
+        main = [(k, m) for k, m in inside if _side_branch(k, model, name) is None]
+        if main:
+            return main[-1][0], main[-1][1], None
+        if inside:
+            return None, None, (f"the only modules inside {name!r} with {channels} output filters are off its main "
+                                f"path ({inside[-1][0]!r} is {_side_branch(inside[-1][0], model, name)}): name the "
+                                "layer that makes its channels")
+        return None, None, (f"no module inside {name!r} has {channels} output filters (its channels are made by a "
+                            "concatenation or a functional call): name a convolution or linear layer inside it")
     last = None
     for k, m in model.named_modules():
         if k == name:
             break
         if fits(m):
             last = (k, m)
-    return last if last is not None else (None, None)
+    if last is None:
+        return None, None, f"no convolution or linear module before {name!r} has {channels} output filters"
+    return last[0], last[1], None
 
 
 class ActivityCollector(StreamingTap):
@@ -189,7 +232,7 @@ class ActivityCollector(StreamingTap):
 
 
 def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold: float = 0.0,
-                  duplicate_threshold: float = 0.95, noise_threshold: float = 0.9,
+                  duplicate_threshold: float = 0.95, noise_threshold: float = NOISE_THRESHOLD,
                   renders: dict[str, Tensor] | None = None, device=None, progress: bool = True, layout=None,
                   grid=None, batch_input=None) -> HealthReport:
     """Per channel of each layer: activity over the dataset (one pass, eval mode, no gradients), dead channels,
@@ -204,12 +247,12 @@ def filter_health(model: nn.Module, dataloader, layers: LayerSpec, *, threshold:
 
 
 def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold: float = 0.95,
-            noise_threshold: float = 0.9, renders: dict[str, Tensor] | None = None) -> HealthReport:
+            noise_threshold: float = NOISE_THRESHOLD, renders: dict[str, Tensor] | None = None) -> HealthReport:
     report = HealthReport(seen=seen)
     for name, (active, total, count, top) in stats.items():
         channels = top.shape[0]
-        wname, wmod, zero, noise, duplicates = weight_health(model, name, layer_modules[name], channels,
-                                                             duplicate_threshold)
+        wname, wmod, zero, noise, duplicates, why = weight_health(model, name, layer_modules[name], channels,
+                                                                  duplicate_threshold)
         render_noise = None
         if renders is not None and name in renders:
             r = renders[name]
@@ -219,15 +262,16 @@ def _report(model, stats, layer_modules, seen, threshold, *, duplicate_threshold
         kernel = tuple(wmod.weight.shape[2:]) if wmod is not None else ()
         flags = noise_flags(noise, kernel, render_noise, zero, noise_threshold, channels)
         report.layers[name] = LayerHealth(active / count, (total / count).float(), top, top <= threshold, zero, noise,
-                                          render_noise, flags, duplicates, wname)
+                                          render_noise, flags, duplicates, wname, why)
     return report
 
 
 def weight_health(model: nn.Module, name: str, module: nn.Module, channels: int, duplicate_threshold: float = 0.95):
     """What a layer's weights tell about its `channels` filters, without data: (name of the module whose weights
     make them, that module, zero (C,) bool: weights and bias all zero, noise (C,) weight roughness or None for
-    kernels without space, duplicates [(i, j, cosine)] above the threshold); all None / [] when no module fits."""
-    wname, wmod = _weights_for(model, name, module, channels)
+    kernels without space, duplicates [(i, j, cosine)] above the threshold, why: None, or (all the others None / [])
+    why no module's weights tell (see _weights_for: a block's shortcut and gates are never taken for it))."""
+    wname, wmod, why = _weights_for(model, name, module, channels)
     zero = noise = None
     duplicates = []
     if wmod is not None:
@@ -245,7 +289,7 @@ def weight_health(model: nn.Module, name: str, module: nn.Module, channels: int,
         i, j = torch.triu_indices(channels, channels, 1)
         keep = (sim[i, j] > duplicate_threshold) & ~zero[i] & ~zero[j]
         duplicates = [(int(a), int(c), round(float(sim[a, c]), 4)) for a, c in zip(i[keep], j[keep])]
-    return wname, wmod, zero, noise, duplicates
+    return wname, wmod, zero, noise, duplicates, why
 
 
 def render_noise_score(renders: Tensor) -> Tensor:

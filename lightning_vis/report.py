@@ -23,8 +23,9 @@ from .deconv import deconvnet
 
 
 def write_samples(out, samples: list[dict], title: str) -> Path:
-    """samples.html from already written pictures (paths relative to `out`): [{"name", "image", "predictions":
-    [(name, p)], "activations": {layer: path}, "deconv": {layer: path}, "cams": {method: path}}]."""
+    """samples.html from already written pictures (relative URLs from `out`, quoted: site.url("samples", name)):
+    [{"name", "image", "predictions": [(name, p)], "activations": {layer: url}, "deconv": {layer: url},
+    "cams": {method: url}}]."""
     out = Path(out)
     parts = []
     for s in samples:
@@ -77,7 +78,7 @@ def build(model: nn.Module, inputs: Tensor, shown: Tensor, names: Sequence[str],
         def save(picture, suffix):
             path = out / "samples" / f"{stem}{suffix}.png"
             im.save_png(picture, path)
-            return str(path.relative_to(out))
+            return url("samples", path.name)  # a URL: a name with '#', '?' or '%' still reaches its file
 
         entry = {"name": name, "image": save(shown[i], ""), "predictions": [(n, p) for _, n, p in preds[i]]
                  if preds else [], "activations": {}, "deconv": {}, "cams": {}}

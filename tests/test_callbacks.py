@@ -241,5 +241,45 @@ def test_log_images_dispatch_per_logger_kind(tmp_path):
     files = C.log_images(trainer, "activations/conv1", torch.rand(2, 3, 5, 5), 7)
     assert calls == [("tb", "lightning_vis/activations/conv1", (2, 3, 5, 5), 7),
                      ("wandb", "lightning_vis/activations/conv1", 2, 7)]
-    assert [str(f) for f in files] == [str(tmp_path / "csv" / "lightning_vis" / "activations/conv1" / "step0000007.png")]
+    assert [str(f) for f in files] == [str(tmp_path / "csv" / "lightning_vis" / "activations/conv1" /
+                                           "step0000007.png")]
     assert C.log_images(SimpleNamespace(loggers=[], default_root_dir=str(tmp_path)), "x", torch.rand(1, 3, 2, 2), 0)
+
+
+def test_filter_health_merges_ranks_with_the_collectors_own_all_gather(tmp_path, monkeypatch):
+    """FilterHealth.finish uses ActivityCollector.all_gather (one merge for the library and the callback)."""
+    from lightning_vis.health import ActivityCollector
+
+    calls = []
+    original = ActivityCollector.all_gather
+
+    def spy(self):
+        calls.append(self.seen)
+        return original(self)
+
+    monkeypatch.setattr(ActivityCollector, "all_gather", spy)
+    health = C.FilterHealth(["net.relu1", "net.relu2"])
+    module = make_module(L.LightningModule)
+    trainer = L.Trainer(max_epochs=1, callbacks=[health], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, DataLoader(data(20, 1), batch_size=6))
+    assert calls == [20]
+    want = lv.filter_health(module, DataLoader(data(20, 1), batch_size=6), ["net.relu1", "net.relu2"],
+                            progress=False)
+    for name in ("net.relu1", "net.relu2"):
+        got = health.report.layers[name]
+        torch.testing.assert_close(got.active_fraction, want.layers[name].active_fraction)
+        torch.testing.assert_close(got.max, want.layers[name].max)
+        assert torch.equal(got.dead, want.layers[name].dead)
+
+
+def test_visualize_gives_every_part_the_schedule_and_render_kwargs_to_render(tmp_path):
+    images = data(2, 4).tensors[0]
+    umbrella = C.Visualize(images, ["net.conv2"], viz_layer="net.conv2", channels=[0], every_n_epochs=3,
+                           render_kwargs=dict(size=8, steps=2, transforms="none", lr=0.05))
+    assert [p.every_n_epochs for p in umbrella.parts] == [3] * 5
+    fv = umbrella.parts[2]
+    assert (fv.size, fv.steps, fv.image_channels) == (8, 2, 1)
+    assert fv.render_kwargs == {"transforms": "none", "lr": 0.05}
+    module = make_module(L.LightningModule)
+    assert fv._render(module, [0], 2, 0).shape == (1, 1, 8, 8)  # transforms= reaches lv.render

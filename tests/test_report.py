@@ -1,9 +1,12 @@
 """The gallery (report.build, lightning-vis report): the atlas of the layers over a handful of pictures plus a
 samples page; every referenced file exists, and a real headless Chromium opens it from disk and loads every image."""
 
+import html
 import json
 import re
 from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
 import torch
@@ -12,6 +15,15 @@ from torch import nn
 from lightning_vis import cli, report
 from lightning_vis import images as im
 from tests.browser import chromium, images_loaded, needs_chromium
+
+# picture names a browser would misread in a URL unless quoted: '#' starts a fragment, '?' a query, '%' an escape
+NAMES = ["pic0 #1.png", "pic1 100%?.png", "pic2.png", "pic3.png", "pic4.png"]
+
+
+def resolves(page: Path, src: str) -> Path | None:
+    """The file a browser fetches for <img src=...> on a page opened from disk (None: a query or fragment)."""
+    parts = urlsplit(urljoin(page.as_uri(), html.unescape(src)))
+    return None if parts.query or parts.fragment else Path(unquote(parts.path))
 
 
 def tiny():
@@ -32,7 +44,7 @@ def gallery(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        index = report.build(tiny(), shown, shown, [f"pic{i}.png" for i in range(5)], ["conv1", "conv2"], out,
+        index = report.build(tiny(), shown, shown, NAMES, ["conv1", "conv2"], out,
                              cam_layer="conv2", class_names=["a", "b", "c"], units=3, render_steps=2,
                              render_size=16, k=2, evolution={"conv2": evo}, progress=False, samples=2)
     finally:
@@ -50,13 +62,14 @@ def test_gallery_is_the_atlas_plus_samples(gallery):
     assert unit["connections"]["inputs"]["layer"] == "conv1"
     assert 'href="samples.html"' in gallery.read_text()
     samples = (root / "samples.html").read_text()
-    for needle in ("pic0.png", "pic1.png", "gradcam++", "activation maps: conv1", "deconvnet", "conv2"):
+    for needle in ("pic0 #1.png", "pic1 100%?.png", "gradcam++", "activation maps: conv1", "deconvnet", "conv2"):
         assert needle in samples, needle
     assert "pic2.png" not in samples  # samples=2
+    assert 'src="samples/0_pic0%20%231.png"' in samples and 'src="samples/1_pic1%20100%25%3F.png"' in samples
     pages = [gallery, root / "samples.html", *root.glob("layers/*/index.html"), *root.glob("layers/*/*/index.html")]
     for page in pages:
         srcs = re.findall(r'src="([^"]+)"', page.read_text())
-        assert srcs and all((page.parent / s).is_file() for s in srcs), page
+        assert srcs and all(resolves(page, s) is not None and resolves(page, s).is_file() for s in srcs), page
         assert not any(s.startswith("/") or "://" in s for s in srcs)  # relative: opens from disk anywhere
 
 

@@ -15,10 +15,11 @@ most selective) and a search by unit. Per model: every layer with its shape and 
 
 One streaming pass over the data gives every layer's top/bottom-k, histograms and activity (exact). With Lightning
 Fabric (``fabric=``, or ``--devices`` / ``--num-nodes`` / ``--strategy ddp`` from the command line) the dataset pass
-is sharded by a distributed sampler and merged exactly, and units are dealt out to the ranks in chunks rendered as
-one batch each; renders are seeded by what they render, so any number of processes writes the same files. Each
-unit's folder is written whole (temporary name, then renamed): a run that dies resumes where it stopped, a
-finished run is a no-op. The output folder must be shared by all nodes.
+is sharded by a distributed sampler and merged exactly, and units are dealt out to the ranks in chunks, each
+rendered in two batched optimisations (positive and negative renders, then diverse ones); renders are seeded by what
+they render, so any number of processes writes the same files. Each unit's folder is written whole (temporary name,
+then renamed): a run that dies resumes where it stopped, a finished run is a no-op. The output folder must be shared
+by all nodes.
 
 The site is static: open index.html from disk or serve the folder from any static host.
 """

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,14 +244,16 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
         info = infos[n]
         ctx = LayerContext(n, file_stem(n), info.type, tuple(info.output_shape), info.layout, info.units,
                            min(info.units, s.max_units or info.units))
-        wname, wmod, ctx.zero, ctx.weight_noise, dups = weight_health(model, n, modules[n], info.units)
+        wname, wmod, ctx.zero, ctx.weight_noise, dups, ctx.weights_note = weight_health(model, n, modules[n],
+                                                                                       info.units)
         ctx.weights_from, ctx.kernel = wname, tuple(wmod.weight.shape[2:]) if wmod is not None else ()
         for i, j, c in dups:
             ctx.duplicates.setdefault(i, []).append((j, c))
             ctx.duplicates.setdefault(j, []).append((i, c))
         if dataset is not None and info.layout.kind in ("channels_first", "channels_last") and example.dim() == 4:
             try:
-                ctx.rf = receptive_field(model, n, tuple(example.shape[1:]))
+                # as TopK.crops: a field larger than twice the input crops the whole input anyway
+                ctx.rf = receptive_field(model, n, tuple(example.shape[1:]), max_size=2 * max(example.shape[2:]))
             except ValueError:
                 ctx.rf = None
         if evolution and n in evolution:
@@ -333,14 +336,19 @@ def _connections_phase(model, pairs, ctxs, example, s: Settings, comm: Comm, out
         try:
             ew = expanded_weights(model, a, b, example=example[:1], batch=s.batch)
             state = {"weights": ew.weights, "centre": list(ew.centre), "connected": ew.connected}
-        except ValueError:  # no path from a to b (parallel branches)
-            state = {"weights": torch.zeros(ctxs[b].units, ctxs[a].units), "centre": [], "connected": False}
+        except Exception as e:  # noqa: BLE001 - one pair that cannot be linearised must not abort the atlas
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"atlas: connections {a!r} -> {b!r} not computed: {why}", stacklevel=2)
+            state = {"weights": torch.zeros(ctxs[b].units, ctxs[a].units), "centre": [], "connected": False,
+                     "error": why}
         _atomic_save(state, paths[i])
     comm.barrier()
     for i, (a, b) in enumerate(pairs):
         st = torch.load(paths[i], weights_only=True)
         ew = ExpandedWeights(a, b, st["weights"], tuple(st["centre"]), st["connected"])
         ctxs[b].inputs, ctxs[a].outputs = (ew, ctxs[a]), (ew, ctxs[b])
+        if st.get("error"):  # the pages say why instead of showing connections
+            ctxs[b].connection_errors[a] = ctxs[a].connection_errors[b] = st["error"]
     timings["connections"] = time.perf_counter() - t
 
 
@@ -381,28 +389,37 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
     written = 0
     depth = {n: i + 1 for i, n in enumerate(ctxs)}
     mine = deal(pending, [len(units_of(n, start)) * depth[n] for n, start in pending], comm.world)[comm.rank]
+    slowest = 0.0  # the longest chunk on this rank (seconds)
     for n, start in mine:
+        began = time.perf_counter()
         ctx, us = ctxs[n], units_of(n, start)
         rendered = render_chunk(model, n, us, s, preprocess)
         maps = {}
         if ctx.top is not None and ctx.layout.kind != "vector":
-            wanted = sorted({int(i) for u in us for e in (ctx.top, ctx.bottom) for i in e.indices[u].tolist()
-                             if i >= 0})
-            maps = example_maps(model, inputs, wanted, n, us, batch_size)
+            wanted: dict[int, list[int]] = {}  # input -> the units whose top-k or bottom-k it is in
+            for u in us:
+                for i in {int(i) for e in (ctx.top, ctx.bottom) for i in e.indices[u].tolist() if i >= 0}:
+                    wanted.setdefault(i, []).append(u)
+            maps = example_maps(model, inputs, wanted, n, batch_size)
         for i, u in enumerate(us):
             if (out / "layers" / ctx.slug / str(u)).is_dir():
                 continue
-            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title,
-                       chunk_units=us)
+            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title)
             written += 1
             if on_unit is not None:
                 on_unit(n, u)
         if comm.zero:
             refresh()
+        slowest = max(slowest, time.perf_counter() - began)
     if comm.zero:
-        while done < total:  # the other ranks' units
+        # the other ranks' units, while they come; when none has come for a long while (a rank died or stalls), the
+        # barrier below waits instead, bounded by the process group's timeout: an error, never a hang
+        patience, last, seen = max(60.0, 10 * slowest), time.perf_counter(), done
+        while done < total and time.perf_counter() - last < patience:
             time.sleep(0.5)
             refresh()
+            if done != seen:
+                last, seen = time.perf_counter(), done
     bar.close()
     comm.barrier()
     timings["units"] = time.perf_counter() - t
@@ -457,7 +474,7 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
         dist = [r["distribution"] for r in records if r.get("distribution")]
         if dist:
             seen = dist[0]["seen"]
-            active = torch.tensor([d["active_fraction"] for d in dist])
+            active = torch.tensor([d["active_fraction"] for d in dist if d["active_fraction"] is not None])
             fig = plots.histogram(torch.linspace(0, 1, 21), torch.histc(active, 20, 0, 1), ylabel="units",
                                   title=f"{n}: units by active fraction",
                                   xlabel="share of positions above 0, over the dataset")
@@ -469,18 +486,21 @@ def _write_pages(out: Path, title: str, ctxs: dict[str, LayerContext], infos: di
                                   title=f"{n}: units by selectivity",
                                   xlabel="how far the top-k inputs stand out (standard deviations)")
             pics.append(("selectivity.png", _plot_file(fig, folder / "selectivity.png")))
-        noise = torch.tensor([r["health"]["render_noise"] for r in records])
-        hi = max(1.0, float(noise.max()))
+        noise = torch.tensor([r["health"]["render_noise"] for r in records if r["health"]["render_noise"] is not None])
+        hi = max([1.0, *noise.tolist()])
         fig = plots.histogram(torch.linspace(0, hi, 21), torch.histc(noise, 20, 0, hi), ylabel="units",
                               title=f"{n}: render roughness", xlabel="high-frequency energy (1 = white noise)")
         pics.append(("roughness.png", _plot_file(fig, folder / "roughness.png")))
         facts = [("type", ctx.type), ("output", f"{' x '.join(map(str, ctx.shape[1:]))}, {ctx.layout.describe()}"),
                  ("units", f"{ctx.shown} of {ctx.units}" if ctx.shown < ctx.units else str(ctx.units)),
-                 ("weights", ctx.weights_from or "-"),
+                 ("weights", ctx.weights_from or (f"- ({ctx.weights_note})" if ctx.weights_note else "-")),
                  ("receptive field", f"{'x'.join(map(str, ctx.rf.size))} px, stride {'x'.join(map(str, ctx.rf.jump))}"
                   if ctx.rf is not None else "-")]
-        facts += [("connections from", a) for a, b in pairs if b == n] + [("connections to", b) for a, b in pairs
-                                                                           if a == n]
+        errors = ctx.connection_errors
+        facts += [("connections from", a + (f" (not computed: {errors[a]})" if a in errors else ""))
+                  for a, b in pairs if b == n]
+        facts += [("connections to", b + (f" (not computed: {errors[b]})" if b in errors else ""))
+                  for a, b in pairs if a == n]
         info = {"name": n, "facts": facts, "sub": f"{ctx.type}, {ctx.shown} units"}
         site.write_if_changed(folder / "index.html", site.layer_page(info, records, pics, title))
     fig = plots.bar_chart({"dead": [summary[n]["dead"] for n in order], "duplicate": [summary[n]["dup"] for n in order],

@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class Settings:
-    """k: top-k and bottom-k dataset examples per unit; size, steps, image_channels: renders (H or (H, W)); batch:
-    units rendered together (each with its negative render and `diverse` diverse renders: batch x (2 + diverse)
-    images per optimisation); diversity_weight: weight of Lucid's diversity term against the unit's activation
-    (normalised by what the unit's positive render reached); connections: the strongest positive and negative
-    connections shown per direction; max_units: the first units of each layer only (None: all); tile: the size
-    crops are shown at; seed: renders of a chunk of units are seeded by (seed, layer, first unit, kind), never by
-    the process that renders them; render: more lv.render arguments (transforms, param, lr, ...)."""
+    """k: top-k and bottom-k dataset examples per unit; size, steps, image_channels: renders (H or (H, W)); batch: units
+    rendered together, in two optimisations (batch x 2 images: positive and negative renders; then batch x diverse: the
+    diverse renders, normalised by what the positive ones reached); diversity_weight: weight of Lucid's diversity term
+    against the unit's normalised activation; connections: the strongest positive and negative connections shown per
+    direction; max_units: the first units of each layer only (None: all); tile: the size crops are shown at; seed:
+    renders of a chunk of units are seeded by (seed, layer, first unit, kind), never by the process that renders them;
+    render: more lv.render arguments (transforms, param, lr, ...)."""
 
     k: int = 9
     size: tuple[int, ...] = (128, 128)

@@ -208,6 +208,8 @@ def _connections(rec: dict, key: str, title: str) -> str:
         return ""
     parts = [f'<div><h3>{e(title)} <a href="{e(url("..", "..", conn["slug"], "index.html"))}">{e(conn["layer"])}'
              "</a></h3>"]
+    if conn.get("error"):
+        return parts[0] + f'<p class="muted">not computed: {e(conn["error"])}</p></div>'
     if not conn["connected"]:
         return parts[0] + '<p class="muted">no path between these layers</p></div>'
     for sign, label in (("positive", "excitatory (+)"), ("negative", "inhibitory (-)")):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .. import objectives, plots
 from ..activations import activations
 from ..circuits import ExpandedWeights
 from ..featureviz import render
-from ..health import noise_flags, render_noise_score
+from ..health import NOISE_THRESHOLD, noise_flags, render_noise_score
 from ..hooks.layout import Layout
 from ..receptive import ReceptiveField
 from . import site
@@ -44,6 +45,7 @@ class LayerContext:
     weight_noise: Tensor | None = None
     kernel: tuple = ()
     weights_from: str | None = None
+    weights_note: str | None = None  # why no module's weights were inspected
     duplicates: dict = field(default_factory=dict)  # unit -> [(other, cosine)]
     dead: Tensor | None = None
     active: Tensor | None = None
@@ -57,14 +59,17 @@ class LayerContext:
     hist: object = None  # LayerHistogram
     inputs: tuple | None = None  # (ExpandedWeights into this layer, source LayerContext)
     outputs: tuple | None = None  # (ExpandedWeights out of this layer, target LayerContext)
+    connection_errors: dict = field(default_factory=dict)  # other layer -> why its connections were not computed
     evolution: Path | None = None
     hist_edges: Tensor | None = None
     seen: int = 0
 
 
-def _round(v: float) -> float:
-    """6 significant digits: what the files keep (sums over differently sharded data agree to far more)."""
-    return float(f"{float(v):.6g}")
+def _round(v: float) -> float | None:
+    """6 significant digits: what the files keep (sums over differently sharded data agree to far more); None (JSON
+    null) for an infinity or NaN, which strict JSON cannot hold."""
+    v = float(v)
+    return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,20 +118,23 @@ def render_chunk(model: nn.Module, layer: str, units: list[int], s: Settings, pr
 # dataset examples
 
 
-def example_maps(model: nn.Module, inputs, indices: list[int], layer: str, units: list[int],
-                 batch: int) -> dict[int, Tensor]:
-    """{dataset index: (len(units), *grid) maps of `units` of `layer`} for the given inputs, `batch` at a time (only
-    the chunk's units are kept: memory O(indices x units x grid))."""
+def example_maps(model: nn.Module, inputs, wanted: dict[int, list[int]], layer: str,
+                 batch: int) -> dict[tuple[int, int], Tensor]:
+    """{(dataset index, unit): (*grid) map of that unit of `layer` for that input} for wanted {index: [units]},
+    `batch` inputs at a time. Only the wanted pairs are kept, each in its own storage: memory O(pairs x grid), not
+    O(inputs x units x grid) (each unit reads its own top-k and bottom-k inputs only)."""
     out = {}
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    sel = torch.tensor(units)
+    indices = sorted(wanted)
     for i in range(0, len(indices), batch):
         part = indices[i:i + batch]
         x = torch.stack([inputs(j) for j in part]).to(device)
         acts, _ = activations(model, x, [layer])
         maps = acts.maps(layer)
-        for j, m in zip(part, maps[:, sel.to(maps.device)].float().cpu()):
-            out[j] = m
+        for b, j in enumerate(part):
+            for u in sorted(set(wanted[j])):
+                out[(j, u)] = maps[b, u].float().cpu().clone()  # a copy: no view keeps the batch's maps alive
+        del acts, maps
     return out
 
 
@@ -141,6 +149,17 @@ def _fit(image: Tensor, longest: int) -> Tensor:
         return image if f == 1 else F.interpolate(image[None], scale_factor=f, mode="nearest")[0]
     size = (max(1, round(h * longest / max(h, w))), max(1, round(w * longest / max(h, w))))
     return F.interpolate(image[None].float(), size=size, mode="area")[0]
+
+
+def picture_box(box, input_size, picture_size) -> tuple[tuple[int, int], ...]:
+    """Box ((lo, hi) per axis, hi exclusive) in model-input coordinates -> the same region of a picture of
+    `picture_size` showing that input at another size (each axis scaled on its own; outward to whole pixels)."""
+    out = []
+    for (lo, hi), n, m in zip(box, input_size, picture_size):
+        f = m / n
+        a = min(m - 1, max(0, math.floor(lo * f + 1e-9)))
+        out.append((a, max(a + 1, min(m, math.ceil(hi * f - 1e-9)))))
+    return tuple(out)
 
 
 def _rgb(x: Tensor) -> Tensor:
@@ -169,6 +188,7 @@ def _box(image: Tensor, box, scale: tuple[float, float], colour=(1.0, 1.0, 1.0))
 
 
 def _hist_bins(counts: Tensor, edges: Tensor) -> list:
+    """[[lo, hi, count]] of the non-empty bins; the overflow bins' infinite edge is null (unbounded)."""
     nz = counts.nonzero().flatten().tolist()
     return [[_round(edges[i]), _round(edges[i + 1]), int(counts[i])] for i in nz]
 
@@ -203,15 +223,15 @@ def one_thread():
 
 
 def write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
-               display, names, maps: dict[int, Tensor], model_title: str, chunk_units: list[int]) -> Path:
+               display, names, maps: dict[tuple[int, int], Tensor], model_title: str) -> Path:
     """Writes layers/<slug>/<unit>/ (temporary folder, renamed when complete); returns it."""
     with one_thread():
         return _write_unit(root, ctx, unit, rendered, i, settings=settings, display=display, names=names, maps=maps,
-                           model_title=model_title, chunk_units=chunk_units)
+                           model_title=model_title)
 
 
 def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
-                display, names, maps: dict[int, Tensor], model_title: str, chunk_units: list[int]) -> Path:
+                display, names, maps: dict[tuple[int, int], Tensor], model_title: str) -> Path:
     final = root / "layers" / ctx.slug / str(unit)
     tmp = final.with_name(f".{unit}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +255,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
     render_noise = render_noise_score(pos[None] if pos.dim() == 3 else pos[:, pos.shape[1] // 2][None])
     sl = slice(unit, unit + 1)
     noisy = bool(noise_flags(ctx.weight_noise[sl] if ctx.weight_noise is not None else None, ctx.kernel,
-                             render_noise, ctx.zero[sl] if ctx.zero is not None else None, 0.9, 1)[0])
+                             render_noise, ctx.zero[sl] if ctx.zero is not None else None, NOISE_THRESHOLD,
+                             1)[0])
     dups = [{"unit": j, "cosine": c} for j, c in ctx.duplicates.get(unit, []) if j < ctx.shown]
     health = {"dead": bool(ctx.dead[unit]) if ctx.dead is not None else None,
               "zero_weights": bool(ctx.zero[unit]) if ctx.zero is not None else None,
@@ -249,9 +270,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
            "evolution": None, "sub": f"{ctx.type}, output {' x '.join(map(str, ctx.shape[1:]))} "
                                      f"({ctx.layout.describe()}), {ctx.units} units"}
     if ctx.top is not None:
-        rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s, chunk_units),
-                           "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s,
-                                               chunk_units)}
+        rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s),
+                           "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s)}
     if ctx.hist is not None:
         seen, hist_edges = ctx.seen, ctx.hist_edges
         fig = _distribution_plot(ctx, unit, ctx.hist, hist_edges, seen)
@@ -268,11 +288,15 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
         if pair is None or s.connections == 0:
             continue
         weights, other = pair
+        if other.name in ctx.connection_errors:
+            rec["connections"][key] = {"layer": other.name, "slug": other.slug, "connected": False, "positive": [],
+                                       "negative": [], "error": ctx.connection_errors[other.name]}
+            continue
         rec["connections"][key] = _connection_record(weights, other, unit, key, s.connections)
     if ctx.evolution is not None and (Path(ctx.evolution) / f"channel{unit}.png").is_file():
         shutil.copyfile(Path(ctx.evolution) / f"channel{unit}.png", tmp / "evolution.png")
         rec["evolution"] = "evolution.png"
-    (tmp / "unit.json").write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    (tmp / "unit.json").write_text(json.dumps(rec, indent=1, sort_keys=True, allow_nan=False) + "\n")
     (tmp / "index.html").write_text(site.unit_page(rec, model_title))
     os.rename(tmp, final)
     return final
@@ -287,10 +311,8 @@ def _connection_record(weights: ExpandedWeights, other: LayerContext, unit: int,
             **{sign: [{"unit": j, "weight": _round(v)} for j, v in items] for sign, items in strongest.items()}}
 
 
-def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, display, names, maps, s: Settings,
-              chunk_units: list[int]) -> list:
+def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, display, names, maps, s: Settings) -> list:
     out = []
-    col = chunk_units.index(unit)
     for j, (idx, score, pos) in enumerate(zip(entry.indices[unit].tolist(), entry.scores[unit].tolist(),
                                               entry.positions[unit].tolist())):
         if idx < 0:
@@ -299,14 +321,16 @@ def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, displa
         rec = {"index": idx, "name": names(idx), "score": _round(score), "position": pos, "crop": None,
                "crop_size": None, "map": None, "map_size": None}
         if picture.dim() == 3:
-            box = ctx.rf.box(pos) if ctx.rf is not None and len(pos) == 2 else None
+            box = None
+            if ctx.rf is not None and len(pos) == 2:  # the field is in model-input pixels; the picture may differ
+                box = picture_box(ctx.rf.box(pos), ctx.rf.input_size, tuple(picture.shape[-2:]))
             crop = picture if box is None else picture[:, box[0][0]:box[0][1], box[1][0]:box[1][1]]
             crop = _rgb(_fit(crop, s.tile))
             im.save_png(crop, tmp / f"{which}_{j}.png")
             rec["crop"], rec["crop_size"] = f"{which}_{j}.png", list(crop.shape[-2:])
-            m = maps.get(idx)
-            if m is not None and m.dim() == 3:  # (units, h, w): a 2D map over the picture
-                heat = m[col] if which == "top" else -m[col]
+            m = maps.get((idx, unit))
+            if m is not None and m.dim() == 2:  # (h, w): a 2D map over the picture
+                heat = m if which == "top" else -m
                 shown = _rgb(_fit(picture, 2 * s.tile))
                 over = im.overlay(shown, heat)
                 if box is not None:

@@ -569,18 +569,8 @@ class FilterHealthMixin(_ValidationCollector):
         return ActivityCollector(pl_module, self.layers, self.threshold)
 
     def finish(self, trainer, pl_module):
-        import torch.distributed as dist
-
         col = self._collector
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (col.stats, col.seen))
-            merged: dict = {}
-            for stats, _ in parts:
-                for name, (a, t, c, m) in stats.items():
-                    s = merged.setdefault(name, [0, 0.0, 0, torch.full_like(m, float("-inf"))])
-                    s[0], s[1], s[2], s[3] = s[0] + a, s[1] + t, s[2] + c, torch.maximum(s[3], m)
-            col.stats, col.seen = merged, sum(p[1] for p in parts)
+        col.all_gather()  # under DDP: every rank's activity, added in rank order
         self.report = col.report()
         metrics = {}
         for name, h in self.report.layers.items():
@@ -607,8 +597,10 @@ def build(pl, module: str) -> dict:
         `cam_layer`, feature visualizations of `channels` of `viz_layer`, dataset examples and filter health of
         `layers`; each part is left out when what it needs is not given. `images` may be any batch and
         `batch_input` says where the input is in it and in the validation batches (see find_input); renders
-        have as many channels as `images` unless render_kwargs say otherwise. Every hook is forwarded to every
-        part (on_exception and teardown to all of them even when one fails)."""
+        have as many channels as `images` unless render_kwargs say otherwise (size, steps, seed, image_channels and
+        preprocess set the FeatureVisualization part; any other key goes on to lv.render, e.g. transforms=).
+        every_n_epochs applies to every part. Every hook is forwarded to every part (on_exception and teardown to
+        all of them even when one fails)."""
 
         def __init__(self, images=None, layers=None, *, cam_layer: str | None = None,
                      viz_layer: str | None = None, channels=None, k: int = 9, every_n_epochs: int = 1,
@@ -622,14 +614,18 @@ def build(pl, module: str) -> dict:
             if images is not None and cam_layer is not None:
                 parts.append(classes["Attribution"](images, cam_layer, every_n_epochs=every_n_epochs))
             if viz_layer is not None and channels is not None:
-                kwargs = dict(render_kwargs or {})
+                extra = dict(render_kwargs or {})
+                # the callback's own settings; everything else is passed on to lv.render (transforms=, ...)
+                own = {k: extra.pop(k) for k in ("size", "steps", "seed", "image_channels", "preprocess")
+                       if k in extra}
                 if images is not None:
-                    kwargs.setdefault("image_channels", images.shape[1])
+                    own.setdefault("image_channels", images.shape[1])
                 parts.append(classes["FeatureVisualization"](viz_layer, channels, every_n_epochs=every_n_epochs,
-                                                             **kwargs))
+                                                             render_kwargs=extra, **own))
             if layers is not None:
-                parts += [classes["DatasetExamples"](layers, k=k, batch_input=batch_input),
-                          classes["FilterHealth"](layers, batch_input=batch_input)]
+                parts += [classes["DatasetExamples"](layers, k=k, every_n_epochs=every_n_epochs,
+                                                     batch_input=batch_input),
+                          classes["FilterHealth"](layers, every_n_epochs=every_n_epochs, batch_input=batch_input)]
             self.parts = parts
 
         def state_dict(self):
