@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
-from .hooks.checkpoint import HOW_TO_TURN_OFF, ReentrantCheckpointError, _is_reentrant_error, input_gradient
+from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
 from .hooks.layout import Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
@@ -134,9 +134,7 @@ def _input_gradient(model, inputs, target, rule):
     with rules:
         out = model(x)
     if rule and rules.skipped_no_grad:
-        raise ReentrantCheckpointError(f"{rule} backprop: part of the model runs under torch.no_grad in the forward "
-                                       "pass and is recomputed in the backward pass (torch.utils.checkpoint with "
-                                       f"use_reentrant=True), where the {rule} rules cannot reach; {HOW_TO_TURN_OFF}")
+        raise rules_unreachable(f"{rule} backprop", f"the {rule} rules")
     scores, classes = target_scores(out, target)
     g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
     return g, scores.detach(), classes
@@ -144,16 +142,16 @@ def _input_gradient(model, inputs, target, rule):
 
 def _chunked(inputs, target, chunk_size, fn):
     """fn(inputs chunk, target chunk) over chunks of the batch; results concatenated."""
+    check_chunk_size(chunk_size)
     n = inputs.shape[0]
-    size = chunk_size or n
-    if size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    size = n if chunk_size is None else chunk_size
     per_input = target is not None and not callable(target) and torch.as_tensor(target).numel() == n > 1
     parts = [fn(inputs[i:i + size], torch.as_tensor(target)[i:i + size] if per_input else target)
              for i in range(0, n, size)]
     return [torch.cat(p) if p[0] is not None else None for p in zip(*parts)]
 
 
+@torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
 def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples: int = 0, noise: float = 0.15,
              seed: int = 0, absolute: bool = True, chunk_size: int | None = None) -> Attribution:
     """The gradient of the target score with respect to the input (Simonyan et al.), as |grad| by default.
@@ -192,6 +190,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
     return Attribution(maps, classes, scores, "smoothgrad")
 
 
+@torch.enable_grad()
 def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
                     chunk_size: int | None = None) -> Attribution:
     """Guided backpropagation (Springenberg et al.): the input gradient of the target score where every ReLU
@@ -236,6 +235,7 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
+@torch.enable_grad()
 def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
              method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
     """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam" or
