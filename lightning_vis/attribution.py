@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
+from .hooks.attention import grid_fits, key_layout
 from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
-from .hooks.layout import Layout, LayoutError, LayoutTracer
+from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
 from .targets import describe
@@ -402,13 +403,20 @@ def _check_batch(inputs):
 # attention
 
 
+def _check_class_token(class_token) -> None:
+    if class_token not in ("auto", "first", "none"):
+        raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+
+
 def _attention_records(model, inputs, layers):
     with ModelGuard(model, eval=True), torch.no_grad(), capture_attention(model, layers) as tap:
         model(inputs)
     if not tap.records:
         where = "the layers named" if layers is not None else "the model"
+        failed = f"; reading them failed: {tap.failures[0]}" if tap.failures else ""
         raise ValueError(f"no attention weights were computed in {where} during the forward pass (looked for "
-                         "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)")
+                         "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)"
+                         f"{failed}")
     return tap.records
 
 
@@ -422,9 +430,16 @@ def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = 
     their space-time grid); window attention (Swin, MaxViT, MobileViT) placed back on the image grid. layers: the
     modules to watch (default: every module in which attention happens). class_token: "auto" (from the token
     layout), "first" or "none" (mean over queries). A layer whose attention cannot be placed is left out with a
-    warning (an error when none can)."""
+    warning (an error when none can). grid: the keys' (h, w) / (t, h, w) grid, for the layers it fits (0 to
+    hooks.layout.MAX_PREFIX tokens in front of it); the others keep the grid their tokens have."""
+    _check_class_token(class_token)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
+    if grid is not None:  # a grid that fits no layer would be ignored everywhere: say so
+        counts = sorted({r.weights.shape[-1] for r in records if r.kind == "global"})
+        if counts and not any(grid_fits(c, grid) for c in counts):
+            raise LayoutError(f"attention_maps: the grid given, {tuple(grid)}, fits none of the layers' key counts "
+                              f"({', '.join(map(str, counts))}; a grid with 0 to {MAX_PREFIX} prefix tokens in front)")
     maps, skipped = {}, {}
     for r in records:
         if r.layer in maps or r.layer in skipped:
@@ -478,8 +493,7 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
     Defined where every block attends over the same tokens (ViT, DeiT, token-mixing models); refused with a clear
     error where it is not: window attention (Swin, MaxViT: attention stays inside windows, there are no token-to-token
     paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling)."""
-    if class_token not in ("auto", "first", "none"):
-        raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+    _check_class_token(class_token)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
     windowed = [r for r in records if r.kind != "global"]
@@ -492,12 +506,9 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
         changes = " -> ".join(dict.fromkeys(f"{sq}x{sk}" for sq, sk in sizes))
         raise ValueError(f"attention rollout is not defined here: the blocks attend over different token sets "
                          f"({changes} queries x keys: pooling or subsampling); use attention_maps")
-    key = records[0].key
-    if grid is not None:
-        g = tuple(int(v) for v in grid)
-        key = Layout("tokens", g, sizes[0][1] - int(torch.tensor(g).prod()), "given")
-    if key is None:
-        raise LayoutError(f"attention rollout: {records[0].why}; pass grid=(h, w)")
+    # every block attends over the same tokens: a grid given must fit them (no other layout to fall back on)
+    own = records[0].key if grid is None else None
+    key = key_layout(sizes[0][1], own, grid, "attention rollout", records[0].why)
     prefix = key.prefix if class_token != "first" else max(1, key.prefix)
     r = rollout([rec.weights for rec in records], head_fusion=head_fusion, discard_ratio=discard_ratio,
                 keep=max(prefix, 1))
