@@ -395,3 +395,17 @@ def test_receptive_field_and_render_read_a_layer_that_returns_a_dict():
     bare = nn.Sequential(net.block.conv)  # the same conv, returning a tensor
     want = lv.render(bare, ("0", [1]), size=8, steps=2, progress=False).images
     torch.testing.assert_close(got, want)
+
+
+def test_classifier_target_takes_whole_numbers_of_any_dtype_and_refuses_the_rest():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0, 13.0]])
+    for c in (torch.tensor([1, 3], dtype=torch.int32), torch.tensor([1.0, 3.0]), [1, 3], (1.0, 3.0)):
+        assert torch.equal(targets.classifier(c)(logits), torch.tensor([1.0, 13.0]))
+    for c in (2, 2.0, torch.tensor(2, dtype=torch.int16), torch.tensor([2.0])):
+        assert torch.equal(targets.classifier(c)(logits), torch.tensor([2.0, 12.0]))
+    for bad in (2.5, torch.tensor([1.0, 2.7]), float("nan")):
+        with pytest.raises(ValueError, match="classifier target: class indices must be whole numbers, got"):
+            targets.classifier(bad)
+    for bad in (True, "cat", [[1], [2]], []):
+        with pytest.raises(ValueError, match="classifier target: category must be a class index or one per input"):
+            targets.classifier(bad)
