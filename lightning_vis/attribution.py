@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
-from .hooks.checkpoint import HOW_TO_TURN_OFF, ReentrantCheckpointError, _is_reentrant_error, input_gradient
-from .hooks.layout import Layout, LayoutError, LayoutTracer
+from .hooks.attention import grid_fits, key_layout
+from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
+from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
 from .targets import describe
@@ -134,9 +135,7 @@ def _input_gradient(model, inputs, target, rule):
     with rules:
         out = model(x)
     if rule and rules.skipped_no_grad:
-        raise ReentrantCheckpointError(f"{rule} backprop: part of the model runs under torch.no_grad in the forward "
-                                       "pass and is recomputed in the backward pass (torch.utils.checkpoint with "
-                                       f"use_reentrant=True), where the {rule} rules cannot reach; {HOW_TO_TURN_OFF}")
+        raise rules_unreachable(f"{rule} backprop", f"the {rule} rules")
     scores, classes = target_scores(out, target)
     g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
     return g, scores.detach(), classes
@@ -144,16 +143,16 @@ def _input_gradient(model, inputs, target, rule):
 
 def _chunked(inputs, target, chunk_size, fn):
     """fn(inputs chunk, target chunk) over chunks of the batch; results concatenated."""
+    check_chunk_size(chunk_size)
     n = inputs.shape[0]
-    size = chunk_size or n
-    if size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    size = n if chunk_size is None else chunk_size
     per_input = target is not None and not callable(target) and torch.as_tensor(target).numel() == n > 1
     parts = [fn(inputs[i:i + size], torch.as_tensor(target)[i:i + size] if per_input else target)
              for i in range(0, n, size)]
     return [torch.cat(p) if p[0] is not None else None for p in zip(*parts)]
 
 
+@torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
 def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples: int = 0, noise: float = 0.15,
              seed: int = 0, absolute: bool = True, chunk_size: int | None = None) -> Attribution:
     """The gradient of the target score with respect to the input (Simonyan et al.), as |grad| by default.
@@ -192,6 +191,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
     return Attribution(maps, classes, scores, "smoothgrad")
 
 
+@torch.enable_grad()
 def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
                     chunk_size: int | None = None) -> Attribution:
     """Guided backpropagation (Springenberg et al.): the input gradient of the target score where every ReLU
@@ -236,6 +236,7 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
+@torch.enable_grad()
 def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
              method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
     """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam" or
@@ -402,13 +403,20 @@ def _check_batch(inputs):
 # attention
 
 
+def _check_class_token(class_token) -> None:
+    if class_token not in ("auto", "first", "none"):
+        raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+
+
 def _attention_records(model, inputs, layers):
     with ModelGuard(model, eval=True), torch.no_grad(), capture_attention(model, layers) as tap:
         model(inputs)
     if not tap.records:
         where = "the layers named" if layers is not None else "the model"
+        failed = f"; reading them failed: {tap.failures[0]}" if tap.failures else ""
         raise ValueError(f"no attention weights were computed in {where} during the forward pass (looked for "
-                         "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)")
+                         "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)"
+                         f"{failed}")
     return tap.records
 
 
@@ -422,9 +430,16 @@ def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = 
     their space-time grid); window attention (Swin, MaxViT, MobileViT) placed back on the image grid. layers: the
     modules to watch (default: every module in which attention happens). class_token: "auto" (from the token
     layout), "first" or "none" (mean over queries). A layer whose attention cannot be placed is left out with a
-    warning (an error when none can)."""
+    warning (an error when none can). grid: the keys' (h, w) / (t, h, w) grid, for the layers it fits (0 to
+    hooks.layout.MAX_PREFIX tokens in front of it); the others keep the grid their tokens have."""
+    _check_class_token(class_token)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
+    if grid is not None:  # a grid that fits no layer would be ignored everywhere: say so
+        counts = sorted({r.weights.shape[-1] for r in records if r.kind == "global"})
+        if counts and not any(grid_fits(c, grid) for c in counts):
+            raise LayoutError(f"attention_maps: the grid given, {tuple(grid)}, fits none of the layers' key counts "
+                              f"({', '.join(map(str, counts))}; a grid with 0 to {MAX_PREFIX} prefix tokens in front)")
     maps, skipped = {}, {}
     for r in records:
         if r.layer in maps or r.layer in skipped:
@@ -478,8 +493,7 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
     Defined where every block attends over the same tokens (ViT, DeiT, token-mixing models); refused with a clear
     error where it is not: window attention (Swin, MaxViT: attention stays inside windows, there are no token-to-token
     paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling)."""
-    if class_token not in ("auto", "first", "none"):
-        raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
+    _check_class_token(class_token)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
     windowed = [r for r in records if r.kind != "global"]
@@ -492,12 +506,9 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
         changes = " -> ".join(dict.fromkeys(f"{sq}x{sk}" for sq, sk in sizes))
         raise ValueError(f"attention rollout is not defined here: the blocks attend over different token sets "
                          f"({changes} queries x keys: pooling or subsampling); use attention_maps")
-    key = records[0].key
-    if grid is not None:
-        g = tuple(int(v) for v in grid)
-        key = Layout("tokens", g, sizes[0][1] - int(torch.tensor(g).prod()), "given")
-    if key is None:
-        raise LayoutError(f"attention rollout: {records[0].why}; pass grid=(h, w)")
+    # every block attends over the same tokens: a grid given must fit them (no other layout to fall back on)
+    own = records[0].key if grid is None else None
+    key = key_layout(sizes[0][1], own, grid, "attention rollout", records[0].why)
     prefix = key.prefix if class_token != "first" else max(1, key.prefix)
     r = rollout([rec.weights for rec in records], head_fusion=head_fusion, discard_ratio=discard_ratio,
                 keep=max(prefix, 1))

@@ -50,6 +50,22 @@ def _get(batch, key):
     raise KeyError(key)
 
 
+def _per_sample(batch) -> str:
+    """Why a tuple / list holds one entry per sample rather than batched fields ("" when it does not): a list of
+    dicts or dataclasses (a collate that does not stack), or sequences of equal length side by side
+    (``tuple(zip(*samples))``, as torchvision's detection references collate, or a list of (x, y) samples). Its
+    first element would be one sample, and N its channels."""
+    if len(batch) > 1 and all(_names(b) is not None and not isinstance(b, tuple) for b in batch):
+        return f"one {type(batch[0]).__name__} per sample"
+    if len(batch) > 1 and all(isinstance(b, (tuple, list)) and _names(b) is None for b in batch) and \
+            len({len(b) for b in batch}) == 1:
+        first = batch[0][0] if batch[0] else None
+        shown = f"a tensor of shape {tuple(first.shape)}" if isinstance(first, Tensor) else type(first).__name__
+        return (f"{len(batch)} sequences of {len(batch[0])} side by side, entries per sample (as tuple(zip(*samples)) "
+                f"or a list of samples makes), the first {shown}")
+    return ""
+
+
 def find_input(batch, batch_input: BatchInput = None, *, what: str = "the batch") -> Tensor:
     """The model's input in `batch`, as an (N, ...) tensor.
 
@@ -84,6 +100,10 @@ def find_input(batch, batch_input: BatchInput = None, *, what: str = "the batch"
                                      f"{_describe(batch)} (none named {', '.join(INPUT_NAMES[:5])}, ...); {hint}")
                 x, where = _get(batch, found), f"{what}[{found!r}]"
             elif isinstance(batch, (tuple, list)) and len(batch) > 0:
+                samples = _per_sample(batch)
+                if samples:
+                    raise ValueError(f"{what} is {_describe(batch)}: {samples}, not a batch (N, C, ...); stack the "
+                                     f"inputs into one tensor in the collate_fn, or {hint}")
                 return find_input(batch[0], None, what=f"{what}[0]")
     if not isinstance(x, Tensor) or x.dim() < 2:
         got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else _describe(x)

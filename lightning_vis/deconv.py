@@ -19,7 +19,7 @@ from torch.utils.checkpoint import CheckpointError
 from .hooks import ModelGuard, capture
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
-from .hooks.checkpoint import HOW_TO_TURN_OFF, ReentrantCheckpointError, reentrant_guard, ungraded
+from .hooks.checkpoint import check_chunk_size, reentrant_guard, rules_unreachable, ungraded
 
 
 @dataclass
@@ -37,6 +37,7 @@ def _feature_norms(act: Tensor) -> Tensor:
     return act.flatten(2).norm(dim=2) if act.dim() > 2 else act.abs()
 
 
+@torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
               chunk_size: int | None = None, memory_budget: int | None = None, layout=None,
@@ -60,6 +61,7 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     """
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
+    check_chunk_size(chunk_size)
     args = (model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid)
     try:
         return _deconvnet(*args, batched=True)
@@ -81,10 +83,7 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
             if tap.ungraded:
                 raise ungraded("deconvnet", sorted(tap.ungraded)[0])
             if rules.skipped_no_grad:
-                raise ReentrantCheckpointError(f"deconvnet: part of the model runs under torch.no_grad in the forward "
-                                               "pass and is recomputed in the backward pass (torch.utils.checkpoint "
-                                               f"with use_reentrant=True), where the rules cannot reach; "
-                                               f"{HOW_TO_TURN_OFF}")
+                raise rules_unreachable("deconvnet")
             result = Reconstructions()
             lay = {}
             for name in names:
@@ -110,7 +109,7 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
             acts = {name: tap.live[name][0] for name in names}
             slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
             per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
-            size = chunk_size or max(1, _budget(x.device, memory_budget) // per_slot)
+            size = chunk_size if chunk_size is not None else max(1, _budget(x.device, memory_budget) // per_slot)
             recs = {}
             for chunk in _chunks(slots, size, mix_layers=x.device.type == "cuda"):
                 outs, grads = [], []

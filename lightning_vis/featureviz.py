@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
 from .hooks.checkpoint import ungraded
-from .hooks.layout import Layout, LayoutError, LayoutTracer
+from .hooks.layout import Layout, LayoutError, LayoutTracer, _first_tensor
 from .objectives import Objective, channel, layer
 from .params import ImageParam
 
@@ -197,7 +197,11 @@ def _run_until(model, names, modules, x, needs_output, keep):
     def hook_for(name):
         def hook(module, args, output):
             if name not in acts:
-                acts[name] = keep(name, output if isinstance(output, Tensor) else output[0])
+                out = _first_tensor(output)
+                if out is None:
+                    raise ValueError(f"layer {name!r} returned {type(output).__name__}, not a tensor: pick a layer "
+                                     "that returns maps")
+                acts[name] = keep(name, out)
             if not needs_output and len(acts) == len(names):
                 raise _Stop
         return hook
@@ -270,6 +274,7 @@ def _fit(model, names, modules, x, size, input_size, preprocess, needs_output, o
             raise first from None  # what the model says about the transformed input (e.g. wrong channels)
 
 
+@torch.enable_grad()  # optimised by gradient: also when called inside the caller's torch.no_grad()
 def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, channels: int = 3, steps: int = 128,
            lr: float | None = None, param: str = "fft", transforms: Transforms | str = "standard",
            preprocess: Callable[[Tensor], Tensor] | None = None, batch: int | None = None, chunk_size: int = 32,
@@ -373,6 +378,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
     return RenderResult(torch.cat(images), torch.cat(losses, 1), settings)
 
 
+@torch.enable_grad()
 def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int = 4, octave_scale: float = 1.4,
                steps: int = 20, lr: float = 0.02, tile: int | None = None, jitter: int = 16, seed: int = 0,
                preprocess: Callable[[Tensor], Tensor] | None = None, progress: bool = True) -> Tensor:

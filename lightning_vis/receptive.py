@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .hooks import ModelGuard
 from .hooks.checkpoint import ReentrantCheckpointError, ungraded
-from .hooks.layout import LayoutError, LayoutTracer
+from .hooks.layout import LayoutError, LayoutTracer, _first_tensor
 from .hooks.resolve import LayerNotFoundError, LayerSpec, resolve_layers
 from .hooks.rules import _POOLS
 
@@ -81,7 +81,10 @@ def _support(model, params, name, module, shape, layout=None, grid_override=None
     def hook(mod, args, output):
         if not torch.is_grad_enabled():
             raise ungraded("receptive_field", name)
-        got["out"] = output if isinstance(output, Tensor) else output[0]
+        got["out"] = _first_tensor(output)
+        if got["out"] is None:
+            raise ValueError(f"layer {name!r} returned {type(output).__name__}, not a tensor: pick a layer that "
+                             "returns maps")
         raise _Stop
 
     first = next(iter(params.values()), None)
@@ -134,6 +137,7 @@ def _extent(support: Tensor, axis: int, name: str = "") -> tuple[int, int]:
     return int(idx.min()), int(idx.max())
 
 
+@torch.enable_grad()  # measured by gradient: also when called inside the caller's torch.no_grad()
 def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: int = 4096, *, layout=None,
                     grid=None) -> ReceptiveField:
     """The receptive field of `layer`'s units for inputs of shape (C, *spatial). Where the field of the centre

@@ -53,19 +53,37 @@ def _pick(output, key, what: str):
     return picked
 
 
+def _class_indices(category) -> Tensor:
+    """Class indices (one, or one per input) as a flat int64 tensor; integer-valued floats (3.0) are accepted,
+    anything else (3.5, booleans, text) is refused."""
+    try:
+        t = torch.as_tensor(category)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"classifier target: category must be a class index or one per input, not "
+                         f"{category!r}") from None
+    if t.dtype == torch.bool or t.is_complex() or t.dim() > 1 or t.numel() == 0:
+        raise ValueError(f"classifier target: category must be a class index or one per input (integers), not "
+                         f"{category!r}")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
+            raise ValueError(f"classifier target: class indices must be whole numbers, got {category!r}")
+    return t.long().flatten()
+
+
 class classifier:
     """The logit of `category` (one class, or one per input) in (N, classes) logits, or in output[key] for dict,
     tuple and dataclass outputs."""
 
     def __init__(self, category, key=None):
         self.category, self.key = category, key
+        self._classes = _class_indices(category)
 
     def __call__(self, output) -> Tensor:
         logits = _pick(output, self.key, "classifier target")
         if logits.dim() != 2:
             raise ValueError(f"classifier target: expected (N, classes) logits, got {tuple(logits.shape)}")
-        c = torch.as_tensor(self.category, device=logits.device).long().flatten().expand(logits.shape[0]) \
-            if torch.as_tensor(self.category).numel() == 1 else torch.as_tensor(self.category, device=logits.device)
+        c = self._classes.to(logits.device)
+        c = c.expand(logits.shape[0]) if c.numel() == 1 else c
         if c.numel() != logits.shape[0]:
             raise ValueError(f"classifier target: {c.numel()} classes for a batch of {logits.shape[0]}")
         if int(c.min()) < 0 or int(c.max()) >= logits.shape[1]:

@@ -285,6 +285,36 @@ def test_every_method_through_activation_checkpointing_equals_the_plain_model(mo
     assert hook_counts(ckpt) == 0 and all(p.grad is None for p in ckpt.parameters())
 
 
+
+def test_gradient_methods_work_inside_the_callers_no_grad():
+    """Called inside torch.no_grad() (an evaluation loop), the gradient methods give what they give outside it; a
+    plain conv net is not mistaken for a reentrant checkpoint, and a real one is still told apart."""
+    plain, ckpt = CheckpointedNet().eval(), CheckpointedNet("reentrant").eval()
+    x = torch.randn(2, 3, 16, 16)
+    calls = {"grad_cam": lambda m: lv.grad_cam(m, x, "a.0").low_res, "saliency": lambda m: lv.saliency(m, x).maps,
+             "guided": lambda m: lv.guided_backprop(m, x).maps,
+             "deconvnet": lambda m: lv.deconvnet(m, x, ["b.2"], top_k=1).images["b.2"],
+             "receptive": lambda m: torch.tensor(lv.receptive_field(m, "b.2", (3, 16, 16)).size),
+             "render": lambda m: lv.render(m, ("b.2", [1]), size=8, steps=2, progress=False).images,
+             "deep_dream": lambda m: lv.deep_dream(m, x[0].sigmoid(), "b.2", octaves=1, steps=2, progress=False)}
+    for name, call in calls.items():
+        want = call(plain)
+        with torch.no_grad():
+            got = call(plain)
+        torch.testing.assert_close(got, want, msg=name)
+    with torch.no_grad():  # conv3, pool2, conv3, conv3: 3 + 1 + 2 * 2 + 2 * 2 = 12 pixels, every 2
+        rf = lv.receptive_field(plain, "b.2", (3, 16, 16))
+    assert (rf.size, rf.jump) == ((12, 12), (2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(lv.grad_cam(ckpt, x, "b.0").low_res, lv.grad_cam(plain, x, "b.0").low_res)
+        for call in (lambda: lv.deconvnet(ckpt, x, ["b.2"]), lambda: lv.guided_backprop(ckpt, x),
+                     lambda: lv.render(ckpt, ("b.2", [1]), size=8, steps=2, progress=False)):
+            with pytest.raises(ReentrantCheckpointError, match="use_reentrant=True.*set_grad_checkpointing\\(False\\)"):
+                call()
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    assert hook_counts(ckpt) == 0 and hook_counts(plain) == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # default layers, zero gradients, fixed-size models
 
@@ -322,3 +352,60 @@ def test_render_feeds_a_fixed_size_model_the_size_it_accepts():
     assert res.images.shape == (2, 3, 32, 32) and res.settings["input_size"] == [32, 32]
     cnn = lv.render(CheckpointedNet().eval(), ("b.2", [0]), size=16, steps=2, progress=False)
     assert cnn.settings["input_size"] == [40, 40]  # Lucid's transforms: padded by 12, jittered, as it always was
+
+
+def test_chunk_size_zero_is_refused_not_taken_as_the_whole_batch():
+    net, x = CheckpointedNet().eval(), torch.randn(2, 3, 16, 16)
+    for call in (lambda c: lv.saliency(net, x, chunk_size=c), lambda c: lv.guided_backprop(net, x, chunk_size=c),
+                 lambda c: lv.grad_cam(net, x, "a.0", chunk_size=c),
+                 lambda c: lv.deconvnet(net, x, ["b.2"], chunk_size=c)):
+        for bad in (0, -1, 1.5):
+            with pytest.raises(ValueError, match=r"chunk_size must be a positive integer or None \(the whole batch\)"):
+                call(bad)
+    torch.testing.assert_close(lv.saliency(net, x, chunk_size=1).maps, lv.saliency(net, x, chunk_size=None).maps)
+
+
+class DictOut(nn.Module):
+    """A block that returns {"out": maps} (one tensor: it has a layout)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+class DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.block = DictOut(nn.Conv2d(3, 4, 3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x)["out"].mean((2, 3)))
+
+
+def test_receptive_field_and_render_read_a_layer_that_returns_a_dict():
+    net = DictNet().eval()
+    rf = lv.receptive_field(net, "block", (3, 16, 16))
+    assert (rf.size, rf.jump) == ((3, 3), (1, 1))
+    got = lv.render(net, ("block", [1]), size=8, steps=2, progress=False).images
+    bare = nn.Sequential(net.block.conv)  # the same conv, returning a tensor
+    want = lv.render(bare, ("0", [1]), size=8, steps=2, progress=False).images
+    torch.testing.assert_close(got, want)
+
+
+def test_classifier_target_takes_whole_numbers_of_any_dtype_and_refuses_the_rest():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0, 13.0]])
+    for c in (torch.tensor([1, 3], dtype=torch.int32), torch.tensor([1.0, 3.0]), [1, 3], (1.0, 3.0)):
+        assert torch.equal(targets.classifier(c)(logits), torch.tensor([1.0, 13.0]))
+    for c in (2, 2.0, torch.tensor(2, dtype=torch.int16), torch.tensor([2.0])):
+        assert torch.equal(targets.classifier(c)(logits), torch.tensor([2.0, 12.0]))
+    for bad in (2.5, torch.tensor([1.0, 2.7]), float("nan")):
+        with pytest.raises(ValueError, match="classifier target: class indices must be whole numbers, got"):
+            targets.classifier(bad)
+    for bad in (True, "cat", [[1], [2]], []):
+        with pytest.raises(ValueError, match="classifier target: category must be a class index or one per input"):
+            targets.classifier(bad)

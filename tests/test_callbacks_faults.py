@@ -301,6 +301,28 @@ def test_find_input_rules_and_messages():
         C.find_input(x, 1.5)
 
 
+def test_find_input_refuses_per_sample_structures():
+    """A detection collate (tuple(zip(*samples))), a list of dicts or a list of (x, y) samples: the first entry is
+    one sample, whose channels would pass for the batch. Dataset items and (x, y) batches still work."""
+    imgs = tuple(torch.rand(3, 32, 48) for _ in range(4))
+    targets = tuple({"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long)} for _ in range(4))
+    per_sample = {"detection": (imgs, targets), "dicts": [{"image": torch.rand(3, 8, 8), "label": 1}] * 4,
+                  "pairs": [(torch.rand(3, 8, 8), 1)] * 4}
+    wants = {"detection": r"2 sequences of 4 side by side.*the first a tensor of shape \(3, 32, 48\)",
+             "dicts": "one dict per sample", "pairs": r"4 sequences of 2 side by side.*\(3, 8, 8\)"}
+    for name, batch in per_sample.items():
+        with pytest.raises(ValueError, match=rf"the batch is a (tuple|list) of .*{wants[name]}, not a batch "
+                                             r"\(N, C, \.\.\.\); stack the inputs .*pass batch_input="):
+            C.find_input(batch)
+    assert C.find_input(per_sample["detection"], lambda b: torch.stack(b[0])).shape == (4, 3, 32, 48)
+    img, x, y = torch.rand(3, 8, 8), torch.rand(4, 3, 8, 8), torch.arange(4)
+    assert C.find_input((img, 1), what="dataset[0]") is img and C.find_input([x, y]) is x
+    assert C.find_input((img, {"boxes": torch.zeros(1, 4)})) is img and C.find_input(((x, y[:, None]), y)) is x
+    loader = DataLoader(list(zip(imgs, targets)), batch_size=2, collate_fn=lambda s: tuple(zip(*s)))
+    with pytest.raises(ValueError, match="2 sequences of 2 side by side"):
+        lv.top_k_examples(nn.Sequential(nn.Conv2d(3, 2, 3)), loader, ["0"], k=1, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the fit-end frame: labelled with the last trained epoch, logged once, right after a resume
 

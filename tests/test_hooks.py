@@ -207,3 +207,43 @@ def test_capture_reduce_summarises_before_inplace_ops_and_copies_nothing():
     assert (name, kind) == ("conv", "Conv2d") and low == want and low < 0  # before the in-place ReLU
     with pytest.raises(ValueError, match="unreduced"):
         capture(m, "conv", grads=True, reduce=lambda *a: 0)
+
+
+class _Tokens(nn.Module):
+    """Patches as (N, L, D) tokens: the grid comes from the input's size only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.embed(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+def test_a_streaming_tap_decides_layouts_again_for_inputs_of_another_size():
+    """16x32 then 32x16 inputs: 4x8 then 8x4 token grids; the second batch must not reuse the first's grid."""
+    from lightning_vis.hooks.taps import StreamingTap
+
+    class Keep(StreamingTap):
+        def summarise(self, name, maps):
+            return maps
+
+    m = _Tokens().eval()
+    xs = [torch.randn(2, 3, *hw) for hw in ((16, 32), (32, 16), (16, 32), (8, 8))]
+    with torch.no_grad():  # (N, D, h, w) by hand, before the tap is attached
+        wants = [m.norm(m.embed(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for x in xs]
+    s = Keep(m, "norm").attach()
+    try:
+        for x, want in zip(xs, wants):
+            hw = x.shape[2:]
+            with torch.no_grad():
+                s.before(x)
+                m(x)
+            got = s.batch_values()["norm"]
+            assert got.shape == (2, 4, hw[0] // 4, hw[1] // 4)
+            torch.testing.assert_close(got, want)
+    finally:
+        s.detach()
+    assert hook_counts(m) == 0

@@ -242,6 +242,59 @@ def test_a_pass_that_starts_at_a_submodule_is_traced_too():
     assert hook_counts(wrapper) == 0
 
 
+def test_a_pass_started_at_a_submodule_does_not_stand_in_for_the_whole_model():
+    """Layouts of a pass that ran only `embed` are remembered for that entry, not as the whole model's."""
+    cf, cl, tok = twins()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), lv.capture(cf, "embed", layouts=True) as tap:
+        cf.embed(x)
+    assert tap.layout("embed").describe() == "channels-first 8x8"
+    assert sorted(trace_layouts(cf, x)) == ["", "act", "embed", "head", "mix"]
+    with torch.no_grad(), lv.capture(cf, "head", layouts=True) as tap:
+        cf(x)
+    assert tap.layout("head").describe() == "vector"
+    with torch.no_grad(), lv.capture(cf, "embed", layouts=True) as tap:  # the submodule's own entry: still right
+        cf.embed(x)
+    assert tap.layout("embed").describe() == "channels-first 8x8"
+
+
+class Boom(nn.Module):
+    fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("bad batch")
+        return x
+
+
+def test_a_first_pass_that_raises_is_traced_afresh_by_the_next():
+    """A tap kept open over many passes (a scan): the first one dies inside a nested module; the next pass decides
+    the layouts and the tracer's hooks and bookkeeping do not grow pass after pass."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.ReLU(), Boom()),
+                      nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    tap = lv.capture(m, "2", reduce=lambda n, mod, o: o.mean(), layouts=True).__enter__()
+    try:
+        attached = hook_counts(m)
+        m[1][1].fail = True
+        with pytest.raises(RuntimeError, match="bad batch"), torch.no_grad():
+            m(x)
+        m[1][1].fail = False
+        for _ in range(5):
+            with torch.no_grad():
+                m(x)
+        tr = tap.tracer
+        assert hook_counts(m) == attached and tr._done
+        assert (len(tr._stack), len(tr._recent), len(tr._known)) == (0, 0, 0)
+        assert tap.layout("2").describe() == "channels-first 8x8"
+        with torch.no_grad():
+            torch.testing.assert_close(tap.values["2"][0], m(x).mean())
+    finally:
+        tap.__exit__(None, None, None)
+    assert hook_counts(m) == 0
+
+
 def test_the_explorer_shows_token_and_channels_last_layers_as_maps(tmp_path):
     """Its layer list, grids and top images read each layer's layout: D maps on the patch grid, not L strips."""
     import io

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .layout import Layout, LayoutTracer, _first_tensor, _signature
+from .layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, _first_tensor, _signature, parse_grid
 from .resolve import LayerSpec, resolve_layers
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -110,18 +110,31 @@ class AttentionRecord:
             if self.place is None:
                 raise ValueError(f"attention of {self.layer!r} cannot be placed on the image: {self.why}")
             return self.place(w.mean(-2))
-        key = self.key
-        if grid is not None:
-            g = tuple(int(v) for v in grid)
-            if w.shape[-1] - math.prod(g) < 0:
-                raise ValueError(f"grid {g} has more cells than the {w.shape[-1]} keys of {self.layer!r}")
-            key = Layout("tokens", g, w.shape[-1] - math.prod(g), "given")
-        if key is None:
-            raise ValueError(f"attention of {self.layer!r} ({w.shape[-2]} queries x {w.shape[-1]} keys) cannot be "
-                             f"placed on the input's grid: {self.why}; pass grid=(h, w)")
+        key = key_layout(w.shape[-1], self.key, grid, f"attention of {self.layer!r}", self.why)
         first = class_token == "first" or (class_token == "auto" and self.query is not None and self.query.prefix > 0)
         row = w[..., 0, :] if first else w.mean(-2)
         return row[..., key.prefix:].reshape(*row.shape[:-1], *key.grid)
+
+
+def grid_fits(count: int, grid) -> bool:
+    """Whether `count` keys are the grid given behind 0..MAX_PREFIX prefix tokens."""
+    return 0 <= count - math.prod(parse_grid(grid)) <= MAX_PREFIX
+
+
+def key_layout(count: int, own: Layout | None, grid, what: str, why: str = "") -> Layout:
+    """The token layout of `count` keys. grid=(h, w) / (t, h, w) given: that grid behind the 0..MAX_PREFIX tokens
+    left in front, where it fits; where it does not (another stage of a multi-stage model), the keys' own layout.
+    LayoutError when neither is there. `what` names the attention in errors; `why`: why it has no layout of its own."""
+    g = parse_grid(grid)
+    if g is not None:
+        if grid_fits(count, g):
+            return Layout("tokens", g, count - math.prod(g), "given")
+        if own is None:
+            raise LayoutError(f"{what}: the grid given, {g} ({math.prod(g)} cells), does not fit its {count} keys "
+                              f"(a grid with 0 to {MAX_PREFIX} prefix tokens in front); pass the keys' grid")
+    if own is None:
+        raise LayoutError(f"{what} ({count} keys) cannot be placed on the input's grid: {why}; pass grid=(h, w)")
+    return own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,7 +369,10 @@ class capture_attention:
             x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
             self._stack.append((name, mod, x))
             if name in self._mha and (self.watched is None or self._watching_mha(name)):
-                self._mha_weights(name, mod, args, kwargs)
+                try:
+                    self._mha_weights(name, mod, args, kwargs)
+                except Exception as e:  # noqa: BLE001 - capture must never break the model's own forward
+                    self.failures.append(f"{name}: {type(e).__name__}: {e}")
         return hook
 
     def _watching_mha(self, name):

@@ -35,6 +35,19 @@ def ungraded(what: str, layer: str) -> ReentrantCheckpointError:
                                     f"it; {HOW_TO_TURN_OFF}")
 
 
+def rules_unreachable(what: str, rules: str = "the rules") -> ReentrantCheckpointError:
+    """The error for backward rules (deconvnet, guided) that a reentrant checkpoint's recomputation cannot reach."""
+    return ReentrantCheckpointError(f"{what}: part of the model runs under torch.no_grad in the forward pass and is "
+                                    "recomputed in the backward pass (torch.utils.checkpoint with use_reentrant=True), "
+                                    f"where {rules} cannot reach; {HOW_TO_TURN_OFF}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    """chunk_size: None (the whole batch, or what fits) or a positive integer; 0 is not a silent "everything"."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None (the whole batch), got {chunk_size!r}")
+
+
 def _is_reentrant_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "use_reentrant=True" in str(e)
 

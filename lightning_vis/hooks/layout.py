@@ -380,8 +380,10 @@ def _input_key(first):
     return None
 
 
-def _cache_key(model: nn.Module, shape, layout, grid):
-    return (shape, model.training, _override_key(layout), _override_key(grid), tuple(id(m) for m in model.modules()))
+def _cache_key(model: nn.Module, entry: str, shape, layout, grid):
+    """Layouts remembered per entry module too: a pass started at a submodule decides only the layers inside it."""
+    return (entry, shape, model.training, _override_key(layout), _override_key(grid),
+            tuple(id(m) for m in model.modules()))
 
 
 class LayoutTracer:
@@ -429,10 +431,11 @@ class LayoutTracer:
     def _starter(self, name):
         def hook(module, args, kwargs):
             if self._started:
-                return None
-            self._start(args, kwargs)
+                if self._done or not self._encloses(name):
+                    return None
+                self.reset()  # the last pass died with an exception before its entry returned: trace this one afresh
+            self._start(name, args, kwargs)
             if not self._cached:
-                self._entry = name
                 for k, m in self.model.named_modules():
                     if k != name:  # the entry module is already past its pre-hooks
                         self._watch.append(m.register_forward_pre_hook(self._pre(k), with_kwargs=True))
@@ -442,6 +445,24 @@ class LayoutTracer:
                 self._stack.append((name, x, 0))
             return None
         return hook
+
+    def _encloses(self, name: str) -> bool:
+        """Whether entry `name` is the unfinished pass's entry module or one of its ancestors: such a call cannot
+        run inside that pass, so the pass is over (it raised)."""
+        return self._entry is not None and (name == self._entry or name == "" or self._entry.startswith(name + "."))
+
+    def reset(self) -> None:
+        """Forget this pass: the next call of an entry module decides the layouts again (the cache keeps it cheap).
+        For a pass that raised, or for a tap that stays attached across inputs of another shape."""
+        for h in self._watch:
+            h.remove()
+        self._watch.clear()
+        self._stack.clear()
+        self._known.clear()
+        self._recent.clear()
+        self.layouts, self.ctx = {}, _Context()
+        self._key = self._entry = None
+        self._started = self._cached = self._done = False
 
     def _finish(self) -> None:
         """The entry module returned: the pass is traced. Hooks off, the layouts remembered, the rest let go."""
@@ -465,9 +486,9 @@ class LayoutTracer:
             return None
         return hook
 
-    def _start(self, args, kwargs):
+    def _start(self, entry, args, kwargs):
         """The entry module's call gets the model input: its batch and grid; remembered layouts end the work."""
-        self._started = True
+        self._started, self._entry = True, entry
         first = args[0] if args else next(iter(kwargs.values()), None)
         shape = _input_key(first)
         if isinstance(first, Tensor):
@@ -480,10 +501,10 @@ class LayoutTracer:
             self.ctx.batch = len(first)  # detection models: a list of (C, H, W) images
             if first[0].dim() >= 3:
                 self.ctx.input_grid = tuple(int(v) for v in first[0].shape[1:])
-        self._key = _cache_key(self.model, shape, self.layout_override, self.grid_override)
+        self._key = _cache_key(self.model, entry, shape, self.layout_override, self.grid_override)
         cached = _CACHE.get(self.model, {}).get(self._key) if shape is not None and self.cache else None
         if cached is not None:
-            self.layouts, self._cached = dict(cached), True
+            self.layouts, self._cached, self._done = dict(cached), True, True
 
     def _post(self, name, module):
         def hook(mod, args, output):
@@ -636,7 +657,7 @@ def trace_layouts(model: nn.Module, example_input, layout=None, grid=None) -> di
     training = model.training
     model.training = False  # the key of an eval-mode pass, without touching submodules
     try:
-        cached = _CACHE.get(model, {}).get(_cache_key(model, shape, layout, grid)) if shape is not None else None
+        cached = _CACHE.get(model, {}).get(_cache_key(model, "", shape, layout, grid)) if shape is not None else None
     finally:
         model.training = training
     if cached is not None:

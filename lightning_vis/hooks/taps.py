@@ -169,6 +169,7 @@ class StreamingTap:
         self.model = model
         self.tap = capture(model, layers, reduce=self._reduce, layouts=True, layout=layout, grid=grid)
         self.names = list(self.tap.layers)
+        self._sample = None  # the per-sample input shape the layouts were decided for
 
     def summarise(self, name: str, maps: Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -191,9 +192,14 @@ class StreamingTap:
         self.tap.__exit__(None, None, None)
 
     def before(self, x: Tensor) -> None:
-        """Ahead of the forward pass of batch x."""
+        """Ahead of the forward pass of batch x. Inputs of another size (per sample) have other grids: their
+        layouts are decided again in the coming pass (remembered ones cost a lookup)."""
         for v in self.tap.values.values():
             v.clear()
+        sample = _sample_shape(x)
+        if sample is None or sample != self._sample:
+            self.tap.tracer.reset()
+        self._sample = sample
 
     def batch_values(self) -> dict:
         """{layer: its summary} of the last forward pass (the first call of a layer called several times)."""
@@ -201,6 +207,15 @@ class StreamingTap:
         if missing:
             raise ValueError(f"layer {missing[0]!r} did not run in the forward pass")
         return {name: self.tap.values[name][0] for name in self.names}
+
+
+def _sample_shape(x):
+    """The shape of one input of batch x (a tensor, or a list of images); None when x is neither."""
+    if isinstance(x, Tensor) and x.dim() >= 1:
+        return tuple(x.shape[1:])
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor):
+        return ("list", tuple(x[0].shape))
+    return None
 
 
 @dataclass
