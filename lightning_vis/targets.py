@@ -25,7 +25,8 @@ def describe(output, depth: int = 0) -> str:
     if depth > 2:
         return type(output).__name__
     if isinstance(output, dict):
-        items = ", ".join(f"{k!s} {describe(v, depth + 1).removeprefix('tensor ')}" for k, v in list(output.items())[:6])
+        items = ", ".join(f"{k!s} {describe(v, depth + 1).removeprefix('tensor ')}"
+                          for k, v in list(output.items())[:6])
         return f"dict with {items}" + (", ..." if len(output) > 6 else "")
     if isinstance(output, (list, tuple)):
         if output and all(isinstance(v, dict) for v in output):
@@ -139,8 +140,8 @@ class detection:
         return torch.as_tensor(value)
 
     def __call__(self, output) -> Tensor:
-        if not (isinstance(output, (list, tuple)) and all(isinstance(d, dict) and {"boxes", "labels", "scores"} <= set(d)
-                                                           for d in output)):
+        fields = {"boxes", "labels", "scores"}
+        if not (isinstance(output, (list, tuple)) and all(isinstance(d, dict) and fields <= set(d) for d in output)):
             raise ValueError(f"detection target: expected a list of dicts with boxes, labels and scores, got a "
                              f"{describe(output)}")
         n = len(output)

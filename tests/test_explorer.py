@@ -197,7 +197,8 @@ def test_page_in_headless_chromium(server, tmp_path):
         wait.until(lambda d: len(d.find_elements("css selector", "#preds tr")) == 3)
         grid = driver.find_element("id", "grid")
         # the second filter: column 1 of row 0 (cells of 48 px plus 1 px padding), clicked at its centre
-        scale = driver.execute_script("const g = document.getElementById('grid'); return g.clientWidth / g.naturalWidth")
+        scale = driver.execute_script(
+            "const g = document.getElementById('grid'); return g.clientWidth / g.naturalWidth")
         ActionChains(driver).move_to_element_with_offset(
             grid, int((1 + 49 + 24) * scale - grid.size["width"] / 2), int((1 + 24) * scale - grid.size["height"] / 2)
         ).click().perform()

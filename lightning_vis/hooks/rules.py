@@ -54,12 +54,13 @@ class _RectifiedReLU(torch.autograd.Function):
 
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
 _RELU_INPLACE = {torch.relu_, torch.Tensor.relu_}
-# F.max_poolNd (a boolean_dispatch wrapper, which is what the mode sees) and what it dispatches to; their arguments: input, kernel_size, stride, padding, dilation, ceil_mode,
-# return_indices (torch.max_poolNd: no return_indices, stride [] for "same as the kernel").
+# F.max_poolNd (a boolean_dispatch wrapper, which is what the mode sees) and what it dispatches to; their arguments:
+# input, kernel_size, stride, padding, dilation, ceil_mode, return_indices (torch.max_poolNd: no return_indices,
+# stride [] for "same as the kernel").
 _POOLS = {}
 for _nd in (1, 2, 3):
-    for _f in (getattr(F, f"max_pool{_nd}d"), getattr(F, f"_max_pool{_nd}d"), getattr(F, f"max_pool{_nd}d_with_indices"),
-               getattr(torch, f"max_pool{_nd}d")):
+    for _f in (getattr(F, f"max_pool{_nd}d"), getattr(F, f"_max_pool{_nd}d"),
+               getattr(F, f"max_pool{_nd}d_with_indices"), getattr(torch, f"max_pool{_nd}d")):
         _POOLS[_f] = _nd
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
