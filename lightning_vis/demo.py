@@ -122,8 +122,7 @@ def train_digits(out: Path, epochs: int = 4) -> Path:
     samples = xv[:6]
     layers = ["net.3", "net.6"]  # the second and third conv layers
     vis = Visualize(samples, layers, cam_layer="net.6", viz_layer="net.6", channels=range(8), k=9,
-                    render_kwargs=dict(size=32, steps=96, image_channels=1,
-                                       render_kwargs=dict(transforms=Transforms(pad=2, jitter=2))))
+                    render_kwargs=dict(size=32, steps=96, image_channels=1, transforms=Transforms(pad=2, jitter=2)))
     logger = _pl.loggers.TensorBoardLogger(out, name="tb")
     trainer = _pl.Trainer(max_epochs=epochs, logger=logger, callbacks=[vis], default_root_dir=out,
                           enable_model_summary=False, log_every_n_steps=10, accelerator="cpu",
