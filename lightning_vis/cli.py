@@ -1063,9 +1063,7 @@ def cmd_atlas(args, model, categories, transform):
 
 def cmd_serve(args, model, categories, transform):
     from .explorer.server import Explorer, Limits, default_input
-    from .explorer.web import make_server, run_until_interrupted
-
-    from .explorer.web import parse_origin
+    from .explorer.web import make_server, parse_origin, run_until_interrupted
 
     folder = Path(args.images)
     if not folder.is_dir():
