@@ -1,7 +1,7 @@
 """Every method on the model zoos: torchvision's classification, video, segmentation and detection builders and a
 timm set, random weights, small inputs, as a new user would call them.
 
-    python -m benchmarks.zoo                      # everything (about an hour on 2 CPU cores): the table + JSON
+    python -m benchmarks.zoo                      # everything (20-55 min on 2 CPU cores): the table + JSON
     python -m benchmarks.zoo --only resnet18 vit  # names containing these
     python -m benchmarks.zoo --ci                 # the representative subset tests/test_zoo.py runs
 
