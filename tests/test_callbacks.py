@@ -1,6 +1,6 @@
 """Lightning callbacks: tags written to TensorBoard (read back from the event files), PNGs for the CSV logger,
-checkpoint state, model mode and .grad untouched, both Lightning packages, and a 2-process DDP run whose dataset
-examples equal a single-process scan."""
+checkpoint state, model mode and .grad untouched, both Lightning packages, and 2-process DDP runs whose dataset
+examples and filter health equal a single-process scan."""
 
 import os
 from collections import OrderedDict
@@ -283,3 +283,31 @@ def test_visualize_gives_every_part_the_schedule_and_render_kwargs_to_render(tmp
     assert fv.render_kwargs == {"transforms": "none", "lr": 0.05}
     module = make_module(L.LightningModule)
     assert fv._render(module, [0], 2, 0).shape == (1, 1, 8, 8)  # transforms= reaches lv.render
+
+
+def _ddp_health(tmp_path):
+    torch.manual_seed(0)
+    module = make_module(L.LightningModule)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn",
+                        logger=L.loggers.CSVLogger(tmp_path, name="csv", version=0),
+                        callbacks=[C.FilterHealth(["net.conv1", "net.conv2"])], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(module, DataLoader(data(24, 2), batch_size=4))  # 12 inputs per rank: the sampler pads none
+
+
+def test_ddp_filter_health_merges_exactly(tmp_path):
+    """Two processes, each with half of the data: the logged health equals one process's over all of it."""
+    import csv
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    _ddp_health(tmp_path)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        logged = {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if v and "health" in k}
+    want = lv.filter_health(net(), DataLoader(data(24, 2), batch_size=4), ["conv1", "conv2"], progress=False)
+    assert len(logged) == 8, sorted(logged)
+    for layer in ("conv1", "conv2"):
+        h = want.layers[layer]
+        assert logged[f"lightning_vis/health/net.{layer}/median_active"] == pytest.approx(
+            float(h.active_fraction.median()), abs=1e-6)
+        assert logged[f"lightning_vis/health/net.{layer}/dead_fraction"] == pytest.approx(float(h.dead.float().mean()))
+        assert logged[f"lightning_vis/health/net.{layer}/duplicate_pairs"] == len(h.duplicates)
