@@ -109,7 +109,7 @@ class AttentionRecord:
         if self.kind == "window":
             if self.place is None:
                 raise ValueError(f"attention of {self.layer!r} cannot be placed on the image: {self.why}")
-            return self.place(w.mean(-2))
+            return self.place(_mean_over_queries(w, getattr(self.place, "real", None)))
         key = key_layout(w.shape[-1], self.key, grid, f"attention of {self.layer!r}", self.why)
         first = class_token == "first" or (class_token == "auto" and self.query is not None and self.query.prefix > 0)
         row = w[..., 0, :] if first else w.mean(-2)
@@ -169,7 +169,27 @@ def _swin_placer(frame_module, x: Tensor, n_windows_total: int, area: int, timm_
         if timm_order:  # rolled before padding: crop, then roll back
             return m[crop].roll(shift, dims)
         return m.roll(shift, dims)[crop]
+
+    # which of each window's tokens are the map's, not padding: (windows per input, area), the model's own pad,
+    # roll and partition applied to ones (timm rolls first, which leaves ones as they are)
+    real = F.pad(torch.ones(spatial), [v for p, s in zip(reversed(padded), reversed(spatial)) for v in (0, p - s)])
+    if not timm_order:
+        real = real.roll(tuple(-v for v in shift), tuple(range(d)))
+    real = real.reshape(*[v for c, w in zip(counts, ws) for v in (c, w)])
+    place.real = real.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(math.prod(counts), math.prod(ws))
     return place
+
+
+def _mean_over_queries(w: Tensor, real: Tensor | None) -> Tensor:
+    """(windows, heads, queries, keys) -> (windows, heads, keys): the attention each key receives, averaged over the
+    window's queries that are the map's own (`real`: (windows per input, queries), 1 for a token of the map, 0 for
+    padding; None: every query). Padding tokens attend too, but their outputs are cropped away: not part of the
+    picture."""
+    if real is None or real.shape[-1] != w.shape[-2] or w.shape[0] % real.shape[0]:
+        return w.mean(-2)
+    v = real.to(w).repeat(w.shape[0] // real.shape[0], 1)  # the windows of every input of the batch
+    v = v.view(v.shape[0], *[1] * (w.dim() - 3), v.shape[1], 1)
+    return (w * v).sum(-2) / v.sum(-2)
 
 
 def _tuple(v, d: int):
