@@ -202,10 +202,7 @@ class ActivityCollector(StreamingTap):
                 a.shape[0] * a.shape[2], a.amax((0, 2)).cpu())
 
     def add(self, indices) -> None:
-        for name, (active, total, count, top) in self.batch_values().items():
-            s = self.stats.setdefault(name, [0, 0.0, 0, torch.full_like(top, float("-inf"))])
-            s[0], s[1], s[2], s[3] = s[0] + active, s[1] + total, s[2] + count, torch.maximum(s[3], top)
-        self.seen += len(indices)
+        self.merge([(self.batch_values(), len(indices))])  # a batch's summaries have the stats' form
 
     def merge(self, parts) -> None:
         """Adds other collectors' (stats, seen) to this one's (activity of other shards of the dataset)."""
