@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import images as im
 from .. import objectives, plots
+from .._util import model_device
 from ..activations import activations
 from ..circuits import ExpandedWeights
 from ..featureviz import render
@@ -124,7 +125,7 @@ def example_maps(model: nn.Module, inputs, wanted: dict[int, list[int]], layer: 
     `batch` inputs at a time. Only the wanted pairs are kept, each in its own storage: memory O(pairs x grid), not
     O(inputs x units x grid) (each unit reads its own top-k and bottom-k inputs only)."""
     out = {}
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    device = model_device(model)
     indices = sorted(wanted)
     for i in range(0, len(indices), batch):
         part = indices[i:i + batch]
@@ -193,15 +194,15 @@ def _hist_bins(counts: Tensor, edges: Tensor) -> list:
     return [[_round(edges[i]), _round(edges[i + 1]), int(counts[i])] for i in nz]
 
 
-def _distribution_plot(ctx: LayerContext, unit: int, hist, edges_all: Tensor, seen: int):
+def _distribution_plot(ctx: LayerContext, unit: int):
     from ..dataset import Histograms
 
-    h = Histograms(edges_all, {ctx.name: hist}, seen)
+    h = Histograms(ctx.hist_edges, {ctx.name: ctx.hist}, ctx.seen)
     fig = plots.figure(4.6, 2.5, dpi=90, fixed=True)
     ax = fig.add_subplot()
     edges, values = h.display(ctx.name, unit, "values")
     plots.histogram(edges, values, fig=fig, ax=ax, log=True, label="every position", ylabel="count (log)",
-                    xlabel="activation", title=f"{ctx.name} #{unit} over {seen} inputs")
+                    xlabel="activation", title=f"{ctx.name} #{unit} over {ctx.seen} inputs")
     _, maxima = h.display(ctx.name, unit, "maxima", edges=edges)
     if float(maxima.sum()) > 0:
         ax.stairs(maxima.tolist(), edges.tolist(), fill=False, color=plots.RED, linewidth=1.2,
@@ -273,8 +274,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
         rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s),
                            "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s)}
     if ctx.hist is not None:
-        seen, hist_edges = ctx.seen, ctx.hist_edges
-        fig = _distribution_plot(ctx, unit, ctx.hist, hist_edges, seen)
+        seen = ctx.seen
+        fig = _distribution_plot(ctx, unit)
         plots.save(fig, tmp / "distribution.png")
         w, h = fig.canvas.get_width_height()
         sel = ctx.selectivity[unit] if ctx.selectivity is not None else None
@@ -282,8 +283,8 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
             "plot": "distribution.png", "plot_size": [h, w], "seen": seen, "mean": _round(ctx.mean[unit]),
             "max": _round(ctx.maximum[unit]), "min": _round(ctx.minimum[unit]),
             "active_fraction": _round(ctx.active[unit]), "selectivity": _round(sel) if sel is not None else None,
-            "nan": int(ctx.hist.nan[unit]), "bins": {"values": _hist_bins(ctx.hist.values[unit], hist_edges),
-                                                     "maxima": _hist_bins(ctx.hist.maxima[unit], hist_edges)}}
+            "nan": int(ctx.hist.nan[unit]), "bins": {"values": _hist_bins(ctx.hist.values[unit], ctx.hist_edges),
+                                                     "maxima": _hist_bins(ctx.hist.maxima[unit], ctx.hist_edges)}}
     for key, pair in (("inputs", ctx.inputs), ("outputs", ctx.outputs)):
         if pair is None or s.connections == 0:
             continue
