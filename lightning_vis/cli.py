@@ -808,12 +808,17 @@ class ImageFiles(torch.utils.data.Dataset):
         return load_image(self.paths[i], self.transform, self.size, self.gray)
 
 
-def _loader(args, model, transform):
-    """The usable pictures (all decoded once first: a bad file is skipped before the scan, not in the middle of
-    it) as a dataset and a DataLoader."""
-    _check_layers(model, args.layers)
+def _dataset(args, model, transform):
+    """The usable pictures (all decoded once first: a bad file is skipped with a warning before the scan, not in
+    the middle of it) as a dataset."""
     inputs = Inputs(args, model, transform)
-    ds = ImageFiles([p for p, _, _ in inputs.usable()], transform, args.size, args.gray)
+    return inputs, ImageFiles([p for p, _, _ in inputs.usable()], transform, args.size, args.gray)
+
+
+def _loader(args, model, transform):
+    """The usable pictures as a dataset and a DataLoader."""
+    _check_layers(model, args.layers)
+    inputs, ds = _dataset(args, model, transform)
     return inputs, ds, torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
 
 
@@ -1036,9 +1041,7 @@ def cmd_atlas(args, model, categories, transform):
         raise CliError(f"--devices {args.devices!r}: a positive number of devices per node, or 'auto'")
     if args.layers:
         _check_layers(model, args.layers)
-    # like _loader: every picture decoded once first, the unusable ones skipped with a warning
-    paths = [p for p, _, _ in Inputs(args, model, transform).usable()]
-    ds = ImageFiles(paths, transform, args.size, args.gray)
+    _, ds = _dataset(args, model, transform)
     x0, _ = ds[0]
     if x0.dim() != 3:
         raise CliError("atlas takes still images (a GIF with several frames is a clip)")
@@ -1054,7 +1057,7 @@ def cmd_atlas(args, model, categories, transform):
     if fabric is not None:
         model = model.to(fabric.device)
     res = atlas.build(model, ds, args.out, args.layers, settings=settings, preprocess=_preprocess(transform),
-                      display=_Shown(ds), names=[p.name for p in paths], batch_size=args.batch_size,
+                      display=_Shown(ds), names=[p.name for p in ds.paths], batch_size=args.batch_size,
                       num_workers=args.workers, title=f"lightning-vis atlas: {args.model}", fabric=fabric)
     if fabric is None or fabric.global_rank == 0:
         print(f"atlas: {res.index} ({len(res.layers)} layers, {res.units} units; {res.rendered} written by this "
