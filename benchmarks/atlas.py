@@ -60,9 +60,9 @@ def make_model(config: str, weights: str | None = None) -> tuple[nn.Module, list
         model = torchvision.models.vgg16(weights=None)
         if weights:
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model.eval(), [k for k, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    model = small_vgg()
-    return model, [k for k, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    else:
+        model = small_vgg()
+    return model.eval(), [k for k, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def worker(args) -> int:

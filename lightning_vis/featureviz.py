@@ -415,9 +415,10 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
                     for x in range(0, shape[1], th):
                         piece = img[..., y:y + th, x:x + th]
                         inp = preprocess(piece) if preprocess is not None else piece
-                        lay = layouts.get(tuple(inp.shape)) or layouts.setdefault(
-                            tuple(inp.shape), _layouts(model, [name], modules, inp))  # per tile shape
-                        acts, _ = _activations(model, [name], modules, inp, False, lay)
+                        key = tuple(inp.shape)  # layouts are decided once per tile shape
+                        if key not in layouts:
+                            layouts[key] = _layouts(model, [name], modules, inp)
+                        acts, _ = _activations(model, [name], modules, inp, False, layouts[key])
                         (g,) = torch.autograd.grad(objective(acts).sum(), img)
                         grad += g
                 grad = grad.roll((-dy, -dx), (-2, -1))
