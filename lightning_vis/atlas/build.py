@@ -358,14 +358,17 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
     the forward and backward a render needs) and writes their unfinished units; rank zero's progress bar counts
     every rank's units (finished folders), with an ETA."""
     t = time.perf_counter()
-    total = sum(len(todo(c)) for c in pending) if comm.zero else 0
+    left = {c: len(todo(c)) for c in pending} if comm.zero else {}  # unfinished units per chunk
+    total = sum(left.values())
     bar = progress_bar(progress and comm.zero and total > 0,
                        f"units ({comm.world} process{'es' if comm.world > 1 else ''})", total=total, unit="unit")
     done = 0
 
     def refresh():
         nonlocal done
-        now = total - sum(len(todo(c)) for c in pending)
+        for c in [c for c, k in left.items() if k]:  # a finished chunk stays finished: its folders are not stat'ed
+            left[c] = len(todo(c))
+        now = total - sum(left.values())
         bar.update(now - done)
         done = now
 
