@@ -34,6 +34,12 @@ class LayerOutputs(dict):
     def maps(self, name: str) -> Tensor:
         return self.layout(name).to_maps(self[name])
 
+    def has_maps(self, name: str) -> bool:
+        """The layer's output has a place on a grid: channels-first / -last maps or tokens (not a vector, not
+        unplaceable)."""
+        lay = self.layouts.get(name)
+        return isinstance(lay, Layout) and lay.kind != "vector"
+
 
 def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec, *, layout=None,
                 grid=None) -> tuple[LayerOutputs, Tensor]:

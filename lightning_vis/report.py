@@ -83,9 +83,8 @@ def build(model: nn.Module, inputs: Tensor, shown: Tensor, names: Sequence[str],
         entry = {"name": name, "image": save(shown[i], ""), "predictions": [(n, p) for _, n, p in preds[i]]
                  if preds else [], "activations": {}, "deconv": {}, "cams": {}}
         for j, layer in enumerate(acts):
-            lay = acts.layouts.get(layer)
-            if getattr(lay, "kind", "vector") != "vector" and len(lay.grid) == 2:
-                grid = activation_grid(acts[layer], i, max_filters=64, cell=48, layout=lay)
+            if acts.has_maps(layer) and acts.layout(layer).spatial_dims == 2:
+                grid = activation_grid(acts[layer], i, max_filters=64, cell=48, layout=acts.layout(layer))
                 entry["activations"][layer] = save(grid, f"_act{j}")
         for j, (layer, r) in enumerate(rec.images.items()):
             row = im.grid(torch.cat([shown[i:i + 1], im.signed_rgb(r[i])]), ncol=r.shape[1] + 1)

@@ -249,13 +249,13 @@ class ActivationMapsMixin(OnImages):
 
     def check(self, trainer, pl_module):
         acts, _ = activations(pl_module, _on(self.images[:1], pl_module), self.layers)
-        flat = [n for n in acts if not _has_maps(acts, n) and n in _explicit(self.layers)]
+        flat = [n for n in acts if not acts.has_maps(n) and n in _explicit(self.layers)]
         if flat:
             lay = acts.layouts.get(flat[0])
             why = lay.reason if lay is not None and not isinstance(lay, Layout) else "no maps to show"
             raise ValueError(f"layer {flat[0]!r} gives {tuple(acts[flat[0]].shape)} outputs: {why} (pick a conv or "
                              "token layer)")
-        if not any(_has_maps(acts, n) for n in acts):
+        if not any(acts.has_maps(n) for n in acts):
             raise ValueError(f"none of the layers {sorted(acts)} gives maps to show")
 
     def pictures(self, pl_module, images):
@@ -263,13 +263,7 @@ class ActivationMapsMixin(OnImages):
         return [(f"activations/{layer}",
                  _same_size([activation_grid(a, i, self.scale, max_filters=self.max_filters,
                                              layout=acts.layouts[layer]) for i in range(a.shape[0])]))
-                for layer, a in acts.items() if _has_maps(acts, layer)]
-
-
-def _has_maps(acts, name) -> bool:
-    """The layer's output has a place on a grid (hooks.layout): channels-first / -last maps or tokens."""
-    lay = acts.layouts.get(name)
-    return isinstance(lay, Layout) and lay.kind != "vector"
+                for layer, a in acts.items() if acts.has_maps(layer)]
 
 
 class DeconvnetMixin(OnImages):
