@@ -323,9 +323,10 @@ class HistogramCollector(StreamingTap):
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()
         c = flat.shape[1]
-        nan = torch.isnan(flat).sum((0, 2)).cpu()
+        values = _bin_counts(flat, self.state.edges, c)  # every value but NaN falls in a bin (the outer ones open)
+        nan = flat.shape[0] * flat.shape[2] - values.sum(1)
         maxima = flat.amax(2, keepdim=True)  # NaN where any position is NaN: left out of the counts
-        return _bin_counts(flat, self.state.edges, c), _bin_counts(maxima, self.state.edges, c), nan
+        return values, _bin_counts(maxima, self.state.edges, c), nan
 
     def add(self, indices) -> None:
         for name, (values, maxima, nan) in self.batch_values().items():
