@@ -5,16 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# the peers we are compared with (benchmarks, and tests that our results equal theirs)
-PEERS := captum==0.9.0 grad-cam==1.5.7
+# the peers we are compared with (benchmarks, and tests that our results equal theirs); zennit 0.5.1 is the last
+# release that installs on Python 3.11.7 (1.0.0 needs 3.11.11)
+PEERS := captum==0.9.0 grad-cam==1.5.7 torchcam==0.5.0 zennit==0.5.1
 # the callbacks' trainers and loggers (W&B and MLflow: tested offline / on a local store), and the digits data of the
 # demo and tests; matplotlib draws every plot (health, the atlas); Lightning Fabric shares the atlas out over processes
 TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium \
   matplotlib
 # the web explorer's HTTP server
 SERVER := waitress>=3.0
-# the model zoo the compatibility suite runs every method on (torchvision's builders, and timm's)
-ZOO := timm==1.0.31
+# the model zoo the compatibility suite runs every method on (torchvision's builders, timm's, and the hubs' models,
+# built from configs: Hugging Face transformers and open_clip)
+ZOO := timm==1.0.31 transformers==5.23.0 open-clip-torch==3.3.0
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
