@@ -8,6 +8,8 @@ bound, no worker held by a stalled client and the connection closed after the ti
 import http.client
 import io
 import json
+import random
+import re
 import socket
 import struct
 import threading
@@ -88,8 +90,8 @@ def start(ex, **kw):
     return srv
 
 
-def request(srv, path, method="GET", body=None, headers=None, host=None):
-    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+def request(srv, path, method="GET", body=None, headers=None, host=None, timeout=60):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=timeout)
     if host is None:
         conn.request(method, path, body=body, headers=headers or {})
     else:
@@ -396,6 +398,46 @@ def test_chunked_body_over_the_limit(hostile):
     assert status == 413 and "byte limit" in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("framing", [
+    b"HTTP/1.1\r\nHost: H\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\nContent-Length: 44\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.0\r\nHost: H\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+    b"0\r\n\r\n"], ids=["CL-then-TE", "TE-then-CL", "HTTP/1.0-with-TE"])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(tmp_path, framing):
+    """RFC 9112 section 6.1: both framing headers (or Transfer-Encoding in HTTP/1.0) are refused and the connection
+    closed, so the request smuggled after the body a proxy would have read is never answered. Before the fix: a 400
+    from the upload route (an empty body), then a 200 for the smuggled request on the same connection."""
+    srv = start(small_explorer(tmp_path / "imgs"))  # closing idle connections after the default 15 s only
+    port = srv.server_address[1]
+    host = b"Host: 127.0.0.1:%d" % port
+    smuggled = b"GET /api/images HTTP/1.1\r\n" + host + b"\r\n\r\n"
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got, closed = b"", False
+    try:
+        s.sendall(b"POST /api/upload " + framing.replace(b"Host: H", host) + smuggled)
+        while len(got) < 1 << 20:  # until the server closes it (or 10 s without a byte)
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+    finally:
+        s.close()
+        srv.shutdown()
+    assert closed, got
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head) and b"connection: close" in head.lower(), got[:300]
+    assert b"keep-alive" not in head.lower(), head
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+    assert "framing is ambiguous" in json.loads(body[:length])["error"]
+    assert body[length:] == b"", got  # nothing after the refusal: the smuggled request got no answer
+
+
 # --------------------------------------------------------------------------------------- stalled and dripping
 def test_stalled_clients_hold_no_worker_and_are_closed_after_the_timeout(hostile):
     srv, *_ = hostile
@@ -443,6 +485,112 @@ def test_a_dripping_client_is_closed_after_the_request_timeout(hostile):
     s.close()
     took = time.monotonic() - opened
     assert closed and REQUEST_TIMEOUT - 0.1 <= took <= REQUEST_TIMEOUT + CLOSE_SLACK, took
+
+
+class Drippers:
+    """`n` connections that each send a request one byte at a time, one every 0.5-1 s (half of them drip the
+    request line and headers, half a body after whole headers), bound in turn to the `sources` addresses; a
+    connection the server closes is opened again at once. One thread of non-blocking sockets; it stops by itself
+    after `seconds`."""
+
+    def __init__(self, port: int, n: int, sources, seconds: float):
+        self.port, self.sources, self.seconds = port, list(sources), seconds
+        self.opened = 0
+        self._stop = threading.Event()
+        self._socks = [None] * n
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, i):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((self.sources[i % len(self.sources)], 0))
+        s.connect_ex(("127.0.0.1", self.port))  # EINPROGRESS: the first sends wait for it
+        head = b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: " % self.port
+        if i % 2:
+            head = b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000\r\n\r\n" % self.port
+        self._socks[i] = [s, head if i % 2 else b"", (head if not i % 2 else b"") + b"x" * 100000,
+                          time.monotonic() + random.uniform(0, 0.5)]
+        self.opened += 1
+
+    def _run(self):
+        end = time.monotonic() + self.seconds
+        for i in range(len(self._socks)):
+            self._open(i)
+        while not self._stop.is_set() and time.monotonic() < end:
+            now = time.monotonic()
+            for i, entry in enumerate(self._socks):
+                s, first, drip, due = entry
+                if now < due:
+                    continue
+                try:
+                    if s.recv(1) == b"":  # closed by the server
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    self._open(i)
+                    continue
+                try:
+                    if first:  # whole headers at once, then the body byte by byte
+                        entry[1] = first[s.send(first):]
+                    else:
+                        entry[2] = drip[s.send(drip[:1]):]
+                    entry[3] = now + random.uniform(0.5, 1.0)
+                except BlockingIOError:  # still connecting
+                    entry[3] = now + 0.05
+                except OSError:
+                    s.close()
+                    self._open(i)
+            self._stop.wait(0.02)
+        for s, *_ in self._socks:
+            s.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.parametrize("sources", [[f"127.0.0.{i}" for i in range(2, 10)], ["127.0.0.1"]],
+                         ids=["other-addresses", "the-client's-address"])
+def test_dripping_clients_cannot_lock_out_a_client_that_sends_its_request(tmp_path, sources):
+    """200 connections dripping a byte every 0.5-1 s (twice the connection cap; from eight other addresses, or from
+    the client's own) while one client asks one request after another for 8 s: every answer within 2 s. Before the
+    fix the drippers held every slot (a request may take 60 s to arrive) and the client's connection waited in the
+    listen backlog until its timeout."""
+    srv = start(small_explorer(tmp_path))
+    port = srv.server_address[1]
+    paths = ["/api/model", "/api/images", "/api/activations?image=img0.png&layer=conv1",
+             "/api/predictions?image=img0.png"]
+    held, slow = [], []
+    try:
+        with Drippers(port, 200, sources, seconds=15) as drippers:
+            time.sleep(2)  # the drippers take every slot
+            started = time.monotonic()
+            n = 0
+            while time.monotonic() - started < 8:
+                held.append(len(srv._server.active_channels))
+                path = paths[n % len(paths)]
+                t = time.perf_counter()
+                try:
+                    status = request(srv, path, timeout=5)[0] if n % 7 else \
+                        request(srv, "/api/upload", "POST", png_bytes(n), timeout=5)[0]
+                except OSError as e:
+                    status = type(e).__name__
+                took = time.perf_counter() - t
+                if status != 200 or took > 2:
+                    slow.append((path, status, round(took, 2)))
+                n += 1
+        opened = drippers.opened
+    finally:
+        srv.shutdown()
+    assert not slow, f"{len(slow)} of {n} requests failed or took over 2 s: {slow[:5]}"
+    siege = min(Limits.connections, Limits.connections_per_address * len(sources))
+    assert n >= 8 and max(held) >= 0.9 * siege and opened > 200, (n, max(held), opened)  # the caps were full
 
 
 # ---------------------------------------------------------------------------------------------- concurrency

@@ -90,8 +90,10 @@ class Limits:
     threads: int = 32  # HTTP worker threads (they answer cache hits and wait for the compute threads)
     compute_threads: int = 2  # threads that decode and encode pictures (one more runs the model's passes)
     timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
+    header_timeout: float = 5.0  # a request's line and headers must arrive within this of their first byte
     request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this
-    connections: int = 100  # connections open at once; more wait in the listen backlog
+    connections: int = 100  # connections open at once (over it, the one waiting longest on its client is closed)
+    connections_per_address: int = 32  # connections open at once from one client address (IPv6: one /64)
     backlog: int = 128  # the listen backlog
     header_bytes: int = 32 << 10  # request line and headers
 
