@@ -8,6 +8,7 @@ bound, no worker held by a stalled client and the connection closed after the ti
 import http.client
 import io
 import json
+import os
 import random
 import re
 import socket
@@ -685,6 +686,78 @@ def test_bad_folder_files_are_skipped_with_a_warning(hostile, caplog):
         Explorer(hostile_net(), ex.folder, to_input=ex.to_input, limits=Limits(images=3))
     warned = [r.getMessage() for r in caplog.records]
     assert sum("skipping" in w for w in warned) == 4 and any("more images than the 3 listed" in w for w in warned)
+
+
+def test_folder_files_that_change_after_start_up(tmp_path, caplog):
+    """Each folder file is opened as it is when a request needs it: deleted -> 404, a directory or a FIFO in its
+    place -> 415 at once, grown over the byte limit -> 413, never a 500 (nor a traceback in the log) nor a wait.
+    Before the fix: 500 FileNotFoundError / IsADirectoryError, and the FIFO's open() blocked a decoding thread
+    until something wrote to it, so every uncached request and upload after it hung."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in "abcde":
+        (folder / f"{n}.png").write_bytes(png_bytes(ord(n)))
+    to_input, pre = default_input(16)
+    limits = Limits(file_bytes=20_000, compute_threads=1)
+    ex = Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre, limits=limits)
+    assert ex.names() == [f"{n}.png" for n in "abcde"]
+    srv = start(ex)
+    fifo = folder / "c.png"
+    try:
+        (folder / "a.png").unlink()
+        (folder / "b.png").unlink()
+        (folder / "b.png").mkdir()
+        fifo.unlink()
+        os.mkfifo(fifo)
+        (folder / "d.png").write_bytes(png_bytes(1, (200, 200)))  # 120 KB now
+        with caplog.at_level("WARNING", logger="lightning_vis.explorer"):
+            got = {}
+            for n in "abcde":
+                for route in (f"/api/image?image={n}.png", f"/api/activations?image={n}.png&layer=conv1"):
+                    status, _, body = request(srv, route, timeout=10)
+                    got[n, route.split("?")[0]] = (status, js(body).get("error", "") if status != 200 else "")
+            upload = request(srv, "/api/upload", "POST", png_bytes(3), timeout=10)
+            topk = request(srv, "/api/topk?layer=conv1&filter=0", timeout=30)
+    finally:
+        try:  # a reader blocked on the FIFO (before the fix) gets its end of file
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        srv.shutdown()
+    for route in ("/api/image", "/api/activations"):
+        assert got["a", route] == (404, "a.png: no longer in the images folder (deleted or renamed since start-up)")
+        assert got["b", route] == (415, "b.png: now a directory, not a regular file: only regular files are read")
+        assert got["c", route] == (415, "c.png: now a FIFO, not a regular file: only regular files are read")
+        assert got["d", route] == (413, "d.png: %d bytes, over the 20000 byte limit for a folder file"
+                                   % (folder / "d.png").stat().st_size)
+        assert got["e", route] == (200, "")
+    assert upload[0] == 200 and topk[0] == 200
+    assert [r["image"] for r in js(topk[2])["images"]] == ["e.png"]  # the one readable folder file
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback
+
+
+def test_names_that_are_not_utf8_are_skipped_with_one_warning(tmp_path, caplog):
+    """A file b'caf\\xe9.png' (Latin-1) cannot be asked for by any client (URLs, JSON and the page are UTF-8): it is
+    skipped with a warning naming its bytes. Before the fix it was listed (as 'caf\\udce9.png') and every spelling
+    of it answered 404."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    bad = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    with open(bad, "wb") as f:
+        f.write(png_bytes(1))
+    (folder / "ok.png").write_bytes(png_bytes(2))
+    to_input, pre = default_input(16)
+    with caplog.at_level("WARNING", logger="lightning_vis.explorer"):
+        ex = Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre)
+    assert ex.names() == ["ok.png"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"lightning-vis explorer: skipping {bad!r}: its name is not valid UTF-8 (rename it to serve it)"]
+    srv = start(ex)
+    try:
+        assert js(request(srv, "/api/images")[2]) == {"images": ["ok.png"]}
+        assert request(srv, "/api/image?image=caf%E9.png")[0] == 404
+    finally:
+        srv.shutdown()
 
 
 def test_an_empty_folder_serves(tmp_path):
