@@ -9,7 +9,6 @@ import http.client
 import io
 import json
 import os
-import random
 import re
 import socket
 import struct
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmarks.explorer import Drippers
 from lightning_vis import cli
 from lightning_vis.explorer.cache import ByteLRU, HttpError, nbytes
 from lightning_vis.explorer.server import Explorer, Limits, default_input
@@ -486,74 +486,6 @@ def test_a_dripping_client_is_closed_after_the_request_timeout(hostile):
     s.close()
     took = time.monotonic() - opened
     assert closed and REQUEST_TIMEOUT - 0.1 <= took <= REQUEST_TIMEOUT + CLOSE_SLACK, took
-
-
-class Drippers:
-    """`n` connections that each send a request one byte at a time, one every 0.5-1 s (half of them drip the
-    request line and headers, half a body after whole headers), bound in turn to the `sources` addresses; a
-    connection the server closes is opened again at once. One thread of non-blocking sockets; it stops by itself
-    after `seconds`."""
-
-    def __init__(self, port: int, n: int, sources, seconds: float):
-        self.port, self.sources, self.seconds = port, list(sources), seconds
-        self.opened = 0
-        self._stop = threading.Event()
-        self._socks = [None] * n
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _open(self, i):
-        s = socket.socket()
-        s.setblocking(False)
-        s.bind((self.sources[i % len(self.sources)], 0))
-        s.connect_ex(("127.0.0.1", self.port))  # EINPROGRESS: the first sends wait for it
-        head = b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: " % self.port
-        if i % 2:
-            head = b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000\r\n\r\n" % self.port
-        self._socks[i] = [s, head if i % 2 else b"", (head if not i % 2 else b"") + b"x" * 100000,
-                          time.monotonic() + random.uniform(0, 0.5)]
-        self.opened += 1
-
-    def _run(self):
-        end = time.monotonic() + self.seconds
-        for i in range(len(self._socks)):
-            self._open(i)
-        while not self._stop.is_set() and time.monotonic() < end:
-            now = time.monotonic()
-            for i, entry in enumerate(self._socks):
-                s, first, drip, due = entry
-                if now < due:
-                    continue
-                try:
-                    if s.recv(1) == b"":  # closed by the server
-                        raise ConnectionResetError
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    s.close()
-                    self._open(i)
-                    continue
-                try:
-                    if first:  # whole headers at once, then the body byte by byte
-                        entry[1] = first[s.send(first):]
-                    else:
-                        entry[2] = drip[s.send(drip[:1]):]
-                    entry[3] = now + random.uniform(0.5, 1.0)
-                except BlockingIOError:  # still connecting
-                    entry[3] = now + 0.05
-                except OSError:
-                    s.close()
-                    self._open(i)
-            self._stop.wait(0.02)
-        for s, *_ in self._socks:
-            s.close()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.parametrize("sources", [[f"127.0.0.{i}" for i in range(2, 10)], ["127.0.0.1"]],
