@@ -12,8 +12,12 @@ run on its thread pool anyway) and uvicorn bounds neither request bodies nor the
 request (slowloris; its keep-alive timeout is reset by every byte received, encode/uvicorn#157): both would have to
 be written here. Flask would add a dependency for the dozen lines of routing below.
 
-Added here on top of waitress: a deadline for receiving a whole request (a client that drips a byte now and then is
-closed after Limits.request_timeout), JSON bodies for waitress's own refusals, and the policy:
+Added here on top of waitress: deadlines for receiving a request (its line and headers within Limits.header_timeout,
+all of it within Limits.request_timeout: a client that drips a byte now and then is closed), a fair share of the
+connections (at most Limits.connections_per_address from one address; over a cap, the connection that has kept the
+server waiting longest on its client is closed to make room, so slow clients never lock out one that sends its
+request at once: waitress only stops accepting), a request with ambiguous framing (Content-Length beside
+Transfer-Encoding) refused and its connection closed, JSON bodies for waitress's own refusals, and the policy:
 - the Host header must name the served address (plus --allow-origin's), so a page of another site that reaches
   this server through a DNS name of its own (DNS rebinding) is refused;
 - a request carrying an Origin must come from the page of the address it was sent to (its Origin is http:// and
