@@ -64,6 +64,18 @@ srv.serve_forever()
 """
 
 
+# The dripping clients' process: Drippers on the server's port until its stdin closes; prints the connections opened.
+DRIP = r"""
+import sys
+from benchmarks.explorer import Drippers
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+with Drippers(port, n, [f"127.0.0.{i}" for i in range(2, 10)], seconds) as drippers:
+    print("dripping", flush=True)
+    sys.stdin.read()
+print(drippers.opened, flush=True)
+"""
+
+
 def percentile(values, q):
     if not values:
         return float("nan")
@@ -291,10 +303,14 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
                     times[route].append(dt)
                     statuses[status] = statuses.get(status, 0) + 1
 
-        # slow clients beside the 20 normal ones: each drips a request a byte at a time from 127.0.0.2-9 (bounded:
-        # they stop with the load, or after 15 minutes at the most)
-        with Drippers(port, drippers, [f"127.0.0.{i}" for i in range(2, 10)], seconds=900) as drip:
-            time.sleep(2 if drippers else 0)  # they take every slot first
+        # slow clients beside the 20 normal ones, in a process of their own (not sharing the clients' GIL): each
+        # drips a request a byte at a time from 127.0.0.2-9; they stop with the load, or after 15 minutes at most
+        drip = subprocess.Popen([sys.executable, "-c", DRIP, str(port), str(drippers), "900"], cwd=REPO, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) if drippers else None
+        try:
+            if drip is not None:
+                assert drip.stdout.readline().strip() == "dripping", "the drippers did not start"
+                time.sleep(2)  # they take every slot first
             t = time.perf_counter()
             workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
             for w in workers:
@@ -302,7 +318,9 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
             for w in workers:
                 w.join()
             load_s = time.perf_counter() - t
-        dripper_connections = drip.opened
+        finally:
+            out = drip.communicate("", timeout=60)[0] if drip is not None else "0"  # stdin closed: they stop
+        dripper_connections = int(out.split()[-1])
         threads_under_load = max(srv.threads) if srv.threads else 0
         while time.monotonic() - stalled_at < stall_wait and any(still_open(s) for s in stalls):
             time.sleep(0.5)

@@ -313,6 +313,7 @@ class _Channel(HTTPChannel):
     error_task_class = _JsonErrorTask
     parser_class = _Parser
     request_started = 0.0
+    peer = ""  # the client it counts against (see _peer), set when accepted
 
     def received(self, data):
         if any(r.error is not None for r in self.requests):
@@ -383,7 +384,7 @@ class _Server(TcpWSGIServer):
     def _longest_waiting(self, peer: str | None = None):
         now = time.monotonic()
         waiting = [(since, ch) for ch in self.active_channels.values() if not ch.will_close
-                   and (peer is None or _peer(ch.addr) == peer) and (since := ch.waiting_since(now)) is not None]
+                   and (peer is None or ch.peer == peer) and (since := ch.waiting_since(now)) is not None]
         return min(waiting, key=lambda p: p[0])[1] if waiting else None
 
     def readable(self):
@@ -405,8 +406,8 @@ class _Server(TcpWSGIServer):
         except OSError:
             return  # the client went away before it was accepted
         new = self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
-        peer = _peer(new.addr)
-        if sum(_peer(ch.addr) == peer for ch in self.active_channels.values()) > self.per_address:
+        peer = new.peer = _peer(new.addr)
+        if sum(ch.peer == peer for ch in self.active_channels.values()) > self.per_address:
             self._make_room(self._longest_waiting(peer) or new, f"{self.per_address} connections from {peer}")
         if len(self.active_channels) > self.connections:
             self._make_room(self._longest_waiting() or new, f"{self.connections} connections")
