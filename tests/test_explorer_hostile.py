@@ -488,6 +488,39 @@ def test_a_dripping_client_is_closed_after_the_request_timeout(hostile):
     assert closed and REQUEST_TIMEOUT - 0.1 <= took <= REQUEST_TIMEOUT + CLOSE_SLACK, took
 
 
+def test_headers_must_arrive_within_the_header_timeout(tmp_path):
+    """A client dripping its headers is closed after Limits.header_timeout (1 s here), one dripping a body after
+    whole headers only after request_timeout (30 s): the header deadline is the one that frees slots quickly."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "img0.png").write_bytes(png_bytes(0))
+    to_input, pre = default_input(16)
+    limits = Limits(timeout=10, header_timeout=1, request_timeout=30)
+    srv = start(Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre, limits=limits))
+    port = srv.server_address[1]
+    head, body = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+    head.sendall(b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port)
+    body.sendall(b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000\r\n\r\n" % port)
+    opened = time.monotonic()
+    closed = {head: None, body: None}
+    try:
+        while time.monotonic() - opened < 1 + CLOSE_SLACK and closed[head] is None:
+            for s in (head, body):
+                if closed[s] is None:
+                    try:
+                        s.sendall(b"x")  # one byte every 0.3 s each
+                        if closed_by_server(s, 0.15):
+                            closed[s] = time.monotonic() - opened
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed[s] = time.monotonic() - opened
+    finally:
+        head.close()
+        body.close()
+        srv.shutdown()
+    assert closed[head] is not None and 0.9 <= closed[head] <= 1 + CLOSE_SLACK, closed[head]
+    assert closed[body] is None  # its headers arrived: the body has until request_timeout
+
+
 @pytest.mark.parametrize("sources", [[f"127.0.0.{i}" for i in range(2, 10)], ["127.0.0.1"]],
                          ids=["other-addresses", "the-client's-address"])
 def test_dripping_clients_cannot_lock_out_a_client_that_sends_its_request(tmp_path, sources):
@@ -621,18 +654,18 @@ def test_bad_folder_files_are_skipped_with_a_warning(hostile, caplog):
 
 
 def test_folder_files_that_change_after_start_up(tmp_path, caplog):
-    """Each folder file is opened as it is when a request needs it: deleted -> 404, a directory or a FIFO in its
-    place -> 415 at once, grown over the byte limit -> 413, never a 500 (nor a traceback in the log) nor a wait.
+    """Each folder file is opened as it is when a request needs it: deleted -> 404, a directory, a FIFO or a link
+    loop in its place -> 415 at once, grown over the byte limit -> 413, never a 500 (nor a traceback) nor a wait.
     Before the fix: 500 FileNotFoundError / IsADirectoryError, and the FIFO's open() blocked a decoding thread
     until something wrote to it, so every uncached request and upload after it hung."""
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for n in "abcde":
+    for n in "abcdef":
         (folder / f"{n}.png").write_bytes(png_bytes(ord(n)))
     to_input, pre = default_input(16)
     limits = Limits(file_bytes=20_000, compute_threads=1)
     ex = Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre, limits=limits)
-    assert ex.names() == [f"{n}.png" for n in "abcde"]
+    assert ex.names() == [f"{n}.png" for n in "abcdef"]
     srv = start(ex)
     fifo = folder / "c.png"
     try:
@@ -642,9 +675,11 @@ def test_folder_files_that_change_after_start_up(tmp_path, caplog):
         fifo.unlink()
         os.mkfifo(fifo)
         (folder / "d.png").write_bytes(png_bytes(1, (200, 200)))  # 120 KB now
+        (folder / "f.png").unlink()
+        os.symlink("f.png", folder / "f.png")  # a link to itself: never resolves
         with caplog.at_level("WARNING", logger="lightning_vis.explorer"):
             got = {}
-            for n in "abcde":
+            for n in "abcdef":
                 for route in (f"/api/image?image={n}.png", f"/api/activations?image={n}.png&layer=conv1"):
                     status, _, body = request(srv, route, timeout=10)
                     got[n, route.split("?")[0]] = (status, js(body).get("error", "") if status != 200 else "")
@@ -663,6 +698,7 @@ def test_folder_files_that_change_after_start_up(tmp_path, caplog):
         assert got["d", route] == (413, "d.png: %d bytes, over the 20000 byte limit for a folder file"
                                    % (folder / "d.png").stat().st_size)
         assert got["e", route] == (200, "")
+        assert got["f", route][0] == 415 and "image 'f.png' cannot be resolved any more" in got["f", route][1]
     assert upload[0] == 200 and topk[0] == 200
     assert [r["image"] for r in js(topk[2])["images"]] == ["e.png"]  # the one readable folder file
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback
