@@ -521,6 +521,40 @@ def test_headers_must_arrive_within_the_header_timeout(tmp_path):
     assert closed[body] is None  # its headers arrived: the body has until request_timeout
 
 
+class _SlowNet(nn.Module):
+    """hostile_net whose forward pass sleeps `delay` seconds once `delay` is set (after the explorer has traced it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.delay = hostile_net(), 0.0
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def test_a_connection_being_answered_is_never_closed_to_make_room(tmp_path):
+    """With a cap of 4 connections, 40 drippers from the client's own address take turns in the slots while a slow
+    request (a forward pass of 2 s) is being answered: it gets its answer."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "img0.png").write_bytes(png_bytes(0))
+    to_input, pre = default_input(16)
+    model = _SlowNet()
+    ex = Explorer(model, folder, to_input=to_input, preprocess=pre,
+                  limits=Limits(connections=4, connections_per_address=4))
+    model.delay = 2.0
+    srv = start(ex)
+    try:
+        with Drippers(srv.server_address[1], 40, ["127.0.0.1"], seconds=15) as drippers:
+            time.sleep(1)
+            status, _, body = request(srv, "/api/predictions?image=img0.png", timeout=10)
+            assert status == 200 and len(js(body)["predictions"]) == 3, body
+        assert drippers.opened > 60  # they were closed to make room, again and again
+    finally:
+        srv.shutdown()
+
+
 @pytest.mark.parametrize("sources", [[f"127.0.0.{i}" for i in range(2, 10)], ["127.0.0.1"]],
                          ids=["other-addresses", "the-client's-address"])
 def test_dripping_clients_cannot_lock_out_a_client_that_sends_its_request(tmp_path, sources):

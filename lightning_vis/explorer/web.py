@@ -314,6 +314,18 @@ class _Channel(HTTPChannel):
     parser_class = _Parser
     request_started = 0.0
     peer = ""  # the client it counts against (see _peer), set when accepted
+    serving = False  # a worker thread is in service(): answering a request of it
+    served = 0.0  # when (time.monotonic) a worker last finished answering it
+
+    def service(self):
+        # waitress pops the answered request before it stamps last_activity: without this flag the connection
+        # would look idle since its request arrived (seconds ago for a slow route) for that moment
+        self.serving = True
+        try:
+            super().service()
+        finally:
+            self.served = time.monotonic()
+            self.serving = False
 
     def received(self, data):
         if any(r.error is not None for r in self.requests):
@@ -330,11 +342,11 @@ class _Channel(HTTPChannel):
         """Since when (time.monotonic) this connection has kept the server waiting on its client: sending a request
         (since its first byte), idle, or not reading its answer (since the last byte sent); None while a request of
         it is being answered or waits for a worker."""
-        if self.requests:
+        if self.requests or self.serving:
             return None
         if self.request is not None:
             return self.request_started
-        return now - max(0.0, time.time() - self.last_activity)
+        return max(self.served, now - max(0.0, time.time() - self.last_activity))
 
 
 def _peer(addr) -> str:
