@@ -1,5 +1,6 @@
 """The explorer under load: MobileNetV2 (ImageNet weights when the demo's package is installed, else random) over
-four 224 px photos, served in its own process, with 20 concurrent clients and a handful of stalled connections.
+four 224 px photos, served in its own process, with 20 concurrent clients beside 200 dripping connections and a
+handful of stalled ones.
 
 What it measures, per server:
 - first views: the activation grid of each (image, layer) once, one at a time (the forward passes, the first PNGs);
@@ -10,6 +11,9 @@ What it measures, per server:
   and one uploads photos and looks at their grid;
 - status codes (no 5xx, no refused or reset connections), the server's RSS (sampled every 100 ms: peak and end)
   and its thread count;
+- slow clients: during the load, `--drippers` more connections (200) from 127.0.0.2-9 send a request one byte every
+  0.5-1 s (half of them the headers, half a body), opened again whenever the server closes them: twice the
+  server's connection cap, which must not lock the 20 clients out;
 - stalled clients: some connections send half a request line and stop, others promise a body they never send;
   how many the server still holds open after `--stall-wait` seconds;
 - then memory under churn: `--churn` uploads one after another, each looked at (5 grids and a Grad-CAM), the RSS
@@ -57,6 +61,18 @@ extra = {"timeout": timeout} if timeout > 0 and "timeout" in inspect.signature(m
 srv = make_server(ex, "127.0.0.1", 0, **extra)
 print(srv.server_address[1], flush=True)
 srv.serve_forever()
+"""
+
+
+# The dripping clients' process: Drippers on the server's port until its stdin closes; prints the connections opened.
+DRIP = r"""
+import sys
+from benchmarks.explorer import Drippers
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+with Drippers(port, n, [f"127.0.0.{i}" for i in range(2, 10)], seconds) as drippers:
+    print("dripping", flush=True)
+    sys.stdin.read()
+print(drippers.opened, flush=True)
 """
 
 
@@ -162,9 +178,77 @@ def still_open(s: socket.socket) -> bool:
         return False
 
 
+class Drippers:
+    """`n` connections that each send a request one byte at a time, one every 0.5-1 s (half of them drip the
+    request line and headers, half a body after whole headers), bound in turn to the `sources` addresses; a
+    connection the server closes is opened again at once. One thread of non-blocking sockets; it stops by itself
+    after `seconds`."""
+
+    def __init__(self, port: int, n: int, sources, seconds: float):
+        self.port, self.sources, self.seconds = port, list(sources), seconds
+        self.opened = 0
+        self._stop = threading.Event()
+        self._socks = [None] * n
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, i):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((self.sources[i % len(self.sources)], 0))
+        s.connect_ex(("127.0.0.1", self.port))  # EINPROGRESS: the first sends wait for it
+        head = b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: " % self.port
+        if i % 2:
+            head = b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000\r\n\r\n" % self.port
+        self._socks[i] = [s, head if i % 2 else b"", (head if not i % 2 else b"") + b"x" * 100000,
+                          time.monotonic() + random.uniform(0, 0.5)]
+        self.opened += 1
+
+    def _run(self):
+        end = time.monotonic() + self.seconds
+        for i in range(len(self._socks)):
+            self._open(i)
+        while not self._stop.is_set() and time.monotonic() < end:
+            now = time.monotonic()
+            for i, entry in enumerate(self._socks):
+                s, first, drip, due = entry
+                if now < due:
+                    continue
+                try:
+                    if s.recv(1) == b"":  # closed by the server
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    self._open(i)
+                    continue
+                try:
+                    if first:  # whole headers at once, then the body byte by byte
+                        entry[1] = first[s.send(first):]
+                    else:
+                        entry[2] = drip[s.send(drip[:1]):]
+                    entry[3] = now + random.uniform(0.5, 1.0)
+                except BlockingIOError:  # still connecting
+                    entry[3] = now + 0.05
+                except OSError:
+                    s.close()
+                    self._open(i)
+            self._stop.wait(0.02)
+        for s, *_ in self._socks:
+            s.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def run_load(label: str, source: Path, folder: Path, images: list[str], layers: list[str], others: list[str],
              weights: str, *, clients: int, requests: int, stalled: int, stall_wait: float, timeout: float,
-             churn: int = 0, seed: int = 0) -> dict:
+             drippers: int = 0, churn: int = 0, seed: int = 0) -> dict:
     srv = Server(source, folder, weights, timeout)
     port = srv.port
     try:
@@ -219,13 +303,24 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
                     times[route].append(dt)
                     statuses[status] = statuses.get(status, 0) + 1
 
-        t = time.perf_counter()
-        workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        load_s = time.perf_counter() - t
+        # slow clients beside the 20 normal ones, in a process of their own (not sharing the clients' GIL): each
+        # drips a request a byte at a time from 127.0.0.2-9; they stop with the load, or after 15 minutes at most
+        drip = subprocess.Popen([sys.executable, "-c", DRIP, str(port), str(drippers), "900"], cwd=REPO, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) if drippers else None
+        try:
+            if drip is not None:
+                assert drip.stdout.readline().strip() == "dripping", "the drippers did not start"
+                time.sleep(2)  # they take every slot first
+            t = time.perf_counter()
+            workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            load_s = time.perf_counter() - t
+        finally:
+            out = drip.communicate("", timeout=60)[0] if drip is not None else "0"  # stdin closed: they stop
+        dripper_connections = int(out.split()[-1])
         threads_under_load = max(srv.threads) if srv.threads else 0
         while time.monotonic() - stalled_at < stall_wait and any(still_open(s) for s in stalls):
             time.sleep(0.5)
@@ -266,6 +361,7 @@ def run_load(label: str, source: Path, folder: Path, images: list[str], layers: 
             rss_start_mb=round(rss_start), rss_after_first_views_mb=round(rss_warm),
             rss_peak_mb=round(max(srv.rss, default=0)), rss_end_mb=round(end["VmRSS"] / 1024),
             threads_peak=threads_under_load, threads_end=end["Threads"],
+            drippers=drippers, dripper_connections_opened=dripper_connections,
             stalled=stalled, stalled_held_after_s=round(stall_wait, 1), stalled_still_open=held,
             stalled_all_closed_after_s=None if closed_after is None else round(closed_after, 1),
             churn_uploads_rss_mb=churn_rss, rss_peak_overall_mb=round(max(srv.rss, default=0)))
@@ -281,6 +377,9 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--requests", type=int, default=30, help="requests per client (default %(default)s)")
     ap.add_argument("--stalled", type=int, default=40, help="stalled connections (default %(default)s)")
+    ap.add_argument("--drippers", type=int, default=200,
+                    help="connections that drip a request a byte every 0.5-1 s during the load, from 127.0.0.2-9 "
+                         "(default %(default)s)")
     ap.add_argument("--stall-wait", type=float, default=45.0,
                     help="seconds after which stalled connections are counted (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=0,
@@ -313,7 +412,7 @@ def main(argv=None):
     layers = convs[::max(1, len(convs) // 12)][:12] if not args.quick else convs[:2]
     others = [c for c in convs if c not in layers]
     if args.quick:
-        args.clients, args.requests, args.stalled, args.churn = 4, 4, 2, 2
+        args.clients, args.requests, args.stalled, args.churn, args.drippers = 4, 4, 2, 2, 8
         args.stall_wait = min(args.stall_wait, 6.0)
         args.timeout = args.timeout or 1.0
     runs = []
@@ -323,17 +422,19 @@ def main(argv=None):
     rows = []
     for label, source in runs:
         print(f"{label}: the explorer of {source}, {args.clients} clients x {args.requests} requests, "
-              f"{len(images)} images x {len(layers)} layers, {args.stalled} stalled connections", flush=True)
+              f"{len(images)} images x {len(layers)} layers, {args.stalled} stalled connections, {args.drippers} "
+              "dripping ones", flush=True)
         row = run_load(label, source, folder, images, layers, others, weights, clients=args.clients,
                        requests=args.requests, stalled=args.stalled, stall_wait=args.stall_wait,
-                       timeout=args.timeout, churn=args.churn)
+                       timeout=args.timeout, drippers=args.drippers, churn=args.churn)
         row["source"] = str(source)
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
     goals = []
     for r in rows:
         ok = r["grid_p95_ms"] <= 300 and r["errors_5xx"] == 0 and r["stalled_still_open"] == 0
-        goals.append(f"{'PASS' if ok else 'MISS'}  {r['server']}: grid p95 {r['grid_p95_ms']:.0f} ms (goal <= 300), "
+        goals.append(f"{'PASS' if ok else 'MISS'}  {r['server']}: grid p95 {r['grid_p95_ms']:.0f} ms (goal <= 300) "
+                     f"beside {r['drippers']} dripping connections, "
                      f"{r['errors_5xx']} 5xx, {r['connection_failures']} failed connections, RSS peak "
                      f"{r['rss_peak_mb']} MB, {r['stalled_still_open']}/{r['stalled']} stalled connections held "
                      f"after {r['stalled_held_after_s']:.0f} s")

@@ -8,6 +8,8 @@ bound, no worker held by a stalled client and the connection closed after the ti
 import http.client
 import io
 import json
+import os
+import re
 import socket
 import struct
 import threading
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmarks.explorer import Drippers
 from lightning_vis import cli
 from lightning_vis.explorer.cache import ByteLRU, HttpError, nbytes
 from lightning_vis.explorer.server import Explorer, Limits, default_input
@@ -88,8 +91,8 @@ def start(ex, **kw):
     return srv
 
 
-def request(srv, path, method="GET", body=None, headers=None, host=None):
-    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+def request(srv, path, method="GET", body=None, headers=None, host=None, timeout=60):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=timeout)
     if host is None:
         conn.request(method, path, body=body, headers=headers or {})
     else:
@@ -396,6 +399,46 @@ def test_chunked_body_over_the_limit(hostile):
     assert status == 413 and "byte limit" in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("framing", [
+    b"HTTP/1.1\r\nHost: H\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\nContent-Length: 44\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.0\r\nHost: H\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+    b"0\r\n\r\n"], ids=["CL-then-TE", "TE-then-CL", "HTTP/1.0-with-TE"])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(tmp_path, framing):
+    """RFC 9112 section 6.1: both framing headers (or Transfer-Encoding in HTTP/1.0) are refused and the connection
+    closed, so the request smuggled after the body a proxy would have read is never answered. Before the fix: a 400
+    from the upload route (an empty body), then a 200 for the smuggled request on the same connection."""
+    srv = start(small_explorer(tmp_path / "imgs"))  # closing idle connections after the default 15 s only
+    port = srv.server_address[1]
+    host = b"Host: 127.0.0.1:%d" % port
+    smuggled = b"GET /api/images HTTP/1.1\r\n" + host + b"\r\n\r\n"
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got, closed = b"", False
+    try:
+        s.sendall(b"POST /api/upload " + framing.replace(b"Host: H", host) + smuggled)
+        while len(got) < 1 << 20:  # until the server closes it (or 10 s without a byte)
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+    finally:
+        s.close()
+        srv.shutdown()
+    assert closed, got
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head) and b"connection: close" in head.lower(), got[:300]
+    assert b"keep-alive" not in head.lower(), head
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+    assert "framing is ambiguous" in json.loads(body[:length])["error"]
+    assert body[length:] == b"", got  # nothing after the refusal: the smuggled request got no answer
+
+
 # --------------------------------------------------------------------------------------- stalled and dripping
 def test_stalled_clients_hold_no_worker_and_are_closed_after_the_timeout(hostile):
     srv, *_ = hostile
@@ -443,6 +486,111 @@ def test_a_dripping_client_is_closed_after_the_request_timeout(hostile):
     s.close()
     took = time.monotonic() - opened
     assert closed and REQUEST_TIMEOUT - 0.1 <= took <= REQUEST_TIMEOUT + CLOSE_SLACK, took
+
+
+def test_headers_must_arrive_within_the_header_timeout(tmp_path):
+    """A client dripping its headers is closed after Limits.header_timeout (1 s here), one dripping a body after
+    whole headers only after request_timeout (30 s): the header deadline is the one that frees slots quickly."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "img0.png").write_bytes(png_bytes(0))
+    to_input, pre = default_input(16)
+    limits = Limits(timeout=10, header_timeout=1, request_timeout=30)
+    srv = start(Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre, limits=limits))
+    port = srv.server_address[1]
+    head, body = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+    head.sendall(b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port)
+    body.sendall(b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000\r\n\r\n" % port)
+    opened = time.monotonic()
+    closed = {head: None, body: None}
+    try:
+        while time.monotonic() - opened < 1 + CLOSE_SLACK and closed[head] is None:
+            for s in (head, body):
+                if closed[s] is None:
+                    try:
+                        s.sendall(b"x")  # one byte every 0.3 s each
+                        if closed_by_server(s, 0.15):
+                            closed[s] = time.monotonic() - opened
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed[s] = time.monotonic() - opened
+    finally:
+        head.close()
+        body.close()
+        srv.shutdown()
+    assert closed[head] is not None and 0.9 <= closed[head] <= 1 + CLOSE_SLACK, closed[head]
+    assert closed[body] is None  # its headers arrived: the body has until request_timeout
+
+
+class _SlowNet(nn.Module):
+    """hostile_net whose forward pass sleeps `delay` seconds once `delay` is set (after the explorer has traced it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.delay = hostile_net(), 0.0
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def test_a_connection_being_answered_is_never_closed_to_make_room(tmp_path):
+    """With a cap of 4 connections, 40 drippers from the client's own address take turns in the slots while a slow
+    request (a forward pass of 2 s) is being answered: it gets its answer."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "img0.png").write_bytes(png_bytes(0))
+    to_input, pre = default_input(16)
+    model = _SlowNet()
+    ex = Explorer(model, folder, to_input=to_input, preprocess=pre,
+                  limits=Limits(connections=4, connections_per_address=4))
+    model.delay = 2.0
+    srv = start(ex)
+    try:
+        with Drippers(srv.server_address[1], 40, ["127.0.0.1"], seconds=15) as drippers:
+            time.sleep(1)
+            status, _, body = request(srv, "/api/predictions?image=img0.png", timeout=10)
+            assert status == 200 and len(js(body)["predictions"]) == 3, body
+        assert drippers.opened > 60  # they were closed to make room, again and again
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.parametrize("sources", [[f"127.0.0.{i}" for i in range(2, 10)], ["127.0.0.1"]],
+                         ids=["other-addresses", "the-client's-address"])
+def test_dripping_clients_cannot_lock_out_a_client_that_sends_its_request(tmp_path, sources):
+    """200 connections dripping a byte every 0.5-1 s (twice the connection cap; from eight other addresses, or from
+    the client's own) while one client asks one request after another for 8 s: every answer within 2 s. Before the
+    fix the drippers held every slot (a request may take 60 s to arrive) and the client's connection waited in the
+    listen backlog until its timeout."""
+    srv = start(small_explorer(tmp_path))
+    port = srv.server_address[1]
+    paths = ["/api/model", "/api/images", "/api/activations?image=img0.png&layer=conv1",
+             "/api/predictions?image=img0.png"]
+    held, slow = [], []
+    try:
+        with Drippers(port, 200, sources, seconds=15) as drippers:
+            time.sleep(2)  # the drippers take every slot
+            started = time.monotonic()
+            n = 0
+            while time.monotonic() - started < 8:
+                held.append(len(srv._server.active_channels))
+                path = paths[n % len(paths)]
+                t = time.perf_counter()
+                try:
+                    status = request(srv, path, timeout=5)[0] if n % 7 else \
+                        request(srv, "/api/upload", "POST", png_bytes(n), timeout=5)[0]
+                except OSError as e:
+                    status = type(e).__name__
+                took = time.perf_counter() - t
+                if status != 200 or took > 2:
+                    slow.append((path, status, round(took, 2)))
+                n += 1
+        opened = drippers.opened
+    finally:
+        srv.shutdown()
+    assert not slow, f"{len(slow)} of {n} requests failed or took over 2 s: {slow[:5]}"
+    siege = min(Limits.connections, Limits.connections_per_address * len(sources))
+    assert n >= 8 and max(held) >= 0.9 * siege and opened > 200, (n, max(held), opened)  # the caps were full
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -537,6 +685,81 @@ def test_bad_folder_files_are_skipped_with_a_warning(hostile, caplog):
         Explorer(hostile_net(), ex.folder, to_input=ex.to_input, limits=Limits(images=3))
     warned = [r.getMessage() for r in caplog.records]
     assert sum("skipping" in w for w in warned) == 4 and any("more images than the 3 listed" in w for w in warned)
+
+
+def test_folder_files_that_change_after_start_up(tmp_path, caplog):
+    """Each folder file is opened as it is when a request needs it: deleted -> 404, a directory, a FIFO or a link
+    loop in its place -> 415 at once, grown over the byte limit -> 413, never a 500 (nor a traceback) nor a wait.
+    Before the fix: 500 FileNotFoundError / IsADirectoryError, and the FIFO's open() blocked a decoding thread
+    until something wrote to it, so every uncached request and upload after it hung."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in "abcdef":
+        (folder / f"{n}.png").write_bytes(png_bytes(ord(n)))
+    to_input, pre = default_input(16)
+    limits = Limits(file_bytes=20_000, compute_threads=1)
+    ex = Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre, limits=limits)
+    assert ex.names() == [f"{n}.png" for n in "abcdef"]
+    srv = start(ex)
+    fifo = folder / "c.png"
+    try:
+        (folder / "a.png").unlink()
+        (folder / "b.png").unlink()
+        (folder / "b.png").mkdir()
+        fifo.unlink()
+        os.mkfifo(fifo)
+        (folder / "d.png").write_bytes(png_bytes(1, (200, 200)))  # 120 KB now
+        (folder / "f.png").unlink()
+        os.symlink("f.png", folder / "f.png")  # a link to itself: never resolves
+        with caplog.at_level("WARNING", logger="lightning_vis.explorer"):
+            got = {}
+            for n in "abcdef":
+                for route in (f"/api/image?image={n}.png", f"/api/activations?image={n}.png&layer=conv1"):
+                    status, _, body = request(srv, route, timeout=10)
+                    got[n, route.split("?")[0]] = (status, js(body).get("error", "") if status != 200 else "")
+            upload = request(srv, "/api/upload", "POST", png_bytes(3), timeout=10)
+            topk = request(srv, "/api/topk?layer=conv1&filter=0", timeout=30)
+    finally:
+        try:  # a reader blocked on the FIFO (before the fix) gets its end of file
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        srv.shutdown()
+    for route in ("/api/image", "/api/activations"):
+        assert got["a", route] == (404, "a.png: no longer in the images folder (deleted or renamed since start-up)")
+        assert got["b", route] == (415, "b.png: now a directory, not a regular file: only regular files are read")
+        assert got["c", route] == (415, "c.png: now a FIFO, not a regular file: only regular files are read")
+        assert got["d", route] == (413, "d.png: %d bytes, over the 20000 byte limit for a folder file"
+                                   % (folder / "d.png").stat().st_size)
+        assert got["e", route] == (200, "")
+        assert got["f", route][0] == 415 and "image 'f.png' cannot be resolved any more" in got["f", route][1]
+    assert upload[0] == 200 and topk[0] == 200
+    assert [r["image"] for r in js(topk[2])["images"]] == ["e.png"]  # the one readable folder file
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no traceback
+
+
+def test_names_that_are_not_utf8_are_skipped_with_one_warning(tmp_path, caplog):
+    """A file b'caf\\xe9.png' (Latin-1) cannot be asked for by any client (URLs, JSON and the page are UTF-8): it is
+    skipped with a warning naming its bytes. Before the fix it was listed (as 'caf\\udce9.png') and every spelling
+    of it answered 404."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    bad = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    with open(bad, "wb") as f:
+        f.write(png_bytes(1))
+    (folder / "ok.png").write_bytes(png_bytes(2))
+    to_input, pre = default_input(16)
+    with caplog.at_level("WARNING", logger="lightning_vis.explorer"):
+        ex = Explorer(hostile_net(), folder, to_input=to_input, preprocess=pre)
+    assert ex.names() == ["ok.png"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"lightning-vis explorer: skipping {bad!r}: its name is not valid UTF-8 (rename it to serve it)"]
+    srv = start(ex)
+    try:
+        assert js(request(srv, "/api/images")[2]) == {"images": ["ok.png"]}
+        assert request(srv, "/api/image?image=caf%E9.png")[0] == 404
+    finally:
+        srv.shutdown()
 
 
 def test_an_empty_folder_serves(tmp_path):

@@ -25,7 +25,9 @@ pictures are refused from their header when over the pixel budget, decoded to on
 clip of at most ``clip_frames`` frames for video models; uploads live in their own byte-bounded LRU under names
 that never collide with the folder's; the slow jobs (feature visualizations, the folder's top-k scan) run one at a
 time on a copy of the model in a background thread, at most ``jobs`` queued, so they never hold the interactive
-routes; a bad folder file is skipped with a warning at start-up.
+routes; a bad folder file is skipped with a warning at start-up (so is one whose name is not valid UTF-8), and each
+folder file is opened anew as it is when read (a file deleted since is a 404, one replaced by a directory, a FIFO
+or a link a 415, never a wait).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import difflib
 import io
 import logging
 import math
+import os
 import re
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -81,6 +84,7 @@ class Limits:
 
     upload_bytes: int = MAX_UPLOAD  # a larger request body is refused with 413 before it is read
     pixels: int = 40_000_000  # decoded pixels per picture, all frames of a clip together (from the header)
+    file_bytes: int = 256 << 20  # a folder file larger than this (as it is when read) is refused with 413
     clip_frames: int = 16  # frames kept of a clip for video models
     images: int = 5000  # folder images listed (by name)
     cache_bytes: int = 1 << 30  # all caches together (activations, PNGs, uploads, pictures, renders)
@@ -90,8 +94,10 @@ class Limits:
     threads: int = 32  # HTTP worker threads (they answer cache hits and wait for the compute threads)
     compute_threads: int = 2  # threads that decode and encode pictures (one more runs the model's passes)
     timeout: float = 15.0  # a connection with nothing received or sent for this long is closed
+    header_timeout: float = 5.0  # a request's line and headers must arrive within this of their first byte
     request_timeout: float = 60.0  # a request (headers and body) must arrive in full within this
-    connections: int = 100  # connections open at once; more wait in the listen backlog
+    connections: int = 100  # connections open at once (over it, the one waiting longest on its client is closed)
+    connections_per_address: int = 32  # connections open at once from one client address (IPv6: one /64)
     backlog: int = 128  # the listen backlog
     header_bytes: int = 32 << 10  # request line and headers
 
@@ -99,6 +105,15 @@ class Limits:
         for key, value in asdict(self).items():
             if not value > 0:
                 raise ValueError(f"Limits.{key} must be > 0, got {value!r}")
+
+
+def _utf8(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (os.listdir hands its bytes over as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _short(name: str, limit: int = 100) -> str:
@@ -198,7 +213,8 @@ class Explorer:
         if frames is None:
             frames = 1
             if any(isinstance(m, _VIDEO) for m in model.modules()):
-                first = next((n for n in (frame_count(p) for p in self.files.values()) if n > 1), 8)
+                counts = (frame_count(p, self.limits.file_bytes) for p in self.files.values())
+                first = next((n for n in counts if n > 1), 8)
                 frames = min(first, self.limits.clip_frames)
         if not 1 <= frames <= self.limits.clip_frames:
             raise ValueError(f"frames must be in 1..{self.limits.clip_frames}, got {frames}")
@@ -234,11 +250,15 @@ class Explorer:
                     continue
             except OSError:
                 continue
+            if not _utf8(p.name):  # no client could ask for it: the page and the API speak UTF-8
+                log.warning("lightning-vis explorer: skipping %r: its name is not valid UTF-8 (rename it to serve it)",
+                            os.fsencode(p))
+                continue
             if len(self.files) >= self.limits.images:
                 over += 1
                 continue
             try:
-                probe(p, self.limits.pixels)
+                probe(p, self.limits.pixels, self.limits.file_bytes)
             except (HttpError, OSError) as e:
                 self.skipped[p.name] = str(e)
                 log.warning("lightning-vis explorer: skipping %s", e if isinstance(e, HttpError) else f"{p.name}: {e}")
@@ -253,15 +273,18 @@ class Explorer:
         return list(self.files) + uploads
 
     def _decode(self, source, label: str):
-        pairs = read_frames(source, self.to_input, max_pixels=self.limits.pixels, frames=self.clip_frames,
-                            label=label)
+        pairs = read_frames(source, self.to_input, max_pixels=self.limits.pixels, max_bytes=self.limits.file_bytes,
+                            frames=self.clip_frames, label=label)
         if self.clip_frames == 1:
             return pairs[0]
         pairs += [pairs[-1]] * (self.clip_frames - len(pairs))
         return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
     def _load_file(self, name: str):
-        real = self.files[name].resolve()
+        try:
+            real = self.files[name].resolve()
+        except (OSError, RuntimeError) as e:  # a loop of symbolic links put in its place
+            raise HttpError(415, f"image {name!r} cannot be resolved any more ({type(e).__name__})") from None
         if not real.is_relative_to(self.folder):
             raise HttpError(403, f"image {name!r} lies outside the images folder")
         return self._decode(real, name)

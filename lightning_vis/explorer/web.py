@@ -12,8 +12,12 @@ run on its thread pool anyway) and uvicorn bounds neither request bodies nor the
 request (slowloris; its keep-alive timeout is reset by every byte received, encode/uvicorn#157): both would have to
 be written here. Flask would add a dependency for the dozen lines of routing below.
 
-Added here on top of waitress: a deadline for receiving a whole request (a client that drips a byte now and then is
-closed after Limits.request_timeout), JSON bodies for waitress's own refusals, and the policy:
+Added here on top of waitress: deadlines for receiving a request (its line and headers within Limits.header_timeout,
+all of it within Limits.request_timeout: a client that drips a byte now and then is closed), a fair share of the
+connections (at most Limits.connections_per_address from one address; over a cap, the connection that has kept the
+server waiting longest on its client is closed to make room, so slow clients never lock out one that sends its
+request at once: waitress only stops accepting), a request with ambiguous framing (Content-Length beside
+Transfer-Encoding) refused and its connection closed, JSON bodies for waitress's own refusals, and the policy:
 - the Host header must name the served address (plus --allow-origin's), so a page of another site that reaches
   this server through a DNS name of its own (DNS rebinding) is refused;
 - a request carrying an Origin must come from the page of the address it was sent to (its Origin is http:// and
@@ -44,6 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
@@ -282,17 +287,49 @@ class _JsonErrorTask(ErrorTask):
         self.response_headers.extend([("Content-Type", "application/json"), *SECURITY_HEADERS,
                                       ("Content-Security-Policy", API_CSP)])
         self.set_close_on_finish()
+        # closing: no "Connection: Keep-Alive" beside the "close" (waitress adds it for an HTTP/1.0 keep-alive request)
+        self.request.headers.pop("CONNECTION", None)
         self.content_length = len(body)
         self.write(body)
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's parser, refusing a request whose framing two parties could read two ways (RFC 9112 section 6.1):
+    Content-Length beside Transfer-Encoding, or Transfer-Encoding in an HTTP/1.0 request (which waitress frames by
+    Content-Length). A proxy in front that reads the other header would see a second request smuggled in the body;
+    the refusal closes the connection (as every error of waitress's does), so nothing after it is answered."""
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)  # an HTTP/1.1 request's Transfer-Encoding is popped: `chunked` says it
+        if (self.chunked and "CONTENT_LENGTH" in self.headers) or "TRANSFER_ENCODING" in self.headers:
+            raise ParsingError("a request with Transfer-Encoding must have no Content-Length and be HTTP/1.1 (its "
+                               "framing is ambiguous: refused, and the connection closed)")
+
+
 class _Channel(HTTPChannel):
-    """A connection that remembers when its current request began arriving."""
+    """A connection that remembers when its current request began arriving, and reads nothing more once a request
+    of it was refused (the connection closes after that answer)."""
 
     error_task_class = _JsonErrorTask
+    parser_class = _Parser
     request_started = 0.0
+    peer = ""  # the client it counts against (see _peer), set when accepted
+    serving = False  # a worker thread is in service(): answering a request of it
+    served = 0.0  # when (time.monotonic) a worker last finished answering it
+
+    def service(self):
+        # waitress pops the answered request before it stamps last_activity: without this flag the connection
+        # would look idle since its request arrived (seconds ago for a slow route) for that moment
+        self.serving = True
+        try:
+            super().service()
+        finally:
+            self.served = time.monotonic()
+            self.serving = False
 
     def received(self, data):
+        if any(r.error is not None for r in self.requests):
+            return False  # closing: whatever follows a refused request is never parsed nor answered
         before, now = self.request, time.monotonic()
         try:
             return super().received(data)
@@ -301,17 +338,98 @@ class _Channel(HTTPChannel):
             if self.request is not None and self.request is not before:
                 self.request_started = now
 
+    def waiting_since(self, now: float) -> float | None:
+        """Since when (time.monotonic) this connection has kept the server waiting on its client: sending a request
+        (since its first byte), idle, or not reading its answer (since the last byte sent); None while a request of
+        it is being answered or waits for a worker."""
+        if self.requests or self.serving:
+            return None
+        if self.request is not None:
+            return self.request_started
+        return max(self.served, now - max(0.0, time.time() - self.last_activity))
+
+
+def _peer(addr) -> str:
+    """The client a connection counts against: its IPv4 address, or its IPv6 /64 (one host's usual share)."""
+    host = addr[0] if isinstance(addr, tuple) else str(addr)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
 
 class _Server(TcpWSGIServer):
+    """waitress's server with deadlines and a fair share of connections for every client.
+
+    Deadlines (checked once a second): the request line and headers must arrive within `header_timeout` of their
+    first byte, the whole request within `request_timeout`. Connections: at most `per_address` from one client
+    address and `connections` in all. A connection over either cap does not wait in the backlog behind the ones
+    holding the slots: the connection that has kept the server waiting longest on its client (dripping a request,
+    idle, or not reading its answer) is closed to make room, of the same address for the per-address cap, of any
+    for the total; a connection whose request is being answered is never closed (a new one over the per-address cap
+    with nothing else to close is refused). So slow clients, from however many addresses, only ever take slots
+    from each other: a client that sends its request at once is answered."""
+
     channel_class = _Channel
     request_timeout = 60.0
+    header_timeout = 5.0
+    connections = 100
+    per_address = 32
+    _warned = -math.inf
 
     def maintenance(self, now):
         super().maintenance(now)  # closes connections idle for channel_timeout
-        cutoff = time.monotonic() - self.request_timeout
+        mono = time.monotonic()
         for channel in list(self.active_channels.values()):
-            if channel.request is not None and not channel.requests and channel.request_started < cutoff:
-                channel.will_close = True  # still sending one request after request_timeout: a drip
+            request = channel.request
+            if request is None or channel.requests:
+                continue
+            late = mono - channel.request_started
+            if late > self.request_timeout or (not request.headers_finished and late > self.header_timeout):
+                channel.will_close = True  # still sending one request after its deadline: a drip
+
+    def _longest_waiting(self, peer: str | None = None):
+        now = time.monotonic()
+        waiting = [(since, ch) for ch in self.active_channels.values() if not ch.will_close
+                   and (peer is None or ch.peer == peer) and (since := ch.waiting_since(now)) is not None]
+        return min(waiting, key=lambda p: p[0])[1] if waiting else None
+
+    def readable(self):
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        # at the cap, a new connection is accepted only where one waiting on its client can make room
+        return self.accepting and (len(self.active_channels) < self.connections
+                                   or self._longest_waiting() is not None)
+
+    def handle_accept(self):
+        try:
+            pair = self.accept()
+            if pair is None:
+                return
+            conn, addr = pair
+            self.set_socket_options(conn)
+        except OSError:
+            return  # the client went away before it was accepted
+        new = self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+        peer = new.peer = _peer(new.addr)
+        if sum(ch.peer == peer for ch in self.active_channels.values()) > self.per_address:
+            self._make_room(self._longest_waiting(peer) or new, f"{self.per_address} connections from {peer}")
+        if len(self.active_channels) > self.connections:
+            self._make_room(self._longest_waiting() or new, f"{self.connections} connections")
+
+    def _make_room(self, channel, cap: str):
+        if time.monotonic() - self._warned > 60:  # once a minute at most: a flood must not flood the log
+            self._warned = time.monotonic()
+            log.warning("lightning-vis explorer: over the cap of %s: closing the connections that keep it waiting "
+                        "longest (slow or idle clients)", cap)
+        channel.handle_close()
 
 
 class _Dispatcher(ThreadedTaskDispatcher):
@@ -343,6 +461,8 @@ class ExplorerServer:
         app = App(explorer, None)  # its policy needs the port bound
         self._server = _Server(app, map=self._map, dispatcher=dispatcher, adj=self.adj, sockinfo=self.adj.listen[0])
         self._server.request_timeout = max(timeout, lim.request_timeout)
+        self._server.header_timeout = min(lim.header_timeout, self._server.request_timeout)
+        self._server.connections, self._server.per_address = lim.connections, lim.connections_per_address
         self.policy = app.policy = OriginPolicy(host, int(self._server.effective_port), allow_origins)
         self._stop = threading.Event()
         self._stopped = threading.Event()
