@@ -200,6 +200,49 @@ def test_sigterm_mid_unit_leaves_no_temporary_and_resumes(tmp_path, clean):
     assert _files(out) == clean
 
 
+def _rank(rank, out, init, changed, results):
+    """One of 2 gloo processes building the atlas (results: what each rank got)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    data = _data()
+    if changed:
+        x = data[:][0].clone()
+        x[2] = 0
+        data = TensorDataset(x)
+    try:
+        atlas.build(tiny(), data, out, preprocess=_scale, names=_names, **SMALL)
+        results[rank] = "ok"
+    except atlas.AtlasError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_hash_their_shards_and_refuse_changed_data_alike(tmp_path, clean):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "atlas"
+    _interrupted(out, _data(), preprocess=_scale, names=_names)  # its dataset pass: one process
+    for i, changed in enumerate((True, False)):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_rank, args=(str(out), f"file://{tmp_path}/init{i}", changed, results), nprocs=2)
+            results = dict(results)
+        if changed:  # every rank read its shard again; the digests gathered say which item changed
+            assert results[0] == results[1] and "(1 of 6 items changed, e.g. 'picture 2')" in results[0], results
+        else:
+            assert results == {0: "ok", 1: "ok"}
+    assert _files(out) == clean
+    two = tmp_path / "two"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(str(two), f"file://{tmp_path}/init2", False, results), nprocs=2)
+        assert dict(results) == {0: "ok", 1: "ok"}
+    assert _files(two) == clean
+
+
 def test_descriptions_are_stable_and_tell_callables_apart():
     from lightning_vis.atlas.digests import describe
 
