@@ -120,6 +120,18 @@ def test_a_resume_that_differs_is_refused_in_one_line_and_changes_nothing(tmp_pa
     assert _files(out) == clean
 
 
+def test_a_resume_after_the_evolution_pictures_changed_is_refused(tmp_path):
+    strips = tmp_path / "strips"
+    strips.mkdir()
+    for c in range(4):
+        Image.fromarray(np.full((8, 24, 3), 40 * c, dtype=np.uint8)).save(strips / f"channel{c}.png")
+    out = tmp_path / "atlas"
+    _interrupted(out, _data(), evolution={"0": strips})
+    Image.fromarray(np.zeros((8, 24, 3), dtype=np.uint8)).save(strips / "channel3.png")
+    with pytest.raises(atlas.AtlasError, match="the evolution pictures differ; use another output folder"):
+        atlas.build(tiny(), _data(), out, evolution={"0": strips}, **SMALL)
+
+
 def test_batch_changes_no_file_and_resumes(tmp_path, clean):
     for batch in (1, 3):
         out = tmp_path / f"b{batch}"

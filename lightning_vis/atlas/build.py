@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -113,7 +114,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 WHAT = {"format": "the atlas format differs", "title": "the title differs", "settings": "the settings differ",
         "layers": "the layers differ", "input_shape": "the input shape differs", "model": "the model's weights differ",
         "preprocess": "the preprocess differs", "display": "the display differs", "names": "the names differ",
-        "data": "the number of dataset items differs", "data_id": "the data differs"}
+        "data": "the number of dataset items differs", "data_id": "the data differs",
+        "evolution": "the evolution pictures differ"}
 
 
 def _changed_items(old: list, new: list, label: Callable[[int], str]) -> str:
@@ -135,7 +137,7 @@ def _what_differs(old: dict, new: dict, label: Callable[[int], str]) -> str:
                     and items_a != items_b:
                 return f"{what} ({_changed_items(items_a, items_b, label)})"
             return f"{what} ({_diff(a, b)[0]})"
-        if key in ("model", "preprocess", "display", "names"):  # digests: nothing readable to show
+        if key in ("model", "preprocess", "display", "names", "evolution"):  # digests: nothing readable to show
             return what
         return f"{what} ({json.dumps(a)[:60]} here, {json.dumps(b)[:60]} now)"
     return "atlas.json differs"
@@ -160,6 +162,17 @@ def _check_folder(out: Path, record: dict, label: Callable[[int], str]) -> str |
     if clash:
         return f"{out} already has {clash[0]!r} but no atlas.json: choose an empty or new output folder"
     return None
+
+
+def _evolution_digest(evolution: dict, order: list[str]) -> str:
+    """A digest of the evolution strips the unit folders copy ({layer: folder of channel<c>.png}): their names and
+    bytes, so that a resume after they changed is refused."""
+    files = {}
+    for n in order:
+        if n in evolution and Path(evolution[n]).is_dir():
+            files[n] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(Path(evolution[n]).glob("channel*.png")) if p.is_file()}
+    return digest_of(files)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -283,7 +296,8 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
               "model": model_digest(model) if comm.zero else None,
               "preprocess": digest_of(describe(preprocess)) if comm.zero else None,
               "display": digest_of(describe(shown)) if comm.zero else None,
-              "names": digest_of([label(i) for i in range(n_items)]) if comm.zero and n_items else None}
+              "names": digest_of([label(i) for i in range(n_items)]) if comm.zero and n_items else None,
+              "evolution": _evolution_digest(evolution, order) if comm.zero and evolution else None}
     verdict = None
     if comm.zero:
         verdict = _check_folder(out, record, label)
