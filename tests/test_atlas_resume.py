@@ -279,6 +279,15 @@ def test_descriptions_are_stable_and_tell_callables_apart():
     assert other.stdout.strip() == describe(_scale)
 
 
+def test_names_that_are_not_utf8_are_shown_escaped(tmp_path):
+    names = [os.fsdecode(b"caf\xe9 %d.png" % i) for i in range(6)]
+    out = tmp_path / "atlas"
+    atlas.build(tiny(), _data(), out, names=names, **{**SMALL, "max_units": 1})
+    shown = {e["name"] for u in (out / "layers").glob("*/0/unit.json")
+             for e in json.loads(u.read_text())["examples"]["top"]}
+    assert shown and all(n.startswith("caf\\udce9 ") and n.isascii() for n in shown), shown
+
+
 def test_printable_name():
     from lightning_vis._util import escaped_name, printable_name
 
