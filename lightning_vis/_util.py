@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import zlib
@@ -44,3 +45,20 @@ def file_stem(name: str) -> str:
     if safe == name and name and not name.startswith("."):
         return name
     return f"{safe.lstrip('.') or 'layer'}-{zlib.crc32(name.encode('utf-8')):08x}"
+
+
+def printable_name(path) -> str | None:
+    """The path (str, bytes or Path) as text when it is valid UTF-8, else None. On Linux a file name is any bytes;
+    Python keeps the invalid ones as lone surrogates, which no UTF-8 file, JSON, page or URL can hold: the project's
+    policy is to skip such a file with a warning that names it by ``escaped_name``."""
+    text = os.fsdecode(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def escaped_name(path) -> str:
+    """Any path as printable ASCII: the repr of its bytes (b'caf\\xe9.png')."""
+    return repr(os.fsencode(path))

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import images as im
-from ._util import model_device, progress_bar
+from ._util import escaped_name, model_device, printable_name, progress_bar
 from .activations import activation_grid, activations, top_predictions
 from .attribution import CAM_METHODS, default_cam_layer, grad_cam, guided_backprop, saliency
 from .dataset import top_k_examples
@@ -463,16 +463,25 @@ class Output:
 # pictures
 
 
-def image_paths(args_images: list[str]) -> list[Path]:
+def image_paths(args_images: list[str], skip=None) -> list[Path]:
+    """The pictures of --images (files, and the pictures in folders, sorted). A path that is not valid UTF-8 (on
+    Linux a name is any bytes) is left out: skip(path, why) is told, with the name escaped."""
     paths = []
     for a in args_images:
         p = Path(a)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file():
-            paths.append(p)
+            found = [p]
         else:
-            raise CliError(f"--images {a!r}: no such file or folder")
+            raise CliError(f"--images {escaped_name(a) if printable_name(a) is None else repr(a)}: no such file or "
+                           "folder")
+        for q in found:
+            if printable_name(q) is None:
+                if skip is not None:
+                    skip(q, f"{escaped_name(q)}: its name is not valid UTF-8 (rename it to use it)")
+                continue
+            paths.append(q)
     if not paths:
         raise CliError(f"--images {args_images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     return paths
@@ -556,7 +565,7 @@ class Inputs:
         self.skipped: dict[str, str] = {}
         self.verdict: dict[int, str | None] = {}  # input dims -> None (the model takes them) or why not
         self.paths = []
-        given = image_paths(args.images)
+        given = image_paths(args.images, self.skip)
         for p in given:
             try:
                 probe_image(p)
@@ -576,7 +585,7 @@ class Inputs:
         return self._keys[path]
 
     def skip(self, path: Path, why) -> None:
-        self.skipped[path.name] = str(why)
+        self.skipped[printable_name(path.name) or escaped_name(path.name)] = str(why)
         say(f"lightning-vis {self.args.command}: skipping {why}", err=True)
 
     def none_left(self, used: int) -> None:
@@ -1032,9 +1041,18 @@ def cmd_report(args, model, categories, transform):
     print(f"gallery: {out.final(index)} (open it in a browser; no server needed)")
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (first 32 hex digits)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:32]
+
+
 def cmd_atlas(args, model, categories, transform):
     from . import atlas
     from .atlas.comm import make_fabric
+    from .atlas.digests import describe, digest_of
 
     devices = args.devices if args.devices == "auto" else int(args.devices) if args.devices.isdigit() else None
     if devices is None or devices == 0:
@@ -1056,9 +1074,13 @@ def cmd_atlas(args, model, categories, transform):
         fabric = None
     if fabric is not None:
         model = model.to(fabric.device)
+    # what the inputs are, known before any is read: a resume with a picture changed in place is refused up front
+    data_id = {"items": [_file_digest(p) for p in ds.paths], "size": args.size, "gray": args.gray,
+               "transform": digest_of(describe(transform))}
     res = atlas.build(model, ds, args.out, args.layers, settings=settings, preprocess=_preprocess(transform),
                       display=_Shown(ds), names=[p.name for p in ds.paths], batch_size=args.batch_size,
-                      num_workers=args.workers, title=f"lightning-vis atlas: {args.model}", fabric=fabric)
+                      num_workers=args.workers, title=f"lightning-vis atlas: {args.model}", fabric=fabric,
+                      data_id=data_id)
     if fabric is None or fabric.global_rank == 0:
         print(f"atlas: {res.index} ({len(res.layers)} layers, {res.units} units; {res.rendered} written by this "
               "process; open it in a browser, no server needed)")

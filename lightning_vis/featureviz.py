@@ -56,7 +56,9 @@ class Transforms:
     def none(cls) -> "Transforms":
         return cls()
 
-    def __call__(self, x: Tensor, gen: torch.Generator, blur: float = 0.0) -> Tensor:
+    def __call__(self, x: Tensor, gen: torch.Generator | Sequence[torch.Generator], blur: float = 0.0) -> Tensor:
+        """gen: one generator for the batch, or one per element (each element's draws then depend on its own
+        generator alone, whatever else is in the batch)."""
         if self.pad:  # the last two (spatial) dims: clips are not padded in time
             x = F.pad(x, [self.pad] * 4, value=0.5)
         b = x.shape[0]
@@ -64,12 +66,12 @@ class Transforms:
                 or self.angles[0]:
             nd = x.dim() - 2
             h, w = x.shape[-2:]
-            shift = torch.randint(-self.jitter, self.jitter + 1, (b, 2), generator=gen).float() if self.jitter \
-                else torch.zeros(b, 2)
-            scale = torch.tensor(self.scales)[torch.randint(len(self.scales), (b,), generator=gen)]
-            angle = torch.tensor(self.angles, dtype=torch.float)[torch.randint(len(self.angles), (b,), generator=gen)]
-            after = torch.randint(-self.jitter_after, self.jitter_after + 1, (b, 2), generator=gen).float() \
-                if self.jitter_after else torch.zeros(b, 2)
+            gens = [gen] if isinstance(gen, torch.Generator) else list(gen)
+            if len(gens) not in (1, b):
+                raise ValueError(f"{len(gens)} generators for a batch of {b}: give one, or one per element")
+            per = b if len(gens) == 1 else 1
+            draws = [self._draw(g, per) for g in gens]
+            shift, scale, angle, after = (torch.cat(d) for d in zip(*draws))
             rad = angle * math.pi / 180
             cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
             theta = torch.zeros(b, 2, 3)
@@ -92,6 +94,16 @@ class Transforms:
         if blur > 0:
             x = gaussian_blur(x, blur)
         return x
+
+    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """b elements' (shift, scale, angle, shift after) from one generator, in a fixed order."""
+        shift = torch.randint(-self.jitter, self.jitter + 1, (b, 2), generator=gen).float() if self.jitter \
+            else torch.zeros(b, 2)
+        scale = torch.tensor(self.scales)[torch.randint(len(self.scales), (b,), generator=gen)]
+        angle = torch.tensor(self.angles, dtype=torch.float)[torch.randint(len(self.angles), (b,), generator=gen)]
+        after = torch.randint(-self.jitter_after, self.jitter_after + 1, (b, 2), generator=gen).float() \
+            if self.jitter_after else torch.zeros(b, 2)
+        return shift, scale, angle, after
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -278,7 +290,8 @@ def _fit(model, names, modules, x, size, input_size, preprocess, needs_output, o
 def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, channels: int = 3, steps: int = 128,
            lr: float | None = None, param: str = "fft", transforms: Transforms | str = "standard",
            preprocess: Callable[[Tensor], Tensor] | None = None, batch: int | None = None, chunk_size: int = 32,
-           seed: int = 0, relu_fix: str | None = "redirect", relu_fix_steps: int = 16, decay_power: float = 1.0,
+           seed: int | Sequence[int] = 0, relu_fix: str | None = "redirect", relu_fix_steps: int = 16,
+           decay_power: float = 1.0,
            blur: tuple[float, float] = (1.0, 0.0), image: Tensor | None = None, device=None,
            input_size: Sequence[int] | None = None, layout=None, grid=None, progress: bool = True) -> RenderResult:
     """Optimise images to maximise `objective`: an Objective, or (layer, channels) to render those channels of
@@ -291,7 +304,9 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
     layers put on their grid.
     input_size: the (H, W) the model is fed; by default the transformed images as they are (larger than `size`:
     padded), and, for a model that refuses them (a ViT or MaxViT with a fixed input size), resized back to `size`.
-    The same arguments and seed give the same images. The model is restored afterwards."""
+    The same arguments and seed give the same images. seed: one for the run, or one per image (its start and its
+    transforms' randomness then depend on its own seed alone: the same image in any batch, e.g. the atlas's renders
+    whatever the number of units rendered together). The model is restored afterwards."""
     if isinstance(size, int):
         size = (size, size)
     size = tuple(int(v) for v in size)
@@ -326,6 +341,12 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
         desc = objective.name
     else:
         raise ValueError("objective must be an Objective or (layer, channels)")
+    per_image = not isinstance(seed, int)
+    if per_image:
+        seed = [int(v) for v in seed]
+        if len(seed) != sum(n for _, n in jobs):
+            raise ValueError(f"seed: {len(seed)} seeds for {sum(n for _, n in jobs)} images; give one seed, or one per "
+                             "image")
     settings = dict(size=list(size), channels=channels, steps=steps, lr=lr, param=param, seed=seed,
                     relu_fix=relu_fix, relu_fix_steps=relu_fix_steps, decay_power=decay_power, blur=list(blur),
                     transforms=dict(pad=transforms.pad, jitter=transforms.jitter, jitter_after=transforms.jitter_after,
@@ -338,9 +359,15 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
     fit, layouts = input_size, None
     with ModelGuard(model, eval=True, freeze=True):
         for j, (obj, n) in enumerate(jobs):
-            gen = torch.Generator().manual_seed(seed + 1000003 * j)
+            if per_image:
+                first = sum(m for _, m in jobs[:j])
+                job_seed = seed[first:first + n]
+                gen = [torch.Generator().manual_seed(v) for v in job_seed]
+            else:
+                job_seed = seed + 1000003 * j
+                gen = torch.Generator().manual_seed(job_seed)
             start = None if image is None else (image[None] if image.dim() == len(size) + 1 else image).to(device)
-            img_param = ImageParam(n, channels, size, param, seed=seed + 1000003 * j, decay_power=decay_power,
+            img_param = ImageParam(n, channels, size, param, seed=job_seed, decay_power=decay_power,
                                    image=start, device=device)
             opt = torch.optim.Adam(img_param.parameters(), lr=lr)
             history = []

@@ -87,9 +87,10 @@ def fft_spectrum_from_image(image: Tensor, *, decay_power: float = 1.0, color: T
 
 class ImageParam(torch.nn.Module):
     """A batch of images to optimise: kind "fft" (decorrelated Fourier) or "pixel" (sigmoid of free pixels, or
-    raw pixels clamped, as Øygard). ``forward()`` gives (B, C, *size) in [0, 1]."""
+    raw pixels clamped, as Øygard). ``forward()`` gives (B, C, *size) in [0, 1]. seed: one for the batch, or one
+    per image (each image's start then depends on its own seed alone)."""
 
-    def __init__(self, batch: int, channels: int, size, kind: str = "fft", *, sd: float = 0.01, seed: int = 0,
+    def __init__(self, batch: int, channels: int, size, kind: str = "fft", *, sd: float = 0.01, seed: int | list = 0,
                  decay_power: float = 1.0, color: Tensor | None = None, image: Tensor | None = None,
                  device=None):
         super().__init__()
@@ -99,18 +100,26 @@ class ImageParam(torch.nn.Module):
             raise ValueError(f"images have 1 or 3 channels, not {channels}")
         self.kind, self.size, self.decay_power = kind, tuple(size), decay_power
         self.register_buffer("color", lucid_color_matrix() if color is None else color.float(), persistent=False)
-        gen = torch.Generator().manual_seed(seed)
+        seeds = [seed] if isinstance(seed, int) else list(seed)  # one for the batch, or one per image
+
+        def randn(*shape):
+            if len(seeds) == 1:
+                return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seeds[0]))
+            if len(seeds) != batch:
+                raise ValueError(f"{len(seeds)} seeds for a batch of {batch}: give one, or one per image")
+            return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(v)) for v in seeds])
+
         if kind == "fft":
             if image is not None:
                 init = fft_spectrum_from_image(image.expand(batch, -1, *[-1] * len(self.size)),
                                                decay_power=decay_power, color=self.color)
             else:
-                init = torch.randn((batch, channels, *spectrum_shape(self.size), 2), generator=gen) * sd
+                init = randn(channels, *spectrum_shape(self.size), 2) * sd
         else:
             if image is not None:
                 init = torch.logit(image.float().clamp(1e-4, 1 - 1e-4)).expand(batch, -1, *self.size).clone()
             else:
-                init = torch.randn((batch, channels, *self.size), generator=gen) * sd
+                init = randn(channels, *self.size) * sd
         self.data = torch.nn.Parameter(init.to(device) if device is not None else init)
 
     def forward(self) -> Tensor:

@@ -1,9 +1,11 @@
 """Building an atlas, on one process or many: the phases, what each rank does, and resuming.
 
 1. Check: rank zero compares the folder's atlas.json with what this run would make (settings, layers, input shape,
-   dataset size, a checksum of the weights) and refuses a folder made otherwise, or one whose files it would
-   overwrite; every rank gets the verdict.
-2. The dataset pass (atlas/data.py): sharded by a distributed sampler, merged exactly; kept in state/data.pt.
+   the weights, preprocess, display and names, the data's digests where the caller has them: atlas/digests.py) and
+   refuses a folder made otherwise, naming what differs, or one whose files it would overwrite; every rank gets the
+   verdict.
+2. The dataset pass (atlas/data.py): sharded by a distributed sampler, merged exactly, each input hashed as it is
+   fed to the model; kept in state/data.pt. A run that resumes after it reads the data again to compare.
 3. Connections between consecutive layers (lightning_vis.circuits), one pair per rank at a time; state/.
 4. Units: the layers' units in chunks of `batch`; rank zero lists the chunks with unfinished units and deals them
    out in turn; each rank renders its chunks and writes each unit's folder under a temporary name, renamed when
@@ -11,17 +13,21 @@
 5. Pages: rank zero writes the layer pages, the model page, the search data and the plots, each only when its
    content changed.
 
-A run that dies leaves finished units, state files and nothing half-written under a final name: run it again and
-it goes on where it stopped; run a finished atlas again and nothing is rewritten.
+A run that dies leaves finished units, state files and nothing half-written under a final name (one that fails or
+gets SIGTERM removes its temporary files too): run it again and it goes on where it stopped; run a finished atlas
+again and nothing is rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,11 +50,12 @@ from ..receptive import receptive_field
 from . import site
 from .comm import Comm
 from ..batches import find_input
-from .data import DataStats, dataset_of, dataset_pass, first_input
+from .data import DataStats, dataset_of, dataset_pass, first_input, input_digests
+from .digests import describe, digest_of, model_digest
 from .settings import Settings
 from .units import LayerContext, example_maps, render_chunk, write_unit
 
-FORMAT = "lightning-vis atlas 1"
+FORMAT = "lightning-vis atlas 2"
 UNIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
@@ -89,15 +96,7 @@ def _execution_order(model: nn.Module, names: list[str], example: Tensor, strict
     return order
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's state (names, dtypes, shapes, values): a folder is resumed only with the same weights."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        if isinstance(v, Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
+fingerprint = model_digest  # the name this package exported first
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -111,11 +110,44 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+#: each entry of atlas.json when it differs, in the line that refuses a resume
+WHAT = {"format": "the atlas format differs", "title": "the title differs", "settings": "the settings differ",
+        "layers": "the layers differ", "input_shape": "the input shape differs", "model": "the model's weights differ",
+        "preprocess": "the preprocess differs", "display": "the display differs", "names": "the names differ",
+        "data": "the number of dataset items differs", "data_id": "the data differs",
+        "evolution": "the evolution pictures differ"}
+
+
+def _changed_items(old: list, new: list, label: Callable[[int], str]) -> str:
+    """"3 of 70 items changed, e.g. 'cat.png'" for two different lists of per-item digests of the same length."""
+    changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    return f"{len(changed)} of {len(new)} items changed, e.g. {label(changed[0])!r}"
+
+
+def _what_differs(old: dict, new: dict, label: Callable[[int], str]) -> str:
+    """The first entry of atlas.json that differs, in words: "the settings differ (steps: 3 here, 4 now)"."""
+    for key in [*WHAT, *sorted(set(old) | set(new))]:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        what = WHAT.get(key, f"{key} differs")
+        if isinstance(a, dict) and isinstance(b, dict):
+            items_a, items_b = a.get("items"), b.get("items")
+            if isinstance(items_a, list) and isinstance(items_b, list) and len(items_a) == len(items_b) \
+                    and items_a != items_b:
+                return f"{what} ({_changed_items(items_a, items_b, label)})"
+            return f"{what} ({_diff(a, b)[0]})"
+        if key in ("model", "preprocess", "display", "names", "evolution"):  # digests: nothing readable to show
+            return what
+        return f"{what} ({json.dumps(a)[:60]} here, {json.dumps(b)[:60]} now)"
+    return "atlas.json differs"
+
+
 OWN = ("atlas.json", "index.html", "search.js", "assets", "layers", "state", "counts.png")
 
 
-def _check_folder(out: Path, record: dict) -> str | None:
-    """None when the folder may be used (new, or an atlas made the same way); else why not."""
+def _check_folder(out: Path, record: dict, label: Callable[[int], str]) -> str | None:
+    """None when the folder may be used (new, or an atlas made the same way); else why not, naming what differs."""
     meta = out / "atlas.json"
     if meta.is_file():
         try:
@@ -123,8 +155,8 @@ def _check_folder(out: Path, record: dict) -> str | None:
         except (OSError, ValueError):
             return f"{meta} is unreadable: remove the folder or choose another --out"
         if old != record:
-            diff = "; ".join(_diff(old, record)[:3])
-            return f"{out} holds an atlas made differently ({diff}): choose another output folder or remove it"
+            return (f"cannot resume {out}: it holds an atlas made differently: {_what_differs(old, record, label)}; "
+                    "use another output folder (--out) or delete it")
         return None
     clash = [n for n in OWN if (out / n).exists()]
     if clash:
@@ -132,11 +164,26 @@ def _check_folder(out: Path, record: dict) -> str | None:
     return None
 
 
+def _evolution_digest(evolution: dict, order: list[str]) -> str:
+    """A digest of the evolution strips the unit folders copy ({layer: folder of channel<c>.png}): their names and
+    bytes, so that a resume after they changed is refused."""
+    files = {}
+    for n in order:
+        if n in evolution and Path(evolution[n]).is_dir():
+            files[n] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(Path(evolution[n]).glob("channel*.png")) if p.is_file()}
+    return digest_of(files)
+
+
 def _atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _selectivity(stats: DataStats, name: str) -> Tensor:
@@ -176,7 +223,7 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
           names=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, num_workers: int = 0,
           title: str | None = None, links: Sequence[tuple[str, str]] = (), evolution: dict | None = None,
           fabric=None, progress: bool = True, on_unit: Callable[[str, int], None] | None = None,
-          **settings_kwargs) -> AtlasResult:
+          data_id: dict | None = None, **settings_kwargs) -> AtlasResult:
     """The atlas of `layers` (default: every convolution and linear layer) of `model` over `data` (a Dataset or a
     DataLoader of inputs, or (input, ...) items; None: renders, health from weights and connections only, with
     `input_shape`) written to `out`: one page per unit, per layer and for the model (see the package docstring).
@@ -192,7 +239,16 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     fabric: a launched Lightning Fabric (atlas.comm.make_fabric, or your own): units and the dataset pass are
     shared among its processes; without, an initialised torch.distributed group is used, else one process. The
     model runs where its parameters are (put it on fabric.device first). on_unit(layer, unit): called after each
-    unit this rank wrote."""
+    unit this rank wrote.
+
+    Resuming: atlas.json records everything the files depend on (settings but `batch`, layers, the model's weights,
+    stable descriptions of preprocess, display and names, see atlas.digests) and a folder made otherwise is
+    refused in one line naming what differs. The data: data_id, when the caller knows what the items are without
+    reading them ({"items": [a content digest per item], any other JSON-able facts about how they are read}; the
+    command line gives each picture file's sha256), is recorded in atlas.json; otherwise the dataset pass hashes
+    every input it feeds the model, and a run that resumes after that pass reads the data once more (no model) to
+    check it is the same. (A finished atlas is not read again: run it again after a change with another output.)
+    A run that fails or gets SIGTERM removes its temporary files; what it finished (state/, units) is resumed."""
     if settings is not None and settings_kwargs:
         raise AtlasError("give settings= or its fields as keyword arguments, not both")
     s = settings if settings is not None else Settings(**settings_kwargs)
@@ -221,12 +277,30 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
             why = lay.reason if lay is not None and hasattr(lay, "reason") else "its output is not a tensor"
             raise AtlasError(f"layer {n!r} has no units to map: {why}")
     title = title or type(model).__name__
+    given_label = _as_callable(names, lambda i: f"#{i}", "names")
+
+    def label(i: int) -> str:  # a name that is not valid UTF-8 (a file name's lone surrogates) is shown escaped
+        return str(given_label(i)).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    n_items = len(dataset) if dataset is not None else None
+    if display is not None and not callable(display) and not hasattr(display, "__getitem__"):
+        raise AtlasError("display must be a callable input -> picture, or a dataset of pictures")
+    if data_id is not None and not (isinstance(data_id, dict) and isinstance(data_id.get("items", []), list)
+                                    and len(data_id.get("items", [])) in (0, n_items or 0)):
+        raise AtlasError(f"data_id must be a dict whose 'items' (if any) has a digest per dataset item ({n_items})")
+    # a dataset of pictures (indexed like the data) is recorded by its type only: its pictures are not read ahead
+    shown = display if display is None or (callable(display) and not hasattr(display, "__getitem__")) \
+        else f"dataset {type(display).__qualname__}"
     record = {"format": FORMAT, "title": title, "settings": s.record(), "layers": order,
-              "input_shape": list(example.shape[1:]), "data": len(dataset) if dataset is not None else None,
-              "model": fingerprint(model) if comm.zero else None}
+              "input_shape": list(example.shape[1:]), "data": n_items, "data_id": data_id,
+              "model": model_digest(model) if comm.zero else None,
+              "preprocess": digest_of(describe(preprocess)) if comm.zero else None,
+              "display": digest_of(describe(shown)) if comm.zero else None,
+              "names": digest_of([label(i) for i in range(n_items)]) if comm.zero and n_items else None,
+              "evolution": _evolution_digest(evolution, order) if comm.zero and evolution else None}
     verdict = None
     if comm.zero:
-        verdict = _check_folder(out, record)
+        verdict = _check_folder(out, record, label)
         if verdict is None:
             site.write_if_changed(out / "atlas.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
     verdict = comm.broadcast(verdict)
@@ -274,35 +348,70 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     pending = comm.broadcast([c for c in chunks if todo(c)] if comm.zero else None)
     timings["setup"] = time.perf_counter() - t0
     written = 0
-    if pending:  # a finished atlas skips everything up to the pages
-        stats = _data_phase(model, data, dataset, order, s, comm, out, batch_size, num_workers, progress, timings)
-        if stats is not None:
-            _add_data(ctxs, stats, model, order)
-        _connections_phase(model, pairs, ctxs, example, s, comm, out, timings)
-        written = _units_phase(model, pending, ctxs, dataset, display, names, s, comm, out, title, preprocess,
-                               batch_size, progress, on_unit, units_of, todo, timings)
-    t = time.perf_counter()
-    if comm.zero:
-        leaves = {k for k, m in model.named_modules() if k and not any(True for _ in m.children())}
-        _write_pages(out, title, ctxs, infos, order, pairs, s, record, links, leaves)
-        shutil.rmtree(out / "state", ignore_errors=True)  # complete: the site is all that is left
+    with _terminated_cleanly(out):
+        if pending:  # a finished atlas skips everything up to the pages
+            stats = _data_phase(model, data, dataset, order, s, comm, out, batch_size, num_workers, progress,
+                                timings, data_id is None, label)
+            if stats is not None:
+                _add_data(ctxs, stats, model, order)
+            _connections_phase(model, pairs, ctxs, example, s, comm, out, timings)
+            written = _units_phase(model, pending, ctxs, dataset, display, label, s, comm, out, title, preprocess,
+                                   batch_size, progress, on_unit, units_of, todo, timings)
+        t = time.perf_counter()
+        if comm.zero:
+            leaves = {k for k, m in model.named_modules() if k and not any(True for _ in m.children())}
+            _write_pages(out, title, ctxs, infos, order, pairs, s, record, links, leaves)
+            shutil.rmtree(out / "state", ignore_errors=True)  # complete: the site is all that is left
     comm.barrier()
     timings["pages"] = time.perf_counter() - t
     return AtlasResult(out / "index.html", order, sum(c.shown for c in ctxs.values()), written, timings)
 
 
+@contextlib.contextmanager
+def _terminated_cleanly(out: Path):
+    """SIGTERM (where nobody else handles it) becomes SystemExit(143), so that a run stopped that way cleans up as
+    after any exception: this process's temporary files and folders go (each writer removes its own), what it
+    finished stays to be resumed, and a state/ folder with nothing in it goes."""
+    handled = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if handled:
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except BaseException:
+        state = out / "state"
+        if state.is_dir() and not any(state.iterdir()):
+            state.rmdir()
+        raise
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _data_phase(model, data, dataset, order, s: Settings, comm: Comm, out: Path, batch_size, num_workers, progress,
-                timings) -> DataStats | None:
-    """The dataset pass, or its result kept by an earlier run that died (state/data.pt)."""
+                timings, digests: bool, label) -> DataStats | None:
+    """The dataset pass, or its result kept by an earlier run that died (state/data.pt); digests: hash the inputs
+    in the pass (kept with its result), and when resuming read the data again to compare (refused if it changed)."""
     if dataset is None:
         return None
     t = time.perf_counter()
     path = out / "state" / "data.pt"
     if comm.broadcast(path.is_file() if comm.zero else None):
         stats = DataStats.from_state_dict(torch.load(path, weights_only=True))
+        if digests:
+            now = input_digests(data, comm, batch_size=batch_size, num_workers=num_workers, progress=progress)
+            if stats.digests is None or not torch.equal(now, stats.digests):
+                old, new = (stats.digests.tolist() if stats.digests is not None else []), now.tolist()
+                how = _changed_items(old, new, label) if len(old) == len(new) else "other items"
+                raise AtlasError(f"cannot resume {out}: the data differs from what its dataset pass saw ({how}); "
+                                 "use another output folder (--out) or delete it")
     else:
         stats = dataset_pass(model, data, order, s.k, comm, batch_size=batch_size, num_workers=num_workers,
-                             progress=progress)
+                             progress=progress, digests=digests)
         if comm.zero:
             _atomic_save(stats.state_dict(), path)
     comm.barrier()
@@ -352,7 +461,7 @@ def _connections_phase(model, pairs, ctxs, example, s: Settings, comm: Comm, out
     timings["connections"] = time.perf_counter() - t
 
 
-def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, comm: Comm, out: Path, title,
+def _units_phase(model, pending, ctxs, dataset, display, label, s: Settings, comm: Comm, out: Path, title,
                  preprocess, batch_size, progress, on_unit, units_of, todo, timings) -> int:
     """Each rank renders its share of the pending chunks (dealt out by cost: units x the layer's depth, a proxy for
     the forward and backward a render needs) and writes their unfinished units; rank zero's progress bar counts
@@ -382,13 +491,10 @@ def _units_phase(model, pending, ctxs, dataset, display, names, s: Settings, com
         elif callable(display) and not hasattr(display, "__getitem__"):
             def show(i):
                 return display(inputs(i))
-        elif hasattr(display, "__getitem__"):
+        else:
             def show(i):
                 return _input_of(display[i])
-        else:
-            raise AtlasError("display must be a callable input -> picture, or a dataset of pictures")
         show = functools.lru_cache(maxsize=64)(show)  # the same pictures come back for many units of a chunk
-    label = _as_callable(names, lambda i: f"#{i}", "names")
     written = 0
     depth = {n: i + 1 for i, n in enumerate(ctxs)}
     mine = deal(pending, [len(units_of(n, start)) * depth[n] for n, start in pending], comm.world)[comm.rank]

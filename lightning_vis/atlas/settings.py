@@ -1,10 +1,12 @@
 """What an atlas is made with: the settings that decide its files (recorded in atlas.json; a run resumes only an
-atlas made with the same), and the per-chunk seeds."""
+atlas made with the same), and the per-render seeds."""
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import asdict, dataclass, field
+
+from .digests import describe
 
 
 @dataclass
@@ -14,8 +16,9 @@ class Settings:
     diverse renders, normalised by what the positive ones reached); diversity_weight: weight of Lucid's diversity term
     against the unit's normalised activation; connections: the strongest positive and negative connections shown per
     direction; max_units: the first units of each layer only (None: all); tile: the size crops are shown at; seed:
-    renders of a chunk of units are seeded by (seed, layer, first unit, kind), never by the process that renders them;
-    render: more lv.render arguments (transforms, param, lr, ...)."""
+    each render is seeded by (seed, layer, unit, kind), never by the process that renders it nor by the units rendered
+    with it (so `batch` changes speed and memory, never a file); render: more lv.render arguments (transforms, param,
+    lr, ...)."""
 
     k: int = 9
     size: tuple[int, ...] = (128, 128)
@@ -49,14 +52,17 @@ class Settings:
             raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
 
     def record(self) -> dict:
-        """JSON-able, stable: what atlas.json keeps (render arguments by their repr)."""
+        """JSON-able, stable: what atlas.json keeps of the settings that decide its files (render arguments by their
+        stable description; not `batch`, which decides only how many units are rendered at once)."""
         out = asdict(self)
+        del out["batch"]
         out["size"] = list(self.size)
-        out["render"] = {k: repr(v) for k, v in sorted(self.render.items())}
+        out["render"] = {k: describe(v) for k, v in sorted(self.render.items())}
         return out
 
 
-def chunk_seed(seed: int, layer: str, first_unit: int, kind: str) -> int:
-    """A seed for one chunk's renders that depends only on what is rendered (stable across processes and runs:
-    crc32, not Python's salted hash)."""
-    return (seed * 1_000_003 + zlib.crc32(f"{layer}\0{first_unit}\0{kind}".encode())) % (2 ** 31 - 1)
+def unit_seeds(seed: int, layer: str, units: list[int], kind: str, copies: int = 1) -> list[int]:
+    """One seed per render of each unit (`copies` each, e.g. its diverse renders), from (seed, layer, unit, kind,
+    copy) alone: stable across processes, runs and batches (crc32, not Python's salted hash)."""
+    return [(seed * 1_000_003 + zlib.crc32(f"{layer}\0{u}\0{kind}\0{c}".encode())) % (2 ** 31 - 1)
+            for u in units for c in range(copies)]

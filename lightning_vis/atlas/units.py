@@ -27,7 +27,7 @@ from ..health import NOISE_THRESHOLD, noise_flags, render_noise_score
 from ..hooks.layout import Layout
 from ..receptive import ReceptiveField
 from . import site
-from .settings import Settings, chunk_seed
+from .settings import Settings, unit_seeds
 
 
 @dataclass
@@ -80,7 +80,8 @@ def _round(v: float) -> float | None:
 def render_chunk(model: nn.Module, layer: str, units: list[int], s: Settings, preprocess, device=None) -> dict:
     """Positive and negative renders of `units` in one batch, then `s.diverse` diverse renders of each (Lucid's
     diversity among each unit's own renders, the unit's activation normalised by what its positive render
-    reached) in a second batch. Seeds depend on (s.seed, layer, first unit, kind) only."""
+    reached) in a second batch. Each render is seeded by (s.seed, layer, unit, kind) alone: the same image in any
+    chunk."""
     n = len(units)
     u = torch.tensor(units)
     kw = dict(size=s.size, steps=s.steps, channels=s.image_channels, preprocess=preprocess, progress=False,
@@ -94,7 +95,8 @@ def render_chunk(model: nn.Module, layer: str, units: list[int], s: Settings, pr
         return v * signs.to(v)
 
     res = render(model, objectives.Objective(signed, base.layers, f"+/-channel({layer})"), batch=len(both),
-                 seed=chunk_seed(s.seed, layer, units[0], "signed"), **kw)
+                 seed=unit_seeds(s.seed, layer, units, "positive") + (unit_seeds(s.seed, layer, units, "negative")
+                                                                      if s.negative else []), **kw)
     final = res.final_scores()
     out = {"positive": res.images[:n], "positive_score": final[:n],
            "negative": res.images[n:] if s.negative else None, "negative_score": -final[n:] if s.negative else None,
@@ -110,7 +112,7 @@ def render_chunk(model: nn.Module, layer: str, units: list[int], s: Settings, pr
             return v / scale.to(v) + s.diversity_weight * div(acts, o)
 
         res = render(model, objectives.Objective(diverse, ch.layers, f"diverse channel({layer})"), batch=n * d,
-                     seed=chunk_seed(s.seed, layer, units[0], "diverse"), **kw)
+                     seed=unit_seeds(s.seed, layer, units, "diverse", d), **kw)
         out["diverse"] = res.images.view(n, d, *res.images.shape[1:])
     return out
 
@@ -225,10 +227,16 @@ def one_thread():
 
 def write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
                display, names, maps: dict[tuple[int, int], Tensor], model_title: str) -> Path:
-    """Writes layers/<slug>/<unit>/ (temporary folder, renamed when complete); returns it."""
-    with one_thread():
-        return _write_unit(root, ctx, unit, rendered, i, settings=settings, display=display, names=names, maps=maps,
-                           model_title=model_title)
+    """Writes layers/<slug>/<unit>/ (temporary folder, renamed when complete, removed when anything fails: an
+    exception, SIGTERM turned into one); returns it."""
+    tmp = root / "layers" / ctx.slug / f".{unit}.tmp"
+    try:
+        with one_thread():
+            return _write_unit(root, ctx, unit, rendered, i, settings=settings, display=display, names=names,
+                               maps=maps, model_title=model_title)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
