@@ -37,7 +37,6 @@ import difflib
 import io
 import logging
 import math
-import os
 import re
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import images as im
+from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
 from ..attribution import CAM_METHODS, grad_cam
 from ..dataset import top_k_examples
@@ -105,15 +105,6 @@ class Limits:
         for key, value in asdict(self).items():
             if not value > 0:
                 raise ValueError(f"Limits.{key} must be > 0, got {value!r}")
-
-
-def _utf8(name: str) -> bool:
-    """False for a file name that is not valid UTF-8 (os.listdir hands its bytes over as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _short(name: str, limit: int = 100) -> str:
@@ -250,9 +241,9 @@ class Explorer:
                     continue
             except OSError:
                 continue
-            if not _utf8(p.name):  # no client could ask for it: the page and the API speak UTF-8
-                log.warning("lightning-vis explorer: skipping %r: its name is not valid UTF-8 (rename it to serve it)",
-                            os.fsencode(p))
+            if printable_name(p.name) is None:  # no client could ask for it: the page and the API speak UTF-8
+                log.warning("lightning-vis explorer: skipping %s: its name is not valid UTF-8 (rename it to serve it)",
+                            escaped_name(p))
                 continue
             if len(self.files) >= self.limits.images:
                 over += 1
