@@ -71,7 +71,7 @@ def test_guard_restores_everything_also_after_an_exception():
             assert not any(x.training for x in m.modules())
             assert not any(p.requires_grad for p in m.parameters())
             m.features[1].inplace = False
-            capture(m, ["features.0", "classifier"]).__enter__()  # lightning-vis hooks left behind: the guard removes them
+            capture(m, ["features.0", "classifier"]).__enter__()  # left behind: the guard removes them
             own = m.register_forward_pre_hook(lambda *a: None)  # not lightning-vis's: it stays
             raise RuntimeError("boom")
     assert [x.training for x in m.modules()] == before_training
