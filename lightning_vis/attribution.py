@@ -8,7 +8,9 @@ touched.
 
 Targets (``target=``): None (each input's top prediction), one class index for all, one per input (a sequence
 or tensor), or a callable ``f(output) -> (N,)`` scores, applied to whatever the model returns (dicts of
-segmentation models, lists of detections, tuples, dataclasses; ready-made ones in lightning_vis.targets).
+segmentation models, lists of detections, tuples, dataclasses; ready-made ones in lightning_vis.targets). Class
+targets read (N, classes) logits, or the ``logits`` field of a dict, dataclass or namedtuple output (transformers'
+ModelOutput).
 
 Layers: anything hooks.layout can place (channels-first and channels-last maps, tokens on a 2D or space-time grid
 with any prefix tokens); ``layout=`` / ``grid=`` override it. Models with activation checkpointing work (see
@@ -32,7 +34,7 @@ from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradi
 from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
-from .targets import describe
+from .targets import describe, field
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
@@ -72,7 +74,8 @@ class CAM(Attribution):
 
 def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
     """(N,) scores to explain and (N,) their class indices (None for a callable target). A callable target is
-    applied to the output as it is, whatever its type; class targets need (N, classes) logits."""
+    applied to the output as it is, whatever its type; class targets need (N, classes) logits (the output, or its
+    `logits` field)."""
     if callable(target) and not isinstance(target, Tensor):
         scores = target(output)
         n = _batch_of(output)
@@ -81,13 +84,16 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
             want = f"(N,) = ({n},)" if n is not None else "(N,)"
             raise ValueError(f"a callable target must return {want} scores, one per input; it returned {got}")
         return scores, None
-    if not isinstance(output, Tensor):
-        raise ValueError(f"the model returned a {describe(output)}: a class target needs (N, classes) logits; pass "
+    whole = output
+    output = output if isinstance(output, Tensor) else field(output, ("logits",))  # transformers' ModelOutput
+    if output is None:
+        raise ValueError(f"the model returned a {describe(whole)}: a class target needs (N, classes) logits; pass "
                          "target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, key=...), "
                          "segmentation, detection, similarity)")
     n = output.shape[0]
     if output.dim() != 2:
-        raise ValueError(f"a class target needs (N, classes) logits, but the model output has shape "
+        what = "model output" if output is whole else "model's logits"
+        raise ValueError(f"a class target needs (N, classes) logits, but the {what} has shape "
                          f"{tuple(output.shape)}; pass target=f(output) -> (N,) scores (see lightning_vis.targets)")
     n_cls = output.shape[1]
     if target is None:
@@ -106,6 +112,8 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
 
 
 def _batch_of(output) -> int | None:
+    logits = field(output, ("logits",))
+    output = output if logits is None else logits
     if isinstance(output, Tensor):
         return int(output.shape[0]) if output.dim() else None
     if isinstance(output, (list, tuple)) and output and all(isinstance(v, dict) for v in output):

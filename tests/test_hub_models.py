@@ -2,7 +2,9 @@
 method leaves the model as it was, lazily installed hooks included; targets read their outputs; multi-input
 models take their other inputs; the CLI builds them from a local folder or a config."""
 
+import collections
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -65,8 +67,8 @@ METHODS = {
     "receptive_field": lambda m, x, t, layer: lv.receptive_field(m, layer, tuple(x.shape[1:])),
     "deep_dream": lambda m, x, t, layer: lv.deep_dream(m, x[:1], layer, octaves=1, steps=1, progress=False),
 }
-MODELS = {"segformer": (segformer, lambda: targets.segmentation(1, key="logits")),
-          "vit": (vit, lambda: targets.classifier(0, key="logits")),
+MODELS = {"segformer": (segformer, lambda: targets.segmentation(1)),
+          "vit": (vit, lambda: None),  # the top class of the output's logits
           "vit-lazy": (vit_lazy, lambda: targets.classifier(0, key="logits"))}
 
 
@@ -118,3 +120,137 @@ def test_guard_removes_only_the_hooks_lightning_vis_left_and_restores_configs():
     assert model.config._attn_implementation == "sdpa" and not model.config.output_attentions
     assert not hasattr(model.config, "made_up_field")
     model(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs as the hubs shape them
+
+
+class Linear(torch.nn.Module):
+    """logits = W x (flattened), returned as `wrap(logits)`: a tensor, dict, ModelOutput, dataclass, namedtuple."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.wrap = torch.nn.Linear(12, 4, bias=False), wrap
+
+    def forward(self, x):
+        return self.wrap(self.fc(x.flatten(1)))
+
+
+@dataclasses.dataclass
+class Out:
+    embedding: torch.Tensor
+    logits: torch.Tensor
+
+
+Named = collections.namedtuple("Named", "hidden logits")
+
+WRAPS = {"dict": lambda t: {"pooled": t.sum(1), "logits": t},
+         "ModelOutput": lambda t: transformers.modeling_outputs.ImageClassifierOutput(logits=t),
+         "dataclass": lambda t: Out(t * 2, t), "namedtuple": lambda t: Named(t * 2, t)}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_target_none_explains_the_top_class_of_the_logits_field(wrap):
+    net = Linear(WRAPS[wrap])
+    x = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    logits = net.fc(x.flatten(1)).detach()
+    top = logits.argmax(1)
+    sal = lv.saliency(net, x, absolute=False)  # refused before: "a class target needs (N, classes) logits"
+    assert torch.equal(sal.targets, top)
+    torch.testing.assert_close(sal.scores, logits.max(1).values)
+    torch.testing.assert_close(sal.maps, net.fc.weight.detach()[top].view_as(x))  # d(W x)_c / dx = W[c]
+    out = net(x)
+    torch.testing.assert_close(targets.classifier(None, key="logits")(out), logits.max(1).values)
+    torch.testing.assert_close(targets.classifier(None)(out), logits.max(1).values)
+    torch.testing.assert_close(targets.classifier([1, 0, 3])(out), logits[[0, 1, 2], [1, 0, 3]])
+
+
+def test_outputs_whose_logits_cannot_be_found_are_still_refused_in_one_line():
+    net = Linear(lambda t: (t * 2, t))  # a plain tuple: its parts have no names, so none is guessed
+    x = torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"^the model returned a tuple of 2: tensor \(2, 4\), tensor \(2, 4\): a "
+                                         r"class target needs"):
+        lv.saliency(net, x)
+    with pytest.raises(ValueError, match=r"^classifier target: the model returned a tuple of 2: .* with no 'logits'; "
+                                         r"pass key="):
+        targets.classifier(None)(net(x))
+    with pytest.raises(ValueError, match=r"the model's logits has shape \(2, 3, 8, 8\)"):
+        lv.saliency(segformer(), torch.randn(2, 3, 32, 32))
+
+
+def test_segmentation_target_reads_segformers_logits_upsampled_to_the_mask():
+    model = segformer()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out = model(x)
+    assert out.logits.shape == (2, 3, 8, 8)  # 1/4 of the input
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[4:20, 8:30] = True
+    big = torch.nn.functional.interpolate(out.logits, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(targets.segmentation(2, mask)(out), (big[:, 2] * mask).sum((1, 2)))
+    own = out.logits.argmax(1) == 1  # no mask: the pixels the model gives class 1, at its resolution
+    torch.testing.assert_close(targets.segmentation(1)(out), (out.logits[:, 1] * own).sum((1, 2)))
+    torch.testing.assert_close(targets.segmentation(1)({"out": out.logits}), targets.segmentation(1)(out))
+    with pytest.raises(ValueError, match=r"mask \(4, 4\) does not match the scores' \(8, 8\)"):
+        targets.segmentation(1, torch.ones(4, 4))(out)
+    cam = lv.grad_cam(model, x, target=targets.segmentation(2, mask))
+    assert cam.maps.shape == (2, 32, 32) and torch.isfinite(cam.maps).all()
+    torch.testing.assert_close(cam.scores, targets.segmentation(2, mask)(out).detach())
+
+
+def test_detection_target_reads_detr_queries_by_hand():
+    # one image, 3 queries, 2 object classes + "no object"
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.5, -1.0]]])
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.7, 0.7, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4]]])  # cx, cy, w, h
+    out = {"logits": logits, "pred_boxes": boxes}
+    p = logits.softmax(-1)[0]
+    # query 0: box (0, 0, .5, .5), class 0 with p[0, 0]; query 2: box (.1, .1, .5, .5), class 1 with p[2, 1]
+    t = targets.detection(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([0]))
+    torch.testing.assert_close(t(out), p[0, 0].view(1))
+    t = targets.detection(torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([1]))  # IoU with query 0: .16/.25
+    torch.testing.assert_close(t(out), p[2, 1].view(1))
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8], [0.0, 0.0, 0.5, 0.5]]), torch.tensor([1, 0]))
+    torch.testing.assert_close(t(out), p[1, 1].view(1) + p[0, 0])  # query 1: "no object" first, then class 1
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8]]), torch.tensor([0]))
+    torch.testing.assert_close(t(out), torch.zeros(1))  # class 0 is not query 1's best object class
+    t = targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]), size=(100, 100))
+    torch.testing.assert_close(t(out), p[0, 0].view(1))
+    with pytest.raises(ValueError, match="DETR-style boxes are normalised to 0..1; .* or size=\\(H, W\\)"):
+        targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]))(out)
+    with pytest.raises(ValueError, match=r"^detection target: expected a list of dicts .* got a dict with logits"):
+        targets.detection(torch.zeros(1, 4), torch.zeros(1))({"logits": logits})
+
+
+def detr():
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                         out_features=["stage2"])
+    cfg = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                  d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5,
+                                  num_labels=3)
+    return transformers.DetrForObjectDetection(cfg).eval()
+
+
+def test_detection_target_on_transformers_detr():
+    model = detr()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        out = twin(x)
+    p = out.logits.softmax(-1)[..., :-1]
+    score, label = p.max(-1)
+    cx, cy, w, h = (out.pred_boxes * 64).unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    # image 0: query 3's own box and class; image 1: query 1's
+    t = targets.detection([xyxy[0, 3:4], xyxy[1, 1:2]], [label[0, 3:4], label[1, 1:2]], size=(64, 64))
+    want = torch.stack([max(score[i, q] for q in range(5) if label[i, q] == label[i, k] and
+                            float(targets._iou(xyxy[i, k:k + 1], xyxy[i, q:q + 1])) >= 0.5)
+                        for i, k in ((0, 3), (1, 1))])
+    torch.testing.assert_close(t(out), want)
+    sal = lv.saliency(model, x, t)
+    torch.testing.assert_close(sal.scores, want)
+    assert sal.maps.shape == x.shape and sal.maps.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, out.logits)
