@@ -254,3 +254,80 @@ def test_detection_target_on_transformers_detr():
     assert sal.maps.shape == x.shape and sal.maps.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(model(x).logits, out.logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs as the hubs shape them
+
+
+def clip():
+    torch.manual_seed(0)
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=2)
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                          projection_dim=8)).eval()
+
+
+def clip_inputs():
+    g = torch.Generator().manual_seed(5)
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": torch.randint(0, 50, (3, 7),
+                                                                                                generator=g)}
+
+
+def test_clip_takes_its_text_and_attribution_flows_to_the_image():
+    model, inputs = clip(), clip_inputs()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = twin(**inputs).logits_per_image
+    best = targets.classifier(None, key="logits_per_image")  # each image's best-matching text
+    sal = lv.saliency(model, inputs, best, absolute=False)  # a dict was refused; x landed in input_ids
+    px = inputs["pixel_values"].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(twin(pixel_values=px, input_ids=inputs["input_ids"]).logits_per_image.max(1)
+                                  .values.sum(), px)
+    torch.testing.assert_close(sal.maps, want)
+    torch.testing.assert_close(sal.scores, before.max(1).values)
+    same = lv.saliency(lv.with_inputs(model, input_ids=inputs["input_ids"]), inputs["pixel_values"], best,
+                       absolute=False)
+    torch.testing.assert_close(same.maps, sal.maps)
+    # Grad-CAM on the vision tower (the default layer is never in the text tower), by hand
+    cam = lv.grad_cam(model, inputs, target=best)
+    assert cam.layer.startswith("vision_model.") and cam.low_res.shape == (2, 4, 4)
+    layer = dict(twin.named_modules())[cam.layer]
+    acts = []
+    handle = layer.register_forward_hook(lambda m, a, o: acts.append(o))
+    score = twin(**inputs).logits_per_image.max(1).values.sum()
+    handle.remove()
+    (g,) = torch.autograd.grad(score, acts[0])
+    tokens = (g[:, 1:].mean(1, keepdim=True) * acts[0][:, 1:]).sum(-1).clamp_min(0)  # class token dropped
+    torch.testing.assert_close(cam.low_res, tokens.view(2, 4, 4).detach())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits_per_image, before)
+    assert own_hooks(model) == own_hooks(twin)
+
+
+def test_clip_attention_maps_are_the_image_towers_only():
+    model, inputs = clip(), clip_inputs()
+    maps = lv.attention_maps(model, inputs)
+    assert sorted(maps) == ["vision_model.encoder.layers.0.self_attn", "vision_model.encoder.layers.1.self_attn"]
+    alone = lv.attention_maps(model.vision_model, inputs["pixel_values"])  # the vision tower on its own: a peer
+    for name, m in alone.items():
+        torch.testing.assert_close(maps["vision_model." + name], m)
+    torch.testing.assert_close(lv.attention_rollout(model, inputs),
+                               lv.attention_rollout(model.vision_model, inputs["pixel_values"]))
+    with pytest.raises(ValueError, match=r"^the attention found \('text_model.encoder.layers.0.self_attn', "
+                                         r"\.\.\.\) never sees the image"):
+        lv.attention_maps(model, inputs, "text_model.encoder.layers.0.self_attn")
+
+
+def test_multi_input_misuse_is_refused_in_one_line():
+    model, inputs = clip(), clip_inputs()
+    with pytest.raises(ValueError, match=r"^inputs is a dict with image \(2, 3, 32, 32\), input_ids \(3, 7\): a dict "
+                                         r"of inputs needs the image batch under 'pixel_values'"):
+        lv.grad_cam(model, {"image": inputs["pixel_values"], "input_ids": inputs["input_ids"]})
+    with pytest.raises(ValueError, match="image_key must name the image keyword and not be one of the other inputs"):
+        lv.with_inputs(model, image_key="input_ids", input_ids=inputs["input_ids"])
+    acts, out = lv.activations(model, inputs, "vision_model.encoder.layers.1")
+    assert list(acts) == ["vision_model.encoder.layers.1"] and out.logits_per_image.shape == (2, 3)
+
