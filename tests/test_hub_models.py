@@ -5,6 +5,7 @@ models take their other inputs; the CLI builds them from a local folder or a con
 import collections
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -331,3 +332,41 @@ def test_multi_input_misuse_is_refused_in_one_line():
     acts, out = lv.activations(model, inputs, "vision_model.encoder.layers.1")
     assert list(acts) == ["vision_model.encoder.layers.1"] and out.logits_per_image.shape == (2, 3)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_builds_a_transformers_model_from_a_local_folder_or_config(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    labels = {0: "cat", 1: "dog", 2: "emu"}
+    small = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        **small, id2label=labels, label2id={v: k for k, v in labels.items()})).eval()
+    model.save_pretrained(tmp_path / "vit")
+    transformers.ViTConfig(**small).save_pretrained(tmp_path / "config-only")  # names no model class
+    Image.fromarray(torch.randint(0, 255, (40, 36, 3), generator=torch.Generator().manual_seed(0))
+                    .numpy().astype("uint8")).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert cli.main(["cam", "--model", f"hf:{tmp_path / 'vit'}", "--images", str(tmp_path / "a.png"), "--size", "32",
+                     "--out", str(out)]) == 0
+    x, _ = cli.load_image(tmp_path / "a.png", None, 32)
+    with torch.no_grad():
+        logits = model(x[None]).logits[0]  # the saved weights were loaded: the same scores
+    report = json.loads((out / "gradcam.json").read_text())["a.png"]
+    assert report["class"] == int(logits.argmax()) and report["name"] == labels[report["class"]]
+    assert report["score"] == pytest.approx(float(logits.max()), abs=1e-4)
+    assert (out / "a_gradcam.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["layers", "--model", f"hf:ViTForImageClassification:{tmp_path / 'config-only' / 'config.json'}",
+                     "--input-size", "3,32,32"]) == 0
+    assert "vit.layers.1.layernorm_before" in capsys.readouterr().out
+    assert cli.main(["layers", "--model", "hf:google/vit-base-patch16-224"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    assert cli.main(["layers", "--model", f"hf:{tmp_path / 'config-only'}"]) == 2  # a config alone: which class?
+    assert "the config names no model classes (architectures): name one" in capsys.readouterr().err
