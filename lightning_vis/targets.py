@@ -190,19 +190,20 @@ class detection:
             return torch.as_tensor(value[i])
         return torch.as_tensor(value)
 
-    def _detections(self, output) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def _detections(self, output) -> tuple[list[tuple[Tensor, Tensor, Tensor]], bool]:
+        """Per image (boxes, labels, scores), and whether the boxes are normalised to 0..1."""
         fields = {"boxes", "labels", "scores"}
         if isinstance(output, (list, tuple)) and all(isinstance(d, dict) and fields <= set(d) for d in output):
-            return [(d["boxes"], d["labels"], d["scores"]) for d in output]
+            return [(d["boxes"], d["labels"], d["scores"]) for d in output], False
         found = _detr(output, self.size)
         if found is None:
             raise ValueError(f"detection target: expected a list of dicts with boxes, labels and scores, or "
                              f"DETR-style logits (N, queries, classes + 1) and pred_boxes (N, queries, 4), got a "
                              f"{describe(output)}")
-        return found
+        return found, self.size is None
 
     def __call__(self, output) -> Tensor:
-        detections = self._detections(output)
+        detections, normalised = self._detections(output)
         n = len(detections)
         totals = []
         for i, (det_boxes, det_labels, det_scores) in enumerate(detections):
@@ -210,8 +211,7 @@ class detection:
             labels = self._for(self.labels, i, n).to(det_labels.device).long().view(-1)
             if boxes.shape[0] != labels.shape[0]:
                 raise ValueError(f"detection target: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
-            if self.size is None and not isinstance(output, (list, tuple)) and boxes.numel() and \
-                    not bool(((boxes >= 0) & (boxes <= 1)).all()):
+            if normalised and boxes.numel() and not bool(((boxes >= 0) & (boxes <= 1)).all()):
                 raise ValueError("detection target: DETR-style boxes are normalised to 0..1; give the target boxes "
                                  "normalised, or size=(H, W) of the input to compare in pixels")
             total = det_scores.sum() * 0  # stays in the graph where nothing matches

@@ -217,8 +217,10 @@ def test_detection_target_reads_detr_queries_by_hand():
     torch.testing.assert_close(t(out), torch.zeros(1))  # class 0 is not query 1's best object class
     t = targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]), size=(100, 100))
     torch.testing.assert_close(t(out), p[0, 0].view(1))
-    with pytest.raises(ValueError, match="DETR-style boxes are normalised to 0..1; .* or size=\\(H, W\\)"):
-        targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]))(out)
+    for named in (out, collections.namedtuple("DetrOut", "logits pred_boxes")(logits, boxes)):
+        with pytest.raises(ValueError, match="DETR-style boxes are normalised to 0..1; .* or size=\\(H, W\\)"):
+            targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]))(named)
+        torch.testing.assert_close(targets.detection(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), 0)(named), p[0, 0].view(1))
     with pytest.raises(ValueError, match=r"^detection target: expected a list of dicts .* got a dict with logits"):
         targets.detection(torch.zeros(1, 4), torch.zeros(1))({"logits": logits})
 
