@@ -153,16 +153,17 @@ def _iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-12)
 
 
-def _detr(output, size) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+def _detr(output, size, no_object: bool) -> list[tuple[Tensor, Tensor, Tensor]] | None:
     """Per image (boxes xyxy, labels, scores) of every query of a DETR-style output (`logits` (N, Q, C + 1), the
-    last class "no object", and `pred_boxes` (N, Q, 4) cx, cy, w, h normalised to the image): each query's label
-    and score are its most probable object class and that probability (transformers' post-processing). Boxes
-    are scaled to `size` (H, W) in pixels when it is given. None when the output is not DETR-style."""
+    last class "no object", or with no_object=False (N, Q, C) scored by a sigmoid each, and `pred_boxes` (N, Q, 4)
+    cx, cy, w, h normalised to the image): each query's label and score are its most probable object class and
+    that probability (transformers' post-processing). Boxes are scaled to `size` (H, W) in pixels when it is
+    given. None when the output is not DETR-style."""
     logits, boxes = field(output, ("logits",)), field(output, ("pred_boxes",))
     if logits is None or boxes is None or logits.dim() != 3 or logits.shape[-1] < 2 or boxes.dim() != 3 \
             or boxes.shape[-1] != 4 or boxes.shape[:2] != logits.shape[:2]:
         return None
-    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    scores, labels = (logits.softmax(-1)[..., :-1] if no_object else logits.sigmoid()).max(-1)
     cx, cy, w, h = boxes.unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
     if size is not None:
@@ -176,13 +177,15 @@ class detection:
     image, or one (K_i, 4) per image; labels likewise.
 
     Reads torchvision's detectors (Faster/Mask/RetinaNet/FCOS/SSD: a list of dicts with boxes, labels, scores) and
-    DETR-style outputs (transformers' DETR, Conditional DETR, ...: per-query `logits` (N, Q, C + 1) with "no
-    object" last, softmax, and `pred_boxes` (N, Q, 4) cx, cy, w, h normalised; each query is a detection with its
-    most probable class). DETR's boxes are compared in normalised coordinates unless `size` = the input's (H, W)
-    puts them in pixels; boxes outside 0..1 with no `size` are refused rather than matched to nothing."""
+    DETR-style outputs (per-query `logits` and `pred_boxes` (N, Q, 4) cx, cy, w, h normalised; each query is a
+    detection with its most probable class): by default DETR's and YOLOS's (N, Q, C + 1) logits, softmax, "no
+    object" last; no_object=False for heads trained with a sigmoid per class and no such class (Conditional and
+    Deformable DETR, RT-DETR: the output does not say which, so the caller does). DETR's boxes are compared in
+    normalised coordinates unless `size` = the input's (H, W) puts them in pixels; boxes outside 0..1 with no
+    `size` are refused rather than matched to nothing."""
 
-    def __init__(self, boxes, labels, iou: float = 0.5, size: tuple[int, int] | None = None):
-        self.boxes, self.labels, self.iou = boxes, labels, float(iou)
+    def __init__(self, boxes, labels, iou: float = 0.5, size: tuple[int, int] | None = None, no_object: bool = True):
+        self.boxes, self.labels, self.iou, self.no_object = boxes, labels, float(iou), bool(no_object)
         self.size = None if size is None else (int(size[0]), int(size[1]))
 
     def _for(self, value, i, n):
@@ -195,7 +198,7 @@ class detection:
         fields = {"boxes", "labels", "scores"}
         if isinstance(output, (list, tuple)) and all(isinstance(d, dict) and fields <= set(d) for d in output):
             return [(d["boxes"], d["labels"], d["scores"]) for d in output], False
-        found = _detr(output, self.size)
+        found = _detr(output, self.size, self.no_object)
         if found is None:
             raise ValueError(f"detection target: expected a list of dicts with boxes, labels and scores, or "
                              f"DETR-style logits (N, queries, classes + 1) and pred_boxes (N, queries, 4), got a "

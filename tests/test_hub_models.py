@@ -221,6 +221,9 @@ def test_detection_target_reads_detr_queries_by_hand():
         with pytest.raises(ValueError, match="DETR-style boxes are normalised to 0..1; .* or size=\\(H, W\\)"):
             targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]))(named)
         torch.testing.assert_close(targets.detection(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), 0)(named), p[0, 0].view(1))
+    sig = logits.sigmoid()[0]  # a sigmoid head (Conditional / Deformable DETR): every class, no "no object"
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8]]), torch.tensor([2]), no_object=False)
+    torch.testing.assert_close(t(out), sig[1, 2].view(1))
     with pytest.raises(ValueError, match=r"^detection target: expected a list of dicts .* got a dict with logits"):
         targets.detection(torch.zeros(1, 4), torch.zeros(1))({"logits": logits})
 
