@@ -10,6 +10,7 @@ from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
 from .health import HealthReport, filter_health
 from .hooks import capture, layers, resolve_layers
+from .inputs import with_inputs
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -26,4 +27,5 @@ __all__ = [
     "activation_grid", "activations", "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream",
     "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "objectives", "ops",
     "params", "receptive_field", "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions",
+    "with_inputs",
 ]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import images as im
 from .hooks import ModelGuard, capture
+from .inputs import image_model
 from .hooks.layout import Layout
 from .hooks.resolve import LayerSpec
 
@@ -49,6 +50,7 @@ def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec, *, layout=N
     or (N, features); the returned mapping knows each one's layout (``.layouts``, ``.maps(name)``; layout= / grid=
     override it). A layer called several times in the pass gives its first call (``lightning_vis.capture`` gives
     every call). The model is restored afterwards (training flags, hooks)."""
+    model, inputs = image_model(model, inputs)
     with ModelGuard(model, eval=True), torch.no_grad(), \
             capture(model, layers, layouts=True, layout=layout, grid=grid) as tap:
         out = model(inputs)

@@ -8,7 +8,13 @@ touched.
 
 Targets (``target=``): None (each input's top prediction), one class index for all, one per input (a sequence
 or tensor), or a callable ``f(output) -> (N,)`` scores, applied to whatever the model returns (dicts of
-segmentation models, lists of detections, tuples, dataclasses; ready-made ones in lightning_vis.targets).
+segmentation models, lists of detections, tuples, dataclasses; ready-made ones in lightning_vis.targets). Class
+targets read (N, classes) logits, or the ``logits`` field of a dict, dataclass or namedtuple output (transformers'
+ModelOutput).
+
+Inputs: an image batch, or for models that take more (CLIP) a dict of the model's inputs with the image under
+``pixel_values``: the image alone is varied and explained (see lightning_vis.inputs; attention_maps and the default
+CAM layer leave out the modules that never see the image, a text tower's).
 
 Layers: anything hooks.layout can place (channels-first and channels-last maps, tokens on a 2D or space-time grid
 with any prefix tokens); ``layout=`` / ``grid=`` override it. Models with activation checkpointing work (see
@@ -31,8 +37,9 @@ from .hooks.attention import grid_fits, key_layout
 from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
 from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer
 from .hooks.resolve import LayerSpec
+from .inputs import image_model, image_modules
 from .hooks.rules import BackwardRules
-from .targets import describe
+from .targets import describe, field
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
@@ -72,7 +79,8 @@ class CAM(Attribution):
 
 def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
     """(N,) scores to explain and (N,) their class indices (None for a callable target). A callable target is
-    applied to the output as it is, whatever its type; class targets need (N, classes) logits."""
+    applied to the output as it is, whatever its type; class targets need (N, classes) logits (the output, or its
+    `logits` field)."""
     if callable(target) and not isinstance(target, Tensor):
         scores = target(output)
         n = _batch_of(output)
@@ -81,13 +89,16 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
             want = f"(N,) = ({n},)" if n is not None else "(N,)"
             raise ValueError(f"a callable target must return {want} scores, one per input; it returned {got}")
         return scores, None
-    if not isinstance(output, Tensor):
-        raise ValueError(f"the model returned a {describe(output)}: a class target needs (N, classes) logits; pass "
+    whole = output
+    output = output if isinstance(output, Tensor) else field(output, ("logits",))  # transformers' ModelOutput
+    if output is None:
+        raise ValueError(f"the model returned a {describe(whole)}: a class target needs (N, classes) logits; pass "
                          "target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, key=...), "
                          "segmentation, detection, similarity)")
     n = output.shape[0]
     if output.dim() != 2:
-        raise ValueError(f"a class target needs (N, classes) logits, but the model output has shape "
+        what = "model output" if output is whole else "model's logits"
+        raise ValueError(f"a class target needs (N, classes) logits, but the {what} has shape "
                          f"{tuple(output.shape)}; pass target=f(output) -> (N,) scores (see lightning_vis.targets)")
     n_cls = output.shape[1]
     if target is None:
@@ -106,6 +117,8 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
 
 
 def _batch_of(output) -> int | None:
+    logits = field(output, ("logits",))
+    output = output if logits is None else logits
     if isinstance(output, Tensor):
         return int(output.shape[0]) if output.dim() else None
     if isinstance(output, (list, tuple)) and output and all(isinstance(v, dict) for v in output):
@@ -163,6 +176,7 @@ def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples
     maps: (N, *input shape)."""
     if samples < 0:
         raise ValueError(f"samples must be >= 0 (0: plain gradient), got {samples}")
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
 
@@ -196,6 +210,7 @@ def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
                     chunk_size: int | None = None) -> Attribution:
     """Guided backpropagation (Springenberg et al.): the input gradient of the target score where every ReLU
     (module or functional, ReLU6 too) passes only positive gradient at positive input. maps: (N, *input shape)."""
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
     with ModelGuard(model, eval=True, freeze=True):
@@ -251,6 +266,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     gets a warning naming a layer that works."""
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
     if layer is None:
@@ -370,7 +386,8 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
         return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
             all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE)
 
-    candidates = [k for k in finished if maps_over_input(k)]
+    seen = image_modules(model, inputs)  # a multi-input model: only what depends on the image is a map over it
+    candidates = [k for k in finished if maps_over_input(k) and (seen is None or k in seen)]
     if not candidates:
         raise ValueError("no layer of the model gives maps over the input (a grid of its size); name one with layer=")
     last = candidates[-1]
@@ -411,13 +428,18 @@ def _check_class_token(class_token) -> None:
 def _attention_records(model, inputs, layers):
     with ModelGuard(model, eval=True), torch.no_grad(), capture_attention(model, layers) as tap:
         model(inputs)
-    if not tap.records:
+    seen = image_modules(model, inputs)  # a multi-input model: a text tower's attention is not over the image
+    records = [r for r in tap.records if seen is None or r.layer in seen]
+    if tap.records and not records:
+        raise ValueError(f"the attention found ({tap.records[0].layer!r}, ...) never sees the image: name layers of "
+                         "the image tower, or none")
+    if not records:
         where = "the layers named" if layers is not None else "the model"
         failed = f"; reading them failed: {tap.failures[0]}" if tap.failures else ""
         raise ValueError(f"no attention weights were computed in {where} during the forward pass (looked for "
                          "nn.MultiheadAttention, F.scaled_dot_product_attention and softmax over the last axis)"
                          f"{failed}")
-    return tap.records
+    return records
 
 
 def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = None, *, class_token: str = "auto",
@@ -433,6 +455,7 @@ def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = 
     warning (an error when none can). grid: the keys' (h, w) / (t, h, w) grid, for the layers it fits (0 to
     hooks.layout.MAX_PREFIX tokens in front of it); the others keep the grid their tokens have."""
     _check_class_token(class_token)
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
     if grid is not None:  # a grid that fits no layer would be ignored everywhere: say so
@@ -494,6 +517,7 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
     error where it is not: window attention (Swin, MaxViT: attention stays inside windows, there are no token-to-token
     paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling)."""
     _check_class_token(class_token)
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     records = _attention_records(model, inputs, layers)
     windowed = [r for r in records if r.kind != "global"]

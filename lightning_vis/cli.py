@@ -13,6 +13,8 @@
     lightning-vis report --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10
     lightning-vis atlas --model torchvision:vgg16 --weights w.pth --images photos/ --devices 2 --strategy ddp
     lightning-vis serve --model torchvision:mobilenet_v2 --weights w.pth --images photos/
+    lightning-vis cam --model hf:path/to/saved_vit --images photos/  (a folder saved with save_pretrained)
+    lightning-vis cam --model hf:ViTForImageClassification:path/to/config.json --images photos/  (random weights)
 
 Arguments are checked before any work; a mistake is one line on stderr and exit status 2. Files in --images that
 are not pictures, cannot be decoded, are over the 179-megapixel budget or are clips for an image model (stills for
@@ -187,15 +189,65 @@ def load_weights(model: nn.Module, weights: str, spec: str) -> None:
         raise CliError(f"--weights {weights!r} do not fit {spec}: {one_line(e)}") from e
 
 
+HF_SPELLING = "'hf:<folder>' or 'hf:<transformers class>:<folder or config.json>'"
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _hf_model(spec: str, rest: str) -> tuple[nn.Module, list[str] | None]:
+    """A transformers model from this machine only, never a download: 'hf:<folder>' (saved with save_pretrained:
+    the class is the config's `architectures`), 'hf:<Class>:<folder>' or 'hf:<Class>:<config.json>'. A folder with
+    weights loads them (from_pretrained on the local path, local_files_only, no remote code); a config alone builds
+    the model with random weights (--weights may load a state dict). Class names: the config's id2label."""
+    try:
+        import transformers
+    except ImportError:
+        raise CliError(f"--model {spec!r}: needs the transformers package (pip install transformers)") from None
+    cls_name, sep, where = rest.partition(":")
+    if not sep or not cls_name.isidentifier():
+        cls_name, where = "", rest
+    path = Path(where).expanduser()
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise CliError(f"--model {spec!r}: {where!r} is no local folder with a config.json nor a config file "
+                       f"(lightning-vis never downloads: save_pretrained the model into a folder); use {HF_SPELLING}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_file), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"--model {spec!r}: {str(config_file)!r} is not a transformers config ({one_line(e)})") from e
+    if not cls_name:
+        found = getattr(config, "architectures", None) or []
+        if len(found) != 1:
+            raise CliError(f"--model {spec!r}: the config names {'no' if not found else len(found)} model "
+                           "classes (architectures): name one, 'hf:<transformers class>:<folder>'")
+        cls_name = found[0]
+    cls = getattr(transformers, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CliError(f"--model {spec!r}: transformers has no model class {cls_name!r}")
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in _HF_WEIGHTS):
+            model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        else:
+            model = cls(config)
+    except Exception as e:  # noqa: BLE001 - a config or weights that do not fit the class: one line
+        raise CliError(f"--model {spec!r}: building {cls_name} failed ({type(e).__name__}: {one_line(e)})") from e
+    labels = getattr(config, "id2label", None) or {}
+    names = [str(labels.get(i, i)) for i in range(len(labels))]
+    default = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    return model, (names if names and not default else None)
+
+
 def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[str] | None, object]:
     """'torchvision:<name>' (random weights unless --weights; ImageNet class names and preprocessing from
-    torchvision's metadata, no download) or 'package.module:factory' (called with no arguments).
+    torchvision's metadata, no download), 'package.module:factory' (called with no arguments), or a transformers
+    model from a local folder or config (see _hf_model).
     Returns (model in eval mode, class names or None, preprocessing transform or None)."""
     if ":" not in spec:
-        raise CliError(f"--model {spec!r}: expected 'torchvision:<name>' or 'package.module:factory'")
+        raise CliError(f"--model {spec!r}: expected 'torchvision:<name>', 'package.module:factory' or {HF_SPELLING}")
     source, name = spec.split(":", 1)
     categories, transform = None, None
-    if source == "torchvision":
+    if source == "hf":
+        model, categories = _hf_model(spec, name)
+    elif source == "torchvision":
         import torchvision
 
         available = torchvision.models.list_models()
@@ -1130,7 +1182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     def common(p, with_images=True, with_layers=True):
-        p.add_argument("--model", required=True, help="torchvision:<name> or package.module:factory")
+        p.add_argument("--model", required=True, help="torchvision:<name>, package.module:factory, or a transformers "
+                       "model from this machine (never a download): hf:<folder saved with save_pretrained> or "
+                       "hf:<Class>:<folder or config.json> (a config alone: random weights)")
         p.add_argument("--weights", help="a state_dict file (.pth) to load into the model")
         if with_images:
             p.add_argument("--images", nargs="+", required=True, help="image files or folders (a GIF: a clip)")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointError
 
 from .hooks import ModelGuard, capture
+from .inputs import image_model
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
 from .hooks.checkpoint import check_chunk_size, reentrant_guard, rules_unreachable, ungraded
@@ -59,6 +60,7 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     layer would pay for the deep part of the network); on a GPU slots of several layers share one pass, which
     saves kernel launches. The model is restored afterwards; parameters' .grad are never touched.
     """
+    model, inputs = image_model(model, inputs)
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
     check_chunk_size(chunk_size)

@@ -6,6 +6,7 @@ Ready-made ones, in the spirit of pytorch-grad-cam's ``model_targets``:
 
     lv.grad_cam(fcn, images, "backbone.layer4", target=targets.segmentation(15, mask))    # person pixels
     lv.grad_cam(frcnn, images, "backbone.body.layer4", target=targets.detection(boxes, labels))
+    lv.grad_cam(detr, images, target=targets.detection(boxes, labels, size=images.shape[-2:]))  # DETR queries
     lv.saliency(embedder, images, target=targets.similarity(reference_embedding))
     lv.saliency(model_with_tuple_output, images, target=targets.classifier(281, key=0))
 """
@@ -40,11 +41,29 @@ def describe(output, depth: int = 0) -> str:
     return type(output).__name__
 
 
-def _pick(output, key, what: str):
+def field(output, names: tuple[str, ...]) -> Tensor | None:
+    """The first tensor among `names` in a model output that names its parts: a dict's key (transformers'
+    ModelOutput is a dict), a dataclass's or a namedtuple's field; None when there is none (or the output is
+    a tensor, a list or a plain tuple, whose parts have no names)."""
+    named = isinstance(output, dict) or hasattr(output, "__dataclass_fields__") or \
+        (isinstance(output, tuple) and hasattr(output, "_fields"))
+    for name in names if named else ():
+        value = output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+def _pick(output, key, what: str, default: tuple[str, ...] = ()):
+    """output[key] (or the field `key`) as a tensor; with no key the output itself when it is a tensor, else the
+    first of the `default` fields it has."""
     if key is None:
-        if isinstance(output, Tensor):
-            return output
-        raise ValueError(f"{what}: the model returned a {describe(output)}; pass key= to say which part to use")
+        found = output if isinstance(output, Tensor) else field(output, default)
+        if found is not None:
+            return found
+        looked = f" with no {' or '.join(map(repr, default))}" if default else ""
+        raise ValueError(f"{what}: the model returned a {describe(output)}{looked}; pass key= to say which part to "
+                         "use")
     try:
         picked = getattr(output, key) if isinstance(key, str) and not isinstance(output, dict) else output[key]
     except (KeyError, IndexError, TypeError, AttributeError):
@@ -54,9 +73,11 @@ def _pick(output, key, what: str):
     return picked
 
 
-def _class_indices(category) -> Tensor:
-    """Class indices (one, or one per input) as a flat int64 tensor; integer-valued floats (3.0) are accepted,
-    anything else (3.5, booleans, text) is refused."""
+def _class_indices(category) -> Tensor | None:
+    """Class indices (one, or one per input) as a flat int64 tensor (None for None: the top class); integer-valued
+    floats (3.0) are accepted, anything else (3.5, booleans, text) is refused."""
+    if category is None:
+        return None
     try:
         t = torch.as_tensor(category)
     except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -72,17 +93,20 @@ def _class_indices(category) -> Tensor:
 
 
 class classifier:
-    """The logit of `category` (one class, or one per input) in (N, classes) logits, or in output[key] for dict,
-    tuple and dataclass outputs."""
+    """The logit of `category` (one class, one per input, or None: each input's top class) in (N, classes) logits,
+    or in output[key] for dict, tuple and dataclass outputs (with no key: their `logits`, as transformers'
+    classifiers return them)."""
 
-    def __init__(self, category, key=None):
+    def __init__(self, category=None, key=None):
         self.category, self.key = category, key
         self._classes = _class_indices(category)
 
     def __call__(self, output) -> Tensor:
-        logits = _pick(output, self.key, "classifier target")
+        logits = _pick(output, self.key, "classifier target", ("logits",))
         if logits.dim() != 2:
             raise ValueError(f"classifier target: expected (N, classes) logits, got {tuple(logits.shape)}")
+        if self._classes is None:
+            return logits.max(1).values
         c = self._classes.to(logits.device)
         c = c.expand(logits.shape[0]) if c.numel() == 1 else c
         if c.numel() != logits.shape[0]:
@@ -95,13 +119,15 @@ class classifier:
 class segmentation:
     """Semantic segmentation: the sum of `category`'s score over the pixels of `mask` ((H, W) or (N, H, W), bool or
     0/1; default: the pixels the model assigns to `category`), from (N, classes, H, W) scores, or output[key]
-    (default "out", torchvision's segmentation models)."""
+    (default: "out", torchvision's segmentation models, or "logits", transformers'). Scores smaller than the mask
+    (SegFormer's are at 1/4 of the input) are upsampled to it first, bilinearly, as transformers' own
+    post-processing does."""
 
-    def __init__(self, category: int, mask: Tensor | None = None, key="out"):
+    def __init__(self, category: int, mask: Tensor | None = None, key=None):
         self.category, self.mask, self.key = int(category), mask, key
 
     def __call__(self, output) -> Tensor:
-        scores = _pick(output, self.key if isinstance(output, dict) else None, "segmentation target")
+        scores = _pick(output, self.key, "segmentation target", ("out", "logits"))
         if scores.dim() != 4:
             raise ValueError(f"segmentation target: expected (N, classes, H, W) scores, got {tuple(scores.shape)}")
         if not 0 <= self.category < scores.shape[1]:
@@ -110,9 +136,11 @@ class segmentation:
             mask = scores.detach().argmax(1) == self.category
         else:
             mask = self.mask.to(scores.device).bool()
-            if mask.shape[-2:] != scores.shape[-2:]:
+            if mask.dim() not in (2, 3) or mask.shape[-2] < scores.shape[-2] or mask.shape[-1] < scores.shape[-1]:
                 raise ValueError(f"segmentation target: mask {tuple(mask.shape)} does not match the scores' "
-                                 f"{tuple(scores.shape[-2:])}")
+                                 f"{tuple(scores.shape[-2:])} (it may be larger: the scores are upsampled to it)")
+            if mask.shape[-2:] != scores.shape[-2:]:
+                scores = F.interpolate(scores, size=mask.shape[-2:], mode="bilinear", align_corners=False)
             mask = mask.expand(scores.shape[0], *scores.shape[-2:])
         return (scores[:, self.category] * mask).flatten(1).sum(1)
 
@@ -125,39 +153,77 @@ def _iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-12)
 
 
-class detection:
-    """Object detection (torchvision's Faster/Mask/RetinaNet/FCOS/SSD outputs: a list of dicts with boxes, labels,
-    scores): per image, the sum over target boxes of the score of the best detection with the same label and an IoU
-    of at least `iou` (pytorch-grad-cam's FasterRCNNBoxScoreTarget). boxes: (K, 4) xyxy for every image, or one
-    (K_i, 4) per image; labels likewise."""
+def _detr(output, size, no_object: bool) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+    """Per image (boxes xyxy, labels, scores) of every query of a DETR-style output (`logits` (N, Q, C + 1), the
+    last class "no object", or with no_object=False (N, Q, C) scored by a sigmoid each, and `pred_boxes` (N, Q, 4)
+    cx, cy, w, h normalised to the image): each query's label and score are its most probable object class and
+    that probability (transformers' post-processing). Boxes are scaled to `size` (H, W) in pixels when it is
+    given. None when the output is not DETR-style."""
+    logits, boxes = field(output, ("logits",)), field(output, ("pred_boxes",))
+    if logits is None or boxes is None or logits.dim() != 3 or logits.shape[-1] < 2 or boxes.dim() != 3 \
+            or boxes.shape[-1] != 4 or boxes.shape[:2] != logits.shape[:2]:
+        return None
+    scores, labels = (logits.softmax(-1)[..., :-1] if no_object else logits.sigmoid()).max(-1)
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    if size is not None:
+        xyxy = xyxy * xyxy.new_tensor([size[1], size[0], size[1], size[0]])
+    return list(zip(xyxy.unbind(0), labels.unbind(0), scores.unbind(0), strict=True))
 
-    def __init__(self, boxes, labels, iou: float = 0.5):
-        self.boxes, self.labels, self.iou = boxes, labels, float(iou)
+
+class detection:
+    """Object detection: per image, the sum over target boxes of the score of the best detection with the same
+    label and an IoU of at least `iou` (pytorch-grad-cam's FasterRCNNBoxScoreTarget). boxes: (K, 4) xyxy for every
+    image, or one (K_i, 4) per image; labels likewise.
+
+    Reads torchvision's detectors (Faster/Mask/RetinaNet/FCOS/SSD: a list of dicts with boxes, labels, scores) and
+    DETR-style outputs (per-query `logits` and `pred_boxes` (N, Q, 4) cx, cy, w, h normalised; each query is a
+    detection with its most probable class): by default DETR's and YOLOS's (N, Q, C + 1) logits, softmax, "no
+    object" last; no_object=False for heads trained with a sigmoid per class and no such class (Conditional and
+    Deformable DETR, RT-DETR: the output does not say which, so the caller does). DETR's boxes are compared in
+    normalised coordinates unless `size` = the input's (H, W) puts them in pixels; boxes outside 0..1 with no
+    `size` are refused rather than matched to nothing."""
+
+    def __init__(self, boxes, labels, iou: float = 0.5, size: tuple[int, int] | None = None, no_object: bool = True):
+        self.boxes, self.labels, self.iou, self.no_object = boxes, labels, float(iou), bool(no_object)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
 
     def _for(self, value, i, n):
         if isinstance(value, (list, tuple)) and len(value) == n and not isinstance(value[0], (int, float)):
             return torch.as_tensor(value[i])
         return torch.as_tensor(value)
 
-    def __call__(self, output) -> Tensor:
+    def _detections(self, output) -> tuple[list[tuple[Tensor, Tensor, Tensor]], bool]:
+        """Per image (boxes, labels, scores), and whether the boxes are normalised to 0..1."""
         fields = {"boxes", "labels", "scores"}
-        if not (isinstance(output, (list, tuple)) and all(isinstance(d, dict) and fields <= set(d) for d in output)):
-            raise ValueError(f"detection target: expected a list of dicts with boxes, labels and scores, got a "
+        if isinstance(output, (list, tuple)) and all(isinstance(d, dict) and fields <= set(d) for d in output):
+            return [(d["boxes"], d["labels"], d["scores"]) for d in output], False
+        found = _detr(output, self.size, self.no_object)
+        if found is None:
+            raise ValueError(f"detection target: expected a list of dicts with boxes, labels and scores, or "
+                             f"DETR-style logits (N, queries, classes + 1) and pred_boxes (N, queries, 4), got a "
                              f"{describe(output)}")
-        n = len(output)
+        return found, self.size is None
+
+    def __call__(self, output) -> Tensor:
+        detections, normalised = self._detections(output)
+        n = len(detections)
         totals = []
-        for i, det in enumerate(output):
-            boxes = self._for(self.boxes, i, n).to(det["boxes"]).view(-1, 4)
-            labels = self._for(self.labels, i, n).to(det["labels"].device).long().view(-1)
+        for i, (det_boxes, det_labels, det_scores) in enumerate(detections):
+            boxes = self._for(self.boxes, i, n).to(det_boxes).view(-1, 4)
+            labels = self._for(self.labels, i, n).to(det_labels.device).long().view(-1)
             if boxes.shape[0] != labels.shape[0]:
                 raise ValueError(f"detection target: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
-            total = det["scores"].sum() * 0  # stays in the graph where nothing matches
-            if det["boxes"].numel():
-                ious = _iou(boxes, det["boxes"])
+            if normalised and boxes.numel() and not bool(((boxes >= 0) & (boxes <= 1)).all()):
+                raise ValueError("detection target: DETR-style boxes are normalised to 0..1; give the target boxes "
+                                 "normalised, or size=(H, W) of the input to compare in pixels")
+            total = det_scores.sum() * 0  # stays in the graph where nothing matches
+            if det_boxes.numel():
+                ious = _iou(boxes, det_boxes)
                 for k in range(boxes.shape[0]):
-                    ok = (ious[k] >= self.iou) & (det["labels"] == labels[k])
+                    ok = (ious[k] >= self.iou) & (det_labels == labels[k])
                     if ok.any():
-                        total = total + det["scores"][ok].max()
+                        total = total + det_scores[ok].max()
             totals.append(total)
         return torch.stack(totals)
 

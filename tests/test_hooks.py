@@ -71,13 +71,13 @@ def test_guard_restores_everything_also_after_an_exception():
             assert not any(x.training for x in m.modules())
             assert not any(p.requires_grad for p in m.parameters())
             m.features[1].inplace = False
-            m.features[0].register_forward_hook(lambda *a: None)
-            m.register_forward_pre_hook(lambda *a: None)
+            capture(m, ["features.0", "classifier"]).__enter__()  # left behind: the guard removes them
+            own = m.register_forward_pre_hook(lambda *a: None)  # not lightning-vis's: it stays
             raise RuntimeError("boom")
     assert [x.training for x in m.modules()] == before_training
     assert [p.requires_grad for p in m.parameters()] == before_grad
     assert m.features[1].inplace is True
-    assert hook_counts(m) == 0
+    assert hook_counts(m) == 1 and list(m._forward_pre_hooks) == [own.id]
 
 
 def test_capture_is_safe_with_inplace_relu_and_matches_hand_computation():

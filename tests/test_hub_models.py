@@ -1,0 +1,377 @@
+"""Models as the hubs ship them (Hugging Face transformers, built from small configs with random weights): every
+method leaves the model as it was, lazily installed hooks included; targets read their outputs; multi-input
+models take their other inputs; the CLI builds them from a local folder or a config."""
+
+import collections
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import lightning_vis as lv
+from lightning_vis import targets
+from lightning_vis.attribution import default_cam_layer
+from lightning_vis.hooks import ModelGuard, capture, hook_counts
+
+transformers = pytest.importorskip("transformers")
+
+
+def segformer():
+    """SegFormer: its decode head asks the encoder for hidden states, so the first forward installs transformers'
+    output-capture hooks (and marks them installed)."""
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                       mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3)
+    return transformers.SegformerForSemanticSegmentation(cfg).eval()
+
+
+def vit(**config):
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=5, **config)
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def vit_lazy():
+    """A ViT whose config asks for hidden states: its first forward installs the output-capture hooks."""
+    return vit(output_hidden_states=True)
+
+
+def own_hooks(model) -> dict:
+    """Every hook in the model's hook dictionaries, by module and dictionary, named by its function."""
+    found = {}
+    for name, m in model.named_modules():
+        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            fns = getattr(m, d)
+            if fns:
+                found[name, d] = sorted(f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', f)}"
+                                        for f in fns.values())
+    return found
+
+
+def marked(model) -> bool:
+    """Whether transformers marked a (sub)model's output-capture hooks as installed."""
+    return any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules())
+
+
+METHODS = {
+    "saliency": lambda m, x, t, layer: lv.saliency(m, x, t),
+    "guided_backprop": lambda m, x, t, layer: lv.guided_backprop(m, x, t),
+    "grad_cam": lambda m, x, t, layer: lv.grad_cam(m, x, target=t),
+    "gradcam++": lambda m, x, t, layer: lv.grad_cam(m, x, layer, t, method="gradcam++"),
+    "attention_maps": lambda m, x, t, layer: lv.attention_maps(m, x),
+    "activations": lambda m, x, t, layer: lv.activations(m, x, layer),
+    "deconvnet": lambda m, x, t, layer: lv.deconvnet(m, x, layer, top_k=1),
+    "receptive_field": lambda m, x, t, layer: lv.receptive_field(m, layer, tuple(x.shape[1:])),
+    "deep_dream": lambda m, x, t, layer: lv.deep_dream(m, x[:1], layer, octaves=1, steps=1, progress=False),
+}
+MODELS = {"segformer": (segformer, lambda: targets.segmentation(1)),
+          "vit": (vit, lambda: None),  # the top class of the output's logits
+          "vit-lazy": (vit_lazy, lambda: targets.classifier(0, key="logits"))}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_every_method_leaves_a_fresh_hub_model_as_it_was(arch, method):
+    build, target = MODELS[arch]
+    model = build()
+    twin = copy.deepcopy(model)  # never seen by lightning-vis: what the model gives and holds on its own
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layer = default_cam_layer(copy.deepcopy(model), x)  # on a copy: it runs the model
+    with torch.no_grad():
+        expected = twin(x).logits
+    flags = [(m.training, vars(m.config).copy() if hasattr(m, "config") else None) for m in model.modules()]
+    for _ in range(2):  # the first call on the fresh model, and a later one
+        METHODS[method](model, x, target(), layer)
+        with torch.no_grad():
+            got = model(x).logits  # raised IndexError after the first call before the guard kept the model's hooks
+        assert torch.equal(got, expected)
+        assert own_hooks(model) == own_hooks(twin)
+    assert [(m.training, vars(m.config) if hasattr(m, "config") else None) for m in model.modules()] == flags
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_the_lazy_models_install_hooks_of_their_own():
+    """The premise of the test above: these models' first forward adds hooks (so they must survive the guard)."""
+    for build in (segformer, vit_lazy):
+        model = build()
+        assert hook_counts(model) == 0
+        model(torch.randn(1, 3, 32, 32))
+        assert hook_counts(model) > 0 and marked(model)
+
+
+def test_guard_removes_only_the_hooks_lightning_vis_left_and_restores_configs():
+    model = vit()
+    x = torch.randn(1, 3, 32, 32)
+    user = model.vit.layernorm.register_forward_hook(lambda *a: None)
+    with ModelGuard(model, eval=True):
+        capture(model, "vit.layernorm").__enter__()  # a tap that is never closed: lightning-vis's own leak
+        mine = model.classifier.register_forward_pre_hook(lambda *a: None, with_kwargs=True)  # the model's or user's
+        model.set_attn_implementation("eager")
+        model.config.output_attentions = True
+        model.config.made_up_field = 3
+        model(x, output_hidden_states=True)  # transformers installs its capture hooks
+    assert set(model.vit.layernorm._forward_hooks) == {user.id}
+    assert set(model.classifier._forward_pre_hooks) == {mine.id}
+    assert set(model.classifier._forward_pre_hooks_with_kwargs) == {mine.id}
+    assert marked(model) and any("output_capturing" in f for fns in own_hooks(model).values() for f in fns)
+    assert model.config._attn_implementation == "sdpa" and not model.config.output_attentions
+    assert not hasattr(model.config, "made_up_field")
+    model(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs as the hubs shape them
+
+
+class Linear(torch.nn.Module):
+    """logits = W x (flattened), returned as `wrap(logits)`: a tensor, dict, ModelOutput, dataclass, namedtuple."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.wrap = torch.nn.Linear(12, 4, bias=False), wrap
+
+    def forward(self, x):
+        return self.wrap(self.fc(x.flatten(1)))
+
+
+@dataclasses.dataclass
+class Out:
+    embedding: torch.Tensor
+    logits: torch.Tensor
+
+
+Named = collections.namedtuple("Named", "hidden logits")
+
+WRAPS = {"dict": lambda t: {"pooled": t.sum(1), "logits": t},
+         "ModelOutput": lambda t: transformers.modeling_outputs.ImageClassifierOutput(logits=t),
+         "dataclass": lambda t: Out(t * 2, t), "namedtuple": lambda t: Named(t * 2, t)}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_target_none_explains_the_top_class_of_the_logits_field(wrap):
+    net = Linear(WRAPS[wrap])
+    x = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    logits = net.fc(x.flatten(1)).detach()
+    top = logits.argmax(1)
+    sal = lv.saliency(net, x, absolute=False)  # refused before: "a class target needs (N, classes) logits"
+    assert torch.equal(sal.targets, top)
+    torch.testing.assert_close(sal.scores, logits.max(1).values)
+    torch.testing.assert_close(sal.maps, net.fc.weight.detach()[top].view_as(x))  # d(W x)_c / dx = W[c]
+    out = net(x)
+    torch.testing.assert_close(targets.classifier(None, key="logits")(out), logits.max(1).values)
+    torch.testing.assert_close(targets.classifier(None)(out), logits.max(1).values)
+    torch.testing.assert_close(targets.classifier([1, 0, 3])(out), logits[[0, 1, 2], [1, 0, 3]])
+
+
+def test_outputs_whose_logits_cannot_be_found_are_still_refused_in_one_line():
+    net = Linear(lambda t: (t * 2, t))  # a plain tuple: its parts have no names, so none is guessed
+    x = torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"^the model returned a tuple of 2: tensor \(2, 4\), tensor \(2, 4\): a "
+                                         r"class target needs"):
+        lv.saliency(net, x)
+    with pytest.raises(ValueError, match=r"^classifier target: the model returned a tuple of 2: .* with no 'logits'; "
+                                         r"pass key="):
+        targets.classifier(None)(net(x))
+    with pytest.raises(ValueError, match=r"the model's logits has shape \(2, 3, 8, 8\)"):
+        lv.saliency(segformer(), torch.randn(2, 3, 32, 32))
+
+
+def test_segmentation_target_reads_segformers_logits_upsampled_to_the_mask():
+    model = segformer()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out = model(x)
+    assert out.logits.shape == (2, 3, 8, 8)  # 1/4 of the input
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[4:20, 8:30] = True
+    big = torch.nn.functional.interpolate(out.logits, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(targets.segmentation(2, mask)(out), (big[:, 2] * mask).sum((1, 2)))
+    own = out.logits.argmax(1) == 1  # no mask: the pixels the model gives class 1, at its resolution
+    torch.testing.assert_close(targets.segmentation(1)(out), (out.logits[:, 1] * own).sum((1, 2)))
+    torch.testing.assert_close(targets.segmentation(1)({"out": out.logits}), targets.segmentation(1)(out))
+    with pytest.raises(ValueError, match=r"mask \(4, 4\) does not match the scores' \(8, 8\)"):
+        targets.segmentation(1, torch.ones(4, 4))(out)
+    cam = lv.grad_cam(model, x, target=targets.segmentation(2, mask))
+    assert cam.maps.shape == (2, 32, 32) and torch.isfinite(cam.maps).all()
+    torch.testing.assert_close(cam.scores, targets.segmentation(2, mask)(out).detach())
+
+
+def test_detection_target_reads_detr_queries_by_hand():
+    # one image, 3 queries, 2 object classes + "no object"
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.5, -1.0]]])
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.7, 0.7, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4]]])  # cx, cy, w, h
+    out = {"logits": logits, "pred_boxes": boxes}
+    p = logits.softmax(-1)[0]
+    # query 0: box (0, 0, .5, .5), class 0 with p[0, 0]; query 2: box (.1, .1, .5, .5), class 1 with p[2, 1]
+    t = targets.detection(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([0]))
+    torch.testing.assert_close(t(out), p[0, 0].view(1))
+    t = targets.detection(torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([1]))  # IoU with query 0: .16/.25
+    torch.testing.assert_close(t(out), p[2, 1].view(1))
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8], [0.0, 0.0, 0.5, 0.5]]), torch.tensor([1, 0]))
+    torch.testing.assert_close(t(out), p[1, 1].view(1) + p[0, 0])  # query 1: "no object" first, then class 1
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8]]), torch.tensor([0]))
+    torch.testing.assert_close(t(out), torch.zeros(1))  # class 0 is not query 1's best object class
+    t = targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]), size=(100, 100))
+    torch.testing.assert_close(t(out), p[0, 0].view(1))
+    for named in (out, collections.namedtuple("DetrOut", "logits pred_boxes")(logits, boxes)):
+        with pytest.raises(ValueError, match="DETR-style boxes are normalised to 0..1; .* or size=\\(H, W\\)"):
+            targets.detection(torch.tensor([[0.0, 0.0, 50.0, 50.0]]), torch.tensor([0]))(named)
+        torch.testing.assert_close(targets.detection(torch.tensor([[0.0, 0.0, 0.5, 0.5]]), 0)(named), p[0, 0].view(1))
+    sig = logits.sigmoid()[0]  # a sigmoid head (Conditional / Deformable DETR): every class, no "no object"
+    t = targets.detection(torch.tensor([[0.6, 0.6, 0.8, 0.8]]), torch.tensor([2]), no_object=False)
+    torch.testing.assert_close(t(out), sig[1, 2].view(1))
+    with pytest.raises(ValueError, match=r"^detection target: expected a list of dicts .* got a dict with logits"):
+        targets.detection(torch.zeros(1, 4), torch.zeros(1))({"logits": logits})
+
+
+def detr():
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                         out_features=["stage2"])
+    cfg = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                  d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5,
+                                  num_labels=3)
+    return transformers.DetrForObjectDetection(cfg).eval()
+
+
+def test_detection_target_on_transformers_detr():
+    model = detr()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        out = twin(x)
+    p = out.logits.softmax(-1)[..., :-1]
+    score, label = p.max(-1)
+    cx, cy, w, h = (out.pred_boxes * 64).unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    # image 0: query 3's own box and class; image 1: query 1's
+    t = targets.detection([xyxy[0, 3:4], xyxy[1, 1:2]], [label[0, 3:4], label[1, 1:2]], size=(64, 64))
+    want = torch.stack([max(score[i, q] for q in range(5) if label[i, q] == label[i, k] and
+                            float(targets._iou(xyxy[i, k:k + 1], xyxy[i, q:q + 1])) >= 0.5)
+                        for i, k in ((0, 3), (1, 1))])
+    torch.testing.assert_close(t(out), want)
+    sal = lv.saliency(model, x, t)
+    torch.testing.assert_close(sal.scores, want)
+    assert sal.maps.shape == x.shape and sal.maps.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, out.logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs as the hubs shape them
+
+
+def clip():
+    torch.manual_seed(0)
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=2)
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                          projection_dim=8)).eval()
+
+
+def clip_inputs():
+    g = torch.Generator().manual_seed(5)
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": torch.randint(0, 50, (3, 7),
+                                                                                                generator=g)}
+
+
+def test_clip_takes_its_text_and_attribution_flows_to_the_image():
+    model, inputs = clip(), clip_inputs()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = twin(**inputs).logits_per_image
+    best = targets.classifier(None, key="logits_per_image")  # each image's best-matching text
+    sal = lv.saliency(model, inputs, best, absolute=False)  # a dict was refused; x landed in input_ids
+    px = inputs["pixel_values"].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(twin(pixel_values=px, input_ids=inputs["input_ids"]).logits_per_image.max(1)
+                                  .values.sum(), px)
+    torch.testing.assert_close(sal.maps, want)
+    torch.testing.assert_close(sal.scores, before.max(1).values)
+    same = lv.saliency(lv.with_inputs(model, input_ids=inputs["input_ids"]), inputs["pixel_values"], best,
+                       absolute=False)
+    torch.testing.assert_close(same.maps, sal.maps)
+    # Grad-CAM on the vision tower (the default layer is never in the text tower), by hand
+    cam = lv.grad_cam(model, inputs, target=best)
+    assert cam.layer.startswith("vision_model.") and cam.low_res.shape == (2, 4, 4)
+    layer = dict(twin.named_modules())[cam.layer]
+    acts = []
+    handle = layer.register_forward_hook(lambda m, a, o: acts.append(o))
+    score = twin(**inputs).logits_per_image.max(1).values.sum()
+    handle.remove()
+    (g,) = torch.autograd.grad(score, acts[0])
+    tokens = (g[:, 1:].mean(1, keepdim=True) * acts[0][:, 1:]).sum(-1).clamp_min(0)  # class token dropped
+    torch.testing.assert_close(cam.low_res, tokens.view(2, 4, 4).detach())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits_per_image, before)
+    assert own_hooks(model) == own_hooks(twin)
+
+
+def test_clip_attention_maps_are_the_image_towers_only():
+    model, inputs = clip(), clip_inputs()
+    maps = lv.attention_maps(model, inputs)
+    assert sorted(maps) == ["vision_model.encoder.layers.0.self_attn", "vision_model.encoder.layers.1.self_attn"]
+    alone = lv.attention_maps(model.vision_model, inputs["pixel_values"])  # the vision tower on its own: a peer
+    for name, m in alone.items():
+        torch.testing.assert_close(maps["vision_model." + name], m)
+    torch.testing.assert_close(lv.attention_rollout(model, inputs),
+                               lv.attention_rollout(model.vision_model, inputs["pixel_values"]))
+    with pytest.raises(ValueError, match=r"^the attention found \('text_model.encoder.layers.0.self_attn', "
+                                         r"\.\.\.\) never sees the image"):
+        lv.attention_maps(model, inputs, "text_model.encoder.layers.0.self_attn")
+
+
+def test_multi_input_misuse_is_refused_in_one_line():
+    model, inputs = clip(), clip_inputs()
+    with pytest.raises(ValueError, match=r"^inputs is a dict with image \(2, 3, 32, 32\), input_ids \(3, 7\): a dict "
+                                         r"of inputs needs the image batch under 'pixel_values'"):
+        lv.grad_cam(model, {"image": inputs["pixel_values"], "input_ids": inputs["input_ids"]})
+    with pytest.raises(ValueError, match="image_key must name the image keyword and not be one of the other inputs"):
+        lv.with_inputs(model, image_key="input_ids", input_ids=inputs["input_ids"])
+    acts, out = lv.activations(model, inputs, "vision_model.encoder.layers.1")
+    assert list(acts) == ["vision_model.encoder.layers.1"] and out.logits_per_image.shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_builds_a_transformers_model_from_a_local_folder_or_config(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    labels = {0: "cat", 1: "dog", 2: "emu"}
+    small = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        **small, id2label=labels, label2id={v: k for k, v in labels.items()})).eval()
+    model.save_pretrained(tmp_path / "vit")
+    transformers.ViTConfig(**small).save_pretrained(tmp_path / "config-only")  # names no model class
+    Image.fromarray(torch.randint(0, 255, (40, 36, 3), generator=torch.Generator().manual_seed(0))
+                    .numpy().astype("uint8")).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert cli.main(["cam", "--model", f"hf:{tmp_path / 'vit'}", "--images", str(tmp_path / "a.png"), "--size", "32",
+                     "--out", str(out)]) == 0
+    x, _ = cli.load_image(tmp_path / "a.png", None, 32)
+    with torch.no_grad():
+        logits = model(x[None]).logits[0]  # the saved weights were loaded: the same scores
+    report = json.loads((out / "gradcam.json").read_text())["a.png"]
+    assert report["class"] == int(logits.argmax()) and report["name"] == labels[report["class"]]
+    assert report["score"] == pytest.approx(float(logits.max()), abs=1e-4)
+    assert (out / "a_gradcam.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["layers", "--model", f"hf:ViTForImageClassification:{tmp_path / 'config-only' / 'config.json'}",
+                     "--input-size", "3,32,32"]) == 0
+    assert "vit.layers.1.layernorm_before" in capsys.readouterr().out
+    assert cli.main(["layers", "--model", "hf:google/vit-base-patch16-224"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    assert cli.main(["layers", "--model", f"hf:{tmp_path / 'config-only'}"]) == 2  # a config alone: which class?
+    assert "the config names no model classes (architectures): name one" in capsys.readouterr().err
