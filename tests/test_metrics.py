@@ -1,0 +1,252 @@
+"""lightning_vis.metrics: each metric against a brute-force loop of its definition (one image, one step at a time)
+on a tiny net, and against the peers where their settings coincide: pytorch-grad-cam's ROAD and imputer, captum's
+infidelity and max-sensitivity, torch-cam's DeletionInsertionMetric and ClassificationMetric."""
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_vis.metrics import (baseline_for, confidence, deletion_insertion, gaussian_perturbation, impute,
+                                   infidelity, max_sensitivity, pointing_game, road, uniform_perturbation)
+
+
+def tiny_net(seed=0, classes=5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes)).eval()
+
+
+def data(n=3, size=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.rand(n, size, size, generator=g)
+
+
+def prob(model, x, c):
+    with torch.no_grad():
+        return model(x[None]).softmax(1)[0, c].item()
+
+
+def test_deletion_insertion_equals_a_loop_of_its_definition():
+    model, (x, maps) = tiny_net(), data()
+    for baseline in ("zeros", "mean", "blur"):
+        cur = deletion_insertion(model, x, maps, steps=7, baseline=baseline, batch_size=5)
+        base = baseline_for(x, baseline)
+        p = 144
+        size = -(-p // 7)
+        counts = list(range(0, p, size)) + [p]
+        assert torch.allclose(cur.fractions, torch.tensor(counts) / p)
+        for i in range(3):
+            c = int(model(x[i:i + 1]).argmax())
+            order = sorted(range(p), key=lambda j: (-maps[i].flatten()[j].item(), j))
+            for t, k in enumerate(counts):
+                top = torch.zeros(p, dtype=torch.bool)
+                top[order[:k]] = True
+                top = top.view(12, 12)
+                deleted = torch.where(top, base[i], x[i])
+                inserted = torch.where(top, x[i], base[i])
+                assert cur.deletion[i, t].item() == pytest.approx(prob(model, deleted, c), abs=1e-5)
+                assert cur.insertion[i, t].item() == pytest.approx(prob(model, inserted, c), abs=1e-5)
+        area = [np.trapezoid(cur.deletion[i].numpy(), cur.fractions.numpy()) for i in range(3)]
+        assert cur.deletion_auc.numpy() == pytest.approx(area, abs=1e-6)
+
+
+def test_deletion_insertion_equals_torchcam():
+    from torchcam.metrics import DeletionInsertionMetric
+
+    model, (x, maps) = tiny_net(), data()
+
+    class Given:  # a torch-cam CAM extractor that returns the maps under test
+        def __init__(self):
+            self.model = model
+
+        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
+            return [maps]
+
+        def fuse_cams(self, cams):
+            return cams[0]
+
+        def _hooks_off(self):
+            return contextlib.nullcontext()
+
+    for steps, baseline in ((20, None), (9, torch.tensor(0.3))):
+        peer = DeletionInsertionMetric(Given(), logits_fn=lambda z: z.softmax(1), steps=steps, baseline=baseline)
+        peer.update(x)
+        ours = deletion_insertion(model, x, maps, steps=steps, baseline=0.0 if baseline is None else 0.3)
+        want = peer.summary()
+        assert ours.deletion_auc.mean().item() == pytest.approx(want["deletion_auc"], abs=1e-6)
+        assert ours.insertion_auc.mean().item() == pytest.approx(want["insertion_auc"], abs=1e-6)
+
+
+def test_deletion_insertion_for_3d_inputs_and_coarse_maps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 2, 4, 6, 6)
+    coarse = torch.rand(2, 2, 3, 3)
+    cur = deletion_insertion(model, x, coarse, steps=4, target=1)
+    full = torch.nn.functional.interpolate(coarse[:, None], size=(4, 6, 6), mode="trilinear")[:, 0]
+    assert torch.allclose(cur.deletion, deletion_insertion(model, x, full, steps=4, target=1).deletion)
+    order = torch.argsort(full[0].flatten(), descending=True, stable=True)
+    top = torch.zeros(144, dtype=torch.bool)
+    top[order[:36]] = True
+    deleted = torch.where(top.view(4, 6, 6), 0.0, x[0])
+    assert cur.deletion[0, 1].item() == pytest.approx(prob(model, deleted, 1), abs=1e-6)
+
+
+def test_imputer_equals_pytorch_grad_cam_without_noise():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(4, 3, 20, 17, generator=g)
+    known = torch.rand(4, 20, 17, generator=g) > torch.tensor([0.1, 0.5, 0.9, 0.98])[:, None, None]
+    ours = impute(imgs, known, tol=1e-6)
+    for i in range(4):
+        want = NoisyLinearImputer(noise=0)(imgs[i], known[i].float())
+        assert (ours[i] - want).abs().max() < 1e-4
+    assert torch.equal(ours[known[:, None].expand_as(imgs)], imgs[known[:, None].expand_as(imgs)])
+    with pytest.raises(ValueError, match="every pixel removed"):
+        impute(imgs[:1], torch.zeros(1, 20, 17, dtype=torch.bool))
+
+
+def test_road_equals_pytorch_grad_cam():
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst, ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    model, (x, maps) = tiny_net(), data(size=16)
+    qs = [10, 35, 80]
+    ours = road(model, x, maps, percentiles=qs, noise=0.0, tol=1e-6, batch_size=4)
+    classes = model(x).argmax(1).tolist()
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in classes]
+    cams = maps.numpy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for j, q in enumerate(qs):
+            morf, lerf = ROADMostRelevantFirst(q), ROADLeastRelevantFirst(q)
+            morf.perturbation.imputer.noise = lerf.perturbation.imputer.noise = 0
+            assert ours.morf[:, j].numpy() == pytest.approx(morf(x, cams, targets, model), abs=1e-4)
+            assert ours.lerf[:, j].numpy() == pytest.approx(lerf(x, cams, targets, model), abs=1e-4)
+    # ROADCombined (with its noise) against ours with the same noise level: the scores agree to the noise's effect
+    combined = ROADCombined(percentiles=qs)(x, cams, targets, model)
+    assert ours.combined.numpy() == pytest.approx(combined, abs=0.02)
+
+
+def test_road_seeded_noise_and_3d_refusal():
+    model, (x, maps) = tiny_net(), data(size=16)
+    a = road(model, x, maps, percentiles=[50])
+    assert torch.equal(a.morf, road(model, x, maps, percentiles=[50]).morf)
+    assert not torch.equal(a.morf, road(model, x, maps, percentiles=[50], seed=1).morf)
+    with pytest.raises(ValueError, match="2D grid"):
+        road(model, torch.randn(1, 3, 2, 4, 4), torch.rand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="percentiles"):
+        road(model, x, maps, percentiles=[120])
+
+
+def test_confidence_equals_a_loop_and_torchcam():
+    from torchcam.metrics import ClassificationMetric
+
+    model, (x, maps) = tiny_net(), data()
+    cur = confidence(model, x, maps, batch_size=2)
+    for i in range(3):
+        c = int(model(x[i:i + 1]).argmax())
+        m = (maps[i] - maps[i].min()) / (maps[i].max() - maps[i].min())
+        s, s2 = prob(model, x[i], c), prob(model, x[i] * m, c)
+        assert cur.drop[i].item() == pytest.approx(max(0, s - s2) / (s + 1e-7), abs=1e-6)
+        assert bool(cur.increase[i]) == (s2 > s)
+
+    class Given:
+        model = None
+
+        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
+            flat = maps.flatten(1)
+            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+            return [((flat - lo) / (hi - lo)).view_as(maps)]
+
+        def fuse_cams(self, cams):
+            return cams[0]
+
+        def _hooks_off(self):
+            return contextlib.nullcontext()
+
+    given = Given()
+    given.model = model
+    peer = ClassificationMetric(given, logits_fn=lambda z: z.softmax(1))
+    peer.update(x)
+    assert cur.drop.mean().item() == pytest.approx(peer.summary()["avg_drop"], abs=1e-6)
+    assert cur.increase.float().mean().item() == pytest.approx(peer.summary()["conf_increase"])
+
+
+def test_infidelity_equals_a_loop_and_captum():
+    from captum.metrics import infidelity as captum_infidelity
+
+    model, (x, _) = tiny_net(), data()
+    attr = torch.randn_like(x)
+    for normalize in (False, True):
+        ours = infidelity(model, x, attr, samples=6, std=0.2, seed=3, normalize=normalize, batch_size=6)
+        peer = captum_infidelity(model, gaussian_perturbation(0.2, seed=3), x, attr, target=model(x).argmax(1),
+                                 n_perturb_samples=6, max_examples_per_batch=6, normalize=normalize)
+        assert torch.allclose(ours, peer, rtol=1e-4, atol=1e-6)
+    # the definition, one image and one perturbation at a time, with the noise drawn as the batches drew it
+    perturb = gaussian_perturbation(0.2, seed=3)
+    noises = [perturb(x.repeat_interleave(2, 0))[0].view(3, 2, *x.shape[1:]) for _ in range(3)]
+    noise = torch.cat(noises, 1)  # (N, 6, ...): batches of 2 samples of each image
+    ours = infidelity(model, x, attr, samples=6, std=0.2, seed=3, normalize=False, batch_size=6)
+    with torch.no_grad():
+        for i in range(3):
+            c = int(model(x[i:i + 1]).argmax())
+            clean = model(x[i:i + 1])[0, c]
+            errs = [((attr[i] * noise[i, s]).sum() - (clean - model((x[i] - noise[i, s])[None])[0, c])).pow(2).item()
+                    for s in range(6)]
+            assert ours[i].item() == pytest.approx(np.mean(errs), rel=1e-4)
+
+
+def test_max_sensitivity_equals_captum():
+    from captum.attr import Saliency
+    from captum.metrics import sensitivity_max
+
+    from lightning_vis.attribution import saliency
+
+    model, (x, _) = tiny_net(), data()
+    target = model(x).argmax(1)
+
+    def explain(inputs, t):
+        return saliency(model, inputs, t).maps
+
+    ours = max_sensitivity(explain, x, target, samples=5, radius=0.05, seed=2, batch_size=6)
+    peer = sensitivity_max(Saliency(model).attribute, x, perturb_func=uniform_perturbation(0.05, seed=2),
+                           n_perturb_samples=5, max_examples_per_batch=6, target=target)
+    assert torch.allclose(ours, peer, rtol=1e-4, atol=1e-6)
+
+
+def test_pointing_game():
+    maps = torch.zeros(3, 10, 10)
+    maps[0, 2, 3] = maps[1, 8, 8] = maps[2, 5, 0] = 1
+    boxes = torch.tensor([[2, 1, 5, 4], [0, 0, 3, 3], [1, 5, 4, 6]])  # x0, y0, x1, y1
+    assert pointing_game(maps, (3, 1, 10, 10), boxes=boxes, tolerance=0).tolist() == [True, False, False]
+    assert pointing_game(maps, (3, 1, 10, 10), boxes=boxes, tolerance=1).tolist() == [True, False, True]
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[1, 8, 8] = True
+    assert pointing_game(maps, (3, 1, 10, 10), masks=masks, tolerance=0).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="exactly one"):
+        pointing_game(maps, (3, 1, 10, 10))
+
+
+def test_bad_input_is_refused_and_the_model_is_left_alone():
+    model, (x, maps) = tiny_net(), data()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    deletion_insertion(model, x, maps, steps=3)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="do not fit inputs"):
+        deletion_insertion(model, x, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="baseline must be"):
+        deletion_insertion(model, x, maps, baseline="noise")
+    with pytest.raises(ValueError, match="steps"):
+        deletion_insertion(model, x, maps, steps=0)
+    with pytest.raises(ValueError, match="score must be"):
+        confidence(model, x, maps, score="prob")
+    with pytest.raises(ValueError, match="NaN"):
+        confidence(model, x, maps * float("nan"))
