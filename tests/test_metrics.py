@@ -250,3 +250,72 @@ def test_bad_input_is_refused_and_the_model_is_left_alone():
         confidence(model, x, maps, score="prob")
     with pytest.raises(ValueError, match="NaN"):
         confidence(model, x, maps * float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sanity checks
+
+
+def _ssim_loop(a, b, win=7):
+    """SSIM by its definition, window by window (scikit-image's defaults: uniform window, sample covariance)."""
+    c1, c2, vals = 0.01 ** 2, 0.03 ** 2, []
+    for i in range(a.shape[0] - win + 1):
+        for j in range(a.shape[1] - win + 1):
+            x, y = a[i:i + win, j:j + win].flatten(), b[i:i + win, j:j + win].flatten()
+            mx, my = x.mean(), y.mean()
+            vx, vy, cxy = x.var(ddof=1), y.var(ddof=1), ((x - mx) * (y - my)).sum() / (x.size - 1)
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_similarities_equal_scipy_and_a_loop():
+    from scipy.stats import spearmanr
+
+    from lightning_vis.metrics.sanity import similarities, spearman, ssim
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
+    a[0, :8] = 0  # ties
+    b[1] = a[1] + 0.1 * b[1]
+    for i in range(3):
+        assert spearman(a, b)[i].item() == pytest.approx(spearmanr(a[i].flatten(), b[i].flatten())[0], abs=1e-6)
+        sa = (a[i] - a[i].min()) / (a[i].max() - a[i].min())
+        sb = (b[i] - b[i].min()) / (b[i].max() - b[i].min())
+        want = _ssim_loop(sa.double().numpy(), sb.double().numpy())
+        assert ssim(a, b)[i].item() == pytest.approx(want, abs=1e-5)
+    same = similarities(a, a)
+    assert all(torch.allclose(v, torch.ones(3)) for v in same.values())
+    assert similarities(a, b)["spearman_abs"][1] > 0.9 > similarities(a, b)["spearman_abs"][2]
+
+
+def test_randomisation_test_on_a_copy_with_seeded_layers():
+    from lightning_vis.attribution import saliency
+    from lightning_vis.metrics.sanity import _randomize, randomisation_test, randomizable_layers, similarities
+
+    model, (x, _) = tiny_net(), data()
+    before = copy.deepcopy(model.state_dict())
+
+    def explain(m, inputs, classes):
+        return saliency(m, inputs, classes).maps
+
+    res = randomisation_test(model, x, explain, seed=4)
+    assert res.layers == randomizable_layers(model) == ["6", "2", "0"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the cascade, by hand: the same generator randomises the top layer, then the next
+    work, gen = copy.deepcopy(model), torch.Generator().manual_seed(4)
+    classes = model(x).argmax(1)
+    base = explain(model, x, classes).sum(1)
+    for k, name in enumerate(res.layers):
+        _randomize(work.get_submodule(name), gen)
+        want = similarities(base, explain(work, x, classes).sum(1))
+        for key, v in want.items():
+            assert torch.allclose(res.cascading[key][k], v, atol=1e-6)
+    assert res.cascade.shape == (3, 3, 12, 12) and set(res.independent) == set(res.cascading)
+    assert res.random_logit["spearman"].shape == (3,)
+    verdict = res.verdict(threshold=2.0)  # nothing reaches 2: passes
+    assert verdict["verdict"] == "passes" and "below 2.0" in verdict["reason"]
+    verdict = res.verdict(threshold=-2.0)  # everything does: the map survives all 3 layers
+    assert verdict == {**verdict, "verdict": "fails", "survived_layers": 3}
+    assert "survives randomisation of 3 layers" in verdict["reason"]
+    with pytest.raises(ValueError, match="cannot randomise"):
+        randomisation_test(model, x, explain, layers=["nope"])
