@@ -319,3 +319,49 @@ def test_randomisation_test_on_a_copy_with_seeded_layers():
     assert "survives randomisation of 3 layers" in verdict["reason"]
     with pytest.raises(ValueError, match="cannot randomise"):
         randomisation_test(model, x, explain, layers=["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate: the report
+
+
+def test_evaluate_table_json_and_plots(tmp_path):
+    import json
+
+    from lightning_vis.attribution import grad_cam
+    from lightning_vis.metrics import evaluate
+
+    model, (x, _) = tiny_net(), data(n=2, size=16)
+    before = copy.deepcopy(model.state_dict())
+    res = evaluate(model, x, methods=["gradcam", "gradient"], steps=5, percentiles=(20, 80))
+    assert res.methods == ["gradcam", "gradient", "random"]  # the random map is always a row
+    doc = res.to_json()
+    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "gradient", "random"}
+    for entry in doc["methods"].values():
+        assert set(entry["metrics"]) == {"deletion", "insertion", "road", "average_drop", "increase_in_confidence"}
+        assert all(set(s) == {"mean", "std", "per_image"} and len(s["per_image"]) == 2
+                   for s in entry["metrics"].values())
+        assert entry["sanity"]["verdict"] in ("passes", "fails") and entry["sanity"]["threshold"] == 0.5
+    # the random map ignores the model: it survives every randomisation
+    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    # the table's numbers are the metrics' own
+    cam = grad_cam(model, x, None, model(x).argmax(1)).maps
+    want = deletion_insertion(model, x, cam, steps=5, baseline="blur").deletion_auc
+    assert doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
+    assert doc["methods"]["gradcam"]["metrics"]["deletion"]["std"] == pytest.approx(want.std(correction=0).item())
+    assert "gradcam" in res.table().splitlines()[1]
+    paths = res.save(tmp_path)
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(doc))
+    assert paths["curves"].read_bytes()[:4] == b"\x89PNG" and paths["cascade"].read_bytes()[:4] == b"\x89PNG"
+    assert "passes" in paths["html"].read_text() or "fails" in paths["html"].read_text()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_evaluate_refuses_unknown_names():
+    from lightning_vis.metrics import evaluate
+
+    model, (x, _) = tiny_net(), data(n=1)
+    with pytest.raises(ValueError, match="unknown method 'gradkam'"):
+        evaluate(model, x, methods=["gradkam"])
+    with pytest.raises(ValueError, match="unknown metric 'auc'"):
+        evaluate(model, x, metrics=["auc"])
