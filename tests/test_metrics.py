@@ -365,3 +365,18 @@ def test_evaluate_refuses_unknown_names():
         evaluate(model, x, methods=["gradkam"])
     with pytest.raises(ValueError, match="unknown metric 'auc'"):
         evaluate(model, x, metrics=["auc"])
+
+
+def test_metrics_benchmark_agrees_with_the_peers(tmp_path):
+    """The quick run compares with pytorch-grad-cam, torch-cam and captum on a small conv net: the same numbers."""
+    import json
+
+    from benchmarks import metrics as bench
+
+    path = tmp_path / "m.json"
+    assert bench.main(["--quick", "--device", "cpu", "--json", str(path)]) == 0
+    rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"road", "deletion", "infidelity"}
+    for section, r in rows.items():
+        assert r["diff"] < 1e-4, (section, r["diff"])
+        assert r["ours_s"] > 0 and r["peer_s"] > 0

@@ -63,7 +63,8 @@ class _Scorer:
 
 
 def _scorer(model, inputs, target, score) -> tuple[_Scorer, Tensor]:
-    """The scorer and the clean inputs' (N,) scores (one forward pass in no_grad; the caller holds a ModelGuard)."""
+    """The scorer and the clean inputs' (N,) scores (one forward pass; the caller holds a ModelGuard and inference
+    mode)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
     check_target(target)
@@ -168,7 +169,7 @@ class Curves:
         self.insertion_auc = torch.trapezoid(self.insertion, self.fractions, dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd records at all (cheaper than no_grad), as torch-cam scores
 def deletion_insertion(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, *, steps: int = 20,
                        baseline: str | Tensor | float = "zeros", score: str = "probability",
                        batch_size: int | None = None, memory_budget: int | None = None) -> Curves:
@@ -307,7 +308,7 @@ class ROAD:
         self.combined = (self.lerf.mean(1) - self.morf.mean(1)) / 2
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd records at all (cheaper than no_grad), as torch-cam scores
 def road(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, *,
          percentiles: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90), noise: float = 0.01, seed: int = 0,
          score: str = "probability", batch_size: int | None = None, memory_budget: int | None = None,
@@ -360,7 +361,7 @@ class Confidence:
     increase: Tensor
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd records at all (cheaper than no_grad), as torch-cam scores
 def confidence(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, *,
                score: str = "probability", batch_size: int | None = None,
                memory_budget: int | None = None) -> Confidence:
@@ -415,7 +416,7 @@ def _samples_per_chunk(n: int, samples: int, chunk: int) -> int:
     return min(max(chunk // n, 1), samples)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd records at all (cheaper than no_grad), as torch-cam scores
 def infidelity(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, *, samples: int = 10,
                perturb: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None, std: float = 0.1, seed: int = 0,
                normalize: bool = True, score: str = "logit", batch_size: int | None = None,
