@@ -4,6 +4,7 @@ infidelity and max-sensitivity, torch-cam's DeletionInsertionMetric and Classifi
 
 import contextlib
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -326,7 +327,6 @@ def test_randomisation_test_on_a_copy_with_seeded_layers():
 
 
 def test_evaluate_table_json_and_plots(tmp_path):
-    import json
 
     from lightning_vis.attribution import grad_cam
     from lightning_vis.metrics import evaluate
@@ -369,7 +369,6 @@ def test_evaluate_refuses_unknown_names():
 
 def test_metrics_benchmark_agrees_with_the_peers(tmp_path):
     """The quick run compares with pytorch-grad-cam, torch-cam and captum on a small conv net: the same numbers."""
-    import json
 
     from benchmarks import metrics as bench
 
@@ -380,3 +379,29 @@ def test_metrics_benchmark_agrees_with_the_peers(tmp_path):
     for section, r in rows.items():
         assert r["diff"] < 1e-4, (section, r["diff"])
         assert r["ours_s"] > 0 and r["peer_s"] > 0
+
+
+def test_cli_evaluate_writes_the_report(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "out"
+    model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided_backprop", "--metrics", "deletion,sanity",
+                     "--steps", "4", "--out", str(out)]) == 0
+    doc = json.loads((out / "evaluate.json").read_text())
+    assert set(doc["methods"]) == {"gradcam", "guided_backprop", "random"}
+    assert len(doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"]) == 2
+    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert (out / "curves.png").exists() and (out / "cascade.png").exists() and (out / "index.html").exists()
+    assert "guided_backprop" in capsys.readouterr().out
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,gradkam", "--out", str(out)]) == 2
+    assert "--methods: unknown 'gradkam'" in capsys.readouterr().err
+    assert cli.main(["evaluate", *model, "--max-images", "1", "--out", str(out)]) == 2
+    assert "more than --max-images 1" in capsys.readouterr().err
