@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
