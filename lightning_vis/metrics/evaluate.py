@@ -1,0 +1,233 @@
+"""Which method should I trust on this model? ``evaluate`` runs the chosen methods on the user's images, scores
+each with the faithfulness metrics and the sanity checks, always beside a random map (is the method better than
+chance here?), and gives a table (method x metric: mean, spread and every image's value), the JSON the CLI writes,
+and plots (deletion / insertion curves, the randomisation cascade as a strip of maps per method)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..attribution import _input_gradient, grad_cam, guided_backprop, saliency, target_scores
+from ..hooks import ModelGuard
+from . import perturbation as P
+from .sanity import Randomisation, randomisation_test
+
+# method names as the CLI spells them -> explain(model, inputs, classes, layer, seed) -> maps
+
+
+def _deconvnet(model, x, classes):
+    with ModelGuard(model, eval=True, freeze=True), torch.enable_grad():
+        return _input_gradient(model, x, classes, "deconvnet")[0]
+
+
+def _random(x: Tensor, seed: int) -> Tensor:
+    """A map of uniform noise on the input's grid, the same for the same seed and shape."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((x.shape[0], *x.shape[2:]), generator=g).to(x.device)
+
+
+METHODS: dict[str, Callable] = {
+    "gradient": lambda m, x, c, layer, seed: saliency(m, x, c).maps,
+    "smoothgrad": lambda m, x, c, layer, seed: saliency(m, x, c, samples=16, seed=seed).maps,
+    "guided_backprop": lambda m, x, c, layer, seed: guided_backprop(m, x, c).maps.abs(),
+    "deconvnet": lambda m, x, c, layer, seed: _deconvnet(m, x, c).abs(),
+    "gradcam": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c).maps,
+    "gradcam++": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c, method="gradcam++").maps,
+    "layercam": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c, method="layercam").maps,
+    "random": lambda m, x, c, layer, seed: _random(x, seed),
+}
+METRICS = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence", "infidelity",
+           "max_sensitivity", "sanity")
+# which way is better, for the table's reader
+BETTER = {"deletion": "lower", "insertion": "higher", "road": "higher", "average_drop": "lower",
+          "increase_in_confidence": "higher", "infidelity": "lower", "max_sensitivity": "lower"}
+
+
+def _summary(values: Tensor) -> dict:
+    """mean, std (population: 0 for one image) and every image's value, as plain floats."""
+    v = values.detach().double().cpu()
+    return {"mean": float(v.mean()), "std": float(v.std(correction=0)), "per_image": [float(a) for a in v]}
+
+
+@dataclass
+class Evaluation:
+    """metrics[method][metric] = {"mean", "std", "per_image"}; curves[method]: deletion / insertion Curves;
+    sanity[method]: the Randomisation and its verdict; threshold: the verdicts' similarity threshold."""
+
+    methods: list[str]
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)
+    curves: dict[str, P.Curves] = field(default_factory=dict)
+    sanity: dict[str, Randomisation] = field(default_factory=dict)
+    threshold: float = 0.5
+
+    def verdict(self, method: str) -> dict:
+        return self.sanity[method].verdict(self.threshold)
+
+    def to_json(self) -> dict:
+        """{"methods": {name: {"metrics": {metric: {"mean", "std", "per_image"}}, "sanity": {"verdict": "passes" |
+        "fails", "reason", "survived_layers", "threshold", "similarity", "cascading": {similarity: per layer
+        means}, "layers": [...]}}}} (sanity only where it was run)."""
+        out = {}
+        for m in self.methods:
+            entry = {"metrics": self.metrics.get(m, {})}
+            if m in self.sanity:
+                r = self.sanity[m]
+                entry["sanity"] = {**self.verdict(m), "layers": r.layers,
+                                   "cascading": {k: [float(row.mean()) for row in v] for k, v in r.cascading.items()},
+                                   "random_logit": {k: float(v.mean()) for k, v in r.random_logit.items()}}
+            out[m] = entry
+        return {"methods": out}
+
+    def table(self) -> str:
+        """The table as text: a row per method, a column per metric (mean +- std), the sanity verdict last."""
+        cols = [k for k in METRICS[:-1] if any(k in self.metrics.get(m, {}) for m in self.methods)]
+        head = ["method", *[f"{c} ({BETTER[c]})" for c in cols]] + (["sanity"] if self.sanity else [])
+        rows = [head]
+        for m in self.methods:
+            cells = [m]
+            for c in cols:
+                s = self.metrics.get(m, {}).get(c)
+                cells.append(f"{s['mean']:.4g} +- {s['std']:.2g}" if s else "-")
+            if self.sanity:
+                cells.append(self.verdict(m)["verdict"] if m in self.sanity else "-")
+            rows.append(cells)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    def plot_curves(self):
+        """Deletion and insertion curves (mean over images) of every method, side by side."""
+        from ..plots import figure
+
+        fig = figure(8, 3)
+        for i, kind in enumerate(("deletion", "insertion")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for m, c in self.curves.items():
+                ax.plot(c.fractions.cpu(), getattr(c, kind).mean(0).cpu(), label=m,
+                        linestyle="--" if m == "random" else "-")
+            ax.set_title(f"{kind} (AUC: {'lower' if kind == 'deletion' else 'higher'} is better)", fontsize=10)
+            ax.set_xlabel(f"fraction of positions {'removed' if kind == 'deletion' else 'inserted'}", fontsize=9)
+            ax.set_ylabel("target score", fontsize=9)
+        if self.curves:
+            ax.legend(fontsize=8)
+        return fig
+
+    def plot_cascade(self, image: int = 0):
+        """The randomisation cascade of one image as a strip of maps per method (rows): the trained model's map,
+        then the map after randomising each further layer from the top (as Adebayo et al.'s figure)."""
+        from ..plots import figure
+
+        methods = list(self.sanity)
+        if not methods:
+            raise ValueError("no sanity check was run: evaluate with 'sanity' among the metrics")
+        cols = 1 + max(len(self.sanity[m].layers) for m in methods)
+        fig = figure(1.3 * cols, 1.4 * len(methods) + 0.3)
+        for r, m in enumerate(methods):
+            res = self.sanity[m]
+            maps = [res.maps[image], *res.cascade[:, image]]
+            for c, mp in enumerate(maps):
+                ax = fig.add_subplot(len(methods), cols, r * cols + c + 1)
+                a = mp.abs().float()
+                a = a if a.dim() == 2 else a.flatten(0, -2)
+                ax.imshow((a / a.max().clamp_min(1e-12)).numpy(), cmap="magma", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title("trained" if c == 0 else res.layers[c - 1], fontsize=6)
+                if c == 0:
+                    ax.set_ylabel(m, fontsize=8)
+        return fig
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """evaluate.json, curves.png, cascade.png (where sanity ran) and index.html into folder."""
+        from ..plots import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {"json": folder / "evaluate.json", "html": folder / "index.html"}
+        out["json"].write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+        if self.curves:
+            out["curves"] = folder / "curves.png"
+            save(self.plot_curves(), out["curves"])
+        if self.sanity:
+            out["cascade"] = folder / "cascade.png"
+            save(self.plot_cascade(), out["cascade"])
+        rows = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in line.split('  ') if c)}</tr>"
+                       for line in self.table().splitlines())
+        notes = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(self.verdict(m)['reason'])}</li>"
+                        for m in self.sanity)
+        imgs = "".join(f'<p><img src="{p.name}"></p>' for k, p in out.items() if k in ("curves", "cascade"))
+        out["html"].write_text(f"<!doctype html><meta charset=utf-8><title>lightning-vis evaluate</title>"
+                               f"<h1>Which method to trust</h1><table border=1>{rows}</table><ul>{notes}</ul>{imgs}")
+        return out
+
+
+def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradient", "gradcam", "guided_backprop"),
+             metrics: Sequence[str] = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence",
+                                       "sanity"),
+             *, target=None, layer=None, steps: int = 20, baseline: str = "blur", percentiles=(10, 30, 50, 70, 90),
+             samples: int = 10, sanity_layers: list[str] | None = None, threshold: float = 0.5, seed: int = 0,
+             batch_size: int | None = None, memory_budget: int | None = None) -> Evaluation:
+    """Every method in `methods` (names as the CLI spells them: see METHODS; "random" is always added as the
+    baseline row) scored by every metric in `metrics` (see METRICS) on `images` (N, C, *spatial).
+
+    target: as everywhere (None: each image's top prediction, fixed on the clean image); layer: the CAM methods'
+    layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline`, ROAD the
+    `percentiles`, infidelity and max-sensitivity `samples` perturbations; "sanity" runs the randomisation test
+    (over `sanity_layers`, default every layer with parameters) with its verdict at `threshold`. All seeded."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"unknown metric {bad[0] if bad else 'none given'!r}; choose from {', '.join(METRICS)}")
+    P._check(images)
+    names = list(dict.fromkeys([*methods, "random"]))
+    with torch.no_grad(), ModelGuard(model, eval=True):
+        out = model(images)
+    classes = target_scores(out, target)[1]
+    if classes is None:
+        raise ValueError("evaluate needs class targets (None, a class, or one per image): the sanity checks and "
+                         "the methods explain classes")
+    opts = {"batch_size": batch_size, "memory_budget": memory_budget}
+    result = Evaluation(names, threshold=threshold)
+    for name in names:
+        fn = METHODS[name]
+
+        def explain(m, x, c, fn=fn):
+            return fn(m, x, c, layer, seed)
+
+        maps = explain(model, images, classes).detach()
+        row = {}
+        if "deletion" in metrics or "insertion" in metrics:
+            curves = P.deletion_insertion(model, images, maps, classes, steps=steps, baseline=baseline, **opts)
+            result.curves[name] = curves
+            for k in ("deletion", "insertion"):
+                if k in metrics:
+                    row[k] = _summary(getattr(curves, f"{k}_auc"))
+        if "road" in metrics:
+            row["road"] = _summary(P.road(model, images, maps, classes, percentiles=percentiles, seed=seed,
+                                          **opts).combined)
+        if "average_drop" in metrics or "increase_in_confidence" in metrics:
+            conf = P.confidence(model, images, maps, classes, **opts)
+            if "average_drop" in metrics:
+                row["average_drop"] = _summary(conf.drop * 100)
+            if "increase_in_confidence" in metrics:
+                row["increase_in_confidence"] = _summary(conf.increase.float() * 100)
+        if "infidelity" in metrics:
+            row["infidelity"] = _summary(P.infidelity(model, images, maps, classes, samples=samples, seed=seed,
+                                                      **opts))
+        if "max_sensitivity" in metrics:
+            row["max_sensitivity"] = _summary(P.max_sensitivity(lambda x, c: explain(model, x, c), images, classes,
+                                                                samples=samples, seed=seed, **opts))
+        result.metrics[name] = row
+        if "sanity" in metrics:
+            result.sanity[name] = randomisation_test(model, images, explain, layers=sanity_layers, seed=seed)
+    return result
+

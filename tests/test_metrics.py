@@ -1,0 +1,407 @@
+"""lightning_vis.metrics: each metric against a brute-force loop of its definition (one image, one step at a time)
+on a tiny net, and against the peers where their settings coincide: pytorch-grad-cam's ROAD and imputer, captum's
+infidelity and max-sensitivity, torch-cam's DeletionInsertionMetric and ClassificationMetric."""
+
+import contextlib
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_vis.metrics import (baseline_for, confidence, deletion_insertion, gaussian_perturbation, impute,
+                                   infidelity, max_sensitivity, pointing_game, road, uniform_perturbation)
+
+
+def tiny_net(seed=0, classes=5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes)).eval()
+
+
+def data(n=3, size=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.rand(n, size, size, generator=g)
+
+
+def prob(model, x, c):
+    with torch.no_grad():
+        return model(x[None]).softmax(1)[0, c].item()
+
+
+def test_deletion_insertion_equals_a_loop_of_its_definition():
+    model, (x, maps) = tiny_net(), data()
+    for baseline in ("zeros", "mean", "blur"):
+        cur = deletion_insertion(model, x, maps, steps=7, baseline=baseline, batch_size=5)
+        base = baseline_for(x, baseline)
+        p = 144
+        size = -(-p // 7)
+        counts = list(range(0, p, size)) + [p]
+        assert torch.allclose(cur.fractions, torch.tensor(counts) / p)
+        for i in range(3):
+            c = int(model(x[i:i + 1]).argmax())
+            order = sorted(range(p), key=lambda j: (-maps[i].flatten()[j].item(), j))
+            for t, k in enumerate(counts):
+                top = torch.zeros(p, dtype=torch.bool)
+                top[order[:k]] = True
+                top = top.view(12, 12)
+                deleted = torch.where(top, base[i], x[i])
+                inserted = torch.where(top, x[i], base[i])
+                assert cur.deletion[i, t].item() == pytest.approx(prob(model, deleted, c), abs=1e-5)
+                assert cur.insertion[i, t].item() == pytest.approx(prob(model, inserted, c), abs=1e-5)
+        area = [np.trapezoid(cur.deletion[i].numpy(), cur.fractions.numpy()) for i in range(3)]
+        assert cur.deletion_auc.numpy() == pytest.approx(area, abs=1e-6)
+
+
+def test_deletion_insertion_equals_torchcam():
+    from torchcam.metrics import DeletionInsertionMetric
+
+    model, (x, maps) = tiny_net(), data()
+
+    class Given:  # a torch-cam CAM extractor that returns the maps under test
+        def __init__(self):
+            self.model = model
+
+        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
+            return [maps]
+
+        def fuse_cams(self, cams):
+            return cams[0]
+
+        def _hooks_off(self):
+            return contextlib.nullcontext()
+
+    for steps, baseline in ((20, None), (9, torch.tensor(0.3))):
+        peer = DeletionInsertionMetric(Given(), logits_fn=lambda z: z.softmax(1), steps=steps, baseline=baseline)
+        peer.update(x)
+        ours = deletion_insertion(model, x, maps, steps=steps, baseline=0.0 if baseline is None else 0.3)
+        want = peer.summary()
+        assert ours.deletion_auc.mean().item() == pytest.approx(want["deletion_auc"], abs=1e-6)
+        assert ours.insertion_auc.mean().item() == pytest.approx(want["insertion_auc"], abs=1e-6)
+
+
+def test_deletion_insertion_for_3d_inputs_and_coarse_maps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 2, 4, 6, 6)
+    coarse = torch.rand(2, 2, 3, 3)
+    cur = deletion_insertion(model, x, coarse, steps=4, target=1)
+    full = torch.nn.functional.interpolate(coarse[:, None], size=(4, 6, 6), mode="trilinear")[:, 0]
+    assert torch.allclose(cur.deletion, deletion_insertion(model, x, full, steps=4, target=1).deletion)
+    order = torch.argsort(full[0].flatten(), descending=True, stable=True)
+    top = torch.zeros(144, dtype=torch.bool)
+    top[order[:36]] = True
+    deleted = torch.where(top.view(4, 6, 6), 0.0, x[0])
+    assert cur.deletion[0, 1].item() == pytest.approx(prob(model, deleted, 1), abs=1e-6)
+
+
+def test_imputer_equals_pytorch_grad_cam_without_noise():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(4, 3, 20, 17, generator=g)
+    known = torch.rand(4, 20, 17, generator=g) > torch.tensor([0.1, 0.5, 0.9, 0.98])[:, None, None]
+    ours = impute(imgs, known, tol=1e-6)
+    for i in range(4):
+        want = NoisyLinearImputer(noise=0)(imgs[i], known[i].float())
+        assert (ours[i] - want).abs().max() < 1e-4
+    assert torch.equal(ours[known[:, None].expand_as(imgs)], imgs[known[:, None].expand_as(imgs)])
+    with pytest.raises(ValueError, match="every pixel removed"):
+        impute(imgs[:1], torch.zeros(1, 20, 17, dtype=torch.bool))
+
+
+def test_road_equals_pytorch_grad_cam():
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst, ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    model, (x, maps) = tiny_net(), data(size=16)
+    qs = [10, 35, 80]
+    ours = road(model, x, maps, percentiles=qs, noise=0.0, tol=1e-6, batch_size=4)
+    classes = model(x).argmax(1).tolist()
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in classes]
+    cams = maps.numpy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for j, q in enumerate(qs):
+            morf, lerf = ROADMostRelevantFirst(q), ROADLeastRelevantFirst(q)
+            morf.perturbation.imputer.noise = lerf.perturbation.imputer.noise = 0
+            assert ours.morf[:, j].numpy() == pytest.approx(morf(x, cams, targets, model), abs=1e-4)
+            assert ours.lerf[:, j].numpy() == pytest.approx(lerf(x, cams, targets, model), abs=1e-4)
+    # ROADCombined (with its noise) against ours with the same noise level: the scores agree to the noise's effect
+    combined = ROADCombined(percentiles=qs)(x, cams, targets, model)
+    assert ours.combined.numpy() == pytest.approx(combined, abs=0.02)
+
+
+def test_road_seeded_noise_and_3d_refusal():
+    model, (x, maps) = tiny_net(), data(size=16)
+    a = road(model, x, maps, percentiles=[50])
+    assert torch.equal(a.morf, road(model, x, maps, percentiles=[50]).morf)
+    assert not torch.equal(a.morf, road(model, x, maps, percentiles=[50], seed=1).morf)
+    with pytest.raises(ValueError, match="2D grid"):
+        road(model, torch.randn(1, 3, 2, 4, 4), torch.rand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="percentiles"):
+        road(model, x, maps, percentiles=[120])
+
+
+def test_confidence_equals_a_loop_and_torchcam():
+    from torchcam.metrics import ClassificationMetric
+
+    model, (x, maps) = tiny_net(), data()
+    cur = confidence(model, x, maps, batch_size=2)
+    for i in range(3):
+        c = int(model(x[i:i + 1]).argmax())
+        m = (maps[i] - maps[i].min()) / (maps[i].max() - maps[i].min())
+        s, s2 = prob(model, x[i], c), prob(model, x[i] * m, c)
+        assert cur.drop[i].item() == pytest.approx(max(0, s - s2) / (s + 1e-7), abs=1e-6)
+        assert bool(cur.increase[i]) == (s2 > s)
+
+    class Given:
+        model = None
+
+        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
+            flat = maps.flatten(1)
+            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+            return [((flat - lo) / (hi - lo)).view_as(maps)]
+
+        def fuse_cams(self, cams):
+            return cams[0]
+
+        def _hooks_off(self):
+            return contextlib.nullcontext()
+
+    given = Given()
+    given.model = model
+    peer = ClassificationMetric(given, logits_fn=lambda z: z.softmax(1))
+    peer.update(x)
+    assert cur.drop.mean().item() == pytest.approx(peer.summary()["avg_drop"], abs=1e-6)
+    assert cur.increase.float().mean().item() == pytest.approx(peer.summary()["conf_increase"])
+
+
+def test_infidelity_equals_a_loop_and_captum():
+    from captum.metrics import infidelity as captum_infidelity
+
+    model, (x, _) = tiny_net(), data()
+    attr = torch.randn_like(x)
+    for normalize in (False, True):
+        ours = infidelity(model, x, attr, samples=6, std=0.2, seed=3, normalize=normalize, batch_size=6)
+        peer = captum_infidelity(model, gaussian_perturbation(0.2, seed=3), x, attr, target=model(x).argmax(1),
+                                 n_perturb_samples=6, max_examples_per_batch=6, normalize=normalize)
+        assert torch.allclose(ours, peer, rtol=1e-4, atol=1e-6)
+    # the definition, one image and one perturbation at a time, with the noise drawn as the batches drew it
+    perturb = gaussian_perturbation(0.2, seed=3)
+    noises = [perturb(x.repeat_interleave(2, 0))[0].view(3, 2, *x.shape[1:]) for _ in range(3)]
+    noise = torch.cat(noises, 1)  # (N, 6, ...): batches of 2 samples of each image
+    ours = infidelity(model, x, attr, samples=6, std=0.2, seed=3, normalize=False, batch_size=6)
+    with torch.no_grad():
+        for i in range(3):
+            c = int(model(x[i:i + 1]).argmax())
+            clean = model(x[i:i + 1])[0, c]
+            errs = [((attr[i] * noise[i, s]).sum() - (clean - model((x[i] - noise[i, s])[None])[0, c])).pow(2).item()
+                    for s in range(6)]
+            assert ours[i].item() == pytest.approx(np.mean(errs), rel=1e-4)
+
+
+def test_max_sensitivity_equals_captum():
+    from captum.attr import Saliency
+    from captum.metrics import sensitivity_max
+
+    from lightning_vis.attribution import saliency
+
+    model, (x, _) = tiny_net(), data()
+    target = model(x).argmax(1)
+
+    def explain(inputs, t):
+        return saliency(model, inputs, t).maps
+
+    ours = max_sensitivity(explain, x, target, samples=5, radius=0.05, seed=2, batch_size=6)
+    peer = sensitivity_max(Saliency(model).attribute, x, perturb_func=uniform_perturbation(0.05, seed=2),
+                           n_perturb_samples=5, max_examples_per_batch=6, target=target)
+    assert torch.allclose(ours, peer, rtol=1e-4, atol=1e-6)
+
+
+def test_pointing_game():
+    maps = torch.zeros(3, 10, 10)
+    maps[0, 2, 3] = maps[1, 8, 8] = maps[2, 5, 0] = 1
+    boxes = torch.tensor([[2, 1, 5, 4], [0, 0, 3, 3], [1, 5, 4, 6]])  # x0, y0, x1, y1
+    assert pointing_game(maps, (3, 1, 10, 10), boxes=boxes, tolerance=0).tolist() == [True, False, False]
+    assert pointing_game(maps, (3, 1, 10, 10), boxes=boxes, tolerance=1).tolist() == [True, False, True]
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[1, 8, 8] = True
+    assert pointing_game(maps, (3, 1, 10, 10), masks=masks, tolerance=0).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="exactly one"):
+        pointing_game(maps, (3, 1, 10, 10))
+
+
+def test_bad_input_is_refused_and_the_model_is_left_alone():
+    model, (x, maps) = tiny_net(), data()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    deletion_insertion(model, x, maps, steps=3)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="do not fit inputs"):
+        deletion_insertion(model, x, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="baseline must be"):
+        deletion_insertion(model, x, maps, baseline="noise")
+    with pytest.raises(ValueError, match="steps"):
+        deletion_insertion(model, x, maps, steps=0)
+    with pytest.raises(ValueError, match="score must be"):
+        confidence(model, x, maps, score="prob")
+    with pytest.raises(ValueError, match="NaN"):
+        confidence(model, x, maps * float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sanity checks
+
+
+def _ssim_loop(a, b, win=7):
+    """SSIM by its definition, window by window (scikit-image's defaults: uniform window, sample covariance)."""
+    c1, c2, vals = 0.01 ** 2, 0.03 ** 2, []
+    for i in range(a.shape[0] - win + 1):
+        for j in range(a.shape[1] - win + 1):
+            x, y = a[i:i + win, j:j + win].flatten(), b[i:i + win, j:j + win].flatten()
+            mx, my = x.mean(), y.mean()
+            vx, vy, cxy = x.var(ddof=1), y.var(ddof=1), ((x - mx) * (y - my)).sum() / (x.size - 1)
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_similarities_equal_scipy_and_a_loop():
+    from scipy.stats import spearmanr
+
+    from lightning_vis.metrics.sanity import similarities, spearman, ssim
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)
+    a[0, :8] = 0  # ties
+    b[1] = a[1] + 0.1 * b[1]
+    for i in range(3):
+        assert spearman(a, b)[i].item() == pytest.approx(spearmanr(a[i].flatten(), b[i].flatten())[0], abs=1e-6)
+        sa = (a[i] - a[i].min()) / (a[i].max() - a[i].min())
+        sb = (b[i] - b[i].min()) / (b[i].max() - b[i].min())
+        want = _ssim_loop(sa.double().numpy(), sb.double().numpy())
+        assert ssim(a, b)[i].item() == pytest.approx(want, abs=1e-5)
+    same = similarities(a, a)
+    assert all(torch.allclose(v, torch.ones(3)) for v in same.values())
+    assert similarities(a, b)["spearman_abs"][1] > 0.9 > similarities(a, b)["spearman_abs"][2]
+
+
+def test_randomisation_test_on_a_copy_with_seeded_layers():
+    from lightning_vis.attribution import saliency
+    from lightning_vis.metrics.sanity import _randomize, randomisation_test, randomizable_layers, similarities
+
+    model, (x, _) = tiny_net(), data()
+    before = copy.deepcopy(model.state_dict())
+
+    def explain(m, inputs, classes):
+        return saliency(m, inputs, classes).maps
+
+    res = randomisation_test(model, x, explain, seed=4)
+    assert res.layers == randomizable_layers(model) == ["6", "2", "0"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the cascade, by hand: the same generator randomises the top layer, then the next
+    work, gen = copy.deepcopy(model), torch.Generator().manual_seed(4)
+    classes = model(x).argmax(1)
+    base = explain(model, x, classes).sum(1)
+    for k, name in enumerate(res.layers):
+        _randomize(work.get_submodule(name), gen)
+        want = similarities(base, explain(work, x, classes).sum(1))
+        for key, v in want.items():
+            assert torch.allclose(res.cascading[key][k], v, atol=1e-6)
+    assert res.cascade.shape == (3, 3, 12, 12) and set(res.independent) == set(res.cascading)
+    assert res.random_logit["spearman"].shape == (3,)
+    verdict = res.verdict(threshold=2.0)  # nothing reaches 2: passes
+    assert verdict["verdict"] == "passes" and "below 2.0" in verdict["reason"]
+    verdict = res.verdict(threshold=-2.0)  # everything does: the map survives all 3 layers
+    assert verdict == {**verdict, "verdict": "fails", "survived_layers": 3}
+    assert "survives randomisation of 3 layers" in verdict["reason"]
+    with pytest.raises(ValueError, match="cannot randomise"):
+        randomisation_test(model, x, explain, layers=["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate: the report
+
+
+def test_evaluate_table_json_and_plots(tmp_path):
+
+    from lightning_vis.attribution import grad_cam
+    from lightning_vis.metrics import evaluate
+
+    model, (x, _) = tiny_net(), data(n=2, size=16)
+    before = copy.deepcopy(model.state_dict())
+    res = evaluate(model, x, methods=["gradcam", "gradient"], steps=5, percentiles=(20, 80))
+    assert res.methods == ["gradcam", "gradient", "random"]  # the random map is always a row
+    doc = res.to_json()
+    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "gradient", "random"}
+    for entry in doc["methods"].values():
+        assert set(entry["metrics"]) == {"deletion", "insertion", "road", "average_drop", "increase_in_confidence"}
+        assert all(set(s) == {"mean", "std", "per_image"} and len(s["per_image"]) == 2
+                   for s in entry["metrics"].values())
+        assert entry["sanity"]["verdict"] in ("passes", "fails") and entry["sanity"]["threshold"] == 0.5
+    # the random map ignores the model: it survives every randomisation
+    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    # the table's numbers are the metrics' own
+    cam = grad_cam(model, x, None, model(x).argmax(1)).maps
+    want = deletion_insertion(model, x, cam, steps=5, baseline="blur").deletion_auc
+    assert doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
+    assert doc["methods"]["gradcam"]["metrics"]["deletion"]["std"] == pytest.approx(want.std(correction=0).item())
+    assert "gradcam" in res.table().splitlines()[1]
+    paths = res.save(tmp_path)
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(doc))
+    assert paths["curves"].read_bytes()[:4] == b"\x89PNG" and paths["cascade"].read_bytes()[:4] == b"\x89PNG"
+    assert "passes" in paths["html"].read_text() or "fails" in paths["html"].read_text()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_evaluate_refuses_unknown_names():
+    from lightning_vis.metrics import evaluate
+
+    model, (x, _) = tiny_net(), data(n=1)
+    with pytest.raises(ValueError, match="unknown method 'gradkam'"):
+        evaluate(model, x, methods=["gradkam"])
+    with pytest.raises(ValueError, match="unknown metric 'auc'"):
+        evaluate(model, x, metrics=["auc"])
+
+
+def test_metrics_benchmark_agrees_with_the_peers(tmp_path):
+    """The quick run compares with pytorch-grad-cam, torch-cam and captum on a small conv net: the same numbers."""
+
+    from benchmarks import metrics as bench
+
+    path = tmp_path / "m.json"
+    assert bench.main(["--quick", "--device", "cpu", "--json", str(path)]) == 0
+    rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"road", "deletion", "infidelity"}
+    for section, r in rows.items():
+        assert r["diff"] < 1e-4, (section, r["diff"])
+        assert r["ours_s"] > 0 and r["peer_s"] > 0
+
+
+def test_cli_evaluate_writes_the_report(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "out"
+    model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided_backprop", "--metrics", "deletion,sanity",
+                     "--steps", "4", "--out", str(out)]) == 0
+    doc = json.loads((out / "evaluate.json").read_text())
+    assert set(doc["methods"]) == {"gradcam", "guided_backprop", "random"}
+    assert len(doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"]) == 2
+    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert (out / "curves.png").exists() and (out / "cascade.png").exists() and (out / "index.html").exists()
+    assert "guided_backprop" in capsys.readouterr().out
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,gradkam", "--out", str(out)]) == 2
+    assert "--methods: unknown 'gradkam'" in capsys.readouterr().err
+    assert cli.main(["evaluate", *model, "--max-images", "1", "--out", str(out)]) == 2
+    assert "more than --max-images 1" in capsys.readouterr().err
