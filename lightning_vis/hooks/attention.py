@@ -241,6 +241,18 @@ def _mobilevit_placer(frame_module, x: Tensor, folded_batch: int, tokens: int):
     return place
 
 
+def _on_grid(module, x: Tensor | None, args, kwargs) -> Tensor | None:
+    """A shifted-window block's input as (N, h, w, C), the form the window placement reads: Hugging Face's Swin and
+    Swinv2 layers take (N, L, C) tokens and their grid, ``input_dimensions`` (h, w), as the next argument (a view of
+    the tokens; nothing is copied). Any other module's input as it is."""
+    if x is None or x.dim() != 3 or not (hasattr(module, "window_size") and hasattr(module, "shift_size")):
+        return x
+    grid = _tuple(kwargs.get("input_dimensions", args[1] if len(args) > 1 else None), 2)
+    if grid is None or math.prod(grid) != x.shape[1]:
+        return x
+    return x.unflatten(1, grid)
+
+
 def _window_placement(stack, weights: Tensor, batch: int):
     """(place function, scheme) for window attention whose batch holds windows, from the enclosing block."""
     for name, module, x in reversed(stack):
@@ -387,7 +399,7 @@ class capture_attention:
     def _pre(self, name, module):
         def hook(mod, args, kwargs):
             x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
-            self._stack.append((name, mod, x))
+            self._stack.append((name, mod, _on_grid(mod, x, args, kwargs)))
             if name in self._mha and (self.watched is None or self._watching_mha(name)):
                 try:
                     self._mha_weights(name, mod, args, kwargs)
