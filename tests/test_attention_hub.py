@@ -28,7 +28,9 @@ def _calls(model, x, modules):
 
 
 def _same_output(model, x):
-    """The model's output without and under the capture: the same tensors, bit for bit."""
+    """The model's output without and under the capture: the same tensors, bit for bit; the model's own hooks (HF's
+    output capture, installed by its first call with output_attentions) left as they were."""
+    hooks = hook_counts(model)
     with torch.no_grad():
         plain = model(x)
         with capture_attention(model) as att:
@@ -36,7 +38,7 @@ def _same_output(model, x):
     for name in ("logits", "last_hidden_state", "pred_boxes", "pooler_output"):
         if getattr(plain, name, None) is not None:
             assert torch.equal(getattr(plain, name), getattr(again, name)), name
-    assert hook_counts(model) == 0
+    assert hook_counts(model) == hooks
     return att
 
 
@@ -134,3 +136,173 @@ def test_hf_swin_windows_of_every_stage_are_placed_on_the_grid(version):
         lv.attention_rollout(model, x)
     att = _same_output(model, x)
     assert all(r.kind == "window" and r.placeable for r in att.records)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# F.multi_head_attention_forward called directly: open_clip's (and CLIP's) ModifiedResNet attention pool
+
+
+def _heads_softmax(q, k, heads):
+    """(L, N, E) queries and (S, N, E) keys -> (N, heads, L, S) softmax(q k^T / sqrt(d)) per head."""
+    q, k = (t.reshape(t.shape[0], t.shape[1], heads, -1).permute(1, 2, 0, 3) for t in (q, k))
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+
+
+def _pool_weights(pool, feature):
+    """(N, heads, 1 + hw, 1 + hw): the weights of open_clip's AttentionPool2d on (N, C, h, w) features, by hand."""
+    t = feature.flatten(2).permute(2, 0, 1)
+    t = torch.cat([t.mean(0, keepdim=True), t]) + pool.positional_embedding[:, None]  # the mean token + the grid
+    return _heads_softmax(pool.q_proj(t), pool.k_proj(t), pool.num_heads)
+
+
+def test_open_clip_attention_pool_is_seen_and_placed_on_the_feature_grid():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.modified_resnet.ModifiedResNet(layers=[1, 1, 1, 1], output_dim=16, heads=2, image_size=96,
+                                                     width=8).eval()
+    x = torch.randn(2, 3, 96, 96)
+    ((feature,),), _ = _calls(model, x, [model.attnpool])  # (2, 256, 3, 3): the image's grid / 32
+    with torch.no_grad():
+        w = _pool_weights(model.attnpool, feature)  # (2, heads, 10, 10)
+    maps = lv.attention_maps(model, x)
+    assert list(maps) == ["attnpool"]
+    torch.testing.assert_close(maps["attnpool"], w[:, :, 0, 1:].reshape(2, 2, 3, 3))  # the mean token's query
+    # one block: (W + I) / 2, the mean token's row, itself dropped
+    torch.testing.assert_close(lv.attention_rollout(model, x), w.mean(1)[:, 0, 1:].reshape(2, 3, 3) / 2)
+    att = _same_output(model, x)
+    assert [r.source for r in att.records] == ["multi_head_attention_forward"]
+
+
+def test_open_clip_rn50_attention_pool():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("RN50", pretrained=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    ((feature,),), plain = _calls(model, x, [model.visual.attnpool])  # (1, 2048, 7, 7)
+    with torch.no_grad():
+        w = _pool_weights(model.visual.attnpool, feature)
+        with capture_attention(model):
+            again = model(x)
+    assert torch.equal(plain[0], again[0]) and hook_counts(model) == 0  # the image features, bit for bit
+    maps = lv.attention_maps(model, x)  # the image tower only: no text was given
+    assert list(maps) == ["visual.attnpool"]
+    torch.testing.assert_close(maps["visual.attnpool"], w[:, :, 0, 1:].reshape(1, 32, 7, 7))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# global attention of the hubs' ViTs against their own weights (output_attentions), SigLIP's pooling head
+
+
+def _hf(name):
+    torch.manual_seed(0)
+    small = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    t = transformers
+    config, model, prefix = {
+        "vit": (t.ViTConfig(**small, intermediate_size=32), t.ViTForImageClassification, 1),
+        "deit": (t.DeiTConfig(**small, intermediate_size=32), t.DeiTForImageClassificationWithTeacher, 2),
+        "beit": (t.BeitConfig(**small, intermediate_size=32, use_relative_position_bias=True),
+                 t.BeitForImageClassification, 1),
+        "dinov2-registers": (t.Dinov2WithRegistersConfig(**small, mlp_ratio=2, num_register_tokens=4),
+                             t.Dinov2WithRegistersForImageClassification, 5),
+        "clip-vision": (t.CLIPVisionConfig(**small, intermediate_size=32), t.CLIPVisionModel, 1),
+        "siglip-vision": (t.SiglipVisionConfig(**small, intermediate_size=32), t.SiglipVisionModel, 0),
+    }[name]
+    x = torch.randn(2, 3, 32, 40) if name in ("vit", "beit", "dinov2-registers") else torch.randn(2, 3, 32, 32)
+    kw = {"interpolate_pos_encoding": True} if x.shape[-1] != 32 else {}
+    return model._from_config(config, attn_implementation="eager").eval(), x, prefix, kw
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "beit", "dinov2-registers", "clip-vision", "siglip-vision"])
+def test_hf_vit_attention_matches_the_models_own_weights(name):
+    model, x, prefix, kw = _hf(name)
+    grid = (x.shape[-2] // 8, x.shape[-1] // 8)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, **kw)
+    own = out.attentions  # per encoder layer (N, heads, L, L)
+    assert len(own) == 2 and own[0].shape[-1] == prefix + math.prod(grid)
+    maps = lv.attention_maps(model, x) if not kw else lv.attention_maps(_Kw(model, kw), x)
+    encoder = [k for k in maps if not k.endswith("head.attention")]
+    assert len(encoder) == 2
+    for layer, w in zip(encoder, own):
+        row = w[:, :, 0] if prefix else w.mean(-2)  # the class token's row, or what each token receives
+        torch.testing.assert_close(maps[layer], row[..., prefix:].reshape(2, 2, *grid), msg=layer)
+    a1, a2 = ((w.mean(1) + torch.eye(w.shape[-1])) / 2 for w in own)
+    rolled = a2 @ a1
+    want = (rolled[:, 0] if prefix else rolled.mean(1))[:, prefix:].reshape(2, *grid)
+    torch.testing.assert_close(lv.attention_rollout(model, x) if not kw else lv.attention_rollout(_Kw(model, kw), x),
+                               want)
+    _same_output(model, x) if not kw else None
+
+
+class _Kw(torch.nn.Module):
+    """A model called with fixed keyword arguments (HF's interpolate_pos_encoding for a non-square input)."""
+
+    def __init__(self, model, kw):
+        super().__init__()
+        self.model, self.kw = model, kw
+
+    def forward(self, x):
+        return self.model(x, **self.kw)
+
+
+def test_siglip_pooling_head_is_one_querys_map_and_left_out_of_rollout():
+    model, x, _, _ = _hf("siglip-vision")
+    head = model.head
+    with torch.no_grad():
+        out = model(x, output_attentions=True)
+        mha = head.attention
+        q = head.probe.expand(2, 1, -1) @ mha.in_proj_weight[:16].T + mha.in_proj_bias[:16]
+        k = out.last_hidden_state @ mha.in_proj_weight[16:32].T + mha.in_proj_bias[16:32]
+        w = _heads_softmax(q.transpose(0, 1), k.transpose(0, 1), 2)  # (2, heads, 1, 16): the probe over 4x4
+    maps = lv.attention_maps(model, x)
+    assert list(maps)[-1] == "head.attention"
+    torch.testing.assert_close(maps["head.attention"], w[:, :, 0].reshape(2, 2, 4, 4))
+    a1, a2 = ((a.mean(1) + torch.eye(16)) / 2 for a in out.attentions)  # the encoder only
+    torch.testing.assert_close(lv.attention_rollout(model, x), (a2 @ a1).mean(1).reshape(2, 4, 4))
+    with pytest.raises(ValueError, match="attention rollout needs the tokens' own self-attention; the attention of "
+                                         r"'head' is a pooling head's \(one query attending to the tokens\)"):
+        lv.attention_rollout(model, x, "head")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DETR: the encoder on the backbone's feature grid, the decoder's object queries
+
+
+def _detr():
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage4"])
+    cfg = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                  d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
+                                  num_labels=3)
+    model = transformers.DetrForObjectDetection._from_config(cfg, attn_implementation="eager").eval()
+    return model, torch.randn(2, 3, 64, 96)  # a 2x3 feature grid (stride 32); 5 object queries
+
+
+def test_detr_encoder_on_the_feature_grid_cross_attention_per_query_decoder_self_attention_refused():
+    from lightning_vis.hooks import LayoutError
+
+    model, x = _detr()
+    with torch.no_grad():
+        out = model(x, output_attentions=True)
+    enc, cross = out.encoder_attentions, out.cross_attentions  # the model's own: (2, heads, 6, 6), (2, heads, 5, 6)
+    assert enc[0].shape == (2, 2, 6, 6) and cross[0].shape == (2, 2, 5, 6)
+    with pytest.warns(RuntimeWarning, match=r"left out 2 layer\(s\): attention of 'model.decoder.layers.0.self_attn' "
+                                            "is no map of the image: its 5 queries attend to each other"):
+        maps = lv.attention_maps(model, x)
+    assert list(maps) == ["model.encoder.layers.0.self_attn", "model.encoder.layers.1.self_attn",
+                          "model.decoder.layers.0.encoder_attn", "model.decoder.layers.1.encoder_attn"]
+    for i in range(2):
+        torch.testing.assert_close(maps[f"model.encoder.layers.{i}.self_attn"], enc[i].mean(-2).reshape(2, 2, 2, 3))
+        torch.testing.assert_close(maps[f"model.decoder.layers.{i}.encoder_attn"], cross[i].reshape(2, 2, 5, 2, 3))
+    for grid in (None, (2, 2)):  # no grid turns object queries into positions
+        with pytest.raises(LayoutError, match="attention of 'model.decoder.layers.1.self_attn' is no map of the "
+                                              "image: its 5 queries attend to each other"):
+            lv.attention_maps(model, x, "model.decoder.layers.1.self_attn", grid=grid)
+    a1, a2 = ((w.mean(1) + torch.eye(6)) / 2 for w in enc)  # the encoder only
+    torch.testing.assert_close(lv.attention_rollout(model, x), (a2 @ a1).mean(1).reshape(2, 2, 3))
+    with pytest.raises(ValueError, match="attention rollout needs the tokens' own self-attention; the attention of "
+                                         "'model.decoder' is a decoder's"):
+        lv.attention_rollout(model, x, "model.decoder")
+    _same_output(model, x)
