@@ -46,7 +46,7 @@ def _same_output(model, x):
 # Swin and Swinv2: window attention on (N, L, C) tokens, the grid passed as input_dimensions
 
 
-def _swin(version):
+def _swin(version, implementation="eager"):
     torch.manual_seed(0)
     config, model = {1: (transformers.SwinConfig, transformers.SwinForImageClassification),
                      2: (transformers.Swinv2Config, transformers.Swinv2ForImageClassification)}[version]
@@ -54,7 +54,7 @@ def _swin(version):
     # to 8x8, stage 2 (4x4) one window over the whole grid, not shifted
     cfg = config(image_size=28, patch_size=2, embed_dim=8, depths=[2, 2, 2], num_heads=[2, 2, 2], window_size=4,
                  num_labels=3)
-    return model._from_config(cfg, attn_implementation="eager").eval(), torch.randn(2, 3, 28, 28)
+    return model._from_config(cfg, attn_implementation=implementation).eval(), torch.randn(2, 3, 28, 28)
 
 
 def _swin_logits(layer, windows, mask):
@@ -113,9 +113,13 @@ def swin_received(layer, hidden, dims):
     return out
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_hf_swin_windows_of_every_stage_are_placed_on_the_grid(version):
-    model, x = _swin(version)
+@pytest.mark.parametrize("version, implementation, size", [(1, "eager", (28, 28)), (1, "sdpa", (28, 44)),
+                                                            (2, "eager", (28, 28)), (2, "eager", (28, 44))])
+def test_hf_swin_windows_of_every_stage_are_placed_on_the_grid(version, implementation, size):
+    """Swinv2 has no sdpa path. 28x44: a 14x22 grid (padded to 16x24), 7x11 (8x12), 4x6 (one row of windows, padded
+    to 4x8, not shifted), one image."""
+    model, x = _swin(version, implementation)
+    x = x[:, :, :size[0], :size[1]] if size == (28, 28) else torch.randn(1, 3, *size)
     prefix = "swin" if version == 1 else "swinv2"
     layers = [getattr(model, prefix).encoder.layers[s].blocks[i] for s in range(3) for i in range(2)]
     args, _ = _calls(model, x, layers)
@@ -124,12 +128,13 @@ def test_hf_swin_windows_of_every_stage_are_placed_on_the_grid(version):
     suffix = ".attention" if version == 1 else ".attention.self"
     assert list(maps) == [f"{prefix}.encoder.layers.{s}.blocks.{i}{suffix}" for s in range(3) for i in range(2)]
     shifts = [int(layer.shift_size) for layer in layers]
-    assert shifts == [0, 2, 0, 2, 0, 0]  # stage 2's window covers its 4x4 grid: not shifted
+    assert shifts == [0, 2, 0, 2, 0, 0]  # stage 2's window covers its grid's height: not shifted
+    grids = [(14, 14), (7, 7), (4, 4)] if size == (28, 28) else [(14, 22), (7, 11), (4, 6)]
+    assert [dims for _, dims, *_ in args] == [g for g in grids for _ in range(2)]
     for layer, (hidden, dims, *_), name in zip(layers, args, maps):
-        assert dims in ((14, 14), (7, 7), (4, 4))
         with torch.no_grad():
             want = swin_received(layer, hidden, dims)
-        assert maps[name].shape == (2, 2, *dims)
+        assert maps[name].shape == (len(x), 2, *dims)
         torch.testing.assert_close(maps[name], want, msg=name)
     with pytest.raises(ValueError, match="attention rollout is not defined for window attention .*shifted windows of "
                                          f"{prefix}.encoder.layers.0.blocks.0"):
@@ -305,4 +310,25 @@ def test_detr_encoder_on_the_feature_grid_cross_attention_per_query_decoder_self
     with pytest.raises(ValueError, match="attention rollout needs the tokens' own self-attention; the attention of "
                                          "'model.decoder' is a decoder's"):
         lv.attention_rollout(model, x, "model.decoder")
+    _same_output(model, x)
+
+
+def test_pvt_v2_keys_on_the_reduced_grid_match_the_models_own_weights():
+    """PVTv2's spatial-reduction attention: queries on each stage's grid, keys on a grid reduced by a strided conv
+    (16x24 -> 2x3 in stage 0); the map is what each reduced key receives, averaged over the queries."""
+    torch.manual_seed(0)
+    cfg = transformers.PvtV2Config(image_size=64, hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 2, 2, 2],
+                                   depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], num_labels=3)
+    model = transformers.PvtV2ForImageClassification._from_config(cfg, attn_implementation="eager").eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        own = [w for stage in model(x, output_attentions=True).attentions for w in stage]  # (N, heads, hw, 6)
+    maps = lv.attention_maps(model, x)
+    assert [tuple(w.shape[-2:]) for w in own] == [(384, 6), (96, 6), (24, 6), (6, 6)]
+    assert list(maps) == [f"pvt_v2.encoder.layers.{i}.blocks.0.attention" for i in range(4)]
+    for (layer, got), w in zip(maps.items(), own):
+        torch.testing.assert_close(got, w.mean(-2).reshape(2, w.shape[1], 2, 3), msg=layer)
+    with pytest.raises(ValueError, match=r"attention rollout is not defined here: the blocks attend over different "
+                                         r"token sets \(384x6 -> 96x6 -> 24x6 -> 6x6 queries x keys"):
+        lv.attention_rollout(model, x)
     _same_output(model, x)
