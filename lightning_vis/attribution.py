@@ -503,7 +503,8 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
     records = [r for r in everything if not r.role]
     if not records:
         r = everything[0]
-        what = "a pooling head's (one query attending to the tokens)" if r.role == "pool" else "a decoder's"
+        what = {"pool": "a pooling head's (one query attending to the tokens)", "decoder": "a decoder's",
+                "sampling": "deformable (over sampling points)"}[r.role]
         raise ValueError(f"attention rollout needs the tokens' own self-attention; the attention of {r.layer!r} is "
                          f"{what}: use attention_maps")
     windowed = [r for r in records if r.kind != "global"]

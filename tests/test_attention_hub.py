@@ -332,3 +332,35 @@ def test_pvt_v2_keys_on_the_reduced_grid_match_the_models_own_weights():
                                          r"token sets \(384x6 -> 96x6 -> 24x6 -> 6x6 queries x keys"):
         lv.attention_rollout(model, x)
     _same_output(model, x)
+
+
+def test_mask2former_deformable_attention_refused_cross_attention_per_query_on_each_level():
+    """Mask2Former: the pixel decoder's deformable attention weighs sampling points (refused, whatever grid is
+    given); the transformer decoder's masked cross-attention visits one feature level per layer (2x3, then 4x6 for a
+    64x96 image: 24 keys are not 18 prefix tokens + 2x3), per object query; its self-attention is refused."""
+    from lightning_vis.hooks import LayoutError
+
+    torch.manual_seed(0)
+    backbone = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                       num_heads=[1, 1, 1, 1], window_size=2,
+                                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, feature_size=32,
+                                         mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
+                                         dim_feedforward=32, num_queries=5, decoder_layers=3, encoder_layers=1,
+                                         num_attention_heads=2, num_labels=3)
+    model = transformers.Mask2FormerForUniversalSegmentation(cfg).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with pytest.warns(RuntimeWarning, match=r"left out 3 layer\(s\): attention of 'model.pixel_level_module.decoder"
+                                            r".encoder.layers.0.self_attn' is no map of the image: .* is deformable "
+                                            "attention: its softmax weighs sampling points"):
+        maps = lv.attention_maps(model, x)
+    cross = [f"model.transformer_module.decoder.layers.{i}.cross_attn" for i in range(2)]
+    assert [k for k in maps if "transformer_module" in k] == cross
+    assert maps[cross[0]].shape == (1, 2, 5, 2, 3) and maps[cross[1]].shape == (1, 2, 5, 4, 6)
+    for name in cross:  # every key placed: each query's weights over its level's grid sum to 1
+        torch.testing.assert_close(maps[name].sum((-2, -1)), torch.ones(1, 2, 5))
+    for layer, grid in (("model.pixel_level_module.decoder.encoder.layers.0", (2, 3)),
+                        ("model.transformer_module.decoder.layers.0.self_attn", (2, 2))):
+        with pytest.raises(LayoutError, match="is no map of the image"):
+            lv.attention_maps(model, x, layer, grid=grid)
+    _same_output(model, x)

@@ -95,8 +95,9 @@ class AttentionRecord:
     or None where they could not be placed: ``why`` says why). kind "window": ``weights`` as computed (windows in
     the batch) and ``place``, a function (N, heads, queries-averaged-or-first, keys per window) -> (N, heads, H, W).
     ``role``: "" (tokens attending to tokens), "pool" (one query, a learned probe or a mean token, attending to the
-    tokens: SigLIP's MAP head, CLIP's attention pool) or "decoder" (a decoder's queries, DETR's object queries:
-    across to the encoder's tokens, drawn per query, or to each other, which is no map of the image).
+    tokens: SigLIP's MAP head, CLIP's attention pool), "decoder" (a decoder's queries, DETR's object queries:
+    across to the encoder's tokens, drawn per query, or to each other, which is no map of the image) or "sampling"
+    (deformable attention: weights over sampling points, no map).
     """
 
     layer: str
@@ -125,7 +126,7 @@ class AttentionRecord:
             if self.place is None:
                 raise ValueError(f"attention of {self.layer!r} cannot be placed on the image: {self.why}")
             return self.place(_mean_over_queries(w, getattr(self.place, "real", None)))
-        if self.role == "decoder" and self.key is None:  # a grid given cannot make queries into positions
+        if self.role in ("decoder", "sampling") and self.key is None:  # no grid given makes these a map
             raise ValueError(f"attention of {self.layer!r} is no map of the image: {self.why}")
         key = key_layout(w.shape[-1], self.key, grid, f"attention of {self.layer!r}", self.why)
         if self.role == "decoder":
@@ -322,6 +323,23 @@ def _mha_forward_weights(arguments: dict) -> Tensor:
     return (w[None] if w.dim() == 3 else w).float()
 
 
+def _fewest_prefix(ctx, count: int):
+    """(prefix, grid) for a decoder's `count` keys: of the grids the pass produced, the one that leaves the fewest
+    tokens in front (a multi-scale decoder visits several levels: 16 keys are a 4x4 level, not 12 + 2x2); None when
+    no grid fits, or two fit equally."""
+    dims = len(ctx.input_grid) if ctx.input_grid else None
+    fits = {(count - math.prod(g), g) for g in (*ctx.hints, *ctx.grids)
+            if (dims is None or len(g) == dims) and 0 <= count - math.prod(g) <= MAX_PREFIX}
+    best = sorted(fits)[:2]
+    return best[0] if len(best) == 1 or (best and best[0][0] < best[1][0]) else None
+
+
+def _cross_keys(query: Tensor, key: Tensor) -> Tensor | None:
+    """The keys' tokens of a cross-attention call; None for self-attention (keys equal to the queries: a decoder's
+    self-attention adds the same position embeddings to both, making two equal tensors)."""
+    return None if key is query or (key.shape == query.shape and torch.equal(key, query)) else key
+
+
 def _attention_like(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "attention" in name or "attn" in name
@@ -349,7 +367,8 @@ class _Mode(TorchFunctionMode):
                 if self.owner._watching():
                     bound = _MHA_SIGNATURE.bind(*args, **kwargs)
                     bound.apply_defaults()
-                    self.owner._record(_mha_forward_weights(bound.arguments), "multi_head_attention_forward")
+                    self.owner._record(_mha_forward_weights(bound.arguments), "multi_head_attention_forward",
+                                       _cross_keys(bound.arguments["query"], bound.arguments["key"]))
             elif func in _SOFTMAX and isinstance(out, Tensor) and out.dim() >= 3:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
                 if dim in (-1, out.dim() - 1) and self.owner._watching():
@@ -400,14 +419,26 @@ class capture_attention:
             return next((n for n, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), self._stack[-1][0])
         return next(n for n, _, _ in reversed(self._stack) if n in self.watched)
 
-    def _record(self, w: Tensor, source: str) -> None:
+    def _record(self, w: Tensor, source: str, keys: Tensor | None = None) -> None:
+        """keys: the tokens the keys come from where the call names them apart from the queries (cross-attention
+        through nn.MultiheadAttention / F.multi_head_attention_forward), for a decoder's records."""
         layer = self._credit()
         batch = self.tracer.ctx.batch
         if w.dim() == 3:  # one head: (N, Lq, Lk)
             w = w[:, None]
+        sampling = next((n for n, m, _ in self._stack if "deformable" in type(m).__name__.lower()), None)
+        decoder = any(n in self._memory for n, _, _ in self._stack)
         place, scheme = _window_placement(self._stack, w, batch)  # first: a single padded window is not global
-        if place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
-            rec = self._global(layer, w, source)
+        if sampling is not None:
+            rec = AttentionRecord(layer, w, "global", source, role="sampling",
+                                  why=f"{sampling!r} is deformable attention: its softmax weighs sampling points "
+                                      "(offsets it predicts), not the tokens of a grid")
+        elif place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
+            rec = self._global(layer, w, source) if not decoder else self._decoder(layer, w, source, keys)
+        elif place is None and decoder:
+            rec = AttentionRecord(layer, w, "global", source, role="decoder",
+                                  why=f"its weights {tuple(w.shape)} are a decoder's (batch {batch}, heads folded "
+                                      "into it?) over its learned queries")
         else:
             why = "" if place is not None else (f"its weights {tuple(w.shape)} hold windows or patches in the batch "
                                                 f"(batch {batch}) in a scheme lightning-vis does not know")
@@ -417,8 +448,6 @@ class capture_attention:
 
     def _global(self, layer: str, w: Tensor, source: str) -> AttentionRecord:
         ctx, known = self.tracer.ctx, self.tracer._known
-        if any(n in self._memory for n, _, _ in self._stack):
-            return self._decoder(layer, w, source)
         x = next((x for n, _, x in reversed(self._stack) if n == layer), None)
         given = known.get(_signature(x)) if x is not None else None
         layouts = []
@@ -433,14 +462,15 @@ class capture_attention:
         role = "pool" if w.shape[-2] == 1 < w.shape[-1] else ""
         return AttentionRecord(layer, w, "global", source, query=layouts[0], key=layouts[1], why=why, role=role)
 
-    def _decoder(self, layer: str, w: Tensor, source: str) -> AttentionRecord:
-        """Attention inside a decoder (a module called with encoder_hidden_states / key_value_states / memory): its
-        queries are the decoder's own (learned object queries), never the image's positions. Cross-attention (the
-        innermost module running got the keys, batch first or not) is placed through the keys' layout; self-attention
-        is refused."""
+    def _decoder(self, layer: str, w: Tensor, source: str, keys: Tensor | None) -> AttentionRecord:
+        """Attention inside a decoder (a module called with encoder_hidden_states / key_value_states / memory other
+        than its own input): its queries are the decoder's own (learned object queries), never the image's positions.
+        Cross-attention (keys named apart from the queries, or the innermost module running got the encoder's
+        tokens; batch first or not) is placed through the keys' layout; self-attention is refused."""
         inner = next((n for n, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), None)
-        memory, count = self._memory.get(inner), w.shape[-1]
-        if memory is None or memory.dim() != 3 or count != (memory.shape[1] if len(memory) == len(w) else len(memory)):
+        memory, count = keys if keys is not None else self._memory.get(inner), w.shape[-1]
+        if not isinstance(memory, Tensor) or memory.dim() != 3 or \
+                count != (memory.shape[1] if len(memory) == len(w) else len(memory)):
             return AttentionRecord(layer, w, "global", source, role="decoder",
                                    why=f"its {w.shape[-2]} queries attend to each other (a decoder's self-attention "
                                        "over its learned queries, not over the image's positions)")
@@ -448,7 +478,7 @@ class capture_attention:
         if given is not None and given.kind == "tokens" and given.prefix + math.prod(given.grid) == count:
             key = given
         else:
-            found = self.tracer.ctx.token_layout(count)
+            found = _fewest_prefix(self.tracer.ctx, count) or self.tracer.ctx.token_layout(count)
             key = Layout("tokens", found[1], found[0], "attention") if found else None
         why = "" if key is not None else (f"the encoder's {count} tokens do not split into prefix tokens and a grid "
                                           f"that follows from the input {self.tracer.ctx.input_grid}")
@@ -458,8 +488,9 @@ class capture_attention:
         def hook(mod, args, kwargs):
             x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
             self._stack.append((name, mod, _on_grid(mod, x, args, kwargs)))
-            memory = next((kwargs[k] for k in _MEMORY if isinstance(kwargs.get(k), Tensor)), None)
-            if memory is not None:
+            # a decoder's keys: a tensor, or one per level (Mask2Former); an encoder may pass its own input
+            memory = next((kwargs[k] for k in _MEMORY if _first_tensor(kwargs.get(k)) is not None), None)
+            if memory is not None and memory is not x:
                 self._memory[name] = memory
             if name in self._mha and (self.watched is None or self._watching_mha(name)):
                 try:
@@ -491,7 +522,8 @@ class capture_attention:
             key_padding_mask=b.get("key_padding_mask"), attn_mask=b.get("attn_mask"),
             use_separate_proj_weight=not mod._qkv_same_embed_dim, q_proj_weight=mod.q_proj_weight,
             k_proj_weight=mod.k_proj_weight, v_proj_weight=mod.v_proj_weight, is_causal=b.get("is_causal", False)))
-        self._record(w, "MultiheadAttention")  # credited to the MHA (or the watched module around it)
+        # credited to the MHA (or the watched module around it)
+        self._record(w, "MultiheadAttention", _cross_keys(b["query"], b["key"]))
 
     def __enter__(self) -> "capture_attention":
         try:
