@@ -426,13 +426,14 @@ class capture_attention:
         batch = self.tracer.ctx.batch
         if w.dim() == 3:  # one head: (N, Lq, Lk)
             w = w[:, None]
-        sampling = next((n for n, m, _ in self._stack if "deformable" in type(m).__name__.lower()), None)
+        inner = next((m for _, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), None)
+        sampling = "deformable" in type(inner).__name__.lower()  # the module that computes the weights
         decoder = any(n in self._memory for n, _, _ in self._stack)
         place, scheme = _window_placement(self._stack, w, batch)  # first: a single padded window is not global
-        if sampling is not None:
+        if sampling:
             rec = AttentionRecord(layer, w, "global", source, role="sampling",
-                                  why=f"{sampling!r} is deformable attention: its softmax weighs sampling points "
-                                      "(offsets it predicts), not the tokens of a grid")
+                                  why=f"{type(inner).__name__} is deformable attention: its softmax weighs "
+                                      "sampling points (offsets it predicts), not the tokens of a grid")
         elif place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
             rec = self._global(layer, w, source) if not decoder else self._decoder(layer, w, source, keys)
         elif place is None and decoder:
