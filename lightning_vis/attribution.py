@@ -451,9 +451,11 @@ def attention_maps(model: nn.Module, inputs: Tensor, layers: LayerSpec | None = 
     F.scaled_dot_product_attention (timm's fused attention), explicit softmax (LeViT's biases, MViT's pooled keys on
     their space-time grid); window attention (Swin, MaxViT, MobileViT) placed back on the image grid. layers: the
     modules to watch (default: every module in which attention happens). class_token: "auto" (from the token
-    layout), "first" or "none" (mean over queries). A layer whose attention cannot be placed is left out with a
-    warning (an error when none can). grid: the keys' (h, w) / (t, h, w) grid, for the layers it fits (0 to
-    hooks.layout.MAX_PREFIX tokens in front of it); the others keep the grid their tokens have."""
+    layout), "first" or "none" (mean over queries). A pooling head (SigLIP's MAP head, CLIP's attention pool): its
+    one query's map. A decoder (DETR): its cross-attention per object query, (N, heads, queries, *grid); its
+    self-attention (queries over queries) is no map of the image. A layer whose attention cannot be placed is left
+    out with a warning (an error when none can). grid: the keys' (h, w) / (t, h, w) grid, for the layers it fits
+    (0 to hooks.layout.MAX_PREFIX tokens in front of it); the others keep the grid their tokens have."""
     _check_class_token(class_token)
     model, inputs = image_model(model, inputs)
     _check_batch(inputs)
@@ -515,11 +517,20 @@ def attention_rollout(model: nn.Module, inputs: Tensor, layers: LayerSpec | None
 
     Defined where every block attends over the same tokens (ViT, DeiT, token-mixing models); refused with a clear
     error where it is not: window attention (Swin, MaxViT: attention stays inside windows, there are no token-to-token
-    paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling)."""
+    paths to multiply) and attention whose token count changes (MViT's pooling, LeViT's subsampling). Pooling heads
+    (one query attending to the tokens: SigLIP's MAP head) and decoders (DETR's object queries) are left out: the
+    rollout runs over the tokens' own self-attention (DETR's encoder)."""
     _check_class_token(class_token)
     model, inputs = image_model(model, inputs)
     _check_batch(inputs)
-    records = _attention_records(model, inputs, layers)
+    everything = _attention_records(model, inputs, layers)
+    records = [r for r in everything if not r.role]
+    if not records:
+        r = everything[0]
+        what = {"pool": "a pooling head's (one query attending to the tokens)", "decoder": "a decoder's",
+                "sampling": "deformable (over sampling points)"}[r.role]
+        raise ValueError(f"attention rollout needs the tokens' own self-attention; the attention of {r.layer!r} is "
+                         f"{what}: use attention_maps")
     windowed = [r for r in records if r.kind != "global"]
     if windowed:
         raise ValueError(f"attention rollout is not defined for window attention ({windowed[0].layer!r}: "

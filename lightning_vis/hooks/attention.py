@@ -6,6 +6,8 @@ modules it watches:
 - ``nn.MultiheadAttention`` (torchvision's ViT, which asks for no weights): recomputed from the module's own
   projections by ``F.multi_head_attention_forward(..., need_weights=True)`` in a pre-hook; the module's call is
   untouched (its fast path included).
+- ``F.multi_head_attention_forward`` called directly (open_clip's and CLIP's attention pool in their ModifiedResNet):
+  recomputed with need_weights=True next to the call, which itself runs as it would.
 - ``F.scaled_dot_product_attention`` (timm's fused attention): softmax(q k^T * scale + mask) recomputed next to the
   call, which itself runs as it would; explicit ``softmax(..., dim=-1)`` over the last axis (timm without fused
   attention, LeViT with its attention biases, Swin's window attention, MaxViT, MViT's pooled attention): the
@@ -16,7 +18,11 @@ The weights are credited to the innermost watched module running at the time (by
 attention happens). Each record knows its placement: for global attention the token layouts of its queries and keys
 (prefix tokens + grid, from hooks.layout, MViT's pooled key grids included); for window attention (torchvision's
 and timm's Swin, MaxViT's window and grid partitions, MobileViT's patch folding) how windows map back onto the
-image grid. ``AttentionRecord.received()`` gives, per head, what the class token attends to (or, without one, the
+image grid (Hugging Face's Swin and Swinv2 layers: (N, L, C) tokens with their grid as ``input_dimensions``). Roles:
+a pooling head's one query (SigLIP's MAP head) and a decoder's queries (inside a module called with
+``encoder_hidden_states`` / ``key_value_states`` / ``memory``: DETR's object queries, placed per query over the
+encoder's tokens in cross-attention, no map of the image in self-attention) are marked, and left out of rollout.
+``AttentionRecord.received()`` gives, per head, what the class token attends to (or, without one, the
 attention each position receives averaged over queries) on the grid.
 
 ``tokens_to_grid``: a (N, L, D) token layout -> (N, D, h, w) maps, the class token set apart, the grid inferred as
@@ -25,6 +31,7 @@ a square (hooks.layout decides grids for any model; this is the plain helper for
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +46,9 @@ from .resolve import LayerSpec, resolve_layers
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
+_MHA_FORWARD = F.multi_head_attention_forward
+_MHA_SIGNATURE = inspect.signature(_MHA_FORWARD)
+_MEMORY = ("encoder_hidden_states", "key_value_states", "memory")  # a decoder's (or its cross-attention's) keys
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _SDPA = F.scaled_dot_product_attention
 _LEAVES = (nn.Softmax, nn.Dropout, nn.Identity)  # modules attention passes through, never its owner
@@ -84,6 +94,10 @@ class AttentionRecord:
     kind "global": ``weights`` (N, heads, Lq, Lk) over token layouts ``query`` / ``key`` (Layout of kind tokens,
     or None where they could not be placed: ``why`` says why). kind "window": ``weights`` as computed (windows in
     the batch) and ``place``, a function (N, heads, queries-averaged-or-first, keys per window) -> (N, heads, H, W).
+    ``role``: "" (tokens attending to tokens), "pool" (one query, a learned probe or a mean token, attending to the
+    tokens: SigLIP's MAP head, CLIP's attention pool), "decoder" (a decoder's queries, DETR's object queries:
+    across to the encoder's tokens, drawn per query, or to each other, which is no map of the image) or "sampling"
+    (deformable attention: weights over sampling points, no map).
     """
 
     layer: str
@@ -95,6 +109,7 @@ class AttentionRecord:
     place: object = None
     why: str = ""
     scheme: str = ""
+    role: str = ""
 
     @property
     def placeable(self) -> bool:
@@ -102,7 +117,8 @@ class AttentionRecord:
 
     def received(self, class_token: str = "auto", grid=None) -> Tensor:
         """(N, heads, *grid): per head, what the class token attends to (class_token "auto" with a prefix, or
-        "first"), else the attention each position receives averaged over the queries ("none", or no prefix)."""
+        "first"), else the attention each position receives averaged over the queries ("none", or no prefix).
+        A decoder's cross-attention: (N, heads, queries, *grid), each query's own map."""
         if class_token not in ("auto", "first", "none"):
             raise ValueError(f"class_token must be 'auto', 'first' or 'none', not {class_token!r}")
         w = self.weights.float()
@@ -110,7 +126,11 @@ class AttentionRecord:
             if self.place is None:
                 raise ValueError(f"attention of {self.layer!r} cannot be placed on the image: {self.why}")
             return self.place(_mean_over_queries(w, getattr(self.place, "real", None)))
+        if self.role in ("decoder", "sampling") and self.key is None:  # no grid given makes these a map
+            raise ValueError(f"attention of {self.layer!r} is no map of the image: {self.why}")
         key = key_layout(w.shape[-1], self.key, grid, f"attention of {self.layer!r}", self.why)
+        if self.role == "decoder":
+            return w[..., key.prefix:].reshape(*w.shape[:-1], *key.grid)
         first = class_token == "first" or (class_token == "auto" and self.query is not None and self.query.prefix > 0)
         row = w[..., 0, :] if first else w.mean(-2)
         return row[..., key.prefix:].reshape(*row.shape[:-1], *key.grid)
@@ -241,6 +261,18 @@ def _mobilevit_placer(frame_module, x: Tensor, folded_batch: int, tokens: int):
     return place
 
 
+def _on_grid(module, x: Tensor | None, args, kwargs) -> Tensor | None:
+    """A shifted-window block's input as (N, h, w, C), the form the window placement reads: Hugging Face's Swin and
+    Swinv2 layers take (N, L, C) tokens and their grid, ``input_dimensions`` (h, w), as the next argument (a view of
+    the tokens; nothing is copied). Any other module's input as it is."""
+    if x is None or x.dim() != 3 or not (hasattr(module, "window_size") and hasattr(module, "shift_size")):
+        return x
+    grid = _tuple(kwargs.get("input_dimensions", args[1] if len(args) > 1 else None), 2)
+    if grid is None or math.prod(grid) != x.shape[1]:
+        return x
+    return x.unflatten(1, grid)
+
+
 def _window_placement(stack, weights: Tensor, batch: int):
     """(place function, scheme) for window attention whose batch holds windows, from the enclosing block."""
     for name, module, x in reversed(stack):
@@ -282,6 +314,32 @@ def _sdpa_weights(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     return logits.softmax(-1)
 
 
+def _mha_forward_weights(arguments: dict) -> Tensor:
+    """(N, heads, L, S) float: the per-head weights of an F.multi_head_attention_forward call with these arguments
+    (sequence first, or unbatched), recomputed without dropout; the call itself is the model's."""
+    with torch.no_grad():
+        _, w = _MHA_FORWARD(**{**arguments, "dropout_p": 0.0, "training": False, "need_weights": True,
+                               "average_attn_weights": False})
+    return (w[None] if w.dim() == 3 else w).float()
+
+
+def _fewest_prefix(ctx, count: int):
+    """(prefix, grid) for a decoder's `count` keys: of the grids the pass produced, the one that leaves the fewest
+    tokens in front (a multi-scale decoder visits several levels: 16 keys are a 4x4 level, not 12 + 2x2); None when
+    no grid fits, or two fit equally."""
+    dims = len(ctx.input_grid) if ctx.input_grid else None
+    fits = {(count - math.prod(g), g) for g in (*ctx.hints, *ctx.grids)
+            if (dims is None or len(g) == dims) and 0 <= count - math.prod(g) <= MAX_PREFIX}
+    best = sorted(fits)[:2]
+    return best[0] if len(best) == 1 or (best and best[0][0] < best[1][0]) else None
+
+
+def _cross_keys(query: Tensor, key: Tensor) -> Tensor | None:
+    """The keys' tokens of a cross-attention call; None for self-attention (keys equal to the queries: a decoder's
+    self-attention adds the same position embeddings to both, making two equal tensors)."""
+    return None if key is query or (key.shape == query.shape and torch.equal(key, query)) else key
+
+
 def _attention_like(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "attention" in name or "attn" in name
@@ -305,6 +363,12 @@ class _Mode(TorchFunctionMode):
                         w = _sdpa_weights(q.detach(), k.detach(), b.get("attn_mask"), 0.0, b.get("is_causal", False),
                                           b.get("scale"), b.get("enable_gqa", False))
                     self.owner._record(w, "scaled_dot_product_attention")
+            elif func is _MHA_FORWARD:  # open_clip's and CLIP's attention pools call it themselves
+                if self.owner._watching():
+                    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    self.owner._record(_mha_forward_weights(bound.arguments), "multi_head_attention_forward",
+                                       _cross_keys(bound.arguments["query"], bound.arguments["key"]))
             elif func in _SOFTMAX and isinstance(out, Tensor) and out.dim() >= 3:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
                 if dim in (-1, out.dim() - 1) and self.owner._watching():
@@ -335,6 +399,7 @@ class capture_attention:
         self.values: dict[str, list[Tensor]] = defaultdict(list)
         self.failures: list[str] = []
         self._stack: list = []
+        self._memory: dict[str, Tensor] = {}  # running modules called with a decoder's keys (encoder_hidden_states)
         self._handles = []
         self._mode = None
         self.tracer = LayoutTracer(model, cache=False)
@@ -354,14 +419,27 @@ class capture_attention:
             return next((n for n, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), self._stack[-1][0])
         return next(n for n, _, _ in reversed(self._stack) if n in self.watched)
 
-    def _record(self, w: Tensor, source: str) -> None:
+    def _record(self, w: Tensor, source: str, keys: Tensor | None = None) -> None:
+        """keys: the tokens the keys come from where the call names them apart from the queries (cross-attention
+        through nn.MultiheadAttention / F.multi_head_attention_forward), for a decoder's records."""
         layer = self._credit()
         batch = self.tracer.ctx.batch
         if w.dim() == 3:  # one head: (N, Lq, Lk)
             w = w[:, None]
+        inner = next((m for _, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), None)
+        sampling = "deformable" in type(inner).__name__.lower()  # the module that computes the weights
+        decoder = any(n in self._memory for n, _, _ in self._stack)
         place, scheme = _window_placement(self._stack, w, batch)  # first: a single padded window is not global
-        if place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
-            rec = self._global(layer, w, source)
+        if sampling:
+            rec = AttentionRecord(layer, w, "global", source, role="sampling",
+                                  why=f"{type(inner).__name__} is deformable attention: its softmax weighs "
+                                      "sampling points (offsets it predicts), not the tokens of a grid")
+        elif place is None and batch is not None and w.shape[0] == batch and w.dim() == 4:
+            rec = self._global(layer, w, source) if not decoder else self._decoder(layer, w, source, keys)
+        elif place is None and decoder:
+            rec = AttentionRecord(layer, w, "global", source, role="decoder",
+                                  why=f"its weights {tuple(w.shape)} are a decoder's (batch {batch}, heads folded "
+                                      "into it?) over its learned queries")
         else:
             why = "" if place is not None else (f"its weights {tuple(w.shape)} hold windows or patches in the batch "
                                                 f"(batch {batch}) in a scheme lightning-vis does not know")
@@ -382,12 +460,39 @@ class capture_attention:
             layouts.append(Layout("tokens", found[1], found[0], "attention") if found else None)
         why = "" if layouts[1] is not None else (f"{w.shape[-1]} keys do not split into prefix tokens and a grid that "
                                                  f"follows from the input {ctx.input_grid}")
-        return AttentionRecord(layer, w, "global", source, query=layouts[0], key=layouts[1], why=why)
+        role = "pool" if w.shape[-2] == 1 < w.shape[-1] else ""
+        return AttentionRecord(layer, w, "global", source, query=layouts[0], key=layouts[1], why=why, role=role)
+
+    def _decoder(self, layer: str, w: Tensor, source: str, keys: Tensor | None) -> AttentionRecord:
+        """Attention inside a decoder (a module called with encoder_hidden_states / key_value_states / memory other
+        than its own input): its queries are the decoder's own (learned object queries), never the image's positions.
+        Cross-attention (keys named apart from the queries, or the innermost module running got the encoder's
+        tokens; batch first or not) is placed through the keys' layout; self-attention is refused."""
+        inner = next((n for n, m, _ in reversed(self._stack) if not isinstance(m, _LEAVES)), None)
+        memory, count = keys if keys is not None else self._memory.get(inner), w.shape[-1]
+        if not isinstance(memory, Tensor) or memory.dim() != 3 or \
+                count != (memory.shape[1] if len(memory) == len(w) else len(memory)):
+            return AttentionRecord(layer, w, "global", source, role="decoder",
+                                   why=f"its {w.shape[-2]} queries attend to each other (a decoder's self-attention "
+                                       "over its learned queries, not over the image's positions)")
+        given = self.tracer._known.get(_signature(memory))
+        if given is not None and given.kind == "tokens" and given.prefix + math.prod(given.grid) == count:
+            key = given
+        else:
+            found = _fewest_prefix(self.tracer.ctx, count) or self.tracer.ctx.token_layout(count)
+            key = Layout("tokens", found[1], found[0], "attention") if found else None
+        why = "" if key is not None else (f"the encoder's {count} tokens do not split into prefix tokens and a grid "
+                                          f"that follows from the input {self.tracer.ctx.input_grid}")
+        return AttentionRecord(layer, w, "global", source, key=key, why=why, role="decoder")
 
     def _pre(self, name, module):
         def hook(mod, args, kwargs):
             x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
-            self._stack.append((name, mod, x))
+            self._stack.append((name, mod, _on_grid(mod, x, args, kwargs)))
+            # a decoder's keys: a tensor, or one per level (Mask2Former); an encoder may pass its own input
+            memory = next((kwargs[k] for k in _MEMORY if _first_tensor(kwargs.get(k)) is not None), None)
+            if memory is not None and memory is not x:
+                self._memory[name] = memory
             if name in self._mha and (self.watched is None or self._watching_mha(name)):
                 try:
                     self._mha_weights(name, mod, args, kwargs)
@@ -402,6 +507,7 @@ class capture_attention:
         def hook(mod, args, output):
             if self._stack and self._stack[-1][0] == name:
                 self._stack.pop()
+                self._memory.pop(name, None)
         return hook
 
     def _mha_weights(self, name, mod: nn.MultiheadAttention, args, kwargs):
@@ -410,17 +516,15 @@ class capture_attention:
         q, k, v = b["query"], b["key"], b["value"]
         if mod.batch_first and q.dim() == 3:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        with torch.no_grad():
-            _, w = F.multi_head_attention_forward(
-                q, k, v, mod.embed_dim, mod.num_heads, mod.in_proj_weight, mod.in_proj_bias, mod.bias_k, mod.bias_v,
-                mod.add_zero_attn, 0.0, mod.out_proj.weight, mod.out_proj.bias, training=False,
-                key_padding_mask=b.get("key_padding_mask"), need_weights=True, attn_mask=b.get("attn_mask"),
-                use_separate_proj_weight=not mod._qkv_same_embed_dim, q_proj_weight=mod.q_proj_weight,
-                k_proj_weight=mod.k_proj_weight, v_proj_weight=mod.v_proj_weight, average_attn_weights=False,
-                is_causal=b.get("is_causal", False))
-        if w.dim() == 3:  # an unbatched call
-            w = w[None]
-        self._record(w.float(), "MultiheadAttention")  # credited to the MHA (or the watched module around it)
+        w = _mha_forward_weights(dict(
+            query=q, key=k, value=v, embed_dim_to_check=mod.embed_dim, num_heads=mod.num_heads,
+            in_proj_weight=mod.in_proj_weight, in_proj_bias=mod.in_proj_bias, bias_k=mod.bias_k, bias_v=mod.bias_v,
+            add_zero_attn=mod.add_zero_attn, out_proj_weight=mod.out_proj.weight, out_proj_bias=mod.out_proj.bias,
+            key_padding_mask=b.get("key_padding_mask"), attn_mask=b.get("attn_mask"),
+            use_separate_proj_weight=not mod._qkv_same_embed_dim, q_proj_weight=mod.q_proj_weight,
+            k_proj_weight=mod.k_proj_weight, v_proj_weight=mod.v_proj_weight, is_causal=b.get("is_causal", False)))
+        # credited to the MHA (or the watched module around it)
+        self._record(w, "MultiheadAttention", _cross_keys(b["query"], b["key"]))
 
     def __enter__(self) -> "capture_attention":
         try:
