@@ -201,7 +201,7 @@ def check_finite(model: nn.Module, where: str) -> None:
     bad = []
     for key, value in model.state_dict().items():
         if not (value.is_floating_point() or value.is_complex()) or value.is_meta or \
-                torch.isfinite(value.sum()).all():
+                nn.parameter.is_lazy(value) or torch.isfinite(value.sum()).all():
             continue
         if value.isnan().any():
             bad.append(f"{key} (NaN)")

@@ -185,6 +185,7 @@ def test_weights_that_are_not_finite_are_named_by_key(files, tmp_path, monkeypat
             net.fc.bias[1] = float("nan")
         return net
 
+    cli.check_finite(torch.nn.Sequential(torch.nn.LazyConv2d(4, 3)), "--model lazy")  # nothing to look at yet
     monkeypatch.setattr(models, "overflowing", overflowing, raising=False)
     assert cli.main(["layers", "--model", "tests.cli_models:overflowing"]) == 2
     assert one_error(capsys, "layers") == ("lightning-vis layers: --model 'tests.cli_models:overflowing': 1 weight "
@@ -233,8 +234,7 @@ CASES = [(c, f, v) for c, f in numeric_flags() for v in (("1e300", "-1e300") if 
 
 
 def test_every_numeric_flag_is_in_the_table():
-    assert {f for _, f in numeric_flags()} == set(RANGES)
-    # a string flag whose numbers are bounded too: the render and layers sizes (megapixels), --devices
+    assert {f for _, f in numeric_flags()} == set(RANGES) == {cli._flag(n) for n in [*cli.RANGES, *cli.FLOAT_RANGE]}
     assert len(CASES) > 90
 
 
