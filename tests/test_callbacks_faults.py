@@ -518,3 +518,21 @@ def test_out_of_memory_in_a_callback_keeps_its_type(name, make, lower, at_call, 
     with pytest.raises(torch.OutOfMemoryError, match=rf"{lower}.*\(CUDA out of memory. Tried to allocate 20.00 GiB"):
         run(module, [make(data(2, 3).tensors[0])], tmp_path, max_epochs=1)
     assert module.steps == (0 if at_call == 1 else 3) and lv.hooks.hook_counts(module) == 0
+
+
+@pytest.mark.parametrize("compiled", ["whole", "net"])
+def test_the_collectors_on_a_compiled_module(compiled, tmp_path):
+    """DatasetExamples and FilterHealth on a compiled net: its layers by their own names (not 'net._orig_mod.*'),
+    and hooks that run (a compiled graph does not call hooks added after it was traced: "'net.conv2' did not run"):
+    the net runs as its original while they are on; the top-k equal a plain scan of the trained net."""
+    module = TinyL()
+    if compiled == "net":
+        module.net = torch.compile(module.net, backend="aot_eager")
+    cbs = [C.DatasetExamples(["net.conv2"], k=3), C.FilterHealth(["net.relu2"])]
+    L.Trainer(max_epochs=1, logger=False, callbacks=cbs, default_root_dir=tmp_path, **QUIET).fit(
+        torch.compile(module, backend="aot_eager") if compiled == "whole" else module, *loaders())
+    net = module.net._orig_mod if compiled == "net" else module.net
+    want = lv.top_k_examples(net, loaders()[1], "conv2", k=3, progress=False)
+    assert torch.equal(cbs[0].result.layers["net.conv2"].indices, want.layers["conv2"].indices)
+    assert cbs[1].report.seen == 20 and lv.hooks.hook_counts(module) == 0
+    assert hasattr(module.net, "_orig_mod") == (compiled == "net")

@@ -100,14 +100,15 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _eager(module):
+def _eager(module, forward: bool = True):
     """The module as it was before torch.compile, for the callbacks' own work: a compiled backward cannot run
     inside the methods' vmap (nor twice, with donated buffers), and a compiled submodule hides its layers under
     ``_orig_mod``. Lightning's compiled LightningModule gets its original forward back (``_compiler_ctx``), every
     compiled submodule is replaced by its original (``_orig_mod``: same layers, same parameters); both are put
-    back afterwards."""
+    back afterwards. forward=False: the submodules only."""
     ctx = getattr(module, "_compiler_ctx", None)
-    compiled_forward = vars(module).get("forward") if isinstance(ctx, dict) and "original_forward" in ctx else None
+    compiled_forward = vars(module).get("forward") if forward and isinstance(ctx, dict) and \
+        "original_forward" in ctx else None
     swapped = [(parent, name, child) for parent in list(module.modules()) for name, child in parent._modules.items()
                if isinstance(getattr(child, "_orig_mod", None), torch.nn.Module)]
     try:
@@ -508,7 +509,9 @@ class _ValidationCollector(Lifecycle):
     """Hooks the layers for the validation epoch (not the sanity check), feeds each batch's input (found by
     ``batch_input``) to a collector. The layer names are checked at fit start, and where the input is in a
     validation batch before the first training step (on a batch made of the validation set's first sample), then
-    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown."""
+    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown. Compiled
+    submodules run as their originals while the hooks are on (a compiled graph does not call hooks added after it
+    was traced), and are put back with the hooks."""
 
     lower = "a smaller validation batch size or fewer layers"
 
@@ -517,6 +520,7 @@ class _ValidationCollector(Lifecycle):
         self.every_n_epochs = _positive("every_n_epochs", every_n_epochs, optional=False)
         self.batch_input = batch_input
         self._collector = None
+        self._originals = contextlib.ExitStack()  # compiled submodules swapped for their originals while hooked
         self._input_checked = False
 
     def describe(self):
@@ -552,8 +556,8 @@ class _ValidationCollector(Lifecycle):
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if self._active(trainer):
-            with _eager(pl_module):  # the layers of a compiled submodule by their own names
-                self._collector = self.make_collector(pl_module).attach()
+            self._originals.enter_context(_eager(pl_module, forward=False))
+            self._collector = self.make_collector(pl_module).attach()
             try:
                 self._order = _dataset_indices(_val_loader(trainer))
             except ValueError:
@@ -578,6 +582,7 @@ class _ValidationCollector(Lifecycle):
         if self._collector is None:
             return
         self._collector.detach()
+        self._originals.close()
         try:
             self.finish(trainer, pl_module)
         except torch.OutOfMemoryError as e:
@@ -589,6 +594,7 @@ class _ValidationCollector(Lifecycle):
         if self._collector is not None:
             self._collector.detach()
             self._collector = None
+        self._originals.close()
 
 
 class DatasetExamplesMixin(_ValidationCollector):
