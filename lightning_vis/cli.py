@@ -20,10 +20,13 @@ Arguments are checked before any work; a mistake is one line on stderr and exit 
 are not pictures, cannot be decoded, are over the 179-megapixel budget or are clips for an image model (stills for
 a video model) are skipped with a warning. Outputs are written to a hidden folder beside --out and moved into it
 when the command succeeds (the JSON index last): a failed run leaves --out as it was. An existing folder where a
-file goes (or a file where a folder goes) is refused before anything is moved. atlas is the exception: it writes
-into --out as it goes, so that an interrupted or failed run resumes where it stopped when run again (it refuses an
---out that holds another kind of atlas). Output files are named after the pictures (a0.png -> a0_...); pictures
-with the same stem (a0.png and a0.jpg) get their whole file name (a0.png_..., a0.jpg_...).
+file goes (or a file where a folder goes), or a file there that lightning-vis did not write (its own are listed in
+--out/.lightning-vis-written), is refused before anything is moved; --out may not be the root or a system folder.
+Ctrl-C and SIGTERM remove the hidden folder (exit status 130 and 143, with a line); every number has a range that
+the error names. atlas is the exception: it writes into --out as it goes, so that an interrupted or failed run
+resumes where it stopped when run again (it refuses an --out that holds another kind of atlas). Output files are
+named after the pictures (a0.png -> a0_...); pictures with the same stem (a0.png and a0.jpg) get their whole file
+name (a0.png_..., a0.jpg_...).
 LIGHTNING_VIS_TRACEBACK=1 shows the traceback of an unexpected error.
 """
 
@@ -36,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -130,6 +134,9 @@ def _build(spec: str, source: str, name: str) -> nn.Module:
                        "an nn.Module")
     try:
         model = factory()
+    except SystemExit as e:  # sys.exit in the factory: a --model that cannot be built, not a silent exit
+        raise CliError(f"--model {spec!r}: calling {name}() exited (SystemExit({e.code!r})) instead of returning an "
+                       "nn.Module") from None
     except Exception as e:  # noqa: BLE001 - whatever the factory does wrong, one line
         raise CliError(f"--model {spec!r}: calling {name}() failed ({type(e).__name__}: {one_line(e)}); --model "
                        "names a function or class that builds an nn.Module with no arguments") from e
@@ -236,6 +243,23 @@ def _hf_model(spec: str, rest: str) -> tuple[nn.Module, list[str] | None]:
     return model, (names if names and not default else None)
 
 
+def check_finite(model: nn.Module, where: str) -> None:
+    """Every floating-point weight and buffer finite, else one line naming them by key: NaN or infinite weights
+    give NaN scores, and the methods fail far away from the cause (an index of -2**63). Cheap: one sum per tensor,
+    which is finite whenever every value is, unless it overflows; only then are the values looked at."""
+    bad = []
+    for key, value in model.state_dict().items():
+        if not (value.is_floating_point() or value.is_complex()) or value.is_meta or \
+                nn.parameter.is_lazy(value) or torch.isfinite(value.sum()).all():
+            continue
+        if value.isnan().any():
+            bad.append(f"{key} (NaN)")
+        elif not value.isfinite().all():
+            bad.append(f"{key} (inf)")
+    if bad:
+        raise CliError(f"{where}: {len(bad)} weight{' is' if len(bad) == 1 else 's are'} not finite: {_listed(bad)}")
+
+
 def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[str] | None, object]:
     """'torchvision:<name>' (random weights unless --weights; ImageNet class names and preprocessing from
     torchvision's metadata, no download), 'package.module:factory' (called with no arguments), or a transformers
@@ -267,6 +291,7 @@ def load_model(spec: str, weights: str | None = None) -> tuple[nn.Module, list[s
         model = _build(spec, source, name)
     if weights:
         load_weights(model, weights, spec)
+    check_finite(model, f"--weights {weights!r}" if weights else f"--model {spec!r}")
     return model.eval(), categories, transform
 
 
@@ -278,15 +303,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-#: int arguments and their smallest valid value (those a command has)
-AT_LEAST = {"top": 1, "top_k": 1, "k": 1, "tile": 1, "batch_size": 1, "steps": 1, "chunk_size": 1, "octaves": 1,
-            "units": 1, "render_size": 8, "samples": 1, "show": 0, "render_steps": 1, "size": 1, "channels": 1,
-            "threads": 1, "batch": 1, "diverse": 0, "connections": 0, "workers": 0, "num_nodes": 1, "max_units": 1}
-#: int arguments and their largest valid value: dream's octaves shrink the image by 1.4 each (20: 1/600, below
-#: the 8-pixel floor of any picture); the explorer's HTTP threads; renders (report, atlas) in pixels
-AT_MOST = {"octaves": 20, "threads": 1024, "render_size": 4096}
-#: serve's float arguments: (smallest, largest) valid value
-FLOAT_RANGE = {"timeout": (0.1, 86_400.0), "cache_mb": (1.0, float(1 << 20))}
+#: every int argument of every command (by dest) and its valid range, so that every run can finish: counts of
+#: images, units and steps a machine gets through; dream's octaves shrink the image by 1.4 each (20: 1/600, below
+#: the 8-pixel floor of any picture); an image --size within the pixel budget; seeds of 32 bits
+RANGES = {"top": (1, 100_000), "top_k": (1, 4096), "k": (1, 1000), "tile": (1, 4096), "batch_size": (1, 4096),
+          "steps": (1, 100_000), "chunk_size": (1, 4096), "octaves": (1, 20), "units": (1, MAX_CHANNELS),
+          "render_size": (8, 4096), "samples": (1, 10_000), "show": (0, 100_000), "render_steps": (1, 10_000),
+          "size": (1, math.isqrt(MAX_PIXELS)), "channels": (1, MAX_CHANNELS), "threads": (1, 1024),
+          "batch": (1, 4096), "diverse": (0, 64), "connections": (0, 1000), "workers": (0, 256),
+          "num_nodes": (1, 1024), "max_units": (1, 1 << 20), "seed": (0, 2 ** 32 - 1), "port": (0, 65535),
+          "max_images": (1, 4096)}
+#: every float argument and its valid range: serve's timeout and cache, dream's step size, health's threshold
+FLOAT_RANGE = {"timeout": (0.1, 86_400.0), "cache_mb": (1.0, float(1 << 20)), "lr": (1e-6, 1e3),
+               "threshold": (-1e30, 1e30)}
+MAX_DEVICES = 1024  # atlas --devices per node
 MAX_DREAM_TILES = 1024  # pieces per DeepDream step (--tile)
 
 
@@ -301,6 +331,8 @@ def parse_size(spec: str, flag: str, dims=(1, 2, 3), channels_first: bool = Fals
         raise CliError(f"{flag} {spec!r}: expected {' or '.join(str(d) for d in dims)} numbers")
     if min(size) < 1:
         raise CliError(f"{flag} {spec!r}: sizes must be positive")
+    if channels_first and size[0] > MAX_CHANNELS:
+        raise CliError(f"{flag} {spec!r}: {size[0]} channels, over {MAX_CHANNELS}")
     space = size[1:] if channels_first else size
     pixels = math.prod(space) * (space[0] if len(space) == 1 and not channels_first else 1)
     if pixels > MAX_PIXELS:
@@ -326,9 +358,45 @@ def parse_channels(spec: str) -> list[int]:
     return out
 
 
+#: folders of the system, refused as --out (resolved: /lib -> /usr/lib counts) with all they hold (SYSTEM_DEEP)
+#: or with the folders directly inside them (SYSTEM_SHALLOW: /usr/bin, /var/lib; not a web root such as
+#: /var/www/site); temporary folders inside them are fine
+SYSTEM_DEEP = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys")
+SYSTEM_SHALLOW = ("/usr", "/var")
+SYSTEM_TEMP = ("/var/tmp", "/dev/shm")
+
+
+def _inside(path: Path, folder: str) -> bool:
+    """Whether the resolved `path` is `folder` or in it (as named or resolved)."""
+    return any(path == f or f in path.parents for f in {Path(folder), Path(os.path.realpath(folder))})
+
+
+def _system_folder(path: Path) -> str | None:
+    """The system folder (resolved) that `path` (resolved) is or is in, per SYSTEM_DEEP and SYSTEM_SHALLOW; None
+    if none."""
+    real = Path(os.path.realpath(path))
+    if real.parent == real:
+        return str(real)  # the root
+    if any(_inside(real, t) for t in SYSTEM_TEMP):
+        return None
+    for folder in SYSTEM_DEEP:
+        if _inside(real, folder):
+            return os.path.realpath(folder)
+    for folder in SYSTEM_SHALLOW:
+        if _inside(real, folder) and not _inside(real.parent.parent, folder):  # the folder or one directly inside
+            return str(real)
+    return None
+
+
 def check_out(folder: str) -> Path:
-    """--out: a folder, or a path where one can be made (not a file, nor under one)."""
+    """--out: a folder, or a path where one can be made (not a file, nor under one); not the root nor a system
+    folder."""
     out = Path(folder)
+    system = _system_folder(out)
+    if system is not None:
+        raise CliError(f"--out {folder!r}: {system!r} is a system folder (/, {', '.join(SYSTEM_DEEP[:4])}, /lib*, "
+                       f"/proc, /sbin, /sys and what is inside them; {', '.join(SYSTEM_SHALLOW)} and the folders "
+                       "directly inside them): choose a folder of your own")
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
@@ -341,14 +409,13 @@ def check_out(folder: str) -> Path:
 
 def check_args(args) -> None:
     """Every argument that can be checked without the model: counts, sizes, ports, files, --out."""
-    for name, low in AT_LEAST.items():
+    for name, (low, high) in RANGES.items():
         value = getattr(args, name, None)
         if not isinstance(value, int) or isinstance(value, bool):
             continue
-        if value < low:
-            raise CliError(f"{_flag(name)} {value}: must be {'positive' if low == 1 else f'at least {low}'}")
-        if value > AT_MOST.get(name, value):
-            raise CliError(f"{_flag(name)} {value}: must be at most {AT_MOST[name]}")
+        if not low <= value <= high:
+            need = f"at most {high}" if value > high else "positive" if low == 1 else f"at least {low}"
+            raise CliError(f"{_flag(name)} {value}: must be {need} ({low} to {high})")
     for name, (low, high) in FLOAT_RANGE.items():
         value = getattr(args, name, None)
         if isinstance(value, float) and not (math.isfinite(value) and low <= value <= high):
@@ -359,15 +426,9 @@ def check_args(args) -> None:
         parse_channels(args.channels)
     if getattr(args, "render_size", None):
         parse_size(str(args.render_size), "--render-size")
-    port = getattr(args, "port", None)
-    if port is not None and not 0 <= port <= 65535:
-        raise CliError(f"--port {port}: must be 0..65535 (0: any free port)")
-    for name in ("lr", "threshold"):
-        value = getattr(args, name, None)
-        if value is not None and not math.isfinite(value):
-            raise CliError(f"{_flag(name)} {value}: must be a finite number")
-    if getattr(args, "lr", None) is not None and args.lr <= 0:
-        raise CliError(f"--lr {args.lr}: must be positive")
+    devices = getattr(args, "devices", None)
+    if devices is not None and devices.isdigit() and not 1 <= int(devices) <= MAX_DEVICES:
+        raise CliError(f"--devices {devices!r}: 1 to {MAX_DEVICES} devices per node, or 'auto'")
     if args.command == "topk":
         grid = (args.tile * args.k) * (args.tile * args.channels)
         if grid > MAX_PIXELS:
@@ -448,10 +509,15 @@ def _explicit(layers) -> set[str]:
 
 class Output:
     """The files of one command. They are written into a hidden temporary folder beside --out and moved into
-    --out by commit(), the .json / .html indexes last; on failure (or Ctrl-C) the temporary folder is removed and
-    --out is left as it was. path(rel) gives where to write, final(path) the path the file will have."""
+    --out by commit(), the .json / .html indexes last; on failure (or Ctrl-C, SIGTERM) the temporary folder is
+    removed and --out is left as it was. path(rel) gives where to write, final(path) the path the file will have.
+
+    A file of --out is only ever replaced when lightning-vis wrote it: commit() records the files it moved in
+    WRITTEN (a hidden JSON list in --out); a file of another name there is refused as soon as the command knows
+    that it writes that name (path()), or before the first move (commit())."""
 
     INDEXES = (".json", ".html")
+    WRITTEN = ".lightning-vis-written"
 
     def __init__(self, folder: str | Path):
         self.folder = check_out(str(folder))
@@ -461,6 +527,28 @@ class Output:
         if not os.access(anchor, os.W_OK | os.X_OK) and self.folder.is_dir():
             anchor = self.folder
         self.stage = Path(tempfile.mkdtemp(prefix=f".{absolute.name or 'out'}.partial-", dir=anchor))
+        self.written = self._written()
+
+    def _written(self) -> set[str]:
+        """The files (relative, POSIX) that lightning-vis wrote into --out, from WRITTEN (nothing if absent)."""
+        record = self.folder / self.WRITTEN
+        if not record.exists():
+            return set()
+        try:
+            names = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CliError(f"--out {str(self.folder)!r}: {self.WRITTEN!r} is not lightning-vis's record of the files "
+                           "it wrote there: move it away or choose another --out")
+        return set(names)
+
+    def _refuse_users_file(self, rel: Path) -> None:
+        """A file (or link) of --out where this command writes `rel`, not written by lightning-vis: refused."""
+        target = self.folder / rel
+        if (target.is_symlink() or target.exists() and not target.is_dir()) and rel.as_posix() not in self.written:
+            raise CliError(f"--out {str(self.folder)!r}: {rel.as_posix()!r} is already there and was not written by "
+                           "lightning-vis: move it away or choose another --out (nothing was written)")
 
     def __enter__(self) -> "Output":
         return self
@@ -470,6 +558,7 @@ class Output:
         return False
 
     def path(self, rel) -> Path:
+        self._refuse_users_file(Path(rel))
         p = self.stage / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -489,8 +578,9 @@ class Output:
         return self.final(p)
 
     def commit(self) -> None:
-        """Moves the files into --out; a clash (a folder where a file goes, a file where a folder goes) is refused
-        before the first move, and nothing of the user's is deleted."""
+        """Moves the files into --out; a clash (a folder where a file goes, a file where a folder goes, a file that
+        lightning-vis did not write) is refused before the first move, and nothing of the user's is deleted or
+        replaced. Then records the files in WRITTEN."""
         files = sorted((p for p in self.stage.rglob("*") if p.is_file()),
                        key=lambda p: (p.suffix in self.INDEXES, len(p.parts), str(p)))
         rels = [f.relative_to(self.stage) for f in files]
@@ -502,13 +592,22 @@ class Output:
                 if (self.folder / parent).exists() and not (self.folder / parent).is_dir():
                     raise CliError(f"--out {str(self.folder)!r}: {str(parent)!r} is a file there, where this command "
                                    "writes a folder: move it away or choose another --out (nothing was written)")
+            self._refuse_users_file(rel)
         for f, rel in zip(files, rels):
             target = self.folder / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(f, target)
-            except OSError:  # another file system
-                shutil.move(f, target)
+            _move(f, target)
+        self.written |= {rel.as_posix() for rel in rels}
+        record = self.stage / self.WRITTEN
+        record.write_text(json.dumps(sorted(self.written)))
+        _move(record, self.folder / self.WRITTEN)
+
+
+def _move(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError:  # another file system
+        shutil.move(source, target)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1217,6 +1316,19 @@ def add_evaluate_command(sub, common, targeted) -> None:
     p.set_defaults(run=run)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (as Ctrl-C raises KeyboardInterrupt), so that the hidden folder is
+    removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum, frame):
+    raise Interrupted(signum)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes as one line on stderr (and exit status 2), not argparse's usage block."""
 
@@ -1393,16 +1505,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         check_args(args)
         model, categories, transform = load_model(args.model, args.weights)
         args.run(args, model, categories, transform)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         close_progress_bars()
         what = ("the units written so far stay in --out: run the same command again to resume"
                 if args.command == "atlas" else "nothing written")
-        print(f"lightning-vis {args.command}: interrupted ({what})", file=sys.stderr)
-        return 130
+        signum = getattr(e, "signum", signal.SIGINT)
+        by = f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""
+        print(f"lightning-vis {args.command}: interrupted{by} ({what})", file=sys.stderr)
+        return 128 + signum
+    except SystemExit as e:  # sys.exit in the model's or a library's code, after the checks
+        close_progress_bars()
+        print(f"lightning-vis {args.command}: stopped: SystemExit({e.code!r}) raised inside the run (the model's or "
+              "a library's code called sys.exit)", file=sys.stderr)
+        return e.code if isinstance(e.code, int) and e.code else 1
     except (CliError, LayerNotFoundError, ValueError) as e:
         close_progress_bars()
         print(f"lightning-vis {args.command}: {one_line(e)}", file=sys.stderr)
@@ -1419,6 +1542,9 @@ def main(argv=None) -> int:
         print(f"lightning-vis {args.command}: {type(e).__name__}: {one_line(e)} (set LIGHTNING_VIS_TRACEBACK=1 "
               "for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

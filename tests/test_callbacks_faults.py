@@ -416,3 +416,123 @@ def test_training_is_the_same_with_and_without_the_callbacks(tmp_path):
     assert plain.keys() == watched.keys()
     for name in plain:
         assert torch.equal(plain[name], watched[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiled modules, forwards that take a dict, out of memory
+
+
+def compiled_run(tmp_path, compiled, images):
+    """A fit that trains nothing (limit_train_batches=0): the callbacks' fit-end run on the initial weights, the
+    module compiled as a whole ("whole": Lightning unwraps it and compiles its forward) or its net ("net")."""
+    module = TinyL()
+    if compiled == "net":
+        module.net = torch.compile(module.net, backend="aot_eager")
+    fitted = torch.compile(module, backend="aot_eager") if compiled == "whole" else module
+    cbs = [C.Deconvnet(images, ["net.conv2"], top_k=2),
+           C.Visualize(images, ["net.conv2"], cam_layer="net.conv2", viz_layer="net.conv2", channels=[0],
+                       render_kwargs=dict(size=8, steps=1))]
+    L.Trainer(max_epochs=1, logger=False, callbacks=cbs, default_root_dir=tmp_path, limit_train_batches=0,
+              limit_val_batches=0, **QUIET).fit(fitted, *loaders())
+    return module, cbs
+
+
+@pytest.mark.parametrize("compiled", ["whole", "net"])
+def test_a_compiled_module_is_explained_through_its_original(compiled, tmp_path):
+    """Deconvnet and Visualize on a torch.compile'd module refused the fit ("compiled backward function within
+    vmap", donated buffers, or no layer 'net.conv2' beside 'net._orig_mod.conv2'): they explain the original
+    module (_orig_mod, the forward Lightning keeps), so that every picture is that of the plain module's run; the
+    compiled forward and submodule are put back."""
+    import numpy as np
+    from PIL import Image
+
+    images = data(2, 3).tensors[0]
+    compiled_run(tmp_path / "plain", None, images)
+    module, cbs = compiled_run(tmp_path / "compiled", compiled, images)
+    assert cbs[0].runs == 1 and all(p.runs == 1 for p in cbs[1].parts[:4])
+    pngs = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.png"))
+    assert len(pngs) == 6  # activations, deconvnet (twice), gradcam, feature_viz, evolution strip
+    for rel in pngs:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / rel)),
+                              np.asarray(Image.open(tmp_path / "compiled" / rel))), rel
+    if compiled == "net":
+        assert hasattr(module.net, "_orig_mod")  # still the compiled net
+    else:
+        assert "forward" in vars(module) and module._compiler_ctx["original_forward"] != module.forward
+    assert lv.hooks.hook_counts(module) == 0
+
+
+class DictForward(TinyL):
+    """A forward that takes the whole batch, a dict."""
+
+    def forward(self, batch):
+        return self.net(batch["image"])
+
+    def training_step(self, batch, _):
+        return F.cross_entropy(self(batch), batch["label"])
+
+    def validation_step(self, batch, _):
+        self(batch)
+
+
+@pytest.mark.parametrize("make", [lambda b: C.ActivationMaps(b, ["net.conv1"]),
+                                  lambda b: C.Deconvnet(b, ["net.conv2"], top_k=2),
+                                  lambda b: C.Attribution(b, "net.conv2"),
+                                  lambda b: C.Visualize(b, ["net.conv2"])])
+def test_a_forward_that_takes_a_dict_is_told_before_the_first_step(make, tmp_path):
+    """It used to get "too many indices for tensor of dimension 4" (the tensor indexed by 'image')."""
+    train = DataLoader(Structured(data(), "dict"), batch_size=8)
+    val = DataLoader(Structured(data(20, 1), "dict"), batch_size=6)
+    module = DictForward()
+    trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[make(next(iter(val)))], default_root_dir=tmp_path,
+                        **QUIET)
+    with pytest.raises(ValueError, match=r"the model's forward does not take the input tensor \(1, 1, 12, 12\) "
+                                         r"that batch_input= picks out of a batch \(IndexError: too many indices.*"
+                                         r"make forward take that tensor"):
+        trainer.fit(module, train, val)
+    assert trainer.global_step == 0 and lv.hooks.hook_counts(module) == 0
+
+
+@pytest.mark.parametrize("name,make,lower", [
+    ("deconvnet", lambda im: C.Deconvnet(im, ["net.conv2"], top_k=2), "Deconvnet.*fewer images or a smaller top_k"),
+    ("render", lambda im: C.FeatureVisualization("net.conv2", [0, 1], size=8, steps=1, image_channels=1),
+     "FeatureVisualization.*fewer channels, a smaller size"),
+    ("grad_cam", lambda im: C.Attribution(im, "net.conv2"), "Attribution.*fewer images")])
+@pytest.mark.parametrize("at_call", [1, 2])
+def test_out_of_memory_in_a_callback_keeps_its_type(name, make, lower, at_call, tmp_path, monkeypatch):
+    """A CUDA out-of-memory in the check at fit start (call 1) or in a run (call 2) was re-raised as a ValueError
+    (or with no word of the callback): it stays a torch.OutOfMemoryError that names the callback and what to
+    lower, the model left without hooks."""
+    from lightning_vis.callbacks import _core
+
+    real, calls = getattr(_core, name), []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, name, fails)
+    module = Faulty()
+    with pytest.raises(torch.OutOfMemoryError, match=rf"{lower}.*\(CUDA out of memory. Tried to allocate 20.00 GiB"):
+        run(module, [make(data(2, 3).tensors[0])], tmp_path, max_epochs=1)
+    assert module.steps == (0 if at_call == 1 else 3) and lv.hooks.hook_counts(module) == 0
+
+
+@pytest.mark.parametrize("compiled", ["whole", "net"])
+def test_the_collectors_on_a_compiled_module(compiled, tmp_path):
+    """DatasetExamples and FilterHealth on a compiled net: its layers by their own names (not 'net._orig_mod.*'),
+    and hooks that run (a compiled graph does not call hooks added after it was traced: "'net.conv2' did not run"):
+    the net runs as its original while they are on; the top-k equal a plain scan of the trained net."""
+    module = TinyL()
+    if compiled == "net":
+        module.net = torch.compile(module.net, backend="aot_eager")
+    cbs = [C.DatasetExamples(["net.conv2"], k=3), C.FilterHealth(["net.relu2"])]
+    L.Trainer(max_epochs=1, logger=False, callbacks=cbs, default_root_dir=tmp_path, **QUIET).fit(
+        torch.compile(module, backend="aot_eager") if compiled == "whole" else module, *loaders())
+    net = module.net._orig_mod if compiled == "net" else module.net
+    want = lv.top_k_examples(net, loaders()[1], "conv2", k=3, progress=False)
+    assert torch.equal(cbs[0].result.layers["net.conv2"].indices, want.layers["conv2"].indices)
+    assert cbs[1].report.seen == 20 and lv.hooks.hook_counts(module) == 0
+    assert hasattr(module.net, "_orig_mod") == (compiled == "net")

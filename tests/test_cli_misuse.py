@@ -97,12 +97,12 @@ MISUSES = [
     (["layers", *MODEL, "--input-size", "3,0,0"], "--input-size '3,0,0': sizes must be positive"),
     (["layers", *MODEL, "--input-size", "3,100000,100000"], "10000 megapixels, over the 179-megapixel budget"),
     (["layers", *MODEL, "--input-size", "3,a,b"], "expected integers separated by commas"),
-    (["serve", *MODEL, "--images", "F/imgs", "--port", "99999"], "--port 99999: must be 0..65535"),
-    (["serve", *MODEL, "--images", "F/imgs", "--port", "-1"], "--port -1: must be 0..65535"),
+    (["serve", *MODEL, "--images", "F/imgs", "--port", "99999"], "--port 99999: must be at most 65535 (0 to 65535)"),
+    (["serve", *MODEL, "--images", "F/imgs", "--port", "-1"], "--port -1: must be at least 0 (0 to 65535)"),
     (["topk", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--channels", "0"], "--channels 0: must be positive"),
     (["topk", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--tile", "0"], "--tile 0: must be positive"),
-    (["topk", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--tile", "5000", "-k", "9"],
-     "a 3600-megapixel grid, over the 179-megapixel budget"),
+    (["topk", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--tile", "4000", "-k", "9"],
+     "a 2304-megapixel grid, over the 179-megapixel budget"),
     (["render", *MODEL, "--layer", "conv2", "--size", "0"], "--size '0': sizes must be positive"),
     (["render", *MODEL, "--layer", "conv2", "--size", "1,2,3,4"], "expected 1 or 2 or 3 numbers"),
     (["render", *MODEL, "--layer", "conv2", "--chunk-size", "0"], "--chunk-size 0: must be positive"),
@@ -116,7 +116,8 @@ MISUSES = [
      "does not take 3-channel images of size 16"),
     (["dream", *MODEL, "--image", "F/imgs/a.png", "--layer", "conv1", "--octaves", "0"],
      "--octaves 0: must be positive"),
-    (["dream", *MODEL, "--image", "F/imgs/a.png", "--layer", "conv1", "--lr", "nan"], "--lr nan: must be a finite"),
+    (["dream", *MODEL, "--image", "F/imgs/a.png", "--layer", "conv1", "--lr", "nan"],
+     "--lr nan: must be a number from 1e-06 to 1000"),
     (["dream", *MODEL, "--image", "F/imgs/bad.png", "--layer", "conv1"], "bad.png: not an image"),
     (["report", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--units", "0"], "--units 0: must be positive"),
     (["report", *MODEL, "--images", "F/imgs", "--layers", "conv2", "--cam-layer", "nope", "--size", "16"],
@@ -271,7 +272,8 @@ def test_a_run_that_fails_midway_leaves_out_as_it_was(files, tmp_path, capsys, m
     # and a run that succeeds adds its files next to what was there
     monkeypatch.setattr(cli, "grad_cam", real)
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_gradcam.png", "c_gradcam.png", "earlier.txt", "gradcam.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lightning-vis-written", "a_gradcam.png", "c_gradcam.png",
+                                                     "earlier.txt", "gradcam.json"]
 
 
 def test_error_lines_are_not_glued_onto_a_progress_bar(files, tmp_path, capsys):
@@ -288,5 +290,6 @@ def test_out_may_be_the_current_folder(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["render", *MODEL, "--layer", "conv2", "--channels", "1", "--steps", "1", "--size", "8",
                      "--out", "."]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv2_1.png", "conv2_grid.png", "conv2_render.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lightning-vis-written", "conv2_1.png", "conv2_grid.png",
+                                                          "conv2_render.json"]
     assert json.loads((tmp_path / "conv2_render.json").read_text())["files"] == ["conv2_1.png"]

@@ -25,7 +25,7 @@ from ..dataset import TopK, TopKCollector, _dataset_indices, all_gather_merge
 from ..deconv import deconvnet
 from ..featureviz import render
 from ..health import ActivityCollector
-from ..hooks import LayerNotFoundError, resolve_layers
+from ..hooks import LayerNotFoundError, ModelGuard, resolve_layers
 from ..hooks.layout import Layout
 from ..batches import find_input
 
@@ -100,12 +100,38 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _eager(module, forward: bool = True):
+    """The module as it was before torch.compile, for the callbacks' own work: a compiled backward cannot run
+    inside the methods' vmap (nor twice, with donated buffers), and a compiled submodule hides its layers under
+    ``_orig_mod``. Lightning's compiled LightningModule gets its original forward back (``_compiler_ctx``), every
+    compiled submodule is replaced by its original (``_orig_mod``: same layers, same parameters); both are put
+    back afterwards. forward=False: the submodules only."""
+    ctx = getattr(module, "_compiler_ctx", None)
+    compiled_forward = vars(module).get("forward") if forward and isinstance(ctx, dict) and \
+        "original_forward" in ctx else None
+    swapped = [(parent, name, child) for parent in list(module.modules()) for name, child in parent._modules.items()
+               if isinstance(getattr(child, "_orig_mod", None), torch.nn.Module)]
+    try:
+        if compiled_forward is not None:
+            module.forward = ctx["original_forward"]
+        for parent, name, child in swapped:
+            parent._modules[name] = child._orig_mod
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
+        if compiled_forward is not None:
+            module.forward = compiled_forward
+
+
+@contextlib.contextmanager
 def _callback_work(module):
     """Gradients on, inference mode off (validation runs under it), the global RNGs (CPU and the module's GPU) as
-    they were afterwards: a check or a render does not change what training draws next."""
+    they were afterwards: a check or a render does not change what training draws next. A compiled module is
+    worked on through its original (``_eager``)."""
     p = next(module.parameters(), None)
     devices = [p.device] if p is not None and p.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), _eager(module):
         yield
 
 
@@ -113,8 +139,16 @@ class Lifecycle:
     """Checks the configuration at fit start (``check``, errors re-raised as one clear ValueError naming the
     callback) and releases what the callback holds (``cleanup``) in ``on_exception`` and ``teardown``."""
 
+    #: what to try when the callback's work runs out of memory
+    lower = "smaller sizes"
+
     def describe(self) -> str:
         return type(self).__name__
+
+    def out_of_memory(self, e: BaseException) -> torch.OutOfMemoryError:
+        """An out-of-memory error of the callback's work, still a torch.OutOfMemoryError, saying which callback and
+        what to try."""
+        return torch.OutOfMemoryError(f"{self.describe()}: out of memory, try {self.lower} ({_first_line(e)})")
 
     def check(self, trainer, pl_module) -> None:
         """Raise on a configuration that cannot work with this model; called before the first training step."""
@@ -128,6 +162,8 @@ class Lifecycle:
                 check(trainer, pl_module)
         except LayerNotFoundError as e:
             raise LayerNotFoundError(f"{self.describe()}: {e}") from e
+        except torch.OutOfMemoryError as e:
+            raise self.out_of_memory(e) from e
         except (ValueError, TypeError, RuntimeError, NotImplementedError, IndexError, KeyError) as e:
             raise ValueError(f"{self.describe()}: {_first_line(e)}") from e
 
@@ -179,8 +215,11 @@ class Scheduled(Lifecycle):
         if self.rank_zero_only and not trainer.is_global_zero:
             return
         if self.last_step is None or self.last_step != trainer.global_step:
-            with _callback_work(pl_module):
-                self.run(trainer, pl_module)
+            try:
+                with _callback_work(pl_module):
+                    self.run(trainer, pl_module)
+            except torch.OutOfMemoryError as e:
+                raise self.out_of_memory(e) from e
             self.last_step = trainer.global_step
             self.runs += 1
         if final:
@@ -215,12 +254,38 @@ class OnImages(Scheduled):
     """A scheduled method on fixed sample images (any batch: see ``batch_input``); its configuration is checked
     at fit start by running it on the first image."""
 
+    lower = "fewer images"
+
     def __init__(self, images, *, batch_input=None, **kw):
         super().__init__(**kw)
         self.images = find_input(images, batch_input, what="images")
 
     def check(self, trainer, pl_module):
+        try:
+            self.check_images(pl_module)
+        except (IndexError, TypeError, KeyError, AttributeError) as e:
+            self._check_forward(pl_module, e)
+            raise
+
+    def check_images(self, pl_module) -> None:
+        """The method run on the first image."""
         self.pictures(pl_module, self.images[:1])
+
+    def _check_forward(self, pl_module, error: BaseException) -> None:
+        """After a failed check: whether the model takes the input tensor at all (one pass without gradients, in
+        eval mode); a forward that wants the whole batch (a dict, ...) is told so in one line."""
+        x = _on(self.images[:1], pl_module)
+        try:
+            with ModelGuard(pl_module, eval=True), torch.no_grad():
+                pl_module(x)
+        except Exception as e:  # noqa: BLE001 - whatever the forward raises on a tensor
+            if type(e) is not type(error):
+                return
+            raise ValueError(f"the model's forward does not take the input tensor {tuple(x.shape)} that batch_input= "
+                             f"picks out of a batch ({type(e).__name__}: {_first_line(e)}): lightning_vis calls the "
+                             "model with that one tensor (its gradients and layer hooks need it), so a forward that "
+                             "takes the whole batch (a dict) cannot be explained; make forward take that tensor "
+                             "(and unpack the batch in training_step)") from error
 
     def run(self, trainer, pl_module):
         for tag, pictures in self.pictures(pl_module, self.images):
@@ -240,6 +305,8 @@ class ActivationMapsMixin(OnImages):
     """Per sample image and layer: the grid of every filter's activation map (a layer named explicitly must give
     maps; layers matched by a glob or type without maps, such as Linear ones, are left out)."""
 
+    lower = "fewer images or layers"
+
     def __init__(self, images, layers, *, scale: str = "per_image", max_filters: int | None = 64, **kw):
         super().__init__(images, **kw)
         self.layers, self.scale, self.max_filters = layers, scale, max_filters
@@ -247,7 +314,7 @@ class ActivationMapsMixin(OnImages):
     def describe(self):
         return f"{type(self).__name__}({self.layers!r})"
 
-    def check(self, trainer, pl_module):
+    def check_images(self, pl_module):
         acts, _ = activations(pl_module, _on(self.images[:1], pl_module), self.layers)
         flat = [n for n in acts if not acts.has_maps(n) and n in _explicit(self.layers)]
         if flat:
@@ -268,6 +335,8 @@ class ActivationMapsMixin(OnImages):
 
 class DeconvnetMixin(OnImages):
     """Per sample image and layer: the image, then the deconvnet (or guided) reconstructions of its top_k features."""
+
+    lower = "fewer images or a smaller top_k"
 
     def __init__(self, images, layers, *, top_k: int = 3, rule: str = "deconvnet", **kw):
         super().__init__(images, **kw)
@@ -312,6 +381,8 @@ class FeatureVisualizationMixin(Scheduled):
     resumed from one goes on with it. At fit start one render step of the highest channel checks the layer, the
     channel range and that the model takes ``image_channels``-channel images of this size."""
 
+    lower = "fewer channels, a smaller size, or a smaller chunk_size in render_kwargs"
+
     def __init__(self, layer: str, channels, *, size=64, steps: int = 64, seed: int = 0, image_channels: int = 3,
                  preprocess=None, render_kwargs: dict | None = None, **kw):
         super().__init__(**kw)
@@ -337,6 +408,8 @@ class FeatureVisualizationMixin(Scheduled):
     def check(self, trainer, pl_module):
         try:
             self._render(pl_module, [max(self.channels)], 1, self.seed)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             other = 1 if self.image_channels != 1 else 3
             try:
@@ -436,13 +509,18 @@ class _ValidationCollector(Lifecycle):
     """Hooks the layers for the validation epoch (not the sanity check), feeds each batch's input (found by
     ``batch_input``) to a collector. The layer names are checked at fit start, and where the input is in a
     validation batch before the first training step (on a batch made of the validation set's first sample), then
-    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown."""
+    again on every real batch; the hooks come off at the epoch's end, on an exception and at teardown. Compiled
+    submodules run as their originals while the hooks are on (a compiled graph does not call hooks added after it
+    was traced), and are put back with the hooks."""
+
+    lower = "a smaller validation batch size or fewer layers"
 
     def __init__(self, layers, every_n_epochs: int = 1, batch_input=None):
         self.layers = layers
         self.every_n_epochs = _positive("every_n_epochs", every_n_epochs, optional=False)
         self.batch_input = batch_input
         self._collector = None
+        self._originals = contextlib.ExitStack()  # compiled submodules swapped for their originals while hooked
         self._input_checked = False
 
     def describe(self):
@@ -478,6 +556,7 @@ class _ValidationCollector(Lifecycle):
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if self._active(trainer):
+            self._originals.enter_context(_eager(pl_module, forward=False))
             self._collector = self.make_collector(pl_module).attach()
             try:
                 self._order = _dataset_indices(_val_loader(trainer))
@@ -503,8 +582,11 @@ class _ValidationCollector(Lifecycle):
         if self._collector is None:
             return
         self._collector.detach()
+        self._originals.close()
         try:
             self.finish(trainer, pl_module)
+        except torch.OutOfMemoryError as e:
+            raise self.out_of_memory(e) from e
         finally:
             self._collector = None
 
@@ -512,6 +594,7 @@ class _ValidationCollector(Lifecycle):
         if self._collector is not None:
             self._collector.detach()
             self._collector = None
+        self._originals.close()
 
 
 class DatasetExamplesMixin(_ValidationCollector):
