@@ -329,7 +329,8 @@ def hub_cases() -> list[Case]:
         ("MobileViTV2", "MobileViTV2ForImageClassification", "MobileViTV2Config",
          dict(image_size=64, width_multiplier=0.25, num_labels=5), x64, "classify",
          dict(expect={"mobilevitv2.encoder.layer.2": "channels-first 8x8"},
-              not_maps=tuple(f"mobilevitv2.encoder.layer.{i}.{m}" for i in (2, 3, 4) for m in ("transformer", "layernorm")))),
+              not_maps=tuple(f"mobilevitv2.encoder.layer.{i}.{m}" for i in (2, 3, 4)
+                             for m in ("transformer", "layernorm")))),  # patch-folded: (N, C, pixels, patches)
         ("SegFormer", "SegformerForSemanticSegmentation", "SegformerConfig",
          dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
               decoder_hidden_size=16, num_labels=3), x64, "segment",
