@@ -327,7 +327,7 @@ def hub_cases() -> list[Case]:
          dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=5), x64, "classify",
          dict(expect={"convnextv2.encoder.stages.1": "channels-first 8x8"})),
         ("MobileViTV2", "MobileViTV2ForImageClassification", "MobileViTV2Config",
-         dict(image_size=64, width_multiplier=0.25, num_labels=5), x64, "classify",
+         dict(image_size=64, width_multiplier=0.25, num_labels=5, initializer_range=0.3), x64, "classify",
          dict(expect={"mobilevitv2.encoder.layer.2": "channels-first 8x8"},
               not_maps=tuple(f"mobilevitv2.encoder.layer.{i}.{m}" for i in (2, 3, 4)
                              for m in ("transformer", "layernorm")))),  # patch-folded: (N, C, pixels, patches)
@@ -343,6 +343,8 @@ def hub_cases() -> list[Case]:
          dict(expect={"model.encoder.layers.0": "tokens 2x2"},
               not_maps=("model.decoder.layers.0", "model.decoder.layernorm", "bbox_predictor"),
               not_attention=("model.decoder.layers.0.self_attn",))),
+        # with transformers' random init its logits are 0 for every input (the signal vanishes on the way: up to
+        # initializer_range 0.3): gradient checks see all-zero maps; the issue's list has it, so it stays
         ("EfficientNet", "EfficientNetForImageClassification", "EfficientNetConfig",
          dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5), x64,
          "classify", {}),
