@@ -1,8 +1,10 @@
-"""Every method on the model zoos: torchvision's classification, video, segmentation and detection builders and a
-timm set, random weights, small inputs, as a new user would call them.
+"""Every method on the model zoos: torchvision's classification, video, segmentation and detection builders, a
+timm set, and the hubs' family (24 transformers and open_clip architectures built offline from small configs),
+random weights, small inputs, as a new user would call them.
 
     python -m benchmarks.zoo                      # everything (20-55 min on 2 CPU cores): the table + JSON
     python -m benchmarks.zoo --only resnet18 vit  # names containing these
+    python -m benchmarks.zoo --only transformers: open_clip: --json benchmarks/results/zoo-hub.json  # the hubs
     python -m benchmarks.zoo --ci                 # the representative subset tests/test_zoo.py runs
 
 Each call checks shapes against the layer's layout (and the layout against what the architecture is known to
@@ -11,11 +13,21 @@ result is not silently empty, and that the model is unchanged afterwards (hooks,
 parameters' .grad, the output bit for bit). A method the model cannot support must be refused with the clear error
 the case expects (e.g. attention rollout over Swin's windows); anything else is a failure. The table marks each cell
 ok, "refused" (the expected one-line error) or FAIL (with the error), and "-" where the method does not apply.
+
+The hubs' models are called with every default (target=None on the model's own output, grad_cam's own layer; a dict
+of inputs for image-text models), as the issue that added them asks ("no glue"). There any one-line ValueError of
+lightning_vis counts as a refusal, except for the methods a model with a class, embedding, mask or box output must
+support (HUB_REQUIRED): a refusal there is a failure. Two more columns: "model unchanged" checks after every method
+that the model gives its output bit for bit and still has exactly its hooks, plain attributes, config and
+parameters' flags, compared to the model after a plain forward (transformers installs some hooks on the first one);
+"first call" runs each method as the first call on a fresh copy of the model and checks the same against a copy
+that ran a plain forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import re
@@ -32,10 +44,12 @@ from torch import Tensor, nn
 
 import lightning_vis as lv
 from lightning_vis import targets
-from lightning_vis.hooks import Layout, hook_counts
+from lightning_vis.hooks import HOOK_DICTS, Layout, hook_counts
 
 METHODS = ("layers", "activations", "gradcam", "saliency", "guided", "deconvnet", "render", "topk", "receptive",
            "attention", "rollout", "checkpoint")
+# what a hub model with a class, embedding, mask or box output must support with no glue (the others may refuse)
+HUB_REQUIRED = ("layers", "activations", "gradcam", "saliency", "guided", "model unchanged", "first call")
 
 
 @dataclass
@@ -51,6 +65,15 @@ class Case:
     refuse: dict = field(default_factory=dict)  # method -> regex of the expected clear refusal
     checkpoint: Callable[[nn.Module, bool], None] | None = None  # turns activation checkpointing on/off
     ci: bool = False
+    # the hub family (transformers, open_clip): every method with its defaults (target=None) on `inputs(x)` (a dict
+    # for multi-input models), any one-line refusal of lightning_vis accepted, the model checked after each method
+    # and after a first call on a fresh copy; `not_maps` names layers whose output is no map over the input
+    hub: bool = False
+    inputs: Callable[[Tensor], object] | None = None
+    not_maps: tuple = ()
+    not_attention: tuple = ()  # modules (and what is inside them) whose attention is no map over the image
+    min_attention: int = 1  # attention layers attention_maps must find (every stage's windows, a pooling head)
+    must: tuple = ()  # methods beyond HUB_REQUIRED that must work (rollout once a pooling head is left out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,7 +228,7 @@ def cases() -> list[Case]:
         Case("timm:levit_128s", "timm-levit", _timm("levit_128s"), (2, 3, 224, 224), attention=True,
              refuse={**POOLED, **TOKENS_RF}, ci=True, expect={"stages.1": "tokens 7x7", "stages.2": "tokens 4x4"}),
     ]
-    return out
+    return out + hub_cases()
 
 
 def _timm_unfused(name, **kw):
@@ -216,6 +239,158 @@ def _timm_unfused(name, **kw):
                 m.fused_attn = False
         return model
     return build
+
+
+def _hf(cls: str, config: str, **kw):
+    """A transformers model of class `cls` from a `config` built from keyword arguments: random weights, offline."""
+    def build():
+        import transformers
+
+        return getattr(transformers, cls)(getattr(transformers, config)(**kw))
+    return build
+
+
+def _open_clip(name: str, **kw):
+    """open_clip's `name` architecture with the sizes in kw (its vision tower: what one explains of an image)."""
+    def build():
+        import open_clip
+
+        text = dict(context_length=8, vocab_size=49408, width=32, heads=2, layers=1)
+        return open_clip.create_model(name, pretrained=None, embed_dim=16, text_cfg=text, **kw).visual
+    return build
+
+
+def _with_text(key: str = "pixel_values"):
+    """The input of an image-text model: the image batch under `key` and a 4-token prompt per image (two prompts,
+    alternating)."""
+    def inputs(x):
+        ids = torch.tensor([[1, 5, 7, 2], [1, 9, 3, 2]])
+        return {key: x, "input_ids": ids[torch.arange(x.shape[0]) % 2]}
+    return inputs
+
+
+_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8)  # 4x4 patches of 8 pixels
+_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+             max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic")
+
+
+def hub_cases() -> list[Case]:
+    """The transformers and open_clip family: small configs (a few layers, small widths, 28-64 pixel inputs) that keep
+    each architecture's structure (class/distillation/register tokens, windows, stages, decoders, text towers)."""
+    x32, x64 = (2, 3, 32, 32), (2, 3, 64, 64)
+    # families by structure; CI runs one of each (the one the issue found broken, where it names one)
+    family = {"ViT": "vit", "DeiT (distilled)": "vit", "BEiT": "vit", "Data2Vec-vision": "vit",
+              "DINOv2 with registers": "vit", "CLIP vision (with projection)": "vit", "SigLIP vision (MAP head)": "vit",
+              "DPT (depth)": "vit", "Swin ": "swin", "Swinv2": "swin", "ConvNeXtV2": "conv", "EfficientNet": "conv",
+              "ResNet": "conv", "MobileViTV2": "hybrid", "LeViT (distilled)": "hybrid", "PVTv2": "hybrid",
+              "SegFormer": "hybrid", "CLIPModel (pixel_values + input_ids)": "image-text",
+              "CLIPSeg (pixel_values + input_ids)": "image-text", "OWL-ViT (pixel_values + input_ids)": "image-text",
+              "DETR": "queries", "Mask2Former (Swin backbone)": "queries"}
+    ci = {"DINOv2 with registers", "Swinv2", "ConvNeXtV2", "SegFormer", "CLIPModel (pixel_values + input_ids)",
+          "DETR"}
+    rows = [
+        ("ViT", "ViTForImageClassification", "ViTConfig", dict(**_VIT, num_labels=5), x32, "classify",
+         dict(expect={"vit.layers.1": "tokens 1+4x4"})),
+        ("DeiT (distilled)", "DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(**_VIT, num_labels=5), x32,
+         "classify", dict(expect={"deit.layers.1": "tokens 2+4x4"})),
+        ("BEiT", "BeitForImageClassification", "BeitConfig",
+         dict(**_VIT, num_labels=5, use_relative_position_bias=True), x32, "classify",
+         dict(expect={"beit.layers.1": "tokens 1+4x4"})),
+        ("Data2Vec-vision", "Data2VecVisionForImageClassification", "Data2VecVisionConfig",
+         dict(**_VIT, num_labels=5, use_relative_position_bias=True), x32, "classify",
+         dict(expect={"data2vec_vision.encoder.layer.1": "tokens 1+4x4"})),
+        ("DINOv2 with registers", "Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig",
+         dict(**_VIT, num_labels=5, num_register_tokens=4), x32, "classify",
+         dict(expect={"dinov2_with_registers.encoder.layer.1": "tokens 5+4x4"})),
+        ("CLIP vision (with projection)", "CLIPVisionModelWithProjection", "CLIPVisionConfig",
+         dict(**_VIT, projection_dim=16), x32, "embed",
+         dict(expect={"vision_model.encoder.layers.1": "tokens 1+4x4"})),
+        ("CLIPModel (pixel_values + input_ids)", "CLIPModel", "CLIPConfig",
+         dict(vision_config=_VIT, text_config=_TEXT, projection_dim=16), x32, "classify",
+         dict(inputs=_with_text(), expect={"vision_model.encoder.layers.1": "tokens 1+4x4"},
+              not_maps=("text_model.encoder.layers.0",), not_attention=("text_model",))),
+        ("SigLIP vision (MAP head)", "SiglipVisionModel", "SiglipVisionConfig", dict(_VIT), x32, "embed",
+         dict(expect={"encoder.layers.1": "tokens 4x4"}, not_maps=("head",), must=("rollout",))),
+        ("Swin ", "SwinForImageClassification", "SwinConfig",
+         dict(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4,
+              num_labels=5), x32, "classify",
+         dict(expect={"swin.encoder.layers.0.blocks.0": "tokens 16x16", "swin.encoder.layers.0": "tokens 8x8"},
+              min_attention=3)),
+        ("Swinv2", "Swinv2ForImageClassification", "Swinv2Config",
+         dict(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4,
+              num_labels=5), x32, "classify",
+         dict(expect={"swinv2.encoder.layers.0.blocks.0": "tokens 16x16", "swinv2.encoder.layers.0": "tokens 8x8"},
+              min_attention=3)),
+        ("ConvNeXtV2", "ConvNextV2ForImageClassification", "ConvNextV2Config",
+         dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=5), x64, "classify",
+         dict(expect={"convnextv2.encoder.stages.1": "channels-first 8x8"})),
+        ("MobileViTV2", "MobileViTV2ForImageClassification", "MobileViTV2Config",
+         dict(image_size=64, width_multiplier=0.25, num_labels=5, initializer_range=0.3), x64, "classify",
+         dict(expect={"mobilevitv2.encoder.layer.2": "channels-first 8x8"},
+              not_maps=tuple(f"mobilevitv2.encoder.layer.{i}.{m}" for i in (2, 3, 4)
+                             for m in ("transformer", "layernorm")))),  # patch-folded: (N, C, pixels, patches)
+        ("SegFormer", "SegformerForSemanticSegmentation", "SegformerConfig",
+         dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+              decoder_hidden_size=16, num_labels=3), x64, "segment",
+         dict(expect={"segformer.stages.2.blocks.0": "tokens 4x4", "segformer.stages.2": "channels-first 4x4"})),
+        ("DETR", "DetrForObjectDetection", "DetrConfig",
+         dict(use_timm_backbone=False, use_pretrained_backbone=False,
+              backbone_config={"model_type": "resnet", **_RESNET, "out_features": ["stage4"]}, d_model=32,
+              encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+              encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, num_labels=4), x64, "detect",
+         dict(expect={"model.encoder.layers.0": "tokens 2x2"},
+              not_maps=("model.decoder.layers.0", "model.decoder.layernorm", "bbox_predictor"),
+              not_attention=("model.decoder.layers.0.self_attn",))),
+        # with transformers' random init its logits are 0 for every input (the signal vanishes on the way: up to
+        # initializer_range 0.3): gradient checks see all-zero maps; the issue's list has it, so it stays
+        ("EfficientNet", "EfficientNetForImageClassification", "EfficientNetConfig",
+         dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5), x64,
+         "classify", {}),
+        ("ResNet", "ResNetForImageClassification", "ResNetConfig", dict(**_RESNET, num_labels=5), x64, "classify",
+         dict(expect={"resnet.encoder.stages.1": "channels-first 8x8"})),
+        ("LeViT (distilled)", "LevitForImageClassificationWithTeacher", "LevitConfig",
+         dict(image_size=128, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+              key_dim=[8, 8, 8], num_labels=5), (2, 3, 128, 128), "classify",
+         dict(expect={"levit.encoder.stages.0": "tokens 4x4", "levit.encoder.stages.1": "tokens 2x2"})),
+        ("PVTv2", "PvtV2ForImageClassification", "PvtV2Config",
+         dict(image_size=64, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+              num_labels=5), x64, "classify", {}),
+        ("Mask2Former (Swin backbone)", "Mask2FormerForUniversalSegmentation", "Mask2FormerConfig",
+         dict(backbone_config={"model_type": "swin", "image_size": 64, "patch_size": 4, "embed_dim": 8,
+                               "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 2,
+                               "out_features": ["stage1", "stage2", "stage3", "stage4"]},
+              use_pretrained_backbone=False, feature_size=32, mask_feature_size=32, hidden_dim=32,
+              encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2,
+              num_attention_heads=2, num_queries=5, num_labels=3, common_stride=4), x64, "segment",
+         dict(not_maps=("model.transformer_module.decoder.layers.0",))),
+        ("DPT (depth)", "DPTForDepthEstimation", "DPTConfig",
+         dict(**_VIT, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], fusion_hidden_size=16,
+              reassemble_factors=[2, 1]), x32, "depth", dict(expect={"dpt.encoder.layer.1": "tokens 1+4x4"})),
+        ("CLIPSeg (pixel_values + input_ids)", "CLIPSegForImageSegmentation", "CLIPSegConfig",
+         dict(vision_config=_VIT, text_config=_TEXT, projection_dim=16, reduce_dim=16, extract_layers=[0, 1],
+              decoder_num_attention_heads=2, decoder_intermediate_size=32), x32, "segment",
+         dict(inputs=_with_text(), not_maps=("clip.text_model.encoder.layers.0",), not_attention=("clip.text_model",))),
+        ("OWL-ViT (pixel_values + input_ids)", "OwlViTForObjectDetection", "OwlViTConfig",
+         dict(vision_config=_VIT, text_config=_TEXT, projection_dim=32), x32, "detect",
+         dict(inputs=_with_text(), not_maps=("owlvit.text_model.encoder.layers.0",),
+              not_attention=("owlvit.text_model",))),
+    ]
+    out = [Case(f"transformers:{name.strip()}", "hub-" + family[name], _hf(cls, config, **kw), shape, task, hub=True,
+                attention=family[name] != "conv", ci=name in ci, **case)
+           for name, cls, config, kw, shape, task, case in rows]
+    out += [
+        Case("open_clip:ViT-B-32 (visual, 2 layers of 32)", "hub-open_clip",
+             _open_clip("ViT-B-32", vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16)),
+             x32, "embed", hub=True, attention=True,
+             expect={"transformer.resblocks.1": "tokens 1+4x4"}),
+        Case("open_clip:RN50 (visual, one block a stage)", "hub-open_clip",
+             _open_clip("RN50", vision_cfg=dict(image_size=64, layers=[1, 1, 1, 1], width=16, patch_size=None)),
+             x64, "embed", hub=True, attention=True, ci=True, expect={"layer4": "channels-first 2x2"},
+             min_attention=1, not_maps=("attnpool",)),
+    ]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +420,11 @@ def _first_tensor(value):
     return None
 
 
+def _call(model, inputs):
+    """The model on its input: a tensor, or a dict of keyword inputs (multi-input models)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
     """Grad-CAM's low-resolution map by plain autograd (a forward hook, torch.autograd.grad, the layout by hand)."""
     got = {}
@@ -258,7 +438,7 @@ def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
     h = module.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            out = model(x)
+            out = _call(model, x)
             scores = target(out)
             (g,) = torch.autograd.grad(scores.sum(), got["a"])
     finally:
@@ -268,11 +448,30 @@ def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
     return (g.mean(dims, keepdim=True) * a).sum(1)  # before the ReLU
 
 
-def ref_saliency(model, x, target) -> Tensor:
+def ref_saliency(model, x, target, make=None) -> Tensor:
+    """|d score / d image|; make(image) builds the model's input around the image (multi-input models)."""
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(target(model(xg)).sum(), xg)
+        (g,) = torch.autograd.grad(target(_call(model, make(xg) if make else xg)).sum(), xg)
     return g.abs()
+
+
+def _top_logits(output) -> Tensor | None:
+    """The (N, classes) scores target=None explains (issue 19): a 2-D output itself, or its `logits` field (CLIP's
+    `logits_per_image`) in a ModelOutput or dict; None where the output has neither (no reference then)."""
+    if isinstance(output, Tensor):
+        return output if output.dim() == 2 else None
+    for key in ("logits", "logits_per_image"):
+        v = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+        if isinstance(v, Tensor) and v.dim() == 2:
+            return v
+    return None
+
+
+def ref_top_class(output) -> Tensor:
+    """The reference target for target=None: each input's top score in _top_logits(output)."""
+    logits = _top_logits(output)
+    return logits.gather(1, logits.detach().argmax(1, keepdim=True))[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,6 +485,54 @@ class Refused(Exception):
 def _state(model):
     return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
             hook_counts(model), all(p.grad is None for p in model.parameters()))
+
+
+def _signature(model, exact: bool):
+    """What a method must leave as it found it, beyond _state: every module's hook dictionaries (the hooks
+    themselves; their functions' names when `exact` is False, to compare two copies of a model), its plain attributes
+    (training, and flags such as transformers' _output_capturing_hooks_installed, set with the hooks it installs on
+    a first forward), each parameter's requires_grad and .grad, the model's config, and torch's global hooks."""
+    def fn_name(v):
+        return getattr(v, "__qualname__", type(v).__qualname__)
+    mods = {}
+    for name, m in model.named_modules():
+        hooks = {d: [(k, v) if exact else fn_name(v) for k, v in getattr(m, d).items()]
+                 for d in HOOK_DICTS if getattr(m, d, None)}
+        flags = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
+        mods[name] = {"hooks": hooks, "flags": flags}
+    params = {n: (p.requires_grad, p.grad is None) for n, p in model.named_parameters()}
+    config = getattr(model, "config", None)
+    glob = {d: len(getattr(torch.nn.modules.module, d)) for d in dir(torch.nn.modules.module) if d.startswith("_global")
+            and d.endswith("hooks")}
+    return {"modules": mods, "parameters": params, "global hooks": glob,
+            "config": config.to_json_string() if hasattr(config, "to_json_string") else None}
+
+
+def _difference(before: dict, after: dict) -> str:
+    """The first thing that differs between two _signature()s, in words."""
+    for name, b in before["modules"].items():
+        a = after["modules"].get(name)
+        if a is None:
+            return f"module {name!r} gone"
+        for what in ("hooks", "flags"):
+            for k in sorted(set(b[what]) | set(a[what])):
+                if b[what].get(k) != a[what].get(k):
+                    return f"{name or 'the model'}.{k}: {_short(b[what].get(k))} -> {_short(a[what].get(k))}"
+    for what in ("parameters", "global hooks", "config"):
+        if before[what] != after[what]:
+            return f"{what} changed"
+    return "modules added"
+
+
+def _short(v) -> str:
+    return f"{len(v)} hooks" if isinstance(v, list) else repr(v)
+
+
+def _one_line_refusal(e: BaseException) -> bool:
+    """A clear refusal: a ValueError (LayoutError is one) raised by lightning_vis itself, with a one-line message."""
+    tb = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, ValueError) and bool(tb) and "lightning_vis" in tb[-1].filename and \
+        "\n" not in str(e).strip() and 0 < len(str(e)) <= 1000
 
 
 def _outputs_equal(a, b) -> bool:
@@ -315,7 +562,9 @@ def _close(a, b, what, rtol=1e-3, atol=1e-5):
 
 
 def _target_for(case, model, x):
-    """A callable target (N,) for the task, and its scores on x."""
+    """A callable target (N,) for the task, and its scores on x (hub models: None, the default)."""
+    if case.hub:
+        return None
     if case.task == "segment":  # the class most pixels get, over them
         with torch.no_grad():
             return targets.segmentation(int(model(x)["out"].argmax(1).flatten().mode().values))
@@ -344,19 +593,23 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             if isinstance(w, Tensor) and w.dim() >= 2 and not w.any():
                 nn.init.normal_(w, std=0.02)
     x = torch.rand(case.shape)
-    inputs = x  # detection models take a batch tensor as well as a list of images
+    inputs = case.inputs(x) if case.inputs else x  # detection models take a batch tensor as well as a list of images
     before = _state(model)
+    pristine = copy.deepcopy(model) if case.hub else None  # never run: the first calls' copies
     try:
         with torch.no_grad():
-            reference_out = model(inputs)
+            reference_out = _call(model, inputs)
     except Exception as e:  # noqa: BLE001
         return {**{m: ("FAIL", f"the model refuses {tuple(x.shape)}: {type(e).__name__}: {e}") for m in methods},
                 "seconds": {}}
+    if case.hub:  # as the model is after a plain forward (transformers installs some hooks on the first one)
+        own, own_copy = _signature(model, exact=True), _signature(model, exact=False)
+        changed = {}
     ctx = {}
 
     times = {}
 
-    def check(method, fn):
+    def check(method, fn, results=results, times=times):
         if method not in methods and method != "layers":  # layers picks the layers the others use
             return
         t0 = time.perf_counter()
@@ -368,7 +621,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
             expected = case.refuse.get(method)
-            if expected and re.search(expected, str(e)):
+            if expected and re.search(expected, str(e)) or case.hub and _one_line_refusal(e):
                 results[method] = ("refused", msg[:160])
             else:
                 results[method] = ("FAIL", msg[:300] + ("" if isinstance(e, AssertionError) else
@@ -378,22 +631,35 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
 
     spatial = x.dim() - 2
 
+    def is_map(layout):
+        return isinstance(layout, Layout) and layout.kind != "vector"
+
+    def not_a_map(name):  # a layer the case names as no map over the input, or one inside it
+        return any(name == n or name.startswith(n + ".") for n in case.not_maps)
+
     def layers():
-        infos = lv.layers(model, (inputs,))
+        infos = lv.layers(model, inputs if case.hub else (inputs,))
         ctx["infos"] = {i.name: i for i in infos}
+        placed = [i for i in infos if is_map(i.layout) and i.layout.spatial_dims == spatial and min(i.layout.grid) > 1
+                  and i.units and i.units > 1 and i.calls == 1 and not not_a_map(i.name)]
+        if placed:  # the other methods' layer, also when a layout below is wrong
+            ctx["mid"] = placed[len(placed) // 2].name
         for name, desc in case.expect.items():
             info = ctx["infos"].get(name)
             if info is None or info.layout_text != desc:
                 got = info.layout_text if info else "did not run"
                 raise AssertionError(f"{name}: layout {got!r}, the architecture says {desc!r}")
-        placed = [i for i in infos if isinstance(i.layout, Layout) and i.layout.kind != "vector"
-                  and i.layout.spatial_dims == spatial and min(i.layout.grid) > 1 and i.units and i.units > 1
-                  and i.calls == 1]
+        for name in case.not_maps:
+            info = ctx["infos"].get(name)
+            if info is None or is_map(info.layout):
+                got = f"placed as {info.layout_text!r}" if info else "did not run"
+                raise AssertionError(f"{name}: {got}, but it is no map over the input")
         if not placed:
             raise AssertionError("no layer with maps over the input")
+        if case.hub:  # grad_cam picks its own layer (gradcam checks it)
+            return f"{len(infos)} layers; middle {ctx['mid']} ({ctx['infos'][ctx['mid']].layout_text})"
         cam = case.layer or lv.attribution.default_cam_layer(model, x[:1])
         ctx["cam"] = cam
-        ctx["mid"] = placed[len(placed) // 2].name
         return f"{len(infos)} layers; CAM layer {cam} ({ctx['infos'][cam].layout_text}); middle {ctx['mid']} " \
                f"({ctx['infos'][ctx['mid']].layout_text})"
 
@@ -403,7 +669,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         return ctx[key]
 
     def activations():
-        names = list(dict.fromkeys([need("cam"), need("mid")]))
+        names = list(dict.fromkeys([need("mid"), *case.expect] if case.hub else [need("cam"), need("mid")]))
         acts, _ = lv.activations(model, inputs, names)
         for name in names:
             lay = acts.layout(name)
@@ -416,6 +682,8 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             _nonempty(grid, f"{name} grid")
 
     def gradcam():
+        if case.hub:
+            return hub_gradcam()
         target = _target_for(case, model, inputs)
         cam = lv.grad_cam(model, inputs, need("cam"), target)
         want = tuple(x.shape[2:]) if case.task != "detect" else None
@@ -427,27 +695,54 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         _nonempty(ref, "the map before its ReLU")  # random weights may leave nothing positive: not our fault
         return f"{ctx['cam']}: {tuple(cam.low_res.shape[1:])}"
 
+    def hub_gradcam():  # the defaults: grad_cam's layer, target=None
+        cam = lv.grad_cam(model, inputs)
+        if tuple(cam.maps.shape) != (x.shape[0], *x.shape[2:]):
+            raise AssertionError(f"maps {tuple(cam.maps.shape)} for input {tuple(x.shape)}")
+        if not_a_map(cam.layer):
+            raise AssertionError(f"the default layer {cam.layer} is no map over the input")
+        info = need("infos").get(cam.layer)
+        if info is None or not is_map(info.layout):
+            raise AssertionError(f"the default layer {cam.layer} has no map in layers(): "
+                                 f"{info.layout_text if info else 'did not run'}")
+        desc = case.expect.get(cam.layer, info.layout_text)
+        if _top_logits(reference_out) is None:
+            _nonempty(cam.low_res, "the map")
+            return f"{cam.layer} ({desc}): {tuple(cam.low_res.shape[1:])}; no class scores to check against"
+        ref = ref_grad_cam(model, inputs, cam.layer, desc, ref_top_class)
+        _close(cam.low_res, ref.clamp_min(0), "low-res map")
+        _nonempty(ref, "the map before its ReLU")
+        return f"{cam.layer} ({desc}): {tuple(cam.low_res.shape[1:])}"
+
     def saliency():
+        if case.hub:
+            s = lv.saliency(model, inputs)
+            if s.maps.shape != x.shape:
+                raise AssertionError(f"maps {tuple(s.maps.shape)} for input {tuple(x.shape)}")
+            if _top_logits(reference_out) is not None:
+                _close(s.maps, ref_saliency(model, x, ref_top_class, case.inputs), "saliency")
+            _nonempty(s.maps, "saliency")
+            return
         target = _target_for(case, model, inputs)
         s = lv.saliency(model, x, target)
         _close(s.maps, ref_saliency(model, x, target), "saliency")
         _nonempty(s.maps, "saliency")
 
     def guided():
-        g = lv.guided_backprop(model, x, _target_for(case, model, inputs))
+        g = lv.guided_backprop(model, inputs if case.hub else x, _target_for(case, model, inputs))
         if g.maps.shape != x.shape:
             raise AssertionError(f"maps {tuple(g.maps.shape)}")
         _nonempty(g.maps, "guided backprop")
 
     def deconvnet():
         mid = need("mid")
-        rec = lv.deconvnet(model, x, [mid], top_k=1)
+        rec = lv.deconvnet(model, inputs if case.hub else x, [mid], top_k=1)
         if rec.images[mid].shape != (x.shape[0], 1, *x.shape[1:]):
             raise AssertionError(f"reconstructions {tuple(rec.images[mid].shape)}")
         _nonempty(rec.images[mid], "reconstruction")
 
     def render():
-        if case.task == "detect":
+        if case.task == "detect" and not case.hub:
             raise Refused("detection models take image lists of any size: renders of the backbone instead")
         size = tuple(x.shape[2:]) if spatial == 3 else x.shape[-1]
         res = lv.render(model, (need("mid"), [0, 1]), size=size, steps=2, progress=False)
@@ -455,9 +750,11 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         return f"input {res.settings['input_size']}"
 
     def topk():
-        if case.task == "detect":
+        if case.task == "detect" and not case.hub:
             raise Refused("a batch of images of one size; detection models resize their inputs")
         data = torch.utils.data.TensorDataset(torch.rand(3, *x.shape[1:]))
+        if case.inputs:  # a dataset of dicts, as a multi-input model's loader gives them
+            data = [{k: v[0] for k, v in case.inputs(torch.rand(1, *x.shape[1:])).items()} for _ in range(3)]
         res = lv.top_k_examples(model, torch.utils.data.DataLoader(data, batch_size=2), [need("mid")], k=2,
                                 progress=False)
         e = res.layers[ctx["mid"]]
@@ -476,17 +773,22 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             raise Refused("no attention")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            maps = lv.attention_maps(model, x)
+            maps = lv.attention_maps(model, inputs if case.hub else x)
         for name, m in maps.items():
             if m.dim() != 2 + spatial or m.shape[0] != x.shape[0]:
                 raise AssertionError(f"{name}: maps {tuple(m.shape)}")
+            if any(name == n or name.startswith(n + ".") for n in case.not_attention):
+                raise AssertionError(f"{name}: its attention is drawn as maps over the image ({tuple(m.shape)})")
             _nonempty(m, name)
-        return f"{len(maps)} layers"
+        if len(maps) < case.min_attention:
+            raise AssertionError(f"{len(maps)} attention layers ({', '.join(maps)}), the architecture has "
+                                 f"{case.min_attention}")
+        return f"{len(maps)} layers: {', '.join(maps)}"[:300]
 
     def rollout():
         if not case.attention:
             raise Refused("no attention")
-        r = lv.attention_rollout(model, x)
+        r = lv.attention_rollout(model, inputs if case.hub else x)
         if r.dim() != 1 + spatial:
             raise AssertionError(f"rollout {tuple(r.shape)}")
         _nonempty(r, "rollout")
@@ -508,13 +810,55 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         _close(sal, plain_sal, "saliency with checkpointing")
         return f"{layer}"
 
-    for method, fn in (("layers", layers), ("activations", activations), ("gradcam", gradcam),
-                       ("saliency", saliency), ("guided", guided), ("deconvnet", deconvnet), ("render", render),
-                       ("topk", topk), ("receptive", receptive), ("attention", attention), ("rollout", rollout),
-                       ("checkpoint", checkpoint)):
+    def still_runs(exact: bool) -> str:
+        """"" if the model gives the reference output bit for bit and has what it had (hub models), else what not."""
+        now = _signature(model, exact) if exact else None  # before the forward below, which could repair it
+        try:
+            with torch.no_grad():
+                out = _call(model, inputs)
+        except Exception as e:  # noqa: BLE001
+            return f"model(x) raises {type(e).__name__}: {str(e).splitlines()[0][:120]} @ {_where(e)}"
+        if not _outputs_equal(reference_out, out):
+            return "output changed"
+        now = now or _signature(model, exact)
+        want = own if exact else own_copy
+        return "" if now == want else _difference(want, now)
+
+    steps = (("layers", layers), ("activations", activations), ("gradcam", gradcam), ("saliency", saliency),
+             ("guided", guided), ("deconvnet", deconvnet), ("render", render), ("topk", topk),
+             ("receptive", receptive), ("attention", attention), ("rollout", rollout), ("checkpoint", checkpoint))
+    for method, fn in steps:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             check(method, fn)
+        if case.hub and method in results and (what := still_runs(exact=True)):
+            changed[method] = what
+            model = copy.deepcopy(pristine)  # the next methods on a model as the user has it
+            with torch.no_grad():
+                _call(model, inputs)
+            own = _signature(model, exact=True)
+    if case.hub:
+        results["model unchanged"] = ("ok", "") if not changed else \
+            ("FAIL", "; ".join(f"after {m}: {w}" for m, w in changed.items()))
+        first, broken = {}, {}
+        for method, fn in steps:  # each method as the first call on a fresh copy of the model
+            if method not in results or method == "checkpoint":
+                continue
+            model = copy.deepcopy(pristine)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                check(method, fn, first, {})
+            what = still_runs(exact=False)
+            if what or first[method][0] != results[method][0]:
+                broken[method] = what or f"{first[method][0]} on a fresh model: {first[method][1][:160]}"
+        results["first call"] = ("ok", "") if not broken else \
+            ("FAIL", "; ".join(f"after {m}: {w}" for m, w in broken.items()))
+        if case.task != "depth":  # a class, embedding, mask or box output: these must work with no glue
+            for m in HUB_REQUIRED + (("attention",) if case.attention else ()) + case.must:
+                if results.get(m, ("",))[0] == "refused":
+                    results[m] = ("FAIL", "refused with no glue: " + results[m][1])
+        results["seconds"] = times
+        return results
     after = _state(model)
     with torch.no_grad():
         same = _outputs_equal(reference_out, model(inputs))
@@ -539,7 +883,7 @@ def _where(e: BaseException) -> str:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    cols = list(METHODS) + ["model unchanged"]
+    cols = list(METHODS) + ["model unchanged"] + (["first call"] if any("first call" in r for _, r in rows) else [])
     mark = {"ok": "ok", "refused": "refused", "FAIL": "**FAIL**", "-": "-"}
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in rows:

@@ -1,17 +1,19 @@
 """The compatibility suite: every method on one model of every family of torchvision's classification, video,
-segmentation and detection builders and of a timm set (benchmarks/zoo.py has the checks; `python -m benchmarks.zoo`
-runs the whole zoo and writes the table the README shows). Random weights, small inputs."""
+segmentation and detection builders, of a timm set and of the hubs' (transformers, open_clip) models
+(benchmarks/zoo.py has the checks; `python -m benchmarks.zoo` runs the whole zoo and writes the table the README
+shows). Random weights, small inputs."""
 
 import pytest
 
 from benchmarks import zoo
 
-CASES = [c for c in zoo.cases() if c.ci]
+CASES = [c for c in zoo.cases() if c.ci and not c.hub]
+HUB = [c for c in zoo.cases() if c.ci and c.hub]
 
 
 def test_every_family_is_covered():
     families = {c.family for c in zoo.cases()}
-    assert families == {c.family for c in CASES}, sorted(families - {c.family for c in CASES})
+    assert families == {c.family for c in CASES + HUB}, sorted(families - {c.family for c in CASES + HUB})
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -23,3 +25,17 @@ def test_every_method_on_the_zoo(case):
     assert results["layers"][0] == "ok" and results["gradcam"][0] == "ok" and results["model unchanged"][0] == "ok"
     if case.attention:
         assert results["attention"][0] == "ok", results["attention"]
+
+
+@pytest.mark.parametrize("case", HUB, ids=[c.name for c in HUB])
+def test_every_method_on_the_hubs_models_with_no_glue(case):
+    """Each method with its defaults on the model's own output: ok, or a one-line refusal of lightning_vis where
+    the method does not apply; never a crash, a wrong layout, a map off its reference, or a model left changed
+    (after a plain forward, and as the first call on a fresh model: transformers installs hooks lazily)."""
+    results = zoo.run_case(case)
+    results.pop("seconds")
+    failures = {method: note for method, (status, note) in results.items() if status == "FAIL"}
+    assert not failures, failures
+    required = ("layers", "model unchanged", "first call") if case.task == "depth" else \
+        zoo.HUB_REQUIRED + (("attention",) if case.attention else ()) + case.must
+    assert all(results[m][0] == "ok" for m in required), {m: results[m] for m in required}
