@@ -484,9 +484,11 @@ def _cache_key(model: nn.Module, entry: str, shape, layout, grid):
             tuple(id(m) for m in model.modules()))
 
 
-def _not_a_map(origin) -> str:
-    """Why a tensor of this provenance is not a map ('' when it holds the input's positions)."""
-    if origin == _POSITIONS:
+def _not_a_map(origin, dims: int) -> str:
+    """Why a `dims`-D tensor of this provenance is not a map ('' when it holds the input's positions). Unfolded
+    patches as (N, patches, features) tokens are a patch embedding's (the patches are the positions); what keeps
+    the positions inside a patch as an axis of its own (N, C, pixels per patch, patches) is not a map."""
+    if origin == _POSITIONS or (origin == _FOLDED and dims == 3):
         return ""
     if origin == _FOLDED:
         return ("not a map: patches unfolded out of the grid (positions inside a patch x patches, F.unfold); pick "
@@ -755,7 +757,7 @@ class LayoutTracer:
         in_layout = self._known.get(x) if x is not None else None
         if out.dim() == 2:
             return Layout("vector", source="(N, D)")
-        why = _not_a_map(self._origin.get(out))
+        why = _not_a_map(self._origin.get(out), out.dim())
         if why:
             return Unplaceable(name, shape, why, not_a_map=True)
         if _is_channels_first(module):
