@@ -205,3 +205,34 @@ def test_patches_unfolded_into_tokens_are_a_patch_embedding():
     lay = trace_layouts(Net(), torch.rand(2, 3, 16, 16))
     assert lay["embed"].describe() == "tokens 4x4"
     assert isinstance(lay["norm"], Unplaceable) and lay["norm"].reason.startswith("not a map: patches unfolded")
+
+
+def test_the_provenance_mode_never_outlives_the_pass():
+    """It is pushed when the traced pass starts and taken off when it ends, also when the forward raises, leaving a
+    mode the caller entered around the pass where it was (capture_attention enters one)."""
+    from torch.overrides import BaseTorchFunctionMode
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fail = True
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.fail:
+                raise RuntimeError("boom")
+            return y
+
+    m, x = Boom(), torch.rand(1, 3, 8, 8)
+    depth = torch._C._len_torch_function_stack()
+    with BaseTorchFunctionMode() as outer, LayoutTracer(m, cache=False) as tracer:
+        with pytest.raises(RuntimeError, match="boom"):
+            m(x)
+        assert torch._C._len_torch_function_stack() == depth + 1
+        assert torch._C._get_function_stack_at(depth) is outer
+        m.fail = False
+        m(x)
+        assert tracer.layouts["conv"].describe() == "channels-first 6x6"
+        assert torch._C._len_torch_function_stack() == depth + 1
+    assert torch._C._len_torch_function_stack() == depth

@@ -625,6 +625,7 @@ class LayoutTracer:
         for h in self._watch:
             h.remove()
         self._watch.clear()
+        self._stop_provenance()
         if self.cache:
             per_model = _CACHE.setdefault(self.model, {})
             per_model[self._key] = dict(self.layouts)
