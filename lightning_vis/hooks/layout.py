@@ -331,8 +331,8 @@ class _Context:
 
     def token_layout(self, length: int, prefer: tuple[int, ...] | None = None):
         """(prefix, grid) for `length` tokens: a grid the model reported next to its tokens (most recent first),
-        else the fewest prefix tokens that leave a grid the pass produced or one that follows from the input (exact
-        divisions first, then a little rounding). None when none does, or several grids do with that prefix and
+        else the fewest prefix tokens that leave a grid the pass produced, else one that follows from the input
+        (exact divisions first, then a little rounding). None when none does, or several grids do with that prefix and
         `prefer` (the grid of the tokens they were computed from) is not one of them. A grid seen last is no
         reason to read 16 tokens as 12 + 2x2: only the prefix count decides, fewest first."""
         dims = len(self.input_grid) if self.input_grid else None
@@ -343,10 +343,11 @@ class _Context:
                     return p, g
         if dims is None:
             return None
-        for exact in (True, False):  # patch grids are exact divisions; then a little rounding
+        # a grid the pass produced (a patch embedding's), then exact divisions of the input, then a little rounding
+        for fits in (self.grids.__contains__, lambda g: follows_from(g, self.input_grid, True),
+                     lambda g: follows_from(g, self.input_grid, False)):
             for p in range(0, min(MAX_PREFIX, length - 1) + 1):  # the fewest prefix tokens that leave a grid
-                found = [g for g in _divisor_grids(length - p, dims)
-                         if g in self.grids or follows_from(g, self.input_grid, exact)]
+                found = [g for g in _divisor_grids(length - p, dims) if fits(g)]
                 if len(found) > 1 and prefer in found:
                     found = [prefer]
                 if found:
@@ -430,6 +431,13 @@ _ROW_PRODUCTS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tens
 _SOFTMAXES = {torch.softmax, Tensor.softmax, F.softmax}
 _UNFOLDS = {F.unfold, Tensor.unfold}
 _PERMUTES = {torch.permute, Tensor.permute}
+# Functions whose result is channels-first by definition (as the modules in CHANNELS_FIRST): timm's BatchNormAct2d
+# calls F.batch_norm and hands the result to its act module, which then keeps that layout even where C = H = W.
+_CHANNELS_FIRST_FUNCS = {getattr(F, n) for n in (
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
+    "instance_norm", "group_norm", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d") if hasattr(F, n)}
 
 
 def _tensors_in(args, kwargs) -> list[Tensor]:
@@ -737,6 +745,8 @@ class LayoutTracer:
             return
         for o in outs:
             self._origin[o] = origin
+        if func in _CHANNELS_FIRST_FUNCS and isinstance(out, Tensor) and out.dim() >= 3:
+            self._known[out] = Layout("channels_first", tuple(out.shape[2:]), source=fname)
         if func in _PERMUTES and isinstance(out, Tensor) and tensors:
             lay = self._known.get(tensors[0])
             dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:] or kwargs.get("dims")
