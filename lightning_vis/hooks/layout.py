@@ -715,8 +715,9 @@ class LayoutTracer:
             self._origin[new] = origin
 
     def _follow(self, func, args, kwargs, out) -> None:
-        """The provenance of a torch call's result (see _Provenance); a permute of a placed tensor to or from
-        channels-last is placed too (ConvNeXt blocks permute between their convolution and their Linear layers)."""
+        """The provenance of a torch call's result (see _Provenance). Results placed by the function itself are
+        placed too: channels-first functions (F.conv2d, F.batch_norm, pools) and a permute of a placed tensor to or
+        from channels-last (ConvNeXt blocks permute between their convolution and their Linear layers)."""
         if self._done:
             return
         outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)] \
