@@ -10,9 +10,13 @@ from torch import Tensor, nn
 
 from . import images as im
 from .hooks import ModelGuard, capture
+from .hooks.layout import Layout, LayoutError, _ByTensor
 from .inputs import image_model
-from .hooks.layout import Layout
 from .hooks.resolve import LayerSpec
+
+# The layout (or Unplaceable reason) of every output `activations` returned, for as long as that tensor lives: so
+# that activation_grid(acts[name]) draws tokens and channels-last maps on their grid without being told.
+_RETURNED = _ByTensor(forget=True)
 
 
 class LayerOutputs(dict):
@@ -33,7 +37,10 @@ class LayerOutputs(dict):
         return lay
 
     def maps(self, name: str) -> Tensor:
-        return self.layout(name).to_maps(self[name])
+        maps = self.layout(name).to_maps(self[name])
+        if maps.dim() > 2:  # activation_grid(acts.maps(name)) knows them too, (N, C, L) and (N, C, T, H, W) included
+            _RETURNED[maps] = Layout("channels_first", tuple(maps.shape[2:]), source="maps")
+        return maps
 
     def has_maps(self, name: str) -> bool:
         """The layer's output has a place on a grid: channels-first / -last maps or tokens (not a vector, not
@@ -55,7 +62,11 @@ def activations(model: nn.Module, inputs: Tensor, layers: LayerSpec, *, layout=N
             capture(model, layers, layouts=True, layout=layout, grid=grid) as tap:
         out = model(inputs)
     got = {name: tap.values[name][0] for name in tap.layers if tap.values.get(name)}
-    return LayerOutputs(got, {name: tap.tracer.layouts.get(name) for name in got}), out
+    layouts = {name: tap.tracer.layouts.get(name) for name in got}
+    for name, t in got.items():
+        if isinstance(t, Tensor) and layouts[name] is not None:
+            _RETURNED[t] = layouts[name]
+    return LayerOutputs(got, layouts), out
 
 
 def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap: str = "viridis",
@@ -63,17 +74,29 @@ def activation_grid(act: Tensor, index: int = 0, scale: str = "per_image", cmap:
                     cell: int | tuple[int, int] | None = None, layout: Layout | None = None) -> Tensor:
     """Every filter's map of one input as one coloured grid image (3, H', W').
 
-    act: a layer's output in its own layout, with ``layout`` (from ``activations(...).layouts`` or
-    hooks.layout; channels-last maps and tokens are put on their grid), or channels-first maps (N, C, H, W), (N, C, L)
-    shown as 1-pixel-high strips, (N, C, T, H, W) showing their middle frame. scale: "per_image" (each filter on
-    its own scale) or "shared" (one scale: compare
-    filters' strength). cell: the size maps are shown at: an int enlarges narrower maps by a whole factor to at
-    least that width; (h, w) resizes every map to exactly that (area average when shrinking). Maps are coloured
-    at the smaller of the two sizes (nearest enlargement after colouring gives the same picture)."""
+    act: a layer's output in its own layout. An output of ``activations(...)`` (``acts[name]``) carries its layout:
+    tokens and channels-last maps are put on their grid, and an output that cannot be placed is refused with its
+    reason. Any other tensor is read as channels-first (N, C, H, W) maps, or needs ``layout`` (e.g.
+    ``acts.layout(name)``, or ``Layout("channels_first", grid)`` for (N, C, L) shown as 1-pixel-high strips and
+    (N, C, T, H, W) showing their middle frame): a 3-D tensor may be (N, C, L) maps or (N, L, D) tokens, a 5-D one
+    channels-first or -last, and neither is guessed. scale: "per_image" (each filter on its own scale) or "shared"
+    (one scale: compare filters' strength). cell: the size maps are shown at: an int enlarges narrower maps by a
+    whole factor to at least that width; (h, w) resizes every map to exactly that (area average when shrinking).
+    Maps are coloured at the smaller of the two sizes (nearest enlargement after colouring gives the same
+    picture)."""
+    if layout is None:
+        layout = _RETURNED.get(act)
+        if layout is not None and not isinstance(layout, Layout):
+            raise layout.error()
     if layout is not None:
         if layout.kind == "vector":
-            raise ValueError(f"a {tuple(act.shape)} vector output has no maps to show")
+            raise ValueError(f"activation maps need a grid: a {tuple(act.shape)} vector output has none")
+        layout.check(act)
         act = layout.to_maps(act)
+    elif act.dim() in (3, 5):
+        raise LayoutError(f"activation_grid: a {act.dim()}-D tensor {tuple(act.shape)} of unknown layout (" +
+                          ("(N, C, L) maps or (N, L, D) tokens" if act.dim() == 3 else "channels-first or -last") +
+                          "); pass layout=acts.layout(name), or the acts[name] that activations() returned")
     if act.dim() not in (3, 4, 5):
         raise ValueError(f"activation maps need (N, C, L), (N, C, H, W) or (N, C, T, H, W), got shape "
                          f"{tuple(act.shape)}")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
 from .hooks.attention import grid_fits, key_layout
 from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
-from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer
+from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable
 from .hooks.resolve import LayerSpec
 from .inputs import image_model, image_modules
 from .hooks.rules import BackwardRules
@@ -354,7 +354,8 @@ def _ran_inside(tap, name: str) -> str:
 def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
     over the input (a grid of the input's dimensionality, larger than 1 on every axis; not a head's adaptive pooling)
-    and that runs once; for
+    and that runs once, outside any module whose output is not a map (DETR's decoder projects the image features
+    into keys and values for its queries: a map, but read by queries); for
     tokens with a class token in front (ViT, DeiT, MViT: the head reads only the class token after the last block)
     the last block's pre-attention norm, as pytorch-grad-cam's documentation advises."""
     finished, calls = [], {}
@@ -381,10 +382,13 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
 
     modules = dict(named)
 
+    queries = [k for k, lay in tracer.layouts.items() if isinstance(lay, Unplaceable) and lay.not_a_map]
+
     def maps_over_input(k):
         lay = tracer.layouts.get(k)
         return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
-            all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE)
+            all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE) and \
+            not any(k.startswith(q + ".") for q in queries)
 
     seen = image_modules(model, inputs)  # a multi-input model: only what depends on the image is a map over it
     candidates = [k for k in finished if maps_over_input(k) and (seen is None or k in seen)]

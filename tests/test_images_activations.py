@@ -9,7 +9,7 @@ from PIL import Image
 
 import lightning_vis as lv
 from lightning_vis import images as im
-from lightning_vis.hooks import hook_counts
+from lightning_vis.hooks import Layout, LayoutError, hook_counts
 
 from .test_hooks import tiny
 
@@ -89,9 +89,9 @@ def test_activations_match_the_layers_and_restore_the_model():
 
 def test_activation_grid_1d_and_3d():
     a1 = torch.randn(1, 4, 10)
-    assert lv.activation_grid(a1, ncol=1).shape == (3, 4 * 2 + 1, 12)
+    assert lv.activation_grid(a1, ncol=1, layout=Layout("channels_first", (10,))).shape == (3, 4 * 2 + 1, 12)
     a3 = torch.randn(1, 2, 5, 3, 3)
-    g = lv.activation_grid(a3, scale="shared", cmap="gray", ncol=2)
+    g = lv.activation_grid(a3, scale="shared", cmap="gray", ncol=2, layout=Layout("channels_first", (5, 3, 3)))
     expected = im.normalize(a3[0, :, 2], "shared")
     torch.testing.assert_close(g[0, 1:4, 1:4], expected[0])
 

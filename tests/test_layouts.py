@@ -119,7 +119,7 @@ def test_a_grid_the_model_reports_beats_shapes():
             self.after = nn.LayerNorm(4)
 
         def forward(self, clip):
-            tokens = clip.new_zeros(clip.shape[0], 1 + 392, 4)  # class token + 392
+            tokens = clip.flatten(1)[:, :(1 + 392) * 4].reshape(-1, 1 + 392, 4)  # class token + 392, from the clip
             tokens, _ = self.block(tokens, [8, 7, 7])
             return self.after(tokens)
 
@@ -144,10 +144,10 @@ def test_what_cannot_be_placed_says_so():
             return t
 
     lay = trace_layouts(Net(), torch.randn(2, 3, 28, 28))
-    assert isinstance(lay["attn"], Unplaceable) and "no reading puts it on a grid" in lay["attn"].reason
+    assert isinstance(lay["attn"], Unplaceable) and "not a map: attention probabilities" in lay["attn"].reason
     assert "is not the batch (2)" in lay["windows"].reason
     assert "reads both as channels-first and as channels-last" in lay["both"].reason
-    with pytest.raises(LayoutError, match=r"layer 'attn' output \(2, 1, 49, 49\): no reading"):
+    with pytest.raises(LayoutError, match=r"layer 'attn' output \(2, 1, 49, 49\): not a map: attention"):
         lv.grad_cam(Net(), torch.randn(2, 3, 28, 28), "attn", target=lambda out: out.sum((1, 2)))
 
 

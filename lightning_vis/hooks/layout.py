@@ -10,14 +10,20 @@ from shapes on its own:
 - ``vector``: (N, D): linear layers, pooled features.
 
 Layouts are decided during a forward pass (:class:`LayoutTracer`) from evidence, strongest first: an explicit
-override; the module (a convolution, a BatchNorm or a pool is channels-first; a Linear or a LayerNorm puts its units
-last, which for a 4D output means channels-last; ``Permute`` modules); the tensor the module got (shape-preserving
-modules keep their input's layout) or a child that returned the same tensor (containers); grids reported by the
-model itself (MViT returns ``(tokens, [t, h, w])``). Only then are shapes used, and only against the input: a grid
-must follow from the input's size by a whole stride (224 -> 56 -> 7), or be a grid the pass already produced; token
-counts are split into prefix + grid the same way. A tensor whose batch dimension is not the input's batch
-(MobileViT's patches, Swin's windows), or that has no such reading, or more than one, cannot be placed: methods then
-raise :class:`LayoutError` naming the layer, its shape and the override to use, never a silent guess.
+override; what the tensor holds (a :class:`TorchFunctionMode` scoped to the traced pass follows which tensors are
+computed from the input's positions: learned queries broadcast over the batch, attention probabilities and patches
+unfolded out of the grid are "not a map", whatever their shape); the module (a convolution, a BatchNorm or a pool
+is channels-first; a Linear acts on the last dim, so its units are last even where C = H = W; a LayerNorm puts its
+units last, which for a 4D output means channels-last; ``Permute`` modules and permutes of a placed tensor); the
+tensor the module got (shape-preserving modules keep their input's layout, token counts keep their input's split) or
+a child that returned the same tensor (containers); grids reported by the model itself (MViT returns
+``(tokens, [t, h, w])``). Only then are shapes used, and only against the input: a grid must follow from the
+input's size by a whole stride (224 -> 56 -> 7), or be a grid the pass already produced; token counts are split into
+the fewest prefix tokens that leave such a grid. A tensor whose batch dimension is not the input's batch (MobileViT's
+patches, Swin's windows), or that has no such reading, or more than one, cannot be placed: methods then raise
+:class:`LayoutError` naming the layer, its shape and the override to use, never a silent guess. What a pass learns
+about a tensor is keyed by the tensor object while it lives, never by its address, so layouts do not depend on what
+else is alive.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 KINDS = ("channels_first", "channels_last", "tokens", "vector")
 _ALIASES = {"channels_first": "channels_first", "channels-first": "channels_first", "channels": "channels_first",
@@ -102,11 +110,14 @@ class Layout:
 
 @dataclass(frozen=True)
 class Unplaceable:
-    """Why a layer's output has no layout; ``error()`` is the LayoutError methods raise."""
+    """Why a layer's output has no layout; ``error()`` is the LayoutError methods raise. ``not_a_map``: refused for
+    what it holds (queries, attention probabilities, unfolded patches: not from the input's positions), not for its
+    shape."""
 
     name: str
     shape: tuple | None
     reason: str
+    not_a_map: bool = False
 
     def error(self) -> LayoutError:
         shape = f" {self.shape}" if self.shape else ""
@@ -229,6 +240,15 @@ CHANNELS_FIRST_NAMES = {"FrozenBatchNorm2d", "BatchNormAct2d", "SyncBatchNormAct
 # Modules that put their units last (their width is known): a 4D output is channels-last, 3D tokens, 2D a vector.
 # LayerNorm subclasses that normalise dim 1 (timm's LayerNorm2d) are told apart by the width's position.
 UNITS_LAST = _types("Linear", "LazyLinear", "Bilinear", "LayerNorm", "RMSNorm", "Embedding", "MultiheadAttention")
+# Of those, the ones that act on the last dimension by definition (a Linear is F.linear on the last dim, whatever
+# the other sizes): a width that also equals dim 1 (C = H = W) leaves no doubt. Subclasses of LayerNorm / RMSNorm
+# may normalise dim 1 (timm's LayerNorm2d), so only the exact classes count.
+_LAST_BY_DEFINITION = _types("Linear", "LazyLinear", "Bilinear", "Embedding")
+_EXACT_LAST = _types("LayerNorm", "RMSNorm")
+
+
+def _acts_on_last(module: nn.Module) -> bool:
+    return isinstance(module, _LAST_BY_DEFINITION) or type(module) in _EXACT_LAST
 
 
 def _width(module: nn.Module) -> int | None:
@@ -310,22 +330,26 @@ class _Context:
         return self.input_grid is not None and follows_from(grid, self.input_grid)
 
     def token_layout(self, length: int, prefer: tuple[int, ...] | None = None):
-        """(prefix, grid) for `length` tokens: a grid the model reported or produced (most recent first), else the
-        split with the fewest prefix tokens whose grid follows from the input; None when none does, or several grids
-        do with that prefix."""
+        """(prefix, grid) for `length` tokens: a grid the model reported next to its tokens (most recent first),
+        else the fewest prefix tokens that leave a grid the pass produced, else one that follows from the input
+        (exact divisions first, then a little rounding). None when none does, or several grids do with that prefix and
+        `prefer` (the grid of the tokens they were computed from) is not one of them. A grid seen last is no
+        reason to read 16 tokens as 12 + 2x2: only the prefix count decides, fewest first."""
         dims = len(self.input_grid) if self.input_grid else None
-        for source in ([prefer] if prefer else []), reversed(self.hints), reversed(self.grids):
-            for g in source:
-                if dims is not None and len(g) != dims:
-                    continue
+        for g in reversed(self.hints):
+            if dims is None or len(g) == dims:
                 p = length - math.prod(g)
                 if 0 <= p <= MAX_PREFIX:
                     return p, g
         if dims is None:
             return None
-        for exact in (True, False):  # patch grids are exact divisions; then a little rounding
+        # a grid the pass produced (a patch embedding's), then exact divisions of the input, then a little rounding
+        for fits in (self.grids.__contains__, lambda g: follows_from(g, self.input_grid, True),
+                     lambda g: follows_from(g, self.input_grid, False)):
             for p in range(0, min(MAX_PREFIX, length - 1) + 1):  # the fewest prefix tokens that leave a grid
-                found = [g for g in _divisor_grids(length - p, dims) if follows_from(g, self.input_grid, exact)]
+                found = [g for g in _divisor_grids(length - p, dims) if fits(g)]
+                if len(found) > 1 and prefer in found:
+                    found = [prefer]
                 if found:
                     return (p, found[0]) if len(found) == 1 else None
         return None
@@ -359,8 +383,90 @@ def _int_hint(value):
     return None
 
 
-def _signature(t: Tensor):
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+def _signature(t: Tensor) -> Tensor:
+    """The key of a tensor in a pass's memo (:class:`_ByTensor`): the tensor object itself, never its address."""
+    return t
+
+
+class _ByTensor:
+    """Values per tensor object for one pass. Keyed by the object (its id, honoured only while a weak reference
+    to it still lives): a tensor allocated later at a freed tensor's address, or given a freed tensor's id, never
+    inherits its entry, so what a pass decides does not depend on what else is alive or was freed."""
+
+    def __init__(self, forget: bool = False):
+        self._d: dict[int, tuple] = {}
+        self._forget = forget  # drop an entry when its tensor dies (a memo that outlives passes)
+
+    def __setitem__(self, t: Tensor, value) -> None:
+        key, d = id(t), self._d
+        if self._forget:
+            def gone(ref):
+                if d.get(key, (None,))[0] is ref:
+                    del d[key]
+            d[key] = (weakref.ref(t, gone), value)
+        else:
+            d[key] = (weakref.ref(t), value)
+
+    def get(self, t, default=None):
+        got = self._d.get(id(t)) if isinstance(t, Tensor) else None
+        return got[1] if got is not None and got[0]() is t else default
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# provenance: which tensors of the pass hold the input's positions
+
+_POSITIONS = "positions"  # computed from the input along its positions (pixels, patches, tokens of patches)
+_FOLDED = "folded"  # patches unfolded out of a grid: (positions inside a patch) x (patches), not one grid
+_PROBS = "probs"  # ("probs", the queries' provenance): softmax over the last dim, attention probabilities
+# Products whose rows are the first operand's (queries x keys, probabilities x values): their tokens are the
+# queries', whatever the keys and values hold (DETR's object queries attend to image features and stay queries).
+_ROW_PRODUCTS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm, torch.einsum,
+                 F.scaled_dot_product_attention, F.multi_head_attention_forward}
+_SOFTMAXES = {torch.softmax, Tensor.softmax, F.softmax}
+_UNFOLDS = {F.unfold, Tensor.unfold}
+_PERMUTES = {torch.permute, Tensor.permute}
+# Functions whose result is channels-first by definition (as the modules in CHANNELS_FIRST): timm's BatchNormAct2d
+# calls F.batch_norm and hands the result to its act module, which then keeps that layout even where C = H = W.
+_CHANNELS_FIRST_FUNCS = {getattr(F, n) for n in (
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
+    "instance_norm", "group_norm", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d") if hasattr(F, n)}
+
+
+def _tensors_in(args, kwargs) -> list[Tensor]:
+    """The tensors among a call's arguments (and one level into lists and tuples: torch.cat's sequence)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(v for v in a if isinstance(v, Tensor))
+    return found
+
+
+class _Provenance(TorchFunctionMode):
+    """Follows, for one traced pass, which tensors come from the input's positions: the input does; an op's result
+    takes its arguments' provenance (the first that has one; the first operand's alone for products such as
+    queries x keys); softmax over the last dim makes attention probabilities, F.unfold patches, F.fold a grid
+    again. A tensor computed only from parameters (learned queries broadcast over the batch, zeros_like of an
+    embedding) has none. Only watches: every call runs as it would without it."""
+
+    def __init__(self, tracer: "LayoutTracer"):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracer._follow(func, args, kwargs, out)
+        return out
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -386,6 +492,33 @@ def _cache_key(model: nn.Module, entry: str, shape, layout, grid):
             tuple(id(m) for m in model.modules()))
 
 
+def _not_a_map(origin, dims: int) -> str:
+    """Why a `dims`-D tensor of this provenance is not a map ('' when it holds the input's positions). Unfolded
+    patches as (N, patches, features) tokens are a patch embedding's (the patches are the positions); what keeps
+    the positions inside a patch as an axis of its own (N, C, pixels per patch, patches) is not a map."""
+    if origin == _POSITIONS or (origin == _FOLDED and dims == 3):
+        return ""
+    if origin == _FOLDED:
+        return ("not a map: patches unfolded out of the grid (positions inside a patch x patches, F.unfold); pick "
+                "the layer after they are folded back")
+    if isinstance(origin, tuple):
+        return ("not a map: attention probabilities (queries x keys, a softmax over the last dim); "
+                "lightning_vis.attention_maps places those")
+    return ("not a map: it is not computed from the input's positions (learned queries or embeddings broadcast over "
+            "the batch?); pass layout= and grid= if it is one")
+
+
+def _token_grid(lay: Layout | None):
+    return lay.grid if lay is not None and lay.kind == "tokens" else None
+
+
+def _same_tokens(lay: Layout | None, shape) -> tuple | None:
+    """(prefix, grid) of the tokens a module got, for an output with as many tokens (a Linear, a norm, a block)."""
+    if lay is not None and lay.kind == "tokens" and lay.prefix + math.prod(lay.grid) == shape[1]:
+        return lay.prefix, lay.grid
+    return None
+
+
 class LayoutTracer:
     """Decides the layout of every module's output during one forward pass. ``layouts[name]``: Layout or
     Unplaceable of the module's first call. Overrides: ``layout`` / ``grid`` for one layer (applied to every layer)
@@ -404,7 +537,9 @@ class LayoutTracer:
         self.entries = [""] if entries is None else list(entries)
         self.layouts: dict[str, Layout | Unplaceable] = {}
         self.ctx = _Context()
-        self._known: dict = {}  # tensor signature -> Layout, for every output decided
+        self._known = _ByTensor()  # tensor -> Layout, for every output decided (and permutes of them)
+        self._origin = _ByTensor()  # tensor -> its provenance (_POSITIONS, _FOLDED, (_PROBS, queries'))
+        self._provenance: _Provenance | None = None  # on the torch function mode stack while a pass is traced
         self._recent: list[tuple[tuple, Layout]] = []  # (shape, layout) of outputs, in completion order
         self._stack: list = []
         self._handles, self._watch = [], []
@@ -417,6 +552,8 @@ class LayoutTracer:
         try:
             for name in self.entries:
                 self._handles.append(modules[name].register_forward_pre_hook(self._starter(name), with_kwargs=True))
+                # also when the forward raises: the provenance mode never outlives the pass
+                self._handles.append(modules[name].register_forward_hook(self._ender(name), always_call=True))
         except BaseException:
             self.__exit__()
             raise
@@ -427,6 +564,28 @@ class LayoutTracer:
             h.remove()
         self._handles.clear()
         self._watch.clear()
+        self._stop_provenance()
+
+    def _ender(self, name):
+        def hook(module, args, output):
+            if name == self._entry:
+                self._stop_provenance()
+            return None
+        return hook
+
+    def _stop_provenance(self) -> None:
+        """Take the provenance mode off the stack, wherever it is (modes pushed after it stay, in order)."""
+        mode, self._provenance = self._provenance, None
+        if mode is None:
+            return
+        above = []
+        while torch._C._len_torch_function_stack():
+            top = torch._C._pop_torch_function_stack()
+            if top is mode:
+                break
+            above.append(top)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
 
     def _starter(self, name):
         def hook(module, args, kwargs):
@@ -443,6 +602,8 @@ class LayoutTracer:
                     self._watch.append(m.register_forward_hook(self._post(k, m), prepend=True))
                 x = _first_tensor(args) if args else _first_tensor(list(kwargs.values()))
                 self._stack.append((name, x, 0))
+                self._provenance = _Provenance(self)
+                torch._C._push_on_torch_function_stack(self._provenance)
             return None
         return hook
 
@@ -457,8 +618,10 @@ class LayoutTracer:
         for h in self._watch:
             h.remove()
         self._watch.clear()
+        self._stop_provenance()
         self._stack.clear()
         self._known.clear()
+        self._origin.clear()
         self._recent.clear()
         self.layouts, self.ctx = {}, _Context()
         self._key = self._entry = None
@@ -470,12 +633,14 @@ class LayoutTracer:
         for h in self._watch:
             h.remove()
         self._watch.clear()
+        self._stop_provenance()
         if self.cache:
             per_model = _CACHE.setdefault(self.model, {})
             per_model[self._key] = dict(self.layouts)
             while len(per_model) > 32:  # input shapes of one model: a few in practice; bounded anyway
                 per_model.pop(next(iter(per_model)))
         self._known.clear()
+        self._origin.clear()
         self._recent.clear()
 
     def _pre(self, name):
@@ -495,12 +660,14 @@ class LayoutTracer:
             self.ctx.batch = int(first.shape[0]) if first.dim() else None
             if first.dim() >= 3:
                 self.ctx.input_grid = tuple(int(v) for v in first.shape[2:])
-                self._known[_signature(first)] = Layout("channels_first", self.ctx.input_grid, source="model input")
+                self._known[first] = Layout("channels_first", self.ctx.input_grid, source="model input")
                 self.ctx.saw(self.ctx.input_grid)
         elif isinstance(first, (list, tuple)) and first and isinstance(first[0], Tensor):
             self.ctx.batch = len(first)  # detection models: a list of (C, H, W) images
             if first[0].dim() >= 3:
                 self.ctx.input_grid = tuple(int(v) for v in first[0].shape[1:])
+        for t in _tensors_in(args, kwargs):  # the input, and whatever else the call is given (masks, a list of images)
+            self._origin[t] = _POSITIONS
         self._key = _cache_key(self.model, entry, shape, self.layout_override, self.grid_override)
         cached = _CACHE.get(self.model, {}).get(self._key) if shape is not None and self.cache else None
         if cached is not None:
@@ -533,16 +700,61 @@ class LayoutTracer:
         decided = self._decide(name, module, out, frame[1], frame[2])  # every call: later ones feed evidence
         self.layouts.setdefault(name, decided)  # what methods read: the first call (as capture's values[0])
         if isinstance(decided, Layout):
-            self._known[_signature(out)] = decided
+            self._known[out] = decided
             self._recent.append((tuple(out.shape), decided))
             if decided.grid and decided.kind != "vector":
                 self.ctx.saw(decided.grid)
 
     def alias(self, new: Tensor, old: Tensor) -> None:
         """`new` (a copy a tap hands on in place of `old`) has old's layout."""
-        lay = self._known.get(_signature(old))
+        lay = self._known.get(old)
         if lay is not None:
-            self._known[_signature(new)] = lay
+            self._known[new] = lay
+        origin = self._origin.get(old)
+        if origin is not None:
+            self._origin[new] = origin
+
+    def _follow(self, func, args, kwargs, out) -> None:
+        """The provenance of a torch call's result (see _Provenance). Results placed by the function itself are
+        placed too: channels-first functions (F.conv2d, F.batch_norm, pools) and a permute of a placed tensor to or
+        from channels-last (ConvNeXt blocks permute between their convolution and their Linear layers)."""
+        if self._done:
+            return
+        outs = [out] if isinstance(out, Tensor) else [o for o in out if isinstance(o, Tensor)] \
+            if isinstance(out, (tuple, list)) else []
+        fname = getattr(func, "__name__", "")
+        inplace = fname == "__setitem__" or (fname.endswith("_") and not fname.endswith("__"))
+        if inplace and args and isinstance(args[0], Tensor):  # what is written into a tensor (and its base) flows in
+            outs = [args[0]] + ([args[0]._base] if args[0]._base is not None else [])
+        if not outs or fname.endswith("_like") or fname.startswith("new_"):  # fresh tensors: nothing flows in
+            return
+        tensors = _tensors_in(args, kwargs)
+        origins = [self._origin.get(t) for t in tensors]
+        first = origins[0] if origins else None
+        if func in _ROW_PRODUCTS:
+            origin = first[1] if isinstance(first, tuple) else first
+        elif func in _SOFTMAXES and isinstance(out, Tensor) and out.dim() >= 3 and \
+                kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, out.dim() - 1):
+            origin = (_PROBS, first[1] if isinstance(first, tuple) else first)
+        elif func in _UNFOLDS:
+            origin = _FOLDED if first is not None else None
+        elif func is F.fold:
+            origin = _POSITIONS if first is not None else None
+        else:
+            origin = next((o for o in origins if o is not None), None)
+        if origin is None:
+            return
+        for o in outs:
+            self._origin[o] = origin
+        if func in _CHANNELS_FIRST_FUNCS and isinstance(out, Tensor) and out.dim() >= 3:
+            self._known[out] = Layout("channels_first", tuple(out.shape[2:]), source=fname)
+        if func in _PERMUTES and isinstance(out, Tensor) and tensors:
+            lay = self._known.get(tensors[0])
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:] or kwargs.get("dims")
+            if lay is not None and lay.kind in ("channels_first", "channels_last") and dims is not None:
+                got = self._permuted("", tuple(out.shape), [d % out.dim() for d in dims], lay)
+                if isinstance(got, Layout):
+                    self._known[out] = got
 
     # -------------------------------------------------------------------------------------------------- decide
     def _decide(self, name, module, out: Tensor, x: Tensor | None, start: int) -> Layout | Unplaceable:
@@ -554,9 +766,12 @@ class LayoutTracer:
             return Unplaceable(name, shape, f"its first dimension ({shape[0] if shape else '-'}) is not the batch "
                                             f"({batch}): the module folds something else into the batch (patches, "
                                             "windows, proposals); pick the block that returns (N, ...) maps")
-        in_layout = self._known.get(_signature(x)) if x is not None else None
+        in_layout = self._known.get(x) if x is not None else None
         if out.dim() == 2:
             return Layout("vector", source="(N, D)")
+        why = _not_a_map(self._origin.get(out), out.dim())
+        if why:
+            return Unplaceable(name, shape, why, not_a_map=True)
         if _is_channels_first(module):
             return Layout("channels_first", shape[2:], source=type(module).__name__)
         dims = _permute_dims(module)
@@ -564,12 +779,12 @@ class LayoutTracer:
             return self._permuted(name, shape, dims, in_layout)
         width = _width(module) if isinstance(module, UNITS_LAST) else None
         if width is not None:
-            last, first = shape[-1] == width, shape[1] == width
+            last, first = shape[-1] == width, shape[1] == width and not _acts_on_last(module)
             if last and not first:
                 return self._units_last(name, shape, in_layout, type(module).__name__)
             if first and not last:  # a LayerNorm over dim 1 (timm's LayerNorm2d)
                 return Layout("channels_first", shape[2:], source=f"{type(module).__name__} over dim 1")
-        same = self._known.get(_signature(out))  # a child returned this very tensor (Sequential, wrappers)
+        same = self._known.get(out)  # a child returned this very tensor (Sequential, wrappers)
         if same is not None:
             return same
         if in_layout is not None and x is not None and tuple(x.shape) == shape:
@@ -581,8 +796,7 @@ class LayoutTracer:
 
     def _units_last(self, name, shape, in_layout, why) -> Layout | Unplaceable:
         if len(shape) == 3:
-            prefer = in_layout.grid if in_layout is not None and in_layout.kind == "tokens" else None
-            found = self.ctx.token_layout(shape[1], prefer)
+            found = _same_tokens(in_layout, shape) or self.ctx.token_layout(shape[1], _token_grid(in_layout))
             if found is None:
                 return Unplaceable(name, shape, f"{shape[1]} tokens do not split into prefix tokens and a grid that "
                                                 "follows from the input; pass grid=(h, w) or (t, h, w)")
@@ -613,8 +827,7 @@ class LayoutTracer:
                                             "layout=")
         spatial = len(ctx.input_grid)
         if len(shape) == 3 and spatial >= 2:
-            prefer = in_layout.grid if in_layout is not None and in_layout.kind == "tokens" else None
-            found = ctx.token_layout(shape[1], prefer)
+            found = _same_tokens(in_layout, shape) or ctx.token_layout(shape[1], _token_grid(in_layout))
             if found is None:
                 return Unplaceable(name, shape, f"read as (N, L, D) tokens, {shape[1]} tokens do not split into "
                                                 "prefix tokens and a grid that follows from the input "
@@ -628,10 +841,7 @@ class LayoutTracer:
                 readings.append(Layout("channels_last", shape[1:-1], source="grid from the input"))
         if len(readings) == 1:
             return readings[0]
-        if len(readings) > 1:
-            for s, lay in reversed(self._recent):  # the latest output of this shape settles it
-                if s == shape:
-                    return lay
+        if len(readings) > 1:  # no module, input or child tells (an earlier output of this shape is no evidence)
             return Unplaceable(name, shape, "it reads both as channels-first and as channels-last; pass "
                                             "layout='channels_first' or 'channels_last'")
         return Unplaceable(name, shape, f"no reading puts it on a grid of the input {ctx.input_grid} (an attention "
