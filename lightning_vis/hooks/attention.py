@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, _first_tensor, _signature, parse_grid
+from .layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, _first_tensor, parse_grid
 from .resolve import LayerSpec, resolve_layers
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -450,7 +450,7 @@ class capture_attention:
     def _global(self, layer: str, w: Tensor, source: str) -> AttentionRecord:
         ctx, known = self.tracer.ctx, self.tracer._known
         x = next((x for n, _, x in reversed(self._stack) if n == layer), None)
-        given = known.get(_signature(x)) if x is not None else None
+        given = known.get(x) if x is not None else None
         layouts = []
         for count in (w.shape[-2], w.shape[-1]):
             if given is not None and given.kind == "tokens" and given.prefix + math.prod(given.grid) == count:
@@ -475,7 +475,7 @@ class capture_attention:
             return AttentionRecord(layer, w, "global", source, role="decoder",
                                    why=f"its {w.shape[-2]} queries attend to each other (a decoder's self-attention "
                                        "over its learned queries, not over the image's positions)")
-        given = self.tracer._known.get(_signature(memory))
+        given = self.tracer._known.get(memory)
         if given is not None and given.kind == "tokens" and given.prefix + math.prod(given.grid) == count:
             key = given
         else:

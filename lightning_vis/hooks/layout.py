@@ -383,11 +383,6 @@ def _int_hint(value):
     return None
 
 
-def _signature(t: Tensor) -> Tensor:
-    """The key of a tensor in a pass's memo (:class:`_ByTensor`): the tensor object itself, never its address."""
-    return t
-
-
 class _ByTensor:
     """Values per tensor object for one pass. Keyed by the object (its id, honoured only while a weak reference
     to it still lives): a tensor allocated later at a freed tensor's address, or given a freed tensor's id, never
