@@ -67,6 +67,21 @@ def _given_positions(positions, name: str, wanted: list[int], rest: tuple[int, .
     return out
 
 
+def _is_max(positions) -> bool:
+    return isinstance(positions, str) and positions == "max"
+
+
+def _image_positions(positions: Tensor, name: str, n: int, k: int, rest: tuple[int, ...]) -> Tensor:
+    """Per-image positions (N, features, d), checked against the layer's non-unit dims `rest`."""
+    if positions.dtype not in (torch.int64, torch.int32) or tuple(positions.shape) != (n, k, len(rest)):
+        raise ValueError(f"positions for {name!r}: an integer tensor (images, features, dims) = {(n, k, len(rest))}, "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    top = torch.tensor(rest, dtype=torch.long, device=positions.device)
+    if bool(((positions < 0) | (positions >= top)).any()):
+        raise ValueError(f"positions out of range for {name!r}'s output without its units, shape {rest}")
+    return positions.long()
+
+
 @torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
@@ -84,10 +99,12 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     features ranked by that value instead of their norm), as Zeiler & Fergus did: a crisp pattern at the place that
     caused it, confined to that unit's receptive field; meant for deep layers, whose whole maps sum many places
     into noise, and for comparing with image patches. A list with one position per feature of ``features`` (or
-    {layer: [positions]}) projects the activation there, for every image. A position indexes the layer's output
-    without its units (Reconstructions.positions). A vector layer (Linear, the classifier) has one activation per
-    feature: "max" projects that unit (a class's projection). The projection is the activation's value times its
-    gradient under the rule (captum's NeuronDeconvolution / NeuronGuidedBackprop at that neuron, scaled).
+    {layer: [positions]}) projects the activation there, for every image; an integer tensor (N, features, d) gives
+    each image its own positions (a unit's dataset examples, each at its strongest place). A position indexes the
+    layer's output without its units (Reconstructions.positions). A vector layer (Linear, the classifier) has one
+    activation per feature: "max" projects that unit (a class's projection). The projection is the activation's
+    value times its gradient under the rule (captum's NeuronDeconvolution / NeuronGuidedBackprop at that neuron,
+    scaled).
 
     One forward pass records everything (activations, ReLU masks, max-pool switches). The targets are then sent
     back in stacks of "slots" (one per (layer, k), each holding every image's target): ``torch.vmap`` over
@@ -103,11 +120,11 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
     check_chunk_size(chunk_size)
-    if positions is not None and positions != "max":
+    if positions is not None and not _is_max(positions):
         if features is None:
             raise ValueError("positions as a list need the features they belong to (features=); or give 'max'")
-        if not isinstance(positions, (list, tuple, dict)):
-            raise ValueError(f"positions must be None, 'max', a list or a dict of lists, got {positions!r}")
+        if not isinstance(positions, (list, tuple, dict, Tensor)):
+            raise ValueError(f"positions must be None, 'max', a list, a dict of lists or a tensor, got {positions!r}")
     args = (model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid, positions)
     try:
         return _deconvnet(*args, batched=True)
@@ -157,8 +174,10 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
                 if positions is None:
                     continue
                 rest = tuple(au.shape[2:])
-                if positions == "max":
+                if _is_max(positions):
                     pos = _feature_max(au)[1].gather(1, chans[..., None].expand(-1, -1, len(rest)))
+                elif isinstance(positions, Tensor):
+                    pos = _image_positions(positions, name, n, len(wanted), rest).to(au.device)
                 else:
                     pos = torch.tensor(_given_positions(positions, name, wanted, rest), dtype=torch.long,
                                        device=au.device).reshape(1, len(wanted), len(rest)).expand(n, -1, -1)

@@ -225,3 +225,20 @@ def test_mobilenet_v2_strongest_activation_stays_in_its_receptive_field():
         box = rf.box(rm.positions[layer][0, j].tolist())
         assert inside(rm.images[layer][0, j], box) >= 0.95
         assert inside(rw.images[layer][0, j], box) < 0.6
+
+
+def test_per_image_positions_equal_one_call_per_image():
+    m = vgg_like()
+    x = torch.randn(3, 3, 32, 32)
+    pos = torch.tensor([[[0, 1]], [[5, 7]], [[3, 3]]])  # features.9 is 16 x 16
+    rec = lv.deconvnet(m, x, "features.9", features=[4], positions=pos)
+    assert torch.equal(rec.positions["features.9"], pos)
+    for i in range(3):
+        one = lv.deconvnet(m, x[i:i + 1], "features.9", features=[4], positions=[tuple(pos[i, 0].tolist())])
+        torch.testing.assert_close(rec.images["features.9"][i], one.images["features.9"][0], rtol=1e-5, atol=1e-6)
+        assert float(rec.values["features.9"][i, 0]) == pytest.approx(float(one.values["features.9"][0, 0]),
+                                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="integer tensor"):
+        lv.deconvnet(m, x, "features.9", features=[4], positions=pos[:2])
+    with pytest.raises(ValueError, match="out of range"):
+        lv.deconvnet(m, x, "features.9", features=[4], positions=pos + 16)
