@@ -242,3 +242,51 @@ def test_per_image_positions_equal_one_call_per_image():
         lv.deconvnet(m, x, "features.9", features=[4], positions=pos[:2])
     with pytest.raises(ValueError, match="out of range"):
         lv.deconvnet(m, x, "features.9", features=[4], positions=pos + 16)
+
+
+def test_topk_projections_are_each_examples_strongest_activation_cropped_to_its_field():
+    """Figure 2 for one unit: the k projections of one batched pass equal deconvnet(positions="max") of each
+    example alone, cropped to the field of the example's strongest unit, beside the same crop of the input."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = vgg_like()
+    torch.manual_seed(4)
+    ds = TensorDataset(torch.randn(10, 3, 32, 32), torch.zeros(10))
+    top = lv.top_k_examples(m, DataLoader(ds, batch_size=4), ["features.9", "head"], k=3, progress=False)
+    rf = lv.receptive_field(m, "features.9", (3, 32, 32))
+    for layer, unit in (("features.9", 5), ("head", 2)):
+        pairs = top.projections(ds, layer, unit, m)
+        assert len(pairs) == 3
+        for (patch, proj), idx in zip(pairs, top.layers[layer].indices[unit].tolist()):
+            x = ds[idx][0]
+            one = lv.deconvnet(m, x[None], layer, features=[unit], positions="max")
+            full = one.images[layer][0, 0]
+            if layer == "head":  # a class: the whole input
+                torch.testing.assert_close(proj, full, rtol=1e-5, atol=1e-6)
+                assert torch.equal(patch, x)
+                continue
+            pos = one.positions[layer][0, 0].tolist()
+            assert pos == top.layers[layer].positions[unit, top.layers[layer].indices[unit].tolist().index(idx)].tolist()
+            (y0, y1), (x0, x1) = rf.box(pos)
+            torch.testing.assert_close(proj, full[:, y0:y1, x0:x1], rtol=1e-5, atol=1e-6)
+            assert torch.equal(patch, x[:, y0:y1, x0:x1])
+            assert full[:, y0:y1, x0:x1].pow(2).sum() == pytest.approx(float(full.pow(2).sum()), rel=1e-6)
+
+
+def test_topk_projections_of_a_token_layer_project_the_best_patch_token():
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(5)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                            num_classes=3).eval()
+    ds = TensorDataset(torch.randn(5, 3, 16, 16))
+    layer = "encoder.layers.encoder_layer_0"
+    top = lv.top_k_examples(vit, DataLoader(ds, batch_size=5), layer, k=2, progress=False)
+    pairs = top.projections(ds, layer, 3, vit)
+    for (patch, proj), idx, (y, x) in zip(pairs, top.layers[layer].indices[3].tolist(),
+                                          top.layers[layer].positions[3].tolist()):
+        token = 1 + 2 * y + x  # the class token, then the 2 x 2 patches row by row
+        want = lv.deconvnet(vit, ds[idx][0][None], layer, features=[3], positions=[(token,)]).images[layer][0, 0]
+        torch.testing.assert_close(proj, want, rtol=1e-5, atol=1e-6)  # a ViT token sees the whole input
+        assert torch.equal(patch, ds[idx][0])
