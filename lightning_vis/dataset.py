@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activations
@@ -127,6 +128,31 @@ class TopK:
         rec = deconvnet(model, xs.to(device), layer, features=[channel], positions=pos[:, None], rule=rule)
         proj = rec.images[layer][:, 0].cpu()
         return [(_crop(x, rf, p), _crop(r, rf, p)) for x, r, (_, p) in zip(xs, proj, found)]
+
+    def projection_grid(self, dataset, layer: str, channels, model: nn.Module, rf=None, rule: str = "deconvnet",
+                        batch_input: BatchInput = None, tile: int = 48) -> Tensor:
+        """Figure 2 of Zeiler & Fergus as one (3, H, W) picture in [0, 1]: a row per channel, each of its top-k
+        examples as the input crop (min-max scaled) beside its projection (images.signed_rgb), each tile x tile
+        (2D inputs). The receptive field is measured once (rf: pass it to skip that)."""
+        from . import images as im
+
+        if rf is None and self.layers[layer].grid and len(self.layers[layer].grid) == len(self.input_shape) - 1:
+            try:
+                rf = self._field(model, layer)
+            except ValueError:  # no map over the input (a vector layer): whole inputs
+                rf = None
+        rows = []
+        for c in channels:
+            pairs = self.projections(dataset, layer, c, model, rf=rf, rule=rule, batch_input=batch_input)
+            cells = []
+            for patch, proj in pairs:
+                if patch.dim() != 3:
+                    raise ValueError(f"projection_grid draws 2D inputs; {layer!r}'s crops are {tuple(patch.shape)}")
+                for picture in (im.to_display(patch[None]), im.signed_rgb(proj[None])):
+                    cells.append(F.interpolate(picture, size=(tile, tile), mode="nearest")[0])
+            cells += [torch.ones(3, tile, tile)] * (2 * self.k - len(cells))  # fewer than k examples seen: blank
+            rows.extend(cells)
+        return im.grid(torch.stack(rows), ncol=2 * self.k)
 
 
 def _crop(x: Tensor, rf, pos) -> Tensor:
