@@ -14,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import activations
 from .batches import BatchInput, find_input
+from .deconv import deconvnet
 from .hooks import ModelGuard
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
@@ -83,20 +86,84 @@ class TopK:
         dataset[index] as batches.find_input finds it). Pass the model (or its receptive_field for the layer) to
         crop; without, whole inputs. 3D inputs: the best frame's crop."""
         entry = self.layers[layer]
-        if rf is None and model is not None:  # fields larger than twice the input crop the whole input anyway
-            rf = receptive_field(model, layer, self.input_shape, max_size=2 * max(self.input_shape[1:]))
+        if rf is None and model is not None:
+            rf = self._field(model, layer)
         out = []
         for idx, pos in zip(entry.indices[channel].tolist(), entry.positions[channel].tolist()):
             if idx < 0:
                 continue
-            x = find_input(dataset[idx], batch_input, what=f"dataset[{idx}]")
-            if rf is not None and len(pos) == x.dim() - 1:
-                box = rf.box(pos)
-                x = x[(slice(None), *[slice(lo, hi) for lo, hi in box])]
-                if x.dim() == 4:  # (C, T, H, W): the frame at the centre of the box
-                    x = x[:, x.shape[1] // 2]
-            out.append(x)
+            out.append(_crop(find_input(dataset[idx], batch_input, what=f"dataset[{idx}]"), rf, pos))
         return out
+
+    def _field(self, model: nn.Module, layer: str):
+        # fields larger than twice the input crop the whole input anyway
+        return receptive_field(model, layer, self.input_shape, max_size=2 * max(self.input_shape[1:]))
+
+    def projections(self, dataset, layer: str, channel: int, model: nn.Module, rf=None, rule: str = "deconvnet",
+                    batch_input: BatchInput = None) -> list[tuple[Tensor, Tensor]]:
+        """Zeiler & Fergus's Figure 2 for one channel: for each of its top-k inputs, (the input region its strongest
+        unit sees, the projection of that unit's activation alone (deconvnet(positions=...), `rule` "deconvnet" or
+        "guided") cropped to the same region), the k projections in one batched pass. rf: the layer's
+        receptive_field (measured when not given; a vector layer's projections are whole inputs). Signed values,
+        the input's shape (images.signed_rgb shows them)."""
+        entry = self.layers[layer]
+        found = [(i, p) for i, p in zip(entry.indices[channel].tolist(), entry.positions[channel].tolist()) if i >= 0]
+        if not found:
+            return []
+        xs = torch.stack([find_input(dataset[i], batch_input, what=f"dataset[{i}]") for i, _ in found])
+        device = model_device(model)
+        lay = activations(model, xs[:1].to(device), [layer])[0].layout(layer)
+        if rf is None and lay.kind != "vector":
+            rf = self._field(model, layer)
+        # top-k positions are grid positions: deconvnet indexes a vector layer with none (top-k's is one 0) and a
+        # token layer with the token's index (the prefix tokens first)
+        pos = torch.tensor([p for _, p in found], dtype=torch.long)
+        if lay.kind == "vector":
+            pos = pos[:, :0]
+        elif lay.kind == "tokens":
+            flat = torch.zeros(len(found), dtype=torch.long)
+            for d, size in enumerate(lay.grid):
+                flat = flat * size + pos[:, d]
+            pos = (lay.prefix + flat)[:, None]
+        rec = deconvnet(model, xs.to(device), layer, features=[channel], positions=pos[:, None], rule=rule)
+        proj = rec.images[layer][:, 0].cpu()
+        return [(_crop(x, rf, p), _crop(r, rf, p)) for x, r, (_, p) in zip(xs, proj, found)]
+
+    def projection_grid(self, dataset, layer: str, channels, model: nn.Module, rf=None, rule: str = "deconvnet",
+                        batch_input: BatchInput = None, tile: int = 48) -> Tensor:
+        """Figure 2 of Zeiler & Fergus as one (3, H, W) picture in [0, 1]: a row per channel, each of its top-k
+        examples as the input crop (min-max scaled) beside its projection (images.signed_rgb), each tile x tile
+        (2D inputs). The receptive field is measured once (rf: pass it to skip that)."""
+        from . import images as im
+
+        if rf is None and self.layers[layer].grid and len(self.layers[layer].grid) == len(self.input_shape) - 1:
+            try:
+                rf = self._field(model, layer)
+            except ValueError:  # no map over the input (a vector layer): whole inputs
+                rf = None
+        rows = []
+        for c in channels:
+            pairs = self.projections(dataset, layer, c, model, rf=rf, rule=rule, batch_input=batch_input)
+            cells = []
+            for patch, proj in pairs:
+                if patch.dim() != 3:
+                    raise ValueError(f"projection_grid draws 2D inputs; {layer!r}'s crops are {tuple(patch.shape)}")
+                for picture in (im.to_display(patch[None]), im.signed_rgb(proj[None])):
+                    cells.append(F.interpolate(picture, size=(tile, tile), mode="nearest")[0])
+            cells += [torch.ones(3, tile, tile)] * (2 * self.k - len(cells))  # fewer than k examples seen: blank
+            rows.extend(cells)
+        return im.grid(torch.stack(rows), ncol=2 * self.k)
+
+
+def _crop(x: Tensor, rf, pos) -> Tensor:
+    """(C, *spatial) input -> the region unit `pos` of a layer with receptive field rf sees (the whole input without
+    rf or without a grid position); 3D inputs: the frame at the centre of the region."""
+    if rf is not None and len(pos) == x.dim() - 1:
+        box = rf.box(pos)
+        x = x[(slice(None), *[slice(lo, hi) for lo, hi in box])]
+        if x.dim() == 4:  # (C, T, H, W): the frame at the centre of the box
+            x = x[:, x.shape[1] // 2]
+    return x
 
 
 def _select(scores, indices, positions, k, grid, largest: bool = True) -> LayerTopK:

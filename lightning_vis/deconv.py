@@ -3,8 +3,10 @@
 For each input image and each (layer, feature) target, the feature's activation map is projected back to input
 pixels: the target layer's gradient is set to that feature's own map (every other feature and layer zero) and
 sent backwards with the deconvnet rules (hooks.rules): ReLU passes relu(grad), max-pool unpools through the
-switches recorded in the forward pass, convolutions apply their transposed filters. All targets share one
-forward pass; each chunk of targets is one (vmapped) backward pass.
+switches recorded in the forward pass, convolutions apply their transposed filters. With ``positions="max"`` only
+the feature's single strongest activation is kept (Zeiler & Fergus's figures: every other activation of the layer
+zero), which gives a pattern at the place that caused it. All targets share one forward pass; each chunk of
+targets is one (vmapped) backward pass.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ from .hooks.checkpoint import check_chunk_size, reentrant_guard, rules_unreachab
 @dataclass
 class Reconstructions:
     """images[layer]: (N, k, *input shape); features[layer]: (N, k) channel indices; scores[layer]: (N, k)
-    activation norms of those features."""
+    activation norms of those features (whole maps), or their projected activation's value (positions given).
+    With positions: positions[layer]: (N, k, d) long, the index of the projected activation in the layer's output
+    with its units left out (the grid position (y, x) / (t, y, x) of a map, the token index of a token layer
+    (prefix tokens counted), d = 0 for a vector layer); values[layer]: (N, k) that activation."""
 
     images: dict[str, Tensor] = field(default_factory=dict)
     features: dict[str, Tensor] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
+    positions: dict[str, Tensor] = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _feature_norms(act: Tensor) -> Tensor:
@@ -38,16 +45,67 @@ def _feature_norms(act: Tensor) -> Tensor:
     return act.flatten(2).norm(dim=2) if act.dim() > 2 else act.abs()
 
 
+def _feature_max(act: Tensor) -> tuple[Tensor, Tensor]:
+    """act with its features on dim 1 -> (N, features) strongest (largest) activations and their (N, features, d)
+    positions in the remaining dims (d = act.dim() - 2; the first of ties)."""
+    vals, idx = act.flatten(2).max(dim=2) if act.dim() > 2 else (act, torch.zeros_like(act, dtype=torch.long))
+    pos = torch.stack(torch.unravel_index(idx, act.shape[2:]), dim=-1) if act.dim() > 2 else idx[..., :0]
+    return vals, pos
+
+
+def _given_positions(positions, name: str, wanted: list[int], rest: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The per-feature positions given for layer `name` (one per feature of `wanted`), checked against the layer's
+    non-unit dims `rest`."""
+    given = positions.get(name) if isinstance(positions, dict) else positions
+    if given is None or isinstance(given, str) or len(given) != len(wanted):
+        raise ValueError(f"positions for {name!r}: give one position per feature ({len(wanted)}), or 'max'")
+    out = []
+    for p in given:
+        p = (p,) if isinstance(p, int) else tuple(p)
+        if len(p) != len(rest) or not all(isinstance(v, int) and 0 <= v < n for v, n in zip(p, rest)):
+            raise ValueError(f"position {p} does not index {name!r}'s output without its units, shape {rest}")
+        out.append(p)
+    return out
+
+
+def _is_max(positions) -> bool:
+    return isinstance(positions, str) and positions == "max"
+
+
+def _image_positions(positions: Tensor, name: str, n: int, k: int, rest: tuple[int, ...]) -> Tensor:
+    """Per-image positions (N, features, d), checked against the layer's non-unit dims `rest`."""
+    if positions.dtype not in (torch.int64, torch.int32) or tuple(positions.shape) != (n, k, len(rest)):
+        raise ValueError(f"positions for {name!r}: an integer tensor (images, features, dims) = {(n, k, len(rest))}, "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    top = torch.tensor(rest, dtype=torch.long, device=positions.device)
+    if bool(((positions < 0) | (positions >= top)).any()):
+        raise ValueError(f"positions out of range for {name!r}'s output without its units, shape {rest}")
+    return positions.long()
+
+
 @torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
 def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 3,
               features: dict[str, list[int]] | list[int] | None = None, *, rule: str = "deconvnet",
               chunk_size: int | None = None, memory_budget: int | None = None, layout=None,
-              grid=None) -> Reconstructions:
+              grid=None, positions=None) -> Reconstructions:
     """Reconstructions of the top_k strongest features (by activation norm) of each layer for each input, or of
     the features named (a list for every layer, or {layer: [channels]}). A feature is a channel of a conv layer
     (channels-first or channels-last, as hooks.layout decides; layout= / grid= override it), a unit of a linear
     layer, and a hidden dimension D of a token layer (N, L, D) of an attention model (all its tokens are sent
     back).
+
+    positions: None (default) projects each feature's whole map: what the feature responds to anywhere in the image,
+    a summary of the feature for the image as a whole (and the only reading of a feature that is spread out).
+    ``"max"`` projects only the feature's single strongest activation (every other activation of the layer zero;
+    features ranked by that value instead of their norm), as Zeiler & Fergus did: a crisp pattern at the place that
+    caused it, confined to that unit's receptive field; meant for deep layers, whose whole maps sum many places
+    into noise, and for comparing with image patches. A list with one position per feature of ``features`` (or
+    {layer: [positions]}) projects the activation there, for every image; an integer tensor (N, features, d) gives
+    each image its own positions (a unit's dataset examples, each at its strongest place). A position indexes the
+    layer's output without its units (Reconstructions.positions). A vector layer (Linear, the classifier) has one
+    activation per feature: "max" projects that unit (a class's projection). The projection is the activation's
+    value times its gradient under the rule (captum's NeuronDeconvolution / NeuronGuidedBackprop at that neuron,
+    scaled).
 
     One forward pass records everything (activations, ReLU masks, max-pool switches). The targets are then sent
     back in stacks of "slots" (one per (layer, k), each holding every image's target): ``torch.vmap`` over
@@ -64,14 +122,20 @@ def deconvnet(model: nn.Module, inputs: Tensor, layers: LayerSpec, top_k: int = 
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch (N, C, ...), got shape {tuple(inputs.shape)}")
     check_chunk_size(chunk_size)
-    args = (model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid)
+    if positions is not None and not _is_max(positions):
+        if features is None:
+            raise ValueError("positions as a list need the features they belong to (features=); or give 'max'")
+        if not isinstance(positions, (list, tuple, dict, Tensor)):
+            raise ValueError(f"positions must be None, 'max', a list, a dict of lists or a tensor, got {positions!r}")
+    args = (model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid, positions)
     try:
         return _deconvnet(*args, batched=True)
     except CheckpointError:  # activation checkpointing recomputes without the rules under vmap: target by target
         return _deconvnet(*args, batched=False)
 
 
-def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid, *, batched):
+def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_budget, layout, grid, positions, *,
+               batched):
     n = inputs.shape[0]
     with ModelGuard(model, eval=True, freeze=True):
         x = inputs.detach().clone().requires_grad_(True)
@@ -92,7 +156,8 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
                 if not tap.live.get(name):
                     raise ValueError(f"layer {name!r} did not run in the forward pass")
                 lay[name] = tap.layout(name)
-                norms = _feature_norms(lay[name].unit_first(tap.live[name][0].detach().float()))
+                au = lay[name].unit_first(tap.live[name][0].detach().float())
+                norms = _feature_norms(au) if positions is None else _feature_max(au)[0]
                 n_ch = norms.shape[1]
                 if features is None:
                     if not 1 <= top_k <= n_ch:
@@ -108,6 +173,18 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
                     chans = torch.tensor(wanted, device=norms.device).expand(n, -1)
                     scores = norms.gather(1, chans)
                 result.features[name], result.scores[name] = chans, scores
+                if positions is None:
+                    continue
+                rest = tuple(au.shape[2:])
+                if _is_max(positions):
+                    pos = _feature_max(au)[1].gather(1, chans[..., None].expand(-1, -1, len(rest)))
+                elif isinstance(positions, Tensor):
+                    pos = _image_positions(positions, name, n, len(wanted), rest).to(au.device)
+                else:
+                    pos = torch.tensor(_given_positions(positions, name, wanted, rest), dtype=torch.long,
+                                       device=au.device).reshape(1, len(wanted), len(rest)).expand(n, -1, -1)
+                    result.scores[name] = au[(torch.arange(n, device=au.device)[:, None], chans, *pos.unbind(-1))]
+                result.positions[name], result.values[name] = pos, result.scores[name]
             acts = {name: tap.live[name][0] for name in names}
             slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
             per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
@@ -123,7 +200,11 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
                     for s, (slot_name, k) in enumerate(chunk):
                         if slot_name == name:
                             c = result.features[name][:, k]
-                            gv[s, rows, c] = av[rows, c]
+                            if positions is None:
+                                gv[s, rows, c] = av[rows, c]
+                            else:  # the one activation at its position
+                                at = (rows, c, *result.positions[name][:, k].unbind(-1))
+                                gv[(s, *at)] = av[at]
                     outs.append(acts[name])
                     grads.append(g)
                 if batched:

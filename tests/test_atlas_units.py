@@ -106,3 +106,32 @@ def test_unit_json_is_strict_json_with_infinite_histogram_edges(tmp_path, one_th
         assert [lo for lo, hi, _ in bins if hi is None] == [pytest.approx(2.0 ** 20, rel=1e-5)]  # no end: null
         assert rec["distribution"]["max"] > 2.0 ** 20
     assert (out / "layers" / "1" / "index.html").is_file()
+
+
+def test_top_examples_show_the_strongest_activation_projected_on_its_field(tmp_path, one_thread):
+    """Zeiler & Fergus's Figure 2 on the unit page: beside each top example's crop, that unit's strongest activation
+    in it projected alone (deconvnet, positions at the example's best unit), cropped to the same field."""
+    import lightning_vis as lv
+    from lightning_vis import images as im
+    from lightning_vis.atlas.units import _fit
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, padding=1),
+                      nn.ReLU())
+    x = torch.randn(6, 3, 16, 16)
+    out = tmp_path / "atlas"
+    atlas.build(m, TensorDataset(x), out, ["4"], size=16, steps=1, diverse=0, negative=False, k=2, progress=False,
+                tile=16, connections=0)
+    rf = lv.receptive_field(m, "4", (3, 16, 16))
+    for unit in range(3):
+        rec = json.loads((out / "layers" / "4" / str(unit) / "unit.json").read_text())["examples"]
+        assert rec["projection_error"] is None
+        for j, ex in enumerate(rec["top"]):
+            assert ex["projection"] == f"top_{j}_projection.png" and ex["projection_size"] == ex["crop_size"]
+            one = lv.deconvnet(m, x[ex["index"]][None], "4", features=[unit], positions=[tuple(ex["position"])])
+            (y0, y1), (x0, x1) = rf.box(ex["position"])
+            assert one.images["4"][0, 0, :, y0:y1, x0:x1].abs().max() > 0
+            want = im.to_uint8(_fit(im.signed_rgb(one.images["4"][0, :, :, y0:y1, x0:x1])[0], 16)).numpy()
+            got = np.asarray(Image.open(out / "layers" / "4" / str(unit) / ex["projection"]).convert("RGB"))
+            assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        assert "projection of the strongest activation" in (out / "layers" / "4" / str(unit) / "index.html").read_text()

@@ -53,7 +53,7 @@ from ..batches import find_input
 from .data import DataStats, dataset_of, dataset_pass, first_input, input_digests
 from .digests import describe, digest_of, model_digest
 from .settings import Settings
-from .units import LayerContext, example_maps, render_chunk, write_unit
+from .units import LayerContext, example_maps, example_projections, render_chunk, write_unit
 
 FORMAT = "lightning-vis atlas 2"
 UNIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -510,10 +510,15 @@ def _units_phase(model, pending, ctxs, dataset, display, label, s: Settings, com
                 for i in {int(i) for e in (ctx.top, ctx.bottom) for i in e.indices[u].tolist() if i >= 0}:
                     wanted.setdefault(i, []).append(u)
             maps = example_maps(model, inputs, wanted, n, batch_size)
+        projections = ({}, None)
+        if ctx.top is not None:
+            unwritten = [u for u in us if not (out / "layers" / ctx.slug / str(u)).is_dir()]
+            projections = example_projections(model, inputs, ctx, unwritten)
         for i, u in enumerate(us):
             if (out / "layers" / ctx.slug / str(u)).is_dir():
                 continue
-            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title)
+            write_unit(out, ctx, u, rendered, i, settings=s, display=show, names=label, maps=maps, model_title=title,
+                       projections=projections)
             written += 1
             if on_unit is not None:
                 on_unit(n, u)

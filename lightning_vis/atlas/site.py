@@ -239,7 +239,9 @@ def _examples(rec: dict, which: str, title: str, note: str) -> str:
     for x in ex:
         crop = img(x["crop"], f"crop of {x['name']}", *reversed(x["crop_size"]), cls="px") if x.get("crop") else ""
         heat = img(x["map"], f"activation map over {x['name']}", *reversed(x["map_size"])) if x.get("map") else ""
-        items.append(f'<div class="example"><div class="pair">{crop}{heat}</div>{e(x["name"])}: '
+        proj = img(x["projection"], f"projection of the strongest activation in {x['name']}",
+                   *reversed(x["projection_size"]), cls="px") if x.get("projection") else ""
+        items.append(f'<div class="example"><div class="pair">{crop}{proj}{heat}</div>{e(x["name"])}: '
                      f'{e(fmt(x["score"]))}</div>')
     return f'<h3>{e(title)}</h3><p class="muted">{e(note)}</p><div class="examples">{"".join(items)}</div>'
 
@@ -271,7 +273,11 @@ def unit_page(rec: dict, model_title: str) -> str:
     if ex:
         body.append("<h2>Dataset examples</h2>")
         body.append(_examples(rec, "top", f"top {len(ex['top'])}", "the inputs whose strongest activation is "
-                              "highest: the crop its strongest position sees, and the activation map over the input"))
+                              "highest: the crop its strongest position sees, that activation alone projected back "
+                              "to the same crop (deconvnet, as in Zeiler & Fergus's Figure 2), and the activation "
+                              "map over the input"))
+        if ex.get("projection_error"):
+            body.append(f'<p class="muted">No projections: {e(ex["projection_error"])}</p>')
         body.append(_examples(rec, "bottom", f"bottom {len(ex['bottom'])}", "the inputs that drive it lowest: the "
                               "crop its most negative position sees, and the map of how negative it is"))
     d = rec.get("distribution")

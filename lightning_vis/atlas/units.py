@@ -141,6 +141,32 @@ def example_maps(model: nn.Module, inputs, wanted: dict[int, list[int]], layer: 
     return out
 
 
+def example_projections(model: nn.Module, inputs, ctx: LayerContext, units: list[int]) -> tuple[dict, str | None]:
+    """({(dataset index, unit): projection}, None) or ({}, why not): for each unit and each of its top-k inputs, the
+    unit's strongest activation in that input projected alone (TopK.projections: one batched deconvnet pass per
+    unit), cropped to that unit's receptive field (signed, the input's channels). A layer without a measured field
+    (other than a vector layer, whose projections are whole inputs) has none."""
+    from ..dataset import TopK
+
+    if ctx.rf is None and ctx.layout.kind != "vector":
+        return {}, "no receptive field was measured for this layer"
+
+    class Indexed:
+        def __getitem__(self, i):
+            return inputs(i)
+
+    top = TopK(ctx.top.indices.shape[1], "max", {ctx.name: ctx.top})
+    out = {}
+    try:
+        for u in units:
+            pairs = top.projections(Indexed(), ctx.name, u, model, rf=ctx.rf)
+            for idx, (_, proj) in zip([i for i in ctx.top.indices[u].tolist() if i >= 0], pairs):
+                out[(idx, u)] = proj
+    except ValueError as e:  # the deconvnet rules cannot reach this layer (a refusal in one line): said on the page
+        return {}, str(e)
+    return out, None
+
+
 def _fit(image: Tensor, longest: int) -> Tensor:
     """(C, H, W) scaled so that its longer side is `longest` (whole-factor nearest enlargement for small pictures,
     area reduction for large ones)."""
@@ -226,21 +252,23 @@ def one_thread():
 
 
 def write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
-               display, names, maps: dict[tuple[int, int], Tensor], model_title: str) -> Path:
+               display, names, maps: dict[tuple[int, int], Tensor], model_title: str,
+               projections: tuple[dict, str | None] = ({}, None)) -> Path:
     """Writes layers/<slug>/<unit>/ (temporary folder, renamed when complete, removed when anything fails: an
     exception, SIGTERM turned into one); returns it."""
     tmp = root / "layers" / ctx.slug / f".{unit}.tmp"
     try:
         with one_thread():
             return _write_unit(root, ctx, unit, rendered, i, settings=settings, display=display, names=names,
-                               maps=maps, model_title=model_title)
+                               maps=maps, model_title=model_title, projections=projections)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int, *, settings: Settings,
-                display, names, maps: dict[tuple[int, int], Tensor], model_title: str) -> Path:
+                display, names, maps: dict[tuple[int, int], Tensor], model_title: str,
+                projections: tuple[dict, str | None] = ({}, None)) -> Path:
     final = root / "layers" / ctx.slug / str(unit)
     tmp = final.with_name(f".{unit}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -279,8 +307,10 @@ def _write_unit(root: Path, ctx: LayerContext, unit: int, rendered: dict, i: int
            "evolution": None, "sub": f"{ctx.type}, output {' x '.join(map(str, ctx.shape[1:]))} "
                                      f"({ctx.layout.describe()}), {ctx.units} units"}
     if ctx.top is not None:
-        rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s),
-                           "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s)}
+        rec["examples"] = {"top": _examples(tmp, ctx, unit, "top", ctx.top, display, names, maps, s,
+                                            projections[0]),
+                           "bottom": _examples(tmp, ctx, unit, "bottom", ctx.bottom, display, names, maps, s),
+                           "projection_error": projections[1]}
     if ctx.hist is not None:
         seen = ctx.seen
         fig = _distribution_plot(ctx, unit)
@@ -320,7 +350,8 @@ def _connection_record(weights: ExpandedWeights, other: LayerContext, unit: int,
             **{sign: [{"unit": j, "weight": _round(v)} for j, v in items] for sign, items in strongest.items()}}
 
 
-def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, display, names, maps, s: Settings) -> list:
+def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, display, names, maps, s: Settings,
+              projections: dict | None = None) -> list:
     out = []
     for j, (idx, score, pos) in enumerate(zip(entry.indices[unit].tolist(), entry.scores[unit].tolist(),
                                               entry.positions[unit].tolist())):
@@ -328,7 +359,12 @@ def _examples(tmp: Path, ctx: LayerContext, unit: int, which: str, entry, displa
             continue
         picture = display(idx)
         rec = {"index": idx, "name": names(idx), "score": _round(score), "position": pos, "crop": None,
-               "crop_size": None, "map": None, "map_size": None}
+               "crop_size": None, "map": None, "map_size": None, "projection": None, "projection_size": None}
+        proj = (projections or {}).get((idx, unit))
+        if proj is not None and proj.dim() == 3:  # Figure 2: the strongest activation projected, on its field
+            shown = _fit(im.signed_rgb(proj[None])[0], s.tile)
+            im.save_png(shown, tmp / f"{which}_{j}_projection.png")
+            rec["projection"], rec["projection_size"] = f"{which}_{j}_projection.png", list(shown.shape[-2:])
         if picture.dim() == 3:
             box = None
             if ctx.rf is not None and len(pos) == 2:  # the field is in model-input pixels; the picture may differ

@@ -600,11 +600,16 @@ class _ValidationCollector(Lifecycle):
 class DatasetExamplesMixin(_ValidationCollector):
     """The top-k validation inputs of every channel of the layers, collected from the validation batches the
     trainer runs (no extra pass), merged exactly across DDP ranks; ``result`` (a lightning_vis.TopK) is saved
-    under the log dir (topk.pt: {"epoch", "result": TopK.state_dict()}) and in checkpoints."""
+    under the log dir (topk.pt: {"epoch", "result": TopK.state_dict()}) and in checkpoints. projections=n: for the
+    first n channels of each layer, Zeiler & Fergus's Figure 2 is logged too (``dataset_examples/<layer>``: a row
+    per channel, each top-k example's crop beside its strongest activation projected alone with `rule`, from the
+    validation dataset; TopK.projection_grid)."""
 
-    def __init__(self, layers, *, k: int = 9, score: str = "max", every_n_epochs: int = 1, batch_input=None):
+    def __init__(self, layers, *, k: int = 9, score: str = "max", every_n_epochs: int = 1, batch_input=None,
+                 projections: int | None = None, rule: str = "deconvnet"):
         super().__init__(layers, every_n_epochs, batch_input)
         self.k, self.score = k, score
+        self.projections, self.rule = _positive("projections", projections), rule
         self.result = None
 
     @property
@@ -620,6 +625,14 @@ class DatasetExamplesMixin(_ValidationCollector):
             path = out_dir(trainer) / "topk.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"epoch": trainer.current_epoch, "result": self.result.state_dict()}, path)
+            if self.projections:
+                dataset = _val_loader(trainer).dataset
+                with _callback_work(pl_module):
+                    for layer, entry in self.result.layers.items():
+                        grid = self.result.projection_grid(dataset, layer, range(min(self.projections,
+                                                                                     entry.scores.shape[0])),
+                                                           pl_module, rule=self.rule, batch_input=self.batch_input)
+                        log_images(trainer, f"dataset_examples/{layer}", grid[None], trainer.global_step)
 
     def state_dict(self):
         return {"result": self.result.state_dict() if self.result is not None else None}
