@@ -9,8 +9,8 @@ from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
 from .health import HealthReport, filter_health
-from .hooks import capture, layers, resolve_layers
-from .inputs import with_inputs
+from .hooks import capture, resolve_layers
+from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
 from .receptive import ReceptiveField, receptive_field
 

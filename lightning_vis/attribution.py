@@ -39,7 +39,8 @@ from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplace
 from .hooks.resolve import LayerSpec
 from .inputs import image_model, image_modules
 from .hooks.rules import BackwardRules
-from .targets import describe, field
+from .targets import LOGITS, describe, field
+from .targets import default as default_target
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
@@ -80,7 +81,8 @@ class CAM(Attribution):
 def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
     """(N,) scores to explain and (N,) their class indices (None for a callable target). A callable target is
     applied to the output as it is, whatever its type; class targets need (N, classes) logits (the output, or its
-    `logits` field)."""
+    `logits` / `logits_per_image` field); target=None on any other output is lightning_vis.targets.default (dense
+    scores, detections, embeddings), or a one-line refusal."""
     if callable(target) and not isinstance(target, Tensor):
         scores = target(output)
         n = _batch_of(output)
@@ -90,7 +92,9 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
             raise ValueError(f"a callable target must return {want} scores, one per input; it returned {got}")
         return scores, None
     whole = output
-    output = output if isinstance(output, Tensor) else field(output, ("logits",))  # transformers' ModelOutput
+    output = output if isinstance(output, Tensor) else field(output, LOGITS)  # transformers' ModelOutput
+    if target is None and (output is None or output.dim() != 2):  # segmentation, detection, embeddings
+        return default_target(whole)[0], None
     if output is None:
         raise ValueError(f"the model returned a {describe(whole)}: a class target needs (N, classes) logits; pass "
                          "target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, key=...), "

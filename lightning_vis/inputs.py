@@ -19,9 +19,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .hooks import taps
+from .hooks.layout import IMAGE_KEY
 from .targets import describe
-
-IMAGE_KEY = "pixel_values"
 
 
 class ImageInputs(nn.Module):
@@ -99,9 +99,17 @@ def image_model(model: nn.Module, inputs) -> tuple[nn.Module, Tensor]:
     return with_inputs(model, IMAGE_KEY, **others), image
 
 
+def layers(model: nn.Module, example_input, **kwargs) -> list[taps.LayerInfo]:
+    """hooks.layers (every submodule the example pass runs, with its output shape and layout) that also takes a
+    dict of the model's inputs: only the image (`pixel_values`) counts as the input's positions, so a text tower's
+    tokens are never placed on the image's grid."""
+    model, x = image_model(model, example_input)
+    return taps.layers(model, x, **kwargs)
+
+
 def image_modules(model: nn.Module, x: Tensor) -> set[str] | None:
     """The modules that see the image (ImageInputs.image_modules), or None for a model of the image alone."""
     return model.image_modules(x) if isinstance(model, ImageInputs) else None
 
 
-__all__ = ["ImageInputs", "image_model", "with_inputs"]
+__all__ = ["ImageInputs", "image_model", "layers", "with_inputs"]

@@ -102,7 +102,7 @@ class classifier:
         self._classes = _class_indices(category)
 
     def __call__(self, output) -> Tensor:
-        logits = _pick(output, self.key, "classifier target", ("logits",))
+        logits = _pick(output, self.key, "classifier target", LOGITS)
         if logits.dim() != 2:
             raise ValueError(f"classifier target: expected (N, classes) logits, got {tuple(logits.shape)}")
         if self._classes is None:
@@ -243,4 +243,60 @@ class similarity:
         return F.cosine_similarity(emb, ref.expand_as(emb), dim=1)
 
 
-__all__ = ["classifier", "describe", "detection", "segmentation", "similarity"]
+#: the fields that hold class logits (N, classes), in the order they are looked for: transformers' classifiers, and
+#: CLIP's image-text logits (each image's texts are its classes)
+LOGITS = ("logits", "logits_per_image")
+#: the fields that hold an image embedding (N, D): CLIP's projection, a pooled encoder output
+EMBEDDINGS = ("image_embeds", "pooler_output", "embeds", "embeddings")
+
+
+def _top_query(logits: Tensor, no_object: bool = True) -> Tensor:
+    """Each image's most confident query's probability of its most probable class (DETR, Mask2Former: the last
+    class is "no object")."""
+    probs = logits.softmax(-1)[..., :-1] if no_object else logits.sigmoid()
+    return probs.flatten(1).max(1).values
+
+
+def _most_pixels(scores: Tensor) -> Tensor:
+    """Per image, the score of the class most pixels are assigned, summed over those pixels."""
+    labels = scores.detach().argmax(1)
+    category = labels.flatten(1).mode(1).values
+    mask = labels == category.view(-1, *[1] * (labels.dim() - 1))
+    return (scores.gather(1, category.view(-1, 1, *[1] * (labels.dim() - 1)).expand(-1, 1, *labels.shape[1:]))[:, 0]
+            * mask).flatten(1).sum(1)
+
+
+def default(output) -> tuple[Tensor, str]:
+    """What ``target=None`` explains on an output that is not (N, classes) logits, by the kind of output (never
+    guessed from shapes alone: each rule needs the part named as the hubs name it, or a torchvision structure):
+
+    - dense scores (N, classes, H, W) in a field `out` (torchvision) or `logits` (transformers): per image the
+      class most pixels get, summed over them (segmentation with its own top class);
+    - detections: DETR-style `logits` (N, queries, classes + 1) + `pred_boxes`, Mask2Former's
+      `class_queries_logits`, or torchvision's list of dicts: per image the most confident detection's probability;
+    - an image embedding (N, D) (`image_embeds`, `pooler_output`): its length along its own direction (the dot
+      product with its detached unit vector), i.e. what makes the embedding what it is.
+
+    Returns (N,) scores and a few words saying which rule applied; anything else is refused in one line."""
+    scores = field(output, ("out", "logits"))  # named so: a bare (N, C, H, W) tensor could be any feature map
+    if scores is not None and scores.dim() == 4:
+        return _most_pixels(scores), "the class most pixels get"
+    queries = field(output, ("class_queries_logits",))
+    if queries is None and field(output, ("pred_boxes",)) is not None:
+        queries = field(output, ("logits",))
+    if queries is not None and queries.dim() == 3:
+        return _top_query(queries), "the most confident query's class"
+    if isinstance(output, (list, tuple)) and output and all(isinstance(d, dict) and "scores" in d for d in output):
+        return torch.stack([d["scores"].max() if d["scores"].numel() else d["scores"].sum() * 0 for d in output]), \
+            "the most confident detection"
+    emb = field(output, EMBEDDINGS)
+    if emb is not None and emb.dim() == 2:
+        unit = F.normalize(emb.detach(), dim=1)
+        return (emb * unit).sum(1), "the embedding along its own direction"
+    raise ValueError(f"target=None: the model returned a {describe(output)}, with no class logits ("
+                     f"{', '.join(LOGITS)}), dense scores, detections or image embedding ({', '.join(EMBEDDINGS)}) to "
+                     "explain; pass target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, "
+                     "key=...), segmentation, detection, similarity)")
+
+
+__all__ = ["classifier", "default", "describe", "detection", "segmentation", "similarity"]

@@ -171,14 +171,47 @@ def test_target_none_explains_the_top_class_of_the_logits_field(wrap):
 def test_outputs_whose_logits_cannot_be_found_are_still_refused_in_one_line():
     net = Linear(lambda t: (t * 2, t))  # a plain tuple: its parts have no names, so none is guessed
     x = torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"^target=None: the model returned a tuple of 2: tensor \(2, 4\), tensor "
+                                         r"\(2, 4\), with no class logits"):
+        lv.saliency(net, x)
     with pytest.raises(ValueError, match=r"^the model returned a tuple of 2: tensor \(2, 4\), tensor \(2, 4\): a "
                                          r"class target needs"):
-        lv.saliency(net, x)
-    with pytest.raises(ValueError, match=r"^classifier target: the model returned a tuple of 2: .* with no 'logits'; "
+        lv.saliency(net, x, target=1)
+    with pytest.raises(ValueError, match=r"^classifier target: the model returned a tuple of 2: .* with no 'logits' or 'logits_per_image'; "
                                          r"pass key="):
         targets.classifier(None)(net(x))
-    with pytest.raises(ValueError, match=r"the model's logits has shape \(2, 3, 8, 8\)"):
-        lv.saliency(segformer(), torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"^target=None: the model returned a dict with x \(2, 2, 2\), with no class "
+                                         r"logits \(logits, logits_per_image\), dense scores, detections or image "
+                                         r"embedding"):
+        lv.saliency(Linear(lambda t: {"x": t.view(2, 2, 2)}), x)
+
+
+def test_target_none_on_masks_boxes_and_embeddings_by_hand():
+    scores = torch.zeros(2, 3, 2, 2)
+    scores[0, 1] = 1.0
+    scores[0, 2, 0, 0] = 5.0  # image 0: class 1 wins 3 of 4 pixels -> 1 + 1 + 1
+    scores[1, 2] = 2.0  # image 1: class 2 wins all 4 -> 8
+    got, what = targets.default({"logits": scores})
+    assert what == "the class most pixels get"
+    torch.testing.assert_close(got, torch.tensor([3.0, 8.0]))
+    queries = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))  # 3 classes + "no object"
+    got, _ = targets.default({"logits": queries, "pred_boxes": torch.rand(2, 5, 4)})
+    torch.testing.assert_close(got, queries.softmax(-1)[..., :3].flatten(1).max(1).values)
+    got, _ = targets.default({"class_queries_logits": queries, "masks_queries_logits": torch.zeros(2, 5, 4, 4)})
+    torch.testing.assert_close(got, queries.softmax(-1)[..., :3].flatten(1).max(1).values)
+    dets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.3, 0.9])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long(), "scores": torch.zeros(0)}]
+    torch.testing.assert_close(targets.default(dets)[0], torch.tensor([0.9, 0.0]))
+    emb = torch.tensor([[3.0, 4.0], [0.0, 2.0]], requires_grad=True)
+    got, what = targets.default({"image_embeds": emb, "last_hidden_state": torch.zeros(2, 5, 2)})
+    torch.testing.assert_close(got, torch.tensor([5.0, 2.0]))  # each embedding's length
+    got.sum().backward()
+    torch.testing.assert_close(emb.grad, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))  # its own direction, not zero
+    model, x = segformer(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = targets.default(model(x))[0]
+    sal = lv.saliency(model, x)  # refused before: "the model's logits has shape (2, 3, 8, 8)"
+    torch.testing.assert_close(sal.scores, want)
 
 
 def test_segmentation_target_reads_segformers_logits_upsampled_to_the_mask():
@@ -325,6 +358,23 @@ def test_clip_attention_maps_are_the_image_towers_only():
     with pytest.raises(ValueError, match=r"^the attention found \('text_model.encoder.layers.0.self_attn', "
                                          r"\.\.\.\) never sees the image"):
         lv.attention_maps(model, inputs, "text_model.encoder.layers.0.self_attn")
+
+
+def test_clip_layers_take_the_dict_and_never_place_the_text_on_the_image_grid():
+    model, inputs = clip(), clip_inputs()
+    inputs["input_ids"] = torch.randint(0, 50, (2, 16))  # 16 text tokens: they would fit a 4x4 grid
+    found = {info.name: info for info in lv.layers(model, inputs)}  # a dict crashed inside the hooks
+    assert found["vision_model.encoder.layers.1"].layout_text == "tokens 1+4x4"
+    for name in ("text_model.embeddings.token_embedding", "text_model.encoder.layers.1", "text_model.final_layer_norm"):
+        assert found[name].layout.reason.startswith("not a map: it is not computed from the input's positions (token "
+                                                    "ids"), name
+    with pytest.raises(ValueError, match=r"^example_input is a dict \(pixel_values, input_ids\): give "
+                                         r"lightning_vis.layers the dict"):
+        lv.hooks.layers(model, inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    cam = lv.grad_cam(model, inputs)  # target=None: each image's best-matching text, as for a classifier
+    torch.testing.assert_close(cam.scores, logits.max(1).values)
 
 
 def test_multi_input_misuse_is_refused_in_one_line():

@@ -435,6 +435,10 @@ _CHANNELS_FIRST_FUNCS = {getattr(F, n) for n in (
     "adaptive_max_pool3d") if hasattr(F, n)}
 
 
+#: the keyword that holds the image when a model is called with keywords only (transformers' name)
+IMAGE_KEY = "pixel_values"
+
+
 def _tensors_in(args, kwargs) -> list[Tensor]:
     """The tensors among a call's arguments (and one level into lists and tuples: torch.cat's sequence)."""
     found = []
@@ -499,8 +503,8 @@ def _not_a_map(origin, dims: int) -> str:
     if isinstance(origin, tuple):
         return ("not a map: attention probabilities (queries x keys, a softmax over the last dim); "
                 "lightning_vis.attention_maps places those")
-    return ("not a map: it is not computed from the input's positions (learned queries or embeddings broadcast over "
-            "the batch?); pass layout= and grid= if it is one")
+    return ("not a map: it is not computed from the input's positions (token ids, learned queries, embeddings "
+            "broadcast over the batch); pass layout= and grid= if it is one")
 
 
 def _token_grid(lay: Layout | None):
@@ -649,7 +653,7 @@ class LayoutTracer:
     def _start(self, entry, args, kwargs):
         """The entry module's call gets the model input: its batch and grid; remembered layouts end the work."""
         self._started, self._entry = True, entry
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        first = args[0] if args else kwargs.get(IMAGE_KEY, next(iter(kwargs.values()), None))
         shape = _input_key(first)
         if isinstance(first, Tensor):
             self.ctx.batch = int(first.shape[0]) if first.dim() else None
@@ -661,8 +665,11 @@ class LayoutTracer:
             self.ctx.batch = len(first)  # detection models: a list of (C, H, W) images
             if first[0].dim() >= 3:
                 self.ctx.input_grid = tuple(int(v) for v in first[0].shape[1:])
-        for t in _tensors_in(args, kwargs):  # the input, and whatever else the call is given (masks, a list of images)
-            self._origin[t] = _POSITIONS
+        grid = self.ctx.input_grid
+        for t in _tensors_in(args, kwargs):  # the input (a list of images), and masks on its grid; not token ids
+            if t is first or isinstance(first, (list, tuple)) or \
+                    (grid is not None and tuple(t.shape[-len(grid):]) == grid and t.dim() > len(grid)):
+                self._origin[t] = _POSITIONS
         self._key = _cache_key(self.model, entry, shape, self.layout_override, self.grid_override)
         cached = _CACHE.get(self.model, {}).get(self._key) if shape is not None and self.cache else None
         if cached is not None:

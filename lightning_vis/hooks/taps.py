@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +247,9 @@ def layers(model: nn.Module, example_input, *, leaves_only: bool = False, layout
     """Every submodule the example forward pass runs, with its type, output shape and layout (one dry forward in
     eval mode without gradients; the model is restored afterwards). ``example_input``: a tensor or a tuple of
     positional inputs. layout / grid: overrides, as in capture."""
+    if isinstance(example_input, Mapping):
+        raise ValueError(f"example_input is a dict ({', '.join(map(str, example_input))}): give lightning_vis.layers "
+                         "the dict (its image under 'pixel_values'), or a tensor or a tuple of positional inputs here")
     shapes: dict[str, list] = defaultdict(list)
     named = [(k, m) for k, m in model.named_modules() if k and (not leaves_only or not any(m.children()))]
     handles = []
