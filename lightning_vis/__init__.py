@@ -8,8 +8,10 @@ from .attribution import CAM, Attribution, attention_maps, attention_rollout, gr
 from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
+from .gradients import PathAttribution, gradient_shap, input_x_gradient, integrated_gradients
 from .health import HealthReport, filter_health
 from .hooks import capture, layers, resolve_layers
+from .occlusion import OcclusionMap, occlusion
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -27,3 +29,5 @@ __all__ = [
     "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "objectives", "ops",
     "params", "receptive_field", "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions",
 ]
+__all__ += ["PathAttribution", "gradient_shap", "input_x_gradient", "integrated_gradients"]
+__all__ += ["OcclusionMap", "occlusion"]
