@@ -273,8 +273,8 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target: Target = None
     "_middle" / "_trapezoid". The steps x inputs rows run chunk_size at a time (default: what fits memory_budget).
     ``delta``: sum of attributions - (f(x) - f(baseline)) per input."""
     alphas, weights = path_nodes(method, steps)
-    lay = _setup(model, inputs, target, layer, layout, grid)
-    with ModelGuard(model, eval=True, freeze=True):
+    with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
+        lay = _setup(model, inputs, target, layer, layout, grid)
         b = make_baselines(inputs, baseline, sigma=sigma, seed=seed)
         n = inputs.shape[0]
         scores, classes, act_x = _reference(model, inputs, target, lay)
@@ -327,8 +327,8 @@ def gradient_shap(model: nn.Module, inputs: Tensor, target: Target = None, *, ba
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not stdevs >= 0:
         raise ValueError(f"stdevs must be >= 0, got {stdevs}")
-    lay = _setup(model, inputs, target, layer, layout, grid)
-    with ModelGuard(model, eval=True, freeze=True):
+    with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
+        lay = _setup(model, inputs, target, layer, layout, grid)
         pool = make_baselines(inputs, baselines, sigma=sigma, seed=seed, many=True)
         n = inputs.shape[0]
         scores, classes, _ = _reference(model, inputs, target, lay)
@@ -367,8 +367,8 @@ def input_x_gradient(model: nn.Module, inputs: Tensor, target: Target = None, *,
                      grid=None) -> PathAttribution:
     """The input times the gradient of the target score (captum's InputXGradient), or with ``layer=`` the layer's
     activations times their gradient (captum's LayerGradientXActivation)."""
-    lay = _setup(model, inputs, target, layer, layout, grid)
-    with ModelGuard(model, eval=True, freeze=True):
+    with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
+        lay = _setup(model, inputs, target, layer, layout, grid)
         scores, classes, _ = _reference(model, inputs, target, lay)
         size = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=True)
         parts = []
