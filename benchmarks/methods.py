@@ -17,7 +17,7 @@
 - ig: integrated gradients of MobileNetV2 (random weights), one 224 px image, 32 Gauss-Legendre steps, with the
   completeness error: ``lightning_vis.integrated_gradients`` against captum's ``IntegratedGradients`` (its default
   ``internal_batch_size``: every step in one batch; ``return_convergence_delta=True``), and the peak resident memory
-  each adds to a fresh process (``resource`` ru_maxrss, one spawned process per method; not with --quick).
+  each adds to a fresh process (VmHWM, one spawned process per method; not with --quick).
 - render: channels of VGG16 features.28 at 128 px (CPU: 4 channels, 96 px, 8 steps), standard transforms, Adam
   0.05, against torch-lucent 0.1.8's batched ``render_vis`` (one channel per batch element) on the same
   channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
@@ -306,15 +306,29 @@ def _ig_call(which, quick, device, steps):
     return ca.IntegratedGradients(model).attribute(x, target=target, n_steps=steps, return_convergence_delta=True)
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (its own address space; ru_maxrss would carry the
+    parent's peak across exec), or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _ig_peak(which, quick, steps, queue):
     """In a fresh process: the peak resident memory (bytes) the call adds to the model's and input's."""
-    import resource
-
     torch.set_num_threads(1)
-    _ig_call("ours", quick, "cpu", 2)  # load and warm everything both calls share
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, x = attribution_net(quick, "cpu")
+    with torch.no_grad():
+        model(x)  # load and warm what both calls share (torch, the model's first pass)
+    if which == "peer":
+        import captum.attr  # noqa: F401
+    before = _peak_rss()
     _ig_call(which, quick, "cpu", steps)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    queue.put(_peak_rss() - before)
 
 
 def bench_ig(device, reps, quick):
@@ -346,7 +360,7 @@ def bench_ig(device, reps, quick):
                 p.join()
         # the "time" columns carry the peak bytes added, so that ratio = peer / ours as for every row
         rows.append(dict(section="ig-memory", what=f"IG {name} peak RSS added, MB", device=device,
-                         ours_s=peaks["ours"] / 2 ** 20, peer="captum IntegratedGradients (MB)",
+                         ours_s=max(peaks["ours"], 1) / 2 ** 20, peer="captum IntegratedGradients (MB)",
                          peer_s=peaks["peer"] / 2 ** 20, note="columns are MB, not seconds"))
     return rows
 
