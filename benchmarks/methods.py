@@ -11,6 +11,13 @@
 - guided, saliency: against captum's ``GuidedBackprop`` and ``Saliency`` (abs), same targets.
 - topk: ``top_k_examples`` over 5 layers of ResNet-50 (layer1-4, avgpool) against plain inference over the same
   DataLoader (2 batches of --batch); the "peer" is inference, so the goal is ratio >= 1/1.15 (<= 15% overhead).
+- occlusion: Zeiler-Fergus occlusion of MobileNetV2 (random weights) at 224 px, one image, a 32 px window at
+  stride 16 (169 placements), target score: ``lightning_vis.occlusion`` against captum's ``Occlusion`` (window over
+  all channels) at its default ``perturbations_per_eval=1`` and at its best of 8, 32 and 170 (all at once).
+- ig: integrated gradients of MobileNetV2 (random weights), one 224 px image, 32 Gauss-Legendre steps, with the
+  completeness error: ``lightning_vis.integrated_gradients`` against captum's ``IntegratedGradients`` (its default
+  ``internal_batch_size``: every step in one batch; ``return_convergence_delta=True``), and the peak resident memory
+  each adds to a fresh process (VmHWM, one spawned process per method; not with --quick).
 - render: channels of VGG16 features.28 at 128 px (CPU: 4 channels, 96 px, 8 steps), standard transforms, Adam
   0.05, against torch-lucent 0.1.8's batched ``render_vis`` (one channel per batch element) on the same
   channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
@@ -35,10 +42,11 @@ import lightning_vis as lv
 
 from . import kernels
 
-SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render")
+SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "ig")
 # (section, minimum ratio, device): the goals of the issues
 GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
-         ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda")]
+         ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda"),
+         ("occlusion", 3.0, "cpu"), ("occlusion-best", 1.0, "cpu"), ("ig", 1.0, "cpu"), ("ig-memory", 1.0, "cpu")]
 
 
 def race(device: str, reps: int, fns: dict) -> tuple[dict, dict]:
@@ -247,6 +255,116 @@ def bench_render(model, device, reps, quick):
     return [row]
 
 
+def attribution_net(quick: bool, device: str):
+    """MobileNetV2 (random weights) at 224 px, or the quick VGG-like net at 32 px; one image."""
+    if quick:
+        model, size, _ = model_and_layers(True, device)
+    else:
+        import torchvision
+
+        torch.manual_seed(0)
+        model, size = torchvision.models.mobilenet_v2().eval().to(device), 224
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    return model, x
+
+
+def bench_occlusion(device, reps, quick):
+    model, x = attribution_net(quick, device)
+    window, stride = (8, 4) if quick else (32, 16)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    n_place = ((x.shape[-1] - window) // stride + 1) ** 2
+    fns = {"ours": lambda: lv.occlusion(model, x, target, window=window, stride=stride).maps}
+    ca = captum_or_none()
+    rows = []
+    if ca is None:
+        t, _ = race(device, reps, fns)
+        return [dict(section="occlusion", what=f"occlusion {n_place} placements", device=device, ours_s=t["ours"])]
+    occ = ca.Occlusion(model)
+    kw = dict(target=target, sliding_window_shapes=(3, window, window), strides=(3, stride, stride))
+    for ppe in (1, 8, 32, n_place + 1):
+        fns[ppe] = lambda ppe=ppe: occ.attribute(x, perturbations_per_eval=ppe, **kw)
+    t, res = race(device, reps, fns)
+    diff = max(rel_diff(res["ours"], res[p][:, 0]) for p in fns if p != "ours")
+    best = min((p for p in fns if p != "ours"), key=lambda p: t[p])
+    name = "VGG-like 32 px" if quick else "MobileNetV2 224 px"
+    rows.append(dict(section="occlusion", what=f"occlusion {name}, {n_place} placements", device=device,
+                     ours_s=t["ours"], peer="captum Occlusion, perturbations_per_eval=1", peer_s=t[1], diff=diff))
+    rows.append(dict(section="occlusion-best", what=f"occlusion {name}, captum at its best", device=device,
+                     ours_s=t["ours"], peer=f"captum Occlusion, perturbations_per_eval={best}", peer_s=t[best],
+                     diff=diff, note=", ".join(f"ppe {p}: {t[p]:.2f} s" for p in fns if p != "ours")))
+    return rows
+
+
+def _ig_call(which, quick, device, steps):
+    model, x = attribution_net(quick, device)
+    target = int(model(x).argmax())
+    if which == "ours":
+        r = lv.integrated_gradients(model, x, target, steps=steps)
+        return r.maps, r.delta
+    import captum.attr as ca
+    return ca.IntegratedGradients(model).attribute(x, target=target, n_steps=steps, return_convergence_delta=True)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (its own address space; ru_maxrss would carry the
+    parent's peak across exec), or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ig_peak(which, quick, steps, queue):
+    """In a fresh process: the peak resident memory (bytes) the call adds to the model's and input's."""
+    torch.set_num_threads(1)
+    model, x = attribution_net(quick, "cpu")
+    with torch.no_grad():
+        model(x)  # load and warm what both calls share (torch, the model's first pass)
+    if which == "peer":
+        import captum.attr  # noqa: F401
+    before = _peak_rss()
+    _ig_call(which, quick, "cpu", steps)
+    queue.put(_peak_rss() - before)
+
+
+def bench_ig(device, reps, quick):
+    import multiprocessing as mp
+    import warnings
+
+    steps = 8 if quick else 32
+    fns = {"ours": lambda: _ig_call("ours", quick, device, steps)}
+    if captum_or_none() is not None:
+        fns["peer"] = lambda: _ig_call("peer", quick, device, steps)
+    t, res = race(device, reps, fns)
+    name = "VGG-like 32 px" if quick else "MobileNetV2 224 px"
+    row = dict(section="ig", what=f"IG {name}, {steps} GL steps", device=device, ours_s=t["ours"],
+               note=f"completeness error {float(res['ours'][1].abs()[0]):.2e}")
+    if "peer" not in t:
+        return [row]
+    row.update(peer="captum IntegratedGradients", peer_s=t["peer"], diff=rel_diff(res["ours"][0], res["peer"][0]))
+    rows = [row]
+    if device == "cpu" and not quick:  # the small net's steps add nothing measurable to a process's peak
+        ctx = mp.get_context("spawn")
+        peaks = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for which in ("ours", "peer"):
+                q = ctx.Queue()
+                p = ctx.Process(target=_ig_peak, args=(which, quick, steps, q))
+                p.start()
+                peaks[which] = q.get()
+                p.join()
+        # the "time" columns carry the peak bytes added, so that ratio = peer / ours as for every row
+        rows.append(dict(section="ig-memory", what=f"IG {name} peak RSS added, MB", device=device,
+                         ours_s=max(peaks["ours"], 1) / 2 ** 20, peer="captum IntegratedGradients (MB)",
+                         peer_s=peaks["peer"] / 2 ** 20, note="columns are MB, not seconds"))
+    return rows
+
+
 def goal_lines(rows):
     lines = []
     for section, need, device in GOALS:
@@ -291,6 +409,10 @@ def main(argv=None):
             rows += bench_topk(device, batch, reps, args.quick)
         elif section == "gradcam":
             rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
+        elif section == "occlusion":
+            rows += bench_occlusion(device, reps, args.quick)
+        elif section == "ig":
+            rows += bench_ig(device, reps, args.quick)
         else:
             rows += bench_input_grads(section, model, size, device, batch, reps)
     for r in rows:

@@ -8,12 +8,13 @@ from .attribution import CAM, Attribution, attention_maps, attention_rollout, gr
 from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
+from .gradients import PathAttribution, gradient_shap, input_x_gradient, integrated_gradients
 from .health import HealthReport, filter_health
 from .hooks import capture, resolve_layers
 from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
+from .occlusion import OcclusionMap, occlusion
 from .receptive import ReceptiveField, receptive_field
-
 
 
 def serve(model, images, labels=None, **kwargs):
@@ -24,9 +25,10 @@ def serve(model, images, labels=None, **kwargs):
 
 
 __all__ = [
-    "CAM", "Attribution", "HealthReport", "Invariance", "Reconstructions", "ReceptiveField", "RenderResult", "TopK",
-    "Transforms", "activation_grid", "activations", "attention_maps", "attention_rollout", "capture", "deconvnet",
-    "deep_dream", "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "invariance", "layers",
-    "objectives", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency", "serve",
+    "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "PathAttribution", "Reconstructions",
+    "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations", "attention_maps",
+    "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "grad_cam", "gradient_shap",
+    "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients", "invariance", "layers",
+    "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency", "serve",
     "top_k_examples", "top_predictions", "with_inputs",
 ]

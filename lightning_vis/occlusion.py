@@ -1,0 +1,160 @@
+"""Occlusion (Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", section 4.2): a window of
+baseline values slides over the input's grid (1D, 2D images, 3D clips: every spatial axis of an (N, C, *grid)
+input, all channels at once) and the model runs on every placement.
+
+Two pictures, as in their figure 7: ``grid``, the value with the window at each placement (the target's score or
+probability, or with ``unit=(layer, channel)`` the total activation of one feature map), and ``maps``, per input
+position the mean drop of that value over the placements that cover it (captum's Occlusion, which this equals for a
+window spanning all channels). All placements of all inputs are rows of one batch, run in chunks sized from a memory
+budget (``chunk_size=`` overrides it), without gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attribution import Attribution, Target, _check_batch, check_target, target_scores
+from .gradients import chunk_rows, make_baselines
+from .hooks import ModelGuard, capture, resolve_layers
+
+OUTPUTS = ("score", "probability")
+
+
+@dataclass
+class OcclusionMap(Attribution):
+    """maps: (N, *input grid) mean drop of the value over the windows covering each position; grid: (N, *placements)
+    the value with the window at each placement; scores: (N,) the value of the whole input; window / stride per
+    axis; starts: each axis's window starts (the last window may be cut by the edge); unit: (layer, channel) or
+    None (the target's score / probability)."""
+
+    grid: Tensor | None = None
+    window: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    starts: tuple[Tensor, ...] = ()
+    unit: tuple[str, int] | None = None
+
+
+def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
+    vals = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(vals, Sequence) or len(vals) != dims or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
+        raise ValueError(f"{what} must be a positive integer or one per spatial axis ({dims}), got {value!r}")
+    return tuple(vals)
+
+
+def placements(size: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> list[Tensor]:
+    """Per axis, an (placements, size) 0/1 matrix: which positions each window covers (captum's shifts: starts
+    0, s, 2s, ... up to the first window that reaches the edge)."""
+    out = []
+    for n, w, s in zip(size, window, stride):
+        count = math.ceil(max(n - w, 0) / s) + 1
+        starts = torch.arange(count) * s
+        pos = torch.arange(n)
+        out.append(((pos >= starts[:, None]) & (pos < starts[:, None] + w)).float())
+    return out
+
+
+@torch.no_grad()
+def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window, stride=None, baseline=0.0,
+              output: str = "score", unit: tuple[str, int] | None = None, chunk_size: int | None = None,
+              memory_budget: int | None = None, layout=None, grid=None) -> OcclusionMap:
+    """Zeiler and Fergus' occlusion experiment on (N, C, *grid) inputs. window / stride: an int or one per spatial
+    axis (stride default: half the window, at most the window); baseline: the occluder's values, a number (default
+    0), "zeros", "blur", "uniform" or a tensor (as integrated_gradients' baseline). output: "score" (the target's,
+    as lightning_vis' other methods take targets) or "probability" (its softmax over (N, classes) logits). unit:
+    (layer, channel): the total activation of that feature map instead (the layer placed by hooks.layout; layout= /
+    grid= override it)."""
+    _check_batch(inputs)
+    check_target(target)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
+    dims = inputs.dim() - 2
+    if dims < 1:
+        raise ValueError(f"occlusion needs inputs with spatial axes (N, C, *grid), got {tuple(inputs.shape)}")
+    size = tuple(inputs.shape[2:])
+    window = _per_axis(window, dims, "window")
+    stride = tuple(max(1, w // 2) for w in window) if stride is None else _per_axis(stride, dims, "stride")
+    for w, s, n in zip(window, stride, size):
+        if w > n:
+            raise ValueError(f"window {window} is larger than the input's grid {size}")
+        if s > w:
+            raise ValueError(f"stride {stride} is larger than the window {window}: positions between windows would "
+                             "never be occluded")
+    if unit is not None:
+        value = _unit_value(model, unit, layout, grid, inputs)
+    else:
+        if output == "probability" and callable(target) and not isinstance(target, Tensor):
+            raise ValueError("output='probability' needs a class target (softmax over (N, classes) logits); a "
+                             "callable target gives scores: use output='score'")
+
+        def value(x, t):
+            out = model(x)
+            if output == "probability":
+                if not isinstance(out, Tensor) or out.dim() != 2:
+                    raise ValueError("output='probability' needs a model returning (N, classes) logits; pass "
+                                     "output='score'")
+                out = out.softmax(1)
+            return target_scores(out, t)
+    with ModelGuard(model, eval=True):
+        b = make_baselines(inputs, baseline)
+        reference, classes = value(inputs, target)
+        cover = [m.to(inputs.device) for m in placements(size, window, stride)]
+        counts = [m.shape[0] for m in cover]
+        n, p = inputs.shape[0], math.prod(counts)
+        size_rows = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=False)
+        values = []
+        for r0 in range(0, n * p, size_rows):
+            rows = torch.arange(r0, min(r0 + size_rows, n * p), device=inputs.device)
+            k, i = rows // n, rows % n
+            mask = torch.ones(len(rows), *size, dtype=torch.bool, device=inputs.device)
+            rest = k
+            for axis in reversed(range(dims)):  # placement k = row-major over the axes' counts
+                idx, rest = rest % counts[axis], rest // counts[axis]
+                shape = [len(rows)] + [1] * dims
+                shape[1 + axis] = size[axis]
+                mask &= cover[axis][idx].bool().view(shape)
+            x = torch.where(mask[:, None], b[i], inputs[i])
+            values.append(value(x, target if classes is None else classes[i])[0])
+        at = torch.cat(values).view(*counts, n).movedim(-1, 0)  # (N, *placements)
+        drop = reference.view(-1, *[1] * dims) - at
+        total, weight = drop, torch.ones((), device=inputs.device)
+        for axis, m in enumerate(cover):  # sum over placements of drop x window, one axis at a time
+            total = torch.tensordot(total, m, dims=([1], [0]))  # the axis contracted moves to the end
+            weight = weight[..., None] * m.sum(0)
+        maps = total / weight
+    starts = tuple(torch.arange(c) * s for c, s in zip(counts, stride))
+    return OcclusionMap(maps, classes, reference, "occlusion", grid=at, window=window, stride=stride, starts=starts,
+                        unit=None if unit is None else (unit[0], int(unit[1])))
+
+
+def _unit_value(model, unit, layout, grid, inputs):
+    """value(x, target) -> (total activation of the unit's feature map per row, None)."""
+    if not (isinstance(unit, (tuple, list)) and len(unit) == 2 and isinstance(unit[1], int)
+            and not isinstance(unit[1], bool)):
+        raise ValueError(f"unit must be (layer, channel), got {unit!r}")
+    found = resolve_layers(model, unit[0])
+    if len(found) != 1:
+        raise ValueError(f"unit names one layer; {unit[0]!r} names {len(found)}: {', '.join(found)}")
+    name, channel = next(iter(found)), unit[1]
+
+    def value(x, target):
+        with capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+            model(x)
+        got = tap.values.get(name, [])
+        if len(got) != 1:
+            raise ValueError(f"layer {name!r} ran {len(got)} times in one forward pass; unit= needs a layer that "
+                             "runs once")
+        maps = tap.maps(name)
+        if not 0 <= channel < maps.shape[1]:
+            raise ValueError(f"channel {channel} out of range for {name!r}, which has {maps.shape[1]} channels")
+        return maps[:, channel].flatten(1).sum(1), None
+
+    return value
+
+
+__all__ = ["OcclusionMap", "occlusion", "placements"]

