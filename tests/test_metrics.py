@@ -144,6 +144,12 @@ def test_road_seeded_noise_and_3d_refusal():
         road(model, torch.randn(1, 3, 2, 4, 4), torch.rand(1, 2, 4, 4))
     with pytest.raises(ValueError, match="percentiles"):
         road(model, x, maps, percentiles=[120])
+    flat = maps.clone()
+    flat[1] = 0.5  # e.g. Grad-CAM of a model whose top layer is dead: nothing to rank, nothing kept
+    with pytest.raises(ValueError, match="ROAD: map 1 keeps no pixel for MoRF at percentile 50"):
+        road(model, x, flat, percentiles=[50])
+    with pytest.raises(ValueError, match="ROAD: map 0 keeps no pixel for MoRF at percentile 0"):
+        road(model, x, maps, percentiles=[0, 50])
 
 
 def test_confidence_equals_a_loop_and_torchcam():

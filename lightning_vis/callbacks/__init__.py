@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from ..batches import INPUT_NAMES, find_input
 from ._core import build, log_images, log_scalars, out_dir
+from .faithfulness import FaithfulnessMixin
 
 _classes = build(_pl, __name__)
 ActivationMaps = _classes["ActivationMaps"]
@@ -29,6 +30,8 @@ Deconvnet = _classes["Deconvnet"]
 FeatureVisualization = _classes["FeatureVisualization"]
 FilterHealth = _classes["FilterHealth"]
 Visualize = _classes["Visualize"]
+Faithfulness = type("Faithfulness", (FaithfulnessMixin, _pl.Callback),
+                    {"__doc__": FaithfulnessMixin.__doc__, "__module__": __name__})
 
-__all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "FeatureVisualization", "FilterHealth",
-           "Visualize", "INPUT_NAMES", "find_input", "log_images", "log_scalars", "out_dir"]
+__all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "Faithfulness", "FeatureVisualization",
+           "FilterHealth", "Visualize", "INPUT_NAMES", "find_input", "log_images", "log_scalars", "out_dir"]

@@ -4,6 +4,7 @@ when that package is installed)."""
 import pytorch_lightning as _pl
 
 from ._core import build
+from .faithfulness import FaithfulnessMixin
 
 _classes = build(_pl, __name__)
 ActivationMaps = _classes["ActivationMaps"]
@@ -13,6 +14,8 @@ Deconvnet = _classes["Deconvnet"]
 FeatureVisualization = _classes["FeatureVisualization"]
 FilterHealth = _classes["FilterHealth"]
 Visualize = _classes["Visualize"]
+Faithfulness = type("Faithfulness", (FaithfulnessMixin, _pl.Callback),
+                    {"__doc__": FaithfulnessMixin.__doc__, "__module__": __name__})
 
-__all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "FeatureVisualization", "FilterHealth",
-           "Visualize"]
+__all__ = ["ActivationMaps", "Attribution", "DatasetExamples", "Deconvnet", "Faithfulness", "FeatureVisualization",
+           "FilterHealth", "Visualize"]

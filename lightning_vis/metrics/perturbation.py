@@ -331,6 +331,12 @@ def road(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, 
     morf = flat[:, None] < torch.quantile(flat, q, dim=1).T[..., None]  # (N, Q, P): kept
     inv = 1 - flat
     lerf = inv[:, None] < torch.quantile(inv, q, dim=1).T[..., None]
+    empty = ~torch.stack([morf, lerf], 1).any(-1)  # (N, 2, Q): nothing left to impute from
+    if bool(empty.any()):
+        i, o, j = (int(v) for v in empty.nonzero()[0])
+        raise ValueError(f"ROAD: map {i} keeps no pixel for {('MoRF', 'LeRF')[o]} at percentile {qs[j]:g} (a "
+                         "constant map ranks nothing, and percentile 0 removes everything): give maps that vary "
+                         "and percentiles in (0, 100]")
     keep = torch.stack([morf, lerf], 1).view(n * 2 * len(qs), *inputs.shape[2:])  # jobs: image, order, q
     owners = torch.arange(n, device=inputs.device).repeat_interleave(2 * len(qs))
     gen = torch.Generator(inputs.device).manual_seed(seed)
