@@ -242,11 +242,18 @@ def _timm_unfused(name, **kw):
 
 
 def _hf(cls: str, config: str, **kw):
-    """A transformers model of class `cls` from a `config` built from keyword arguments: random weights, offline."""
+    """A transformers model of class `cls` from a `config` built from keyword arguments: random weights, offline.
+    transformers draws BatchNorm weights from N(0, initializer_range): in a deep random BN net (EfficientNet) the
+    signal vanishes and the logits are 0 for every input, so BatchNorm weights start at 1, as torch's own init."""
     def build():
         import transformers
 
-        return getattr(transformers, cls)(getattr(transformers, config)(**kw))
+        model = getattr(transformers, cls)(getattr(transformers, config)(**kw))
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                    m.weight.fill_(1.0)
+        return model
     return build
 
 
@@ -343,8 +350,6 @@ def hub_cases() -> list[Case]:
          dict(expect={"model.encoder.layers.0": "tokens 2x2"},
               not_maps=("model.decoder.layers.0", "model.decoder.layernorm", "bbox_predictor"),
               not_attention=("model.decoder.layers.0.self_attn",))),
-        # with transformers' random init its logits are 0 for every input (the signal vanishes on the way: up to
-        # initializer_range 0.3): gradient checks see all-zero maps; the issue's list has it, so it stays
         ("EfficientNet", "EfficientNetForImageClassification", "EfficientNetConfig",
          dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5), x64,
          "classify", {}),
@@ -774,8 +779,9 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             maps = lv.attention_maps(model, inputs if case.hub else x)
-        for name, m in maps.items():
-            if m.dim() != 2 + spatial or m.shape[0] != x.shape[0]:
+        for name, m in maps.items():  # (N, heads, *grid); a decoder's cross-attention: (N, heads, queries, *grid)
+            cross = any(w in name.rsplit(".", 1)[-1] for w in ("cross", "encoder_attn"))
+            if m.dim() != 2 + spatial + cross or m.shape[0] != x.shape[0]:
                 raise AssertionError(f"{name}: maps {tuple(m.shape)}")
             if any(name == n or name.startswith(n + ".") for n in case.not_attention):
                 raise AssertionError(f"{name}: its attention is drawn as maps over the image ({tuple(m.shape)})")

@@ -272,20 +272,28 @@ def default(output) -> tuple[Tensor, str]:
 
     - dense scores (N, classes, H, W) in a field `out` (torchvision) or `logits` (transformers): per image the
       class most pixels get, summed over them (segmentation with its own top class);
+    - one mask's logits (N, H, W) in `logits` (CLIPSeg): the side (object or not) most pixels are on, summed;
     - detections: DETR-style `logits` (N, queries, classes + 1) + `pred_boxes`, Mask2Former's
-      `class_queries_logits`, or torchvision's list of dicts: per image the most confident detection's probability;
+      `class_queries_logits`, or torchvision's list of dicts: per image the most confident detection's probability
+      (an open-vocabulary detector's, OWL-ViT's with its `text_embeds`: a sigmoid per text, no "no object" class);
     - an image embedding (N, D) (`image_embeds`, `pooler_output`): its length along its own direction (the dot
       product with its detached unit vector), i.e. what makes the embedding what it is.
 
     Returns (N,) scores and a few words saying which rule applied; anything else is refused in one line."""
     scores = field(output, ("out", "logits"))  # named so: a bare (N, C, H, W) tensor could be any feature map
+    boxes = field(output, ("pred_boxes",))
     if scores is not None and scores.dim() == 4:
         return _most_pixels(scores), "the class most pixels get"
+    if scores is not None and scores.dim() == 3 and boxes is None:  # one mask's logits (CLIPSeg): object or not
+        return _most_pixels(torch.stack([-scores, scores], 1)), "the side of the mask most pixels are on"
     queries = field(output, ("class_queries_logits",))
-    if queries is None and field(output, ("pred_boxes",)) is not None:
-        queries = field(output, ("logits",))
     if queries is not None and queries.dim() == 3:
         return _top_query(queries), "the most confident query's class"
+    if boxes is not None and scores is not None and scores.dim() == 3:
+        # open-vocabulary detectors (OWL-ViT: the output carries its text queries' embeddings) score each text with a
+        # sigmoid and have no "no object" class; DETR's softmax ends with one
+        open_vocabulary = field(output, ("text_embeds",)) is not None
+        return _top_query(scores, no_object=not open_vocabulary), "the most confident query's class"
     if isinstance(output, (list, tuple)) and output and all(isinstance(d, dict) and "scores" in d for d in output):
         return torch.stack([d["scores"].max() if d["scores"].numel() else d["scores"].sum() * 0 for d in output]), \
             "the most confident detection"

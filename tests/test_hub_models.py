@@ -199,6 +199,10 @@ def test_target_none_on_masks_boxes_and_embeddings_by_hand():
     torch.testing.assert_close(got, queries.softmax(-1)[..., :3].flatten(1).max(1).values)
     got, _ = targets.default({"class_queries_logits": queries, "masks_queries_logits": torch.zeros(2, 5, 4, 4)})
     torch.testing.assert_close(got, queries.softmax(-1)[..., :3].flatten(1).max(1).values)
+    owl = {"logits": queries, "pred_boxes": torch.rand(2, 5, 4), "text_embeds": torch.zeros(2, 4, 8)}
+    torch.testing.assert_close(targets.default(owl)[0], queries.sigmoid().flatten(1).max(1).values)
+    mask = torch.tensor([[[1.0, -2.0], [3.0, 4.0]], [[-1.0, -1.0], [-3.0, 2.0]]])  # CLIPSeg: one mask's logits
+    torch.testing.assert_close(targets.default({"logits": mask})[0], torch.tensor([8.0, 5.0]))
     dets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.3, 0.9])},
             {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long(), "scores": torch.zeros(0)}]
     torch.testing.assert_close(targets.default(dets)[0], torch.tensor([0.9, 0.0]))
