@@ -201,3 +201,26 @@ def test_cli_cam_offers_the_new_methods(tmp_path):
                          "--size", "16", "--method", method, "--target", "1", "--out", str(out)]) == 0
         report = json.loads((out / f"{method}.json").read_text())
         assert report["a.png"]["class"] == 1 and (out / f"a_{method}.png").exists()
+
+
+class ViewNet(nn.Module):
+    """Flattens its maps with .view, which channels-last memory refuses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
+
+
+def test_scorecam_runs_models_that_need_contiguous_maps():
+    model = ViewNet()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(RuntimeError):
+        model(x.contiguous(memory_format=torch.channels_last))
+    ours = lv.grad_cam(model, x, "conv", target=[0, 2], method="scorecam")
+    with pgc.ScoreCAM(model=model, target_layers=[model.conv]) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(0), ClassifierOutputTarget(2)])
+    assert_correlated(ours.normalized(), theirs)
