@@ -224,3 +224,33 @@ def test_scorecam_runs_models_that_need_contiguous_maps():
     with pgc.ScoreCAM(model=model, target_layers=[model.conv]) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(0), ClassifierOutputTarget(2)])
     assert_correlated(ours.normalized(), theirs)
+
+
+class InPlaceSkip(nn.Module):
+    """Adds into the output of a module below the layer, in place, above it (a skip connection written in place)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = torch.relu(self.conv2(a))
+        return self.head(a.add_(b))
+
+
+def test_replay_of_a_model_that_writes_into_the_part_below_uses_copies():
+    model = InPlaceSkip()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a = model.conv1(x)
+        b = torch.relu(model.conv2(a))
+        with cams.Replay(model, "conv2", x) as replay:
+            values = b[[1, 1, 1]].clone()
+            values[torch.arange(3), torch.tensor([0, 2, 3])] = -5.0
+            out = replay(torch.tensor([1, 1, 1]), values)
+            assert not replay.views  # the expanded views were refused by add_, the copies were used
+        want = model.head(a[[1, 1, 1]] + torch.relu(values))
+    torch.testing.assert_close(out, want)
