@@ -202,18 +202,18 @@ def bench_topk(device, batch, reps, quick):
 CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
 
 
-def bench_cam_family(section, device, batch, reps, quick_net=None):
+def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
     """One of the CAMs of lightning_vis.cams against pytorch-grad-cam's class of the same name, same targets.
-    quick_net: (model, size, layer) of the smoke test instead."""
+    quick_net: (model, size, layer) of the smoke test instead; size: the input's, instead of 224 / 112 px."""
     import torchvision
 
     torch.manual_seed(0)
     if quick_net is not None:
         (model, size, layer), net = quick_net, "VGG-like"
     elif section == "scorecam":
-        model, net, layer, size = torchvision.models.mobilenet_v2(), "MobileNetV2", "features.18", 112
+        model, net, layer, size = torchvision.models.mobilenet_v2(), "MobileNetV2", "features.18", size or 112
     else:
-        model, net, layer, size = torchvision.models.resnet50(), "ResNet-50", "layer4.2", 224
+        model, net, layer, size = torchvision.models.resnet50(), "ResNet-50", "layer4.2", size or 224
     for m in model.modules():  # pytorch-grad-cam keeps activations by reference (see model_and_layers)
         if hasattr(m, "inplace"):
             m.inplace = False
@@ -317,6 +317,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="batch for gradcam/guided/saliency (GPU 64, CPU 8)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--cam-batch", type=int, default=1, help="batch for eigencam/scorecam/ablationcam (default 1)")
+    ap.add_argument("--cam-size", type=int, default=None,
+                    help="input size for eigencam/scorecam/ablationcam (default 224; Score-CAM 112)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default GPU 10, CPU 3)")
     ap.add_argument("--quick", action="store_true", help="a small VGG-like net at 32 px (a smoke test)")
     ap.add_argument("--json", default="out/benchmarks/methods.json")
@@ -346,7 +348,7 @@ def main(argv=None):
             rows += bench_topk(device, batch, reps, args.quick)
         elif section in CAM_PEERS:
             rows += bench_cam_family(section, device, args.cam_batch, reps,
-                                     (model, size, cam_layer) if args.quick else None)
+                                     (model, size, cam_layer) if args.quick else None, args.cam_size)
         elif section == "gradcam":
             rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
         else:
