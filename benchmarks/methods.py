@@ -18,6 +18,11 @@
   completeness error: ``lightning_vis.integrated_gradients`` against captum's ``IntegratedGradients`` (its default
   ``internal_batch_size``: every step in one batch; ``return_convergence_delta=True``), and the peak resident memory
   each adds to a fresh process (VmHWM, one spawned process per method; not with --quick).
+- eigencam, ablationcam: Eigen-CAM and Ablation-CAM of ResNet-50's layer4.2 (pytorch-grad-cam's usual last
+  layer; random weights, 224 px) for --cam-batch images against pytorch-grad-cam's ``EigenCAM`` / ``AblationCAM``
+  (batch_size 32, its default). scorecam: Score-CAM of MobileNetV2's features.18 (1280 channels; random weights,
+  112 px: one forward per channel on both sides) against its ``ScoreCAM`` (16 masks per forward, its default).
+  Ablation-CAM and Score-CAM are timed once (no warm-up: the peer takes minutes on a CPU).
 - render: channels of VGG16 features.28 at 128 px (CPU: 4 channels, 96 px, 8 steps), standard transforms, Adam
   0.05, against torch-lucent 0.1.8's batched ``render_vis`` (one channel per batch element) on the same
   channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
@@ -42,17 +47,19 @@ import lightning_vis as lv
 
 from . import kernels
 
-SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "ig")
+SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "ig", "eigencam", "scorecam",
+            "ablationcam")
 # (section, minimum ratio, device): the goals of the issues
 GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
          ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda"),
-         ("occlusion", 3.0, "cpu"), ("occlusion-best", 1.0, "cpu"), ("ig", 1.0, "cpu"), ("ig-memory", 1.0, "cpu")]
+         ("occlusion", 3.0, "cpu"), ("occlusion-best", 1.0, "cpu"), ("ig", 1.0, "cpu"), ("ig-memory", 1.0, "cpu"),
+         ("ablationcam", 10.0, "cpu"), ("scorecam", 2.0, "cpu"), ("eigencam", 3.0, "cpu")]
 
 
-def race(device: str, reps: int, fns: dict) -> tuple[dict, dict]:
+def race(device: str, reps: int, fns: dict, warm: bool = True) -> tuple[dict, dict]:
     """Median seconds of each callable over reps rounds, the callables taking turns in every round (the
-    machine's noise hits all alike), after one warm-up each; and each one's last result."""
-    results = {k: fn() for k, fn in fns.items()}
+    machine's noise hits all alike), after one warm-up each (unless not warm); and each one's last result."""
+    results = {k: fn() for k, fn in fns.items()} if warm else {}
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
@@ -199,6 +206,54 @@ def bench_topk(device, batch, reps, quick):
     return [dict(section="topk", what=f"top-9, 5 layers, {name}, 2 x {batch}", device=device, ours_s=t["ours"],
                  peer="plain inference, same loader", peer_s=t["peer"],
                  note=f"{100 * (t['ours'] / t['peer'] - 1):.1f}% over inference")]
+
+
+CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
+
+
+def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
+    """One of the CAMs of lightning_vis.cams against pytorch-grad-cam's class of the same name, same targets.
+    quick_net: (model, size, layer) of the smoke test instead; size: the input's, instead of 224 / 112 px."""
+    import torchvision
+
+    torch.manual_seed(0)
+    if quick_net is not None:
+        (model, size, layer), net = quick_net, "VGG-like"
+    elif section == "scorecam":
+        model, net, layer, size = torchvision.models.mobilenet_v2(), "MobileNetV2", "features.18", size or 112
+    else:
+        model, net, layer, size = torchvision.models.resnet50(), "ResNet-50", "layer4.2", size or 224
+    for m in model.modules():  # pytorch-grad-cam keeps activations by reference (see model_and_layers)
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    model = model.eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        classes = model(x).argmax(1)
+    fns = {"ours": lambda: lv.grad_cam(model, x, layer, classes, method=section)}
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        pgc = None
+    if pgc is not None:
+        peer = getattr(pgc, CAM_PEERS[section])(model=model, target_layers=[model.get_submodule(layer)])
+        targets = [ClassifierOutputTarget(int(c)) for c in classes]
+        fns["peer"] = lambda: peer(input_tensor=x, targets=targets)
+    slow = section != "eigencam"
+    t, res = race(device, 1 if slow else reps, fns, warm=not slow)
+    row = dict(section=section, what=f"{CAM_PEERS[section]} {net} {layer}, {size} px, batch {batch}", device=device,
+               ours_s=t["ours"])
+    if pgc is not None:
+        peer.activations_and_grads.release()
+        ours, theirs = res["ours"].normalized(), torch.as_tensor(res["peer"])
+        if section == "eigencam":  # the peer keeps NumPy's SVD sign (its map is then relu(-ours)): compare the others
+            same = torch.tensor([float(o.flatten() @ p.flatten()) > 0 for o, p in zip(ours, theirs)])
+            ours, theirs = ours[same], theirs[same]
+            row["note"] = f"diff over the {int(same.sum())} of {batch} maps where the peer's SVD sign is ours"
+        row.update(peer=f"pytorch-grad-cam {CAM_PEERS[section]}", peer_s=t["peer"],
+                   diff=rel_diff(ours, theirs) if len(ours) else float("nan"))
+    return [row]
 
 
 def lucent_or_none():
@@ -380,6 +435,9 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="batch for gradcam/guided/saliency (GPU 64, CPU 8)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--cam-batch", type=int, default=1, help="batch for eigencam/scorecam/ablationcam (default 1)")
+    ap.add_argument("--cam-size", type=int, default=None,
+                    help="input size for eigencam/scorecam/ablationcam (default 224; Score-CAM 112)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default GPU 10, CPU 3)")
     ap.add_argument("--quick", action="store_true", help="a small VGG-like net at 32 px (a smoke test)")
     ap.add_argument("--json", default="out/benchmarks/methods.json")
@@ -407,6 +465,9 @@ def main(argv=None):
             rows += bench_render(model, device, reps, args.quick)
         elif section == "topk":
             rows += bench_topk(device, batch, reps, args.quick)
+        elif section in CAM_PEERS:
+            rows += bench_cam_family(section, device, args.cam_batch, reps,
+                                     (model, size, cam_layer) if args.quick else None, args.cam_size)
         elif section == "gradcam":
             rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
         elif section == "occlusion":

@@ -1,5 +1,6 @@
 """Where does the network look? Saliency (and SmoothGrad), guided backprop, the Grad-CAM family (Grad-CAM,
-Grad-CAM++, Layer-CAM, Guided Grad-CAM) and attention maps / attention rollout.
+Grad-CAM++, Layer-CAM, Guided Grad-CAM; the rest of the family in lightning_vis.cams) and attention maps / attention
+rollout.
 
 Batched over inputs; for 1D, 2D and 3D (video) conv nets and for attention models. Every method runs in eval mode
 inside a ModelGuard (the model comes back exactly as it was) and takes gradients with the parameters frozen
@@ -38,13 +39,14 @@ from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradi
 from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable
 from .hooks.resolve import LayerSpec
 from .inputs import image_model, image_modules
+from . import cams
 from .hooks.rules import BackwardRules
 from .targets import LOGITS, describe, field
 from .targets import default as default_target
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam")
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam", *cams.FROM_GRADIENTS, *cams.RERUNS)
 
 
 @dataclass
@@ -242,6 +244,8 @@ def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
         cam = (weights[expand] * act).sum(1)
     elif method == "layercam":  # Jiang et al.: positive gradients weigh each position
         cam = (grad.clamp_min(0) * act).sum(1)
+    elif method in cams.FROM_GRADIENTS:
+        cam = cams.FROM_GRADIENTS[method](act, grad)
     else:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     return cam.clamp_min(0)
@@ -258,8 +262,10 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
 @torch.enable_grad()
 def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
              method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
-    """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam" or
-    "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``).
+    """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam",
+    "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``), or one of lightning_vis.cams: "hirescam",
+    "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam" (from the same activations and gradients),
+    "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs, batched).
 
     layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
     class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
@@ -290,7 +296,13 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
                              "layer=None)")
         a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
         zero.append(bool(g.abs().amax() == 0))
-        low = cam_from(a.float(), g.float(), method)
+        if method == "scorecam":
+            low = cams.scorecam(model, x, a, t, classes, _scores_of).clamp_min(0)
+        elif method == "ablationcam":
+            low = cams.ablationcam(model, x, name, lay, act.detach(), t, classes, scores.detach(),
+                                   _scores_of).clamp_min(0)
+        else:
+            low = cam_from(a.float(), g.float(), method)
         return upsample(low, x.shape[2:]), low, scores.detach(), classes
 
     with ModelGuard(model, eval=True, freeze=True):
@@ -309,6 +321,10 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
         gb = guided_backprop(model, inputs, classes if classes is not None else target, chunk_size=chunk_size)
         cam.guided = gb.maps * maps[:, None]
     return cam
+
+
+def _scores_of(output, target) -> Tensor:
+    return target_scores(output, target)[0]
 
 
 def _layer_gradient(model, x, target, name, layout, grid):

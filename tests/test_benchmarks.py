@@ -24,7 +24,7 @@ def test_methods_benchmark_agrees_with_the_peers(tmp_path):
     assert methods.main(["--device", "cpu", "--quick", "--json", str(path)]) == 0
     rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "occlusion-best",
-                         "ig"}
+                         "ig", "eigencam", "scorecam", "ablationcam"}
     assert rows.pop("render")["ours_s"] > 0  # lucent is a `make bench` extra, not installed for the tests
     assert rows["deconv"]["what"].startswith("15 reconstructions")  # 3 convs + 2 pools, top-3 each
     assert rows.pop("topk")["peer_s"] > 0  # against plain inference: a time, no result to compare
