@@ -11,6 +11,7 @@ from .featureviz import RenderResult, Transforms, deep_dream, render
 from .health import HealthReport, filter_health
 from .hooks import capture, layers, resolve_layers
 from .inputs import with_inputs
+from .lrp import lrp
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -25,7 +26,7 @@ def serve(model, images, labels=None, **kwargs):
 __all__ = [
     "CAM", "Attribution", "HealthReport", "Reconstructions", "ReceptiveField", "RenderResult", "TopK", "Transforms",
     "activation_grid", "activations", "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream",
-    "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "objectives", "ops",
+    "filter_health", "grad_cam", "guided_backprop", "health", "hooks", "images", "layers", "lrp", "objectives", "ops",
     "params", "receptive_field", "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions",
     "with_inputs",
 ]
