@@ -195,8 +195,10 @@ def bench_lrp(device, batch, reps, quick):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
                 m.eps = 0.0  # zennit's merged BatchNorm keeps eps (x / sqrt(1 + eps)): exact only at 0 (tests)
-    model = model.eval().to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
+    # --quick in float64: at 32 px float32 rounding alone moves alpha-beta's small denominators (4e-3 apart)
+    dtype = torch.float64 if quick else torch.float32
+    model = model.eval().to(device, dtype)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     with torch.no_grad():
         target = model(x).argmax(1)
     rows = []
