@@ -1,6 +1,6 @@
 """Methods against their peers, side by side in one run, on the same model, inputs and device.
 
-    python -m benchmarks.methods [--device cpu|cuda] [--batch N] [--only deconv,gradcam,guided,saliency]
+    python -m benchmarks.methods [--device cpu|cuda] [--batch N] [--only deconv,gradcam,guided,saliency,lrp]
                                  [--quick] [--json PATH]
 
 - deconv: VGG16 (random weights), one 224 px image, the top-3 features of each of its 13 conv and 5 max-pool
@@ -9,6 +9,10 @@
   map itself, i.e. the same target). On a GPU also batch --batch.
 - gradcam: Grad-CAM of VGG16 features.28 for --batch images (top class) against pytorch-grad-cam's ``GradCAM``.
 - guided, saliency: against captum's ``GuidedBackprop`` and ``Saliency`` (abs), same targets.
+- lrp: ``lv.lrp`` with each composite (epsilon-plus-flat, epsilon-gamma-box, epsilon-alpha2-beta1) on ResNet-50
+  (random weights, randomised BatchNorm statistics with eps 0; CPU: 112 px; --quick: ResNet-18 at 32 px) against
+  zennit 0.5.1's composite of the same name with its ResNetCanonizer, same targets, the output's relevance the
+  target logit (one-hot times the output).
 - topk: ``top_k_examples`` over 5 layers of ResNet-50 (layer1-4, avgpool) against plain inference over the same
   DataLoader (2 batches of --batch); the "peer" is inference, so the goal is ratio >= 1/1.15 (<= 15% overhead).
 - occlusion: Zeiler-Fergus occlusion of MobileNetV2 (random weights) at 224 px, one image, a 32 px window at
@@ -47,10 +51,11 @@ import lightning_vis as lv
 
 from . import kernels
 
-SECTIONS = ("deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "ig", "eigencam", "scorecam",
-            "ablationcam")
+SECTIONS = ("deconv", "gradcam", "guided", "saliency", "lrp", "topk", "render", "occlusion", "ig", "eigencam",
+            "scorecam", "ablationcam")
 # (section, minimum ratio, device): the goals of the issues
 GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
+         ("lrp", 1.0, "cpu"), ("lrp", 1.0, "cuda"),
          ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda"),
          ("occlusion", 3.0, "cpu"), ("occlusion-best", 1.0, "cpu"), ("ig", 1.0, "cpu"), ("ig-memory", 1.0, "cpu"),
          ("ablationcam", 10.0, "cpu"), ("scorecam", 2.0, "cpu"), ("eigencam", 3.0, "cpu")]
@@ -183,6 +188,58 @@ def bench_input_grads(section, model, size, device, batch, reps):
     if ca is not None:
         row.update(peer=f"captum {type(method).__name__}", peer_s=t["peer"], diff=rel_diff(res["ours"], res["peer"]))
     return [row]
+
+
+def bench_lrp(device, batch, reps, quick):
+    try:
+        from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer
+    except ImportError:
+        ResNetCanonizer = None
+    import torchvision
+
+    torch.manual_seed(0)
+    if quick:
+        arch, model, size = "ResNet-18", torchvision.models.resnet18(num_classes=10), 32
+    else:
+        arch, model, size = "ResNet-50", torchvision.models.resnet50(), 112 if device == "cpu" else 224
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.eps = 0.0  # zennit's merged BatchNorm keeps eps (x / sqrt(1 + eps)): exact only at 0 (tests)
+    # --quick in float64: at 32 px float32 rounding alone moves alpha-beta's small denominators (4e-3 apart)
+    dtype = torch.float64 if quick else torch.float32
+    model = model.eval().to(device, dtype)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    rows = []
+    for name in ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1"):
+        fns = {"ours": lambda: lv.lrp(model, x, target, composite=name, low=-3.0, high=3.0).maps}
+        if ResNetCanonizer is not None:
+            make = {"epsilon-plus-flat": lambda: EpsilonPlusFlat(canonizers=[ResNetCanonizer()]),
+                    "epsilon-gamma-box": lambda: EpsilonGammaBox(-3.0, 3.0, canonizers=[ResNetCanonizer()]),
+                    "epsilon-alpha2-beta1": lambda: EpsilonAlpha2Beta1(canonizers=[ResNetCanonizer()])}[name]
+
+            def peer():
+                xx = x.clone().requires_grad_(True)
+                with make().context(model):
+                    out = model(xx)
+                    onehot = torch.zeros_like(out)
+                    onehot[torch.arange(batch), target] = 1
+                    return torch.autograd.grad(out, xx, onehot * out)[0]
+
+            fns["peer"] = peer
+        t, res = race(device, reps, fns)
+        row = dict(section="lrp", what=f"lrp {name}, {arch} {size} px, batch {batch}", device=device,
+                   ours_s=t["ours"])
+        if "peer" in t:
+            row.update(peer=f"zennit {name}", peer_s=t["peer"], diff=rel_diff(res["ours"], res["peer"]))
+        rows.append(row)
+    return rows
 
 
 def bench_topk(device, batch, reps, quick):
@@ -468,6 +525,8 @@ def main(argv=None):
         elif section in CAM_PEERS:
             rows += bench_cam_family(section, device, args.cam_batch, reps,
                                      (model, size, cam_layer) if args.quick else None, args.cam_size)
+        elif section == "lrp":
+            rows += bench_lrp(device, batch, reps, args.quick)
         elif section == "gradcam":
             rows += bench_gradcam(model, size, cam_layer, device, batch, reps)
         elif section == "occlusion":

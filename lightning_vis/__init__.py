@@ -13,6 +13,7 @@ from .health import HealthReport, filter_health
 from .hooks import capture, resolve_layers
 from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
+from .lrp import lrp
 from .occlusion import OcclusionMap, occlusion
 from .receptive import ReceptiveField, receptive_field
 
@@ -29,6 +30,6 @@ __all__ = [
     "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations", "attention_maps",
     "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "grad_cam", "gradient_shap",
     "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients", "invariance", "layers",
-    "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency", "serve",
-    "top_k_examples", "top_predictions", "with_inputs",
+    "lrp", "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency",
+    "serve", "top_k_examples", "top_predictions", "with_inputs",
 ]

@@ -17,14 +17,14 @@ def test_kernel_benchmark_smoke(tmp_path, capsys):
 
 
 def test_methods_benchmark_agrees_with_the_peers(tmp_path):
-    """The quick run compares with captum and pytorch-grad-cam on a small VGG-like net: same results."""
+    """The quick run compares with captum, pytorch-grad-cam and zennit on small nets: same results."""
     from benchmarks import methods
 
     path = tmp_path / "m.json"
     assert methods.main(["--device", "cpu", "--quick", "--json", str(path)]) == 0
-    rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {"deconv", "gradcam", "guided", "saliency", "topk", "render", "occlusion", "occlusion-best",
-                         "ig", "eigencam", "scorecam", "ablationcam"}
+    rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}  # lrp: its last composite
+    assert set(rows) == {"deconv", "gradcam", "guided", "saliency", "lrp", "topk", "render", "occlusion",
+                         "occlusion-best", "ig", "eigencam", "scorecam", "ablationcam"}
     assert rows.pop("render")["ours_s"] > 0  # lucent is a `make bench` extra, not installed for the tests
     assert rows["deconv"]["what"].startswith("15 reconstructions")  # 3 convs + 2 pools, top-3 each
     assert rows.pop("topk")["peer_s"] > 0  # against plain inference: a time, no result to compare

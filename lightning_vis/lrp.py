@@ -1,0 +1,316 @@
+"""Layer-wise relevance propagation (LRP) for convolutional nets: the target score is sent back layer by layer,
+each layer dividing its output's relevance among its inputs by its rule.
+
+Rules are backward rules, scoped to the method's pass: a forward hook on each layer that has a rule replaces the
+layer's output by the same tensor from an autograd function whose backward is the rule (the layer's own graph is
+bypassed), and residual sums (``out += identity``, ``x + f(x)``) are seen through a TorchFunctionMode, as the
+deconvnet / guided rules of hooks.rules are. Nothing in torch or in the model is patched.
+
+The rules, as zennit 0.5.1 defines them (``z_k = sum_j x_j w_jk + b_k``; ``stab(z) = z + eps * sign(z)``, with
+sign(0) = +1; relevance ``R_j`` of input j from the output relevance ``R_k``):
+- epsilon: ``R_j = x_j sum_k w_jk R_k / stab(z_k)``;
+- z+ (alpha1-beta0) and alpha-beta: positive and negative contributions (``x+ w+`` with ``b+`` and ``x- w-``, and
+  the reverse) normalised apart, weighted alpha and -beta;
+- gamma (generalised): the weights ``w + gamma w+`` where the output is positive, ``w + gamma w-`` where negative;
+- flat: every input and weight 1, no bias (the relevance spreads evenly over the receptive field);
+- z-box (the first layer, inputs bounded by low and high): ``x w - low w+ - high w-``;
+- norm (average pools, residual sums): epsilon without parameters; pass (activations, BatchNorm): relevance goes
+  through unchanged. Other layers (max-pools, flatten, dropout) pass the plain gradient.
+
+Composites choose the rule by layer type exactly as zennit's composites of the same names do; the "first layer"
+is the first module, in registration order, of the first rule's types. Canonizer: an eval-mode BatchNorm that
+reads a convolution's or linear layer's output directly is folded into that layer's rule (``w' = w g / sqrt(var +
+eps)``, ``b' = (b - mean) g / sqrt(var + eps) + beta``, as zennit's SequentialMergeBatchNorm) and itself passes;
+the model's parameters are only read, never written. Residual sums of two activations are split by the norm rule
+(zennit's ResNet canonizer does this for torchvision's ResNet blocks; here every ``a + b`` of two same-shape
+activations). In-place activations run out of place during the call (the ModelGuard restores the flags).
+
+Attention models (AttnLRP) are not covered: they are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .attribution import Attribution, Target, _check_batch, _chunked, _is_attention, check_target, target_scores
+from .hooks import ModelGuard
+from .inputs import image_model
+
+COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LINEAR = _CONV + _CONV_T + (nn.Linear,)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_AVG_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+             nn.AdaptiveAvgPool3d)
+# zennit.types.Activation less MultiheadAttention (attention models are refused)
+_ACTIVATION = (nn.ELU, nn.Hardshrink, nn.Hardsigmoid, nn.Hardtanh, nn.Hardswish, nn.LeakyReLU, nn.LogSigmoid,
+               nn.PReLU, nn.ReLU, nn.ReLU6, nn.RReLU, nn.SELU, nn.CELU, nn.GELU, nn.Sigmoid, nn.SiLU, nn.Softplus,
+               nn.Softshrink, nn.Softsign, nn.Tanh, nn.Tanhshrink, nn.Threshold)
+
+
+def _stabilize(z: Tensor, eps: float) -> Tensor:
+    """z pushed away from 0 by eps with its sign (sign 0 counts as +), as zennit's stabilizer."""
+    return z + ((z == 0).to(z) + z.sign()) * eps
+
+
+class _Layer:
+    """One layer's rule for this pass: the module, its rule and options, and the BatchNorm folded into it."""
+
+    def __init__(self, module: nn.Module, rule: str, opts: dict):
+        self.module, self.rule, self.opts = module, rule, opts
+        self.weight = getattr(module, "weight", None)
+        self.bias = getattr(module, "bias", None)
+
+    def fold(self, bn: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm that reads this layer's output into its weight and bias (never written)."""
+        scale = bn.weight / (bn.running_var + bn.eps) ** .5 if bn.affine else (bn.running_var + bn.eps) ** -.5
+        w = self.weight
+        index = (None, slice(None)) if isinstance(self.module, _CONV_T) else (slice(None),)
+        self.weight = w * scale[index + (None,) * (w.dim() - len(index))]
+        b = self.bias if self.bias is not None else torch.zeros((), dtype=w.dtype, device=w.device)
+        self.bias = (b - bn.running_mean) * scale + (bn.bias if bn.affine else 0)
+
+    def affine(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return F.linear(x, w, b)
+        if isinstance(m, _CONV):
+            return m._conv_forward(x, w, b)
+        nd = _CONV_T.index(type(m)) + 1 if type(m) in _CONV_T else 2
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        return conv_t(x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+    def relevance(self, x: Tensor, g: Tensor) -> Tensor:
+        """The relevance of the layer's input x from its output's relevance g (zennit's BasicHook, term by term)."""
+        rule, eps = self.rule, self.opts["stabilizer"]
+        if rule == "norm":  # average pools: the module itself, no parameters
+            x = x.detach().requires_grad_(True)
+            z = self.module(x)
+            return x * torch.autograd.grad(z, x, g / _stabilize(z, eps))[0]
+        w, b = self.weight, self.bias
+        pos, neg = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        bp, bn = (None, None) if b is None else (b.clamp(min=0), b.clamp(max=0))
+        if rule == "epsilon":
+            terms, eps = [(x, w, b)], self.opts["epsilon"]
+        elif rule == "zplus":
+            terms = [(pos, wp, bp), (neg, wn, None)]
+        elif rule == "alpha-beta":
+            terms = [(pos, wp, bp), (neg, wn, None), (pos, wn, bn), (neg, wp, None)]
+        elif rule == "gamma":
+            gm = self.opts["gamma"]
+            terms = [(pos, w + gm * wp, None if b is None else b + gm * bp), (neg, w + gm * wn, None),
+                     (pos, w + gm * wn, None if b is None else b + gm * bn), (neg, w + gm * wp, None)]
+        elif rule == "flat":
+            terms = [(torch.ones_like(x), torch.ones_like(w), None)]
+        else:  # z-box
+            terms = [(x, w, b), (self.opts["low"], wp, bp), (self.opts["high"], wn, bn)]
+        ins = [t[0].detach().requires_grad_(True) for t in terms]
+        outs = [self.affine(i, tw, tb) for i, (_, tw, tb) in zip(ins, terms)]
+        if rule in ("epsilon", "flat"):
+            gouts = [g / _stabilize(outs[0], eps)]
+        elif rule == "zplus":
+            gouts = [g / _stabilize(outs[0] + outs[1], eps)] * 2
+        elif rule == "alpha-beta":
+            gouts = [g / _stabilize(outs[0] + outs[1], eps)] * 2 + [g / _stabilize(outs[2] + outs[3], eps)] * 2
+        elif rule == "gamma":
+            z = self.affine(x, w, b)
+            gouts = [(z > 0) * g / _stabilize(outs[0] + outs[1], eps)] * 2 + \
+                [(z < 0) * g / _stabilize(outs[2] + outs[3], eps)] * 2
+        else:
+            gouts = [g / _stabilize(outs[0] - outs[1] - outs[2], eps)] * 3
+        grads = torch.autograd.grad(outs, ins, gouts)
+        if rule == "flat":
+            return grads[0]
+        if rule == "alpha-beta":
+            a, bt = self.opts["alpha"], self.opts["beta"]
+            return a * (ins[0] * grads[0] + ins[1] * grads[1]) - bt * (ins[2] * grads[2] + ins[3] * grads[3])
+        if rule == "z-box":
+            return ins[0] * grads[0] - ins[1] * grads[1] - ins[2] * grads[2]
+        return sum(i * gr for i, gr in zip(ins, grads))
+
+
+class _Rule(torch.autograd.Function):
+    """Forward: the layer's output, as the layer computed it. Backward: the layer's rule (None: pass through)."""
+
+    @staticmethod
+    def forward(ctx, x, out, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x)  # an in-place change of x before the backward pass is an error, not a wrong map
+        return out.clone()  # not the input itself: autograd would make it a view, which in-place ops may not change
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.layer is None:
+            return g, None, None
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            return ctx.layer.relevance(x, g), None, None
+
+
+class _Sum(torch.autograd.Function):
+    """a + b with the norm rule: each summand gets its share ``a g / stab(a + b)`` of the sum's relevance. In place
+    (``out += identity``, ``out.add_(identity)``) where the model adds in place."""
+
+    @staticmethod
+    def forward(ctx, a, b, eps, inplace):
+        ctx.eps = eps
+        if inplace:
+            ctx.a = a.clone()  # the summand as it was: a itself is overwritten
+            ctx.save_for_backward(b)
+            ctx.mark_dirty(a)
+            return a.add_(b)
+        ctx.a = None
+        ctx.save_for_backward(a, b)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = (ctx.a, *ctx.saved_tensors) if ctx.a is not None else ctx.saved_tensors
+        s = g / _stabilize(a + b, ctx.eps)
+        return a * s, b * s, None, None
+
+
+_ADDS = {torch.add: False, Tensor.add: False, Tensor.__add__: False, Tensor.__radd__: False, Tensor.add_: True,
+         Tensor.__iadd__: True}
+
+
+class _SplitSums(TorchFunctionMode):
+    """Residual sums of two activations (both needing gradients, the same shape, no alpha) follow the norm rule."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ADDS and len(args) == 2 and not kwargs:
+            a, b = args
+            if isinstance(a, Tensor) and isinstance(b, Tensor) and a.requires_grad and b.requires_grad \
+                    and a.shape == b.shape and a.dtype == b.dtype:
+                return _Sum.apply(a, b, self.eps, _ADDS[func])
+        return func(*args, **kwargs)
+
+
+def _rules(model: nn.Module, composite: str, opts: dict) -> dict[nn.Module, str]:
+    """{module: rule} as zennit's composite of the same name maps them (its first-layer map first, then its layer
+    map in order: activations and BatchNorm pass, average pools norm, convolutions by the composite, Linear
+    epsilon)."""
+    conv_rule = {"epsilon-plus-flat": "zplus", "epsilon-gamma-box": "gamma", "epsilon-alpha2-beta1": "alpha-beta"}
+    first = {"epsilon-plus-flat": (_LINEAR, "flat"), "epsilon-gamma-box": (_CONV + _CONV_T, "z-box")}.get(composite)
+    rules = {}
+    for module in model.modules():
+        if first is not None and isinstance(module, first[0]):
+            rules[module], first = first[1], None
+        elif isinstance(module, _ACTIVATION + _BATCH_NORM):
+            rules[module] = "pass"
+        elif isinstance(module, _AVG_POOL):
+            rules[module] = "norm"
+        elif isinstance(module, _CONV + _CONV_T):
+            rules[module] = conv_rule[composite]
+        elif isinstance(module, nn.Linear):
+            rules[module] = "epsilon"
+    return rules
+
+
+def _check(model, composite, epsilon, gamma, stabilizer, low, high):
+    if composite not in COMPOSITES:
+        raise ValueError(f"unknown composite {composite!r}; choose one of {', '.join(COMPOSITES)}")
+    for name, v in (("epsilon", epsilon), ("stabilizer", stabilizer), ("gamma", gamma)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if composite == "epsilon-gamma-box" and (low is None or high is None):
+        raise ValueError("composite 'epsilon-gamma-box' needs low= and high=: the lowest and highest input values "
+                         "(a number, or per channel), e.g. the normalised images of 0 and 1")
+    bad = next((n for n, m in model.named_modules() if _is_attention(m)), None)
+    if bad is not None:
+        raise ValueError(f"LRP covers convolutional nets; {bad or 'the model'!r} is an attention layer "
+                         "(AttnLRP is not implemented): use saliency, grad_cam or attention_rollout")
+
+
+def _bounds(v, x: Tensor) -> Tensor:
+    """low / high: a number, one per channel (C,), or a tensor broadcastable to the input; refused otherwise."""
+    t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if t.dim() == 1 and t.numel() == x.shape[1] and x.dim() > 2:
+        t = t.view(1, -1, *[1] * (x.dim() - 2))
+    try:
+        return torch.broadcast_to(t, x.shape)
+    except RuntimeError:
+        raise ValueError(f"low/high of shape {tuple(t.shape)} do not fit inputs of shape {tuple(x.shape)}: give a "
+                         "number, one value per channel, or a tensor broadcastable to the inputs") from None
+
+
+def _relevance(model, x, target, rules, opts):
+    x = x.detach().clone().requires_grad_(True)
+    opts = {**opts, "low": _bounds(opts["low"], x), "high": _bounds(opts["high"], x)} if opts["low"] is not None \
+        else opts
+    made: dict[int, tuple[Tensor, _Layer]] = {}  # id(output) -> (output, its layer): BatchNorms fold into it
+
+    def hook(module, args, output):
+        rule = rules[module]
+        inp = args[0] if args else None
+        if not isinstance(inp, Tensor) or not inp.requires_grad or not isinstance(output, Tensor):
+            return None
+        if rule == "pass":
+            src = made.get(id(inp))
+            if isinstance(module, _BATCH_NORM) and src is not None and src[0] is inp and not module.training \
+                    and src[1].rule != "norm" and module.track_running_stats and module.running_var is not None:
+                src[1].fold(module)
+            return _Rule.apply(inp, output.detach(), None)
+        layer = _Layer(module, rule, opts)
+        out = _Rule.apply(inp, output.detach(), layer)
+        made[id(out)] = (out, layer)
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in rules]
+    try:
+        with _SplitSums(opts["stabilizer"]):
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    scores, classes = target_scores(out, target)
+    # the output's relevance: each target score (for a class target the one-hot logit), so that maps sum to it
+    rel = torch.autograd.grad(scores, x, scores.detach())[0]
+    return rel, scores.detach(), classes
+
+
+@torch.enable_grad()  # the rules run in the backward pass: also when called inside the caller's torch.no_grad()
+def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: str = "epsilon-plus-flat",
+        epsilon: float = 1e-6, gamma: float = 0.25, low=None, high=None, stabilizer: float = 1e-6,
+        chunk_size: int | None = None) -> Attribution:
+    """Layer-wise relevance propagation of each input's target score (Bach et al. 2015; the composites of
+    Kohlbrenner et al. 2020 and Montavon et al. 2019), equal to zennit 0.5.1's composites of the same names with
+    its BatchNorm and ResNet canonizers.
+
+    composite: "epsilon-plus-flat" (flat rule for the first conv/linear layer, z+ for convolutions, epsilon for
+    Linear), "epsilon-gamma-box" (z-box for the first convolution with the inputs' bounds low= and high=, gamma
+    for convolutions, epsilon for Linear) or "epsilon-alpha2-beta1" (alpha2-beta1 for convolutions, epsilon for
+    Linear). epsilon: the epsilon rule's stabilizer; gamma: the gamma rule's; stabilizer: the other rules'.
+    low / high: a number, one value per channel, or a tensor broadcastable to the inputs.
+
+    The relevance sent back is each target score (for a callable target: the score times its gradient with respect
+    to the output), so a map sums to its score up to what biases and stabilizers absorb. maps: (N, *input shape);
+    batched (chunk_size inputs per pass). The model comes back as it was."""
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    _check(model, composite, epsilon, gamma, stabilizer, low, high)
+    opts = {"epsilon": float(epsilon), "gamma": float(gamma), "stabilizer": float(stabilizer), "alpha": 2.0,
+            "beta": 1.0, "low": low, "high": high}
+    rules = _rules(model, composite, opts)
+    if not any(r not in ("pass", "norm") for r in rules.values()):
+        raise ValueError("LRP needs convolution or linear layers (nn.ConvNd, nn.ConvTransposeNd, nn.Linear); the "
+                         "model has none")
+    with ModelGuard(model, eval=True, freeze=True):
+        for m in model.modules():  # in-place activations would overwrite what the rules read
+            if isinstance(getattr(m, "inplace", None), bool):
+                m.inplace = False
+        maps, scores, classes = _chunked(inputs, target, chunk_size,
+                                         lambda x, t: _relevance(model, x, t, rules, opts))
+    return Attribution(maps, classes, scores, f"lrp-{composite}")
