@@ -11,6 +11,7 @@ the data. Under torch.distributed each rank scans its shard and ``TopK.merge`` /
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,8 @@ from .deconv import deconvnet
 from .hooks import ModelGuard
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
+from .hooks.layout import IMAGE_KEY
+from .inputs import image_first, image_model
 from ._util import model_device, progress_bar
 from .receptive import receptive_field
 
@@ -435,10 +438,16 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
             for t in taps:
                 t.attach()
             for batch in progress_bar(progress, desc, unit="batch", iterable=dataloader):
-                x = find_input(batch, batch_input).to(device, non_blocking=True)
+                call = model
+                if batch_input is None and isinstance(batch, Mapping) and IMAGE_KEY in batch:  # a multi-input model
+                    call, x = image_model(model, {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                                                  for k, v in batch.items()})
+                else:
+                    x = find_input(batch, batch_input).to(device, non_blocking=True)
+                    image_first(model, "the data pass")
                 for t in taps:
                     t.before(x)
-                model(x)
+                call(x)
                 n = x.shape[0]
                 idx = torch.tensor(order[seen:seen + n]) if order is not None else torch.arange(seen, seen + n)
                 seen += n

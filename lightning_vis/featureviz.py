@@ -28,6 +28,7 @@ from ._util import model_device, progress_bar
 from .hooks import ModelGuard, resolve_layers
 from .hooks.checkpoint import ungraded
 from .hooks.layout import Layout, LayoutError, LayoutTracer, _first_tensor
+from .inputs import image_first
 from .objectives import Objective, channel, layer
 from .params import ImageParam
 
@@ -326,6 +327,7 @@ def render(model: nn.Module, objective, *, size: int | Sequence[int] = 128, chan
         if transforms not in ("standard", "none"):
             raise ValueError(f"transforms must be 'standard', 'none' or a Transforms, not {transforms!r}")
         transforms = Transforms.standard() if transforms == "standard" else Transforms.none()
+    image_first(model, "render")
     device = device if device is not None else model_device(model)
     lr = lr if lr is not None else 0.05
     if isinstance(objective, tuple):
@@ -413,6 +415,7 @@ def deep_dream(model: nn.Module, image: Tensor, layer_name: str, *, octaves: int
     amplify `layer_name`'s activations, from the smallest octave up, each octave keeping the detail it added.
     image: (C, H, W) or (1, C, H, W) in [0, 1]. tile: process the image in tiles of this size (shifted randomly
     every step) to bound memory on large images. Returns (C, H, W) in [0, 1]."""
+    image_first(model, "deep_dream")
     if image.dim() == 4:
         image = image[0]
     if image.dim() != 3:

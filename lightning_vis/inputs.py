@@ -14,6 +14,7 @@ image is scored against every text) and not for per-image inputs (give those met
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -85,10 +86,29 @@ def with_inputs(model: nn.Module, image_key: str = IMAGE_KEY, **others) -> Image
     return ImageInputs(model, image_key, **others)
 
 
+def image_first(model: nn.Module, what: str = "inputs") -> None:
+    """Refuses, in one line, a model whose forward takes other inputs before its image (transformers' CLIPModel,
+    CLIPSeg, OWL-ViT: forward(input_ids, pixel_values, ...)): called with the image alone, the image would land in
+    input_ids and fail deep inside the model."""
+    if isinstance(model, ImageInputs):
+        return
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if IMAGE_KEY in names and names[0] != IMAGE_KEY:
+        before = ", ".join(names[:names.index(IMAGE_KEY)])
+        raise ValueError(f"{what}: {type(model).__name__}.forward takes {before} before its {IMAGE_KEY!r}: give "
+                         f"lightning_vis.with_inputs(model, {names[0]}=...) as the model (methods that take inputs "
+                         f"also take a dict with the image under {IMAGE_KEY!r})")
+
+
 def image_model(model: nn.Module, inputs) -> tuple[nn.Module, Tensor]:
     """(model, image batch) for a method: a tensor as it is; a dict of the model's inputs split into the image
     (its 'pixel_values') and the others, which every call passes on unchanged."""
     if isinstance(inputs, Tensor) or not isinstance(inputs, Mapping):
+        image_first(model)
         return model, inputs
     image = inputs.get(IMAGE_KEY)
     if not isinstance(image, Tensor):
@@ -112,4 +132,4 @@ def image_modules(model: nn.Module, x: Tensor) -> set[str] | None:
     return model.image_modules(x) if isinstance(model, ImageInputs) else None
 
 
-__all__ = ["ImageInputs", "image_model", "layers", "with_inputs"]
+__all__ = ["ImageInputs", "image_first", "image_model", "layers", "with_inputs"]

@@ -23,6 +23,7 @@ from .hooks.checkpoint import ReentrantCheckpointError, ungraded
 from .hooks.layout import LayoutError, LayoutTracer, _first_tensor
 from .hooks.resolve import LayerNotFoundError, LayerSpec, resolve_layers
 from .hooks.rules import _POOLS
+from .inputs import image_first
 
 
 @dataclass
@@ -147,6 +148,7 @@ def receptive_field(model: nn.Module, layer: LayerSpec, input_shape, max_size: i
     shape = tuple(int(v) for v in input_shape)
     if len(shape) < 2:
         raise ValueError(f"input_shape must be (C, *spatial), got {shape}")
+    image_first(model, "receptive_field")
     found = resolve_layers(model, layer)
     if len(found) != 1:
         raise ValueError(f"receptive_field takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")

@@ -138,7 +138,9 @@ def test_image_predictions_activations_grid_deconv_cam_viz_topk(server):
     ("/api/deconv?image=img0.png&layer=conv2&filter=x", 400, "must be an integer"),
     ("/api/deconv?image=img0.png&layer=conv2&filter=1&rule=magic", 400, "rule must be"),
     ("/api/cam?image=img0.png&layer=conv2&class=7", 400, "target class 7 out of range"),
-    ("/api/cam?image=img0.png&layer=conv2&method=scorecam", 400, "unknown method"),
+    ("/api/cam?image=img0.png&layer=conv2&method=magic", 400, "unknown method"),
+    ("/api/cam?image=img0.png&layer=conv2&method=scorecam", 400, "runs the model once per channel of the layer"),
+    ("/api/cam?image=img0.png&layer=conv2&method=ablationcam", 400, "runs the model once per channel of the layer"),
     ("/api/featureviz?layer=conv2&filter=99", 400, "out of range"),
     ("/api/nothing", 404, "no route"),
 ])

@@ -381,6 +381,28 @@ def test_clip_layers_take_the_dict_and_never_place_the_text_on_the_image_grid():
     torch.testing.assert_close(cam.scores, logits.max(1).values)
 
 
+def test_clip_image_alone_is_refused_in_one_line_and_dict_batches_scan():
+    model, inputs = clip(), clip_inputs()
+    calls = {"render": lambda: lv.render(model, ("vision_model.encoder.layers.0", [0]), size=32, steps=1,
+                                         progress=False),
+             "receptive_field": lambda: lv.receptive_field(model, "vision_model.encoder.layers.0", (3, 32, 32)),
+             "deep_dream": lambda: lv.deep_dream(model, inputs["pixel_values"][0], "vision_model.encoder.layers.0",
+                                                 steps=1, octaves=1, progress=False),
+             "inputs": lambda: lv.grad_cam(model, inputs["pixel_values"])}  # the image landed in input_ids
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{what}: CLIPModel.forward takes input_ids before its 'pixel_values': "
+                                             r"give lightning_vis.with_inputs\(model, input_ids=...\) as the model"):
+            call()
+    ids = inputs["input_ids"][:2]  # one text per picture in the loader's dicts
+    data = [{"pixel_values": inputs["pixel_values"][i], "input_ids": ids[i]} for i in range(2)]
+    layer = "vision_model.encoder.layers.1"
+    got = lv.top_k_examples(model, torch.utils.data.DataLoader(data, batch_size=2), [layer], k=1, progress=False)
+    want = lv.top_k_examples(lv.with_inputs(model, input_ids=ids), torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs["pixel_values"]), batch_size=2), [layer], k=1, progress=False)
+    torch.testing.assert_close(got.layers[layer].scores, want.layers[layer].scores)
+    assert torch.equal(got.layers[layer].indices, want.layers[layer].indices)
+
+
 def test_multi_input_misuse_is_refused_in_one_line():
     model, inputs = clip(), clip_inputs()
     with pytest.raises(ValueError, match=r"^inputs is a dict with image \(2, 3, 32, 32\), input_ids \(3, 7\): a dict "

@@ -52,6 +52,7 @@ from .. import images as im
 from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
 from ..attribution import CAM_METHODS, grad_cam
+from ..cams import RERUNS
 from ..dataset import top_k_examples
 from ..deconv import deconvnet
 from ..featureviz import render
@@ -61,6 +62,9 @@ from ..hooks.taps import layers as list_layers
 from .cache import ByteLRU, Compute, HttpError, Jobs, Pending
 from .decode import SUFFIXES, frame_count, probe, read_frames
 from .web import make_server, run_until_interrupted
+
+#: the CAM methods a request may ask for: those computed from one backward pass
+SERVED_CAMS = tuple(m for m in CAM_METHODS if m not in RERUNS)
 
 log = logging.getLogger("lightning_vis.explorer")
 
@@ -504,8 +508,12 @@ class Explorer:
                           "in a moment")
 
     def cam_png(self, image, layer, cls=None, method="gradcam", frame=None) -> bytes:
+        if method in RERUNS:  # one forward per channel: minutes of the one model thread on a CPU
+            raise HttpError(400, f"method {method!r} runs the model once per channel of the layer, too long for a "
+                            f"request; use lightning_vis.grad_cam or the command line (lightning-vis cam --method "
+                            f"{method}); here: {', '.join(SERVED_CAMS)}")
         if method not in CAM_METHODS:
-            raise HttpError(400, f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+            raise HttpError(400, f"unknown method {method!r}; choose one of {', '.join(SERVED_CAMS)}")
         if cls is not None:
             _, logits = self.activations(image)
             n = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
