@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
 from .hooks.attention import grid_fits, key_layout
 from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
-from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable
+from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable, _first_tensor
 from .hooks.resolve import LayerSpec
-from .inputs import image_model, image_modules
+from .inputs import ImageInputs, image_model, image_modules
 from . import cams
 from .hooks.rules import BackwardRules
 from .targets import LOGITS, describe, field
@@ -279,8 +279,9 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
+    probe = inputs if isinstance(model, ImageInputs) else inputs[:1]  # other inputs may be one per image (CLIPSeg)
     if layer is None:
-        layer = default_cam_layer(model, inputs[:1])
+        layer = default_cam_layer(model, probe, target)
     found = resolve_layers(model, layer)
     if len(found) != 1:
         raise ValueError(f"grad_cam takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
@@ -309,7 +310,7 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
         maps, low, scores, classes = _chunked(inputs, target, chunk_size, one)
     if zero and all(zero):
         try:
-            better = default_cam_layer(model, inputs[:1])
+            better = default_cam_layer(model, probe, target)
         except ValueError:
             better = None
         hint = f"; a layer that works: {better!r}" if better and better != name else ""
@@ -338,6 +339,9 @@ def _layer_gradient(model, x, target, name, layout, grid):
         lay = tap.layout(name)
         scores, classes = target_scores(out, target)
         act = tap.live[name][0]
+        if not scores.requires_grad:
+            raise ValueError(f"the target's score does not depend on layer {name!r}: name a layer it is computed "
+                             "from")
         if name not in tap.ungraded:
             try:
                 (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
@@ -371,7 +375,38 @@ def _ran_inside(tap, name: str) -> str:
     return f"; the model calls its parts directly: pick one of them, e.g. {inside[-1]!r}" if inside else ""
 
 
-def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
+def _score_reaches(model: nn.Module, inputs: Tensor, names: list[str], target: Target) -> set[str] | None:
+    """Which of `names`' outputs the target's score depends on (one forward and backward on the inputs, no
+    parameter's .grad touched), or None where that cannot be told (the target does not fit these inputs)."""
+    modules = dict(model.named_modules())
+    outs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            t = _first_tensor(output)
+            if t is not None and name not in outs:
+                outs[name] = t
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        with ModelGuard(model, eval=True), torch.enable_grad():
+            try:
+                out = model(inputs.detach().requires_grad_(True))
+            finally:
+                for h in handles:
+                    h.remove()
+            scores = target_scores(out, target)[0]
+            kept = [n for n in names if n in outs and outs[n].requires_grad]
+            if not scores.requires_grad or not kept:
+                return set()
+            grads = torch.autograd.grad(scores.sum(), [outs[n] for n in kept], allow_unused=True)
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        return None
+    return {n for n, g in zip(kept, grads) if g is not None}
+
+
+def default_cam_layer(model: nn.Module, inputs: Tensor, target: Target = None) -> str:
     """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
     over the input (a grid of the input's dimensionality, larger than 1 on every axis; not a head's adaptive pooling)
     and that runs once, outside any module whose output is not a map (DETR's decoder projects the image features
@@ -414,6 +449,12 @@ def default_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     candidates = [k for k in finished if maps_over_input(k) and (seen is None or k in seen)]
     if not candidates:
         raise ValueError("no layer of the model gives maps over the input (a grid of its size); name one with layer=")
+    reached = _score_reaches(model, inputs, candidates, target if target is None or callable(target) else None)
+    if reached is not None:  # the score may read only part of the maps (Mask2Former's classes: not its mask features)
+        if not reached:
+            raise ValueError("the target's score depends on no layer that gives maps over the input; name one with "
+                             "layer=")
+        candidates = [k for k in candidates if k in reached]
     last = candidates[-1]
     lay = tracer.layouts[last]
     if lay.kind == "tokens" and lay.prefix > 0:

@@ -306,3 +306,30 @@ def test_conv1d_net_cams_on_a_relu_layer_are_channels_first():
     a = net.relu(net.conv(x))
     (g,) = torch.autograd.grad(net.fc(a.mean(2))[:, 2].sum(), a)
     torch.testing.assert_close(cam.low_res, (g.mean(2, keepdim=True) * a).sum(1).clamp_min(0).detach())
+
+
+class _TwoHeads(torch.nn.Module):
+    """Class logits from `body`, and a mask branch after it that the logits never read (Mask2Former's pixel
+    decoder): the last map over the input is `mask`, which the class score does not depend on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.mask = torch.nn.Conv2d(4, 2, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        feats = self.body(x).relu()
+        return {"logits": self.head(feats.mean((2, 3))), "masks": self.mask(feats)}
+
+
+def test_default_cam_layer_is_one_the_score_depends_on():
+    model, x = _TwoHeads().eval(), torch.rand(2, 3, 8, 8)
+    cam = lv.grad_cam(model, x)  # the last map was `mask`: the score has no gradient there
+    assert cam.layer == "body"
+    want = lv.grad_cam(model, x, "body")
+    torch.testing.assert_close(cam.maps, want.maps)
+    with pytest.raises(ValueError, match=r"^the target's score does not depend on layer 'mask': name a layer it is "
+                                         r"computed from"):
+        lv.grad_cam(model, x, "mask")
