@@ -339,14 +339,14 @@ def _layer_gradient(model, x, target, name, layout, grid):
         lay = tap.layout(name)
         scores, classes = target_scores(out, target)
         act = tap.live[name][0]
-        if not scores.requires_grad:
-            raise ValueError(f"the target's score does not depend on layer {name!r}: name a layer it is computed "
-                             "from")
         if name not in tap.ungraded:
             try:
                 (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
             except RuntimeError as e:
                 if not _is_reentrant_error(e):
+                    if not scores.requires_grad:  # nothing of the score's graph reaches back to the layer
+                        raise ValueError(f"the target's score does not depend on layer {name!r}: name a layer it is "
+                                         "computed from") from None
                     raise
             else:
                 if grad is None:

@@ -220,7 +220,9 @@ def test_a_callable_target_sees_any_output_and_ready_made_targets_compute_the_ri
     sal = lv.saliency(net, x, lambda o: o["out"][:, 1].mean((1, 2)))
     assert sal.maps.shape == x.shape and sal.targets is None
     with pytest.raises(ValueError, match=r"returned a dict with out \(2, 4, 8, 8\), aux \(\).*target=f\(output\)"):
-        lv.guided_backprop(net, x)
+        lv.guided_backprop(net, x, target=1)  # a class needs (N, classes) logits
+    gb = lv.guided_backprop(net, x)  # target=None: the class most pixels get, over its pixels
+    torch.testing.assert_close(gb.scores, targets.default(out)[0].detach())
     with pytest.raises(ValueError, match=r"no 'logits' in the model output, a dict with out"):
         lv.saliency(net, x, targets.classifier(0, key="logits"))
 
