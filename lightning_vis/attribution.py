@@ -95,7 +95,7 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
         return scores, None
     whole = output
     output = output if isinstance(output, Tensor) else field(output, LOGITS)  # transformers' ModelOutput
-    if target is None and (output is None or output.dim() != 2):  # segmentation, detection, embeddings
+    if target is None and not isinstance(whole, Tensor) and (output is None or output.dim() != 2):  # named parts
         return default_target(whole)[0], None
     if output is None:
         raise ValueError(f"the model returned a {describe(whole)}: a class target needs (N, classes) logits; pass "
