@@ -68,6 +68,9 @@ def input_gradient(total: Tensor, x: Tensor) -> Tensor:
     """d total / d x for a leaf x that requires grad, through any kind of checkpointing. Parameters must not require
     grad (the methods freeze them), so nothing else is accumulated."""
     x.grad = None
+    if not total.requires_grad:  # e.g. CLIPSeg computes its image features under torch.no_grad
+        raise ValueError("the target's score does not depend on the input through autograd: the model computes it "
+                         "under torch.no_grad or from detached tensors, so no gradient method applies")
     total.backward()  # not autograd.grad: reentrant checkpointing refuses it
     g = x.grad if x.grad is not None else torch.zeros_like(x)
     x.grad = None
