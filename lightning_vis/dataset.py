@@ -433,6 +433,7 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
     device = device if device is not None else model_device(model)
     order = _dataset_indices(dataloader) if any(t.needs_indices for t in taps) else None
     seen = 0
+    image_alone_ok = False  # the model takes the image alone (image_first), checked at the first tensor batch
     with ModelGuard(model, eval=True), torch.no_grad():
         try:
             for t in taps:
@@ -444,7 +445,9 @@ def scan(model: nn.Module, dataloader, taps: list[StreamingTap], *, device=None,
                                                   for k, v in batch.items()})
                 else:
                     x = find_input(batch, batch_input).to(device, non_blocking=True)
-                    image_first(model, "the data pass")
+                    if not image_alone_ok:
+                        image_first(model, "the data pass")
+                        image_alone_ok = True
                 for t in taps:
                     t.before(x)
                 call(x)
