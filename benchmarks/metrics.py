@@ -18,6 +18,7 @@ turns (benchmarks.methods.race). ratio = peer / ours (> 1: ours is faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -66,26 +67,28 @@ def _road(model, x, maps, classes):
     return {"ours": ours, "peer": peer}, "ROADCombined (pytorch-grad-cam), 9 percentiles x MoRF/LeRF"
 
 
-def _deletion(model, x, maps, classes):
-    import contextlib
+class GivenMaps:
+    """torch-cam's CAM-extractor protocol returning given maps, so that its metrics score the maps under test
+    (the benchmark's and the tests' comparisons with DeletionInsertionMetric)."""
 
+    def __init__(self, model, maps):
+        self.model, self.maps = model, maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
+        return [self.maps]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        return contextlib.nullcontext()
+
+
+def _deletion(model, x, maps, classes):
     from torchcam.metrics import DeletionInsertionMetric
 
-    class Given:  # torch-cam's CAM extractor protocol, returning the maps under test
-        def __init__(self):
-            self.model = model
-
-        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
-            return [maps]
-
-        def fuse_cams(self, cams):
-            return cams[0]
-
-        def _hooks_off(self):
-            return contextlib.nullcontext()
-
     def peer():
-        metric = DeletionInsertionMetric(Given(), logits_fn=lambda z: z.softmax(1), steps=20)
+        metric = DeletionInsertionMetric(GivenMaps(model, maps), logits_fn=lambda z: z.softmax(1), steps=20)
         metric.update(x, classes.tolist())
         return torch.tensor([metric.summary()["deletion_auc"], metric.summary()["insertion_auc"]])
 

@@ -2,7 +2,6 @@
 on a tiny net, and against the peers where their settings coincide: pytorch-grad-cam's ROAD and imputer, captum's
 infidelity and max-sensitivity, torch-cam's DeletionInsertionMetric and ClassificationMetric."""
 
-import contextlib
 import copy
 import json
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.metrics import GivenMaps
 from lightning_vis.metrics import (baseline_for, confidence, deletion_insertion, gaussian_perturbation, impute,
                                    infidelity, max_sensitivity, pointing_game, road, uniform_perturbation)
 
@@ -59,22 +59,8 @@ def test_deletion_insertion_equals_torchcam():
     from torchcam.metrics import DeletionInsertionMetric
 
     model, (x, maps) = tiny_net(), data()
-
-    class Given:  # a torch-cam CAM extractor that returns the maps under test
-        def __init__(self):
-            self.model = model
-
-        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
-            return [maps]
-
-        def fuse_cams(self, cams):
-            return cams[0]
-
-        def _hooks_off(self):
-            return contextlib.nullcontext()
-
     for steps, baseline in ((20, None), (9, torch.tensor(0.3))):
-        peer = DeletionInsertionMetric(Given(), logits_fn=lambda z: z.softmax(1), steps=steps, baseline=baseline)
+        peer = DeletionInsertionMetric(GivenMaps(model, maps), logits_fn=lambda z: z.softmax(1), steps=steps, baseline=baseline)
         peer.update(x)
         ours = deletion_insertion(model, x, maps, steps=steps, baseline=0.0 if baseline is None else 0.3)
         want = peer.summary()
@@ -164,23 +150,9 @@ def test_confidence_equals_a_loop_and_torchcam():
         assert cur.drop[i].item() == pytest.approx(max(0, s - s2) / (s + 1e-7), abs=1e-6)
         assert bool(cur.increase[i]) == (s2 > s)
 
-    class Given:
-        model = None
-
-        def __call__(self, class_idx=None, scores=None, normalized=True, **kw):
-            flat = maps.flatten(1)
-            lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-            return [((flat - lo) / (hi - lo)).view_as(maps)]
-
-        def fuse_cams(self, cams):
-            return cams[0]
-
-        def _hooks_off(self):
-            return contextlib.nullcontext()
-
-    given = Given()
-    given.model = model
-    peer = ClassificationMetric(given, logits_fn=lambda z: z.softmax(1))
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    peer = ClassificationMetric(GivenMaps(model, ((flat - lo) / (hi - lo)).view_as(maps)), logits_fn=lambda z: z.softmax(1))
     peer.update(x)
     assert cur.drop.mean().item() == pytest.approx(peer.summary()["avg_drop"], abs=1e-6)
     assert cur.increase.float().mean().item() == pytest.approx(peer.summary()["conf_increase"])
