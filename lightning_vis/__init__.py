@@ -8,13 +8,13 @@ from .attribution import CAM, Attribution, attention_maps, attention_rollout, gr
 from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
-from .gradients import PathAttribution, gradient_shap, input_x_gradient, integrated_gradients
+from .attribution.gradients import PathAttribution, gradient_shap, input_x_gradient, integrated_gradients
 from .health import HealthReport, filter_health
 from .hooks import capture, resolve_layers
 from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
-from .lrp import lrp
-from .occlusion import OcclusionMap, occlusion
+from .attribution.lrp import lrp
+from .attribution.perturbation import OcclusionMap, occlusion
 from .receptive import ReceptiveField, receptive_field
 
 

@@ -33,16 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hooks import ModelGuard, capture, capture_attention, resolve_layers
-from .hooks.attention import grid_fits, key_layout
-from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
-from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable, _first_tensor
-from .hooks.resolve import LayerSpec
-from .inputs import ImageInputs, image_model, image_modules
+from ..hooks import ModelGuard, capture, capture_attention, resolve_layers
+from ..hooks.attention import grid_fits, key_layout
+from ..hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
+from ..hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable, _first_tensor
+from ..hooks.resolve import LayerSpec
+from ..inputs import ImageInputs, image_model, image_modules
 from . import cams
-from .hooks.rules import BackwardRules
-from .targets import LOGITS, describe, field
-from .targets import default as default_target
+from ..hooks.rules import BackwardRules
+from ..targets import LOGITS, describe, field
+from ..targets import default as default_target
 
 Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 

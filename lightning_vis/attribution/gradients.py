@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attribution import Attribution, Target, _check_batch, check_target, target_scores
-from .deconv import _budget
-from .hooks import ModelGuard, capture, resolve_layers
-from .hooks.checkpoint import check_chunk_size, input_gradient
-from .hooks.layout import Layout
-from .hooks.resolve import LayerSpec
+from . import Attribution, Target, _check_batch, check_target, target_scores
+from ..deconv import _budget
+from ..hooks import ModelGuard, capture, resolve_layers
+from ..hooks.checkpoint import check_chunk_size, input_gradient
+from ..hooks.layout import Layout
+from ..hooks.resolve import LayerSpec
 
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zeros", "blur", "uniform")
