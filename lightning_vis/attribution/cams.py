@@ -6,15 +6,28 @@ Everything here works on (N, C, *grid) maps (the layout model's ``to_maps``), so
 the re-running methods take the layer's native layout to modify it. All of it is batched: one ``torch.linalg.svd``
 for the whole batch, and (image, channel) pairs of several images through the model together, in chunks whose size
 follows from a memory budget.
+
+``grad_cam`` is the one entry point of the family (``method=``, one of CAM_METHODS: the methods of FROM_GRADIENTS and
+RERUNS), on a layer named or picked by ``default_cam_layer``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..hooks import ModelGuard, capture, resolve_layers
+from ..hooks.checkpoint import _is_reentrant_error, input_gradient
+from ..hooks.layout import Layout, LayoutTracer, Unplaceable, _first_tensor
+from ..hooks.resolve import LayerSpec
+from ..inputs import ImageInputs, image_model, image_modules
+from ._common import CAM, Target, _check_batch, _chunked, check_target, target_scores, upsample
+from .attention import _is_attention
+from .gradients import guided_backprop
 
 # The bytes of masked inputs or ablated activations (times a forward pass's expansion) one chunk may hold.
 MEMORY_BUDGET = 256 * 2**20
@@ -268,3 +281,243 @@ _ABSENT = object()
 
 # method -> runs the network again (see grad_cam)
 RERUNS = ("scorecam", "ablationcam")
+
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam", *FROM_GRADIENTS, *RERUNS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Grad-CAM family
+
+
+def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
+    """The map of one method from a layer's activations and gradients, both (N, C, *spatial) -> (N, *spatial)."""
+    dims = tuple(range(2, act.dim()))
+    expand = (...,) + (None,) * len(dims)
+    if method in ("gradcam", "guided-gradcam"):
+        weights = grad.mean(dims)
+        cam = (weights[expand] * act).sum(1)
+    elif method == "gradcam++":  # Chattopadhyay et al., closed form with exp(score) (as pytorch-grad-cam)
+        g2, g3 = grad.pow(2), grad.pow(3)
+        alpha = g2 / (2 * g2 + act.sum(dims)[expand] * g3 + 1e-7)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        weights = (grad.clamp_min(0) * alpha).sum(dims)
+        cam = (weights[expand] * act).sum(1)
+    elif method == "layercam":  # Jiang et al.: positive gradients weigh each position
+        cam = (grad.clamp_min(0) * act).sum(1)
+    elif method in FROM_GRADIENTS:
+        cam = FROM_GRADIENTS[method](act, grad)
+    else:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    return cam.clamp_min(0)
+
+
+@torch.enable_grad()
+def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
+             method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
+    """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam",
+    "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``), or one of the rest of the family: "hirescam",
+    "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam" (from the same activations and gradients),
+    "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs, batched).
+
+    layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
+    class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
+    (bi/tri)linearly from the layer's grid, >= 0, not normalised (see ``CAM.normalized``). Conv layers (1D, 2D, 3D),
+    channels-last maps (Swin) and token layers on their grid (ViT, DeiT, LeViT; MViT's space-time tokens give
+    (N, T, H, W) maps) alike, as hooks.layout decides; ``layout=`` / ``grid=`` override it. Only the part of the
+    network above the layer is differentiated (the parameters are frozen). A layer whose gradient is zero everywhere
+    gets a warning naming a layer that works."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    probe = inputs if isinstance(model, ImageInputs) else inputs[:1]  # other inputs may be one per image (CLIPSeg)
+    if layer is None:
+        layer = default_cam_layer(model, probe, target)
+    found = resolve_layers(model, layer)
+    if len(found) != 1:
+        raise ValueError(f"grad_cam takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
+    (name, module), = found.items()
+    zero = []
+
+    def one(x, t):
+        lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid)
+        if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
+            what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
+            raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "
+                             f"{x.dim() - 2}D input {tuple(x.shape)}; pick a layer with maps over the input (or "
+                             "layer=None)")
+        a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
+        zero.append(bool(g.abs().amax() == 0))
+        if method == "scorecam":
+            low = scorecam(model, x, a, t, classes, _scores_of).clamp_min(0)
+        elif method == "ablationcam":
+            low = ablationcam(model, x, name, lay, act.detach(), t, classes, scores.detach(),
+                                   _scores_of).clamp_min(0)
+        else:
+            low = cam_from(a.float(), g.float(), method)
+        return upsample(low, x.shape[2:]), low, scores.detach(), classes
+
+    with ModelGuard(model, eval=True, freeze=True):
+        maps, low, scores, classes = _chunked(inputs, target, chunk_size, one)
+    if zero and all(zero):
+        try:
+            better = default_cam_layer(model, probe, target)
+        except ValueError:
+            better = None
+        hint = f"; a layer that works: {better!r}" if better and better != name else ""
+        warnings.warn(f"grad_cam: the target's gradient at layer {name!r} is zero everywhere on its grid, so the map "
+                      "is empty (after the last block of a class-token transformer only the class token reaches the "
+                      f"head){hint}", RuntimeWarning, stacklevel=2)
+    cam = CAM(maps, classes, scores, method, low_res=low, layer=name)
+    if method == "guided-gradcam":
+        gb = guided_backprop(model, inputs, classes if classes is not None else target, chunk_size=chunk_size)
+        cam.guided = gb.maps * maps[:, None]
+    return cam
+
+
+def _scores_of(output, target) -> Tensor:
+    return target_scores(output, target)[0]
+
+
+def _layer_gradient(model, x, target, name, layout, grid):
+    """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
+    checkpointing."""
+    with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
+        out = model(x)
+        tap.forward_done()
+        if not tap.live.get(name):
+            raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
+        lay = tap.layout(name)
+        scores, classes = target_scores(out, target)
+        act = tap.live[name][0]
+        if name not in tap.ungraded:
+            try:
+                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
+            except RuntimeError as e:
+                if not _is_reentrant_error(e):
+                    if not scores.requires_grad:  # nothing of the score's graph reaches back to the layer
+                        raise ValueError(f"the target's score does not depend on layer {name!r}: name a layer it is "
+                                         "computed from") from None
+                    raise
+            else:
+                if grad is None:
+                    raise ValueError(f"the target does not depend on layer {name!r}")
+                return lay, act, grad, scores, classes
+    # reentrant torch.utils.checkpoint: no autograd.grad, and a layer inside a segment ran under no_grad. Run again
+    # with an input that needs gradients and catch the layer's gradient with a tensor hook during .backward(): on the
+    # layer's output itself, or, inside a segment, on its recomputation.
+    xg = x.detach().clone().requires_grad_(True)
+    with capture(model, name, grads=True) as tap:
+        out = model(xg)
+        tap.forward_done()
+        if name not in tap.ungraded:
+            tap.live[name][0].register_hook(lambda g: tap.late_grads[name].append(g))
+        scores, classes = target_scores(out, target)
+        input_gradient(scores.sum(), xg)
+        if not tap.late_grads.get(name):
+            raise ValueError(f"the target does not depend on layer {name!r}")
+        return lay, tap.values[name][0], tap.late_grads[name][0], scores, classes
+
+
+def _ran_inside(tap, name: str) -> str:
+    """A hint when a container did not run but its children did (timm's checkpoint_seq calls the blocks of a stage
+    one by one): the last of them that ran."""
+    inside = [k for k in (tap.tracer.layouts if tap.tracer is not None else {}) if k.startswith(name + ".")]
+    return f"; the model calls its parts directly: pick one of them, e.g. {inside[-1]!r}" if inside else ""
+
+
+def _score_reaches(model: nn.Module, inputs: Tensor, names: list[str], target: Target) -> set[str] | None:
+    """Which of `names`' outputs the target's score depends on (one forward and backward on the inputs, no
+    parameter's .grad touched), or None where that cannot be told (the target does not fit these inputs)."""
+    modules = dict(model.named_modules())
+    outs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            t = _first_tensor(output)
+            if t is not None and name not in outs:
+                outs[name] = t
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        with ModelGuard(model, eval=True), torch.enable_grad():
+            try:
+                out = model(inputs.detach().requires_grad_(True))
+            finally:
+                for h in handles:
+                    h.remove()
+            scores = target_scores(out, target)[0]
+            kept = [n for n in names if n in outs and outs[n].requires_grad]
+            if not scores.requires_grad or not kept:
+                return set()
+            grads = torch.autograd.grad(scores.sum(), [outs[n] for n in kept], allow_unused=True)
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        return None
+    return {n for n, g in zip(kept, grads) if g is not None}
+
+
+def default_cam_layer(model: nn.Module, inputs: Tensor, target: Target = None) -> str:
+    """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
+    over the input (a grid of the input's dimensionality, larger than 1 on every axis; not a head's adaptive pooling)
+    and that runs once, outside any module whose output is not a map (DETR's decoder projects the image features
+    into keys and values for its queries: a map, but read by queries); for
+    tokens with a class token in front (ViT, DeiT, MViT: the head reads only the class token after the last block)
+    the last block's pre-attention norm, as pytorch-grad-cam's documentation advises."""
+    finished, calls = [], {}
+    handles = []
+    named = list(model.named_modules())
+
+    def hook_for(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                finished.append(name)
+        return hook
+
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model) as tracer:
+        try:
+            for k, m in named:
+                if k:
+                    handles.append(m.register_forward_hook(hook_for(k)))
+            model(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    spatial = inputs.dim() - 2
+
+    modules = dict(named)
+
+    queries = [k for k, lay in tracer.layouts.items() if isinstance(lay, Unplaceable) and lay.not_a_map]
+
+    def maps_over_input(k):
+        lay = tracer.layouts.get(k)
+        return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
+            all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE) and \
+            not any(k.startswith(q + ".") for q in queries)
+
+    seen = image_modules(model, inputs)  # a multi-input model: only what depends on the image is a map over it
+    candidates = [k for k in finished if maps_over_input(k) and (seen is None or k in seen)]
+    if not candidates:
+        raise ValueError("no layer of the model gives maps over the input (a grid of its size); name one with layer=")
+    reached = _score_reaches(model, inputs, candidates, target if target is None or callable(target) else None)
+    if reached is not None:  # the score may read only part of the maps (Mask2Former's classes: not its mask features)
+        if not reached:
+            raise ValueError("the target's score depends on no layer that gives maps over the input; name one with "
+                             "layer=")
+        candidates = [k for k in candidates if k in reached]
+    last = candidates[-1]
+    lay = tracer.layouts[last]
+    if lay.kind == "tokens" and lay.prefix > 0:
+        blocks = [k for k in finished if any(_is_attention(c) for c in modules[k].children())]
+        for block in reversed(blocks):
+            norms = [f"{block}.{c}" for c, m in modules[block].named_children()
+                     if isinstance(m, nn.LayerNorm) and maps_over_input(f"{block}.{c}")]
+            if norms:
+                return norms[0]
+    return last
+
+
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)  # a head's pooling to a fixed size (VGG's 7x7): not a map
