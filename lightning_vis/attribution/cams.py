@@ -116,10 +116,12 @@ def _interpolate(maps: Tensor, size) -> Tensor:
 
 
 @torch.no_grad()
-def scorecam(model: nn.Module, x: Tensor, maps: Tensor, target, classes: Tensor | None, scores_fn) -> Tensor:
+def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, classes: Tensor | None,
+             scores: Tensor, scores_fn) -> Tensor:
     """Score-CAM (Wang et al.): each channel, upsampled to the input and min-max normalised, masks the input; the
-    target's scores on the masked inputs, softmaxed over the channels, weigh the channels. maps: (N, C, *grid).
-    scores_fn(output, target) -> (B,) scores."""
+    target's scores on the masked inputs, softmaxed over the channels, weigh the channels. act: the layer's output
+    (native layout) for x. scores_fn(output, target) -> (B,) scores."""
+    maps = lay.to_maps(act)
     n, c = maps.shape[:2]
     pair_bytes = x[0].numel() * x.element_size() * _FORWARD_EXPANSION
     out = torch.empty(n * c, device=x.device)
@@ -279,8 +281,9 @@ class Replay:
 
 _ABSENT = object()
 
-# method -> runs the network again (see grad_cam)
-RERUNS = ("scorecam", "ablationcam")
+# method -> f(model, x, layer name, layout, activation, target, classes, scores, scores_fn) -> (N, *grid), before
+# the final rectification: maps that run the network again (see grad_cam)
+RERUNS: dict[str, Callable[..., Tensor]] = {"scorecam": scorecam, "ablationcam": ablationcam}
 
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam", *FROM_GRADIENTS, *RERUNS)
 
@@ -349,11 +352,9 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
                              "layer=None)")
         a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
         zero.append(bool(g.abs().amax() == 0))
-        if method == "scorecam":
-            low = scorecam(model, x, a, t, classes, _scores_of).clamp_min(0)
-        elif method == "ablationcam":
-            low = ablationcam(model, x, name, lay, act.detach(), t, classes, scores.detach(),
-                                   _scores_of).clamp_min(0)
+        if method in RERUNS:
+            low = RERUNS[method](model, x, name, lay, act.detach(), t, classes, scores.detach(), _scores_of)
+            low = low.clamp_min(0)
         else:
             low = cam_from(a.float(), g.float(), method)
         return upsample(low, x.shape[2:]), low, scores.detach(), classes
