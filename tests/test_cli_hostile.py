@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lightning_vis import cli
+from lightning_vis.cli import explain
 from tests.cli_models import tiny_cnn
 from tests.test_cli_misuse import MODEL, files, nothing_written, one_error, picture  # noqa: F401 - a fixture
 
@@ -37,8 +38,8 @@ def test_a_users_file_with_the_name_of_an_output_is_never_overwritten(files, tmp
     out.mkdir()
     (out / "c_gradcam.png").write_bytes(b"the user's picture")
     calls = []
-    real = cli.grad_cam
-    monkeypatch.setattr(cli, "grad_cam", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = explain.grad_cam
+    monkeypatch.setattr(explain, "grad_cam", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     assert cli.main(cam(files, out)) == 2
     line = one_error(capsys, "cam")
     assert line == (f"lightning-vis cam: --out {str(out)!r}: 'c_gradcam.png' is already there and was not written "
@@ -158,7 +159,7 @@ def test_an_exit_inside_the_run_has_its_line(files, tmp_path, monkeypatch, capsy
     def exits_in_forward(*args, **kwargs):
         raise SystemExit(7)
 
-    monkeypatch.setattr(cli, "grad_cam", exits_in_forward)
+    monkeypatch.setattr(explain, "grad_cam", exits_in_forward)
     assert cli.main(cam(files, tmp_path / "out")) == 7
     assert one_error(capsys, "cam") == ("lightning-vis cam: stopped: SystemExit(7) raised inside the run (the "
                                         "model's or a library's code called sys.exit)")

@@ -1,0 +1,122 @@
+"""Per-input views: the model's layers, activation grids and deconvnet reconstructions of each picture."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .. import images as im
+from ..activations import activation_grid, activations, top_predictions
+from ..deconv import deconvnet
+from ..hooks.layout import Layout
+from ..hooks.taps import layers as list_layers
+from ._common import (CliError, Inputs, Output, _check_layers, _explicit, _overrides, add_layout_args, add_model_args,
+                      one_line, parse_size, read_labels, say)
+
+LAYERS_REAL_FORWARD = 3 * 1024 * 1024  # `layers`: larger example inputs go through the meta device
+
+
+def cmd_layers(args, model, categories, transform):
+    shape = parse_size(args.input_size, "--input-size", dims=(2, 3, 4), channels_first=True)
+    # a real forward pass for ordinary sizes; larger ones on the meta device (shapes only, nothing allocated)
+    meta = math.prod(shape) > LAYERS_REAL_FORWARD
+    try:
+        info = list_layers(model.to("meta") if meta else model, torch.zeros(1, *shape, device="meta" if meta else None),
+                           leaves_only=not args.all)
+    except NotImplementedError as e:
+        raise CliError(f"--input-size {args.input_size!r}: the model cannot run on the meta device ({one_line(e)}); "
+                       f"an input of at most {LAYERS_REAL_FORWARD:,} values runs for real") from None
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise CliError(f"--input-size {args.input_size!r}: the model does not take a {tuple([1, *shape])} input "
+                       f"({one_line(e)})") from None
+    if not info:
+        raise CliError(f"{args.model}: no layer ran in the forward pass")
+    width = max(len(i.name) for i in info)
+    for i in info:
+        print(f"{i.name:<{width}}  {i.type:<20} {str(list(i.output_shape) if i.output_shape else '-'):<22} "
+              f"{i.layout_text:<24} {i.params:>10,d} params")
+
+
+def cmd_activations(args, model, categories, transform):
+    _check_layers(model, args.layers)
+    ov = _overrides(args, model)
+    names = read_labels(args, categories)
+    inputs = Inputs(args, model, transform)
+    report = {}
+    with Output(args.out) as out:
+        for path, x, _ in inputs:
+            acts, logits = activations(model, x[None], args.layers, **ov)
+            entry = {}
+            if logits.dim() == 2:
+                entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
+                                        top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
+            for layer, a in acts.items():
+                lay = acts.layouts.get(layer)
+                if not isinstance(lay, Layout) or lay.kind == "vector":
+                    if layer in _explicit(args.layers):
+                        why = f": {lay.reason}" if lay is not None and not isinstance(lay, Layout) else \
+                            " has no maps to draw"
+                        raise CliError(f"--layers {layer}: its output {tuple(a.shape)}{why} (pick a conv or token "
+                                       "layer)")
+                    continue  # a glob also matched Linear or pooled layers
+                # small maps enlarged for display
+                f = out.png(activation_grid(a, scale=args.scale, cell=48 if len(lay.grid) == 2 else None,
+                                            layout=lay),
+                            Path(inputs.stem(path)) / f"{layer}_activations.png")
+                entry.setdefault("files", []).append(f)
+            report[inputs.key(path)] = entry
+            top = entry.get("predictions", [])[:1]
+            if top:
+                say(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
+        out.text("activations.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
+def cmd_deconv(args, model, categories, transform):
+    _check_layers(model, args.layers)
+    ov = _overrides(args, model)
+    inputs = Inputs(args, model, transform)
+    report = {}
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule, **ov)
+            entry = {}
+            for layer, r in rec.images.items():
+                if args.heat:  # |reconstruction| summed over channels, coloured over the image
+                    tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
+                else:
+                    tiles = list(im.signed_rgb(r[0]))
+                f = out.png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1),
+                            Path(inputs.stem(path)) / f"{layer}_{args.rule}.png")
+                entry[layer] = {"features": rec.features[layer][0].tolist(), "file": f}
+            report[inputs.key(path)] = entry
+        out.text(f"{args.rule}.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
+def add_commands(sub) -> None:
+    """layers, activations, deconv."""
+    p = sub.add_parser("layers", help="list the model's layers with type, output shape, layout and parameters")
+    add_model_args(p, with_images=False)
+    p.add_argument("--input-size", default="3,224,224", help="C,H,W of the example input (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="containers too, not only leaf layers")
+    p.set_defaults(run=cmd_layers)
+    p = sub.add_parser("activations", help="activation grids of layers for each image, and predictions")
+    add_model_args(p)
+    p.add_argument("--top", type=int, default=5, help="predictions to show (default %(default)s)")
+    p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
+    p.add_argument("--scale", choices=["per_image", "shared"], default="per_image")
+    add_layout_args(p)
+    p.set_defaults(run=cmd_activations)
+    p = sub.add_parser("deconv", help="deconvnet (or guided backprop) reconstructions of the top features")
+    add_model_args(p)
+    p.add_argument("--top-k", type=int, default=3, help="strongest features per layer (default %(default)s)")
+    p.add_argument("--rule", choices=["deconvnet", "guided"], default="deconvnet")
+    p.add_argument("--heat", action="store_true", help="overlay heat maps on the image instead of RGB")
+    add_layout_args(p)
+    p.set_defaults(run=cmd_deconv)
