@@ -26,8 +26,6 @@ from torch import nn
 from ._util import escaped_name, printable_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
 #: the most pixels one picture (all frames of a clip together) or one model input may have: Pillow's own limit
 #: for decompression bombs (2 x Image.MAX_IMAGE_PIXELS), checked from the file's header before decoding
 MAX_PIXELS = 178_956_970

@@ -13,6 +13,7 @@ from ..attribution import CAM_METHODS, default_cam_layer, grad_cam, guided_backp
 from ._common import (Inputs, Output, _one_layer, _overrides, _parse_target, add_layout_args, add_model_args,
                       add_target_args, read_labels, say)
 
+
 def _explained(result, names, path):
     if result.targets is None:
         return {}

@@ -10,6 +10,7 @@ from ..attribution import grad_cam
 from ._common import (CliError, Inputs, Output, _check_layers, _check_render, _dataset, _one_layer, _preprocess,
                       _Shown, add_model_args, one_line, read_labels)
 
+
 def cmd_report(args, model, categories, transform):
     from .. import report
 
