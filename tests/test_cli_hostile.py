@@ -202,7 +202,8 @@ COMMANDS = {"layers": [], "activations": [*IMAGES, "--layers", "conv1"], "deconv
             "cam": IMAGES, "saliency": IMAGES, "topk": [*IMAGES, "--layers", "conv1"],
             "health": [*IMAGES, "--layers", "conv1"], "render": ["--layer", "conv2"],
             "dream": ["--image", "F/imgs/a.png", "--layer", "conv1"], "report": [*IMAGES, "--layers", "conv1"],
-            "atlas": IMAGES, "serve": ["--images", "F/imgs"], "evaluate": IMAGES}
+            "atlas": IMAGES, "serve": ["--images", "F/imgs"], "evaluate": IMAGES, "ig": IMAGES, "occlusion": IMAGES,
+            "lrp": IMAGES, "invariance": [*IMAGES, "--layers", "conv1"]}
 BIG = "99999999999999999999"
 #: (flag, valid range as the error says it, a value below it or None); every int and float flag of every command
 RANGES = {
@@ -215,7 +216,8 @@ RANGES = {
     "--connections": ("0 to 1000", "-1"), "--workers": ("0 to 256", "-1"), "--num-nodes": ("1 to 1024", "0"),
     "--max-units": ("1 to 1048576", "0"), "--max-images": ("1 to 4096", "0"), "--seed": ("0 to 4294967295", "-1"), "--port": ("0 to 65535", "-1"),
     "--timeout": ("0.1 to 86400", "0"), "--cache-mb": ("1 to 1.04858e+06", "0.5"),
-    "--lr": ("1e-06 to 1000", "0"), "--threshold": ("-1e+30 to 1e+30", "-1e31"),
+    "--lr": ("1e-06 to 1000", "0"), "--threshold": ("-1e+30 to 1e+30", "-1e31"), "--window": ("1 to 4096", "0"),
+    "--stride": ("1 to 4096", "0"),
 }
 
 

@@ -1,4 +1,5 @@
-"""lightning-vis command line: layers, activation grids, deconvnet reconstructions, CAMs and saliency maps.
+"""lightning-vis command line: layers, activation grids, deconvnet reconstructions, CAMs, saliency maps, integrated
+gradients, occlusion, LRP and invariance curves.
 
     lightning-vis layers --model torchvision:mobilenet_v2 --weights mobilenet_v2.pth
     lightning-vis activations --model torchvision:vgg16 --weights vgg16.pth --images photos/ --layers features.28
@@ -6,6 +7,10 @@
     lightning-vis cam --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layer features.18
     lightning-vis cam --model torchvision:r3d_18 --images clip.gif --layer layer4 (video: a GIF in, a GIF out)
     lightning-vis saliency --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --method guided
+    lightning-vis ig --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --steps 64 --baseline blur
+    lightning-vis occlusion --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --window 32 --stride 16
+    lightning-vis lrp --model torchvision:vgg16_bn --weights w.pth --images photos/ --composite epsilon-gamma-box
+    lightning-vis invariance --model torchvision:vgg16 --images photos/ --layers features.28 --transform rotate
     lightning-vis topk --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers features.10 -k 9
     lightning-vis health --model torchvision:mobilenet_v2 --weights w.pth --images photos/ --layers 'features.*'
     lightning-vis render --model torchvision:mobilenet_v2 --weights w.pth --layer features.10 --channels 0-15

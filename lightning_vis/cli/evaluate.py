@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import CliError, Inputs, Output, _parse_target, add_model_args, add_target_args, read_labels
+from ._common import (CliError, Inputs, Output, _one_batch, _parse_target, add_model_args, add_target_args,
+                      read_labels)
 
 
 def add_commands(sub) -> None:
@@ -22,9 +23,7 @@ def add_commands(sub) -> None:
         names = read_labels(args, categories)
         target = _parse_target(args, names)
         inputs = Inputs(args, model, transform)
-        if len(inputs.paths) > args.max_images:
-            raise CliError(f"--images: {len(inputs.paths)} pictures, more than --max-images {args.max_images} (they "
-                           "run as one batch); give fewer or raise --max-images")
+        _one_batch(inputs, args.max_images)
         batch = [x for _, x, _ in inputs]
         if len({tuple(x.shape) for x in batch}) > 1:
             raise CliError("--images: the pictures have different input shapes after the model's transform "

@@ -1,17 +1,25 @@
-"""Where the model looks in each picture: class activation maps and saliency maps, overlaid on the picture (a GIF of
-overlays for a clip), with a JSON index of the classes explained."""
+"""Where the model looks in each picture: class activation maps, saliency maps, integrated gradients (and
+GradientShap, input x gradient), occlusion and LRP, overlaid on the picture (a GIF of overlays for a clip), with a
+JSON index of the classes explained."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from .. import images as im
-from ..attribution import CAM_METHODS, default_cam_layer, grad_cam, guided_backprop, saliency
-from ._common import (Inputs, Output, _one_layer, _overrides, _parse_target, add_layout_args, add_model_args,
-                      add_target_args, read_labels, say)
+from ..attribution import (CAM_METHODS, COMPOSITES, default_cam_layer, grad_cam, gradient_shap, guided_backprop,
+                           input_x_gradient, integrated_gradients, lrp, occlusion, saliency)
+from ..attribution.gradients import BASELINES
+from ..attribution.perturbation import OUTPUTS
+from ._common import (CliError, Inputs, Output, _one_layer, _overrides, _parse_target, add_layout_args,
+                      add_model_args, add_target_args, read_labels, say)
+
+#: `ig --method`: the library function of each
+PATH_METHODS = {"ig": integrated_gradients, "gradient-shap": gradient_shap, "input-x-gradient": input_x_gradient}
 
 
 def _explained(result, names, path):
@@ -33,6 +41,16 @@ def _write_view(out: Output, shown, heat, rel: str, extra: list[torch.Tensor] = 
         return [gif, strip]
     tiles = [shown, im.overlay(shown, heat, scale=not scaled)] + [t.to(shown.device) for t in extra]
     return [out.png(im.grid(torch.stack(tiles), ncol=len(tiles)), rel)]
+
+
+def _input_view(out: Output, shown, maps, rel: str, signed: bool = False) -> list[str]:
+    """An attribution of the input's shape (C, *grid) as the strongest channel at each position over the picture
+    (clipped at its 99th percentile for a still) and, with signed, the attribution itself in colour (grey: 0)."""
+    heat = maps.abs().amax(0)
+    if shown.dim() == 4:
+        return _write_view(out, shown, heat, rel)
+    extra = list(im.signed_rgb(maps[None])) if signed else []
+    return _write_view(out, shown, im.clip_percentile(heat), rel, extra, scaled=True)
 
 
 def cmd_cam(args, model, categories, transform):
@@ -68,20 +86,106 @@ def cmd_saliency(args, model, categories, transform):
             else:
                 res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
                                seed=args.seed)
-            heat = res.maps[0].abs().amax(0)  # the strongest channel at each pixel
-            extra = list(im.signed_rgb(res.maps[:1])) if args.method == "guided" and shown.dim() == 3 else []
-            if shown.dim() == 3:
-                heat = im.clip_percentile(heat)
-            files = _write_view(out, shown, heat, f"{inputs.stem(path)}_{args.method}.png", extra,
-                                scaled=shown.dim() == 3)
+            files = _input_view(out, shown, res.maps[0], f"{inputs.stem(path)}_{args.method}.png",
+                                signed=args.method == "guided")
             report[inputs.key(path)] = {**_explained(res, names, path), "files": files}
         out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
         out.commit()
     print(f"wrote {out.folder}/")
 
 
+def _baseline(spec: str):
+    """--baseline: zeros, blur, uniform, or a number (every input value replaced by it)."""
+    if spec in BASELINES:
+        return spec
+    try:
+        value = float(spec)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise CliError(f"--baseline {spec!r}: expected {', '.join(BASELINES)} or a finite number")
+    return value
+
+
+def _rounded(values, digits: int = 6):
+    """Nested lists of floats (a tensor's tolist()) rounded for a JSON index."""
+    return [_rounded(v, digits) for v in values] if isinstance(values, list) else round(values, digits)
+
+
+def cmd_ig(args, model, categories, transform):
+    baseline = _baseline(args.baseline)
+    names = read_labels(args, categories)
+    target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
+    method = PATH_METHODS[args.method]
+    options = {"ig": {"baseline": baseline, "steps": args.steps, "seed": args.seed},
+               "gradient-shap": {"baselines": baseline, "samples": args.samples, "seed": args.seed},
+               "input-x-gradient": {}}[args.method]
+    report = {}
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            res = method(model, x[None], target, **options)
+            files = _input_view(out, shown, res.maps[0], f"{inputs.stem(path)}_{args.method}.png", signed=True)
+            entry = {**_explained(res, names, path), "files": files}
+            if res.delta is not None:  # completeness: the attributions' sum minus the score's difference
+                entry["baseline_score"] = round(float(res.baseline_scores[0]), 6)
+                entry["delta"] = round(float(res.delta[0]), 6)
+            report[inputs.key(path)] = entry
+        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
+def cmd_occlusion(args, model, categories, transform):
+    baseline = _baseline(args.baseline)
+    if args.stride is not None and args.stride > args.window:
+        raise CliError(f"--stride {args.stride}: larger than --window {args.window}, positions between windows would "
+                       "never be occluded")
+    names = read_labels(args, categories)
+    target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
+    report = {}
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            res = occlusion(model, x[None], target, window=args.window, stride=args.stride, baseline=baseline,
+                            output=args.output)
+            files = _write_view(out, shown, res.maps[0], f"{inputs.stem(path)}_occlusion.png")
+            report[inputs.key(path)] = {**_explained(res, names, path), "window": list(res.window),
+                                        "stride": list(res.stride), "output": args.output,
+                                        "grid": _rounded(res.grid[0].tolist()), "files": files}
+        out.text("occlusion.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
+def _input_bounds(transform, channels: int):
+    """The lowest and highest input values (per channel): the model's normalisation of 0 and 1, or 0 and 1."""
+    if transform is None or not hasattr(transform, "mean"):
+        return 0.0, 1.0
+    mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
+    return ((0 - mean) / std)[:channels], ((1 - mean) / std)[:channels]
+
+
+def cmd_lrp(args, model, categories, transform):
+    names = read_labels(args, categories)
+    target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
+    report = {}
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            low, high = _input_bounds(transform, x.shape[0])
+            res = lrp(model, x[None], target, composite=args.composite, low=low, high=high)
+            maps = res.maps[0].detach()  # lrp's maps of some composites still carry their graph
+            files = _input_view(out, shown, maps, f"{inputs.stem(path)}_lrp.png", signed=True)
+            report[inputs.key(path)] = {**_explained(res, names, path), "composite": args.composite,
+                                        "relevance": round(float(maps.sum()), 6), "files": files}
+        out.text("lrp.json", json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
 def add_commands(sub) -> None:
-    """cam, saliency."""
+    """cam, saliency, ig, occlusion, lrp."""
     p = sub.add_parser("cam", help="class activation maps (Grad-CAM family) overlaid on each image or clip")
     add_model_args(p, with_layers=False)
     p.add_argument("--layer", help="the layer to explain (a conv layer or a token block); default: the last layer "
@@ -97,3 +201,31 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="SmoothGrad noise seed (default %(default)s)")
     add_target_args(p)
     p.set_defaults(run=cmd_saliency)
+    p = sub.add_parser("ig", help="integrated gradients (or GradientShap, input x gradient) on each image")
+    add_model_args(p, with_layers=False)
+    p.add_argument("--method", choices=list(PATH_METHODS), default="ig")
+    p.add_argument("--steps", type=int, default=50, help="integration steps, Gauss-Legendre (default %(default)s)")
+    p.add_argument("--baseline", default="zeros", help=f"the reference input: {', '.join(BASELINES)} or a number "
+                                                       "(gradient-shap: the baseline drawn from; default %(default)s)")
+    p.add_argument("--samples", type=int, default=5, help="GradientShap draws per image (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the uniform baseline and GradientShap's draws "
+                                                       "(default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=cmd_ig)
+    p = sub.add_parser("occlusion", help="occlusion (Zeiler and Fergus): the drop of the class score as a window "
+                                         "of baseline values slides over each image")
+    add_model_args(p, with_layers=False)
+    p.add_argument("--window", type=int, default=16, help="the occluder's side in input pixels (default %(default)s)")
+    p.add_argument("--stride", type=int, help="pixels between placements (default: half the window)")
+    p.add_argument("--baseline", default="zeros", help=f"the occluder's values: {', '.join(BASELINES)} or a number "
+                                                       "(default %(default)s)")
+    p.add_argument("--output", choices=OUTPUTS, default="score",
+                   help="what drops: the class score, or its probability (softmax) (default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=cmd_occlusion)
+    p = sub.add_parser("lrp", help="layer-wise relevance propagation (convolutional nets) on each image")
+    add_model_args(p, with_layers=False)
+    p.add_argument("--composite", choices=COMPOSITES, default=COMPOSITES[0],
+                   help="the rules by layer type, as zennit's composites of the same names (default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=cmd_lrp)

@@ -1,4 +1,5 @@
-"""Per-input views: the model's layers, activation grids and deconvnet reconstructions of each picture."""
+"""Per-input views: the model's layers, activation grids and deconvnet reconstructions of each picture, and how
+layers and the prediction respond as the pictures are translated, scaled or rotated (invariance)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from ..activations import activation_grid, activations, top_predictions
 from ..deconv import deconvnet
 from ..hooks.layout import Layout
 from ..hooks.taps import layers as list_layers
-from ._common import (CliError, Inputs, Output, _check_layers, _explicit, _overrides, add_layout_args, add_model_args,
-                      one_line, parse_size, read_labels, say)
+from ..invariance import TRANSFORMS, invariance
+from ._common import (CliError, Inputs, Output, _check_layers, _explicit, _one_batch, _overrides, _parse_target,
+                      add_layout_args, add_model_args, add_target_args, one_line, parse_size, read_labels, say)
 
 LAYERS_REAL_FORWARD = 3 * 1024 * 1024  # `layers`: larger example inputs go through the meta device
 
@@ -99,8 +101,61 @@ def cmd_deconv(args, model, categories, transform):
     print(f"wrote {out.folder}/")
 
 
+def _amounts(spec: str | None, transform: str):
+    """--amounts: comma-separated; translate: whole pixels DX or DY:DX, scale: factors, rotate: degrees."""
+    if spec is None:
+        return None
+    out = []
+    for item in spec.split(","):
+        try:
+            if transform != "translate":
+                out.append(float(item))
+                continue
+            parts = [int(v) for v in item.split(":")]
+            if len(parts) > 2:
+                raise ValueError(item)
+            out.append(parts[0] if len(parts) == 1 else tuple(parts))
+        except ValueError:
+            what = "whole pixels DX or DY:DX" if transform == "translate" else "a number"
+            raise CliError(f"--amounts {spec!r}: {item.strip()!r} is not {what} (comma-separated, e.g. "
+                           f"{'-8,0,8 or -4:4,0:0' if transform == 'translate' else '0.5,1,2'})") from None
+    return out
+
+
+def cmd_invariance(args, model, categories, transform):
+    layers = _check_layers(model, args.layers)
+    amounts = _amounts(args.amounts, args.transform)
+    names = read_labels(args, categories)
+    target = _parse_target(args, names)
+    inputs = Inputs(args, model, transform)
+    _one_batch(inputs, args.max_images)
+    loaded = inputs.usable(keep=True)
+    if any(x.dim() != 3 for _, x, _ in loaded):
+        raise CliError("invariance takes still images (a GIF with several frames is a clip)")
+    batch = torch.stack([x for _, x, _ in loaded])
+    labels = None if target is None else torch.full((len(loaded),), target)
+    res = invariance(model, batch, layers, args.transform, amounts, labels=labels, batch_size=args.batch_size)
+    images = {}
+    for i, (path, _, _) in enumerate(loaded):
+        c = int(res.classes[i])
+        images[inputs.key(path)] = {
+            "class": c, "name": names[c] if names and c < len(names) else str(c),
+            "probability": [round(float(v), 6) for v in res.probabilities[:, i]],
+            "predicted": res.predicted[:, i].tolist(),
+            "distances": {k: [round(float(v), 6) for v in d[:, i]] for k, d in res.distances.items()}}
+    with Output(args.out) as out:
+        plot = out.final(res.save(out.path(f"invariance_{args.transform}.png")))
+        report = {"transform": res.transform, "amounts": [list(a) if isinstance(a, tuple) else a for a in res.amounts],
+                  "layers": list(res.distances), "plot": plot, "images": images}
+        if inputs.skipped:
+            report["skipped"] = inputs.skipped
+        out.text(f"invariance_{args.transform}.json", json.dumps(report, indent=1))
+        out.commit()
+    print(f"{len(loaded)} images, {len(res.amounts)} amounts of {args.transform}; wrote {out.folder}/")
+
+
 def add_commands(sub) -> None:
-    """layers, activations, deconv."""
+    """layers, activations, deconv, invariance."""
     p = sub.add_parser("layers", help="list the model's layers with type, output shape, layout and parameters")
     add_model_args(p, with_images=False)
     p.add_argument("--input-size", default="3,224,224", help="C,H,W of the example input (default %(default)s)")
@@ -120,3 +175,15 @@ def add_commands(sub) -> None:
     p.add_argument("--heat", action="store_true", help="overlay heat maps on the image instead of RGB")
     add_layout_args(p)
     p.set_defaults(run=cmd_deconv)
+    p = sub.add_parser("invariance", help="how layers' features and the class probability change as the images are "
+                                          "translated, scaled or rotated (Zeiler and Fergus): curves as PNG and JSON")
+    add_model_args(p)
+    p.add_argument("--transform", choices=TRANSFORMS, default="translate")
+    p.add_argument("--amounts", help="comma-separated: translate: pixels DX or DY:DX; scale: factors; rotate: "
+                                     "degrees (default: shifts up to a quarter of the width, 0.5 to 2x, 0 to 360); "
+                                     "--amounts=-8,0,8 where the first is negative")
+    p.add_argument("--batch-size", type=int, default=64, help="transformed images per forward pass "
+                                                              "(default %(default)s)")
+    p.add_argument("--max-images", type=int, default=64, help="at most this many pictures (default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=cmd_invariance)
