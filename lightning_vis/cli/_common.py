@@ -521,6 +521,19 @@ class Inputs:
         return report
 
 
+def _per_picture(args, model, transform, index: str, entry) -> None:
+    """The run of the commands that write files per picture of --images: entry(out, stem, path, x, shown) -> the
+    picture's entry in the JSON index, written last as `index` in --out (with the skipped pictures and why)."""
+    inputs = Inputs(args, model, transform)
+    report = {}
+    with Output(args.out) as out:
+        for path, x, shown in inputs:
+            report[inputs.key(path)] = entry(out, inputs.stem(path), path, x, shown)
+        out.text(index, json.dumps(inputs.record_skipped(report), indent=1))
+        out.commit()
+    print(f"wrote {out.folder}/")
+
+
 def _one_batch(inputs: Inputs, max_images: int) -> None:
     """Commands that run all pictures as one batch take at most --max-images of them."""
     if len(inputs.paths) > max_images:

@@ -4,7 +4,6 @@ JSON index of the classes explained."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ..attribution import (CAM_METHODS, COMPOSITES, default_cam_layer, grad_cam,
                            input_x_gradient, integrated_gradients, lrp, occlusion, saliency)
 from ..attribution.gradients import BASELINES
 from ..attribution.perturbation import OUTPUTS
-from ._common import (CliError, Inputs, Output, _one_layer, _overrides, _parse_target, add_layout_args,
+from ._common import (CliError, Output, _one_layer, _overrides, _parse_target, _per_picture, add_layout_args,
                       add_model_args, add_target_args, read_labels, say)
 
 #: `ig --method`: the library function of each
@@ -53,45 +52,41 @@ def _input_view(out: Output, shown, maps, rel: str, signed: bool = False) -> lis
     return _write_view(out, shown, im.clip_percentile(heat), rel, extra, scaled=True)
 
 
+def _each_picture(args, model, categories, transform, index: str, explain) -> None:
+    """The run of every explaining command: the class to explain (--target, --labels), then for each picture of
+    --images explain(out, stem, path, x, shown, target, names) -> its entry in the JSON index `index`."""
+    names = read_labels(args, categories)
+    target = _parse_target(args, names)
+    _per_picture(args, model, transform, index,
+                 lambda out, stem, path, x, shown: explain(out, stem, path, x, shown, target, names))
+
+
 def cmd_cam(args, model, categories, transform):
     layer = _one_layer(model, args.layer, "--layer") if args.layer is not None else None
     ov = _overrides(args, model)
-    names = read_labels(args, categories)
-    target = _parse_target(args, names)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            if layer is None:  # the default: the last layer with maps (a class-token ViT's last norm1)
-                layer = default_cam_layer(model, x[None])
-                say(f"--layer not given: explaining {layer!r}")
-            cam = grad_cam(model, x[None], layer, target, method=args.method, **ov)
-            extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
-            files = _write_view(out, shown, cam.maps[0], f"{inputs.stem(path)}_{args.method}.png", extra)
-            report[inputs.key(path)] = {"layer": cam.layer, **_explained(cam, names, path), "files": files}
-        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+
+    def explain(out, stem, path, x, shown, target, names):
+        nonlocal layer
+        if layer is None:  # the default: the last layer with maps (a class-token ViT's last norm1)
+            layer = default_cam_layer(model, x[None])
+            say(f"--layer not given: explaining {layer!r}")
+        cam = grad_cam(model, x[None], layer, target, method=args.method, **ov)
+        extra = list(im.signed_rgb(cam.guided)) if cam.guided is not None else []
+        files = _write_view(out, shown, cam.maps[0], f"{stem}_{args.method}.png", extra)
+        return {"layer": cam.layer, **_explained(cam, names, path), "files": files}
+    _each_picture(args, model, categories, transform, f"{args.method}.json", explain)
 
 
 def cmd_saliency(args, model, categories, transform):
-    names = read_labels(args, categories)
-    target = _parse_target(args, names)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            if args.method == "guided":
-                res = guided_backprop(model, x[None], target)
-            else:
-                res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
-                               seed=args.seed)
-            files = _input_view(out, shown, res.maps[0], f"{inputs.stem(path)}_{args.method}.png",
-                                signed=args.method == "guided")
-            report[inputs.key(path)] = {**_explained(res, names, path), "files": files}
-        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+    def explain(out, stem, path, x, shown, target, names):
+        if args.method == "guided":
+            res = guided_backprop(model, x[None], target)
+        else:
+            res = saliency(model, x[None], target, samples=args.samples if args.method == "smoothgrad" else 0,
+                           seed=args.seed)
+        files = _input_view(out, shown, res.maps[0], f"{stem}_{args.method}.png", signed=args.method == "guided")
+        return {**_explained(res, names, path), "files": files}
+    _each_picture(args, model, categories, transform, f"{args.method}.json", explain)
 
 
 def _baseline(spec: str):
@@ -114,26 +109,20 @@ def _rounded(values, digits: int = 6):
 
 def cmd_ig(args, model, categories, transform):
     baseline = _baseline(args.baseline)
-    names = read_labels(args, categories)
-    target = _parse_target(args, names)
-    inputs = Inputs(args, model, transform)
     method = PATH_METHODS[args.method]
     options = {"ig": {"baseline": baseline, "steps": args.steps, "seed": args.seed},
                "gradient-shap": {"baselines": baseline, "samples": args.samples, "seed": args.seed},
                "input-x-gradient": {}}[args.method]
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            res = method(model, x[None], target, **options)
-            files = _input_view(out, shown, res.maps[0], f"{inputs.stem(path)}_{args.method}.png", signed=True)
-            entry = {**_explained(res, names, path), "files": files}
-            if res.delta is not None:  # completeness: the attributions' sum minus the score's difference
-                entry["baseline_score"] = round(float(res.baseline_scores[0]), 6)
-                entry["delta"] = round(float(res.delta[0]), 6)
-            report[inputs.key(path)] = entry
-        out.text(f"{args.method}.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+
+    def explain(out, stem, path, x, shown, target, names):
+        res = method(model, x[None], target, **options)
+        files = _input_view(out, shown, res.maps[0], f"{stem}_{args.method}.png", signed=True)
+        entry = {**_explained(res, names, path), "files": files}
+        if res.delta is not None:  # completeness: the attributions' sum minus the score's difference
+            entry["baseline_score"] = round(float(res.baseline_scores[0]), 6)
+            entry["delta"] = round(float(res.delta[0]), 6)
+        return entry
+    _each_picture(args, model, categories, transform, f"{args.method}.json", explain)
 
 
 def cmd_occlusion(args, model, categories, transform):
@@ -141,21 +130,14 @@ def cmd_occlusion(args, model, categories, transform):
     if args.stride is not None and args.stride > args.window:
         raise CliError(f"--stride {args.stride}: larger than --window {args.window}, positions between windows would "
                        "never be occluded")
-    names = read_labels(args, categories)
-    target = _parse_target(args, names)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            res = occlusion(model, x[None], target, window=args.window, stride=args.stride, baseline=baseline,
-                            output=args.output)
-            files = _write_view(out, shown, res.maps[0], f"{inputs.stem(path)}_occlusion.png")
-            report[inputs.key(path)] = {**_explained(res, names, path), "window": list(res.window),
-                                        "stride": list(res.stride), "output": args.output,
-                                        "grid": _rounded(res.grid[0].tolist()), "files": files}
-        out.text("occlusion.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+
+    def explain(out, stem, path, x, shown, target, names):
+        res = occlusion(model, x[None], target, window=args.window, stride=args.stride, baseline=baseline,
+                        output=args.output)
+        files = _write_view(out, shown, res.maps[0], f"{stem}_occlusion.png")
+        return {**_explained(res, names, path), "window": list(res.window), "stride": list(res.stride),
+                "output": args.output, "grid": _rounded(res.grid[0].tolist()), "files": files}
+    _each_picture(args, model, categories, transform, "occlusion.json", explain)
 
 
 def _input_bounds(transform, channels: int):
@@ -167,21 +149,14 @@ def _input_bounds(transform, channels: int):
 
 
 def cmd_lrp(args, model, categories, transform):
-    names = read_labels(args, categories)
-    target = _parse_target(args, names)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            low, high = _input_bounds(transform, x.shape[0])
-            res = lrp(model, x[None], target, composite=args.composite, low=low, high=high)
-            maps = res.maps[0].detach()  # lrp's maps of some composites still carry their graph
-            files = _input_view(out, shown, maps, f"{inputs.stem(path)}_lrp.png", signed=True)
-            report[inputs.key(path)] = {**_explained(res, names, path), "composite": args.composite,
-                                        "relevance": round(float(maps.sum()), 6), "files": files}
-        out.text("lrp.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+    def explain(out, stem, path, x, shown, target, names):
+        low, high = _input_bounds(transform, x.shape[0])
+        res = lrp(model, x[None], target, composite=args.composite, low=low, high=high)
+        maps = res.maps[0].detach()  # lrp's maps of some composites still carry their graph
+        files = _input_view(out, shown, maps, f"{stem}_lrp.png", signed=True)
+        return {**_explained(res, names, path), "composite": args.composite, "relevance": round(float(maps.sum()), 6),
+                "files": files}
+    _each_picture(args, model, categories, transform, "lrp.json", explain)
 
 
 def add_commands(sub) -> None:

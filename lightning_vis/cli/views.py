@@ -16,7 +16,8 @@ from ..hooks.layout import Layout
 from ..hooks.taps import layers as list_layers
 from ..invariance import TRANSFORMS, invariance
 from ._common import (CliError, Inputs, Output, _check_layers, _explicit, _one_batch, _overrides, _parse_target,
-                      add_layout_args, add_model_args, add_target_args, one_line, parse_size, read_labels, say)
+                      _per_picture, add_layout_args, add_model_args, add_target_args, one_line, parse_size,
+                      read_labels, say)
 
 LAYERS_REAL_FORWARD = 3 * 1024 * 1024  # `layers`: larger example inputs go through the meta device
 
@@ -46,59 +47,50 @@ def cmd_activations(args, model, categories, transform):
     _check_layers(model, args.layers)
     ov = _overrides(args, model)
     names = read_labels(args, categories)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, _ in inputs:
-            acts, logits = activations(model, x[None], args.layers, **ov)
-            entry = {}
-            if logits.dim() == 2:
-                entry["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
-                                        top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
-            for layer, a in acts.items():
-                lay = acts.layouts.get(layer)
-                if not isinstance(lay, Layout) or lay.kind == "vector":
-                    if layer in _explicit(args.layers):
-                        why = f": {lay.reason}" if lay is not None and not isinstance(lay, Layout) else \
-                            " has no maps to draw"
-                        raise CliError(f"--layers {layer}: its output {tuple(a.shape)}{why} (pick a conv or token "
-                                       "layer)")
-                    continue  # a glob also matched Linear or pooled layers
-                # small maps enlarged for display
-                f = out.png(activation_grid(a, scale=args.scale, cell=48 if len(lay.grid) == 2 else None,
-                                            layout=lay),
-                            Path(inputs.stem(path)) / f"{layer}_activations.png")
-                entry.setdefault("files", []).append(f)
-            report[inputs.key(path)] = entry
-            top = entry.get("predictions", [])[:1]
-            if top:
-                say(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
-        out.text("activations.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+
+    def entry(out, stem, path, x, shown):
+        acts, logits = activations(model, x[None], args.layers, **ov)
+        found = {}
+        if logits.dim() == 2:
+            found["predictions"] = [{"index": i, "name": n, "p": round(p, 4)} for i, n, p in
+                                    top_predictions(logits, min(args.top, logits.shape[1]), names)[0]]
+        for layer, a in acts.items():
+            lay = acts.layouts.get(layer)
+            if not isinstance(lay, Layout) or lay.kind == "vector":
+                if layer in _explicit(args.layers):
+                    why = f": {lay.reason}" if lay is not None and not isinstance(lay, Layout) else \
+                        " has no maps to draw"
+                    raise CliError(f"--layers {layer}: its output {tuple(a.shape)}{why} (pick a conv or token "
+                                   "layer)")
+                continue  # a glob also matched Linear or pooled layers
+            # small maps enlarged for display
+            f = out.png(activation_grid(a, scale=args.scale, cell=48 if len(lay.grid) == 2 else None, layout=lay),
+                        Path(stem) / f"{layer}_activations.png")
+            found.setdefault("files", []).append(f)
+        top = found.get("predictions", [])[:1]
+        if top:
+            say(f"{path.name}: {top[0]['name']} ({top[0]['p']:.2f})")
+        return found
+    _per_picture(args, model, transform, "activations.json", entry)
 
 
 def cmd_deconv(args, model, categories, transform):
     _check_layers(model, args.layers)
     ov = _overrides(args, model)
-    inputs = Inputs(args, model, transform)
-    report = {}
-    with Output(args.out) as out:
-        for path, x, shown in inputs:
-            rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule, **ov)
-            entry = {}
-            for layer, r in rec.images.items():
-                if args.heat:  # |reconstruction| summed over channels, coloured over the image
-                    tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
-                else:
-                    tiles = list(im.signed_rgb(r[0]))
-                f = out.png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1),
-                            Path(inputs.stem(path)) / f"{layer}_{args.rule}.png")
-                entry[layer] = {"features": rec.features[layer][0].tolist(), "file": f}
-            report[inputs.key(path)] = entry
-        out.text(f"{args.rule}.json", json.dumps(inputs.record_skipped(report), indent=1))
-        out.commit()
-    print(f"wrote {out.folder}/")
+
+    def entry(out, stem, path, x, shown):
+        rec = deconvnet(model, x[None], args.layers, top_k=args.top_k, rule=args.rule, **ov)
+        found = {}
+        for layer, r in rec.images.items():
+            if args.heat:  # |reconstruction| summed over channels, coloured over the image
+                tiles = [im.overlay(shown, h, alpha=0.6) for h in r[0].float().abs().sum(1)]
+            else:
+                tiles = list(im.signed_rgb(r[0]))
+            f = out.png(im.grid(torch.stack([shown] + tiles), ncol=len(tiles) + 1),
+                        Path(stem) / f"{layer}_{args.rule}.png")
+            found[layer] = {"features": rec.features[layer][0].tolist(), "file": f}
+        return found
+    _per_picture(args, model, transform, f"{args.rule}.json", entry)
 
 
 def _amounts(spec: str | None, transform: str):
