@@ -1,5 +1,7 @@
 """Models and pictures from files, read in one place for every interface: the command line (all its commands), the
-atlas it builds (the pictures of --images as a dataset: ImageFiles) and the explorer it serves.
+atlas it builds (the pictures of --images as a dataset: ImageFiles) and the explorer it serves (the model; the
+explorer reads its folder's pictures through explorer.decode, which answers with HTTP statuses and re-checks each
+file as it is opened, since the folder may change while it runs).
 
 - Models: ``load_model(spec, weights)``: 'torchvision:<name>', 'package.module:factory' or a transformers model from
   this machine (never a download), a state dict loaded into it (``load_weights``: a Lightning checkpoint's too), its
