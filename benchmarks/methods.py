@@ -269,7 +269,7 @@ CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "Abl
 
 
 def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
-    """One of the CAMs of lightning_vis.cams against pytorch-grad-cam's class of the same name, same targets.
+    """One of the CAMs of lightning_vis.attribution.cams against pytorch-grad-cam's class of the same name, same targets.
     quick_net: (model, size, layer) of the smoke test instead; size: the input's, instead of 224 / 112 px."""
     import torchvision
 

@@ -4,17 +4,16 @@ __version__ = "0.1.0"
 
 from . import health, hooks, images, objectives, ops, params  # ops loads the compiled operators
 from .activations import activation_grid, activations, top_predictions
-from .attribution import CAM, Attribution, attention_maps, attention_rollout, grad_cam, guided_backprop, saliency
+from .attribution import (CAM, Attribution, OcclusionMap, PathAttribution, attention_maps, attention_rollout, grad_cam,
+                          gradient_shap, guided_backprop, input_x_gradient, integrated_gradients, lrp, occlusion,
+                          saliency)
 from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
-from .gradients import PathAttribution, gradient_shap, input_x_gradient, integrated_gradients
 from .health import HealthReport, filter_health
 from .hooks import capture, resolve_layers
 from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
-from .lrp import lrp
-from .occlusion import OcclusionMap, occlusion
 from .receptive import ReceptiveField, receptive_field
 
 

@@ -1,5 +1,6 @@
-"""The rest of the Grad-CAM family (lightning_vis.cams through grad_cam(method=...)) against pytorch-grad-cam 1.5.7's
-classes of the same names, on a small CNN and on MobileNetV2 with ImageNet weights on scikit-image's photos."""
+"""The rest of the Grad-CAM family (lightning_vis.attribution.cams through grad_cam(method=...)) against
+pytorch-grad-cam 1.5.7's classes of the same names, on a small CNN and on MobileNetV2 with ImageNet weights on
+scikit-image's photos."""
 
 import copy
 import importlib.util
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 import lightning_vis as lv
-from lightning_vis import cams, cli
+from lightning_vis import cli
+from lightning_vis.attribution import cams
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402

@@ -7,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+import lightning_vis as lv
 from lightning_vis import cli
+from lightning_vis import images as im
+from tests.cli_models import tiny_cnn
 
 MODEL = ["--model", "tests.cli_models:tiny_cnn"]
 
@@ -141,6 +144,119 @@ def test_cam_and_saliency_errors_are_one_line(photos, tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     last = err.split("\r")[-1]  # after a progress bar that was cleared
     assert message in last and "Traceback" not in err and len(last.strip().splitlines()) == 1
+
+
+def library_view(tmp_path, shown, heat, signed=None):
+    """The PNG the CLI writes for a map (image | overlay (| signed map)), drawn here from the library's result."""
+    tiles = [shown, im.overlay(shown, heat, scale=signed is None)] + ([] if signed is None else [signed])
+    return np.asarray(Image.open(im.save_png(im.grid(torch.stack(tiles), ncol=len(tiles)), tmp_path / "lib.png")))
+
+
+def input_map_view(tmp_path, shown, maps):
+    """library_view of an attribution of the input's shape: its strongest channel, and the signed map in colour."""
+    return library_view(tmp_path, shown, im.clip_percentile(maps.abs().amax(0)), im.signed_rgb(maps[None])[0])
+
+
+@pytest.mark.parametrize("method,flags,call", [
+    ("ig", ["--steps", "8", "--baseline", "blur"],
+     lambda m, x: lv.integrated_gradients(m, x, 2, baseline="blur", steps=8)),
+    ("ig", ["--steps", "6", "--baseline", "0.25"],
+     lambda m, x: lv.integrated_gradients(m, x, 2, baseline=0.25, steps=6)),
+    ("gradient-shap", ["--samples", "3", "--seed", "5", "--baseline", "uniform"],
+     lambda m, x: lv.gradient_shap(m, x, 2, baselines="uniform", samples=3, seed=5)),
+    ("input-x-gradient", [], lambda m, x: lv.input_x_gradient(m, x, 2)),
+])
+def test_ig_writes_the_library_maps(photos, tmp_path, method, flags, call):
+    out = tmp_path / "out"
+    assert cli.main(["ig", *MODEL, "--images", str(photos / "a.png"), "--size", "16", "--method", method, *flags,
+                     "--target", "2", "--out", str(out)]) == 0
+    x, shown = cli.load_image(photos / "a.png", None, 16)
+    ours = call(tiny_cnn().eval(), x[None])
+    entry = json.loads((out / f"{method}.json").read_text())["a.png"]
+    assert entry["class"] == 2 and entry["score"] == round(float(ours.scores[0]), 4)
+    if ours.delta is None:
+        assert "delta" not in entry
+    else:
+        assert entry["delta"] == round(float(ours.delta[0]), 6)
+        assert entry["baseline_score"] == round(float(ours.baseline_scores[0]), 6)
+    written = np.asarray(Image.open(out / f"a_{method}.png"))
+    np.testing.assert_array_equal(written, input_map_view(tmp_path, shown, ours.maps[0]))
+
+
+@pytest.mark.parametrize("flags,window,stride,baseline,output", [
+    ([], 16, None, 0.0, "score"), (["--window", "5", "--stride", "3", "--baseline", "blur", "--output", "probability"],
+                                   5, 3, "blur", "probability")])
+def test_occlusion_writes_the_library_grid_and_map(photos, tmp_path, flags, window, stride, baseline, output):
+    out = tmp_path / "out"
+    assert cli.main(["occlusion", *MODEL, "--images", str(photos), "--size", "16", *flags, "--target", "1",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "occlusion.json").read_text())
+    for name in ("a.png", "b.jpg"):
+        x, shown = cli.load_image(photos / name, None, 16)
+        ours = lv.occlusion(tiny_cnn().eval(), x[None], 1, window=window, stride=stride, baseline=baseline,
+                            output=output)
+        entry = report[name]
+        assert entry["window"] == [window] * 2 and entry["stride"] == [stride or window // 2] * 2
+        np.testing.assert_allclose(entry["grid"], ours.grid[0].numpy(), atol=1e-6)
+        assert len(entry["grid"]) == -(-(16 - window) // (stride or window // 2)) + 1  # the last one at the edge
+        written = np.asarray(Image.open(out / f"{name.split('.')[0]}_occlusion.png"))
+        np.testing.assert_array_equal(written, library_view(tmp_path, shown, ours.maps[0]))
+
+
+@pytest.mark.parametrize("composite", ["epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1"])
+def test_lrp_writes_the_library_maps(photos, tmp_path, composite):
+    out = tmp_path / "out"
+    assert cli.main(["lrp", *MODEL, "--images", str(photos / "b.jpg"), "--size", "16", "--composite", composite,
+                     "--out", str(out)]) == 0
+    x, shown = cli.load_image(photos / "b.jpg", None, 16)
+    ours = lv.lrp(tiny_cnn().eval(), x[None], composite=composite, low=0.0, high=1.0)  # the pictures' range
+    maps = ours.maps[0].detach()
+    entry = json.loads((out / "lrp.json").read_text())["b.jpg"]
+    assert entry["class"] == int(ours.targets[0]) and entry["composite"] == composite
+    assert entry["relevance"] == round(float(maps.sum()), 6)
+    written = np.asarray(Image.open(out / "b_lrp.png"))
+    np.testing.assert_array_equal(written, input_map_view(tmp_path, shown, maps))
+
+
+@pytest.mark.parametrize("flags,transform,amounts", [
+    ([], "translate", None), (["--transform", "translate", "--amounts=-3,2:-1,0"], "translate", [-3, (2, -1), 0]),
+    (["--transform", "rotate", "--amounts", "0,90,45"], "rotate", [0.0, 90.0, 45.0]),
+    (["--transform", "scale", "--target", "2"], "scale", None)])
+def test_invariance_writes_the_library_curves(photos, tmp_path, flags, transform, amounts):
+    out = tmp_path / "out"
+    assert cli.main(["invariance", *MODEL, "--images", str(photos), "--size", "16", "--layers", "conv1", "conv2",
+                     *flags, "--batch-size", "5", "--out", str(out)]) == 0
+    batch = torch.stack([cli.load_image(photos / n, None, 16)[0] for n in ("a.png", "b.jpg")])
+    labels = torch.tensor([2, 2]) if "--target" in flags else None
+    ours = lv.invariance(tiny_cnn().eval(), batch, ["conv1", "conv2"], transform, amounts, labels=labels)
+    report = json.loads((out / f"invariance_{transform}.json").read_text())
+    assert report["transform"] == transform and report["layers"] == ["conv1", "conv2"]
+    assert report["amounts"] == [list(a) if isinstance(a, tuple) else a for a in ours.amounts]
+    for i, name in enumerate(("a.png", "b.jpg")):
+        entry = report["images"][name]
+        assert entry["class"] == int(ours.classes[i]) and entry["predicted"] == ours.predicted[:, i].tolist()
+        np.testing.assert_allclose(entry["probability"], ours.probabilities[:, i].numpy(), atol=1e-6)
+        for layer in ("conv1", "conv2"):
+            np.testing.assert_allclose(entry["distances"][layer], ours.distances[layer][:, i].numpy(), atol=1e-5)
+    assert Image.open(out / f"invariance_{transform}.png").size[0] > 300  # the curves: three panels
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["occlusion", *MODEL, "--window", "40"], "is larger than the input's grid"),
+    (["occlusion", *MODEL, "--window", "4", "--stride", "5"], "--stride 5: larger than --window 4"),
+    (["ig", *MODEL, "--baseline", "nan"], "--baseline 'nan': expected zeros, blur, uniform or a finite number"),
+    (["occlusion", *MODEL, "--baseline", "grey"], "--baseline 'grey': expected zeros, blur, uniform or a finite"),
+    (["lrp", *MODEL, "--target", "7"], "target class 7 out of range: the model has 3 classes"),
+    (["invariance", *MODEL, "--layers", "conv1", "--amounts", "1.5"], "--amounts '1.5': '1.5' is not whole pixels"),
+    (["invariance", *MODEL, "--layers", "conv1", "--transform", "scale", "--amounts", "2,-1"], "factors > 0"),
+    (["invariance", *MODEL, "--layers", "conv1", "--max-images", "1"], "2 pictures, more than --max-images 1"),
+])
+def test_ig_occlusion_lrp_invariance_errors_are_one_line(photos, tmp_path, capsys, argv, message):
+    assert cli.main([*argv, "--images", str(photos), "--size", "16", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    last = err.split("\r")[-1]
+    assert message in last and "Traceback" not in err and len(last.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_topk_writes_crop_grids_and_json(photos, tmp_path):

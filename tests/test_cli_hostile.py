@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lightning_vis import cli
+from lightning_vis.cli import explain
 from tests.cli_models import tiny_cnn
 from tests.test_cli_misuse import MODEL, files, nothing_written, one_error, picture  # noqa: F401 - a fixture
 
@@ -37,8 +38,8 @@ def test_a_users_file_with_the_name_of_an_output_is_never_overwritten(files, tmp
     out.mkdir()
     (out / "c_gradcam.png").write_bytes(b"the user's picture")
     calls = []
-    real = cli.grad_cam
-    monkeypatch.setattr(cli, "grad_cam", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = explain.grad_cam
+    monkeypatch.setattr(explain, "grad_cam", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     assert cli.main(cam(files, out)) == 2
     line = one_error(capsys, "cam")
     assert line == (f"lightning-vis cam: --out {str(out)!r}: 'c_gradcam.png' is already there and was not written "
@@ -158,7 +159,7 @@ def test_an_exit_inside_the_run_has_its_line(files, tmp_path, monkeypatch, capsy
     def exits_in_forward(*args, **kwargs):
         raise SystemExit(7)
 
-    monkeypatch.setattr(cli, "grad_cam", exits_in_forward)
+    monkeypatch.setattr(explain, "grad_cam", exits_in_forward)
     assert cli.main(cam(files, tmp_path / "out")) == 7
     assert one_error(capsys, "cam") == ("lightning-vis cam: stopped: SystemExit(7) raised inside the run (the "
                                         "model's or a library's code called sys.exit)")
@@ -201,7 +202,8 @@ COMMANDS = {"layers": [], "activations": [*IMAGES, "--layers", "conv1"], "deconv
             "cam": IMAGES, "saliency": IMAGES, "topk": [*IMAGES, "--layers", "conv1"],
             "health": [*IMAGES, "--layers", "conv1"], "render": ["--layer", "conv2"],
             "dream": ["--image", "F/imgs/a.png", "--layer", "conv1"], "report": [*IMAGES, "--layers", "conv1"],
-            "atlas": IMAGES, "serve": ["--images", "F/imgs"], "evaluate": IMAGES}
+            "atlas": IMAGES, "serve": ["--images", "F/imgs"], "evaluate": IMAGES, "ig": IMAGES, "occlusion": IMAGES,
+            "lrp": IMAGES, "invariance": [*IMAGES, "--layers", "conv1"]}
 BIG = "99999999999999999999"
 #: (flag, valid range as the error says it, a value below it or None); every int and float flag of every command
 RANGES = {
@@ -214,7 +216,8 @@ RANGES = {
     "--connections": ("0 to 1000", "-1"), "--workers": ("0 to 256", "-1"), "--num-nodes": ("1 to 1024", "0"),
     "--max-units": ("1 to 1048576", "0"), "--max-images": ("1 to 4096", "0"), "--seed": ("0 to 4294967295", "-1"), "--port": ("0 to 65535", "-1"),
     "--timeout": ("0.1 to 86400", "0"), "--cache-mb": ("1 to 1.04858e+06", "0.5"),
-    "--lr": ("1e-06 to 1000", "0"), "--threshold": ("-1e+30 to 1e+30", "-1e31"),
+    "--lr": ("1e-06 to 1000", "0"), "--threshold": ("-1e+30 to 1e+30", "-1e31"), "--window": ("1 to 4096", "0"),
+    "--stride": ("1 to 4096", "0"),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lightning_vis import cli
+from lightning_vis.cli import explain
 from tests.cli_models import tiny_cnn
 
 MODEL = ["--model", "tests.cli_models:tiny_cnn"]
@@ -244,7 +245,7 @@ def test_a_run_that_fails_midway_leaves_out_as_it_was(files, tmp_path, capsys, m
     out.mkdir()
     (out / "earlier.txt").write_text("kept")
     calls = []
-    real = cli.grad_cam
+    real = explain.grad_cam
 
     def fails_second(*args, **kwargs):
         calls.append(1)
@@ -252,7 +253,7 @@ def test_a_run_that_fails_midway_leaves_out_as_it_was(files, tmp_path, capsys, m
             raise failure
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "grad_cam", fails_second)
+    monkeypatch.setattr(explain, "grad_cam", fails_second)
     argv = ["cam", *MODEL, "--images", str(files / "imgs" / "a.png"), str(files / "imgs" / "c.jpg"),
             "--layer", "conv2", "--size", "16", "--out", str(out)]
     for failure, code, said in ((RuntimeError("CUDA error: device-side assert\nmore detail"), 1,
@@ -270,7 +271,7 @@ def test_a_run_that_fails_midway_leaves_out_as_it_was(files, tmp_path, capsys, m
     with pytest.raises(RuntimeError, match="shown with its traceback"):
         cli.main(argv)
     # and a run that succeeds adds its files next to what was there
-    monkeypatch.setattr(cli, "grad_cam", real)
+    monkeypatch.setattr(explain, "grad_cam", real)
     assert cli.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == [".lightning-vis-written", "a_gradcam.png", "c_gradcam.png",
                                                      "earlier.txt", "gradcam.json"]

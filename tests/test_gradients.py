@@ -9,7 +9,7 @@ from torch import nn
 
 import lightning_vis as lv
 from lightning_vis import targets
-from lightning_vis.gradients import CPU_CACHE_BYTES, chunk_rows, make_baselines, path_nodes, shap_draws
+from lightning_vis.attribution.gradients import CPU_CACHE_BYTES, chunk_rows, make_baselines, path_nodes, shap_draws
 from lightning_vis.hooks import hook_counts
 
 ca = pytest.importorskip("captum.attr")

@@ -11,7 +11,7 @@ from torch import nn
 
 import lightning_vis as lv
 from lightning_vis.hooks import hook_counts
-from lightning_vis.lrp import _Layer
+from lightning_vis.attribution.lrp import _Layer
 
 X = [1.0, -2.0, 3.0]
 W = [[1.0, -1.0, 2.0], [-0.5, 2.0, 1.0]]  # (outputs, inputs)

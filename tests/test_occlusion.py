@@ -8,7 +8,7 @@ from torch import nn
 import lightning_vis as lv
 from lightning_vis import targets
 from lightning_vis.hooks import hook_counts
-from lightning_vis.occlusion import placements
+from lightning_vis.attribution.perturbation import placements
 
 ca = pytest.importorskip("captum.attr")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

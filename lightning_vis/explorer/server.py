@@ -52,7 +52,7 @@ from .. import images as im
 from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
 from ..attribution import CAM_METHODS, grad_cam
-from ..cams import RERUNS
+from ..attribution.cams import RERUNS
 from ..dataset import top_k_examples
 from ..deconv import deconvnet
 from ..featureviz import render

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .attribution import Attribution, Target, _check_batch, _chunked, _is_attention, check_target, target_scores
-from .hooks import ModelGuard
-from .inputs import image_model
+from ..hooks import ModelGuard
+from ..inputs import image_model
+from ._common import Attribution, Target, _check_batch, _chunked, check_target, target_scores
+from .attention import _is_attention
 
 COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1")
 

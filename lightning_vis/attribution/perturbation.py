@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attribution import Attribution, Target, _check_batch, check_target, target_scores
+from ..hooks import ModelGuard, capture, resolve_layers
+from ._common import Attribution, Target, _check_batch, check_target, target_scores
 from .gradients import chunk_rows, make_baselines
-from .hooks import ModelGuard, capture, resolve_layers
 
 OUTPUTS = ("score", "probability")
 

@@ -1,6 +1,8 @@
-"""Gradient attribution along a path: integrated gradients, GradientShap and input x gradient, of the input or of
-one layer's activations (``layer=``).
+"""Gradient attribution: the input gradient (saliency, SmoothGrad, guided backprop) and attribution along a path
+(integrated gradients, GradientShap and input x gradient, of the input or of one layer's activations, ``layer=``).
 
+- ``saliency`` (Simonyan et al.; SmoothGrad with ``samples``) and ``guided_backprop`` (Springenberg et al.): one
+  backward pass per chunk of the batch.
 - ``integrated_gradients`` (Sundararajan et al.): (x - x') times the path integral of the gradient from a baseline x'
   to x, by a Riemann sum (left, right, middle, trapezoid) or Gauss-Legendre quadrature (captum's methods and nodes).
 - ``gradient_shap`` (Lundberg and Lee's expected gradients as captum computes them): per input, ``samples`` draws
@@ -21,6 +23,7 @@ grid, prefix tokens dropped; vectors (N, D)).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -29,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attribution import Attribution, Target, _check_batch, check_target, target_scores
-from .deconv import _budget
-from .hooks import ModelGuard, capture, resolve_layers
-from .hooks.checkpoint import check_chunk_size, input_gradient
-from .hooks.layout import Layout
-from .hooks.resolve import LayerSpec
+from ..deconv import _budget
+from ..hooks import ModelGuard, capture, resolve_layers
+from ..hooks.checkpoint import check_chunk_size, input_gradient, rules_unreachable
+from ..hooks.layout import Layout
+from ..hooks.resolve import LayerSpec
+from ..hooks.rules import BackwardRules
+from ..inputs import image_model
+from ._common import Attribution, Target, _check_batch, _chunked, check_target, target_scores
 
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 BASELINES = ("zeros", "blur", "uniform")
@@ -392,5 +397,75 @@ def input_x_gradient(model: nn.Module, inputs: Tensor, target: Target = None, *,
     return _result("input_x_gradient", lay, attr, scores, classes, None, None)
 
 
-__all__ = ["PathAttribution", "gradient_shap", "input_x_gradient", "integrated_gradients", "make_baselines",
-           "path_nodes", "shap_draws"]
+# ----------------------------------------------------------------------------------------------------------------
+# input gradients: saliency, SmoothGrad, guided backprop
+
+
+def _input_gradient(model, inputs, target, rule):
+    x = inputs.detach().clone().requires_grad_(True)
+    rules = BackwardRules(rule) if rule else contextlib.nullcontext()
+    with rules:
+        out = model(x)
+    if rule and rules.skipped_no_grad:
+        raise rules_unreachable(f"{rule} backprop", f"the {rule} rules")
+    scores, classes = target_scores(out, target)
+    g = input_gradient(scores.sum(), x)  # each score depends on its own input only (eval mode)
+    return g, scores.detach(), classes
+
+
+@torch.enable_grad()  # gradients are the method: also when called inside the caller's torch.no_grad()
+def saliency(model: nn.Module, inputs: Tensor, target: Target = None, *, samples: int = 0, noise: float = 0.15,
+             seed: int = 0, absolute: bool = True, chunk_size: int | None = None) -> Attribution:
+    """The gradient of the target score with respect to the input (Simonyan et al.), as |grad| by default.
+
+    samples > 0: SmoothGrad (Smilkov et al.): the mean over `samples` copies of each input with Gaussian noise of
+    standard deviation noise * (max - min of that input), drawn from a generator seeded with `seed` (the same
+    seed gives the same map, on any device). The noisy copies run batched, chunk_size inputs at a time.
+    maps: (N, *input shape)."""
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0 (0: plain gradient), got {samples}")
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+
+    def plain(x, t):
+        g, s, c = _input_gradient(model, x, t, None)  # plain autograd
+        return (g.abs() if absolute else g), s, c
+
+    with ModelGuard(model, eval=True, freeze=True):
+        if samples == 0:
+            maps, scores, classes = _chunked(inputs, target, chunk_size, plain)
+            return Attribution(maps, classes, scores, "saliency")
+        # the class explained is the clean input's (as captum's NoiseTunnel with the same target)
+        with torch.no_grad():
+            if target is None:
+                target = target_scores(model(inputs), None)[1]
+        gen = torch.Generator().manual_seed(seed)
+        span = (inputs.flatten(1).amax(1) - inputs.flatten(1).amin(1)).view(-1, *[1] * (inputs.dim() - 1))
+        noise_t = torch.randn((samples, *inputs.shape), generator=gen).to(inputs.device, inputs.dtype)
+        noisy = (inputs[None] + noise * span[None] * noise_t).flatten(0, 1)  # (samples * N, ...)
+        rep = target if callable(target) or torch.as_tensor(target).numel() == 1 else \
+            torch.as_tensor(target).repeat(samples)
+        maps, scores, classes = _chunked(noisy, rep, chunk_size, plain)
+        maps = maps.view(samples, *inputs.shape).mean(0)
+        scores = scores.view(samples, -1).mean(0)
+        classes = None if classes is None else classes[:inputs.shape[0]]
+    return Attribution(maps, classes, scores, "smoothgrad")
+
+
+@torch.enable_grad()
+def guided_backprop(model: nn.Module, inputs: Tensor, target: Target = None, *,
+                    chunk_size: int | None = None) -> Attribution:
+    """Guided backpropagation (Springenberg et al.): the input gradient of the target score where every ReLU
+    (module or functional, ReLU6 too) passes only positive gradient at positive input. maps: (N, *input shape)."""
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    with ModelGuard(model, eval=True, freeze=True):
+        maps, scores, classes = _chunked(inputs, target, chunk_size,
+                                         lambda x, t: _input_gradient(model, x, t, "guided"))
+    return Attribution(maps, classes, scores, "guided_backprop")
+
+
+__all__ = ["PathAttribution", "gradient_shap", "guided_backprop", "input_x_gradient", "integrated_gradients",
+           "make_baselines", "path_nodes", "saliency", "shap_draws"]

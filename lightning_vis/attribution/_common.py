@@ -1,0 +1,142 @@
+"""What every attribution method shares: the result types (Attribution, CAM), the target path (target_scores: the
+(N,) scores a method explains, from any model output; check_target refuses malformed targets before any pass), the
+batch checks, chunking over the batch (_chunked) and upsampling of low-resolution maps to the input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..hooks.checkpoint import check_chunk_size
+from ..targets import LOGITS, describe, field
+from ..targets import default as default_target
+
+Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
+
+
+@dataclass
+class Attribution:
+    """maps: (N, *input shape) for saliency and guided backprop; (N, *input spatial) for CAMs.
+    targets: (N,) class indices (None for a callable target); scores: (N,) the target scores explained."""
+
+    maps: Tensor
+    targets: Tensor | None
+    scores: Tensor
+    method: str
+
+
+@dataclass
+class CAM(Attribution):
+    """A class activation map: ``maps`` upsampled to the input, ``low_res`` at the layer's resolution (N, *grid),
+    and for Guided Grad-CAM ``guided`` (N, *input shape): guided backprop times the map."""
+
+    low_res: Tensor | None = None
+    layer: str = ""
+    guided: Tensor | None = None
+
+    def normalized(self) -> Tensor:
+        """maps min-max scaled to [0, 1] per input (as pytorch-grad-cam shows them)."""
+        flat = self.maps.flatten(1)
+        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(self.maps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# targets
+
+
+def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
+    """(N,) scores to explain and (N,) their class indices (None for a callable target). A callable target is
+    applied to the output as it is, whatever its type; class targets need (N, classes) logits (the output, or its
+    `logits` / `logits_per_image` field); target=None on any other output is lightning_vis.targets.default (dense
+    scores, detections, embeddings), or a one-line refusal."""
+    if callable(target) and not isinstance(target, Tensor):
+        scores = target(output)
+        n = _batch_of(output)
+        if not isinstance(scores, Tensor) or scores.dim() != 1 or (n is not None and scores.shape[0] != n):
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            want = f"(N,) = ({n},)" if n is not None else "(N,)"
+            raise ValueError(f"a callable target must return {want} scores, one per input; it returned {got}")
+        return scores, None
+    whole = output
+    output = output if isinstance(output, Tensor) else field(output, LOGITS)  # transformers' ModelOutput
+    if target is None and not isinstance(whole, Tensor) and (output is None or output.dim() != 2):  # named parts
+        return default_target(whole)[0], None
+    if output is None:
+        raise ValueError(f"the model returned a {describe(whole)}: a class target needs (N, classes) logits; pass "
+                         "target=f(output) -> (N,) scores (ready-made: lightning_vis.targets.classifier(c, key=...), "
+                         "segmentation, detection, similarity)")
+    n = output.shape[0]
+    if output.dim() != 2:
+        what = "model output" if output is whole else "model's logits"
+        raise ValueError(f"a class target needs (N, classes) logits, but the {what} has shape "
+                         f"{tuple(output.shape)}; pass target=f(output) -> (N,) scores (see lightning_vis.targets)")
+    n_cls = output.shape[1]
+    if target is None:
+        classes = output.detach().argmax(1)
+    else:
+        classes = torch.as_tensor(target, device=output.device).long().flatten()
+        if classes.numel() == 1:
+            classes = classes.expand(n)
+        if classes.numel() != n:
+            raise ValueError(f"{classes.numel()} targets for a batch of {n}: give one class, or one per input")
+        bad = classes[(classes < 0) | (classes >= n_cls)]
+        if bad.numel():
+            raise ValueError(f"target class {int(bad[0])} out of range: the model has {n_cls} classes "
+                             f"(0..{n_cls - 1})")
+    return output.gather(1, classes[:, None])[:, 0], classes
+
+
+def _batch_of(output) -> int | None:
+    logits = field(output, ("logits",))
+    output = output if logits is None else logits
+    if isinstance(output, Tensor):
+        return int(output.shape[0]) if output.dim() else None
+    if isinstance(output, (list, tuple)) and output and all(isinstance(v, dict) for v in output):
+        return len(output)  # a list of per-image results (detection)
+    return None
+
+
+def check_target(target) -> None:
+    """Malformed targets are refused before any forward pass."""
+    if target is None or callable(target):
+        return
+    try:
+        t = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"target must be a class index, one per input, or a callable, not {target!r}") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"target classes must be integers, got {target!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches and maps
+
+
+def _check_batch(inputs):
+    if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be a batch (N, C, ...), got {shape}")
+
+
+def _chunked(inputs, target, chunk_size, fn):
+    """fn(inputs chunk, target chunk) over chunks of the batch; results concatenated."""
+    check_chunk_size(chunk_size)
+    n = inputs.shape[0]
+    size = n if chunk_size is None else chunk_size
+    per_input = target is not None and not callable(target) and torch.as_tensor(target).numel() == n > 1
+    parts = [fn(inputs[i:i + size], torch.as_tensor(target)[i:i + size] if per_input else target)
+             for i in range(0, n, size)]
+    return [torch.cat(p) if p[0] is not None else None for p in zip(*parts)]
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """(N, *grid) -> (N, *size): linear, bilinear or trilinear (align_corners=False)."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[maps.dim() - 1]
+    if tuple(maps.shape[1:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode, align_corners=False)[:, 0]

@@ -1,0 +1,524 @@
+"""The rest of the Grad-CAM family, as ``grad_cam(..., method=...)`` offers it: maps from a layer's activations and
+gradients (HiRes-CAM, XGrad-CAM, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM) and maps that run the network
+again (Score-CAM, Ablation-CAM), equal to pytorch-grad-cam 1.5.7's classes of the same names.
+
+Everything here works on (N, C, *grid) maps (the layout model's ``to_maps``), so 1D, 2D, 3D and token layers alike;
+the re-running methods take the layer's native layout to modify it. All of it is batched: one ``torch.linalg.svd``
+for the whole batch, and (image, channel) pairs of several images through the model together, in chunks whose size
+follows from a memory budget.
+
+``grad_cam`` is the one entry point of the family (``method=``, one of CAM_METHODS: the methods of FROM_GRADIENTS and
+RERUNS), on a layer named or picked by ``default_cam_layer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hooks import ModelGuard, capture, resolve_layers
+from ..hooks.checkpoint import _is_reentrant_error, input_gradient
+from ..hooks.layout import Layout, LayoutTracer, Unplaceable, _first_tensor
+from ..hooks.resolve import LayerSpec
+from ..inputs import ImageInputs, image_model, image_modules
+from ._common import CAM, Target, _check_batch, _chunked, check_target, target_scores, upsample
+from .attention import _is_attention
+from .gradients import guided_backprop
+
+# The bytes of masked inputs or ablated activations (times a forward pass's expansion) one chunk may hold.
+MEMORY_BUDGET = 256 * 2**20
+_FORWARD_EXPANSION = 32  # a no-grad forward pass holds a few tens of times its input at its peak
+ABLATION_OFFSET = 1e7  # how far below the minimum an ablated unit goes where the layer is not rectified
+
+
+def _spatial(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.dim()))
+
+
+def _per_channel(weights: Tensor, act: Tensor) -> Tensor:
+    """sum_c weights[n, c] * act[n, c, ...] -> (N, *grid)."""
+    return (weights[(...,) + (None,) * (act.dim() - 2)] * act).sum(1)
+
+
+def hirescam(act: Tensor, grad: Tensor) -> Tensor:
+    """HiRes-CAM (Draelos and Carin): the element-wise product of gradient and activation summed over channels."""
+    return (grad * act).sum(1)
+
+
+def xgradcam(act: Tensor, grad: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al.): channel weights sum(grad * act) / sum(act) over the grid."""
+    dims = _spatial(act)
+    weights = (grad * act / (act.sum(dims, keepdim=True) + 1e-7)).sum(dims)
+    return _per_channel(weights, act)
+
+
+def gradcam_elementwise(act: Tensor, grad: Tensor) -> Tensor:
+    """Element-wise Grad-CAM: the rectified product of gradient and activation, summed over channels."""
+    return (grad * act).clamp_min(0).sum(1)
+
+
+def first_component(maps: Tensor) -> Tensor:
+    """(N, C, *grid) -> (N, *grid): each map's positions projected on the first principal component of their
+    channel vectors (one batched SVD), its sign chosen so that the projection correlates positively with the sum
+    over channels (SVD's sign is arbitrary; pytorch-grad-cam keeps whichever NumPy returns)."""
+    flat = torch.nan_to_num(maps.flatten(2).transpose(1, 2).float(), nan=0.0)  # (N, positions, C)
+    flat = flat - flat.mean(1, keepdim=True)
+    u, s, _ = torch.linalg.svd(flat, full_matrices=False)
+    proj = u[..., 0] * s[..., :1]  # flat @ v1 = u1 * s1
+    total = maps.flatten(2).float().sum(1)
+    agree = ((proj - proj.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
+    proj = torch.where(agree[:, None] < 0, -proj, proj)
+    return proj.view(maps.shape[0], *maps.shape[2:])
+
+
+def eigencam(act: Tensor, grad: Tensor) -> Tensor:
+    """Eigen-CAM (Muhammad and Yeasin): the first principal component of the activations (no gradient)."""
+    return first_component(act)
+
+
+def eigengradcam(act: Tensor, grad: Tensor) -> Tensor:
+    """Eigen-Grad-CAM: the first principal component of gradient times activation."""
+    return first_component(grad * act)
+
+
+# method -> f(act, grad) -> (N, *grid), before the final rectification
+FROM_GRADIENTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "hirescam": hirescam, "xgradcam": xgradcam, "gradcam-elementwise": gradcam_elementwise,
+    "eigencam": eigencam, "eigengradcam": eigengradcam}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods that run the network again on (image, channel) pairs
+
+
+def _pair_chunks(n: int, c: int, pair_bytes: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(image index, channel index) of all n * c pairs, image-major, in chunks that fit MEMORY_BUDGET."""
+    size = max(1, min(n * c, MEMORY_BUDGET // max(pair_bytes, 1)))
+    pairs = torch.arange(n * c, device=device)
+    for part in pairs.split(size):
+        yield part // c, part % c
+
+
+def _pair_target(target, classes: Tensor | None, images: Tensor):
+    """The target of each pair: its image's class, or the callable itself (applied to the pairs' output)."""
+    return classes[images] if classes is not None else target
+
+
+def _interpolate(maps: Tensor, size) -> Tensor:
+    """(N, C, *grid) -> (N, C, *size), (bi/tri)linear with align_corners=True (pytorch-grad-cam's Score-CAM masks
+    come from nn.UpsamplingBilinear2d)."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[maps.dim() - 2]
+    return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=True)
+
+
+@torch.no_grad()
+def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, classes: Tensor | None,
+             scores: Tensor, scores_fn) -> Tensor:
+    """Score-CAM (Wang et al.): each channel, upsampled to the input and min-max normalised, masks the input; the
+    target's scores on the masked inputs, softmaxed over the channels, weigh the channels. act: the layer's output
+    (native layout) for x. scores_fn(output, target) -> (B,) scores."""
+    maps = lay.to_maps(act)
+    n, c = maps.shape[:2]
+    pair_bytes = x[0].numel() * x.element_size() * _FORWARD_EXPANSION
+    out = torch.empty(n * c, device=x.device)
+    done, fast = 0, x.dim() == 4
+    for images, channels in _pair_chunks(n, c, pair_bytes, x.device):  # masks made per chunk: N * C images is large
+        up = _interpolate(maps[images, channels][:, None].float(), x.shape[2:])
+        flat = up.flatten(1)
+        lo, hi = flat.amin(1)[:, None], flat.amax(1)[:, None]
+        mask = ((flat - lo) / (hi - lo + 1e-8)).view_as(up)
+        masked = x[images] * mask.to(x.dtype)
+        s, fast = _forward_fast(model, masked, fast)
+        s = scores_fn(s, _pair_target(target, classes, images))
+        out[done:done + len(s)] = s.float()
+        done += len(s)
+    weights = out.view(n, c).softmax(1)
+    return _per_channel(weights, maps.float())
+
+
+def _forward_fast(model: nn.Module, x: Tensor, fast: bool):
+    """model(x), with a 4D x in channels-last memory (1.3x to 1.9x faster convolutions on a CPU: ResNet-50 and
+    MobileNetV2 measured; the model is untouched). A model whose code needs contiguous maps (``.view`` after a
+    convolution) raises: then it runs as given, and (output, False) says so for the next chunks."""
+    if fast:
+        try:
+            return model(x.contiguous(memory_format=torch.channels_last)), True
+        except RuntimeError:
+            pass
+    return model(x), False
+
+
+def _ablated(values: Tensor, lay, channels: Tensor) -> Tensor:
+    """values (B, ...) in the layer's layout with unit channels[b] of each b pushed out: zeroed where the layer is
+    rectified (its minimum is 0), else set to ABLATION_OFFSET below the minimum (below the next rectifier), as
+    pytorch-grad-cam's AblationLayer."""
+    units = lay.unit_first(values)
+    low = values.flatten(1).amin(1)
+    value = torch.where(low == 0, torch.zeros_like(low), low - ABLATION_OFFSET)
+    index = (torch.arange(len(values), device=values.device), channels)
+    units[index] = value[(...,) + (None,) * (units.dim() - 2)].expand_as(units[index])
+    return values
+
+
+@torch.no_grad()
+def ablationcam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, classes: Tensor | None,
+                scores: Tensor, scores_fn) -> Tensor:
+    """Ablation-CAM (Desai and Ramaswamy): channel weights (score - score with the channel ablated) / score.
+    act: the layer's output (native layout) for x, scores: (N,) the target's scores on x. Only the part of the
+    network above the layer runs again (see :class:`Replay`)."""
+    maps = lay.to_maps(act).float()
+    n, c = maps.shape[:2]
+    pair_bytes = act[0].numel() * act.element_size() * 8
+    ablated = torch.empty(n * c, device=x.device)
+    done = 0
+    with Replay(model, name, x) as replay:
+        for images, channels in _pair_chunks(n, c, pair_bytes, x.device):
+            values = _ablated(act[images].clone(), lay, channels)
+            s = scores_fn(replay(images, values), _pair_target(target, classes, images))
+            ablated[done:done + len(s)] = s.float()
+            done += len(s)
+    base = scores.float()[:, None]
+    weights = (base - ablated.view(n, c)) / base
+    return _per_channel(weights, maps)
+
+
+class Replay:
+    """Runs a model again with one layer's output replaced by a given batch, without recomputing the part below it.
+
+    On entry, one no-grad pass over x records the outputs of the modules that finish before the layer starts and
+    that are siblings of the layer or of one of its ancestors (ResNet-50's layer4.2: conv1 ... layer3, layer4.0,
+    layer4.1): the outermost pieces of the part below. On each replay those modules return their recorded outputs
+    (indexed by the replay's images) instead of running, and the layer returns the given values: only the modules
+    above the layer, and functional code around them, compute. This needs no knowledge of the model: it holds for
+    any forward whose modules run in the same order on the same inputs. Only batch-first tensor outputs are
+    recorded; any other module below simply runs again. Every replaced ``forward`` is restored on exit."""
+
+    def __init__(self, model: nn.Module, name: str, x: Tensor):
+        self.model, self.name, self.x = model, name, x
+        modules = dict(model.named_modules())
+        self.layer = modules[name]
+        parts = name.split(".")
+        ancestors = {".".join(parts[:i]) for i in range(len(parts))}
+        self.below = {k: m for k, m in modules.items()
+                      if k and k != name and k.rpartition(".")[0] in ancestors and k not in ancestors}
+        self.recorded: dict[str, list] = {}
+        self.saved: dict[nn.Module, object] = {}
+        self.views = True
+
+    def __enter__(self) -> "Replay":
+        n, started, handles = self.x.shape[0], [], []
+
+        def record(k):
+            def hook(module, args, output):
+                if not started:
+                    keep = output.detach().clone() if isinstance(output, Tensor) and output.dim() and \
+                        output.shape[0] == n else None  # a copy: the model may write into its output later
+                    self.recorded.setdefault(k, []).append(keep)
+            return hook
+
+        try:
+            handles.append(self.layer.register_forward_pre_hook(lambda m, a: started.append(True)))
+            handles += [m.register_forward_hook(record(k)) for k, m in self.below.items()]
+            self.model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+        self.recorded = {k: v for k, v in self.recorded.items() if any(t is not None for t in v)}
+        return self
+
+    def __call__(self, images: Tensor, values: Tensor):
+        """The model's output with the layer's output replaced by values (B, ...), the other recorded modules'
+        by their outputs for x[images]. Where all the pairs are of one image, those outputs (and the input) are
+        expanded views, not B copies (ResNet-50's layer4.2: 70 s -> a few s per image on a CPU); a model that writes
+        into them in place is replayed with copies instead."""
+        if self.views and bool(images.min() == images.max()):
+            i0 = int(images[0])
+            try:
+                return self._run(lambda t: t[i0:i0 + 1].expand(len(images), *t.shape[1:]), values)
+            except RuntimeError:
+                self.views = False
+        return self._run(lambda t: t[images], values)
+
+    def _run(self, take, values: Tensor):
+        calls: dict[str, int] = {}
+
+        def replaced(k, original):
+            def forward(*args, **kwargs):
+                i = calls[k] = calls.get(k, -1) + 1
+                kept = self.recorded[k]
+                return take(kept[i]) if i < len(kept) and kept[i] is not None else original(*args, **kwargs)
+            return forward
+
+        try:
+            for k, m in self.below.items():
+                if k in self.recorded:
+                    self._replace(m, replaced(k, m.forward))
+            self._replace(self.layer, lambda *a, **kw: values)
+            return self.model(take(self.x))
+        finally:
+            self._restore()
+
+    def _replace(self, module: nn.Module, forward) -> None:
+        self.saved[module] = module.__dict__.get("forward", _ABSENT)
+        module.forward = forward
+
+    def _restore(self) -> None:
+        for module, old in self.saved.items():
+            if old is _ABSENT:
+                del module.__dict__["forward"]
+            else:
+                module.forward = old
+        self.saved.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        self.recorded.clear()
+
+
+_ABSENT = object()
+
+# method -> f(model, x, layer name, layout, activation, target, classes, scores, scores_fn) -> (N, *grid), before
+# the final rectification: maps that run the network again (see grad_cam)
+RERUNS: dict[str, Callable[..., Tensor]] = {"scorecam": scorecam, "ablationcam": ablationcam}
+
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "guided-gradcam", *FROM_GRADIENTS, *RERUNS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Grad-CAM family
+
+
+def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
+    """The map of one method from a layer's activations and gradients, both (N, C, *spatial) -> (N, *spatial)."""
+    dims = tuple(range(2, act.dim()))
+    expand = (...,) + (None,) * len(dims)
+    if method in ("gradcam", "guided-gradcam"):
+        weights = grad.mean(dims)
+        cam = (weights[expand] * act).sum(1)
+    elif method == "gradcam++":  # Chattopadhyay et al., closed form with exp(score) (as pytorch-grad-cam)
+        g2, g3 = grad.pow(2), grad.pow(3)
+        alpha = g2 / (2 * g2 + act.sum(dims)[expand] * g3 + 1e-7)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        weights = (grad.clamp_min(0) * alpha).sum(dims)
+        cam = (weights[expand] * act).sum(1)
+    elif method == "layercam":  # Jiang et al.: positive gradients weigh each position
+        cam = (grad.clamp_min(0) * act).sum(1)
+    elif method in FROM_GRADIENTS:
+        cam = FROM_GRADIENTS[method](act, grad)
+    else:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    return cam.clamp_min(0)
+
+
+@torch.enable_grad()
+def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, target: Target = None, *,
+             method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
+    """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam",
+    "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``), or one of the rest of the family: "hirescam",
+    "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam" (from the same activations and gradients),
+    "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs, batched).
+
+    layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
+    class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
+    (bi/tri)linearly from the layer's grid, >= 0, not normalised (see ``CAM.normalized``). Conv layers (1D, 2D, 3D),
+    channels-last maps (Swin) and token layers on their grid (ViT, DeiT, LeViT; MViT's space-time tokens give
+    (N, T, H, W) maps) alike, as hooks.layout decides; ``layout=`` / ``grid=`` override it. Only the part of the
+    network above the layer is differentiated (the parameters are frozen). A layer whose gradient is zero everywhere
+    gets a warning naming a layer that works."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    probe = inputs if isinstance(model, ImageInputs) else inputs[:1]  # other inputs may be one per image (CLIPSeg)
+    if layer is None:
+        layer = default_cam_layer(model, probe, target)
+    found = resolve_layers(model, layer)
+    if len(found) != 1:
+        raise ValueError(f"grad_cam takes one layer; {layer!r} names {len(found)}: {', '.join(found)}")
+    (name, module), = found.items()
+    zero = []
+
+    def one(x, t):
+        lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid)
+        if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
+            what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
+            raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "
+                             f"{x.dim() - 2}D input {tuple(x.shape)}; pick a layer with maps over the input (or "
+                             "layer=None)")
+        a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
+        zero.append(bool(g.abs().amax() == 0))
+        if method in RERUNS:
+            low = RERUNS[method](model, x, name, lay, act.detach(), t, classes, scores.detach(), _scores_of)
+            low = low.clamp_min(0)
+        else:
+            low = cam_from(a.float(), g.float(), method)
+        return upsample(low, x.shape[2:]), low, scores.detach(), classes
+
+    with ModelGuard(model, eval=True, freeze=True):
+        maps, low, scores, classes = _chunked(inputs, target, chunk_size, one)
+    if zero and all(zero):
+        try:
+            better = default_cam_layer(model, probe, target)
+        except ValueError:
+            better = None
+        hint = f"; a layer that works: {better!r}" if better and better != name else ""
+        warnings.warn(f"grad_cam: the target's gradient at layer {name!r} is zero everywhere on its grid, so the map "
+                      "is empty (after the last block of a class-token transformer only the class token reaches the "
+                      f"head){hint}", RuntimeWarning, stacklevel=2)
+    cam = CAM(maps, classes, scores, method, low_res=low, layer=name)
+    if method == "guided-gradcam":
+        gb = guided_backprop(model, inputs, classes if classes is not None else target, chunk_size=chunk_size)
+        cam.guided = gb.maps * maps[:, None]
+    return cam
+
+
+def _scores_of(output, target) -> Tensor:
+    return target_scores(output, target)[0]
+
+
+def _layer_gradient(model, x, target, name, layout, grid):
+    """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
+    checkpointing."""
+    with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
+        out = model(x)
+        tap.forward_done()
+        if not tap.live.get(name):
+            raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
+        lay = tap.layout(name)
+        scores, classes = target_scores(out, target)
+        act = tap.live[name][0]
+        if name not in tap.ungraded:
+            try:
+                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
+            except RuntimeError as e:
+                if not _is_reentrant_error(e):
+                    if not scores.requires_grad:  # nothing of the score's graph reaches back to the layer
+                        raise ValueError(f"the target's score does not depend on layer {name!r}: name a layer it is "
+                                         "computed from") from None
+                    raise
+            else:
+                if grad is None:
+                    raise ValueError(f"the target does not depend on layer {name!r}")
+                return lay, act, grad, scores, classes
+    # reentrant torch.utils.checkpoint: no autograd.grad, and a layer inside a segment ran under no_grad. Run again
+    # with an input that needs gradients and catch the layer's gradient with a tensor hook during .backward(): on the
+    # layer's output itself, or, inside a segment, on its recomputation.
+    xg = x.detach().clone().requires_grad_(True)
+    with capture(model, name, grads=True) as tap:
+        out = model(xg)
+        tap.forward_done()
+        if name not in tap.ungraded:
+            tap.live[name][0].register_hook(lambda g: tap.late_grads[name].append(g))
+        scores, classes = target_scores(out, target)
+        input_gradient(scores.sum(), xg)
+        if not tap.late_grads.get(name):
+            raise ValueError(f"the target does not depend on layer {name!r}")
+        return lay, tap.values[name][0], tap.late_grads[name][0], scores, classes
+
+
+def _ran_inside(tap, name: str) -> str:
+    """A hint when a container did not run but its children did (timm's checkpoint_seq calls the blocks of a stage
+    one by one): the last of them that ran."""
+    inside = [k for k in (tap.tracer.layouts if tap.tracer is not None else {}) if k.startswith(name + ".")]
+    return f"; the model calls its parts directly: pick one of them, e.g. {inside[-1]!r}" if inside else ""
+
+
+def _score_reaches(model: nn.Module, inputs: Tensor, names: list[str], target: Target) -> set[str] | None:
+    """Which of `names`' outputs the target's score depends on (one forward and backward on the inputs, no
+    parameter's .grad touched), or None where that cannot be told (the target does not fit these inputs)."""
+    modules = dict(model.named_modules())
+    outs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            t = _first_tensor(output)
+            if t is not None and name not in outs:
+                outs[name] = t
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        with ModelGuard(model, eval=True), torch.enable_grad():
+            try:
+                out = model(inputs.detach().requires_grad_(True))
+            finally:
+                for h in handles:
+                    h.remove()
+            scores = target_scores(out, target)[0]
+            kept = [n for n in names if n in outs and outs[n].requires_grad]
+            if not scores.requires_grad or not kept:
+                return set()
+            grads = torch.autograd.grad(scores.sum(), [outs[n] for n in kept], allow_unused=True)
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        return None
+    return {n for n, g in zip(kept, grads) if g is not None}
+
+
+def default_cam_layer(model: nn.Module, inputs: Tensor, target: Target = None) -> str:
+    """The layer grad_cam uses when none is named: the last layer (in the order layers finish) whose output is a map
+    over the input (a grid of the input's dimensionality, larger than 1 on every axis; not a head's adaptive pooling)
+    and that runs once, outside any module whose output is not a map (DETR's decoder projects the image features
+    into keys and values for its queries: a map, but read by queries); for
+    tokens with a class token in front (ViT, DeiT, MViT: the head reads only the class token after the last block)
+    the last block's pre-attention norm, as pytorch-grad-cam's documentation advises."""
+    finished, calls = [], {}
+    handles = []
+    named = list(model.named_modules())
+
+    def hook_for(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                finished.append(name)
+        return hook
+
+    with ModelGuard(model, eval=True), torch.no_grad(), LayoutTracer(model) as tracer:
+        try:
+            for k, m in named:
+                if k:
+                    handles.append(m.register_forward_hook(hook_for(k)))
+            model(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    spatial = inputs.dim() - 2
+
+    modules = dict(named)
+
+    queries = [k for k, lay in tracer.layouts.items() if isinstance(lay, Unplaceable) and lay.not_a_map]
+
+    def maps_over_input(k):
+        lay = tracer.layouts.get(k)
+        return isinstance(lay, Layout) and lay.kind != "vector" and lay.spatial_dims == spatial and \
+            all(g > 1 for g in lay.grid) and calls.get(k) == 1 and not isinstance(modules[k], _ADAPTIVE) and \
+            not any(k.startswith(q + ".") for q in queries)
+
+    seen = image_modules(model, inputs)  # a multi-input model: only what depends on the image is a map over it
+    candidates = [k for k in finished if maps_over_input(k) and (seen is None or k in seen)]
+    if not candidates:
+        raise ValueError("no layer of the model gives maps over the input (a grid of its size); name one with layer=")
+    reached = _score_reaches(model, inputs, candidates, target if target is None or callable(target) else None)
+    if reached is not None:  # the score may read only part of the maps (Mask2Former's classes: not its mask features)
+        if not reached:
+            raise ValueError("the target's score depends on no layer that gives maps over the input; name one with "
+                             "layer=")
+        candidates = [k for k in candidates if k in reached]
+    last = candidates[-1]
+    lay = tracer.layouts[last]
+    if lay.kind == "tokens" and lay.prefix > 0:
+        blocks = [k for k in finished if any(_is_attention(c) for c in modules[k].children())]
+        for block in reversed(blocks):
+            norms = [f"{block}.{c}" for c, m in modules[block].named_children()
+                     if isinstance(m, nn.LayerNorm) and maps_over_input(f"{block}.{c}")]
+            if norms:
+                return norms[0]
+    return last
+
+
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)  # a head's pooling to a fixed size (VGG's 7x7): not a map

@@ -1,0 +1,53 @@
+"""Which method to trust on this model: `lightning-vis evaluate` (lightning_vis.metrics.evaluate)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (CliError, Inputs, Output, _one_batch, _parse_target, add_model_args, add_target_args,
+                      read_labels)
+
+
+def add_commands(sub) -> None:
+    """`lightning-vis evaluate`: which method to trust on this model (lightning_vis.metrics.evaluate on the images
+    of --images, as one batch): evaluate.json, curves.png, cascade.png and index.html in --out, the table printed."""
+    from ..metrics import METHODS, METRICS, evaluate
+
+    def run(args, model, categories, transform):
+        methods = [m for m in args.methods.split(",") if m]
+        metrics = [m for m in args.metrics.split(",") if m]
+        for given, known, flag in ((methods, METHODS, "--methods"), (metrics, METRICS, "--metrics")):
+            bad = [m for m in given if m not in known] or ([] if given else ["(none)"])
+            if bad:
+                raise CliError(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(known)} (comma-separated)")
+        names = read_labels(args, categories)
+        target = _parse_target(args, names)
+        inputs = Inputs(args, model, transform)
+        _one_batch(inputs, args.max_images)
+        batch = [x for _, x, _ in inputs]
+        if len({tuple(x.shape) for x in batch}) > 1:
+            raise CliError("--images: the pictures have different input shapes after the model's transform "
+                           f"({', '.join(sorted({str(tuple(x.shape)) for x in batch}))}); evaluate needs one shape")
+        result = evaluate(model, torch.stack(batch), methods, metrics, target=target, layer=args.layer,
+                          steps=args.steps, seed=args.seed)
+        with Output(args.out) as out:
+            result.save(out.path("evaluate.json").parent)
+            out.commit()
+        print(result.table())
+        for m in result.sanity:
+            print(f"{m}: {result.verdict(m)['reason']}")
+        print(f"wrote {out.folder}/")
+
+    p = sub.add_parser("evaluate", help="which method to trust: faithfulness metrics and sanity checks per method, "
+                                        "beside a random map")
+    add_model_args(p, with_layers=False)
+    p.add_argument("--methods", default="gradient,gradcam,guided_backprop",
+                   help=f"comma-separated, from {', '.join(METHODS)} ('random' is always added; default %(default)s)")
+    p.add_argument("--metrics", default="deletion,insertion,road,average_drop,increase_in_confidence,sanity",
+                   help=f"comma-separated, from {', '.join(METRICS)} (default %(default)s)")
+    p.add_argument("--layer", help="the CAM methods' layer (default: the last layer with maps)")
+    p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=64, help="at most this many pictures (default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=run)
