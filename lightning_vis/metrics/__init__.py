@@ -8,8 +8,9 @@ from .perturbation import (ROAD, Confidence, Curves, baseline_for, confidence, d
                            road, uniform_perturbation)
 from .sanity import Randomisation, randomisation_test, similarities
 from .shards import evaluate_dataset
+from .verdicts import faithfulness, read_evaluation
 
 __all__ = ["METHODS", "METRICS", "ROAD", "Confidence", "Curves", "Evaluation", "Randomisation", "baseline_for",
-           "confidence", "deletion_insertion", "evaluate", "evaluate_dataset", "gaussian_perturbation", "impute",
-           "infidelity", "max_sensitivity", "pointing_game", "position_map", "randomisation_test", "road",
-           "similarities", "uniform_perturbation"]
+           "confidence", "deletion_insertion", "evaluate", "evaluate_dataset", "faithfulness", "gaussian_perturbation",
+           "impute", "infidelity", "max_sensitivity", "pointing_game", "position_map", "randomisation_test",
+           "read_evaluation", "road", "similarities", "uniform_perturbation"]
