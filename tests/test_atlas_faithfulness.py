@@ -8,22 +8,17 @@ import re
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_vis.atlas as atlas
 from lightning_vis.metrics import evaluate, evaluate_dataset, faithfulness
+from tests.test_metrics import tiny_net
 
 SMALL = {"k": 2, "size": 8, "steps": 1, "diverse": 0, "negative": False, "connections": 0, "max_units": 2,
          "tile": 8}
 OPTIONS = {"methods": ["gradient", "guided_backprop"], "metrics": ["deletion", "insertion", "sanity"], "steps": 5,
            "sanity_layers": ["6", "2"]}
 
-
-def tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)).eval()
 
 
 def data(n=9):

@@ -4,7 +4,6 @@ served and enforced (hostile parameters get 400 and one line); the faithfulness 
 the same image (or the evaluation given); the projections equal TopK.projection_grid; the model is left as it was."""
 
 import io
-import json
 import threading
 import time
 from collections import OrderedDict

@@ -11,21 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_vis.metrics import evaluate, evaluate_dataset
+from tests.test_metrics import tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("gradient", "gradcam", "guided_backprop")
 METRICS = ("deletion", "insertion", "average_drop", "sanity")
 OPTIONS = {"steps": 5, "sanity_layers": ["6", "2"]}
 
-
-def tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)).eval()
 
 
 def dataset(n=11):

@@ -525,12 +525,13 @@ class Explorer:
             return _png(im.signed_rgb(rec.images[layer][0])[0])
         return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make, self.model_work)
 
-    def featureviz_png(self, layer, filt) -> bytes:
-        self._filter(layer, filt)
-        key = ("viz", layer, filt)
-        png = self.renders.get(key)
-        if png is not None:
-            return png
+    def _slow(self, key, compute, what: str, waiting: str) -> bytes:
+        """What a slow route answers (a PNG or JSON, as bytes): from the renders cache, else compute(model) run as
+        a background job on the model's copy (a ValueError, what the method refuses: 400), answered once done or
+        after limits.job_wait with 202 and `waiting` (ask again); `what` names it in a 429 when the queue is full."""
+        done = self.renders.get(key)
+        if done is not None:
+            return done
 
         def job():
             done = self.renders.get(key)
@@ -538,17 +539,23 @@ class Explorer:
                 return done
             try:
                 with self._background_model() as model:
-                    res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
-                                 channels=self.image_channels, preprocess=self.preprocess, progress=False)
-            except ValueError as e:  # what the method refuses for this layer
+                    out = compute(model)
+            except ValueError as e:
                 raise HttpError(400, str(e)) from None
-            img = res.images[0]
-            out = _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
             self.renders.put(key, out)
             return out
-        future = self.jobs.submit(key, job, f"the feature visualization of filter {filt} of {layer!r}")
-        return self._wait(future, f"rendering filter {filt} of {layer!r} ({self.render_steps} steps): ask again "
-                          "in a moment")
+        return self._wait(self.jobs.submit(key, job, what), waiting)
+
+    def featureviz_png(self, layer, filt) -> bytes:
+        self._filter(layer, filt)
+
+        def compute(model):
+            res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
+                         channels=self.image_channels, preprocess=self.preprocess, progress=False)
+            img = res.images[0]
+            return _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
+        return self._slow(("viz", layer, filt), compute, f"the feature visualization of filter {filt} of {layer!r}",
+                          f"rendering filter {filt} of {layer!r} ({self.render_steps} steps): ask again in a moment")
 
     def _param_table(self, method: str) -> dict:
         """{parameter: {"default", "min", "max"} or {"default"} (text)} of a served method (METHOD_PARAMS)."""
@@ -668,7 +675,8 @@ class Explorer:
                 t = self._frame(frame, heat.shape[1])
                 return _png(im.overlay(shown[:, t], heat[0, t]))
             return _png(im.overlay(shown, heat[0]))
-        key = ("cam", image, layer if method in SERVED_CAMS else None, cls, method, frame, tuple(sorted(params.items())))
+        key = ("cam", image, layer if method in SERVED_CAMS else None, cls, method, frame,
+               tuple(sorted(params.items())))
         return self._cached(self.pngs, key, make, self.model_work)
 
     def faithfulness(self, image, layer, cls=None) -> dict:
@@ -681,26 +689,17 @@ class Explorer:
         if self.evaluation is not None:
             return {"source": "evaluation", **faithfulness(self.evaluation, names)}
         self._class(image, cls)
-        key = ("faithfulness", image, layer, cls)
-        done = self.renders.get(key)
-        if done is not None:
-            return json.loads(done)
 
-        def job():
+        def compute(model):
             x, _ = self._picture(image)
-            try:
-                with self._background_model() as model:
-                    ev = evaluate(model, x[None], names, ("deletion", "insertion", "sanity"), target=cls, layer=layer,
-                                  steps=self.limits.faithfulness_steps,
-                                  sanity_layers=randomizable_layers(model)[:self.limits.sanity_layers])
-            except ValueError as e:
-                raise HttpError(400, str(e)) from None
-            out = json.dumps({"source": "image", **faithfulness(ev, names)}).encode()
-            self.renders.put(key, out)
-            return out
-        future = self.jobs.submit(key, job, f"the faithfulness check of {image!r}")
-        return json.loads(self._wait(future, f"checking {len(names)} methods on {_short(image)!r} (deletion, "
-                                     "insertion, the randomisation test): ask again in a moment"))
+            ev = evaluate(model, x[None], names, ("deletion", "insertion", "sanity"), target=cls, layer=layer,
+                          steps=self.limits.faithfulness_steps,
+                          sanity_layers=randomizable_layers(model)[:self.limits.sanity_layers])
+            return json.dumps({"source": "image", **faithfulness(ev, names)}).encode()
+        return json.loads(self._slow(("faithfulness", image, layer, cls), compute,
+                                     f"the faithfulness check of {_short(image)!r}",
+                                     f"checking {len(names)} methods on {_short(image)!r} (deletion, insertion, the "
+                                     "randomisation test): ask again in a moment"))
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
@@ -766,10 +765,6 @@ class Explorer:
         if rule not in RULES:
             raise HttpError(400, f"rule must be 'deconvnet' or 'guided', not {rule!r}")
         self.topk(layer, filt)  # the ranking (202 while it runs), and its errors
-        key = ("projections", layer, filt, rule)
-        png = self.renders.get(key)
-        if png is not None:
-            return png
         if not self._topk:
             raise HttpError(404, "no image of the folder could be ranked: no top images to project")
         names = self._topk_names
@@ -778,20 +773,10 @@ class Explorer:
             def __getitem__(_, i):
                 return self._load_file(names[i])[0]
 
-        def job():
-            done = self.renders.get(key)
-            if done is not None:
-                return done
-            try:
-                with self._background_model() as model:
-                    grid = self._topk.projection_grid(Inputs(), layer, [filt], model, rule=rule)
-            except ValueError as e:  # what the deconvnet rules or the crops refuse for this layer
-                raise HttpError(400, str(e)) from None
-            out = _png(grid)
-            self.renders.put(key, out)
-            return out
-        future = self.jobs.submit(key, job, f"the projections of filter {filt} of {layer!r}")
-        return self._wait(future, f"projecting filter {filt} of {layer!r} in its top images: ask again in a moment")
+        def compute(model):
+            return _png(self._topk.projection_grid(Inputs(), layer, [filt], model, rule=rule))
+        return self._slow(("projections", layer, filt, rule), compute, f"the projections of filter {filt} of {layer!r}",
+                          f"projecting filter {filt} of {layer!r} in its top images: ask again in a moment")
 
     def close(self):
         self.jobs.close()
