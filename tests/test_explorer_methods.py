@@ -222,3 +222,27 @@ def test_page_menu_faithfulness_and_projections_in_headless_chromium(served, tmp
         assert driver.find_element("id", "error").text == ""
     finally:
         driver.quit()
+
+
+def test_video_nets_get_every_method_on_the_frame_asked_for(tmp_path):
+    from tests.test_explorer import video_net
+
+    net = video_net()
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(4)]
+    frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    to_input, pre = default_input(12)
+    ex = Explorer(net, folder, to_input=to_input, preprocess=pre, render_steps=1, render_size=12)
+    x, shown = ex._picture("clip.gif")
+    try:
+        # occlusion: the clip's time axis whole; 12 px: a window of 1 (an eighth), stride 1
+        assert ex._occlusion_window(ex._params("occlusion", {})) == ((4, 1, 1), (4, 1, 1))
+        for method in METHOD_PARAMS:  # (the maps themselves: test_every_served_method_draws_the_library_map)
+            png = ex.cam_png("clip.gif", "relu", None, method, 2)
+            heat = ex._explain(net, method, x[None], "relu", None, ex._params(method, {}))
+            assert heat.shape == (1, 4, 12, 12), method  # a map per frame, on the input's grid
+            np.testing.assert_array_equal(pixels(png), drawn(shown[:, 2], heat[0, 2]))
+    finally:
+        ex.close()
