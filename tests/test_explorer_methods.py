@@ -164,7 +164,7 @@ def test_faithfulness_from_an_evaluation_given(tmp_path):
     path = ev.save(tmp_path / "ev")["json"]
     ex = Explorer(model, folder, to_input=to_input, evaluation=path)
     got = ex.faithfulness("a.png", "conv2")
-    assert got["source"] == "evaluation" and list(got["methods"]) == ["gradient", "gradcam"]
+    assert got["source"] == "evaluation" and list(got["methods"]) == ["gradcam", "gradient"]  # the menu's order
     for m in ("gradient", "gradcam"):
         assert got["methods"][m]["verdict"] == ev.verdict(m)["verdict"]
         assert got["methods"][m]["deletion"]["mean"] == ev.metrics[m]["deletion"]["mean"]

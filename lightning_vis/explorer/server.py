@@ -685,9 +685,9 @@ class Explorer:
         or checked on this image as a background job: deletion / insertion in limits.faithfulness_steps steps and
         the randomisation test of the top limits.sanity_layers layers, for the menu's methods that
         metrics.evaluate knows (CAMs on `layer`)."""
+        if self.evaluation is not None:  # every served method it has, in the menu's order
+            return {"source": "evaluation", **faithfulness(self.evaluation, MENU)}
         names = [m for m in EVALUATED if m in MENU]
-        if self.evaluation is not None:
-            return {"source": "evaluation", **faithfulness(self.evaluation, names)}
         self._class(image, cls)
 
         def compute(model):
