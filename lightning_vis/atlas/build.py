@@ -46,6 +46,8 @@ from ..hooks import ModelGuard
 from ..hooks.layout import Layout
 from ..hooks.resolve import LayerSpec, resolve_layers
 from ..hooks.taps import layers as layer_infos
+from ..metrics.evaluate import Evaluation
+from ..metrics.verdicts import faithfulness, read_evaluation
 from ..receptive import receptive_field
 from . import site
 from .comm import Comm
@@ -143,7 +145,8 @@ def _what_differs(old: dict, new: dict, label: Callable[[int], str]) -> str:
     return "atlas.json differs"
 
 
-OWN = ("atlas.json", "index.html", "search.js", "assets", "layers", "state", "counts.png")
+OWN = ("atlas.json", "index.html", "search.js", "assets", "layers", "state", "counts.png", "methods.html",
+       "evaluate.json", "curves.png")
 
 
 def _check_folder(out: Path, record: dict, label: Callable[[int], str]) -> str | None:
@@ -223,7 +226,8 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
           names=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, num_workers: int = 0,
           title: str | None = None, links: Sequence[tuple[str, str]] = (), evolution: dict | None = None,
           fabric=None, progress: bool = True, on_unit: Callable[[str, int], None] | None = None,
-          data_id: dict | None = None, **settings_kwargs) -> AtlasResult:
+          data_id: dict | None = None, evaluation=None, evaluate_images: int = 0,
+          evaluate_options: dict | None = None, **settings_kwargs) -> AtlasResult:
     """The atlas of `layers` (default: every convolution and linear layer) of `model` over `data` (a Dataset or a
     DataLoader of inputs, or (input, ...) items; None: renders, health from weights and connections only, with
     `input_shape`) written to `out`: one page per unit, per layer and for the model (see the package docstring).
@@ -248,15 +252,37 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
     command line gives each picture file's sha256), is recorded in atlas.json; otherwise the dataset pass hashes
     every input it feeds the model, and a run that resumes after that pass reads the data once more (no model) to
     check it is the same. (A finished atlas is not read again: run it again after a change with another output.)
-    A run that fails or gets SIGTERM removes its temporary files; what it finished (state/, units) is resumed."""
+    A run that fails or gets SIGTERM removes its temporary files; what it finished (state/, units) is resumed.
+
+    Which method to trust (methods.html, linked from the model page): evaluation= an lightning_vis.metrics
+    Evaluation, its to_json() or the path of an evaluate.json (from ``lightning-vis evaluate``), or evaluate_images=N
+    to evaluate on the dataset's first N inputs here (metrics.evaluate_dataset, sharded like the dataset pass;
+    evaluate_options: its keyword arguments, e.g. {"methods": [...], "metrics": [...], "layer": ...}): each method's
+    sanity verdict and its deletion / insertion areas beside the random map's. Not part of atlas.json: a resumed or
+    finished atlas takes a new evaluation."""
     if settings is not None and settings_kwargs:
         raise AtlasError("give settings= or its fields as keyword arguments, not both")
     s = settings if settings is not None else Settings(**settings_kwargs)
     comm = Comm.of(fabric)
     out = Path(out)
+    if evaluation is not None and evaluate_images:
+        raise AtlasError("give evaluation= (an evaluation made already) or evaluate_images= (evaluate here), not both")
+    if isinstance(evaluate_images, bool) or not isinstance(evaluate_images, int) or evaluate_images < 0:
+        raise AtlasError(f"evaluate_images must be an integer >= 0 (the dataset's first inputs to evaluate the "
+                         f"methods on), got {evaluate_images!r}")
+    if evaluate_options is not None and (not evaluate_images or not isinstance(evaluate_options, dict)):
+        raise AtlasError("evaluate_options must be a dict of metrics.evaluate_dataset's keyword arguments, given with "
+                         "evaluate_images")
+    if evaluation is not None:
+        try:
+            read_evaluation(evaluation)  # refused here, in one line, before any work
+        except ValueError as e:
+            raise AtlasError(str(e)) from None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = model_device(model)
+    if evaluate_images and data is None:
+        raise AtlasError("evaluate_images needs data: the methods are evaluated on the dataset's first inputs")
     if data is not None:
         example = first_input(data)[None]
         dataset = dataset_of(data)
@@ -347,6 +373,10 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
 
     pending = comm.broadcast([c for c in chunks if todo(c)] if comm.zero else None)
     timings["setup"] = time.perf_counter() - t0
+    if evaluate_images:  # before the long phases: a method or an option that cannot run is refused at once
+        t = time.perf_counter()
+        evaluation = _evaluate(model, dataset, evaluate_images, evaluate_options or {}, fabric, batch_size, progress)
+        timings["evaluate"] = time.perf_counter() - t
     written = 0
     with _terminated_cleanly(out):
         if pending:  # a finished atlas skips everything up to the pages
@@ -360,6 +390,9 @@ def build(model: nn.Module, data=None, out="out/atlas", layers: LayerSpec | None
         t = time.perf_counter()
         if comm.zero:
             leaves = {k for k, m in model.named_modules() if k and not any(True for _ in m.children())}
+            if evaluation is not None:
+                _write_methods(out, title, evaluation)
+                links = [*links, ("which method to trust", "methods.html")]
             _write_pages(out, title, ctxs, infos, order, pairs, s, record, links, leaves)
             shutil.rmtree(out / "state", ignore_errors=True)  # complete: the site is all that is left
     comm.barrier()
@@ -538,6 +571,31 @@ def _units_phase(model, pending, ctxs, dataset, display, label, s: Settings, com
     comm.barrier()
     timings["units"] = time.perf_counter() - t
     return written
+
+
+def _evaluate(model, dataset, images: int, options: dict, fabric, batch_size: int, progress: bool):
+    """metrics.evaluate_dataset on the dataset's first `images` inputs (sharded like the dataset pass): the
+    Evaluation, or its refusal as an AtlasError."""
+    from torch.utils.data import Subset
+
+    from ..metrics import evaluate_dataset
+
+    try:
+        return evaluate_dataset(model, Subset(dataset, range(min(images, len(dataset)))), fabric=fabric,
+                                **{"batch_size": batch_size, "progress": progress, **options})
+    except (TypeError, ValueError) as e:
+        raise AtlasError(f"evaluate_images: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _write_methods(out: Path, title: str, evaluation) -> None:
+    """methods.html (site.methods_page), evaluate.json beside it and, from an Evaluation, its deletion / insertion
+    curves."""
+    pics = []
+    if isinstance(evaluation, Evaluation) and evaluation.curves:
+        pics.append(("curves.png", _plot_file(evaluation.plot_curves(), out / "curves.png")))
+    data = read_evaluation(evaluation)
+    site.write_if_changed(out / "evaluate.json", json.dumps(data, indent=1, allow_nan=False) + "\n")
+    site.write_if_changed(out / "methods.html", site.methods_page(title, faithfulness(data), pics))
 
 
 def deal(items: list, costs: list[float], world: int) -> list[list]:

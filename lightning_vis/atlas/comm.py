@@ -3,61 +3,12 @@ CPU with gloo, on GPUs with NCCL, over several nodes), or an already initialised
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..distributed import Comm
 
-import torch
+__all__ = ["ACCELERATORS", "STRATEGIES", "Comm", "make_fabric"]
 
 STRATEGIES = ("auto", "ddp")  # launched by fabric.launch() alone; spawn strategies: call build inside fabric.launch(fn)
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
-
-
-@dataclass
-class Comm:
-    """rank / world and the collectives the atlas needs; a plain single process when there is no group."""
-
-    rank: int = 0
-    world: int = 1
-    fabric: object = None
-
-    @classmethod
-    def of(cls, fabric=None) -> "Comm":
-        if fabric is not None:
-            return cls(int(fabric.global_rank), int(fabric.world_size), fabric)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    @property
-    def zero(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world == 1:
-            return
-        if self.fabric is not None:
-            self.fabric.barrier()
-        else:
-            torch.distributed.barrier()
-
-    def gather(self, obj) -> list:
-        """Every rank's object, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        parts = [None] * self.world
-        torch.distributed.all_gather_object(parts, obj)
-        return parts
-
-    def broadcast(self, obj, src: int = 0):
-        """Rank `src`'s object on every rank."""
-        if self.world == 1:
-            return obj
-        if self.fabric is not None:
-            return self.fabric.broadcast(obj, src)
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src)
-        return box[0]
 
 
 def make_fabric(devices="auto", num_nodes: int = 1, strategy: str = "auto", accelerator: str = "auto"):

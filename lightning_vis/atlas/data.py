@@ -8,52 +8,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 from ..batches import find_input
 from .._util import progress_bar
+from ..distributed import Comm, dataset_of, loader_for
 from ..dataset import Histograms, HistogramCollector, TopK, TopKCollector, _dataset_indices, all_gather_merge, scan
 from ..health import ActivityCollector, HealthReport
-from .comm import Comm
 from .digests import InputDigests, digest_table
-
-
-class ShardSampler(DistributedSampler):
-    """Rank r's share of the dataset, in whole batches: the batches a single process would make (batch_size
-    consecutive inputs), number r, r + world, r + 2 world, ... So every input is computed in exactly the batch it
-    would be in with one process (matrix products and convolution algorithms may depend on the batch, so this is
-    what makes the numbers independent of the number of processes), and seen exactly once over the ranks (a
-    DistributedSampler pads with repeats, which histograms would count twice)."""
-
-    def __init__(self, dataset, world: int, rank: int, batch_size: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
-        n, b = len(dataset), batch_size
-        self.order = [i for first in range(rank * b, n, world * b) for i in range(first, min(first + b, n))]
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self):
-        return len(self.order)
-
-
-def dataset_of(data) -> Dataset:
-    return data.dataset if isinstance(data, DataLoader) else data
-
-
-def loader_for(data, comm: Comm, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """This rank's loader: the user's DataLoader as it is in one process (its sampler must be deterministic), or
-    rebuilt with the same batch size, workers and collate function over this rank's shard; a Dataset gets a
-    sequential loader."""
-    if isinstance(data, DataLoader):
-        if comm.world == 1:
-            return data
-        b = data.batch_size or 1
-        return DataLoader(data.dataset, batch_size=b, num_workers=data.num_workers, collate_fn=data.collate_fn,
-                          pin_memory=data.pin_memory, sampler=ShardSampler(data.dataset, comm.world, comm.rank, b))
-    sampler = ShardSampler(data, comm.world, comm.rank, batch_size) if comm.world > 1 else None
-    return DataLoader(data, batch_size=batch_size, num_workers=num_workers, sampler=sampler)
 
 
 def first_input(data) -> torch.Tensor:

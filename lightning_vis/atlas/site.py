@@ -352,3 +352,41 @@ def model_page(title: str, facts: list[tuple[str, str]], table: list[dict], plot
             f"<h2>Layers</h2><p class=\"muted\">every layer the model ran, with its output layout; the atlas's layers "
             f"are linked</p><table>{head}{''.join(rows)}</table>")
     return page(title, [(title, None)], body, 0, scripts=("search.js",))
+
+
+def _area(cell: dict | None) -> str:
+    """"0.213 +- 0.04 (random 0.35)" with a mark where the method does better than the random map."""
+    if cell is None:
+        return "-"
+    text = f"{fmt(cell['mean'], 3)} &plusmn; {e(fmt(cell['std'], 2))}"
+    if cell["random"] is not None:
+        text += f' <span class="muted">(random {e(fmt(cell["random"], 3))})</span>'
+        text += ' <span class="pos">better than random</span>' if cell["beats_random"] else \
+            ' <span class="neg">not better than random</span>'
+    return text
+
+
+def methods_page(title: str, summary: dict, plots: list[tuple[str, tuple[int, int]]]) -> str:
+    """Which method to trust on this model (metrics.faithfulness): per method its sanity verdict (the model-parameter
+    randomisation test) and its deletion / insertion areas beside the random map's, then a section per method with
+    the verdict in words."""
+    better = summary["better"]
+    head = ("<tr><th>method</th><th>sanity check</th>" +
+            "".join(f"<th>{e(k)} AUC ({e(better[k])} is better)</th>" for k in better) + "</tr>")
+    rows, sections = [], []
+    for name, r in [*summary["methods"].items(), *([("random", summary["random"])] if summary["random"] else [])]:
+        verdict = r["verdict"] or "-"
+        css = {"passes": "pos", "fails": "neg"}.get(verdict, "muted")
+        rows.append(f'<tr id="{e("m-" + name)}"><td>{e(name)}</td><td class="{css}">{e(verdict)}</td>' +
+                    "".join(f"<td>{_area(r[k])}</td>" for k in better) + "</tr>")
+        if name != "random":
+            images = f" over {r['images']} image{'s' * (r['images'] != 1)}" if r["images"] else ""
+            sections.append(f'<section class="method"><h3>{e(name)}</h3><p class="{css}">{e(r["reason"])}</p>' +
+                            "".join(f"<p>{e(k)}{e(images)}: {_area(r[k])}</p>" for k in better) + "</section>")
+    pics = "".join(img(p, "plot", w, h) for p, (h, w) in plots)
+    body = (f'<p class="muted">Faithfulness of each attribution method on this model: the sanity check (Adebayo et '
+            f'al.: a method passes when randomising the top layer changes its maps) and the deletion / insertion '
+            f'areas (Petsiuk et al.), always beside a random map: a method no better than the random map explains '
+            f'nothing here. The numbers: <a href="evaluate.json">evaluate.json</a>.</p>'
+            f"<table>{head}{''.join(rows)}</table>{''.join(sections)}<div class=\"plots\">{pics}</div>")
+    return page(f"{title}: which method to trust", [(title, "index.html"), ("methods", None)], body, 0)

@@ -17,8 +17,17 @@ API (every route answers JSON errors {"error": ...} with a 4xx status for bad in
     GET  /api/deconv?image=N&layer=L&filter=F&rule=deconvnet|guided     PNG reconstruction of one filter
                                              (rule: default /api/model's rule.default)
     GET  /api/featureviz?layer=L&filter=F    PNG feature visualization; 202 {"pending", "message"} while it renders
-    GET  /api/cam?image=N&layer=L&class=C&method=gradcam|gradcam++|layercam   PNG overlay (no class: the top one)
+    GET  /api/cam?image=N&layer=L&class=C&method=M&<parameters>   PNG overlay (no class: the top one); M: any
+                                             method of MENU (the CAMs of layer L; gradient, smoothgrad, guided
+                                             backprop, integrated gradients, GradientShap, input x gradient,
+                                             occlusion, LRP) with the parameters of METHOD_PARAMS (/api/model's
+                                             "methods" lists them with their bounds); /api/attribution is the same
+    GET  /api/faithfulness?image=N&layer=L&class=C   {"source", "methods": {name: {"verdict", "reason", "deletion",
+                                             "insertion", "images"}}, "random", "better"}: which method to trust
+                                             (metrics.faithfulness); 202 while it checks the image
     GET  /api/topk?layer=L&filter=F          {"images": [{"image", "score"}]}: the folder's top-k; 202 while it ranks
+    GET  /api/projections?layer=L&filter=F&rule=deconvnet|guided   PNG: each top-k image's patch beside the
+                                             projection of the filter's strongest activation in it; 202 while working
 
 Bounds (``Limits``): every cache is an LRU bounded in bytes (one budget, ``cache_bytes``, shared out below);
 pictures are refused from their header when over the pixel budget, decoded to one frame for image models and to a
@@ -35,6 +44,7 @@ from __future__ import annotations
 import copy
 import difflib
 import io
+import json
 import logging
 import math
 import re
@@ -48,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gradient_shap, input_x_gradient, integrated_gradients, lrp, occlusion
 from .. import images as im
 from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
-from ..attribution import CAM_METHODS, grad_cam
+from ..attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from ..attribution.cams import RERUNS
 from ..dataset import top_k_examples
 from ..deconv import deconvnet
@@ -59,12 +70,33 @@ from ..featureviz import render
 from ..hooks import ModelGuard, capture
 from ..hooks.layout import Layout
 from ..hooks.taps import layers as list_layers
+from ..metrics import METHODS as EVALUATED
+from ..metrics import evaluate, faithfulness, position_map, read_evaluation
+from ..metrics.sanity import randomizable_layers
 from .cache import ByteLRU, Compute, HttpError, Jobs, Pending
 from .decode import SUFFIXES, frame_count, probe, read_frames
 from .web import make_server, run_until_interrupted
 
 #: the CAM methods a request may ask for: those computed from one backward pass
 SERVED_CAMS = tuple(m for m in CAM_METHODS if m not in RERUNS)
+#: the rest of the explorer's menu: every method cheap enough for a request, with the parameters a request may set,
+#: each as (default, lowest, highest) or a text parameter's default. This and Limits.placements are the one table of
+#: what a request may cost: IG's steps, GradientShap's and SmoothGrad's samples are backward passes of one image;
+#: occlusion's window and stride (pixels; 0: an eighth of the image's shorter side, and half the window) give its
+#: placements, a forward pass each, at most Limits.placements. Refused with why: RERUNS (a forward pass per channel).
+METHOD_PARAMS: dict[str, dict] = {
+    "gradient": {},
+    "smoothgrad": {"samples": (16, 1, 32)},
+    "guided_backprop": {},
+    "integrated_gradients": {"steps": (32, 1, 64)},
+    "gradient_shap": {"samples": (16, 1, 64)},
+    "input_x_gradient": {},
+    "occlusion": {"window": (0, 0, 4096), "stride": (0, 0, 4096)},
+    "lrp": {"composite": "epsilon-plus-flat"},
+}
+MENU = (*SERVED_CAMS, *METHOD_PARAMS)
+# signed attributions, shown by magnitude: |a| summed over channels (as metrics.evaluate scores guided backprop)
+SIGNED = ("guided_backprop", "integrated_gradients", "gradient_shap", "input_x_gradient", "lrp")
 
 log = logging.getLogger("lightning_vis.explorer")
 
@@ -104,6 +136,9 @@ class Limits:
     connections_per_address: int = 32  # connections open at once from one client address (IPv6: one /64)
     backlog: int = 128  # the listen backlog
     header_bytes: int = 32 << 10  # request line and headers
+    placements: int = 400  # occlusion's window placements per request (a forward pass of the model each)
+    faithfulness_steps: int = 20  # deletion / insertion steps of the faithfulness check of one image
+    sanity_layers: int = 3  # layers (from the top) the faithfulness check randomises
 
     def __post_init__(self):
         for key, value in asdict(self).items():
@@ -169,11 +204,15 @@ class Explorer:
     frames: the clip length for video models; default: 1 (an image model) unless the model has 3D layers, then the
     frames of the folder's first animated picture (at most limits.clip_frames; 8 if none). A shorter clip repeats
     its last frame, a longer one is cut.
+
+    evaluation: an evaluation of the methods on this model (a metrics Evaluation, its JSON or an evaluate.json
+    path): /api/faithfulness shows its verdicts; without, it checks the chosen image on request (bounded by
+    limits.faithfulness_steps and limits.sanity_layers, as a background job).
     """
 
     def __init__(self, model: nn.Module, folder, *, to_input, class_names=None, preprocess=None,
                  render_steps: int = 48, render_size: int = 96, image_channels: int = 3, name: str = "model",
-                 frames: int | None = None, limits: Limits | None = None):
+                 frames: int | None = None, limits: Limits | None = None, evaluation=None):
         if isinstance(render_steps, bool) or not isinstance(render_steps, int) or render_steps < 1:
             raise ValueError(f"render_steps must be an integer >= 1, got {render_steps!r}")
         if isinstance(render_size, bool) or not isinstance(render_size, int) or not 8 <= render_size <= 1024:
@@ -182,6 +221,7 @@ class Explorer:
         self.render_steps, self.render_size, self.image_channels, self.name = (render_steps, render_size,
                                                                                 image_channels, name)
         self.limits = limits if limits is not None else Limits()
+        self.evaluation = read_evaluation(evaluation) if evaluation is not None else None
         self.folder = Path(folder).resolve()
         if not self.folder.is_dir():
             raise ValueError(f"images folder {folder!r} is not a directory")
@@ -389,6 +429,9 @@ class Explorer:
         return {"name": self.name, "classes": len(self.class_names or []), "frames": self.frames(),
                 "rule": {"default": self.default_rule, "why": self.rule_why},
                 "limits": {"upload_bytes": self.limits.upload_bytes, "pixels": self.limits.pixels},
+                "methods": {"served": [{"name": m, "params": self._param_table(m)} for m in MENU],
+                            "refused": {m: self._refusal(m) for m in RERUNS},
+                            "evaluation": self.evaluation is not None},
                 "layers": [{"name": i.name, "type": i.type, "shape": list(i.output_shape), "layout": i.layout_text,
                             "filters": self.layer_filters(i.name), "kind": self.layer_kinds[i.name],
                             "primary": self.layer_kinds[i.name] != "other"} for i in self.layer_info]}
@@ -482,12 +525,13 @@ class Explorer:
             return _png(im.signed_rgb(rec.images[layer][0])[0])
         return self._cached(self.pngs, ("deconv", image, layer, filt, rule), make, self.model_work)
 
-    def featureviz_png(self, layer, filt) -> bytes:
-        self._filter(layer, filt)
-        key = ("viz", layer, filt)
-        png = self.renders.get(key)
-        if png is not None:
-            return png
+    def _slow(self, key, compute, what: str, waiting: str) -> bytes:
+        """What a slow route answers (a PNG or JSON, as bytes): from the renders cache, else compute(model) run as
+        a background job on the model's copy (a ValueError, what the method refuses: 400), answered once done or
+        after limits.job_wait with 202 and `waiting` (ask again); `what` names it in a 429 when the queue is full."""
+        done = self.renders.get(key)
+        if done is not None:
+            return done
 
         def job():
             done = self.renders.get(key)
@@ -495,25 +539,114 @@ class Explorer:
                 return done
             try:
                 with self._background_model() as model:
-                    res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
-                                 channels=self.image_channels, preprocess=self.preprocess, progress=False)
-            except ValueError as e:  # what the method refuses for this layer
+                    out = compute(model)
+            except ValueError as e:
                 raise HttpError(400, str(e)) from None
-            img = res.images[0]
-            out = _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
             self.renders.put(key, out)
             return out
-        future = self.jobs.submit(key, job, f"the feature visualization of filter {filt} of {layer!r}")
-        return self._wait(future, f"rendering filter {filt} of {layer!r} ({self.render_steps} steps): ask again "
-                          "in a moment")
+        return self._wait(self.jobs.submit(key, job, what), waiting)
 
-    def cam_png(self, image, layer, cls=None, method="gradcam", frame=None) -> bytes:
+    def featureviz_png(self, layer, filt) -> bytes:
+        self._filter(layer, filt)
+
+        def compute(model):
+            res = render(model, (layer, [filt]), size=self.render_size, steps=self.render_steps,
+                         channels=self.image_channels, preprocess=self.preprocess, progress=False)
+            img = res.images[0]
+            return _png(img[:, img.shape[1] // 2] if img.dim() == 4 else img)
+        return self._slow(("viz", layer, filt), compute, f"the feature visualization of filter {filt} of {layer!r}",
+                          f"rendering filter {filt} of {layer!r} ({self.render_steps} steps): ask again in a moment")
+
+    def _param_table(self, method: str) -> dict:
+        """{parameter: {"default", "min", "max"} or {"default"} (text)} of a served method (METHOD_PARAMS)."""
+        return {k: {"default": v} if isinstance(v, str) else {"default": v[0], "min": v[1], "max": v[2]}
+                for k, v in METHOD_PARAMS.get(method, {}).items()}
+
+    @staticmethod
+    def _refusal(method: str) -> str:
+        return (f"method {method!r} runs the model once per channel of the layer, too long for a request; use "
+                f"lightning_vis.grad_cam or the command line (lightning-vis cam --method {method}); here: "
+                f"{', '.join(MENU)}")
+
+    def _params(self, method: str, given: dict) -> dict:
+        """The method's parameters from a request (strings, as sent), each checked against METHOD_PARAMS: a
+        parameter the method does not take or a number out of its range is a 400 saying what is valid."""
+        spec = METHOD_PARAMS.get(method, {})
+        out = {}
+        for key, text in given.items():
+            if key not in spec:
+                takes = ", ".join(spec) or "none"
+                raise HttpError(400, f"method {method!r} takes no parameter {key!r} (its parameters: {takes})")
+            bound = spec[key]
+            if isinstance(bound, str):
+                out[key] = text[:100]
+                continue
+            if not re.fullmatch(r"\d{1,9}", text.strip()):
+                raise HttpError(400, f"parameter {key!r} must be an integer in {bound[1]}..{bound[2]}, got "
+                                f"{_short(text, 40)!r}")
+            value = int(text)
+            if not bound[1] <= value <= bound[2]:
+                raise HttpError(400, f"{key} {value} is out of range for {method}: {bound[1]}..{bound[2]} (the "
+                                "explorer's limit for a request; lightning_vis' functions take any)")
+            out[key] = value
+        return {k: out.get(k, v if isinstance(v, str) else v[0]) for k, v in spec.items()}
+
+    def _occlusion_window(self, params: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Window and stride per axis of the input's grid (a clip's time axis whole; the default stride: half the
+        window, or the smallest above that whose placements fit limits.placements), refused with 400 where the
+        placements would exceed limits.placements or the window does not fit."""
+        grid = self.input_shape[1:]
+        side = min(grid[-2:])
+        w = params["window"] or max(1, side // 8)
+        if w > side:
+            raise HttpError(400, f"window {w} is larger than the image ({side} pixels on its shorter side)")
+
+        def count(st):
+            return math.prod(math.ceil(max(n - a, 0) / b) + 1 for n, a, b in
+                             zip(grid, (*grid[:-2], w, w), (*grid[:-2], st, st)))
+        st = params["stride"] or next((s for s in range(max(1, w // 2), w + 1) if count(s) <= self.limits.placements),
+                                      w)
+        if st > w:
+            raise HttpError(400, f"stride {st} is larger than the window {w}: some positions would never be occluded")
+        window, stride = (*grid[:-2], w, w), (*grid[:-2], st, st)
+        if count(st) > self.limits.placements:
+            raise HttpError(400, f"occlusion with window {w} and stride {st} on {'x'.join(map(str, grid))} inputs runs "
+                            f"the model {count(st)} times, over the limit of {self.limits.placements} per request: "
+                            f"raise the stride or the window")
+        return window, stride
+
+    def _explain(self, model, method: str, x, layer, cls, params: dict):
+        """The map of one served method for inputs x (1, ...): (1, *input grid) per input position, or a CAM's."""
+        if method in SERVED_CAMS:
+            return grad_cam(model, x, layer, cls, method=method).maps
+        if method == "occlusion":
+            window, stride = self._occlusion_window(params)
+            return occlusion(model, x, cls, window=window, stride=stride).maps
+        run = {"gradient": lambda: saliency(model, x, cls),
+               "smoothgrad": lambda: saliency(model, x, cls, samples=params["samples"]),
+               "guided_backprop": lambda: guided_backprop(model, x, cls),
+               "integrated_gradients": lambda: integrated_gradients(model, x, cls, steps=params["steps"]),
+               "gradient_shap": lambda: gradient_shap(model, x, cls, samples=params["samples"]),
+               "input_x_gradient": lambda: input_x_gradient(model, x, cls),
+               "lrp": lambda: lrp(model, x, cls, composite=params["composite"], **self._bounds(x))}[method]
+        maps = run().maps
+        return position_map(maps.abs() if method in SIGNED else maps, x.shape)
+
+    def _bounds(self, x) -> dict:
+        """LRP's z-box bounds: the model inputs of pictures all 0 and all 1 (through preprocess, when given)."""
+        low, high = torch.zeros_like(x), torch.ones_like(x)
+        if self.preprocess is not None:
+            low, high = self.preprocess(low), self.preprocess(high)
+        return {"low": low, "high": high}
+
+    def _method(self, method: str) -> str:
         if method in RERUNS:  # one forward per channel: minutes of the one model thread on a CPU
-            raise HttpError(400, f"method {method!r} runs the model once per channel of the layer, too long for a "
-                            f"request; use lightning_vis.grad_cam or the command line (lightning-vis cam --method "
-                            f"{method}); here: {', '.join(SERVED_CAMS)}")
-        if method not in CAM_METHODS:
-            raise HttpError(400, f"unknown method {method!r}; choose one of {', '.join(SERVED_CAMS)}")
+            raise HttpError(400, self._refusal(method))
+        if method not in MENU:
+            raise HttpError(400, f"unknown method {_short(method)!r}; choose one of {', '.join(MENU)}")
+        return method
+
+    def _class(self, image, cls):
         if cls is not None:
             _, logits = self.activations(image)
             n = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
@@ -521,19 +654,52 @@ class Explorer:
                 raise HttpError(400, f"target class {cls} out of range: the model has "
                                 f"{n if n is not None else 'no known number of'} classes"
                                 f"{f' (0..{n - 1})' if n else ''}; leave 'class' out for the top class")
+        return cls
+
+    def cam_png(self, image, layer, cls=None, method="gradcam", frame=None, params: dict | None = None) -> bytes:
+        """Any method of the menu (MENU) as an overlay on the image; params: the method's parameters as sent
+        (strings), checked against METHOD_PARAMS. The layer matters to the CAMs only."""
+        params = self._params(self._method(method), params or {})
+        if method == "occlusion":
+            self._occlusion_window(params)  # refused before any work
+        self._class(image, cls)
 
         def make():
             x, shown = self._picture(image)
             try:
                 with self.lock:
-                    cam = grad_cam(self.model, x[None], layer, cls, method=method)
+                    heat = self._explain(self.model, method, x[None], layer, cls, params)
             except ValueError as e:
                 raise HttpError(400, str(e)) from None
-            if cam.maps.dim() == 4:  # a clip: the frame asked for
-                t = self._frame(frame, cam.maps.shape[1])
-                return _png(im.overlay(shown[:, t], cam.maps[0, t]))
-            return _png(im.overlay(shown, cam.maps[0]))
-        return self._cached(self.pngs, ("cam", image, layer, cls, method, frame), make, self.model_work)
+            if heat.dim() == 4:  # a clip: the frame asked for
+                t = self._frame(frame, heat.shape[1])
+                return _png(im.overlay(shown[:, t], heat[0, t]))
+            return _png(im.overlay(shown, heat[0]))
+        key = ("cam", image, layer if method in SERVED_CAMS else None, cls, method, frame,
+               tuple(sorted(params.items())))
+        return self._cached(self.pngs, key, make, self.model_work)
+
+    def faithfulness(self, image, layer, cls=None) -> dict:
+        """Which method to trust (metrics.faithfulness): each served method's sanity verdict and deletion /
+        insertion areas beside the random map's. From the evaluation given at start-up (the same for every image),
+        or checked on this image as a background job: deletion / insertion in limits.faithfulness_steps steps and
+        the randomisation test of the top limits.sanity_layers layers, for the menu's methods that
+        metrics.evaluate knows (CAMs on `layer`)."""
+        if self.evaluation is not None:  # every served method it has, in the menu's order
+            return {"source": "evaluation", **faithfulness(self.evaluation, MENU)}
+        names = [m for m in EVALUATED if m in MENU]
+        self._class(image, cls)
+
+        def compute(model):
+            x, _ = self._picture(image)
+            ev = evaluate(model, x[None], names, ("deletion", "insertion", "sanity"), target=cls, layer=layer,
+                          steps=self.limits.faithfulness_steps,
+                          sanity_layers=randomizable_layers(model)[:self.limits.sanity_layers])
+            return json.dumps({"source": "image", **faithfulness(ev, names)}).encode()
+        return json.loads(self._slow(("faithfulness", image, layer, cls), compute,
+                                     f"the faithfulness check of {_short(image)!r}",
+                                     f"checking {len(names)} methods on {_short(image)!r} (deletion, insertion, the "
+                                     "randomisation test): ask again in a moment"))
 
     def layer_filters(self, layer) -> int:
         info = next(i for i in self.layer_info if i.name == layer)
@@ -589,6 +755,28 @@ class Explorer:
         entry, names = self._topk.layers[layer], self._topk_names
         return {"images": [{"image": names[i], "score": round(s, 4)} for i, s in
                            zip(entry.indices[filt].tolist(), entry.scores[filt].tolist()) if 0 <= i < len(names)]}
+
+    def projections_png(self, layer, filt, rule=None) -> bytes:
+        """Zeiler & Fergus's Figure 2 for one filter (TopK.projection_grid, as the atlas's unit pages): for each of
+        its top-k images of the folder, the image patch its strongest activation sees beside that activation alone
+        projected down (deconvnet(positions=...)), cropped to the layer's receptive field. A background job on the
+        model's copy, after the folder's top-k ranking (202 while either runs)."""
+        rule = rule or self.default_rule
+        if rule not in RULES:
+            raise HttpError(400, f"rule must be 'deconvnet' or 'guided', not {rule!r}")
+        self.topk(layer, filt)  # the ranking (202 while it runs), and its errors
+        if not self._topk:
+            raise HttpError(404, "no image of the folder could be ranked: no top images to project")
+        names = self._topk_names
+
+        class Inputs:  # the ranked images by index, as TopK's dataset
+            def __getitem__(_, i):
+                return self._load_file(names[i])[0]
+
+        def compute(model):
+            return _png(self._topk.projection_grid(Inputs(), layer, [filt], model, rule=rule))
+        return self._slow(("projections", layer, filt, rule), compute, f"the projections of filter {filt} of {layer!r}",
+                          f"projecting filter {filt} of {layer!r} in its top images: ask again in a moment")
 
     def close(self):
         self.jobs.close()

@@ -255,13 +255,21 @@ class App:
         if path == "/api/topk":
             return 200, "application/json", json.dumps(ex.topk(ex.layer(q.get("layer")),
                                                                integer("filter", required=True)))
-        if path not in ("/api/cam", "/api/activations", "/api/grid", "/api/deconv"):
+        if path == "/api/projections":
+            return 200, png, ex.projections_png(ex.layer(q.get("layer")), integer("filter", required=True),
+                                                q.get("rule") or None)
+        if path not in ("/api/cam", "/api/attribution", "/api/faithfulness", "/api/activations", "/api/grid",
+                        "/api/deconv"):
             raise HttpError(404, f"no route {path}")
         image = need("image")
         ex._picture(image)  # 404 for an unknown image, before any work
         layer = ex.layer(q.get("layer"))
-        if path == "/api/cam":
-            return 200, png, ex.cam_png(image, layer, integer("class"), q.get("method") or "gradcam", frame)
+        if path in ("/api/cam", "/api/attribution"):
+            # every other parameter is the method's own (steps, window, ...): checked against what it takes
+            params = {k: v for k, v in q.items() if k not in ("image", "layer", "class", "method", "frame")}
+            return 200, png, ex.cam_png(image, layer, integer("class"), q.get("method") or "gradcam", frame, params)
+        if path == "/api/faithfulness":
+            return 200, "application/json", json.dumps(ex.faithfulness(image, layer, integer("class")))
         if path == "/api/activations":
             overlay = q.get("overlay", "0") == "1"
             return (200, "image/jpeg" if overlay else png,
