@@ -383,3 +383,41 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
     assert "--methods: unknown 'gradkam'" in capsys.readouterr().err
     assert cli.main(["evaluate", *model, "--max-images", "1", "--out", str(out)]) == 2
     assert "more than --max-images 1" in capsys.readouterr().err
+
+
+def test_cli_evaluate_in_batches_and_the_atlas_shows_its_verdicts(tmp_path, capsys):
+    """--batch-size runs metrics.evaluate_dataset batch by batch: a method's per-image scores do not depend on the
+    batch (1 or all); the atlas's --evaluation shows that file's verdicts on methods.html."""
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
+    runs = {}
+    for extra in ([], ["--batch-size", "1"], ["--batch-size", "2"]):
+        out = tmp_path / f"out{len(runs)}"
+        assert cli.main(["evaluate", *model, "--methods", "gradcam", "--metrics", "deletion,insertion", "--steps", "4",
+                         *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        runs[tuple(extra)] = json.loads((out / "evaluate.json").read_text())["methods"]["gradcam"]["metrics"]
+    for metric in ("deletion", "insertion"):
+        whole = runs[()][metric]["per_image"]
+        assert len(whole) == 3
+        for extra in (("--batch-size", "1"), ("--batch-size", "2")):
+            np.testing.assert_allclose(runs[extra][metric]["per_image"], whole, rtol=1e-5, atol=1e-6)
+    evaluation = tmp_path / "out0" / "evaluate.json"
+    site = tmp_path / "atlas"
+    assert cli.main(["atlas", *model, "--layers", "conv1", "--render-size", "16", "--steps", "2", "--k", "1",
+                     "--diverse", "0", "--no-negative", "--connections", "0", "--evaluation", str(evaluation),
+                     "--out", str(site)]) == 0, capsys.readouterr().err
+    page = (site / "methods.html").read_text()
+    assert "gradcam" in page and f"{runs[()]['deletion']['mean']:.3f}" in page
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"methods": 3}')
+    assert cli.main(["atlas", *model, "--layers", "conv1", "--evaluation", str(bad), "--out",
+                     str(tmp_path / "atlas2")]) == 2
+    assert "evaluation" in capsys.readouterr().err

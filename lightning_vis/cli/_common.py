@@ -68,7 +68,7 @@ RANGES = {"top": (1, 100_000), "top_k": (1, 4096), "k": (1, 1000), "tile": (1, 4
           "size": (1, math.isqrt(MAX_PIXELS)), "channels": (1, MAX_CHANNELS), "threads": (1, 1024),
           "batch": (1, 4096), "diverse": (0, 64), "connections": (0, 1000), "workers": (0, 256),
           "num_nodes": (1, 1024), "max_units": (1, 1 << 20), "seed": (0, 2 ** 32 - 1), "port": (0, 65535),
-          "max_images": (1, 4096), "window": (1, 4096), "stride": (1, 4096)}
+          "max_images": (1, 4096), "window": (1, 4096), "stride": (1, 4096), "evaluate_images": (0, 4096)}
 
 
 #: every float argument and its valid range: serve's timeout and cache, dream's step size, health's threshold
@@ -532,6 +532,31 @@ def _per_picture(args, model, transform, index: str, entry) -> None:
         out.text(index, json.dumps(inputs.record_skipped(report), indent=1))
         out.commit()
     print(f"wrote {out.folder}/")
+
+
+def add_fabric_args(p, nodes_note: str) -> None:
+    """--devices, --num-nodes, --strategy, --accelerator: the processes a sharded pass runs on (Lightning Fabric)."""
+    p.add_argument("--devices", default="1", help="processes (devices) per node, or 'auto' (default %(default)s)")
+    p.add_argument("--num-nodes", type=int, default=1, help=f"nodes ({nodes_note})")
+    p.add_argument("--strategy", choices=["auto", "ddp"], default="auto",
+                   help="ddp: one process per device, started by Lightning's launcher")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto")
+
+
+def launch_fabric(args):
+    """The launched Lightning Fabric that add_fabric_args' options ask for; None for one process where Lightning is
+    not installed (the pass then runs here alone)."""
+    from ..atlas.comm import make_fabric
+
+    devices = args.devices if args.devices == "auto" else int(args.devices) if args.devices.isdigit() else None
+    if devices is None or devices == 0:
+        raise CliError(f"--devices {args.devices!r}: a positive number of devices per node, or 'auto'")
+    try:
+        return make_fabric(devices, args.num_nodes, args.strategy, args.accelerator)
+    except ImportError:
+        if (devices, args.num_nodes, args.strategy) != (1, 1, "auto"):
+            raise CliError("more than one process needs Lightning Fabric: pip install lightning") from None
+        return None
 
 
 def _one_batch(inputs: Inputs, max_images: int) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (CliError, Inputs, Output, _one_batch, _parse_target, add_model_args, add_target_args,
-                      read_labels)
+from ._common import (CliError, Inputs, Output, _dataset, _one_batch, _parse_target, add_fabric_args, add_model_args,
+                      add_target_args, launch_fabric, read_labels)
 
 
 def add_commands(sub) -> None:
     """`lightning-vis evaluate`: which method to trust on this model (lightning_vis.metrics.evaluate on the images
-    of --images, as one batch): evaluate.json, curves.png, cascade.png and index.html in --out, the table printed."""
-    from ..metrics import METHODS, METRICS, evaluate
+    of --images, as one batch; with --batch-size or several processes, metrics.evaluate_dataset over every image,
+    batch by batch, sharded by Lightning Fabric as the atlas is): evaluate.json, curves.png, cascade.png and
+    index.html in --out, the table printed."""
+    from ..metrics import METHODS, METRICS, evaluate, evaluate_dataset
 
     def run(args, model, categories, transform):
         methods = [m for m in args.methods.split(",") if m]
@@ -22,14 +24,25 @@ def add_commands(sub) -> None:
                 raise CliError(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(known)} (comma-separated)")
         names = read_labels(args, categories)
         target = _parse_target(args, names)
-        inputs = Inputs(args, model, transform)
-        _one_batch(inputs, args.max_images)
-        batch = [x for _, x, _ in inputs]
-        if len({tuple(x.shape) for x in batch}) > 1:
-            raise CliError("--images: the pictures have different input shapes after the model's transform "
-                           f"({', '.join(sorted({str(tuple(x.shape)) for x in batch}))}); evaluate needs one shape")
-        result = evaluate(model, torch.stack(batch), methods, metrics, target=target, layer=args.layer,
-                          steps=args.steps, seed=args.seed)
+        options = dict(target=target, layer=args.layer, steps=args.steps, seed=args.seed)
+        if args.batch_size is not None or (args.devices, args.num_nodes, args.strategy) != ("1", 1, "auto"):
+            fabric = launch_fabric(args)
+            if fabric is not None:
+                model = model.to(fabric.device)
+            _, ds = _dataset(args, model, transform)
+            result = evaluate_dataset(model, ds, methods, metrics, fabric=fabric, batch_size=args.batch_size or 16,
+                                      num_workers=args.workers, **options)
+            if fabric is not None and fabric.global_rank != 0:
+                return
+        else:
+            inputs = Inputs(args, model, transform)
+            _one_batch(inputs, args.max_images)
+            batch = [x for _, x, _ in inputs]
+            if len({tuple(x.shape) for x in batch}) > 1:
+                raise CliError("--images: the pictures have different input shapes after the model's transform "
+                               f"({', '.join(sorted({str(tuple(x.shape)) for x in batch}))}); evaluate needs one "
+                               "shape")
+            result = evaluate(model, torch.stack(batch), methods, metrics, **options)
         with Output(args.out) as out:
             result.save(out.path("evaluate.json").parent)
             out.commit()
@@ -48,6 +61,12 @@ def add_commands(sub) -> None:
     p.add_argument("--layer", help="the CAM methods' layer (default: the last layer with maps)")
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default %(default)s)")
-    p.add_argument("--max-images", type=int, default=64, help="at most this many pictures (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=64,
+                   help="at most this many pictures in the one-batch mode (default %(default)s)")
+    p.add_argument("--batch-size", type=int,
+                   help="evaluate every picture, this many at a time (the random map and the sanity test's random "
+                        "logit are drawn per batch); default: all of them as one batch")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes with --batch-size")
+    add_fabric_args(p, "each evaluates its share of the batches")
     add_target_args(p)
     p.set_defaults(run=run)

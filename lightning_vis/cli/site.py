@@ -8,7 +8,7 @@ import torch
 
 from ..attribution import grad_cam
 from ._common import (CliError, Inputs, Output, _check_layers, _check_render, _dataset, _one_layer, _preprocess,
-                      _Shown, add_model_args, one_line, read_labels)
+                      _Shown, add_fabric_args, add_model_args, launch_fabric, one_line, read_labels)
 
 
 def cmd_report(args, model, categories, transform):
@@ -57,12 +57,8 @@ def _file_digest(path: Path) -> str:
 
 def cmd_atlas(args, model, categories, transform):
     from .. import atlas
-    from ..atlas.comm import make_fabric
     from ..atlas.digests import describe, digest_of
 
-    devices = args.devices if args.devices == "auto" else int(args.devices) if args.devices.isdigit() else None
-    if devices is None or devices == 0:
-        raise CliError(f"--devices {args.devices!r}: a positive number of devices per node, or 'auto'")
     if args.layers:
         _check_layers(model, args.layers)
     _, ds = _dataset(args, model, transform)
@@ -72,12 +68,7 @@ def cmd_atlas(args, model, categories, transform):
     settings = atlas.Settings(k=args.k, size=args.render_size, steps=args.steps, image_channels=1 if args.gray else 3,
                               batch=args.batch, diverse=args.diverse, negative=not args.no_negative,
                               connections=args.connections, max_units=args.max_units, seed=args.seed)
-    try:
-        fabric = make_fabric(devices, args.num_nodes, args.strategy, args.accelerator)
-    except ImportError:
-        if (devices, args.num_nodes, args.strategy) != (1, 1, "auto"):
-            raise CliError("more than one process needs Lightning Fabric: pip install lightning") from None
-        fabric = None
+    fabric = launch_fabric(args)
     if fabric is not None:
         model = model.to(fabric.device)
     # what the inputs are, known before any is read: a resume with a picture changed in place is refused up front
@@ -86,7 +77,8 @@ def cmd_atlas(args, model, categories, transform):
     res = atlas.build(model, ds, args.out, args.layers, settings=settings, preprocess=_preprocess(transform),
                       display=_Shown(ds), names=[p.name for p in ds.paths], batch_size=args.batch_size,
                       num_workers=args.workers, title=f"lightning-vis atlas: {args.model}", fabric=fabric,
-                      data_id=data_id)
+                      data_id=data_id, evaluation=args.evaluation, evaluate_images=args.evaluate_images,
+                      evaluate_options={"methods": args.methods.split(",")} if args.evaluate_images else None)
     if fabric is None or fabric.global_rank == 0:
         print(f"atlas: {res.index} ({len(res.layers)} layers, {res.units} units; {res.rendered} written by this "
               "process; open it in a browser, no server needed)")
@@ -111,7 +103,7 @@ def cmd_serve(args, model, categories, transform):
     limits = Limits(threads=args.threads, timeout=args.timeout, cache_bytes=int(args.cache_mb * (1 << 20)))
     explorer = Explorer(model, folder, to_input=to_input, class_names=names, preprocess=preprocess,
                         render_steps=args.render_steps, image_channels=1 if args.gray else 3, name=args.model,
-                        limits=limits)
+                        limits=limits, evaluation=args.evaluation)
     try:
         server = make_server(explorer, args.host, args.port, allow_origins=args.allow_origin)
     except ValueError as e:  # the origins are checked above: waitress's "Invalid host/port specified"
@@ -154,16 +146,20 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass over the data")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--devices", default="1", help="processes (devices) per node, or 'auto' (default %(default)s)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (the output folder must be shared)")
-    p.add_argument("--strategy", choices=["auto", "ddp"], default="auto",
-                   help="ddp: one process per device, started by Lightning's launcher")
-    p.add_argument("--accelerator", choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto")
+    add_fabric_args(p, "the output folder must be shared")
+    p.add_argument("--evaluation", metavar="EVALUATE_JSON",
+                   help="show this evaluation's verdicts on methods.html (an evaluate.json of lightning-vis evaluate)")
+    p.add_argument("--evaluate-images", type=int, default=0,
+                   help="or evaluate the methods here, on the first N images (0: no methods page; default %(default)s)")
+    p.add_argument("--methods", default="gradient,gradcam,guided_backprop",
+                   help="the methods --evaluate-images checks, comma-separated (default %(default)s)")
     p.set_defaults(run=cmd_atlas)
 
     p = sub.add_parser("serve", help="the local web explorer: layers, images, activation grids, filters, CAMs")
     add_model_args(p, with_images=False)
     p.add_argument("--images", required=True, help="the folder of images to browse")
+    p.add_argument("--evaluation", metavar="EVALUATE_JSON",
+                   help="show this evaluation's verdicts beside the methods (an evaluate.json of lightning-vis evaluate)")
     p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
