@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .attribution import Attribution, Target, _check_batch, check_target, target_scores
 from .gradients import chunk_rows, make_baselines
 from .hooks import ModelGuard, capture, resolve_layers
+from .incremental import Incremental
 
 OUTPUTS = ("score", "probability")
 
@@ -71,7 +72,8 @@ def placements(size: Sequence[int], window: Sequence[int], stride: Sequence[int]
 @torch.no_grad()
 def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window, stride=None, baseline=0.0,
               output: str = "score", unit: tuple[str, int] | None = None, chunk_size: int | None = None,
-              memory_budget: int | None = None, layout=None, grid=None, patches=None) -> OcclusionMap:
+              memory_budget: int | None = None, layout=None, grid=None, patches=None,
+              incremental: bool = False) -> OcclusionMap:
     """Zeiler and Fergus' occlusion experiment on (N, C, *grid) inputs. window / stride: an int or one per spatial
     axis (stride default: half the window, at most the window); baseline: the occluder's values, a number (default
     0), "zeros", "blur", "uniform" or a tensor (as integrated_gradients' baseline). output: "score" (the target's,
@@ -79,7 +81,9 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
     (layer, channel): the total activation of that feature map instead (the layer placed by hooks.layout; layout= /
     grid= override it). patches: window and stride count patches of this size (an int, one per axis, or "auto":
     the kernel of the model's patch embedding, its first convolution with kernel == stride); maps stay in pixels,
-    grid / starts are per placement (starts in pixels)."""
+    grid / starts are per placement (starts in pixels). incremental=True: on a 2D conv net that torch.fx traces,
+    the local first layers run per placement only on the window's cone (lightning_vis.incremental; exact, the same
+    values up to float rounding); off by default until benchmarks.methods measures it faster."""
     _check_batch(inputs)
     check_target(target)
     if output not in OUTPUTS:
@@ -107,14 +111,16 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
             raise ValueError("output='probability' needs a class target (softmax over (N, classes) logits); a "
                              "callable target gives scores: use output='score'")
 
-        def value(x, t):
-            out = model(x)
+        def score(out, t):
             if output == "probability":
                 if not isinstance(out, Tensor) or out.dim() != 2:
                     raise ValueError("output='probability' needs a model returning (N, classes) logits; pass "
                                      "output='score'")
                 out = out.softmax(1)
             return target_scores(out, t)
+
+        def value(x, t):
+            return score(model(x), t)
     with ModelGuard(model, eval=True):
         b = make_baselines(inputs, baseline)
         reference, classes = value(inputs, target)
@@ -122,8 +128,12 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
         counts = [m.shape[0] for m in cover]
         n, p = inputs.shape[0], math.prod(counts)
         size_rows = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=False)
+        plan = None if unit is not None or not incremental else \
+            Incremental.plan(model, inputs[:1], window)
+        if plan is not None:
+            at = _incremental(plan, score, inputs, b, target, classes, window, stride, counts, size_rows)
         values = []
-        for r0 in range(0, n * p, size_rows):
+        for r0 in range(0, n * p if plan is None else 0, size_rows):
             rows = torch.arange(r0, min(r0 + size_rows, n * p), device=inputs.device)
             k, i = rows // n, rows % n
             mask = torch.ones(len(rows), *size, dtype=torch.bool, device=inputs.device)
@@ -135,7 +145,8 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
                 mask &= cover[axis][idx].bool().view(shape)
             x = torch.where(mask[:, None], b[i], inputs[i])
             values.append(value(x, target if classes is None else classes[i])[0])
-        at = torch.cat(values).view(*counts, n).movedim(-1, 0)  # (N, *placements)
+        if plan is None:
+            at = torch.cat(values).view(*counts, n).movedim(-1, 0)  # (N, *placements)
         drop = reference.view(-1, *[1] * dims) - at
         total, weight = drop, torch.ones((), device=inputs.device)
         for axis, m in enumerate(cover):  # sum over placements of drop x window, one axis at a time
@@ -145,6 +156,43 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
     starts = tuple(torch.arange(c) * s for c, s in zip(counts, stride))
     return OcclusionMap(maps, classes, reference, "occlusion", grid=at, window=window, stride=stride, starts=starts,
                         unit=None if unit is None else (unit[0], int(unit[1])), patch=patch)
+
+
+def _incremental(plan: Incremental, score, inputs, b, target, classes, window, stride, counts, size_rows) -> Tensor:
+    """(N, *placements) values: the prefix on each placement's crop, pasted into the whole input's activation at the
+    cut, the rest of the model on that. Placements are grouped by crop size and run size_rows at a time."""
+    n, size = inputs.shape[0], tuple(inputs.shape[2:])
+    base = plan.run(inputs, stop=True)
+    axes = [[plan.crop(a, k * stride[a], window[a], size[a], base.shape[2 + a]) for k in range(counts[a])]
+            for a in range(2)]
+    groups: dict[tuple, list] = {}
+    for kh, rh in enumerate(axes[0]):
+        for kw, rw in enumerate(axes[1]):
+            for i in range(n):
+                groups.setdefault((rh[3] - rh[2], rw[3] - rw[2]), []).append((kh, kw, i))
+    at = torch.empty(n, *counts, dtype=base.dtype, device=inputs.device)
+    for rows in groups.values():
+        for r0 in range(0, len(rows), size_rows):
+            chunk = rows[r0:r0 + size_rows]
+            crops = []
+            for kh, kw, i in chunk:
+                (_, _, h0, h1), (_, _, w0, w1) = axes[0][kh], axes[1][kw]
+                crop = inputs[i, :, h0:h1, w0:w1].clone()
+                a0, a1 = max(kh * stride[0], h0) - h0, min(kh * stride[0] + window[0], h1) - h0
+                c0, c1 = max(kw * stride[1], w0) - w0, min(kw * stride[1] + window[1], w1) - w0
+                crop[:, a0:a1, c0:c1] = b[i, :, h0 + a0:h0 + a1, w0 + c0:w0 + c1]
+                crops.append(crop)
+            part = plan.run(torch.stack(crops), stop=True)
+            idx = torch.tensor([i for _, _, i in chunk], device=inputs.device)
+            act = base[idx].clone()
+            for r, (kh, kw, _) in enumerate(chunk):
+                (o0, o1, h0, _), (p0, p1, w0, _) = axes[0][kh], axes[1][kw]
+                sh, sw = h0 // plan.stride[0], w0 // plan.stride[1]
+                act[r, :, o0:o1, p0:p1] = part[r, :, o0 - sh:o1 - sh, p0 - sw:p1 - sw]
+            vals = score(plan.rest(act), target if classes is None else classes[idx])[0]
+            for r, (kh, kw, i) in enumerate(chunk):
+                at[i, kh, kw] = vals[r]
+    return at
 
 
 def _patch_size(model: nn.Module, patches, dims: int, size: tuple[int, ...]) -> tuple[int, ...]:

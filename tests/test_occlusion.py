@@ -195,3 +195,44 @@ def test_token_grid_against_a_loop_over_patches():
         lv.occlusion(vit, x, 3, window=1, patches=5)
     with pytest.raises(ValueError, match="patches='auto' needs a model whose first convolution is a patch"):
         lv.occlusion(cnn(), X, 3, window=1, patches="auto")
+
+
+@pytest.mark.parametrize("name,size,window,stride", [("mobilenet_v2", 96, 24, 13), ("resnet18", 128, 24, 19),
+                                                     ("cnn", 16, 4, 3)])
+def test_incremental_equals_the_whole_model(name, size, window, stride):
+    """The local prefix recomputed on each placement's crop and pasted: the same grid and maps as the whole model on
+    every placement (two images, a tensor baseline, probabilities, odd strides that leave cut windows at the edge)."""
+    import torchvision
+
+    from lightning_vis.incremental import Incremental
+
+    torch.manual_seed(0)
+    net = cnn() if name == "cnn" else getattr(torchvision.models, name)(num_classes=7).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    b = torch.rand(3, size, size, generator=torch.Generator().manual_seed(8))
+    plan = Incremental.plan(net, x[:1], (window, window))
+    assert plan is not None and plan.saving > 1.25 and plan.cut.op in ("call_module", "call_function")
+    for output in ("score", "probability") if name == "cnn" else ("score",):
+        fast = lv.occlusion(net, x, [1, 2], window=window, stride=stride, baseline=b, output=output, incremental=True,
+                            chunk_size=5)
+        slow = lv.occlusion(net, x, [1, 2], window=window, stride=stride, baseline=b, output=output)
+        torch.testing.assert_close(fast.grid, slow.grid, rtol=1e-5, atol=1e-6 * float(slow.grid.abs().max()))
+        torch.testing.assert_close(fast.maps, slow.maps, rtol=1e-4, atol=1e-5 * float(slow.maps.abs().max()))
+
+
+def test_incremental_takes_the_plain_path_where_it_cannot_cut():
+    from lightning_vis.incremental import Incremental
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx does not trace it
+        def __init__(self):
+            super().__init__()
+            self.net = cnn()
+
+        def forward(self, x):
+            return self.net(x) if x.sum() > -1e9 else -self.net(x)
+
+    assert Incremental.plan(Branchy(), X[:1], (4, 4)) is None
+    assert Incremental.plan(nn.Sequential(nn.Flatten(), nn.Linear(768, 3)), X[:1], (4, 4)) is None  # nothing local
+    net = Branchy().eval()
+    torch.testing.assert_close(lv.occlusion(net, X, T, window=4, incremental=True).maps,
+                               lv.occlusion(net.net, X, T, window=4).maps)
