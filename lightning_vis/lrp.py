@@ -289,6 +289,13 @@ def _relevance(model, x, target, rules, opts):
     return rel, scores.detach(), classes
 
 
+def _out_of_place(model: nn.Module) -> None:
+    """In-place activations would overwrite what the rules read: out of place inside the ModelGuard."""
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
 @torch.enable_grad()  # the rules run in the backward pass: also when called inside the caller's torch.no_grad()
 def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: str | None = None,
         epsilon: float = 1e-6, gamma: float = 0.25, low=None, high=None, stabilizer: float = 1e-6,
@@ -317,6 +324,7 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
     _check(model, composite, epsilon, gamma, stabilizer, low, high)
     if composite in attnlrp.COMPOSITES:
         with ModelGuard(model, eval=True, freeze=True):
+            _out_of_place(model)  # the identity rule reads each activation's input
             maps, scores, classes = _chunked(inputs, target, chunk_size, lambda x, t: attnlrp.relevance(
                 model, x, t, composite, float(epsilon)))
         return Attribution(maps, classes, scores, f"lrp-{composite}")
@@ -327,9 +335,7 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
         raise ValueError("LRP needs convolution or linear layers (nn.ConvNd, nn.ConvTransposeNd, nn.Linear); the "
                          "model has none")
     with ModelGuard(model, eval=True, freeze=True):
-        for m in model.modules():  # in-place activations would overwrite what the rules read
-            if isinstance(getattr(m, "inplace", None), bool):
-                m.inplace = False
+        _out_of_place(model)
         maps, scores, classes = _chunked(inputs, target, chunk_size,
                                          lambda x, t: _relevance(model, x, t, rules, opts))
     return Attribution(maps, classes, scores, f"lrp-{composite}")

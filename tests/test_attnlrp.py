@@ -101,7 +101,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
         self.attention = SelfAttention(d, heads, explicit)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, d, bias=False))
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.SiLU(inplace=True),  # run out of place
+                                 nn.Linear(2 * d, d, bias=False))
 
     def forward(self, x):
         x = x + self.attention(self.norm1(x))
@@ -150,7 +151,7 @@ def test_the_model_is_left_as_it_was():
     state = {k: v.clone() for k, v in net.state_dict().items()}
     hooks = hook_counts(net)
     lv.lrp(net, TOKENS, 1)
-    assert all(m.training for m in net.modules()) and hook_counts(net) == hooks
+    assert all(m.training for m in net.modules()) and hook_counts(net) == hooks and net.blocks[0].mlp[1].inplace
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     a, b = torch.ones(2, 2, requires_grad=True), torch.full((2, 2), 3.0, requires_grad=True)
