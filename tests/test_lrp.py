@@ -277,8 +277,9 @@ def test_refusals_are_one_line():
         with pytest.raises(ValueError, match=msg):
             lv.lrp(net, x, **kwargs)
     attn = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))
-    with pytest.raises(ValueError, match="AttnLRP is not implemented"):
-        lv.lrp(attn, torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"'epsilon-plus-flat' is for convolutional nets; '1' is an attention layer: "
+                                         r"use composite='attnlrp'"):
+        lv.lrp(attn, torch.randn(1, 4), composite="epsilon-plus-flat")
     with pytest.raises(ValueError, match="needs convolution or linear layers"):
         lv.lrp(nn.Sequential(nn.ReLU()), torch.randn(1, 4))
 

@@ -168,3 +168,30 @@ def test_mobilenet_with_real_weights_equals_captum():
     a = ca.Occlusion(lambda v: net(v).softmax(1)).attribute(x, target=o.targets, sliding_window_shapes=(3, 56, 56),
                                                             strides=(3, 56, 56), perturbations_per_eval=16)
     close(o.maps, a[:, 0], rtol=1e-4)
+
+
+def test_token_grid_against_a_loop_over_patches():
+    """patches=: window and stride in patches of a ViT (8 px); each placement occludes whole patches with baseline
+    pixels, as a loop that fills those patches does; "auto" reads the patch size from the patch embedding."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=1).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    o = lv.occlusion(vit, x, 3, window=(2, 1), stride=1, baseline=0.5, patches="auto")
+    assert o.patch == (8, 8) and o.grid.shape == (2, 3, 4) and o.window == (16, 8)
+    loop = torch.zeros(2, 3, 4)
+    with torch.no_grad():
+        for r in range(3):
+            for c in range(4):
+                xo = x.clone()
+                xo[:, :, 8 * r:8 * (r + 2), 8 * c:8 * (c + 1)] = 0.5
+                loop[:, r, c] = vit(xo)[:, 3]
+    torch.testing.assert_close(o.grid, loop)
+    # patch row 1 of column 0 is covered by placements (0, 0) and (1, 0): its pixels' map is their mean drop
+    torch.testing.assert_close(o.maps[:, 8:16, :8], (o.scores - loop[:, :2, 0].mean(1))[:, None, None].expand(2, 8, 8))
+    same = lv.occlusion(vit, x, 3, window=(2, 1), stride=1, baseline=0.5, patches=8)
+    torch.testing.assert_close(same.maps, o.maps)
+    with pytest.raises(ValueError, match=r"does not split into whole patches of \(5, 5\)"):
+        lv.occlusion(vit, x, 3, window=1, patches=5)
+    with pytest.raises(ValueError, match="patches='auto' needs a model whose first convolution is a patch"):
+        lv.occlusion(cnn(), X, 3, window=1, patches="auto")

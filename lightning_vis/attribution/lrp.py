@@ -25,7 +25,8 @@ the model's parameters are only read, never written. Residual sums of two activa
 (zennit's ResNet canonizer does this for torchvision's ResNet blocks; here every ``a + b`` of two same-shape
 activations). In-place activations run out of place during the call (the ModelGuard restores the flags).
 
-Attention models (AttnLRP) are not covered: they are refused.
+Attention models: ``composite="attnlrp"`` (the default for a model with attention layers) or ``"cp-lrp"``, the
+rules of lightning_vis.attribution.attnlrp; the convolutional composites refuse them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import attnlrp
 from ..hooks import ModelGuard
 from ..inputs import image_model
 from ._common import Attribution, Target, _check_batch, _chunked, check_target, target_scores
@@ -182,14 +184,17 @@ _ADDS = {torch.add: False, Tensor.add: False, Tensor.__add__: False, Tensor.__ra
 
 
 class _SplitSums(TorchFunctionMode):
-    """Residual sums of two activations (both needing gradients, the same shape, no alpha) follow the norm rule."""
+    """Residual sums of two activations (both needing gradients, the same shape, no alpha) follow the norm rule.
+    ``attention``: the first attention call seen (outside a module named so), which these rules do not cover."""
 
     def __init__(self, eps: float):
         super().__init__()
-        self.eps = eps
+        self.eps, self.attention = eps, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.attention is None and attnlrp.is_attention_call(func, args):
+            self.attention = getattr(func, "__name__", str(func))
         if func in _ADDS and len(args) == 2 and not kwargs:
             a, b = args
             if isinstance(a, Tensor) and isinstance(b, Tensor) and a.requires_grad and b.requires_grad \
@@ -220,8 +225,9 @@ def _rules(model: nn.Module, composite: str, opts: dict) -> dict[nn.Module, str]
 
 
 def _check(model, composite, epsilon, gamma, stabilizer, low, high):
-    if composite not in COMPOSITES:
-        raise ValueError(f"unknown composite {composite!r}; choose one of {', '.join(COMPOSITES)}")
+    if composite not in COMPOSITES + attnlrp.COMPOSITES:
+        raise ValueError(f"unknown composite {composite!r}; choose one of "
+                         f"{', '.join(COMPOSITES + attnlrp.COMPOSITES)}")
     for name, v in (("epsilon", epsilon), ("stabilizer", stabilizer), ("gamma", gamma)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -229,9 +235,9 @@ def _check(model, composite, epsilon, gamma, stabilizer, low, high):
         raise ValueError("composite 'epsilon-gamma-box' needs low= and high=: the lowest and highest input values "
                          "(a number, or per channel), e.g. the normalised images of 0 and 1")
     bad = next((n for n, m in model.named_modules() if _is_attention(m)), None)
-    if bad is not None:
-        raise ValueError(f"LRP covers convolutional nets; {bad or 'the model'!r} is an attention layer "
-                         "(AttnLRP is not implemented): use saliency, grad_cam or attention_rollout")
+    if bad is not None and composite in COMPOSITES:
+        raise ValueError(f"composite {composite!r} is for convolutional nets; {bad or 'the model'!r} is an attention "
+                         "layer: use composite='attnlrp' (or 'cp-lrp')")
 
 
 def _bounds(v, x: Tensor) -> Tensor:
@@ -270,19 +276,29 @@ def _relevance(model, x, target, rules, opts):
 
     handles = [m.register_forward_hook(hook) for m in rules]
     try:
-        with _SplitSums(opts["stabilizer"]):
+        with _SplitSums(opts["stabilizer"]) as sums:
             out = model(x)
     finally:
         for h in handles:
             h.remove()
+    if sums.attention is not None:
+        raise ValueError(f"the model computes attention ({sums.attention}), which the convolutional composites do "
+                         "not cover: use composite='attnlrp' (or 'cp-lrp')")
     scores, classes = target_scores(out, target)
     # the output's relevance: each target score (for a class target the one-hot logit), so that maps sum to it
     rel = torch.autograd.grad(scores, x, scores.detach())[0]
     return rel, scores.detach(), classes
 
 
+def _out_of_place(model: nn.Module) -> None:
+    """In-place activations would overwrite what the rules read: out of place inside the ModelGuard."""
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
 @torch.enable_grad()  # the rules run in the backward pass: also when called inside the caller's torch.no_grad()
-def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: str = "epsilon-plus-flat",
+def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: str | None = None,
         epsilon: float = 1e-6, gamma: float = 0.25, low=None, high=None, stabilizer: float = 1e-6,
         chunk_size: int | None = None) -> Attribution:
     """Layer-wise relevance propagation of each input's target score (Bach et al. 2015; the composites of
@@ -293,7 +309,10 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
     Linear), "epsilon-gamma-box" (z-box for the first convolution with the inputs' bounds low= and high=, gamma
     for convolutions, epsilon for Linear) or "epsilon-alpha2-beta1" (alpha2-beta1 for convolutions, epsilon for
     Linear). epsilon: the epsilon rule's stabilizer; gamma: the gamma rule's; stabilizer: the other rules'.
-    low / high: a number, one value per channel, or a tensor broadcastable to the inputs.
+    low / high: a number, one value per channel, or a tensor broadcastable to the inputs. Attention models:
+    "attnlrp" (Achtibat et al. 2024; equal to lxt 2.1's AttnLRP) or "cp-lrp" (Ali et al. 2022), see
+    lightning_vis.attribution.attnlrp (epsilon: the Linear and convolution layers'; 0 as lxt). composite=None:
+    "attnlrp" for a model with attention layers, else "epsilon-plus-flat".
 
     The relevance sent back is each target score (for a callable target: the score times its gradient with respect
     to the output), so a map sums to its score up to what biases and stabilizers absorb. maps: (N, *input shape);
@@ -301,7 +320,15 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
     model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
+    if composite is None:
+        composite = "attnlrp" if any(_is_attention(m) for m in model.modules()) else "epsilon-plus-flat"
     _check(model, composite, epsilon, gamma, stabilizer, low, high)
+    if composite in attnlrp.COMPOSITES:
+        with ModelGuard(model, eval=True, freeze=True):
+            _out_of_place(model)  # the identity rule reads each activation's input
+            maps, scores, classes = _chunked(inputs, target, chunk_size, lambda x, t: attnlrp.relevance(
+                model, x, t, composite, float(epsilon)))
+        return Attribution(maps, classes, scores, f"lrp-{composite}")
     opts = {"epsilon": float(epsilon), "gamma": float(gamma), "stabilizer": float(stabilizer), "alpha": 2.0,
             "beta": 1.0, "low": low, "high": high}
     rules = _rules(model, composite, opts)
@@ -309,9 +336,7 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
         raise ValueError("LRP needs convolution or linear layers (nn.ConvNd, nn.ConvTransposeNd, nn.Linear); the "
                          "model has none")
     with ModelGuard(model, eval=True, freeze=True):
-        for m in model.modules():  # in-place activations would overwrite what the rules read
-            if isinstance(getattr(m, "inplace", None), bool):
-                m.inplace = False
+        _out_of_place(model)
         maps, scores, classes = _chunked(inputs, target, chunk_size,
                                          lambda x, t: _relevance(model, x, t, rules, opts))
     return Attribution(maps, classes, scores, f"lrp-{composite}")

@@ -7,6 +7,14 @@ probability, or with ``unit=(layer, channel)`` the total activation of one featu
 position the mean drop of that value over the placements that cover it (captum's Occlusion, which this equals for a
 window spanning all channels). All placements of all inputs are rows of one batch, run in chunks sized from a memory
 budget (``chunk_size=`` overrides it), without gradients.
+
+Token grids (``patches=``): on a ViT / DeiT / Swin the window and stride count patches, and the window covers whole
+patches, so each token is occluded or not. The occluder is baseline pixels over those patches, not a baseline token
+put in place of their tokens: a token has no "absent" value the model defines (zeros are not neutral after the
+patch embedding's bias and the position embedding added later; only models trained with masking, BEiT / MAE, have a
+mask token), while baseline pixels go through the model's own patch and position embeddings, so the occluded input
+is one the model can take, the baselines mean what they mean for a conv net, and any model with a patch grid (Swin's
+too) works without hooks.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class OcclusionMap(Attribution):
     stride: tuple[int, ...] = ()
     starts: tuple[Tensor, ...] = ()
     unit: tuple[str, int] | None = None
+    patch: tuple[int, ...] | None = None
 
 
 def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
@@ -62,13 +71,15 @@ def placements(size: Sequence[int], window: Sequence[int], stride: Sequence[int]
 @torch.no_grad()
 def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window, stride=None, baseline=0.0,
               output: str = "score", unit: tuple[str, int] | None = None, chunk_size: int | None = None,
-              memory_budget: int | None = None, layout=None, grid=None) -> OcclusionMap:
+              memory_budget: int | None = None, layout=None, grid=None, patches=None) -> OcclusionMap:
     """Zeiler and Fergus' occlusion experiment on (N, C, *grid) inputs. window / stride: an int or one per spatial
     axis (stride default: half the window, at most the window); baseline: the occluder's values, a number (default
     0), "zeros", "blur", "uniform" or a tensor (as integrated_gradients' baseline). output: "score" (the target's,
     as lightning_vis' other methods take targets) or "probability" (its softmax over (N, classes) logits). unit:
     (layer, channel): the total activation of that feature map instead (the layer placed by hooks.layout; layout= /
-    grid= override it)."""
+    grid= override it). patches: window and stride count patches of this size (an int, one per axis, or "auto":
+    the kernel of the model's patch embedding, its first convolution with kernel == stride); maps stay in pixels,
+    grid / starts are per placement (starts in pixels)."""
     _check_batch(inputs)
     check_target(target)
     if output not in OUTPUTS:
@@ -79,9 +90,13 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
     size = tuple(inputs.shape[2:])
     window = _per_axis(window, dims, "window")
     stride = tuple(max(1, w // 2) for w in window) if stride is None else _per_axis(stride, dims, "stride")
+    patch = None if patches is None else _patch_size(model, patches, dims, size)
+    if patch is not None:  # in pixels from here on
+        window, stride = tuple(w * p for w, p in zip(window, patch)), tuple(s * p for s, p in zip(stride, patch))
     for w, s, n in zip(window, stride, size):
         if w > n:
-            raise ValueError(f"window {window} is larger than the input's grid {size}")
+            unit_note = "" if patch is None else f" (in pixels: patches of {patch})"
+            raise ValueError(f"window {window} is larger than the input's grid {size}{unit_note}")
         if s > w:
             raise ValueError(f"stride {stride} is larger than the window {window}: positions between windows would "
                              "never be occluded")
@@ -129,7 +144,23 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
         maps = total / weight
     starts = tuple(torch.arange(c) * s for c, s in zip(counts, stride))
     return OcclusionMap(maps, classes, reference, "occlusion", grid=at, window=window, stride=stride, starts=starts,
-                        unit=None if unit is None else (unit[0], int(unit[1])))
+                        unit=None if unit is None else (unit[0], int(unit[1])), patch=patch)
+
+
+def _patch_size(model: nn.Module, patches, dims: int, size: tuple[int, ...]) -> tuple[int, ...]:
+    """The patch size in pixels per axis: given, or "auto" from the model's patch embedding; refused where the
+    input's grid does not split into whole patches."""
+    if patches == "auto":
+        conv = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+        if conv is None or tuple(conv.kernel_size) != tuple(conv.stride) or len(conv.kernel_size) != dims:
+            raise ValueError("patches='auto' needs a model whose first convolution is a patch embedding (kernel == "
+                             "stride, one per spatial axis); pass the patch size")
+        patch = tuple(conv.kernel_size)
+    else:
+        patch = _per_axis(patches, dims, "patches")
+    if any(n % p for n, p in zip(size, patch)):
+        raise ValueError(f"the input's grid {size} does not split into whole patches of {patch}")
+    return patch
 
 
 def _unit_value(model, unit, layout, grid, inputs):
