@@ -232,9 +232,9 @@ def impute(images: Tensor, known: Tensor, *, noise: float = 0.0, generator: torc
     left out), a linear system over all unknown pixels, plus Gaussian noise of standard deviation `noise`.
 
     images: (B, C, H, W); known: (B, H, W) True where the pixel stays. All B x C systems are solved at once by
-    Jacobi-preconditioned conjugate gradients from a coarse-to-fine first guess, on the images' device, to a relative
-    residual of `tol` (the system is symmetric positive definite: every region of unknown pixels touches a known
-    one, unless no pixel is known, which is refused). float32 reaches about 1e-5 relative."""
+    multigrid-preconditioned conjugate gradients, on the images' device, to a relative residual of `tol` (the
+    system is symmetric positive definite: every region of unknown pixels touches a known one, unless no pixel is
+    known, which is refused). float32 reaches about 1e-6 relative."""
     if images.dim() != 4 or known.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"impute takes (B, C, H, W) images and a (B, H, W) mask, got {tuple(images.shape)} and "
                          f"{tuple(known.shape)}")
@@ -249,9 +249,10 @@ def impute(images: Tensor, known: Tensor, *, noise: float = 0.0, generator: torc
     return x
 
 
-def _solve(v: Tensor, k: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Known values v (zero where unknown), known mask k (B, 1, H, W): v with the unknown pixels solved by
-    Jacobi-preconditioned conjugate gradients, each (image, channel) system with its own step sizes."""
+def _solve(v: Tensor, k: Tensor, tol: float, max_iter: int, check: int = 2) -> Tensor:
+    """Known values v (zero where unknown), known mask k (B, 1, H, W): v with the unknown pixels solved by conjugate
+    gradients preconditioned with a multigrid V-cycle (`_Multigrid`), each (image, channel) system with its own
+    step sizes; the residuals are read (a host sync) every `check` steps."""
     u = 1 - k
     d = _stencil(torch.ones_like(k[:1]))  # the weights of the neighbours inside the image
     b = _stencil(v) * u  # what the known neighbours contribute
@@ -259,38 +260,108 @@ def _solve(v: Tensor, k: Tensor, tol: float, max_iter: int) -> Tensor:
     def op(p):
         return (d * p - _stencil(p)) * u
 
-    x = _guess(v, k) * u
-    r = b - op(x)
-    z = r / d
-    p = z.clone()
+    mg = _Multigrid(u, op, 2 * d)
+    x = torch.zeros_like(v)
+    r = b
+    z = mg(r)
+    p = z
     rz = (r * z).sum((2, 3), keepdim=True)
     bn = b.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-30)
-    for _ in range(max_iter):
-        if bool(((r.pow(2).sum((2, 3), keepdim=True).sqrt() / bn) <= tol).all()):
+    for step in range(max_iter):
+        if step % check == 0 and bool(((r.pow(2).sum((2, 3), keepdim=True).sqrt() / bn) <= tol).all()):
             break
         ap = op(p)
         alpha = rz / (p * ap).sum((2, 3), keepdim=True).clamp_min(1e-30)
         x = x + alpha * p
         r = r - alpha * ap
-        z = r / d
+        z = mg(r)
         rz_new = (r * z).sum((2, 3), keepdim=True)
         p = z + (rz_new / rz.clamp_min(1e-30)) * p
         rz = rz_new
     return v + x * u
 
 
-def _guess(v: Tensor, k: Tensor) -> Tensor:
-    """A first guess for the unknown pixels: the imputation of the image at half resolution (known where any of
-    its 2x2 pixels is known), upsampled; the known pixels' mean for images of 8 pixels or fewer a side."""
-    h, w = v.shape[2:]
-    if min(h, w) <= 8 or h % 2 or w % 2:
-        mean = (v * k).sum((2, 3), keepdim=True) / k.sum((2, 3), keepdim=True).clamp_min(1)
-        return mean.expand_as(v)
-    kc = F.avg_pool2d(k, 2)
-    vc = F.avg_pool2d(v * k, 2) / kc.clamp_min(1e-12)
-    kc = (kc > 0).to(v.dtype)
-    coarse = _solve(vc * kc, kc, 1e-3, 200)
-    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+def _kernel(x: Tensor) -> Tensor:
+    """Bilinear interpolation's 3x3 kernel (1/4, 1/2, 1 weights) as a conv2d weight."""
+    k = torch.tensor([0.5, 1.0, 0.5], dtype=x.dtype, device=x.device)
+    return (k[:, None] * k[None])[None, None]
+
+
+def _restrict(r: Tensor, u: Tensor) -> Tensor:
+    """The adjoint of `_prolong`: (B, C, H, W) residuals on the unknown pixels u -> (B, C, ceil(H/2), ceil(W/2))."""
+    b, c, h, w = r.shape
+    out = F.conv2d((r * u).reshape(b * c, 1, h, w), _kernel(r), stride=2, padding=1)
+    return out.view(b, c, *out.shape[2:])
+
+
+def _prolong(x: Tensor, u: Tensor) -> Tensor:
+    """Bilinear interpolation of a coarse grid (coarse point j at fine point 2j) onto the unknown fine pixels u."""
+    b, c, h, w = x.shape
+    size = u.shape[2:]
+    y = F.conv_transpose2d(x.reshape(b * c, 1, h, w), _kernel(x), stride=2, padding=1,
+                           output_padding=(size[0] - 2 * h + 1, size[1] - 2 * w + 1))
+    return y.view(b, c, *size) * u
+
+
+def _apply9(coef: Tensor, x: Tensor) -> Tensor:
+    """A 9-point stencil with coefficients per pixel, coef (B, 9, h, w) (offset (dy, dx) at 3 (dy + 1) + dx + 1),
+    applied to x (B, C, h, w), zero outside."""
+    h, w = x.shape[2:]
+    p = F.pad(x, (1, 1, 1, 1))
+    out = coef[:, 4:5] * x
+    for j in (0, 1, 2, 3, 5, 6, 7, 8):
+        dy, dx = divmod(j, 3)
+        out = out + coef[:, j:j + 1] * p[..., dy:dy + h, dx:dx + w]
+    return out
+
+
+class _Multigrid:
+    """One symmetric multigrid V-cycle for the imputer's system, the preconditioner of `_solve` (a fixed SPD linear
+    map, as conjugate gradients need). Coarse levels are Galerkin (R A P, bilinear P on the unknown pixels, R its
+    adjoint), so every coarse operator stays symmetric positive semidefinite whatever the mask; their 9-point
+    stencils, one per job, are read off by probing with the 9 colours of a 3x3 tiling. Smoother: l1-Jacobi scaled
+    by 4/3 (convergent for any symmetric diagonally dominant-or-not operator: the l1 row sums bound its spectrum),
+    two sweeps before and after, 20 on the coarsest (<= 4 pixels a side) grid. Cost: about 6 fine-grid stencils per
+    step; steps: about 15-30 for 1e-5 whatever the image size (plain Jacobi-CG needs hundreds at 224 px)."""
+
+    def __init__(self, u: Tensor, op: Callable[[Tensor], Tensor], l1: Tensor):
+        self.levels = [(u, op, u / l1)]
+        while min(u.shape[2:]) > 4:
+            u, coef = self._coarsen(u, op)
+            l1 = coef.abs().sum(1, keepdim=True).where(u > 0, torch.ones_like(u))
+
+            def op(x, coef=coef):
+                return _apply9(coef, x)
+
+            self.levels.append((u, op, u / l1))
+
+    @staticmethod
+    def _coarsen(u: Tensor, op: Callable) -> tuple[Tensor, Tensor]:
+        """The coarse grid's active points (B, 1, h, w) and its operator's stencils (B, 9, h, w)."""
+        b = u.shape[0]
+        h, w = (u.shape[2] + 1) // 2, (u.shape[3] + 1) // 2
+        i = torch.arange(h, device=u.device)[:, None] % 3
+        j = torch.arange(w, device=u.device)[None] % 3
+        probes = ((i * 3 + j)[None] == torch.arange(9, device=u.device)[:, None, None]).to(u.dtype)
+        y = _restrict(op(_prolong(probes[None].expand(b, 9, h, w), u)), u)  # (B, 9 colours, h, w)
+        # the coefficient of offset (dy, dx) at a point is the response to the colour of that neighbour
+        coef = torch.cat([y.gather(1, (((i + dy) % 3) * 3 + (j + dx) % 3)[None, None].expand(b, 1, h, w))
+                          for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)
+        active = (coef[:, 4:5] > 0).to(u.dtype)  # coarse points that reach an unknown fine pixel
+        return active, coef * active
+
+    def __call__(self, r: Tensor, level: int = 0) -> Tensor:
+        u, op, inv = self.levels[level]
+        sweeps = 20 if level == len(self.levels) - 1 else 2
+        x = 4 / 3 * inv * r
+        for _ in range(sweeps - 1):
+            x = x + 4 / 3 * inv * (r - op(x))
+        if level == len(self.levels) - 1:
+            return x
+        x = x + _prolong(self(_restrict(r - op(x), u), level + 1), u)
+        for _ in range(sweeps):
+            x = x + 4 / 3 * inv * (r - op(x))
+        return x
 
 
 @dataclass
