@@ -326,17 +326,20 @@ def test_evaluate_table_json_and_plots(tmp_path):
 
     model, (x, _) = tiny_net(), data(n=2, size=16)
     before = copy.deepcopy(model.state_dict())
-    res = evaluate(model, x, methods=["gradcam", "gradient"], steps=5, percentiles=(20, 80))
-    assert res.methods == ["gradcam", "gradient", "random"]  # the random map is always a row
+    res = evaluate(model, x, methods=["gradcam", "saliency"], steps=5, percentiles=(20, 80))
+    # a random row on each method's grid: the CAM's layer is 16x16 here (padding 1, no stride): the pixels' grid
+    assert res.methods == ["gradcam", "saliency", "random (pixels)"]
     doc = res.to_json()
-    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "gradient", "random"}
+    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "saliency", "random (pixels)"}
+    assert doc["methods"]["gradcam"]["grid"] == [16, 16] and doc["methods"]["saliency"]["baseline"] == \
+        "random (pixels)"
     for entry in doc["methods"].values():
         assert set(entry["metrics"]) == {"deletion", "insertion", "road", "average_drop", "increase_in_confidence"}
         assert all(set(s) == {"mean", "std", "per_image"} and len(s["per_image"]) == 2
                    for s in entry["metrics"].values())
         assert entry["sanity"]["verdict"] in ("passes", "fails") and entry["sanity"]["threshold"] == 0.5
     # the random map ignores the model: it survives every randomisation
-    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert doc["methods"]["random (pixels)"]["sanity"]["verdict"] == "fails"
     # the table's numbers are the metrics' own
     cam = grad_cam(model, x, None, model(x).argmax(1)).maps
     want = deletion_insertion(model, x, cam, steps=5, baseline="blur").deletion_auc
@@ -386,15 +389,67 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
     out = tmp_path / "out"
     model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
-    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided_backprop", "--metrics", "deletion,sanity",
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided-backprop", "--metrics", "deletion,sanity",
                      "--steps", "4", "--out", str(out)]) == 0
     doc = json.loads((out / "evaluate.json").read_text())
-    assert set(doc["methods"]) == {"gradcam", "guided_backprop", "random"}
+    grid = "x".join(map(str, doc["methods"]["gradcam"]["grid"]))
+    assert set(doc["methods"]) == {"gradcam", "guided-backprop", "random (pixels)", f"random ({grid})"}
     assert len(doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"]) == 2
-    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert doc["methods"]["random (pixels)"]["sanity"]["verdict"] == "fails"
     assert (out / "curves.png").exists() and (out / "cascade.png").exists() and (out / "index.html").exists()
-    assert "guided_backprop" in capsys.readouterr().out
+    assert "guided-backprop" in capsys.readouterr().out
     assert cli.main(["evaluate", *model, "--methods", "gradcam,gradkam", "--out", str(out)]) == 2
     assert "--methods: unknown 'gradkam'" in capsys.readouterr().err
     assert cli.main(["evaluate", *model, "--max-images", "1", "--out", str(out)]) == 2
     assert "more than --max-images 1" in capsys.readouterr().err
+
+
+def test_evaluate_runs_every_method_we_ship():
+    """One table holds every method as the CLI spells it: the CAM family, the gradients, occlusion, LRP and (on
+    attention models) attention rollout; each one's map is its own function's and its grid is what it resolves."""
+    from lightning_vis.attribution import CAM_METHODS, grad_cam
+    from lightning_vis.metrics import METHODS, evaluate
+    from lightning_vis.metrics.evaluate import random_name
+    from tests.cli_models import tiny_cnn, tiny_vit
+
+    assert set(CAM_METHODS) < set(METHODS)
+    assert {"saliency", "smoothgrad", "guided-backprop", "deconvnet", "attention-rollout", "integrated-gradients",
+            "gradient-shap", "input-x-gradient", "occlusion", "lrp"} < set(METHODS)
+    model, (x, _) = tiny_cnn().eval(), data(n=2, size=16)
+    c = model(x).argmax(1)
+    for name, fn in METHODS.items():
+        if name == "attention-rollout":
+            with pytest.raises(ValueError, match="attention"):
+                fn(model, x, c, None, 0)
+            continue
+        maps, grid = fn(model, x, c, None, 0)
+        assert maps.shape[0] == 2 and torch.isfinite(maps).all(), name
+    cam = grad_cam(model, x, None, c)
+    maps, grid = METHODS["gradcam"](model, x, c, None, 0)
+    assert torch.equal(maps, cam.maps) and grid == (8, 8)  # the layer after the 2x2 pool
+    assert METHODS["occlusion"](model, x, c, None, 0)[1] == (15, 15)  # windows of 2 at stride 1
+    assert METHODS["saliency"](model, x, c, None, 0)[1] == (16, 16)
+    assert random_name((8, 8), (16, 16)) == "random (8x8)" and random_name((16, 16), (16, 16)) == "random (pixels)"
+    vit = tiny_vit().eval()
+    xv = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps, grid = METHODS["attention-rollout"](vit, xv, vit(xv).argmax(1), None, 0)
+    assert maps.shape == (2, 2, 2) and grid == (2, 2)
+    res = evaluate(vit, xv, ["attention-rollout"], ["deletion"], steps=4)
+    assert res.methods == ["attention-rollout", "random (2x2)"] and res.baselines["attention-rollout"] == "random (2x2)"
+
+
+def test_evaluate_random_rows_are_drawn_on_each_methods_grid():
+    """A CAM of an 8x8 layer is compared with uniform noise on 8x8 upsampled as the CAM is, a per-pixel method with
+    per-pixel noise: the random rows' numbers are those maps' own."""
+    from lightning_vis.metrics import evaluate
+    from tests.cli_models import tiny_cnn
+
+    model, (x, _) = tiny_cnn().eval(), data(n=2, size=16)
+    res = evaluate(model, x, ["gradcam", "saliency"], ["deletion"], steps=4, baseline="zeros")
+    assert res.methods == ["gradcam", "saliency", "random (8x8)", "random (pixels)"]
+    assert res.baselines == {"gradcam": "random (8x8)", "saliency": "random (pixels)",
+                             "random (8x8)": "random (8x8)", "random (pixels)": "random (pixels)"}
+    for grid, name in (((8, 8), "random (8x8)"), ((16, 16), "random (pixels)")):
+        noise = torch.rand((2, *grid), generator=torch.Generator().manual_seed(0))
+        want = deletion_insertion(model, x, noise, steps=4, baseline="zeros").deletion_auc
+        assert res.metrics[name]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
