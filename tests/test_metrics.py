@@ -453,3 +453,57 @@ def test_evaluate_random_rows_are_drawn_on_each_methods_grid():
         noise = torch.rand((2, *grid), generator=torch.Generator().manual_seed(0))
         want = deletion_insertion(model, x, noise, steps=4, baseline="zeros").deletion_auc
         assert res.metrics[name]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
+
+
+def _deletion_loop(model, x, cell_relevance, grid, steps, insertion=False):
+    """Deletion (or insertion) by its definition, one input and one step at a time: cells ranked by relevance
+    (ties in cell order), the top k cells' positions set to zero (or all but them). x: one input (C, *spatial)."""
+    spatial = x.shape[1:]
+    size = [s // g for s, g in zip(spatial, grid)]
+    order = torch.argsort(cell_relevance.flatten(), descending=True, stable=True).tolist()
+    cells = len(order)
+    stride = -(-cells // steps)
+    curve = []
+    for k in [*range(0, cells, stride), cells]:
+        keep = torch.ones(spatial, dtype=torch.bool)
+        for idx in order[:k]:
+            at = np.unravel_index(idx, grid)
+            keep[tuple(slice(a * s, (a + 1) * s) for a, s in zip(at, size))] = False
+        if insertion:
+            keep = ~keep
+        with torch.no_grad():
+            out = model((x * keep)[None]).softmax(1)[0]
+        curve.append(out)
+    return curve
+
+
+@pytest.mark.parametrize("kind", ["video", "vit"])
+def test_deletion_insertion_perturb_along_the_grid(kind):
+    """A clip's (T, H, W) grid (here 2 x 3 x 3 cells of a 4 x 6 x 6 clip) and a ViT's patch grid (2 x 2 patches of
+    16 px): whole cells removed or inserted in the order of the map's mean per cell, as a loop does it."""
+    from tests.cli_models import tiny_vit
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "video":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                              nn.Linear(4, 3)).eval()
+        x, grid = torch.randn(2, 2, 4, 6, 6, generator=g), (2, 3, 3)
+    else:
+        model, grid = tiny_vit().eval(), (2, 2)
+        x = torch.randn(2, 3, 32, 32, generator=g)
+    maps = torch.rand((2, *x.shape[2:]), generator=g)
+    cur = deletion_insertion(model, x, maps, steps=3, grid=grid)
+    classes = model(x).argmax(1)
+    size = [s // c for s, c in zip(x.shape[2:], grid)]
+    pool = (None, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d)[len(grid) - 1]
+    for i in range(2):
+        cell = pool(maps[i][None, None], size, size)[0, 0]
+        for insertion, got in ((False, cur.deletion), (True, cur.insertion)):
+            want = [o[classes[i]].item() for o in _deletion_loop(model, x[i], cell, grid, 3, insertion)]
+            assert got[i].tolist() == pytest.approx(want, abs=1e-5)
+    assert cur.fractions.tolist() == pytest.approx([k / np.prod(grid) for k in
+                                                    [*range(0, int(np.prod(grid)), -(-int(np.prod(grid)) // 3)),
+                                                     int(np.prod(grid))]])
+    with pytest.raises(ValueError, match="does not divide"):
+        deletion_insertion(model, x, maps, grid=tuple(s + 1 for s in grid))

@@ -223,7 +223,8 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
                                        "sanity"),
              *, target=None, layer=None, steps: int = 20, baseline: str = "blur", percentiles=(10, 30, 50, 70, 90),
              samples: int = 10, sanity_layers: list[str] | None = None, threshold: float = 0.5, seed: int = 0,
-             batch_size: int | None = None, memory_budget: int | None = None) -> Evaluation:
+             grid: Sequence[int] | None = None, batch_size: int | None = None,
+             memory_budget: int | None = None) -> Evaluation:
     """Every method in `methods` (names as the CLI spells them: see METHODS) scored by every metric in `metrics`
     (see METRICS) on `images` (N, C, *spatial), beside random maps as baseline rows.
 
@@ -233,7 +234,8 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
     each method's ``baselines[method]`` names its row.
 
     target: as everywhere (None: each image's top prediction, fixed on the clean image); layer: the CAM methods'
-    layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline`, ROAD the
+    layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline` and remove whole
+    cells of `grid` where it is given (a ViT's patch grid, a clip's (T, H, W) grid; None: every position), ROAD the
     `percentiles`, infidelity and max-sensitivity `samples` perturbations; "sanity" runs the randomisation test
     (over `sanity_layers`, default every layer with parameters) with its verdict at `threshold`. All seeded."""
     unknown = [m for m in methods if m not in METHODS]
@@ -269,7 +271,8 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
         explain, maps = explainers[name], first[name]
         row = {}
         if "deletion" in metrics or "insertion" in metrics:
-            curves = P.deletion_insertion(model, images, maps, classes, steps=steps, baseline=baseline, **opts)
+            curves = P.deletion_insertion(model, images, maps, classes, steps=steps, baseline=baseline, grid=grid,
+                                          **opts)
             result.curves[name] = curves
             for k in ("deletion", "insertion"):
                 if k in metrics:

@@ -104,6 +104,28 @@ def position_map(maps: Tensor, shape: Sequence[int], name: str = "maps") -> Tens
                      f"(N, *grid) maps over the input's {len(spatial)}D grid or maps of the input's shape")
 
 
+def _cells(pos: Tensor, grid: Sequence[int] | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(N, *spatial) relevance -> (N, *grid) mean relevance per cell of `grid`, and the map from (J, cells) masks to
+    (J, positions) masks (each cell's positions alike). grid None: the positions themselves."""
+    spatial = tuple(pos.shape[1:])
+    if grid is None:
+        return pos, lambda m: m
+    grid = tuple(grid)
+    if len(grid) != len(spatial) or any(not isinstance(g, int) or g < 1 or s % g for g, s in zip(grid, spatial)):
+        raise ValueError(f"grid {grid} does not divide the input's {len(spatial)}D grid {spatial}: give one "
+                         "positive size per axis that divides it (a ViT's patch grid, a clip's (T, H, W))")
+    size = [s // g for g, s in zip(grid, spatial)]
+    pooled = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(grid) - 1](pos[:, None], size, size)[:, 0]
+
+    def expand(m: Tensor) -> Tensor:
+        m = m.view(-1, *grid)
+        for axis, r in enumerate(size):
+            m = m.repeat_interleave(r, axis + 1)
+        return m.flatten(1)
+
+    return pooled, expand
+
+
 def _check(inputs, maps=None):
     _check_batch(inputs)
     if inputs.dim() < 3:
@@ -172,16 +194,22 @@ class Curves:
 @torch.inference_mode()  # no autograd records at all (cheaper than no_grad), as torch-cam scores
 def deletion_insertion(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, *, steps: int = 20,
                        baseline: str | Tensor | float = "zeros", score: str = "probability",
-                       batch_size: int | None = None, memory_budget: int | None = None) -> Curves:
+                       grid: Sequence[int] | None = None, batch_size: int | None = None,
+                       memory_budget: int | None = None) -> Curves:
     """Deletion and insertion (Petsiuk et al., RISE): positions ranked by the map (highest first, ties in position
     order); deletion replaces the top k with the baseline, insertion starts from the baseline and puts the top k
     back, for k = 0, s, 2s, ... and all positions (s = ceil(positions / steps)), as torch-cam's
     DeletionInsertionMetric. Every (image, curve, k) input runs batched; the all-baseline input is shared by both
-    curves. A faithful map gives a low deletion AUC and a high insertion AUC."""
+    curves. A faithful map gives a low deletion AUC and a high insertion AUC.
+
+    grid: the positions are the cells of this grid over the input's (a ViT's patch grid, a video's (T, H, W) or a
+    coarser space-time grid; each axis must divide the input's), ranked by the map's mean over each cell and
+    removed or inserted whole; None: every input position (pixel, or voxel of a clip)."""
     pos = _check(inputs, maps)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     base = baseline_for(inputs, baseline)
+    pos, cells = _cells(pos, grid)
     n, p = pos.shape[0], pos[0].numel()
     size = (p + steps - 1) // steps
     counts = [*range(0, p, size), p]
@@ -198,7 +226,7 @@ def deletion_insertion(model: nn.Module, inputs: Tensor, maps: Tensor, target: T
         chunk = _batch(inputs, batch_size, memory_budget)
         for s in range(0, len(jobs), chunk):
             i, c, k = job[s:s + chunk].unbind(1)
-            top = ranks[i] < k[:, None]  # (J, P): among the k most relevant
+            top = cells(ranks[i] < k[:, None])  # (J, positions): among the k most relevant
             keep = torch.where((c == 1)[:, None], top, ~top)[:, None]
             x = torch.where(keep, flat_x[i], flat_b[i]).view(-1, *inputs.shape[1:])
             got[s:s + chunk] = scorer(x, i)
