@@ -19,16 +19,17 @@ def test_faithfulness_logs_evaluate_to_csv_and_tensorboard(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     images = data(3, 5).tensors[0]
-    cb = C.Faithfulness(images, ["gradcam", "gradient"], ["deletion", "insertion", "average_drop"], **OPTIONS)
+    cb = C.Faithfulness(images, ["gradcam", "saliency"], ["deletion", "insertion", "average_drop"], **OPTIONS)
     module = TinyL()
     tb, log = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv", version=0)
     trainer = L.Trainer(max_epochs=2, logger=[tb, log], callbacks=[cb], enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, *loaders())
     assert [e for e, _ in cb.history] == [0, 1]  # after each epoch; the fit end (same step) is not repeated
-    want = evaluate(module, images, ["gradcam", "gradient"], ["deletion", "insertion", "average_drop"], **OPTIONS)
+    want = evaluate(module, images, ["gradcam", "saliency"], ["deletion", "insertion", "average_drop"], **OPTIONS)
+    assert want.methods[2:] == ["random (6x6)", "random (pixels)"]  # the CAM's layer grid, the saliency's pixels
     keys = {f"lightning_vis/faithfulness/{m}/{k}": want.metrics[m][k]["mean"]
-            for m in ("gradcam", "gradient", "random") for k in ("deletion", "insertion", "average_drop")}
+            for m in want.methods for k in ("deletion", "insertion", "average_drop")}
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
         rows = [{k: float(v) for k, v in r.items() if v and "faithfulness" in k} | {"step": int(r["step"])}
                 for r in csv.DictReader(f)]

@@ -99,6 +99,21 @@ def test_imputer_equals_pytorch_grad_cam_without_noise():
         impute(imgs[:1], torch.zeros(1, 20, 17, dtype=torch.bool))
 
 
+def test_imputer_converges_in_few_steps_on_large_holes():
+    """ROAD's masks are blobs (a smooth map thresholded): holes of thousands of pixels, where Jacobi-preconditioned
+    CG needs hundreds of steps; the multigrid preconditioner reaches the peer's values to 1e-4 within 40."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(4, 3, 64, 57, generator=g)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 1, 7, 7, generator=g), size=(64, 57), mode="bilinear")
+    known = torch.cat([smooth[0] < 0.2, smooth[0] > 0.2, smooth[0] < 0.8, smooth[0] > 0.8])
+    ours = impute(imgs, known, tol=1e-6, max_iter=40)
+    for i in range(4):
+        want = NoisyLinearImputer(noise=0)(imgs[i], known[i].float())
+        assert (ours[i] - want).abs().max() < 1e-4
+
+
 def test_road_equals_pytorch_grad_cam():
     from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst, ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
@@ -311,17 +326,20 @@ def test_evaluate_table_json_and_plots(tmp_path):
 
     model, (x, _) = tiny_net(), data(n=2, size=16)
     before = copy.deepcopy(model.state_dict())
-    res = evaluate(model, x, methods=["gradcam", "gradient"], steps=5, percentiles=(20, 80))
-    assert res.methods == ["gradcam", "gradient", "random"]  # the random map is always a row
+    res = evaluate(model, x, methods=["gradcam", "saliency"], steps=5, percentiles=(20, 80))
+    # a random row on each method's grid: the CAM's layer is 16x16 here (padding 1, no stride): the pixels' grid
+    assert res.methods == ["gradcam", "saliency", "random (pixels)"]
     doc = res.to_json()
-    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "gradient", "random"}
+    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "saliency", "random (pixels)"}
+    assert doc["methods"]["gradcam"]["grid"] == [16, 16] and doc["methods"]["saliency"]["baseline"] == \
+        "random (pixels)"
     for entry in doc["methods"].values():
         assert set(entry["metrics"]) == {"deletion", "insertion", "road", "average_drop", "increase_in_confidence"}
         assert all(set(s) == {"mean", "std", "per_image"} and len(s["per_image"]) == 2
                    for s in entry["metrics"].values())
         assert entry["sanity"]["verdict"] in ("passes", "fails") and entry["sanity"]["threshold"] == 0.5
     # the random map ignores the model: it survives every randomisation
-    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert doc["methods"]["random (pixels)"]["sanity"]["verdict"] == "fails"
     # the table's numbers are the metrics' own
     cam = grad_cam(model, x, None, model(x).argmax(1)).maps
     want = deletion_insertion(model, x, cam, steps=5, baseline="blur").deletion_auc
@@ -371,14 +389,15 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
     out = tmp_path / "out"
     model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
-    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided_backprop", "--metrics", "deletion,sanity",
+    assert cli.main(["evaluate", *model, "--methods", "gradcam,guided-backprop", "--metrics", "deletion,sanity",
                      "--steps", "4", "--out", str(out)]) == 0
     doc = json.loads((out / "evaluate.json").read_text())
-    assert set(doc["methods"]) == {"gradcam", "guided_backprop", "random"}
+    grid = "x".join(map(str, doc["methods"]["gradcam"]["grid"]))
+    assert set(doc["methods"]) == {"gradcam", "guided-backprop", "random (pixels)", f"random ({grid})"}
     assert len(doc["methods"]["gradcam"]["metrics"]["deletion"]["per_image"]) == 2
-    assert doc["methods"]["random"]["sanity"]["verdict"] == "fails"
+    assert doc["methods"]["random (pixels)"]["sanity"]["verdict"] == "fails"
     assert (out / "curves.png").exists() and (out / "cascade.png").exists() and (out / "index.html").exists()
-    assert "guided_backprop" in capsys.readouterr().out
+    assert "guided-backprop" in capsys.readouterr().out
     assert cli.main(["evaluate", *model, "--methods", "gradcam,gradkam", "--out", str(out)]) == 2
     assert "--methods: unknown 'gradkam'" in capsys.readouterr().err
     assert cli.main(["evaluate", *model, "--max-images", "1", "--out", str(out)]) == 2
@@ -421,3 +440,108 @@ def test_cli_evaluate_in_batches_and_the_atlas_shows_its_verdicts(tmp_path, caps
     assert cli.main(["atlas", *model, "--layers", "conv1", "--evaluation", str(bad), "--out",
                      str(tmp_path / "atlas2")]) == 2
     assert "evaluation" in capsys.readouterr().err
+
+
+def test_evaluate_runs_every_method_we_ship():
+    """One table holds every method as the CLI spells it: the CAM family, the gradients, occlusion, LRP and (on
+    attention models) attention rollout; each one's map is its own function's and its grid is what it resolves."""
+    from lightning_vis.attribution import CAM_METHODS, grad_cam
+    from lightning_vis.metrics import METHODS, evaluate
+    from lightning_vis.metrics.evaluate import random_name
+    from tests.cli_models import tiny_cnn, tiny_vit
+
+    assert set(CAM_METHODS) < set(METHODS)
+    assert {"saliency", "smoothgrad", "guided-backprop", "deconvnet", "attention-rollout", "integrated-gradients",
+            "gradient-shap", "input-x-gradient", "occlusion", "lrp"} < set(METHODS)
+    model, (x, _) = tiny_cnn().eval(), data(n=2, size=16)
+    c = model(x).argmax(1)
+    for name, fn in METHODS.items():
+        if name == "attention-rollout":
+            with pytest.raises(ValueError, match="attention"):
+                fn(model, x, c, None, 0)
+            continue
+        maps, grid = fn(model, x, c, None, 0)
+        assert maps.shape[0] == 2 and torch.isfinite(maps).all(), name
+    cam = grad_cam(model, x, None, c)
+    maps, grid = METHODS["gradcam"](model, x, c, None, 0)
+    assert torch.equal(maps, cam.maps) and grid == (8, 8)  # the layer after the 2x2 pool
+    assert METHODS["occlusion"](model, x, c, None, 0)[1] == (15, 15)  # windows of 2 at stride 1
+    assert METHODS["saliency"](model, x, c, None, 0)[1] == (16, 16)
+    assert random_name((8, 8), (16, 16)) == "random (8x8)" and random_name((16, 16), (16, 16)) == "random (pixels)"
+    vit = tiny_vit().eval()
+    xv = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps, grid = METHODS["attention-rollout"](vit, xv, vit(xv).argmax(1), None, 0)
+    assert maps.shape == (2, 2, 2) and grid == (2, 2)
+    res = evaluate(vit, xv, ["attention-rollout"], ["deletion"], steps=4)
+    assert res.methods == ["attention-rollout", "random (2x2)"] and res.baselines["attention-rollout"] == "random (2x2)"
+
+
+def test_evaluate_random_rows_are_drawn_on_each_methods_grid():
+    """A CAM of an 8x8 layer is compared with uniform noise on 8x8 upsampled as the CAM is, a per-pixel method with
+    per-pixel noise: the random rows' numbers are those maps' own."""
+    from lightning_vis.metrics import evaluate
+    from tests.cli_models import tiny_cnn
+
+    model, (x, _) = tiny_cnn().eval(), data(n=2, size=16)
+    res = evaluate(model, x, ["gradcam", "saliency"], ["deletion"], steps=4, baseline="zeros")
+    assert res.methods == ["gradcam", "saliency", "random (8x8)", "random (pixels)"]
+    assert res.baselines == {"gradcam": "random (8x8)", "saliency": "random (pixels)",
+                             "random (8x8)": "random (8x8)", "random (pixels)": "random (pixels)"}
+    for grid, name in (((8, 8), "random (8x8)"), ((16, 16), "random (pixels)")):
+        noise = torch.rand((2, *grid), generator=torch.Generator().manual_seed(0))
+        want = deletion_insertion(model, x, noise, steps=4, baseline="zeros").deletion_auc
+        assert res.metrics[name]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
+
+
+def _deletion_loop(model, x, cell_relevance, grid, steps, insertion=False):
+    """Deletion (or insertion) by its definition, one input and one step at a time: cells ranked by relevance
+    (ties in cell order), the top k cells' positions set to zero (or all but them). x: one input (C, *spatial)."""
+    spatial = x.shape[1:]
+    size = [s // g for s, g in zip(spatial, grid)]
+    order = torch.argsort(cell_relevance.flatten(), descending=True, stable=True).tolist()
+    cells = len(order)
+    stride = -(-cells // steps)
+    curve = []
+    for k in [*range(0, cells, stride), cells]:
+        keep = torch.ones(spatial, dtype=torch.bool)
+        for idx in order[:k]:
+            at = np.unravel_index(idx, grid)
+            keep[tuple(slice(a * s, (a + 1) * s) for a, s in zip(at, size))] = False
+        if insertion:
+            keep = ~keep
+        with torch.no_grad():
+            out = model((x * keep)[None]).softmax(1)[0]
+        curve.append(out)
+    return curve
+
+
+@pytest.mark.parametrize("kind", ["video", "vit"])
+def test_deletion_insertion_perturb_along_the_grid(kind):
+    """A clip's (T, H, W) grid (here 2 x 3 x 3 cells of a 4 x 6 x 6 clip) and a ViT's patch grid (2 x 2 patches of
+    16 px): whole cells removed or inserted in the order of the map's mean per cell, as a loop does it."""
+    from tests.cli_models import tiny_vit
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "video":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                              nn.Linear(4, 3)).eval()
+        x, grid = torch.randn(2, 2, 4, 6, 6, generator=g), (2, 3, 3)
+    else:
+        model, grid = tiny_vit().eval(), (2, 2)
+        x = torch.randn(2, 3, 32, 32, generator=g)
+    maps = torch.rand((2, *x.shape[2:]), generator=g)
+    cur = deletion_insertion(model, x, maps, steps=3, grid=grid)
+    classes = model(x).argmax(1)
+    size = [s // c for s, c in zip(x.shape[2:], grid)]
+    pool = (None, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d)[len(grid) - 1]
+    for i in range(2):
+        cell = pool(maps[i][None, None], size, size)[0, 0]
+        for insertion, got in ((False, cur.deletion), (True, cur.insertion)):
+            want = [o[classes[i]].item() for o in _deletion_loop(model, x[i], cell, grid, 3, insertion)]
+            assert got[i].tolist() == pytest.approx(want, abs=1e-5)
+    assert cur.fractions.tolist() == pytest.approx([k / np.prod(grid) for k in
+                                                    [*range(0, int(np.prod(grid)), -(-int(np.prod(grid)) // 3)),
+                                                     int(np.prod(grid))]])
+    with pytest.raises(ValueError, match="does not divide"):
+        deletion_insertion(model, x, maps, grid=tuple(s + 1 for s in grid))

@@ -46,18 +46,18 @@ def test_randomisation_reproduces_adebayo_et_al(model):
     x = photos(128, PHOTOS[:2])
     layers = ["classifier.1", "features.18.1", "features.18.0"]
     sim, verdict = {}, {}
-    for name in ("guided_backprop", "gradcam", "gradient"):
+    for name in ("guided-backprop", "gradcam", "saliency"):
         fn = METHODS[name]
-        r = randomisation_test(model, x, lambda m, x, c, fn=fn: fn(m, x, c, None, 0), layers=layers,
+        r = randomisation_test(model, x, lambda m, x, c, fn=fn: fn(m, x, c, None, 0)[0], layers=layers,
                                independent=False, random_logit=False)
         sim[name] = r.cascading["spearman_abs"].mean(1)
         verdict[name] = r.verdict(threshold=0.5)
     # measured: guided backprop 0.9997, 0.9997, 0.9992; Grad-CAM 0.32, 0.70, 0.04; gradient 0.33, 0.30, 0.26
-    assert verdict["guided_backprop"]["verdict"] == "fails" and verdict["guided_backprop"]["survived_layers"] == 3
-    assert (sim["guided_backprop"] > 0.99).all()
-    for name in ("gradcam", "gradient"):
+    assert verdict["guided-backprop"]["verdict"] == "fails" and verdict["guided-backprop"]["survived_layers"] == 3
+    assert (sim["guided-backprop"] > 0.99).all()
+    for name in ("gradcam", "saliency"):
         assert verdict[name]["verdict"] == "passes", (name, sim[name])
-    assert (sim["gradient"] < 0.5).all() and sim["gradcam"][-1] < 0.2
+    assert (sim["saliency"] < 0.5).all() and sim["gradcam"][-1] < 0.2
 
 
 def test_gradcam_deletes_its_class_faster_than_a_random_map(model):

@@ -2,7 +2,7 @@
 
 A separate file from ``_core`` (whose shared pieces it uses: the schedule, the life cycle, the loggers): every n
 epochs it runs ``lightning_vis.metrics.evaluate`` for the chosen methods on fixed images and logs each method's mean
-of each metric, the random map's row beside them (is the method better than chance on the model as it is now?).
+of each metric, the random maps' rows beside them (is the method better than chance on the model as it is now?).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ LOGGED = tuple(m for m in METRICS if m != "sanity")
 class FaithfulnessMixin(OnImages):
     """Logs ``lightning_vis/faithfulness/<method>/<metric>``: the mean over the fixed `images` of each metric in
     `metrics` (see lightning_vis.metrics.evaluate; every one but "sanity") for each method in `methods` (names as
-    the CLI spells them) and for "random", every_n_epochs (and at fit end), to every logger on the trainer.
+    the CLI spells them) and for the random maps on their grids ("random (pixels)", "random (8x8)": see
+    ``evaluate``), every_n_epochs (and at fit end), to every logger on the trainer.
 
     target, layer, steps, baseline, percentiles and samples as in ``evaluate``; ``history`` keeps (epoch,
     {key: value}) of every run. At fit start the names are checked and every metric runs on the first image."""
 
-    def __init__(self, images, methods=("gradcam", "gradient"), metrics=("deletion", "insertion"), *, target=None,
+    def __init__(self, images, methods=("gradcam", "saliency"), metrics=("deletion", "insertion"), *, target=None,
                  layer: str | None = None, steps: int = 10, baseline: str = "blur", percentiles=(10, 30, 50, 70, 90),
                  samples: int = 10, seed: int = 0, **kw):
         super().__init__(images, **kw)

@@ -54,8 +54,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="which method to trust: faithfulness metrics and sanity checks per method, "
                                         "beside a random map")
     add_model_args(p, with_layers=False)
-    p.add_argument("--methods", default="gradient,gradcam,guided_backprop",
-                   help=f"comma-separated, from {', '.join(METHODS)} ('random' is always added; default %(default)s)")
+    p.add_argument("--methods", default="saliency,gradcam,guided-backprop",
+                   help=f"comma-separated, from {', '.join(METHODS)} (random maps on each method's grid are always "
+                        "added; default %(default)s)")
     p.add_argument("--metrics", default="deletion,insertion,road,average_drop,increase_in_confidence,sanity",
                    help=f"comma-separated, from {', '.join(METRICS)} (default %(default)s)")
     p.add_argument("--layer", help="the CAM methods' layer (default: the last layer with maps)")

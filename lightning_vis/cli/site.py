@@ -151,7 +151,7 @@ def add_commands(sub) -> None:
                    help="show this evaluation's verdicts on methods.html (an evaluate.json of lightning-vis evaluate)")
     p.add_argument("--evaluate-images", type=int, default=0,
                    help="or evaluate the methods here, on the first N images (0: no methods page; default %(default)s)")
-    p.add_argument("--methods", default="gradient,gradcam,guided_backprop",
+    p.add_argument("--methods", default="saliency,gradcam,guided-backprop",
                    help="the methods --evaluate-images checks, comma-separated (default %(default)s)")
     p.set_defaults(run=cmd_atlas)
 

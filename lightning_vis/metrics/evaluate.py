@@ -14,12 +14,33 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attribution import _input_gradient, grad_cam, guided_backprop, saliency, target_scores
+from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, grad_cam, guided_backprop, saliency,
+                           target_scores)
+from ..gradients import gradient_shap, input_x_gradient, integrated_gradients
 from ..hooks import ModelGuard
+from ..lrp import lrp
+from ..occlusion import occlusion
 from . import perturbation as P
 from .sanity import Randomisation, randomisation_test
 
-# method names as the CLI spells them -> explain(model, inputs, classes, layer, seed) -> maps
+# The one table of methods: name as the CLI spells it -> explain(model, inputs, classes, layer, seed) -> (maps,
+# grid). maps: what the metrics score ((N, *spatial) or the input's shape); grid: the spatial shape the method
+# resolves (a CAM's layer grid, attention rollout's patch grid, occlusion's window placements; the input's own
+# grid for per-pixel methods): the random baseline a method is compared with is drawn on the same grid.
+
+
+def _pixels(maps: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    return maps, tuple(maps.shape[2:])
+
+
+def _cam(method: str) -> Callable:
+    def explain(m, x, c, layer, seed):
+        cam = grad_cam(m, x, layer, c, method=method)
+        if method == "guided-gradcam":  # the picture is guided backprop times the map: per pixel
+            return _pixels(cam.guided.abs())
+        return cam.maps, tuple(cam.low_res.shape[1:])
+
+    return explain
 
 
 def _deconvnet(model, x, classes):
@@ -27,22 +48,45 @@ def _deconvnet(model, x, classes):
         return _input_gradient(model, x, classes, "deconvnet")[0]
 
 
-def _random(x: Tensor, seed: int) -> Tensor:
-    """A map of uniform noise on the input's grid, the same for the same seed and shape."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand((x.shape[0], *x.shape[2:]), generator=g).to(x.device)
+def _rollout(m, x, c, layer, seed):
+    maps = attention_rollout(m, x)  # class-agnostic: the attention the model pays, whatever the class
+    return maps, tuple(maps.shape[1:])
+
+
+def _occlusion(m, x, c, layer, seed):
+    window = [max(1, n // 8) for n in x.shape[2:]]  # 8 windows a side, overlapping by half (the default stride)
+    occ = occlusion(m, x, c, window=window)
+    return occ.maps, tuple(occ.grid.shape[1:])
 
 
 METHODS: dict[str, Callable] = {
-    "gradient": lambda m, x, c, layer, seed: saliency(m, x, c).maps,
-    "smoothgrad": lambda m, x, c, layer, seed: saliency(m, x, c, samples=16, seed=seed).maps,
-    "guided_backprop": lambda m, x, c, layer, seed: guided_backprop(m, x, c).maps.abs(),
-    "deconvnet": lambda m, x, c, layer, seed: _deconvnet(m, x, c).abs(),
-    "gradcam": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c).maps,
-    "gradcam++": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c, method="gradcam++").maps,
-    "layercam": lambda m, x, c, layer, seed: grad_cam(m, x, layer, c, method="layercam").maps,
-    "random": lambda m, x, c, layer, seed: _random(x, seed),
+    **{name: _cam(name) for name in CAM_METHODS},
+    "saliency": lambda m, x, c, layer, seed: _pixels(saliency(m, x, c).maps),
+    "smoothgrad": lambda m, x, c, layer, seed: _pixels(saliency(m, x, c, samples=16, seed=seed).maps),
+    "guided-backprop": lambda m, x, c, layer, seed: _pixels(guided_backprop(m, x, c).maps.abs()),
+    "deconvnet": lambda m, x, c, layer, seed: _pixels(_deconvnet(m, x, c).abs()),
+    "attention-rollout": _rollout,
+    "integrated-gradients": lambda m, x, c, layer, seed: _pixels(integrated_gradients(m, x, c).maps),
+    "gradient-shap": lambda m, x, c, layer, seed: _pixels(gradient_shap(m, x, c, seed=seed).maps),
+    "input-x-gradient": lambda m, x, c, layer, seed: _pixels(input_x_gradient(m, x, c).maps),
+    "occlusion": _occlusion,
+    "lrp": lambda m, x, c, layer, seed: _pixels(lrp(m, x, c).maps),
 }
+
+
+def random_name(grid: Sequence[int], spatial: Sequence[int]) -> str:
+    """The random baseline row of a grid: "random (pixels)" on the input's own grid, "random (7x7)" on a coarser
+    one."""
+    return "random (pixels)" if tuple(grid) == tuple(spatial) else f"random ({'x'.join(map(str, grid))})"
+
+
+def _random(x: Tensor, grid: Sequence[int], seed: int) -> Tensor:
+    """A map of uniform noise on `grid` (N, *grid), the same for the same seed and shape; the metrics upsample a
+    coarse one to the input as they do a CAM."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((x.shape[0], *grid), generator=g).to(x.device)
+
+
 METRICS = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence", "infidelity",
            "max_sensitivity", "sanity")
 # which way is better, for the table's reader
@@ -59,9 +103,13 @@ def _summary(values: Tensor) -> dict:
 @dataclass
 class Evaluation:
     """metrics[method][metric] = {"mean", "std", "per_image"}; curves[method]: deletion / insertion Curves;
-    sanity[method]: the Randomisation and its verdict; threshold: the verdicts' similarity threshold."""
+    sanity[method]: the Randomisation and its verdict; threshold: the verdicts' similarity threshold; grids[method]:
+    the grid the method's map resolves; baselines[method]: the random row drawn on that grid (its own name for a
+    random row)."""
 
     methods: list[str]
+    grids: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    baselines: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)
     curves: dict[str, P.Curves] = field(default_factory=dict)
     sanity: dict[str, Randomisation] = field(default_factory=dict)
@@ -71,12 +119,14 @@ class Evaluation:
         return self.sanity[method].verdict(self.threshold)
 
     def to_json(self) -> dict:
-        """{"methods": {name: {"metrics": {metric: {"mean", "std", "per_image"}}, "sanity": {"verdict": "passes" |
+        """{"methods": {name: {"grid": [...], "baseline": random row, "metrics": {metric: {"mean", "std",
+        "per_image"}}, "sanity": {"verdict": "passes" |
         "fails", "reason", "survived_layers", "threshold", "similarity", "cascading": {similarity: per layer
         means}, "layers": [...]}}}} (sanity only where it was run)."""
         out = {}
         for m in self.methods:
-            entry = {"metrics": self.metrics.get(m, {})}
+            entry = {"grid": list(self.grids.get(m, ())), "baseline": self.baselines.get(m),
+                     "metrics": self.metrics.get(m, {})}
             if m in self.sanity:
                 r = self.sanity[m]
                 entry["sanity"] = {**self.verdict(m), "layers": r.layers,
@@ -110,7 +160,7 @@ class Evaluation:
             ax = fig.add_subplot(1, 2, i + 1)
             for m, c in self.curves.items():
                 ax.plot(c.fractions.cpu(), getattr(c, kind).mean(0).cpu(), label=m,
-                        linestyle="--" if m == "random" else "-")
+                        linestyle="--" if m.startswith("random") else "-")
             ax.set_title(f"{kind} (AUC: {'lower' if kind == 'deletion' else 'higher'} is better)", fontsize=10)
             ax.set_xlabel(f"fraction of positions {'removed' if kind == 'deletion' else 'inserted'}", fontsize=9)
             ax.set_ylabel("target score", fontsize=9)
@@ -168,27 +218,34 @@ class Evaluation:
         return out
 
 
-def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradient", "gradcam", "guided_backprop"),
+def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("saliency", "gradcam", "guided-backprop"),
              metrics: Sequence[str] = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence",
                                        "sanity"),
              *, target=None, layer=None, steps: int = 20, baseline: str = "blur", percentiles=(10, 30, 50, 70, 90),
              samples: int = 10, sanity_layers: list[str] | None = None, threshold: float = 0.5, seed: int = 0,
-             batch_size: int | None = None, memory_budget: int | None = None) -> Evaluation:
-    """Every method in `methods` (names as the CLI spells them: see METHODS; "random" is always added as the
-    baseline row) scored by every metric in `metrics` (see METRICS) on `images` (N, C, *spatial).
+             grid: Sequence[int] | None = None, batch_size: int | None = None,
+             memory_budget: int | None = None) -> Evaluation:
+    """Every method in `methods` (names as the CLI spells them: see METHODS) scored by every metric in `metrics`
+    (see METRICS) on `images` (N, C, *spatial), beside random maps as baseline rows.
+
+    The random baseline is drawn on each method's own grid, so that "better than chance" compares like with like:
+    a CAM of a 7x7 layer against uniform noise on 7x7 upsampled as the CAM is ("random (7x7)"), a per-pixel method
+    against per-pixel noise ("random (pixels)"); one random row per grid the chosen methods use, named by it, and
+    each method's ``baselines[method]`` names its row.
 
     target: as everywhere (None: each image's top prediction, fixed on the clean image); layer: the CAM methods'
-    layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline`, ROAD the
+    layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline` and remove whole
+    cells of `grid` where it is given (a ViT's patch grid, a clip's (T, H, W) grid; None: every position), ROAD the
     `percentiles`, infidelity and max-sensitivity `samples` perturbations; "sanity" runs the randomisation test
     (over `sanity_layers`, default every layer with parameters) with its verdict at `threshold`. All seeded."""
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if unknown or not methods:
+        raise ValueError(f"unknown method {unknown[0] if unknown else 'none given'!r}; choose from "
+                         f"{', '.join(METHODS)} (the random baselines are always added)")
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"unknown metric {bad[0] if bad else 'none given'!r}; choose from {', '.join(METRICS)}")
     P._check(images)
-    names = list(dict.fromkeys([*methods, "random"]))
     with torch.no_grad(), ModelGuard(model, eval=True):
         out = model(images)
     classes = target_scores(out, target)[1]
@@ -196,17 +253,26 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradie
         raise ValueError("evaluate needs class targets (None, a class, or one per image): the sanity checks and "
                          "the methods explain classes")
     opts = {"batch_size": batch_size, "memory_budget": memory_budget}
-    result = Evaluation(names, threshold=threshold)
+    spatial = tuple(images.shape[2:])
+    explainers, first, grids = {}, {}, {}
+    for name in dict.fromkeys(methods):
+        explainers[name] = lambda m, x, c, fn=METHODS[name]: fn(m, x, c, layer, seed)[0]
+        maps, grids[name] = METHODS[name](model, images, classes, layer, seed)
+        first[name] = maps.detach()
+    for grid in dict.fromkeys(grids.values()):
+        name = random_name(grid, spatial)
+        explainers[name] = lambda m, x, c, grid=grid: _random(x, grid, seed)
+        first[name] = _random(images, grid, seed)
+        grids[name] = grid
+    names = list(explainers)
+    result = Evaluation(names, threshold=threshold, grids=grids,
+                        baselines={m: random_name(grids[m], spatial) for m in names})
     for name in names:
-        fn = METHODS[name]
-
-        def explain(m, x, c, fn=fn):
-            return fn(m, x, c, layer, seed)
-
-        maps = explain(model, images, classes).detach()
+        explain, maps = explainers[name], first[name]
         row = {}
         if "deletion" in metrics or "insertion" in metrics:
-            curves = P.deletion_insertion(model, images, maps, classes, steps=steps, baseline=baseline, **opts)
+            curves = P.deletion_insertion(model, images, maps, classes, steps=steps, baseline=baseline, grid=grid,
+                                          **opts)
             result.curves[name] = curves
             for k in ("deletion", "insertion"):
                 if k in metrics:
@@ -230,4 +296,3 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradie
         if "sanity" in metrics:
             result.sanity[name] = randomisation_test(model, images, explain, layers=sanity_layers, seed=seed)
     return result
-
