@@ -16,7 +16,7 @@ from tests.test_metrics import tiny_net
 
 SMALL = {"k": 2, "size": 8, "steps": 1, "diverse": 0, "negative": False, "connections": 0, "max_units": 2,
          "tile": 8}
-OPTIONS = {"methods": ["gradient", "guided_backprop"], "metrics": ["deletion", "insertion", "sanity"], "steps": 5,
+OPTIONS = {"methods": ["saliency", "guided-backprop"], "metrics": ["deletion", "insertion", "sanity"], "steps": 5,
            "sanity_layers": ["6", "2"]}
 
 
@@ -41,17 +41,17 @@ def test_evaluated_on_the_atlas_images_the_page_shows_evaluate_dataset(tmp_path)
                       batch_size=4, **SMALL)
     want = evaluate_dataset(model, torch.utils.data.Subset(ds, range(6)), batch_size=4, progress=False, **OPTIONS)
     assert json.loads((tmp_path / "a" / "evaluate.json").read_text()) == json.loads(json.dumps(want.to_json()))
-    assert len(want.metrics["gradient"]["deletion"]["per_image"]) == 6  # the first 6 images, not all 9
+    assert len(want.metrics["saliency"]["deletion"]["per_image"]) == 6  # the first 6 images, not all 9
     page = (tmp_path / "a" / "methods.html").read_text()
     assert 'href="methods.html"' in res.index.read_text()
     table = rows(page)
-    assert list(table) == ["gradient", "guided_backprop", "random"]
-    for m in ("gradient", "guided_backprop"):
+    assert list(table) == ["saliency", "guided-backprop", "random (pixels)"]
+    for m in ("saliency", "guided-backprop"):
         verdict = want.verdict(m)
         assert table[m][0] == verdict["verdict"]
         assert html.escape(verdict["reason"]) in page
         for col, metric in enumerate(("deletion", "insertion"), start=1):
-            s, r = want.metrics[m][metric], want.metrics["random"][metric]
+            s, r = want.metrics[m][metric], want.metrics["random (pixels)"][metric]
             assert table[m][col].startswith(f"{s['mean']:.3g} ± {s['std']:.2g}")
             assert f"(random {r['mean']:.3g})" in table[m][col]
             better = s["mean"] < r["mean"] if metric == "deletion" else s["mean"] > r["mean"]
@@ -61,16 +61,16 @@ def test_evaluated_on_the_atlas_images_the_page_shows_evaluate_dataset(tmp_path)
 
 def test_a_given_evaluation_is_shown_and_bad_ones_are_refused(tmp_path):
     model, ds = tiny_net(), data(4)
-    ev = evaluate(model, ds.tensors[0], ["gradient"], ["deletion", "insertion"], steps=5)
+    ev = evaluate(model, ds.tensors[0], ["saliency"], ["deletion", "insertion"], steps=5)
     saved = ev.save(tmp_path / "ev")["json"]
     atlas.build(model, ds, tmp_path / "a", ["0"], progress=False, evaluation=saved, **SMALL)
     page = (tmp_path / "a" / "methods.html").read_text()
     table = rows(page)
-    assert table["gradient"][0] == "-"  # no sanity check in this evaluation
+    assert table["saliency"][0] == "-"  # no sanity check in this evaluation
     assert "no sanity check was run" in page
-    s = ev.metrics["gradient"]["deletion"]
-    assert table["gradient"][1].startswith(f"{s['mean']:.3g} ± {s['std']:.2g}")
-    assert faithfulness(saved)["methods"]["gradient"]["deletion"]["mean"] == s["mean"]
+    s = ev.metrics["saliency"]["deletion"]
+    assert table["saliency"][1].startswith(f"{s['mean']:.3g} ± {s['std']:.2g}")
+    assert faithfulness(saved)["methods"]["saliency"]["deletion"]["mean"] == s["mean"]
     bad = tmp_path / "bad.json"
     for text, match in [("{", "cannot read"), ('{"methods": []}', "non-empty \"methods\" object"),
                         ('{"methods": {"x": {"metrics": {"deletion": {"mean": "NaN"}}}}}', "finite number"),

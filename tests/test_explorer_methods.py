@@ -74,7 +74,7 @@ def test_the_menu_and_its_limits_are_one_table(served):
     srv, *_ = served
     methods = js(request(srv, "/api/model")[2])["methods"]
     assert [m["name"] for m in methods["served"]] == [*SERVED_CAMS, *METHOD_PARAMS]
-    ig = next(m for m in methods["served"] if m["name"] == "integrated_gradients")
+    ig = next(m for m in methods["served"] if m["name"] == "integrated-gradients")
     assert ig["params"] == {"steps": {"default": 32, "min": 1, "max": 64}}
     assert sorted(methods["refused"]) == sorted(RERUNS)
     assert all("once per channel" in why for why in methods["refused"].values())
@@ -82,13 +82,13 @@ def test_the_menu_and_its_limits_are_one_table(served):
 
 
 @pytest.mark.parametrize("method,query,reference", [
-    ("gradient", "", lambda m, x: lv.saliency(m, x).maps),
+    ("saliency", "", lambda m, x: lv.saliency(m, x).maps),
     ("smoothgrad", "&samples=3", lambda m, x: lv.saliency(m, x, samples=3).maps),
-    ("guided_backprop", "", lambda m, x: lv.guided_backprop(m, x).maps.abs()),
-    ("integrated_gradients", "&steps=7", lambda m, x: lv.integrated_gradients(m, x, steps=7).maps.abs()),
-    ("integrated_gradients", "", lambda m, x: lv.integrated_gradients(m, x, steps=32).maps.abs()),
-    ("gradient_shap", "&samples=4", lambda m, x: lv.gradient_shap(m, x, samples=4).maps.abs()),
-    ("input_x_gradient", "", lambda m, x: lv.input_x_gradient(m, x).maps.abs()),
+    ("guided-backprop", "", lambda m, x: lv.guided_backprop(m, x).maps.abs()),
+    ("integrated-gradients", "&steps=7", lambda m, x: lv.integrated_gradients(m, x, steps=7).maps.abs()),
+    ("integrated-gradients", "", lambda m, x: lv.integrated_gradients(m, x, steps=32).maps.abs()),
+    ("gradient-shap", "&samples=4", lambda m, x: lv.gradient_shap(m, x, samples=4).maps.abs()),
+    ("input-x-gradient", "", lambda m, x: lv.input_x_gradient(m, x).maps.abs()),
     ("occlusion", "&window=4&stride=2", lambda m, x: lv.occlusion(m, x, window=4, stride=2).maps),
     # 16 px: a window of an eighth; the stride half that (225 placements) is over the limit, the next fits (64)
     ("occlusion", "", lambda m, x: lv.occlusion(m, x, window=2, stride=2).maps),
@@ -110,15 +110,15 @@ def test_every_served_method_draws_the_library_map(served, method, query, refere
 
 
 @pytest.mark.parametrize("query,message", [
-    ("method=integrated_gradients&steps=100000", "steps 100000 is out of range for integrated_gradients: 1..64"),
-    ("method=integrated_gradients&steps=-3", "parameter 'steps' must be an integer in 1..64"),
-    ("method=integrated_gradients&steps=" + "9" * 5000, "must be an integer in 1..64, got '99999"),
-    ("method=gradient_shap&samples=0", "samples 0 is out of range for gradient_shap: 1..64"),
+    ("method=integrated-gradients&steps=100000", "steps 100000 is out of range for integrated-gradients: 1..64"),
+    ("method=integrated-gradients&steps=-3", "parameter 'steps' must be an integer in 1..64"),
+    ("method=integrated-gradients&steps=" + "9" * 5000, "must be an integer in 1..64, got '99999"),
+    ("method=gradient-shap&samples=0", "samples 0 is out of range for gradient-shap: 1..64"),
     ("method=smoothgrad&samples=1000", "samples 1000 is out of range for smoothgrad: 1..32"),
     ("method=occlusion&window=2&stride=1", "runs the model 225 times, over the limit of 100 per request"),
     ("method=occlusion&window=99", "window 99 is larger than the image (16 pixels"),
     ("method=occlusion&window=4&stride=5", "stride 5 is larger than the window 4"),
-    ("method=gradient&steps=3", "method 'gradient' takes no parameter 'steps' (its parameters: none)"),
+    ("method=saliency&steps=3", "method 'saliency' takes no parameter 'steps' (its parameters: none)"),
     ("method=gradcam&window=3", "takes no parameter 'window'"),
     ("method=lrp&composite=magic", "unknown composite 'magic'; choose one of epsilon-plus-flat"),
     ("method=scorecam", "runs the model once per channel of the layer"),
@@ -140,15 +140,15 @@ def test_faithfulness_of_the_image_equals_evaluate(served):
     got = js(data)
     x, _ = ex._picture("img2.png")
     names = [m for m in lv.metrics.METHODS if m in (*SERVED_CAMS, *METHOD_PARAMS)]
-    assert got["source"] == "image" and list(got["methods"]) == [m for m in names if m != "random"]
-    assert {"gradient", "guided_backprop", "gradcam"} <= set(got["methods"])
+    assert got["source"] == "image" and list(got["methods"]) == names
+    assert {"saliency", "guided-backprop", "gradcam"} <= set(got["methods"])
     want = evaluate(model, x[None], names, ("deletion", "insertion", "sanity"), target=1, layer="conv2", steps=20,
                     sanity_layers=["fc", "conv2", "conv1"])
     for m, row in got["methods"].items():
         assert row["verdict"] == want.verdict(m)["verdict"] and row["reason"] == want.verdict(m)["reason"]
         for k in ("deletion", "insertion"):
             assert row[k]["mean"] == pytest.approx(want.metrics[m][k]["mean"], abs=1e-6)
-            assert row[k]["random"] == pytest.approx(want.metrics["random"][k]["mean"], abs=1e-6)
+            assert row[k]["random"] == pytest.approx(want.metrics[want.baselines[m]][k]["mean"], abs=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -159,19 +159,19 @@ def test_faithfulness_from_an_evaluation_given(tmp_path):
     to_input, _ = default_input(16)
     model = tiny()
     x = torch.stack([to_input(Image.open(io.BytesIO(png_bytes(i))))[0] for i in range(3)])
-    ev = evaluate(model, x, ["gradient", "gradcam"], ["deletion", "insertion", "sanity"], layer="conv2", steps=5,
+    ev = evaluate(model, x, ["saliency", "gradcam"], ["deletion", "insertion", "sanity"], layer="conv2", steps=5,
                   sanity_layers=["fc"])
     path = ev.save(tmp_path / "ev")["json"]
     ex = Explorer(model, folder, to_input=to_input, evaluation=path)
     got = ex.faithfulness("a.png", "conv2")
-    assert got["source"] == "evaluation" and list(got["methods"]) == ["gradcam", "gradient"]  # the menu's order
-    for m in ("gradient", "gradcam"):
+    assert got["source"] == "evaluation" and list(got["methods"]) == ["gradcam", "saliency"]  # the menu's order
+    for m in ("saliency", "gradcam"):
         assert got["methods"][m]["verdict"] == ev.verdict(m)["verdict"]
         assert got["methods"][m]["deletion"]["mean"] == ev.metrics[m]["deletion"]["mean"]
         assert got["methods"][m]["images"] == 3
     assert ex.model_info()["methods"]["evaluation"] is True
     ex.close()
-    (tmp_path / "bad.json").write_text('{"methods": {"gradient": {"sanity": {"verdict": "perhaps"}}}}')
+    (tmp_path / "bad.json").write_text('{"methods": {"saliency": {"sanity": {"verdict": "perhaps"}}}}')
     with pytest.raises(ValueError, match="sanity must be an object whose verdict is 'passes' or 'fails'"):
         Explorer(model, folder, to_input=to_input, evaluation=tmp_path / "bad.json")
 
@@ -209,8 +209,8 @@ def test_page_menu_faithfulness_and_projections_in_headless_chromium(served, tmp
         wait.until(lambda d: len(d.find_elements("css selector", "#thumbs img")) >= 4)
         driver.find_element("css selector", '#layers div[data-layer="conv2"]').click()
         wait.until(lambda d: loaded("cam"))
-        Select(driver.find_element("id", "method")).select_by_value("integrated_gradients")
-        wait.until(lambda d: "method=integrated_gradients" in d.find_element("id", "cam").get_attribute("src")
+        Select(driver.find_element("id", "method")).select_by_value("integrated-gradients")
+        wait.until(lambda d: "method=integrated-gradients" in d.find_element("id", "cam").get_attribute("src")
                    and loaded("cam"))
         driver.find_element("id", "faithbtn").click()
         wait.until(lambda d: len(d.find_elements("css selector", "#faith tr[data-method]")) >= 3)

@@ -545,3 +545,18 @@ def test_deletion_insertion_perturb_along_the_grid(kind):
                                                      int(np.prod(grid))]])
     with pytest.raises(ValueError, match="does not divide"):
         deletion_insertion(model, x, maps, grid=tuple(s + 1 for s in grid))
+
+
+def test_evaluate_deletes_per_position_unless_a_grid_is_asked_for():
+    """The random rows' grids never leak into the methods' deletion: with a CAM (8x8) listed last, saliency's
+    deletion still removes single pixels, as deletion_insertion does without grid= (regression: the last random
+    row's grid was used for every method)."""
+    from lightning_vis import saliency
+    from lightning_vis.metrics import evaluate
+    from tests.cli_models import tiny_cnn
+
+    model, (x, _) = tiny_cnn().eval(), data(n=2, size=16)
+    c = model(x).argmax(1)
+    res = evaluate(model, x, ["saliency", "gradcam"], ["deletion"], steps=4, baseline="zeros")
+    want = deletion_insertion(model, x, saliency(model, x, c).maps, c, steps=4, baseline="zeros").deletion_auc
+    assert res.metrics["saliency"]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)

@@ -374,12 +374,12 @@ def methods_page(title: str, summary: dict, plots: list[tuple[str, tuple[int, in
     head = ("<tr><th>method</th><th>sanity check</th>" +
             "".join(f"<th>{e(k)} AUC ({e(better[k])} is better)</th>" for k in better) + "</tr>")
     rows, sections = [], []
-    for name, r in [*summary["methods"].items(), *([("random", summary["random"])] if summary["random"] else [])]:
+    for name, r in [*summary["methods"].items(), *summary["random"].items()]:
         verdict = r["verdict"] or "-"
         css = {"passes": "pos", "fails": "neg"}.get(verdict, "muted")
         rows.append(f'<tr id="{e("m-" + name)}"><td>{e(name)}</td><td class="{css}">{e(verdict)}</td>' +
                     "".join(f"<td>{_area(r[k])}</td>" for k in better) + "</tr>")
-        if name != "random":
+        if name not in summary["random"]:
             images = f" over {r['images']} image{'s' * (r['images'] != 1)}" if r["images"] else ""
             sections.append(f'<section class="method"><h3>{e(name)}</h3><p class="{css}">{e(r["reason"])}</p>' +
                             "".join(f"<p>{e(k)}{e(images)}: {_area(r[k])}</p>" for k in better) + "</section>")

@@ -85,18 +85,18 @@ SERVED_CAMS = tuple(m for m in CAM_METHODS if m not in RERUNS)
 #: occlusion's window and stride (pixels; 0: an eighth of the image's shorter side, and half the window) give its
 #: placements, a forward pass each, at most Limits.placements. Refused with why: RERUNS (a forward pass per channel).
 METHOD_PARAMS: dict[str, dict] = {
-    "gradient": {},
+    "saliency": {},
     "smoothgrad": {"samples": (16, 1, 32)},
-    "guided_backprop": {},
-    "integrated_gradients": {"steps": (32, 1, 64)},
-    "gradient_shap": {"samples": (16, 1, 64)},
-    "input_x_gradient": {},
+    "guided-backprop": {},
+    "integrated-gradients": {"steps": (32, 1, 64)},
+    "gradient-shap": {"samples": (16, 1, 64)},
+    "input-x-gradient": {},
     "occlusion": {"window": (0, 0, 4096), "stride": (0, 0, 4096)},
     "lrp": {"composite": "epsilon-plus-flat"},
 }
 MENU = (*SERVED_CAMS, *METHOD_PARAMS)
 # signed attributions, shown by magnitude: |a| summed over channels (as metrics.evaluate scores guided backprop)
-SIGNED = ("guided_backprop", "integrated_gradients", "gradient_shap", "input_x_gradient", "lrp")
+SIGNED = ("guided-backprop", "integrated-gradients", "gradient-shap", "input-x-gradient", "lrp")
 
 log = logging.getLogger("lightning_vis.explorer")
 
@@ -622,12 +622,12 @@ class Explorer:
         if method == "occlusion":
             window, stride = self._occlusion_window(params)
             return occlusion(model, x, cls, window=window, stride=stride).maps
-        run = {"gradient": lambda: saliency(model, x, cls),
+        run = {"saliency": lambda: saliency(model, x, cls),
                "smoothgrad": lambda: saliency(model, x, cls, samples=params["samples"]),
-               "guided_backprop": lambda: guided_backprop(model, x, cls),
-               "integrated_gradients": lambda: integrated_gradients(model, x, cls, steps=params["steps"]),
-               "gradient_shap": lambda: gradient_shap(model, x, cls, samples=params["samples"]),
-               "input_x_gradient": lambda: input_x_gradient(model, x, cls),
+               "guided-backprop": lambda: guided_backprop(model, x, cls),
+               "integrated-gradients": lambda: integrated_gradients(model, x, cls, steps=params["steps"]),
+               "gradient-shap": lambda: gradient_shap(model, x, cls, samples=params["samples"]),
+               "input-x-gradient": lambda: input_x_gradient(model, x, cls),
                "lrp": lambda: lrp(model, x, cls, composite=params["composite"], **self._bounds(x))}[method]
         maps = run().maps
         return position_map(maps.abs() if method in SIGNED else maps, x.shape)

@@ -14,12 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, grad_cam, guided_backprop, saliency,
-                           target_scores)
-from ..gradients import gradient_shap, input_x_gradient, integrated_gradients
+from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, grad_cam, gradient_shap, guided_backprop,
+                           input_x_gradient, integrated_gradients, lrp, occlusion, saliency, target_scores)
 from ..hooks import ModelGuard
-from ..lrp import lrp
-from ..occlusion import occlusion
 from . import perturbation as P
 from .sanity import Randomisation, randomisation_test
 
@@ -259,11 +256,11 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
         explainers[name] = lambda m, x, c, fn=METHODS[name]: fn(m, x, c, layer, seed)[0]
         maps, grids[name] = METHODS[name](model, images, classes, layer, seed)
         first[name] = maps.detach()
-    for grid in dict.fromkeys(grids.values()):
-        name = random_name(grid, spatial)
-        explainers[name] = lambda m, x, c, grid=grid: _random(x, grid, seed)
-        first[name] = _random(images, grid, seed)
-        grids[name] = grid
+    for cells in dict.fromkeys(grids.values()):  # (not `grid`: that is the deletion / insertion cells asked for)
+        name = random_name(cells, spatial)
+        explainers[name] = lambda m, x, c, cells=cells: _random(x, cells, seed)
+        first[name] = _random(images, cells, seed)
+        grids[name] = cells
     names = list(explainers)
     result = Evaluation(names, threshold=threshold, grids=grids,
                         baselines={m: random_name(grids[m], spatial) for m in names})

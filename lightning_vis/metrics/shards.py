@@ -52,7 +52,8 @@ def merge(parts: Sequence[Part]) -> Evaluation:
     order = torch.argsort(torch.tensor([i for p in parts for i in p.indices]))
     kept = torch.argsort(torch.tensor([i for p in parts for i in p.kept], dtype=torch.long))
     first = parts[0].evaluation
-    out = Evaluation(list(first.methods), threshold=first.threshold)
+    out = Evaluation(list(first.methods), threshold=first.threshold, grids=dict(first.grids),
+                     baselines=dict(first.baselines))
     for m in first.methods:
         out.metrics[m] = {k: _summary(torch.tensor([v for p in parts for v in p.evaluation.metrics[m][k]["per_image"]],
                                                    dtype=torch.float64)[order]) for k in first.metrics.get(m, {})}
@@ -72,7 +73,7 @@ def merge(parts: Sequence[Part]) -> Evaluation:
     return out
 
 
-def evaluate_dataset(model: nn.Module, data, methods: Sequence[str] = ("gradient", "gradcam", "guided_backprop"),
+def evaluate_dataset(model: nn.Module, data, methods: Sequence[str] = ("saliency", "gradcam", "guided-backprop"),
                      metrics: Sequence[str] = ("deletion", "insertion", "road", "average_drop",
                                                "increase_in_confidence", "sanity"), *,
                      fabric=None, batch_size: int = 32, num_workers: int = 0, keep_maps: int = 8,

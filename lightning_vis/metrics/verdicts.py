@@ -52,14 +52,15 @@ def read_evaluation(evaluation) -> dict:
 
 
 def faithfulness(evaluation, methods=None) -> dict:
-    """{"methods": {name: row}, "random": row or None, "better": {metric: "lower" | "higher"}} for the methods of
-    `evaluation` (see read_evaluation; methods: only these, in this order, where evaluated), each row {"verdict":
-    "passes" | "fails" | None (no sanity check run), "reason": the verdict in words ("fails: the map survives
-    randomisation of N layers ...") or why there is none, "images": how many images the areas are over, and per
-    metric of SHOWN {"mean", "std", "random": the random map's mean, "beats_random": whether the method is better
-    than the random map} or None}."""
+    """{"methods": {name: row}, "random": {random row's name: row}, "better": {metric: "lower" | "higher"}} for the
+    methods of `evaluation` (see read_evaluation; methods: only these, in this order, where evaluated), each row
+    {"verdict": "passes" | "fails" | None (no sanity check run), "reason": the verdict in words ("fails: the map
+    survives randomisation of N layers ...") or why there is none, "images": how many images the areas are over, and
+    per metric of SHOWN {"mean", "std", "random": the mean of the random map drawn on the method's own grid (its
+    entry's "baseline": "random (pixels)", "random (7x7)", ...; "random" in files of one random row), "beats_random":
+    whether the method is better than that random map} or None}."""
     data = read_evaluation(evaluation)["methods"]
-    names = [m for m in (methods if methods is not None else data) if m in data and m != "random"]
+    names = [m for m in (methods if methods is not None else data) if m in data and not _is_random(m)]
 
     def row(name: str) -> dict:
         entry = data[name]
@@ -72,12 +73,18 @@ def faithfulness(evaluation, methods=None) -> dict:
             if s is None:
                 out[metric] = None
                 continue
-            rnd = data.get("random", {}).get("metrics", {}).get(metric) if name != "random" else None
+            base_row = entry.get("baseline") or "random"
+            rnd = data.get(base_row, {}).get("metrics", {}).get(metric) if not _is_random(name) else None
             mean, base = float(s["mean"]), (float(rnd["mean"]) if rnd else None)
             beats = None if base is None else (mean < base if BETTER[metric] == "lower" else mean > base)
             out[metric] = {"mean": mean, "std": float(s.get("std", 0.0)), "random": base, "beats_random": beats}
             images = len(s["per_image"]) if isinstance(s.get("per_image"), list) else images
         out["images"] = images
         return out
-    return {"methods": {m: row(m) for m in names}, "random": row("random") if "random" in data else None,
+    return {"methods": {m: row(m) for m in names}, "random": {m: row(m) for m in data if _is_random(m)},
             "better": {k: BETTER[k] for k in SHOWN}}
+
+
+def _is_random(name: str) -> bool:
+    """The random baselines' rows: "random" (one row) or "random (<grid>)" (one per grid the methods resolve)."""
+    return name == "random" or name.startswith("random (")
