@@ -38,6 +38,9 @@ class OcclusionMap(Attribution):
     starts: tuple[Tensor, ...] = ()
     unit: tuple[str, int] | None = None
 
+    def _heat(self) -> Tensor:
+        return self.maps
+
 
 def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
     vals = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
