@@ -870,12 +870,17 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         rel = float((delta.abs() / (fx - f0).abs().clamp_min(1e-6)).max())
         return f"completeness error {rel:.1%} of f(x) - f(0)"
 
-    def input_x_gradient():
+    def input_shaped(method, what):
+        """method(model, inputs, target) on the task's target: maps of the input's shape, not empty."""
         target = _target_for(case, model, inputs)
-        r = lv.input_x_gradient(model, inputs if case.hub else x, target)
+        r = method(model, inputs if case.hub else x, target)
         if r.maps.shape != x.shape:
             raise AssertionError(f"maps {tuple(r.maps.shape)} for input {tuple(x.shape)}")
-        _nonempty(r.maps, "input x gradient")
+        _nonempty(r.maps, what)
+        return r, target
+
+    def input_x_gradient():
+        r, target = input_shaped(lv.input_x_gradient, "input x gradient")
         if case.hub and _top_logits(reference_out) is None:
             return "no class scores to check against"
         ref = ref_gradient(model, x, ref_top_class if case.hub else target, case.inputs) * x
@@ -902,11 +907,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         return f"{counts} placements"
 
     def lrp():
-        target = _target_for(case, model, inputs)
-        r = lv.lrp(model, inputs if case.hub else x, target)
-        if r.maps.shape != x.shape:
-            raise AssertionError(f"maps {tuple(r.maps.shape)} for input {tuple(x.shape)}")
-        _nonempty(r.maps, "lrp")
+        r, _ = input_shaped(lv.lrp, "lrp")
         share = r.maps.flatten(1).sum(1) / r.scores.abs().clamp_min(1e-12)
         return f"relevance sums {share.min():.2f}..{share.max():.2f} x |score|"
 
