@@ -18,6 +18,22 @@ RERUNS_ON = {"timm:resnet18", "torchvision:mobilenet_v2", "timm:convnext_atto (c
              "timm:vit_tiny_patch16_224 (explicit softmax)"}
 
 
+# known failures, each until its fix lands (the test then says to remove it)
+KNOWN = {("torchvision.detection:ssdlite320_mobilenet_v3_large", "lrp"): "lrp is all zero"}
+
+
+def known_failures(case, results) -> dict:
+    """The case's failures less the known ones; a known one that passes now is reported too."""
+    failures = {method: note for method, (status, note) in results.items() if status == "FAIL"}
+    for (name, method), note in KNOWN.items():
+        if name == case.name and method in results:
+            if method in failures and note in failures[method]:
+                del failures[method]
+            elif method not in failures:
+                failures[method] = "passes now: remove it from KNOWN"
+    return failures
+
+
 def methods(case):
     return zoo.METHODS if case.hub or case.name in RERUNS_ON else \
         tuple(m for m in zoo.METHODS if m not in lv.cams.RERUNS)
@@ -33,7 +49,7 @@ def test_every_family_is_covered():
 def test_every_method_on_the_zoo(case):
     results = zoo.run_case(case, methods(case))
     results.pop("seconds")
-    failures = {method: note for method, (status, note) in results.items() if status == "FAIL"}
+    failures = known_failures(case, results)
     assert not failures, failures
     assert results["layers"][0] == "ok" and results["gradcam"][0] == "ok" and results["model unchanged"][0] == "ok"
     if case.attention:
