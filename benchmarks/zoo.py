@@ -8,9 +8,12 @@ random weights, small inputs, as a new user would call them.
     python -m benchmarks.zoo --ci                 # the representative subset tests/test_zoo.py runs
 
 Each call checks shapes against the layer's layout (and the layout against what the architecture is known to
-produce, where the case says), values against an independent plain-autograd reference (Grad-CAM, saliency), that the
-result is not silently empty, and that the model is unchanged afterwards (hooks, training flags, requires_grad,
-parameters' .grad, the output bit for bit). A method the model cannot support must be refused with the clear error
+produce, where the case says), values against an independent plain-autograd reference (Grad-CAM and every CAM method
+computed from the layer's activations and gradients, Eigen-CAM's component up to its sign; saliency; input x
+gradient; the completeness error integrated gradients and GradientShap report, against f(x) - f(0) by plain
+forwards; occlusion's value with its first window, against a plain forward), that the result is not silently empty,
+and that the model is unchanged afterwards (hooks, training flags, requires_grad, parameters' .grad, the output bit
+for bit). Score-CAM, Ablation-CAM and LRP are checked for shape, finiteness and sign (LRP: not empty). A method the model cannot support must be refused with the clear error
 the case expects (e.g. attention rollout over Swin's windows); anything else is a failure. The table marks each cell
 ok, "refused" (the expected one-line error) or FAIL (with the error), and "-" where the method does not apply.
 
@@ -46,8 +49,11 @@ import lightning_vis as lv
 from lightning_vis import targets
 from lightning_vis.hooks import HOOK_DICTS, Layout, hook_counts
 
-METHODS = ("layers", "activations", "gradcam", "saliency", "guided", "deconvnet", "render", "topk", "receptive",
-           "attention", "rollout", "checkpoint")
+# every CAM method grad_cam offers after Grad-CAM, then the other attribution methods, as the CLI spells them
+CAMS = tuple(m for m in lv.attribution.CAM_METHODS if m != "gradcam")
+ATTRIBUTION = ("integrated-gradients", "gradient-shap", "input-x-gradient", "occlusion", "lrp")
+METHODS = ("layers", "activations", "gradcam", *CAMS, "saliency", "guided", "deconvnet", *ATTRIBUTION, "render",
+           "topk", "receptive", "attention", "rollout", "checkpoint")
 # what a hub model with a class, embedding, mask or box output must support with no glue (the others may refuse)
 HUB_REQUIRED = ("layers", "activations", "gradcam", "saliency", "guided", "model unchanged", "first call")
 
@@ -74,6 +80,10 @@ class Case:
     not_attention: tuple = ()  # modules (and what is inside them) whose attention is no map over the image
     min_attention: int = 1  # attention layers attention_maps must find (every stage's windows, a pooling head)
     must: tuple = ()  # methods beyond HUB_REQUIRED that must work (rollout once a pooling head is left out)
+
+    def __post_init__(self):
+        if self.attention and not self.hub:  # the hubs' cases accept any one-line refusal
+            self.refuse = {"lrp": ATTENTION_LRP, **self.refuse}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,6 +137,8 @@ def _densenet_checkpointing(model, on):
             m.memory_efficient = on
 
 
+# lightning_vis.lrp covers convolutional nets; its AttnLRP rules for attention layers are not there yet
+ATTENTION_LRP = "LRP covers convolutional nets; .* is an attention layer"
 WINDOWS = {"rollout": "not defined for window attention"}
 POOLED = {"rollout": "not defined here: the blocks attend over different token sets"}
 TOKENS_RF = {}  # token layers have receptive fields too (a ViT's: the whole input)
@@ -439,6 +451,60 @@ def _call(model, inputs):
 
 def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
     """Grad-CAM's low-resolution map by plain autograd (a forward hook, torch.autograd.grad, the layout by hand)."""
+    a, g = ref_activation_gradient(model, x, layer, desc, target)
+    return ref_cam("gradcam", a, g)[0]
+
+
+def ref_cam(method: str, a: Tensor, g: Tensor) -> list[Tensor]:
+    """A CAM method's low-resolution map from (N, C, *grid) activations and gradients, as the papers (and
+    pytorch-grad-cam 1.5.7) define it, before the final ReLU; the maps it may equal (both signs of a principal
+    component: its sign is arbitrary, image by image), or [] for a method with no reference here (those that run
+    the network again)."""
+    dims = tuple(range(2, a.dim()))
+
+    def weighted(w):
+        return (w[(...,) + (None,) * len(dims)] * a).sum(1)
+
+    def first_component(m):  # positions x channels, centred; projected on the first right singular vector
+        flat = m.flatten(2).transpose(1, 2).double()
+        flat = flat - flat.mean(1, keepdim=True)
+        _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        ratio = float((s[:, 1] / s[:, 0].clamp_min(1e-30)).max()) if s.shape[1] > 1 else 0.0
+        if ratio > 0.99:  # two components explain almost the same variance: either is "the first"
+            raise Ambiguous(f"no unique first component (second singular value {ratio:.3f} of the first)")
+        v = vh[:, 0]
+        p = (flat @ v[..., None])[..., 0].float().view(m.shape[0], *m.shape[2:])
+        return [p, -p]
+
+    if method in ("gradcam", "guided-gradcam"):
+        return [weighted(g.mean(dims))]
+    if method == "gradcam++":
+        g2, g3 = g ** 2, g ** 3
+        alpha = g2 / (2 * g2 + a.sum(dims, keepdim=True) * g3 + 1e-7)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        return [weighted((g.clamp_min(0) * alpha).sum(dims))]
+    if method == "layercam":
+        return [(g.clamp_min(0) * a).sum(1)]
+    if method == "hirescam":
+        return [(g * a).sum(1)]
+    if method == "xgradcam":
+        return [weighted((g * a).sum(dims) / (a.sum(dims) + 1e-7))]
+    if method == "gradcam-elementwise":
+        return [(g * a).clamp_min(0).sum(1)]
+    if method == "eigencam":
+        return first_component(a)
+    if method == "eigengradcam":
+        return first_component(g * a)
+    return []
+
+
+class Ambiguous(Exception):
+    """The reference is not unique on this model (random weights): the value check is left out, and says why."""
+
+
+def ref_activation_gradient(model, x, layer, desc, target) -> tuple[Tensor, Tensor]:
+    """A layer's activation and the target's gradient there as (N, C, *grid) maps, by plain autograd (a forward
+    hook, torch.autograd.grad, the layout by hand)."""
     got = {}
     module = model.get_submodule(layer)
 
@@ -455,17 +521,20 @@ def ref_grad_cam(model, x, layer, desc, target) -> Tensor:
             (g,) = torch.autograd.grad(scores.sum(), got["a"])
     finally:
         h.remove()
-    a, g = ref_maps(got["a"].detach(), desc).float(), ref_maps(g, desc).float()
-    dims = tuple(range(2, a.dim()))
-    return (g.mean(dims, keepdim=True) * a).sum(1)  # before the ReLU
+    return ref_maps(got["a"].detach(), desc).float(), ref_maps(g, desc).float()
 
 
-def ref_saliency(model, x, target, make=None) -> Tensor:
-    """|d score / d image|; make(image) builds the model's input around the image (multi-input models)."""
+def ref_gradient(model, x, target, make=None) -> Tensor:
+    """d score / d image; make(image) builds the model's input around the image (multi-input models)."""
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(target(_call(model, make(xg) if make else xg)).sum(), xg)
-    return g.abs()
+    return g
+
+
+def ref_saliency(model, x, target, make=None) -> Tensor:
+    """|d score / d image|."""
+    return ref_gradient(model, x, target, make).abs()
 
 
 def _top_logits(output) -> Tensor | None:
@@ -591,6 +660,14 @@ def _target_for(case, model, x):
     return targets.classifier(cls)
 
 
+def _row_target(case, model, x):
+    """The target for methods that run the model on many rows per input (Score-CAM, Ablation-CAM, integrated
+    gradients, GradientShap, occlusion): a classifier's classes as a tensor, as a user passes them (a callable
+    sees the rows' outputs, so a per-input callable cannot be applied there); the task's callable otherwise."""
+    target = _target_for(case, model, x)
+    return target._classes if isinstance(target, targets.classifier) else target
+
+
 def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
     """{method: ("ok" | "refused" | "FAIL" | "-", note)} for one case."""
     torch.manual_seed(seed)
@@ -702,7 +779,8 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         if want and tuple(cam.maps.shape[1:]) != want:
             raise AssertionError(f"maps {tuple(cam.maps.shape)} for input {tuple(x.shape)}")
         desc = case.expect.get(ctx["cam"], ctx["infos"][ctx["cam"]].layout_text)
-        ref = ref_grad_cam(model, inputs, ctx["cam"], desc, target)
+        ctx["ag"] = ref_activation_gradient(model, inputs, ctx["cam"], desc, target)
+        ref = ref_cam("gradcam", *ctx["ag"])[0]
         _close(cam.low_res, ref.clamp_min(0), "low-res map")
         _nonempty(ref, "the map before its ReLU")  # random weights may leave nothing positive: not our fault
         return f"{ctx['cam']}: {tuple(cam.low_res.shape[1:])}"
@@ -721,10 +799,117 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         if _top_logits(reference_out) is None:
             _nonempty(cam.low_res, "the map")
             return f"{cam.layer} ({desc}): {tuple(cam.low_res.shape[1:])}; no class scores to check against"
-        ref = ref_grad_cam(model, inputs, cam.layer, desc, ref_top_class)
+        ctx["ag"] = ref_activation_gradient(model, inputs, cam.layer, desc, ref_top_class)
+        ref = ref_cam("gradcam", *ctx["ag"])[0]
         _close(cam.low_res, ref.clamp_min(0), "low-res map")
         _nonempty(ref, "the map before its ReLU")
         return f"{cam.layer} ({desc}): {tuple(cam.low_res.shape[1:])}"
+
+    def cam_method(method):
+        """Another CAM method on Grad-CAM's layer and target (the hubs: the defaults), against the same
+        plain-autograd activation and gradient where the method is computed from them."""
+        if case.hub:
+            cam = lv.grad_cam(model, inputs, method=method)
+        else:
+            cam = lv.grad_cam(model, inputs, need("cam"), _row_target(case, model, inputs), method=method)
+        if tuple(cam.maps.shape) != (x.shape[0], *x.shape[2:]):
+            raise AssertionError(f"maps {tuple(cam.maps.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(cam.maps).all() or cam.maps.amin() < 0:
+            raise AssertionError("maps not finite and >= 0")
+        if method == "guided-gradcam" and (cam.guided is None or cam.guided.shape != x.shape):
+            raise AssertionError(f"guided {None if cam.guided is None else tuple(cam.guided.shape)}")
+        try:
+            refs = ref_cam(method, *ctx["ag"]) if "ag" in ctx else []
+        except Ambiguous as e:
+            return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}; {e}"
+        if refs:
+            for i in range(x.shape[0]):  # each image's map equals one of them (a principal component's sign is
+                errors = []  # arbitrary, image by image)
+                for ref in refs:
+                    try:
+                        _close(cam.low_res[i], ref[i].clamp_min(0), f"image {i}'s low-res map")
+                        break
+                    except AssertionError as e:
+                        errors.append(str(e))
+                else:
+                    raise AssertionError(errors[0])
+            return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}, equal to the reference"
+        return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}, max {float(cam.low_res.amax()):.3g}" + \
+            ("" if "ag" in ctx or method in lv.cams.RERUNS else "; no class scores to check against")
+
+    def hub_scores(out, classes):
+        """The scores target=None explains on a hub model's output, for its classes; None without (N, classes)."""
+        logits = _top_logits(out)
+        if logits is None or classes is None:
+            return None
+        return logits.gather(1, classes[:, None].to(logits.device))[:, 0]
+
+    def scores_at(points, classes):
+        """The target's scores with the image replaced by `points` (plain forward), or None where not known."""
+        with torch.no_grad():
+            out = _call(model, case.inputs(points) if case.inputs else points)
+        return hub_scores(out, classes) if case.hub else ctx["target"](out)
+
+    def path(method):
+        """Integrated gradients (16 Gauss-Legendre steps) and GradientShap from zeros: shape, not empty, and the
+        completeness error they report against f(x) - f(0) by plain forwards."""
+        ctx["target"] = _target_for(case, model, inputs)
+        target = _row_target(case, model, inputs)
+        if method == "integrated-gradients":
+            r = lv.integrated_gradients(model, inputs if case.hub else x, target, steps=16)
+        else:
+            r = lv.gradient_shap(model, inputs if case.hub else x, target)
+        if r.maps.shape != x.shape:
+            raise AssertionError(f"maps {tuple(r.maps.shape)} for input {tuple(x.shape)}")
+        _nonempty(r.maps, method)
+        fx, f0 = scores_at(x, r.targets), scores_at(torch.zeros_like(x), r.targets)
+        if fx is None:
+            return "no class scores to check against"
+        delta = r.maps.flatten(1).sum(1) - (fx - f0)
+        _close(r.delta, delta, "reported completeness error", rtol=1e-2)
+        rel = float((delta.abs() / (fx - f0).abs().clamp_min(1e-6)).max())
+        return f"completeness error {rel:.1%} of f(x) - f(0)"
+
+    def input_shaped(method, what):
+        """method(model, inputs, target) on the task's target: maps of the input's shape, not empty."""
+        target = _target_for(case, model, inputs)
+        r = method(model, inputs if case.hub else x, target)
+        if r.maps.shape != x.shape:
+            raise AssertionError(f"maps {tuple(r.maps.shape)} for input {tuple(x.shape)}")
+        _nonempty(r.maps, what)
+        return r, target
+
+    def input_x_gradient():
+        r, target = input_shaped(lv.input_x_gradient, "input x gradient")
+        if case.hub and _top_logits(reference_out) is None:
+            return "no class scores to check against"
+        ref = ref_gradient(model, x, ref_top_class if case.hub else target, case.inputs) * x
+        _close(r.maps, ref, "input x gradient")
+
+    def occlusion():
+        """A window of a quarter of the input on each axis, stride = window (4 placements per axis): the value at
+        the first placement against a plain forward with that corner zeroed."""
+        ctx["target"] = _target_for(case, model, inputs)
+        window = tuple(max(1, n // 4) for n in x.shape[2:])
+        r = lv.occlusion(model, inputs if case.hub else x, _row_target(case, model, inputs), window=window,
+                         stride=window)
+        counts = tuple(len(s) for s in r.starts)
+        if tuple(r.maps.shape) != (x.shape[0], *x.shape[2:]) or tuple(r.grid.shape) != (x.shape[0], *counts):
+            raise AssertionError(f"maps {tuple(r.maps.shape)}, grid {tuple(r.grid.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(r.maps).all():
+            raise AssertionError("maps not finite")
+        corner = x.clone()
+        corner[(..., *[slice(0, w) for w in window])] = 0
+        at = scores_at(corner, r.targets)
+        if at is None:
+            return "no class scores to check against"
+        _close(r.grid.flatten(1)[:, 0], at, "the value with the first window")
+        return f"{counts} placements"
+
+    def lrp():
+        r, _ = input_shaped(lv.lrp, "lrp")
+        share = r.maps.flatten(1).sum(1) / r.scores.abs().clamp_min(1e-12)
+        return f"relevance sums {share.min():.2f}..{share.max():.2f} x |score|"
 
     def saliency():
         if case.hub:
@@ -837,9 +1022,13 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         want = own if exact else own_copy
         return "" if now == want else _difference(want, now)
 
-    steps = (("layers", layers), ("activations", activations), ("gradcam", gradcam), ("saliency", saliency),
-             ("guided", guided), ("deconvnet", deconvnet), ("render", render), ("topk", topk),
-             ("receptive", receptive), ("attention", attention), ("rollout", rollout), ("checkpoint", checkpoint))
+    checks = {"layers": layers, "activations": activations, "gradcam": gradcam, "saliency": saliency,
+              "guided": guided, "deconvnet": deconvnet, "integrated-gradients": lambda: path("integrated-gradients"),
+              "gradient-shap": lambda: path("gradient-shap"), "input-x-gradient": input_x_gradient,
+              "occlusion": occlusion, "lrp": lrp, "render": render, "topk": topk, "receptive": receptive,
+              "attention": attention, "rollout": rollout, "checkpoint": checkpoint,
+              **{m: (lambda m=m: cam_method(m)) for m in CAMS}}
+    steps = [(m, checks[m]) for m in METHODS]
     for method, fn in steps:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import images as im
+from .display import NoPicture, Shows, stack
 from .hooks import ModelGuard, capture
 from .hooks.layout import Layout, LayoutError, _ByTensor
 from .inputs import image_model
@@ -19,10 +20,11 @@ from .hooks.resolve import LayerSpec
 _RETURNED = _ByTensor(forget=True)
 
 
-class LayerOutputs(dict):
+class LayerOutputs(Shows, dict):
     """{layer: its output as the layer returned it}; ``layouts[layer]``: its Layout (hooks.layout) or the
     Unplaceable reason; ``maps(layer)``: the output as (N, C, *grid) maps (tokens on their grid, channels-last
-    moved), LayoutError when it cannot be placed."""
+    moved), LayoutError when it cannot be placed. Shows itself (``show()``, ``save(path)``, notebooks): the
+    activation grid of every layer with maps, one below the other, for one input (``index=``, default 0)."""
 
     def __init__(self, values=(), layouts=None):
         super().__init__(values)
@@ -41,6 +43,13 @@ class LayerOutputs(dict):
         if maps.dim() > 2:  # activation_grid(acts.maps(name)) knows them too, (N, C, L) and (N, C, T, H, W) included
             _RETURNED[maps] = Layout("channels_first", tuple(maps.shape[2:]), source="maps")
         return maps
+
+    def _picture(self, index: int = 0, max_filters: int | None = 64) -> Tensor:
+        pictures = [activation_grid(self[n], index, max_filters=max_filters, layout=self.layouts[n])
+                    for n in self if self.has_maps(n)]
+        if not pictures:
+            raise NoPicture(f"none of the layers {', '.join(self)} has maps to draw")
+        return stack(pictures)
 
     def has_maps(self, name: str) -> bool:
         """The layer's output has a place on a grid: channels-first / -last maps or tokens (not a vector, not

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .activations import activations
 from .batches import BatchInput, find_input
 from .deconv import deconvnet
+from .display import NoPicture, Shows, stack
 from .hooks import ModelGuard
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
@@ -45,8 +46,11 @@ class LayerTopK:
 
 
 @dataclass
-class TopK:
-    """largest=False: the bottom-k (the k lowest scores, lowest first)."""
+class TopK(Shows):
+    """largest=False: the bottom-k (the k lowest scores, lowest first). Shows itself (``show()``, ``save(path)``,
+    notebooks) as each layer's scores, a row per channel (the first ``channels=``, default 64) and a column per
+    rank, in the viridis colour map (one scale per layer; not yet seen: the lowest colour), layers one below the
+    other; ``crops`` / ``projection_grid`` show the examples themselves (they need the dataset)."""
 
     k: int
     score: str
@@ -67,6 +71,23 @@ class TopK:
             out.layers[name] = _select(torch.cat([a.scores, b.scores], 1), torch.cat([a.indices, b.indices], 1),
                                        torch.cat([a.positions, b.positions], 1), self.k, a.grid, self.largest)
         return out
+
+    def _picture(self, channels: int = 64, cell: int = 8) -> Tensor:
+        from . import images as im
+
+        pictures = []
+        for e in self.layers.values():
+            s = e.scores[:channels].float().cpu()
+            seen = torch.isfinite(s)
+            if not seen.any():
+                continue
+            s = torch.where(seen, s, s[seen].min())
+            s = s if self.largest else -s  # the best of each channel first, drawn brightest
+            colours = im.colormap(im.normalize(s, "shared"), "viridis")
+            pictures.append(colours.repeat_interleave(cell, -2).repeat_interleave(cell, -1))
+        if not pictures:
+            raise NoPicture("no scores to draw: the top-k has seen no inputs")
+        return stack(pictures)
 
     def state_dict(self) -> dict:
         """Plain tensors, numbers and lists (loads with torch.load(weights_only=True))."""

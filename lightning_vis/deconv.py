@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointError
 
+from . import images as im
+from .display import NoPicture, Shows, frames, stack
 from .hooks import ModelGuard, capture
 from .inputs import image_model
 from .hooks.resolve import LayerSpec
@@ -26,7 +28,7 @@ from .hooks.checkpoint import check_chunk_size, reentrant_guard, rules_unreachab
 
 
 @dataclass
-class Reconstructions:
+class Reconstructions(Shows):
     """images[layer]: (N, k, *input shape); features[layer]: (N, k) channel indices; scores[layer]: (N, k)
     activation norms of those features (whole maps), or their projected activation's value (positions given).
     With positions: positions[layer]: (N, k, d) long, the index of the projected activation in the layer's output
@@ -38,6 +40,21 @@ class Reconstructions:
     scores: dict[str, Tensor] = field(default_factory=dict)
     positions: dict[str, Tensor] = field(default_factory=dict)
     values: dict[str, Tensor] = field(default_factory=dict)
+
+    def _picture(self, images: Tensor | None = None) -> Tensor:
+        """A row per layer and input: its k reconstructions (images.signed_rgb), after the input where images=
+        (the inputs) is given; layers one below the other."""
+        rows = []
+        for layer, rec in self.images.items():  # (N, k, C, *grid)
+            spatial = rec.dim() - 3
+            for i in range(rec.shape[0]):
+                tiles = im.signed_rgb(frames(rec[i].detach().float().cpu(), spatial))
+                if images is not None:
+                    tiles = torch.cat([im.to_display(frames(images[i:i + 1].detach().float().cpu(), spatial)), tiles])
+                rows.append(im.grid(tiles, ncol=len(tiles)))
+        if not rows:
+            raise NoPicture("no reconstructions to draw")
+        return stack(rows)
 
 
 def _feature_norms(act: Tensor) -> Tensor:

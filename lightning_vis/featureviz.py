@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import images as im
 from ._util import model_device, progress_bar
+from .display import Shows, frames
 from .hooks import ModelGuard, resolve_layers
 from .hooks.checkpoint import ungraded
 from .hooks.layout import Layout, LayoutError, LayoutTracer, _first_tensor
@@ -189,10 +191,15 @@ class ReluFix(TorchFunctionMode):
 
 
 @dataclass
-class RenderResult:
+class RenderResult(Shows):
     images: Tensor  # (N, C, *size) in [0, 1]
     losses: Tensor  # (steps, N) the objective per element per step (to maximise)
     settings: dict = field(default_factory=dict)  # JSON-serialisable
+
+    def _picture(self) -> Tensor:
+        """The renders in a grid (3D renders: their middle frame; one channel grey)."""
+        x = frames(self.images.detach().float().cpu(), self.images.dim() - 2)
+        return im.grid(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3])
 
     def final_scores(self) -> Tensor:
         return self.losses[-1]

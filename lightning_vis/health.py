@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .dataset import scan
+from .display import NoPicture, Shows, html_table
 from .hooks.taps import StreamingTap
 from .hooks.resolve import LayerSpec
 
@@ -38,9 +39,36 @@ class LayerHealth:
 
 
 @dataclass
-class HealthReport:
+class HealthReport(Shows):
+    """Per layer, its LayerHealth; seen: the inputs scanned. Shows itself (``show()``, ``save(path)``, notebooks:
+    the summary table above the picture) as the dead, noise-only and duplicated filters per layer (bars)."""
+
     layers: dict[str, LayerHealth] = field(default_factory=dict)
     seen: int = 0
+
+    def _counts(self) -> dict[str, list[int]]:
+        """{"dead" | "noise_only" | "duplicated": filters per layer}, in the layers' order."""
+        dup = {n: {c for i, j, _ in h.duplicates for c in (i, j)} for n, h in self.layers.items()}
+        return {"dead": [int(h.dead.sum()) for h in self.layers.values()],
+                "noise_only": [int(h.noise_only.sum()) for h in self.layers.values()],
+                "duplicated": [len(dup[n]) for n in self.layers]}
+
+    def _picture(self) -> Tensor:
+        from . import plots
+
+        if not self.layers:
+            raise NoPicture("an empty health report: no layers")
+        series = {k.replace("_", "-"): v for k, v in self._counts().items()}
+        fig = plots.bar_chart(series, list(self.layers), title=f"suspicious filters per layer ({self.seen} inputs)",
+                              value_label="filters", empty=f"no dead, noise-only or duplicated filters in "
+                              f"{len(self.layers)} layer{'s' if len(self.layers) > 1 else ''}")
+        return plots.to_image(fig)
+
+    def _repr_html_(self) -> str:
+        rows = [["layer", "channels", "dead", "noise-only", "duplicate pairs", "median active"]]
+        rows += [[n, len(h.mean), int(h.dead.sum()), int(h.noise_only.sum()), len(h.duplicates),
+                  f"{float(h.active_fraction.median()):.3f}"] for n, h in self.layers.items()]
+        return html_table(rows, self._picture() if self.layers else None)
 
     def table(self) -> list[dict]:
         """One row per (layer, channel)."""
@@ -89,13 +117,7 @@ class HealthReport:
                                   xlabel="share of positions above the threshold, over the dataset")
             paths.append(plots.save(fig, folder / f"{file_stem(name)}_active.png"))
         names = list(self.layers)
-        dup = {n: set() for n in names}
-        for n in names:
-            for i, j, _ in self.layers[n].duplicates:
-                dup[n].update((i, j))
-        for what, counts in (("dead", [int(self.layers[n].dead.sum()) for n in names]),
-                             ("noise_only", [int(self.layers[n].noise_only.sum()) for n in names]),
-                             ("duplicated", [len(dup[n]) for n in names])):
+        for what, counts in self._counts().items():
             label = what.replace("_", "-")
             fig = plots.bar_chart(counts, names, title=f"{label} filters per layer", value_label="filters",
                                   empty=f"no {label} filters in {len(names)} layer{'s' if len(names) > 1 else ''}")

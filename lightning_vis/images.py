@@ -3,6 +3,7 @@ Tensors are float images in [0, 1], channels first; no torch.nn logic here."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -119,14 +120,21 @@ def to_uint8(image: Tensor) -> Tensor:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(0, -1).cpu()
 
 
-def save_png(image: Tensor, path) -> Path:
-    """Writes a (1|3, H, W) float image in [0, 1] as PNG; returns the path."""
+def to_png(image: Tensor) -> bytes:
+    """A (1|3, H, W) float image in [0, 1] as PNG bytes."""
     from PIL import Image
 
+    arr = to_uint8(image).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: Tensor, path) -> Path:
+    """Writes a (1|3, H, W) float image in [0, 1] as PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = to_uint8(image).numpy()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+    path.write_bytes(to_png(image))
     return path
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import activations
+from .display import Shows
 from .hooks.resolve import LayerSpec
 
 TRANSFORMS = ("translate", "scale", "rotate")
@@ -26,7 +26,7 @@ _DEFAULTS = {"scale": [0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 1.75, 2.0],
 
 
 @dataclass
-class Invariance:
+class Invariance(Shows):
     """transform; amounts (pixels (dy, dx) for translate, factors for scale, degrees counter-clockwise for rotate);
     distances[layer]: (A, N) Euclidean distance between the features of the original and the transformed image;
     probabilities: (A, N) probability of classes[n] (the true class, or the original's top class) for the
@@ -73,11 +73,11 @@ class Invariance:
                     ax.legend(fontsize=7)
         return fig
 
-    def save(self, path) -> Path:
-        """The plot as a PNG file."""
-        from .plots import save
+    def _picture(self) -> Tensor:
+        """The plot (Shows: ``show()``, ``save(path)`` as PNG, notebooks)."""
+        from .plots import to_image
 
-        return save(self.plot(), path)
+        return to_image(self.plot())
 
 
 def _amounts(transform, amounts, size):

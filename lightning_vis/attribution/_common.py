@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import images as im
+from ..display import NoPicture, Shows, frames, heat_picture
 from ..hooks.checkpoint import check_chunk_size
 from ..targets import LOGITS, describe, field
 from ..targets import default as default_target
@@ -19,14 +21,25 @@ Target = int | Sequence[int] | Tensor | Callable[[Tensor], Tensor] | None
 
 
 @dataclass
-class Attribution:
+class Attribution(Shows):
     """maps: (N, *input shape) for saliency and guided backprop; (N, *input spatial) for CAMs.
-    targets: (N,) class indices (None for a callable target); scores: (N,) the target scores explained."""
+    targets: (N,) class indices (None for a callable target); scores: (N,) the target scores explained.
+    Shows itself (``show()``, ``save(path)``, notebooks): a grid of the maps, overlaid on ``images=`` (the inputs)
+    where given."""
 
     maps: Tensor
     targets: Tensor | None
     scores: Tensor
     method: str
+
+    def _heat(self) -> Tensor:
+        """(N, *grid): each position's largest magnitude over the channels (dim 1), as saliency maps are shown."""
+        if self.maps.dim() < 3:
+            raise NoPicture(f"no map to draw: {self.method} maps of shape {tuple(self.maps.shape)} have no grid")
+        return self.maps.abs().amax(1)
+
+    def _picture(self, images: Tensor | None = None) -> Tensor:
+        return heat_picture(self._heat(), images)
 
 
 @dataclass
@@ -37,6 +50,15 @@ class CAM(Attribution):
     low_res: Tensor | None = None
     layer: str = ""
     guided: Tensor | None = None
+
+    def _heat(self) -> Tensor:
+        return self.maps
+
+    def _picture(self, images: Tensor | None = None) -> Tensor:
+        """The maps (overlaid on images= where given), and beside each Guided Grad-CAM's guided map."""
+        guided = None if self.guided is None else \
+            im.signed_rgb(frames(self.guided.detach().float().cpu(), self.maps.dim() - 1))
+        return heat_picture(self.maps, images, guided)
 
     def normalized(self) -> Tensor:
         """maps min-max scaled to [0, 1] per input (as pytorch-grad-cam shows them)."""

@@ -220,8 +220,13 @@ class Replay:
                     self.recorded.setdefault(k, []).append(keep)
             return hook
 
+        def keep(module, args, output):
+            if not hasattr(self, "output"):
+                self.output = output
+
         try:
             handles.append(self.layer.register_forward_pre_hook(lambda m, a: started.append(True)))
+            handles.append(self.layer.register_forward_hook(keep))
             handles += [m.register_forward_hook(record(k)) for k, m in self.below.items()]
             self.model(self.x)
         finally:
@@ -257,7 +262,7 @@ class Replay:
             for k, m in self.below.items():
                 if k in self.recorded:
                     self._replace(m, replaced(k, m.forward))
-            self._replace(self.layer, lambda *a, **kw: values)
+            self._replace(self.layer, lambda *a, **kw: _with_first(self.output, values, take, self.x.shape[0]))
             return self.model(take(self.x))
         finally:
             self._restore()
@@ -277,6 +282,35 @@ class Replay:
     def __exit__(self, *exc) -> None:
         self._restore()
         self.recorded.clear()
+        self.__dict__.pop("output", None)
+
+
+def _with_first(output, values: Tensor, take, n: int):
+    """The layer's output as the model expects it (a tensor, a tuple, a dict or a transformers ModelOutput) with its
+    first tensor, the one the CAM reads, replaced by values, and its other batch-first tensors (also in tuples beside
+    it: transformers' hidden_states) taken for the replay's images (take)."""
+    if isinstance(output, Tensor):
+        return values
+    first = []
+
+    def taken(v):
+        if isinstance(v, (tuple, list)) and not hasattr(v, "_fields"):
+            return type(v)(taken(u) for u in v)
+        return take(v) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+
+    def swap(v):
+        if not isinstance(v, Tensor) or first:
+            return taken(v)
+        first.append(v)
+        return values
+
+    if isinstance(output, dict):  # a ModelOutput takes its fields as keywords
+        items = {k: swap(v) for k, v in output.items()}
+        return type(output)(**items) if type(output) is not dict else items
+    if isinstance(output, (tuple, list)):
+        parts = [swap(v) for v in output]
+        return type(output)(*parts) if hasattr(output, "_fields") else type(output)(parts)
+    return values
 
 
 _ABSENT = object()

@@ -47,6 +47,9 @@ class OcclusionMap(Attribution):
     unit: tuple[str, int] | None = None
     patch: tuple[int, ...] | None = None
 
+    def _heat(self) -> Tensor:
+        return self.maps
+
 
 def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
     vals = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value

@@ -13,6 +13,7 @@ removed in ``on_exception`` and ``teardown`` as well as at the end of their own 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -20,9 +21,12 @@ from torch import Tensor
 
 from .. import images as im
 from ..activations import activation_grid, activations
-from ..attribution import grad_cam
+from ..attribution import (CAM_METHODS, grad_cam, gradient_shap, guided_backprop, input_x_gradient,
+                           integrated_gradients, lrp, occlusion, saliency)
 from ..dataset import TopK, TopKCollector, _dataset_indices, all_gather_merge
 from ..deconv import deconvnet
+from ..display import overlays
+from ..metrics.evaluate import METHODS as EXPLAIN
 from ..featureviz import render
 from ..health import ActivityCollector
 from ..hooks import LayerNotFoundError, ModelGuard, resolve_layers
@@ -354,12 +358,66 @@ class DeconvnetMixin(OnImages):
                 for layer, r in rec.images.items()]
 
 
-class AttributionMixin(OnImages):
-    """Per sample image: a CAM overlay (method of lightning_vis.grad_cam) of the target class (default: top)."""
+def _occlusion(model, x, target, window=None, stride=None, **options):
+    """lv.occlusion with a window of a quarter of each axis by default, refused beyond MAX_PLACEMENTS placements per
+    image (the callback runs it every time it is scheduled); whatever else is wrong, occlusion itself refuses."""
+    size = tuple(x.shape[2:])
 
-    def __init__(self, images, layer: str, *, method: str = "gradcam", target=None, **kw):
+    def per_axis(v):
+        return (v,) * len(size) if isinstance(v, int) else tuple(v) if isinstance(v, (list, tuple)) else v
+
+    w = per_axis(tuple(max(1, n // 4) for n in size) if window is None else window)
+    s = per_axis(stride) if stride is not None else \
+        tuple(max(1, v // 2) for v in w) if isinstance(w, tuple) and all(isinstance(v, int) for v in w) else None
+    if isinstance(w, tuple) and isinstance(s, tuple) and len(w) == len(s) == len(size) and \
+            all(isinstance(v, int) and v >= 1 for v in w + s):
+        count = math.prod(-(-max(n - a, 0) // b) + 1 for n, a, b in zip(size, w, s))
+        if count > MAX_PLACEMENTS:
+            raise ValueError(f"occlusion with window {w} and stride {s} on {size} inputs takes {count} forward passes "
+                             f"per image; the Attribution callback runs at most {MAX_PLACEMENTS}: give a larger "
+                             "window or stride in options=")
+    return occlusion(model, x, target, window=w, stride=s, **options)
+
+
+MAX_PLACEMENTS = 256
+# method (as the CLI spells it) -> (function(model, inputs, target, **options), takes layer=)
+ATTRIBUTION_METHODS = {
+    **{m: (lambda model, x, target, method=m, **o: grad_cam(model, x, target=target, method=method, **o), True)
+       for m in CAM_METHODS},
+    "saliency": (lambda model, x, target, **o: saliency(model, x, target, **o), False),
+    "smoothgrad": (lambda model, x, target, samples=16, **o: saliency(model, x, target, samples=samples, **o), False),
+    "guided-backprop": (guided_backprop, False),
+    "deconvnet": (lambda model, x, target: EXPLAIN["deconvnet"](model, x, target, None, 0)[0], False),
+    "integrated-gradients": (integrated_gradients, True),
+    "gradient-shap": (gradient_shap, True),
+    "input-x-gradient": (input_x_gradient, True),
+    "occlusion": (_occlusion, False),
+    "lrp": (lrp, False),
+}
+
+
+class AttributionMixin(OnImages):
+    """Per sample image: the map of one attribution method overlaid on it, of the target (default: each image's top
+    class). method, as the CLI spells it: a CAM method of lightning_vis.grad_cam (layer: its layer, None: grad_cam's
+    default), "saliency" or "smoothgrad", "guided-backprop", "deconvnet", "integrated-gradients",
+    "gradient-shap", "input-x-gradient" (layer: the layer variant), "occlusion" (window default: a quarter of each
+    axis; at most MAX_PLACEMENTS windows per image) or "lrp". options: keyword arguments of the method (e.g.
+    {"steps": 32}, {"composite": "epsilon-gamma-box", "low": -2, "high": 2}, {"window": 8}). A method that does not
+    apply to the model is refused at fit start in one line. Maps of the input's shape are shown as each position's
+    largest magnitude over the channels (as lightning_vis' results show themselves)."""
+
+    def __init__(self, images, layer: str | None = None, *, method: str = "gradcam", target=None,
+                 options: dict | None = None, **kw):
         super().__init__(images, **kw)
-        self.layer, self.method, self.target = layer, method, target
+        if method not in ATTRIBUTION_METHODS:
+            raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(ATTRIBUTION_METHODS)}")
+        if layer is not None and not ATTRIBUTION_METHODS[method][1]:
+            raise ValueError(f"method {method!r} takes no layer (it explains the input); give layer=None, or a CAM "
+                             "method, integrated-gradients, gradient-shap or input-x-gradient for a layer")
+        if not isinstance(options or {}, dict) or "layer" in (options or {}):
+            raise ValueError(f"options must be a dict of {method}'s keyword arguments (the layer goes in layer=), "
+                             f"got {options!r}")
+        self.layer, self.method, self.target, self.options = layer, method, target, dict(options or {})
 
     def describe(self):
         return f"{type(self).__name__}({self.layer!r}, method={self.method!r})"
@@ -367,11 +425,16 @@ class AttributionMixin(OnImages):
     def _key_extra(self):
         return f"[{self.layer},{self.method}]"
 
+    def heat(self, pl_module, images: Tensor) -> Tensor:
+        """(N, *grid) the maps drawn: the method's result as it shows itself (``_heat``)."""
+        layer = {"layer": self.layer} if self.layer is not None else {}
+        fn = ATTRIBUTION_METHODS[self.method][0]  # looked up here: a callback holding a lambda would not pickle
+        result = fn(pl_module, _on(images, pl_module), self.target, **layer, **self.options)
+        return result._heat() if hasattr(result, "_heat") else result.abs().amax(1)  # deconvnet: input gradients
+
     def pictures(self, pl_module, images):
-        cam = grad_cam(pl_module, _on(images, pl_module), self.layer, self.target, method=self.method)
-        shown = im.to_display(images.cpu())
-        return [(f"{self.method}/{self.layer}",
-                 torch.stack([im.overlay(shown[i], cam.maps[i].cpu()) for i in range(len(shown))]))]
+        tag = self.method if self.layer is None else f"{self.method}/{self.layer}"
+        return [(tag, overlays(self.heat(pl_module, images).cpu(), images.cpu()))]
 
 
 class FeatureVisualizationMixin(Scheduled):

@@ -159,7 +159,8 @@ def add_commands(sub) -> None:
     add_model_args(p, with_images=False)
     p.add_argument("--images", required=True, help="the folder of images to browse")
     p.add_argument("--evaluation", metavar="EVALUATE_JSON",
-                   help="show this evaluation's verdicts beside the methods (an evaluate.json of lightning-vis evaluate)")
+                   help="show this evaluation's verdicts beside the methods (an evaluate.json of lightning-vis "
+                        "evaluate)")
     p.add_argument("--labels", help="class names, one per line (default: torchvision's when known)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)

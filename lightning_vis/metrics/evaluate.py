@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, grad_cam, gradient_shap, guided_backprop,
                            input_x_gradient, integrated_gradients, lrp, occlusion, saliency, target_scores)
+from ..display import NoPicture, Shows, html_table
 from ..hooks import ModelGuard
 from . import perturbation as P
 from .sanity import Randomisation, randomisation_test
@@ -98,11 +99,12 @@ def _summary(values: Tensor) -> dict:
 
 
 @dataclass
-class Evaluation:
+class Evaluation(Shows):
     """metrics[method][metric] = {"mean", "std", "per_image"}; curves[method]: deletion / insertion Curves;
     sanity[method]: the Randomisation and its verdict; threshold: the verdicts' similarity threshold; grids[method]:
     the grid the method's map resolves; baselines[method]: the random row drawn on that grid (its own name for a
-    random row)."""
+    random row). Shows itself (``show()``, ``save("x.png")``, notebooks: the table above the picture) as the
+    deletion / insertion curves, or without them the randomisation cascade."""
 
     methods: list[str]
     grids: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -134,6 +136,12 @@ class Evaluation:
 
     def table(self) -> str:
         """The table as text: a row per method, a column per metric (mean +- std), the sanity verdict last."""
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    def _rows(self) -> list[list[str]]:
+        """The table's cells, its header first."""
         cols = [k for k in METRICS[:-1] if any(k in self.metrics.get(m, {}) for m in self.methods)]
         head = ["method", *[f"{c} ({BETTER[c]})" for c in cols]] + (["sanity"] if self.sanity else [])
         rows = [head]
@@ -145,8 +153,23 @@ class Evaluation:
             if self.sanity:
                 cells.append(self.verdict(m)["verdict"] if m in self.sanity else "-")
             rows.append(cells)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        return rows
+
+    def _picture(self) -> Tensor:
+        from ..plots import to_image
+
+        if self.curves:
+            return to_image(self.plot_curves())
+        if self.sanity:
+            return to_image(self.plot_cascade())
+        raise NoPicture("nothing to draw: no deletion / insertion curves and no sanity check were run")
+
+    def _repr_html_(self) -> str:
+        try:
+            picture = self._picture()
+        except NoPicture:
+            picture = None
+        return html_table(self._rows(), picture)
 
     def plot_curves(self):
         """Deletion and insertion curves (mean over images) of every method, side by side."""
@@ -191,10 +214,13 @@ class Evaluation:
                     ax.set_ylabel(m, fontsize=8)
         return fig
 
-    def save(self, folder: str | Path) -> dict[str, Path]:
-        """evaluate.json, curves.png, cascade.png (where sanity ran) and index.html into folder."""
+    def save(self, folder: str | Path) -> dict[str, Path] | Path:
+        """evaluate.json, curves.png, cascade.png (where sanity ran) and index.html into folder; a path ending in
+        .png: the picture alone (as ``show()`` draws it), returning that path."""
         from ..plots import save
 
+        if Path(folder).suffix.lower() == ".png":
+            return super().save(folder)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = {"json": folder / "evaluate.json", "html": folder / "index.html"}
