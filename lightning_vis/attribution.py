@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from .hooks import ModelGuard, capture, capture_attention, resolve_layers
 from .hooks.attention import grid_fits, key_layout
-from .hooks.checkpoint import _is_reentrant_error, check_chunk_size, input_gradient, rules_unreachable
+from .hooks.checkpoint import (HOW_TO_TURN_OFF, _is_reentrant_error, check_chunk_size, input_gradient, reentrant_guard,
+                               rules_unreachable)
 from .hooks.layout import MAX_PREFIX, Layout, LayoutError, LayoutTracer, Unplaceable, _first_tensor
 from .hooks.resolve import LayerSpec
 from .inputs import ImageInputs, image_model, image_modules
@@ -234,8 +235,7 @@ def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
     dims = tuple(range(2, act.dim()))
     expand = (...,) + (None,) * len(dims)
     if method in ("gradcam", "guided-gradcam"):
-        weights = grad.mean(dims)
-        cam = (weights[expand] * act).sum(1)
+        cam = cams.grad_weighted(act, grad)
     elif method == "gradcam++":  # Chattopadhyay et al., closed form with exp(score) (as pytorch-grad-cam)
         g2, g3 = grad.pow(2), grad.pow(3)
         alpha = g2 / (2 * g2 + act.sum(dims)[expand] * g3 + 1e-7)
@@ -264,8 +264,11 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
              method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
     """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam",
     "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``), or one of lightning_vis.cams: "hirescam",
-    "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam" (from the same activations and gradients),
-    "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs, batched).
+    "xgradcam", "gradcam-elementwise", "eigengradcam", "shapleycam" (with the Hessian-vector product of the score
+    at the layer), "finercam" (Grad-CAM of the target class against the 3 classes nearest to it: class targets
+    only), from activations and gradients; "eigencam", "kpcacam", "fem" from the activations alone (one forward
+    pass, no backward); "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs,
+    batched).
 
     layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
     class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
@@ -288,15 +291,31 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     (name, module), = found.items()
     zero = []
 
+    if method == "finercam" and callable(target) and not isinstance(target, torch.Tensor):
+        raise ValueError("finercam compares the target class with the classes nearest to it: it takes a class "
+                         "target (an index, one per input, or None for the top class), not a callable")
+
     def one(x, t):
-        lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid)
+        if method in cams.NO_GRADIENT:
+            (lay, act, scores, classes), grad = _layer_forward(model, x, t, name, layout, grid), None
+        elif method == "finercam":
+            finer = _FinerTarget(t)
+            lay, act, grad, scores, _ = _layer_gradient(model, x, finer, name, layout, grid)
+            classes = finer.classes
+        else:
+            lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid,
+                                                              second=method == "shapleycam")
+            if method == "shapleycam":
+                grad = cams.shapley_gradient(act, grad)
         if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
             what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
             raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "
                              f"{x.dim() - 2}D input {tuple(x.shape)}; pick a layer with maps over the input (or "
                              "layer=None)")
-        a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
-        zero.append(bool(g.abs().amax() == 0))
+        a = lay.to_maps(act.detach())
+        g = a if grad is None else lay.to_maps(grad.detach())  # the gradient-free methods read no gradient
+        if grad is not None:
+            zero.append(bool(g.abs().amax() == 0))
         if method == "scorecam":
             low = cams.scorecam(model, x, a, t, classes, _scores_of).clamp_min(0)
         elif method == "ablationcam":
@@ -324,13 +343,99 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     return cam
 
 
+# layers whose bias FullGrad reads: torch's own convolutions and BatchNorms (a subclass that changes forward, timm's
+# BatchNormAct2d, returns more than the affine output, so its output's gradient is not its bias's)
+_BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.enable_grad()
+def fullgrad(model: nn.Module, inputs: Tensor, target: Target = None, *, chunk_size: int | None = None) -> CAM:
+    """FullGrad (Srinivas and Fleuret): |input-gradient x input| plus, for every convolution and BatchNorm with a
+    bias whose output is a map of the input's dimensionality, |bias x the gradient at its output| (an eval-mode
+    BatchNorm's bias: beta - mean gamma / sqrt(var + eps)); each (image, channel) map min-max scaled, summed over
+    channels, resized to the input ((bi/tri)linearly) and summed over the layers, as pytorch-grad-cam's FullGrad
+    (which takes Conv2d and BatchNorm2d). One forward and one backward pass per chunk of the batch, every layer's
+    gradient from it. maps: (N, *input spatial), not normalised (``CAM.normalized`` is pytorch-grad-cam's map).
+    Layers named for grad_cam do not apply: every biased layer is used."""
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    if not 3 <= inputs.dim() <= 5:
+        raise ValueError(f"fullgrad explains 1D, 2D or 3D inputs (N, C, ...); got {tuple(inputs.shape)}")
+    biased = {}
+    for name, m in model.named_modules():
+        base = next((b for b in _BIASED if isinstance(m, b)), None)
+        if base is None or type(m).forward is not base.forward or getattr(m, "bias", None) is None:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(f"fullgrad: BatchNorm {name!r} keeps no running statistics (track_running_stats=False), "
+                             "so its bias varies with the batch; FullGrad needs a fixed bias")
+        biased[name] = m
+    with ModelGuard(model, eval=True, freeze=True), reentrant_guard("fullgrad"):
+        maps, scores, classes = _chunked(inputs, target, chunk_size, lambda x, t: _fullgrad(model, x, t, biased))
+    return CAM(maps, classes, scores, "fullgrad")
+
+
+def _fullgrad(model, x, target, biased):
+    def scaled_sum(t):  # |t| (N, C, *grid): each (image, channel) map min-max scaled, summed over channels
+        flat = t.abs().flatten(2)
+        lo = flat.amin(2, keepdim=True)
+        return ((flat - lo) / (flat.amax(2, keepdim=True) - lo + 1e-7)).sum(1).view(t.shape[0], *t.shape[2:])
+
+    xg = x.detach().clone().requires_grad_(True)
+    with capture(model, list(biased), grads=True) as tap:
+        out = model(xg)
+        tap.forward_done()
+        scores, classes = target_scores(out, target)
+        if not scores.requires_grad:
+            raise ValueError("the target's score does not depend on the input through autograd: the model computes "
+                             "it under torch.no_grad or from detached tensors, so no gradient method applies")
+        outs = [(name, a) for name in biased for a in tap.live.get(name, []) if a.dim() == x.dim()]
+        grads = torch.autograd.grad(scores.sum(), [xg] + [a for _, a in outs], allow_unused=True)
+    total = scaled_sum(grads[0] * x) if grads[0] is not None else x.new_zeros(x.shape[:1] + x.shape[2:])
+    for (name, a), g in zip(outs, grads[1:]):
+        if g is None:
+            continue
+        m = biased[name]
+        bias = m.bias.detach()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bias = bias - m.running_mean * m.weight.detach() / torch.sqrt(m.running_var + m.eps)
+        total = total + upsample(scaled_sum(bias[(...,) + (None,) * (g.dim() - 2)] * g), x.shape[2:])
+    return total, scores.detach(), classes
+
+
 def _scores_of(output, target) -> Tensor:
     return target_scores(output, target)[0]
 
 
-def _layer_gradient(model, x, target, name, layout, grid):
+class _FinerTarget:
+    """Finer-CAM's score (lightning_vis.cams.finer_scores) of a class target (None: the top class) as a callable
+    target; ``classes`` holds the classes it explained."""
+
+    def __init__(self, target):
+        self.target, self.classes = target, None
+
+    def __call__(self, output) -> Tensor:
+        _, self.classes = target_scores(output, self.target)  # validated class indices, and the logits read below
+        logits = output if isinstance(output, Tensor) else field(output, LOGITS)
+        return cams.finer_scores(logits, self.classes)
+
+
+def _layer_forward(model, x, target, name, layout, grid):
+    """(layout, activation, scores, classes) of one layer for a batch, from one forward pass without gradients (the
+    CAMs that read the activations alone)."""
+    with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+        out = model(x)
+        if not tap.values.get(name):
+            raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
+        scores, classes = target_scores(out, target)
+        return tap.layout(name), tap.values[name][0], scores, classes
+
+
+def _layer_gradient(model, x, target, name, layout, grid, second: bool = False):
     """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
-    checkpointing."""
+    checkpointing. second: the gradient keeps its graph (create_graph), for a Hessian-vector product at the layer;
+    reentrant checkpointing cannot give one."""
     with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
         out = model(x)
         tap.forward_done()
@@ -341,7 +446,8 @@ def _layer_gradient(model, x, target, name, layout, grid):
         act = tap.live[name][0]
         if name not in tap.ungraded:
             try:
-                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
+                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True,
+                                              create_graph=second)
             except RuntimeError as e:
                 if not _is_reentrant_error(e):
                     if not scores.requires_grad:  # nothing of the score's graph reaches back to the layer
@@ -352,6 +458,9 @@ def _layer_gradient(model, x, target, name, layout, grid):
                 if grad is None:
                     raise ValueError(f"the target does not depend on layer {name!r}")
                 return lay, act, grad, scores, classes
+    if second:
+        raise ValueError(f"layer {name!r}: second derivatives (shapleycam) do not pass reentrant "
+                         f"torch.utils.checkpoint; {HOW_TO_TURN_OFF}")
     # reentrant torch.utils.checkpoint: no autograd.grad, and a layer inside a segment ran under no_grad. Run again
     # with an input that needs gradients and catch the layer's gradient with a tensor hook during .backward(): on the
     # layer's output itself, or, inside a segment, on its recomputation.

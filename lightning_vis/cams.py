@@ -1,6 +1,7 @@
 """The rest of the Grad-CAM family, as ``grad_cam(..., method=...)`` offers it: maps from a layer's activations and
-gradients (HiRes-CAM, XGrad-CAM, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM) and maps that run the network
-again (Score-CAM, Ablation-CAM), equal to pytorch-grad-cam 1.5.7's classes of the same names.
+gradients (HiRes-CAM, XGrad-CAM, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM, FEM, Shapley-CAM,
+Finer-CAM) and maps that run the network again (Score-CAM, Ablation-CAM), equal to pytorch-grad-cam 1.5.7's classes
+of the same names.
 
 Everything here works on (N, C, *grid) maps (the layout model's ``to_maps``), so 1D, 2D, 3D and token layers alike;
 the re-running methods take the layer's native layout to modify it. All of it is batched: one ``torch.linalg.svd``
@@ -56,10 +57,29 @@ def first_component(maps: Tensor) -> Tensor:
     flat = flat - flat.mean(1, keepdim=True)
     u, s, _ = torch.linalg.svd(flat, full_matrices=False)
     proj = u[..., 0] * s[..., :1]  # flat @ v1 = u1 * s1
-    total = maps.flatten(2).float().sum(1)
+    return _oriented(proj, maps).view(maps.shape[0], *maps.shape[2:])
+
+
+def kernel_component(maps: Tensor) -> Tensor:
+    """(N, C, *grid) -> (N, *grid): each map's positions projected on the first kernel principal component of their
+    centred channel vectors, with scikit-learn KernelPCA's defaults as pytorch-grad-cam's KPCA-CAM uses them: the
+    sigmoid kernel tanh(<a, b> / C + 1), centred, its top eigenvector times the square root of its eigenvalue (one
+    batched ``torch.linalg.eigh`` of the (positions x positions) kernels, in float64). The sign as
+    :func:`first_component`'s (scikit-learn flips it to make the largest entry positive, whatever the activations)."""
+    flat = torch.nan_to_num(maps.flatten(2).transpose(1, 2).double(), nan=0.0)  # (N, positions, C)
+    flat = flat - flat.mean(1, keepdim=True)
+    k = torch.tanh(flat @ flat.transpose(1, 2) / flat.shape[2] + 1)
+    k = k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)
+    values, vectors = torch.linalg.eigh(k)  # ascending
+    proj = vectors[..., -1] * values[:, -1:].clamp_min(0).sqrt()
+    return _oriented(proj, maps).float().view(maps.shape[0], *maps.shape[2:])
+
+
+def _oriented(proj: Tensor, maps: Tensor) -> Tensor:
+    """proj (N, positions) with each row's sign flipped where it correlates negatively with maps' channel sum."""
+    total = maps.flatten(2).to(proj.dtype).sum(1)
     agree = ((proj - proj.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
-    proj = torch.where(agree[:, None] < 0, -proj, proj)
-    return proj.view(maps.shape[0], *maps.shape[2:])
+    return torch.where(agree[:, None] < 0, -proj, proj)
 
 
 def eigencam(act: Tensor, grad: Tensor) -> Tensor:
@@ -72,10 +92,63 @@ def eigengradcam(act: Tensor, grad: Tensor) -> Tensor:
     return first_component(grad * act)
 
 
+def kpcacam(act: Tensor, grad: Tensor) -> Tensor:
+    """KPCA-CAM (Karmani et al.): the first kernel principal component of the activations (no gradient)."""
+    return kernel_component(act)
+
+
+FEM_K = 2.0  # FEM's k-sigma rule, pytorch-grad-cam's default
+
+
+def fem(act: Tensor, grad: Tensor) -> Tensor:
+    """FEM (Fuad et al.): channel weights the share of the channel's positions above its mean plus FEM_K (population)
+    standard deviations; no gradient."""
+    dims = _spatial(act)
+    high = act > act.mean(dims, keepdim=True) + FEM_K * act.std(dims, correction=0, keepdim=True)
+    return _per_channel(high.to(act.dtype).mean(dims), act)
+
+
+def grad_weighted(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM's weighting: each channel by its mean gradient over the grid. Shapley-CAM gives it the Shapley
+    gradient (:func:`shapley_gradient`), Finer-CAM the gradient of its comparison score (:func:`finer_scores`)."""
+    return _per_channel(grad.mean(_spatial(act)), act)
+
+
+def shapley_gradient(act: Tensor, grad: Tensor) -> Tensor:
+    """Shapley-CAM's gradient (Cai et al.): grad - (H act) / 2, with H the Hessian of the score with respect to the
+    layer's output (a Hessian-vector product). act: the layer's output in the graph, grad: d score / d act taken
+    with create_graph=True. Where the gradient does not depend on the output (the part above it is linear in it, or
+    piecewise linear: ReLU networks under a logit) the product is zero and Shapley-CAM is Grad-CAM."""
+    if not grad.requires_grad:
+        return grad.detach()
+    (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+    return grad.detach() if hvp is None else grad.detach() - 0.5 * hvp
+
+
+FINER_COMPARISONS = 3  # Finer-CAM compares with the 3 classes whose logits are nearest the target's (its default)
+
+
+def finer_scores(logits: Tensor, classes: Tensor, alpha: float = 1.0) -> Tensor:
+    """Finer-CAM's score (Zhang et al.): of each input's class c and the FINER_COMPARISONS other classes k whose
+    logits are nearest to c's, sum_k p_k (s_c - alpha s_k) / sum_k p_k with p the softmax of the logits: what sets c
+    apart from the classes it is most easily confused with. logits (N, classes), classes (N,) -> (N,)."""
+    n_cls = logits.shape[1]
+    if n_cls < 2:
+        raise ValueError("finercam compares the target class with the classes nearest to it: the model has one class")
+    main = logits.gather(1, classes[:, None])
+    distance = (logits.detach() - main.detach()).abs().scatter(1, classes[:, None], -1.0)  # the class itself first
+    near = distance.argsort(dim=1, stable=True)[:, 1:1 + min(FINER_COMPARISONS, n_cls - 1)]
+    p = logits.softmax(1).gather(1, near)
+    return (p * (main - alpha * logits.gather(1, near))).sum(1) / (p.sum(1) + 1e-9)
+
+
 # method -> f(act, grad) -> (N, *grid), before the final rectification
 FROM_GRADIENTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "hirescam": hirescam, "xgradcam": xgradcam, "gradcam-elementwise": gradcam_elementwise,
-    "eigencam": eigencam, "eigengradcam": eigengradcam}
+    "eigencam": eigencam, "eigengradcam": eigengradcam, "shapleycam": grad_weighted, "finercam": grad_weighted,
+    "fem": fem, "kpcacam": kpcacam}
+# methods that read the activations alone: one no-grad forward pass, no backward
+NO_GRADIENT = ("eigencam", "fem", "kpcacam", "scorecam", "ablationcam")
 
 
 # ----------------------------------------------------------------------------------------------------------------
