@@ -303,10 +303,11 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
             lay, act, grad, scores, _ = _layer_gradient(model, x, finer, name, layout, grid)
             classes = finer.classes
         else:
-            lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid,
-                                                              second=method == "shapleycam")
-            if method == "shapleycam":
-                grad = cams.shapley_gradient(act, grad)
+            second = method == "shapleycam"
+            with cams.twice_differentiable() if second else contextlib.nullcontext():
+                lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid, second=second)
+                if second:
+                    grad = cams.shapley_gradient(act, grad)
         if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
             what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
             raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "

@@ -76,10 +76,17 @@ def kernel_component(maps: Tensor) -> Tensor:
 
 
 def _oriented(proj: Tensor, maps: Tensor) -> Tensor:
-    """proj (N, positions) with each row's sign flipped where it correlates negatively with maps' channel sum."""
-    total = maps.flatten(2).to(proj.dtype).sum(1)
-    agree = ((proj - proj.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
-    return torch.where(agree[:, None] < 0, -proj, proj)
+    """proj (N, positions) with each row's sign flipped where it correlates negatively with maps' channel sum; where
+    that sum hardly varies over the positions (a LayerNorm's tokens sum to about the same everywhere: rounding would
+    decide), so that its largest entry in absolute value is positive (scikit-learn's convention)."""
+    flat = torch.nan_to_num(maps.flatten(2).to(proj.dtype), nan=0.0)
+    flat = flat - flat.mean(2, keepdim=True)
+    total = flat.sum(1)
+    agree = ((proj - proj.mean(1, keepdim=True)) * total).sum(1)
+    weak = total.norm(dim=1) <= 1e-4 * flat.norm(dim=(1, 2))
+    largest = proj.gather(1, proj.abs().argmax(1, keepdim=True))[:, 0]
+    flip = torch.where(weak, largest < 0, agree < 0)
+    return torch.where(flip[:, None], -proj, proj)
 
 
 def eigencam(act: Tensor, grad: Tensor) -> Tensor:
@@ -121,8 +128,22 @@ def shapley_gradient(act: Tensor, grad: Tensor) -> Tensor:
     piecewise linear: ReLU networks under a logit) the product is zero and Shapley-CAM is Grad-CAM."""
     if not grad.requires_grad:
         return grad.detach()
-    (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+    try:
+        (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+    except RuntimeError as e:
+        if "derivative for" not in str(e):
+            raise
+        raise ValueError(f"shapleycam needs second derivatives of the part above the layer; torch has none here "
+                         f"({str(e).splitlines()[0]}): use another method or a layer above that operation") from None
     return grad.detach() if hvp is None else grad.detach() - 0.5 * hvp
+
+
+def twice_differentiable():
+    """A context in which F.scaled_dot_product_attention takes its math path, the one with second derivatives
+    (the fused CPU and CUDA kernels have none): Shapley-CAM's pass through attention layers."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 FINER_COMPARISONS = 3  # Finer-CAM compares with the 3 classes whose logits are nearest the target's (its default)
