@@ -243,6 +243,7 @@ def scorecam(model: nn.Module, x: Tensor, maps: Tensor, target, classes: Tensor 
     return _per_channel(weights, maps.float())
 
 
+@torch.no_grad()
 def _folded(model: nn.Module, probe: Tensor, score) -> nn.Module:
     """For many forward passes: a copy of an eval-mode model with each BatchNorm folded into the convolution (or
     linear layer) whose output only it reads (torch.fx's ``fuse``): one pass over each activation less

@@ -453,3 +453,44 @@ def test_fullgrad_of_a_video_net_is_batched_and_trilinear():
     assert cam.maps.shape == (2, 4, 6, 6)
     for i in range(2):
         torch.testing.assert_close(lv.fullgrad(model, x[i:i + 1], [0, 2][i]).maps[0], cam.maps[i])
+
+
+def test_scorecam_runs_each_distinct_map_once():
+    """Channels whose maps are identical (here dead: all zero after the ReLU) mask the input identically: one forward
+    pass for them all; the weights are those of the peer, which runs every channel."""
+    model = small_cnn()
+    with torch.no_grad():
+        model[3].bias[:5] = -100.0  # channels 0-4 of layer 4 are zero everywhere
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(21))
+    seen = []
+    h = model[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        ours = lv.grad_cam(model, x, "4", target=[1, 2], method="scorecam")
+    finally:
+        h.remove()
+    assert sum(seen) == 2 + 2 * (12 - 5 + 1)  # the first pass, then 7 live maps and one zero map per image
+    with pgc.ScoreCAM(model=model, target_layers=[model[4]]) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(1), ClassifierOutputTarget(2)])
+    assert_correlated(ours.normalized(), theirs)
+
+
+def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may():
+    model = fullgrad_net()
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(22))
+    score = lambda out: out[:, 1]  # noqa: E731
+    folded = cams._folded(model, x, score)
+    assert folded is not model and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model keeps its own
+    h = model[2].register_forward_hook(lambda m, a, o: None)  # a user's hook: the copy would not run it
+    assert cams._folded(model, x, score) is model
+    h.remove()
+    assert cams._folded(small_cnn(), x, score).__class__ is nn.Sequential  # no BatchNorm: nothing to fold
+
+    class Branchy(nn.Sequential):  # control flow on values: fx cannot trace it
+        def forward(self, x):
+            return super().forward(x) if x.sum() > -1e9 else x
+
+    branchy = Branchy(*fullgrad_net())
+    assert cams._folded(branchy, x, score) is branchy
