@@ -393,13 +393,9 @@ def fullgrad_net():
                           nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
                           nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(16, 5))
-    g = torch.Generator().manual_seed(17)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.bias.normal_(0, 0.3, generator=g)
+    from tests.test_lrp import random_bn
+
+    random_bn(model)
     return model.eval()
 
 
