@@ -384,14 +384,13 @@ def _fullgrad(model, x, target, biased):
         return ((flat - lo) / (flat.amax(2, keepdim=True) - lo + 1e-7)).sum(1).view(t.shape[0], *t.shape[2:])
 
     xg = x.detach().clone().requires_grad_(True)
-    with capture(model, list(biased), grads=True) as tap:
+    with capture(model, list(biased), grads=True) if biased else contextlib.nullcontext() as tap:
         out = model(xg)
-        tap.forward_done()
         scores, classes = target_scores(out, target)
         if not scores.requires_grad:
             raise ValueError("the target's score does not depend on the input through autograd: the model computes "
                              "it under torch.no_grad or from detached tensors, so no gradient method applies")
-        outs = [(name, a) for name in biased for a in tap.live.get(name, []) if a.dim() == x.dim()]
+        outs = [(name, a) for name in biased for a in tap.live.get(name, []) if a.dim() == x.dim()] if tap else []
         grads = torch.autograd.grad(scores.sum(), [xg] + [a for _, a in outs], allow_unused=True)
     total = scaled_sum(grads[0] * x) if grads[0] is not None else x.new_zeros(x.shape[:1] + x.shape[2:])
     for (name, a), g in zip(outs, grads[1:]):

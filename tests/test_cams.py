@@ -490,3 +490,16 @@ def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may():
 
     branchy = Branchy(*fullgrad_net())
     assert cams._folded(branchy, x, score) is branchy
+
+
+def test_fullgrad_without_biases_is_scaled_input_times_gradient():
+    """No convolution or BatchNorm with a bias: FullGrad is |x * d score / dx|, each (image, channel) min-max
+    scaled, summed over the channels (by hand, with autograd's Jacobian)."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(24))
+    cam = lv.fullgrad(model, x, 1)
+    g = torch.autograd.functional.jacobian(lambda z: model(z)[:, 1].sum(), x)
+    ref = (g * x).abs().flatten(2)
+    lo, hi = ref.amin(2, keepdim=True), ref.amax(2, keepdim=True)
+    torch.testing.assert_close(cam.maps, ((ref - lo) / (hi - lo + 1e-7)).sum(1).view(2, 8, 8))
