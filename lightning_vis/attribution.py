@@ -423,9 +423,17 @@ class _FinerTarget:
 
 def _layer_forward(model, x, target, name, layout, grid):
     """(layout, activation, scores, classes) of one layer for a batch, from one forward pass without gradients (the
-    CAMs that read the activations alone)."""
-    with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
-        out = model(x)
+    CAMs that read the activations alone). Images go in channels-last memory (faster convolutions on a CPU; the
+    values are the same); a model whose code needs contiguous maps (``.view``) raises, and runs again as given."""
+    tries = [x.contiguous(memory_format=torch.channels_last), x] if x.dim() == 4 else [x]
+    for xx in tries:
+        try:
+            with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+                out = model(xx)
+        except RuntimeError:
+            if xx is x:
+                raise
+            continue
         if not tap.values.get(name):
             raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
         scores, classes = target_scores(out, target)
