@@ -248,10 +248,12 @@ def _folded(model: nn.Module, probe: Tensor, score) -> nn.Module:
     """For many forward passes: a copy of an eval-mode model with each BatchNorm folded into the convolution (or
     linear layer) whose output only it reads (torch.fx's ``fuse``): one pass over each activation less
     (MobileNetV2 at 112 px on a CPU: 1.5x faster). The model itself where that does not apply: no BatchNorm, a
-    model fx cannot trace or copy, hooks on it (the traced copy would not run them all), or a copy whose score on
-    probe differs from the model's."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    model fx cannot trace or copy, hooks on it (the traced copy would not run them all), a copy whose score on
+    probe differs from the model's, or a model whose parameters and buffers take more than MEMORY_BUDGET (the copy
+    would double them)."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if size > MEMORY_BUDGET or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return model
     from torch.fx.experimental.optimization import fuse
 

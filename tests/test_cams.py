@@ -470,7 +470,7 @@ def test_scorecam_runs_each_distinct_map_once():
     assert_correlated(ours.normalized(), theirs)
 
 
-def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may():
+def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may(monkeypatch):
     model = fullgrad_net()
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(22))
     score = lambda out: out[:, 1]  # noqa: E731
@@ -483,6 +483,8 @@ def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may():
     assert cams._folded(model, x, score) is model
     h.remove()
     assert cams._folded(small_cnn(), x, score).__class__ is nn.Sequential  # no BatchNorm: nothing to fold
+    monkeypatch.setattr(cams, "MEMORY_BUDGET", 1000)  # a copy of the model would not fit
+    assert cams._folded(model, x, score) is model
 
     class Branchy(nn.Sequential):  # control flow on values: fx cannot trace it
         def forward(self, x):
