@@ -27,6 +27,9 @@
   (batch_size 32, its default). scorecam: Score-CAM of MobileNetV2's features.18 (1280 channels; random weights,
   112 px: one forward per channel on both sides) against its ``ScoreCAM`` (16 masks per forward, its default).
   Ablation-CAM and Score-CAM are timed once (no warm-up: the peer takes minutes on a CPU).
+- shapleycam, finercam, fem, kpcacam, fullgrad: the same ResNet-50 layer4.2 (FullGrad: every BatchNorm of
+  ResNet-50) against pytorch-grad-cam's ``ShapleyCAM``, ``FinerCAM`` (its own choice of the 3 nearest classes, one
+  image at a time: it takes one target index), ``FEM``, ``KPCA_CAM``, ``FullGrad``.
 - render: channels of VGG16 features.28 at 128 px (CPU: 4 channels, 96 px, 8 steps), standard transforms, Adam
   0.05, against torch-lucent 0.1.8's batched ``render_vis`` (one channel per batch element) on the same
   channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
@@ -40,10 +43,13 @@ torch's thread count on CPU, synchronised on CUDA. Peers that are not installed 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,13 +58,14 @@ import lightning_vis as lv
 from . import kernels
 
 SECTIONS = ("deconv", "gradcam", "guided", "saliency", "lrp", "topk", "render", "occlusion", "ig", "eigencam",
-            "scorecam", "ablationcam")
+            "scorecam", "ablationcam", "shapleycam", "finercam", "fem", "kpcacam", "fullgrad")
 # (section, minimum ratio, device): the goals of the issues
 GOALS = [("deconv", 10.0, "cuda"), ("gradcam", 2.0, "cuda"), ("guided", 1.0, "cuda"), ("saliency", 1.0, "cuda"),
          ("lrp", 1.0, "cpu"), ("lrp", 1.0, "cuda"),
          ("topk", 1 / 1.15, "cuda"), ("topk", 1 / 1.15, "cpu"), ("render", 10.0, "cuda"),
          ("occlusion", 3.0, "cpu"), ("occlusion-best", 1.0, "cpu"), ("ig", 1.0, "cpu"), ("ig-memory", 1.0, "cpu"),
-         ("ablationcam", 10.0, "cpu"), ("scorecam", 2.0, "cpu"), ("eigencam", 3.0, "cpu")]
+         ("ablationcam", 10.0, "cpu"), ("scorecam", 2.0, "cpu"), ("eigencam", 3.0, "cpu"),
+         *((s, 1.0, "cpu") for s in ("shapleycam", "finercam", "fem", "kpcacam", "fullgrad"))]
 
 
 def race(device: str, reps: int, fns: dict, warm: bool = True) -> tuple[dict, dict]:
@@ -265,7 +272,8 @@ def bench_topk(device, batch, reps, quick):
                  note=f"{100 * (t['ours'] / t['peer'] - 1):.1f}% over inference")]
 
 
-CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM"}
+CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "shapleycam": "ShapleyCAM",
+             "finercam": "FinerCAM", "fem": "FEM", "kpcacam": "KPCA_CAM", "fullgrad": "FullGrad"}
 
 
 def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
@@ -287,27 +295,39 @@ def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
     x = torch.randn(batch, 3, size, size, device=device)
     with torch.no_grad():
         classes = model(x).argmax(1)
-    fns = {"ours": lambda: lv.grad_cam(model, x, layer, classes, method=section)}
+    if section == "fullgrad":
+        fns = {"ours": lambda: lv.fullgrad(model, x, classes)}
+    else:
+        fns = {"ours": lambda: lv.grad_cam(model, x, layer, classes, method=section)}
     try:
         import pytorch_grad_cam as pgc
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         pgc = None
     if pgc is not None:
-        peer = getattr(pgc, CAM_PEERS[section])(model=model, target_layers=[model.get_submodule(layer)])
+        layers = [] if section == "fullgrad" else [model.get_submodule(layer)]
+        with contextlib.redirect_stdout(io.StringIO()):  # FullGrad prints that it ignores target_layers
+            peer = getattr(pgc, CAM_PEERS[section])(model=model, target_layers=layers)
         targets = [ClassifierOutputTarget(int(c)) for c in classes]
-        fns["peer"] = lambda: peer(input_tensor=x, targets=targets)
-    slow = section != "eigencam"
+        if section == "finercam":  # one target index for the whole batch: image by image
+            fns["peer"] = lambda: np.concatenate([peer(input_tensor=x[i:i + 1], target_idx=int(c))
+                                                  for i, c in enumerate(classes)])
+        else:
+            fns["peer"] = lambda: peer(input_tensor=x, targets=targets)
+    slow = section in ("scorecam", "ablationcam")
     t, res = race(device, 1 if slow else reps, fns, warm=not slow)
-    row = dict(section=section, what=f"{CAM_PEERS[section]} {net} {layer}, {size} px, batch {batch}", device=device,
+    where = "all BatchNorms" if section == "fullgrad" and quick_net is None else layer
+    row = dict(section=section, what=f"{CAM_PEERS[section]} {net} {where}, {size} px, batch {batch}", device=device,
                ours_s=t["ours"])
     if pgc is not None:
-        peer.activations_and_grads.release()
+        getattr(peer, "base_cam", peer).activations_and_grads.release()
+        for p in model.parameters():  # the peers that take gradients fill .grad: leave the model as we found it
+            p.grad = None
         ours, theirs = res["ours"].normalized(), torch.as_tensor(res["peer"])
-        if section == "eigencam":  # the peer keeps NumPy's SVD sign (its map is then relu(-ours)): compare the others
+        if section in ("eigencam", "kpcacam"):  # the peer keeps its SVD's / KPCA's sign (its map is then relu(-ours))
             same = torch.tensor([float(o.flatten() @ p.flatten()) > 0 for o, p in zip(ours, theirs)])
             ours, theirs = ours[same], theirs[same]
-            row["note"] = f"diff over the {int(same.sum())} of {batch} maps where the peer's SVD sign is ours"
+            row["note"] = f"diff over the {int(same.sum())} of {batch} maps where the peer's sign is ours"
         row.update(peer=f"pytorch-grad-cam {CAM_PEERS[section]}", peer_s=t["peer"],
                    diff=rel_diff(ours, theirs) if len(ours) else float("nan"))
     return [row]

@@ -835,7 +835,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
                     raise AssertionError(errors[0])
             return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}, equal to the reference"
         return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}, max {float(cam.low_res.amax()):.3g}" + \
-            ("" if "ag" in ctx or method in lv.cams.RERUNS else "; no class scores to check against")
+            ("" if "ag" in ctx or method in lv.attribution.cams.RERUNS else "; no class scores to check against")
 
     def hub_scores(out, classes):
         """The scores target=None explains on a hub model's output, for its classes; None without (N, classes)."""

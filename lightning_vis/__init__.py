@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 from . import health, hooks, images, objectives, ops, params  # ops loads the compiled operators
 from .activations import activation_grid, activations, top_predictions
-from .attribution import (CAM, Attribution, OcclusionMap, PathAttribution, attention_maps, attention_rollout, grad_cam,
-                          gradient_shap, guided_backprop, input_x_gradient, integrated_gradients, lrp, occlusion,
-                          saliency)
+from .attribution import (CAM, Attribution, OcclusionMap, PathAttribution, attention_maps, attention_rollout, fullgrad,
+                          grad_cam, gradient_shap, guided_backprop, input_x_gradient, integrated_gradients, lrp,
+                          occlusion, saliency)
 from .dataset import TopK, top_k_examples
 from .deconv import Reconstructions, deconvnet
 from .featureviz import RenderResult, Transforms, deep_dream, render
@@ -27,7 +27,7 @@ def serve(model, images, labels=None, **kwargs):
 __all__ = [
     "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "PathAttribution", "Reconstructions",
     "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations", "attention_maps",
-    "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "grad_cam", "gradient_shap",
+    "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "fullgrad", "grad_cam", "gradient_shap",
     "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients", "invariance", "layers",
     "lrp", "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency",
     "serve", "top_k_examples", "top_predictions", "with_inputs",

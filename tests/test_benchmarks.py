@@ -24,7 +24,8 @@ def test_methods_benchmark_agrees_with_the_peers(tmp_path):
     assert methods.main(["--device", "cpu", "--quick", "--json", str(path)]) == 0
     rows = {r["section"]: r for r in json.loads(path.read_text())["rows"]}  # lrp: its last composite
     assert set(rows) == {"deconv", "gradcam", "guided", "saliency", "lrp", "topk", "render", "occlusion",
-                         "occlusion-best", "ig", "eigencam", "scorecam", "ablationcam"}
+                         "occlusion-best", "ig", "eigencam", "scorecam", "ablationcam", "shapleycam", "finercam",
+                         "fem", "kpcacam", "fullgrad"}
     assert rows.pop("render")["ours_s"] > 0  # lucent is a `make bench` extra, not installed for the tests
     assert rows["deconv"]["what"].startswith("15 reconstructions")  # 3 convs + 2 pools, top-3 each
     assert rows.pop("topk")["peer_s"] > 0  # against plain inference: a time, no result to compare

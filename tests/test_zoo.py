@@ -36,7 +36,7 @@ def known_failures(case, results) -> dict:
 
 def methods(case):
     return zoo.METHODS if case.hub or case.name in RERUNS_ON else \
-        tuple(m for m in zoo.METHODS if m not in lv.cams.RERUNS)
+        tuple(m for m in zoo.METHODS if m not in lv.attribution.cams.RERUNS)
 
 
 def test_every_family_is_covered():

@@ -31,7 +31,7 @@ hooks.checkpoint).
 # the private _check_batch and _input_gradient are also the metrics' (lightning_vis.metrics)
 from ._common import CAM, Attribution, Target, _check_batch, check_target, target_scores, upsample
 from .attention import attention_maps, attention_rollout, rollout
-from .cams import CAM_METHODS, cam_from, default_cam_layer, grad_cam
+from .cams import CAM_METHODS, cam_from, default_cam_layer, fullgrad, grad_cam
 from .gradients import (PathAttribution, _input_gradient, gradient_shap, guided_backprop, input_x_gradient,
                         integrated_gradients, make_baselines, saliency)
 from .lrp import COMPOSITES, lrp
@@ -39,7 +39,7 @@ from .perturbation import OcclusionMap, occlusion
 
 __all__ = [
     "CAM", "CAM_METHODS", "COMPOSITES", "Attribution", "OcclusionMap", "PathAttribution", "Target", "attention_maps",
-    "attention_rollout", "cam_from", "check_target", "default_cam_layer", "grad_cam", "gradient_shap",
+    "attention_rollout", "cam_from", "check_target", "default_cam_layer", "fullgrad", "grad_cam", "gradient_shap",
     "guided_backprop", "input_x_gradient", "integrated_gradients", "lrp", "make_baselines", "occlusion", "rollout",
     "saliency", "target_scores", "upsample",
 ]

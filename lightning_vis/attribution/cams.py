@@ -1,9 +1,10 @@
 """The rest of the Grad-CAM family, as ``grad_cam(..., method=...)`` offers it: maps from a layer's activations and
-gradients (HiRes-CAM, XGrad-CAM, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM) and maps that run the network
-again (Score-CAM, Ablation-CAM), equal to pytorch-grad-cam 1.5.7's classes of the same names.
+gradients (HiRes-CAM, XGrad-CAM, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM, FEM, Shapley-CAM,
+Finer-CAM) and maps that run the network again (Score-CAM, Ablation-CAM), equal to pytorch-grad-cam 1.5.7's classes
+of the same names.
 
 Everything here works on (N, C, *grid) maps (the layout model's ``to_maps``), so 1D, 2D, 3D and token layers alike;
-the re-running methods take the layer's native layout to modify it. All of it is batched: one ``torch.linalg.svd``
+the re-running methods take the layer's native layout to modify it. All of it is batched: one ``torch.linalg.eigh``
 for the whole batch, and (image, channel) pairs of several images through the model together, in chunks whose size
 follows from a memory budget.
 
@@ -13,6 +14,7 @@ RERUNS), on a layer named or picked by ``default_cam_layer``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hooks import ModelGuard, capture, resolve_layers
-from ..hooks.checkpoint import _is_reentrant_error, input_gradient
+from ..hooks.checkpoint import HOW_TO_TURN_OFF, _is_reentrant_error, input_gradient, reentrant_guard
 from ..hooks.layout import Layout, LayoutTracer, Unplaceable, _first_tensor
 from ..hooks.resolve import LayerSpec
 from ..inputs import ImageInputs, image_model, image_modules
+from ..targets import LOGITS, field
 from ._common import CAM, Target, _check_batch, _chunked, check_target, target_scores, upsample
 from .attention import _is_attention
 from .gradients import guided_backprop
@@ -63,16 +66,48 @@ def gradcam_elementwise(act: Tensor, grad: Tensor) -> Tensor:
 
 def first_component(maps: Tensor) -> Tensor:
     """(N, C, *grid) -> (N, *grid): each map's positions projected on the first principal component of their
-    channel vectors (one batched SVD), its sign chosen so that the projection correlates positively with the sum
-    over channels (SVD's sign is arbitrary; pytorch-grad-cam keeps whichever NumPy returns)."""
-    flat = torch.nan_to_num(maps.flatten(2).transpose(1, 2).float(), nan=0.0)  # (N, positions, C)
+    channel vectors, its sign chosen so that the projection correlates positively with the sum over channels (the
+    sign of a singular vector is arbitrary; pytorch-grad-cam keeps whichever NumPy's SVD returns). The component is
+    the top eigenvector of the smaller Gram matrix, in float64 (one batched ``torch.linalg.eigh`` of positions x
+    positions or channels x channels: ResNet-50's last layer, 49 x 49 instead of an SVD of 49 x 2048; a CPU's SVD of
+    wide matrices took seconds)."""
+    flat = torch.nan_to_num(maps.flatten(2).transpose(1, 2).double(), nan=0.0)  # (N, positions, C)
     flat = flat - flat.mean(1, keepdim=True)
-    u, s, _ = torch.linalg.svd(flat, full_matrices=False)
-    proj = u[..., 0] * s[..., :1]  # flat @ v1 = u1 * s1
-    total = maps.flatten(2).float().sum(1)
-    agree = ((proj - proj.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
-    proj = torch.where(agree[:, None] < 0, -proj, proj)
-    return proj.view(maps.shape[0], *maps.shape[2:])
+    if flat.shape[1] <= flat.shape[2]:  # flat flat^T = U S^2 U^T: flat v1 = u1 s1
+        values, vectors = torch.linalg.eigh(flat @ flat.transpose(1, 2))
+        proj = vectors[..., -1] * values[:, -1:].clamp_min(0).sqrt()
+    else:  # flat^T flat = V S^2 V^T
+        proj = (flat @ torch.linalg.eigh(flat.transpose(1, 2) @ flat)[1][..., -1:])[..., 0]
+    return _oriented(proj, maps).float().view(maps.shape[0], *maps.shape[2:])
+
+
+def kernel_component(maps: Tensor) -> Tensor:
+    """(N, C, *grid) -> (N, *grid): each map's positions projected on the first kernel principal component of their
+    centred channel vectors, with scikit-learn KernelPCA's defaults as pytorch-grad-cam's KPCA-CAM uses them: the
+    sigmoid kernel tanh(<a, b> / C + 1), centred, its top eigenvector times the square root of its eigenvalue (one
+    batched ``torch.linalg.eigh`` of the (positions x positions) kernels, in float64). The sign as
+    :func:`first_component`'s (scikit-learn flips it to make the largest entry positive, whatever the activations)."""
+    flat = torch.nan_to_num(maps.flatten(2).transpose(1, 2).double(), nan=0.0)  # (N, positions, C)
+    flat = flat - flat.mean(1, keepdim=True)
+    k = torch.tanh(flat @ flat.transpose(1, 2) / flat.shape[2] + 1)
+    k = k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)
+    values, vectors = torch.linalg.eigh(k)  # ascending
+    proj = vectors[..., -1] * values[:, -1:].clamp_min(0).sqrt()
+    return _oriented(proj, maps).float().view(maps.shape[0], *maps.shape[2:])
+
+
+def _oriented(proj: Tensor, maps: Tensor) -> Tensor:
+    """proj (N, positions) with each row's sign flipped where it correlates negatively with maps' channel sum; where
+    that sum hardly varies over the positions (a LayerNorm's tokens sum to about the same everywhere: rounding would
+    decide), so that its largest entry in absolute value is positive (scikit-learn's convention)."""
+    flat = torch.nan_to_num(maps.flatten(2).to(proj.dtype), nan=0.0)
+    flat = flat - flat.mean(2, keepdim=True)
+    total = flat.sum(1)
+    agree = ((proj - proj.mean(1, keepdim=True)) * total).sum(1)
+    weak = total.norm(dim=1) <= 1e-4 * flat.norm(dim=(1, 2))
+    largest = proj.gather(1, proj.abs().argmax(1, keepdim=True))[:, 0]
+    flip = torch.where(weak, largest < 0, agree < 0)
+    return torch.where(flip[:, None], -proj, proj)
 
 
 def eigencam(act: Tensor, grad: Tensor) -> Tensor:
@@ -85,10 +120,77 @@ def eigengradcam(act: Tensor, grad: Tensor) -> Tensor:
     return first_component(grad * act)
 
 
+def kpcacam(act: Tensor, grad: Tensor) -> Tensor:
+    """KPCA-CAM (Karmani et al.): the first kernel principal component of the activations (no gradient)."""
+    return kernel_component(act)
+
+
+FEM_K = 2.0  # FEM's k-sigma rule, pytorch-grad-cam's default
+
+
+def fem(act: Tensor, grad: Tensor) -> Tensor:
+    """FEM (Fuad et al.): channel weights the share of the channel's positions above its mean plus FEM_K (population)
+    standard deviations; no gradient."""
+    dims = _spatial(act)
+    high = act > act.mean(dims, keepdim=True) + FEM_K * act.std(dims, correction=0, keepdim=True)
+    return _per_channel(high.to(act.dtype).mean(dims), act)
+
+
+def grad_weighted(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM's weighting: each channel by its mean gradient over the grid. Shapley-CAM gives it the Shapley
+    gradient (:func:`shapley_gradient`), Finer-CAM the gradient of its comparison score (:func:`finer_scores`)."""
+    return _per_channel(grad.mean(_spatial(act)), act)
+
+
+def shapley_gradient(act: Tensor, grad: Tensor) -> Tensor:
+    """Shapley-CAM's gradient (Cai et al.): grad - (H act) / 2, with H the Hessian of the score with respect to the
+    layer's output (a Hessian-vector product). act: the layer's output in the graph, grad: d score / d act taken
+    with create_graph=True. Where the gradient does not depend on the output (the part above it is linear in it, or
+    piecewise linear: ReLU networks under a logit) the product is zero and Shapley-CAM is Grad-CAM."""
+    if not grad.requires_grad:
+        return grad.detach()
+    try:
+        (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+    except RuntimeError as e:
+        if "derivative for" not in str(e):
+            raise
+        raise ValueError(f"shapleycam needs second derivatives of the part above the layer; torch has none here "
+                         f"({str(e).splitlines()[0]}): use another method or a layer above that operation") from None
+    return grad.detach() if hvp is None else grad.detach() - 0.5 * hvp
+
+
+def twice_differentiable():
+    """A context in which F.scaled_dot_product_attention takes its math path, the one with second derivatives
+    (the fused CPU and CUDA kernels have none): Shapley-CAM's pass through attention layers."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+FINER_COMPARISONS = 3  # Finer-CAM compares with the 3 classes whose logits are nearest the target's (its default)
+
+
+def finer_scores(logits: Tensor, classes: Tensor, alpha: float = 1.0) -> Tensor:
+    """Finer-CAM's score (Zhang et al.): of each input's class c and the FINER_COMPARISONS other classes k whose
+    logits are nearest to c's, sum_k p_k (s_c - alpha s_k) / sum_k p_k with p the softmax of the logits: what sets c
+    apart from the classes it is most easily confused with. logits (N, classes), classes (N,) -> (N,)."""
+    n_cls = logits.shape[1]
+    if n_cls < 2:
+        raise ValueError("finercam compares the target class with the classes nearest to it: the model has one class")
+    main = logits.gather(1, classes[:, None])
+    distance = (logits.detach() - main.detach()).abs().scatter(1, classes[:, None], -1.0)  # the class itself first
+    near = distance.argsort(dim=1, stable=True)[:, 1:1 + min(FINER_COMPARISONS, n_cls - 1)]
+    p = logits.softmax(1).gather(1, near)
+    return (p * (main - alpha * logits.gather(1, near))).sum(1) / (p.sum(1) + 1e-9)
+
+
 # method -> f(act, grad) -> (N, *grid), before the final rectification
 FROM_GRADIENTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "hirescam": hirescam, "xgradcam": xgradcam, "gradcam-elementwise": gradcam_elementwise,
-    "eigencam": eigencam, "eigengradcam": eigengradcam}
+    "eigencam": eigencam, "eigengradcam": eigengradcam, "shapleycam": grad_weighted, "finercam": grad_weighted,
+    "fem": fem, "kpcacam": kpcacam}
+# methods that read the activations alone: one no-grad forward pass, no backward
+NO_GRADIENT = ("eigencam", "fem", "kpcacam", "scorecam", "ablationcam")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,24 +222,66 @@ def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, c
              scores: Tensor, scores_fn) -> Tensor:
     """Score-CAM (Wang et al.): each channel, upsampled to the input and min-max normalised, masks the input; the
     target's scores on the masked inputs, softmaxed over the channels, weigh the channels. act: the layer's output
-    (native layout) for x. scores_fn(output, target) -> (B,) scores."""
+    (native layout) for x; scores_fn(output, target) -> (B,) scores.
+
+    Identical maps give identical masked inputs: each distinct map of an image runs once (a rectified layer's dead
+    channels, all zero, are many: 111 of MobileNetV2's 1280 at features.18 on random weights, 90 to 204 on photos).
+    The passes run on a copy of the model with its BatchNorms folded into their convolutions where that applies
+    (:func:`_folded`), in channels-last memory, in chunks under MEMORY_BUDGET."""
     maps = lay.to_maps(act)
     n, c = maps.shape[:2]
+    images, channels, where, offset = [], [], [], 0
+    for i in range(n):
+        uniq, inverse = torch.unique(maps[i].flatten(1), dim=0, return_inverse=True)
+        first = torch.full((len(uniq),), c, device=maps.device).scatter_reduce(
+            0, inverse, torch.arange(c, device=maps.device), "amin")  # a channel of each distinct map
+        images.append(torch.full_like(first, i))
+        channels.append(first)
+        where.append(inverse + offset)
+        offset += len(uniq)
+    images, channels = torch.cat(images), torch.cat(channels)
     pair_bytes = x[0].numel() * x.element_size() * _FORWARD_EXPANSION
-    out = torch.empty(n * c, device=x.device)
-    done, fast = 0, x.dim() == 4
-    for images, channels in _pair_chunks(n, c, pair_bytes, x.device):  # masks made per chunk: N * C images is large
-        up = _interpolate(maps[images, channels][:, None].float(), x.shape[2:])
+    size = max(1, min(len(images), MEMORY_BUDGET // max(pair_bytes, 1)))
+    out = torch.empty(len(images), device=x.device)
+    fast, run = x.dim() == 4, None
+    for part in torch.arange(len(images), device=x.device).split(size):  # masks made per chunk: N * C images is large
+        up = _interpolate(maps[images[part], channels[part]][:, None].float(), x.shape[2:])
         flat = up.flatten(1)
         lo, hi = flat.amin(1)[:, None], flat.amax(1)[:, None]
         mask = ((flat - lo) / (hi - lo + 1e-8)).view_as(up)
-        masked = x[images] * mask.to(x.dtype)
-        s, fast = _forward_fast(model, masked, fast)
-        s = scores_fn(s, _pair_target(target, classes, images))
-        out[done:done + len(s)] = s.float()
-        done += len(s)
-    weights = out.view(n, c).softmax(1)
+        masked = x[images[part]] * mask.to(x.dtype)
+        pair_target = _pair_target(target, classes, images[part])
+        if run is None:
+            run = _folded(model, masked[:1], lambda o: scores_fn(o, _pair_target(target, classes, images[:1])))
+        s, fast = _forward_fast(run, masked, fast)
+        out[part] = scores_fn(s, pair_target).float()
+    weights = out[torch.cat(where)].view(n, c).softmax(1)
     return _per_channel(weights, maps.float())
+
+
+@torch.no_grad()
+def _folded(model: nn.Module, probe: Tensor, score) -> nn.Module:
+    """For many forward passes: a copy of an eval-mode model with each BatchNorm folded into the convolution (or
+    linear layer) whose output only it reads (torch.fx's ``fuse``): one pass over each activation less
+    (MobileNetV2 at 112 px on a CPU: 1.5x faster). The model itself where that does not apply: no BatchNorm, a
+    model fx cannot trace or copy, hooks on it (the traced copy would not run them all), a copy whose score on
+    probe differs from the model's, or a model whose parameters and buffers take more than MEMORY_BUDGET (the copy
+    would double them)."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if size > MEMORY_BUDGET or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            copy = fuse(model)
+        want, got = score(model(probe)), score(copy(probe))
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    except Exception:  # noqa: BLE001 - any model fx cannot trace or copy runs as it is
+        return model
+    return copy if same else model
 
 
 def _forward_fast(model: nn.Module, x: Tensor, fast: bool):
@@ -331,8 +475,7 @@ def cam_from(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
     dims = tuple(range(2, act.dim()))
     expand = (...,) + (None,) * len(dims)
     if method in ("gradcam", "guided-gradcam"):
-        weights = grad.mean(dims)
-        cam = (weights[expand] * act).sum(1)
+        cam = grad_weighted(act, grad)
     elif method == "gradcam++":  # Chattopadhyay et al., closed form with exp(score) (as pytorch-grad-cam)
         g2, g3 = grad.pow(2), grad.pow(3)
         alpha = g2 / (2 * g2 + act.sum(dims)[expand] * g3 + 1e-7)
@@ -353,8 +496,11 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
              method: str = "gradcam", layout=None, grid=None, chunk_size: int | None = None) -> CAM:
     """Class activation maps of one layer: method "gradcam" (Selvaraju et al.), "gradcam++", "layercam",
     "guided-gradcam" (Grad-CAM times guided backprop, in ``.guided``), or one of the rest of the family: "hirescam",
-    "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam" (from the same activations and gradients),
-    "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs, batched).
+    "xgradcam", "gradcam-elementwise", "eigengradcam", "shapleycam" (with the Hessian-vector product of the score
+    at the layer), "finercam" (Grad-CAM of the target class against the 3 classes nearest to it: class targets
+    only), from activations and gradients; "eigencam", "kpcacam", "fem" from the activations alone (one forward
+    pass, no backward); "scorecam" and "ablationcam" (which run the network again on (image, channel) pairs,
+    batched).
 
     layer: None picks one (see :func:`default_cam_layer`: the last layer with maps over the input; for a
     class-token transformer the last block's pre-attention norm). maps: (N, *input spatial), upsampled
@@ -377,15 +523,32 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     (name, module), = found.items()
     zero = []
 
+    if method == "finercam" and callable(target) and not isinstance(target, torch.Tensor):
+        raise ValueError("finercam compares the target class with the classes nearest to it: it takes a class "
+                         "target (an index, one per input, or None for the top class), not a callable")
+
     def one(x, t):
-        lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid)
+        if method in NO_GRADIENT:
+            (lay, act, scores, classes), grad = _layer_forward(model, x, t, name, layout, grid), None
+        elif method == "finercam":
+            finer = _FinerTarget(t)
+            lay, act, grad, scores, _ = _layer_gradient(model, x, finer, name, layout, grid)
+            classes = finer.classes
+        else:
+            second = method == "shapleycam"
+            with twice_differentiable() if second else contextlib.nullcontext():
+                lay, act, grad, scores, classes = _layer_gradient(model, x, t, name, layout, grid, second=second)
+                if second:
+                    grad = shapley_gradient(act, grad)
         if lay.kind == "vector" or lay.spatial_dims != x.dim() - 2:
             what = "a vector" if lay.kind == "vector" else f"{lay.spatial_dims}D maps ({lay.describe()})"
             raise ValueError(f"layer {name!r} outputs {tuple(act.shape)}, {what}: no spatial map over the "
                              f"{x.dim() - 2}D input {tuple(x.shape)}; pick a layer with maps over the input (or "
                              "layer=None)")
-        a, g = lay.to_maps(act.detach()), lay.to_maps(grad)
-        zero.append(bool(g.abs().amax() == 0))
+        a = lay.to_maps(act.detach())
+        g = a if grad is None else lay.to_maps(grad.detach())  # the gradient-free methods read no gradient
+        if grad is not None:
+            zero.append(bool(g.abs().amax() == 0))
         if method in RERUNS:
             low = RERUNS[method](model, x, name, lay, act.detach(), t, classes, scores.detach(), _scores_of)
             low = low.clamp_min(0)
@@ -411,13 +574,106 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
     return cam
 
 
+# layers whose bias FullGrad reads: torch's own convolutions and BatchNorms (a subclass that changes forward, timm's
+# BatchNormAct2d, returns more than the affine output, so its output's gradient is not its bias's)
+_BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.enable_grad()
+def fullgrad(model: nn.Module, inputs: Tensor, target: Target = None, *, chunk_size: int | None = None) -> CAM:
+    """FullGrad (Srinivas and Fleuret): |input-gradient x input| plus, for every convolution and BatchNorm with a
+    bias whose output is a map of the input's dimensionality, |bias x the gradient at its output| (an eval-mode
+    BatchNorm's bias: beta - mean gamma / sqrt(var + eps)); each (image, channel) map min-max scaled, summed over
+    channels, resized to the input ((bi/tri)linearly) and summed over the layers, as pytorch-grad-cam's FullGrad
+    (which takes Conv2d and BatchNorm2d). One forward and one backward pass per chunk of the batch, every layer's
+    gradient from it. maps: (N, *input spatial), not normalised (``CAM.normalized`` is pytorch-grad-cam's map).
+    Layers named for grad_cam do not apply: every biased layer is used."""
+    model, inputs = image_model(model, inputs)
+    _check_batch(inputs)
+    check_target(target)
+    if not 3 <= inputs.dim() <= 5:
+        raise ValueError(f"fullgrad explains 1D, 2D or 3D inputs (N, C, ...); got {tuple(inputs.shape)}")
+    biased = {}
+    for name, m in model.named_modules():
+        base = next((b for b in _BIASED if isinstance(m, b)), None)
+        if base is None or type(m).forward is not base.forward or getattr(m, "bias", None) is None:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(f"fullgrad: BatchNorm {name!r} keeps no running statistics (track_running_stats=False), "
+                             "so its bias varies with the batch; FullGrad needs a fixed bias")
+        biased[name] = m
+    with ModelGuard(model, eval=True, freeze=True), reentrant_guard("fullgrad"):
+        maps, scores, classes = _chunked(inputs, target, chunk_size, lambda x, t: _fullgrad(model, x, t, biased))
+    return CAM(maps, classes, scores, "fullgrad")
+
+
+def _fullgrad(model, x, target, biased):
+    def scaled_sum(t):  # |t| (N, C, *grid): each (image, channel) map min-max scaled, summed over channels
+        flat = t.abs().flatten(2)
+        lo = flat.amin(2, keepdim=True)
+        return ((flat - lo) / (flat.amax(2, keepdim=True) - lo + 1e-7)).sum(1).view(t.shape[0], *t.shape[2:])
+
+    xg = x.detach().clone().requires_grad_(True)
+    with capture(model, list(biased), grads=True) if biased else contextlib.nullcontext() as tap:
+        out = model(xg)
+        scores, classes = target_scores(out, target)
+        if not scores.requires_grad:
+            raise ValueError("the target's score does not depend on the input through autograd: the model computes "
+                             "it under torch.no_grad or from detached tensors, so no gradient method applies")
+        outs = [(name, a) for name in biased for a in tap.live.get(name, []) if a.dim() == x.dim()] if tap else []
+        grads = torch.autograd.grad(scores.sum(), [xg] + [a for _, a in outs], allow_unused=True)
+    total = scaled_sum(grads[0] * x) if grads[0] is not None else x.new_zeros(x.shape[:1] + x.shape[2:])
+    for (name, a), g in zip(outs, grads[1:]):
+        if g is None:
+            continue
+        m = biased[name]
+        bias = m.bias.detach()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bias = bias - m.running_mean * m.weight.detach() / torch.sqrt(m.running_var + m.eps)
+        total = total + upsample(scaled_sum(bias[(...,) + (None,) * (g.dim() - 2)] * g), x.shape[2:])
+    return total, scores.detach(), classes
+
+
 def _scores_of(output, target) -> Tensor:
     return target_scores(output, target)[0]
 
 
-def _layer_gradient(model, x, target, name, layout, grid):
+class _FinerTarget:
+    """Finer-CAM's score (finer_scores) of a class target (None: the top class) as a callable
+    target; ``classes`` holds the classes it explained."""
+
+    def __init__(self, target):
+        self.target, self.classes = target, None
+
+    def __call__(self, output) -> Tensor:
+        _, self.classes = target_scores(output, self.target)  # validated class indices, and the logits read below
+        logits = output if isinstance(output, Tensor) else field(output, LOGITS)
+        return finer_scores(logits, self.classes)
+
+
+def _layer_forward(model, x, target, name, layout, grid):
+    """(layout, activation, scores, classes) of one layer for a batch, from one forward pass without gradients (the
+    CAMs that read the activations alone). Images go in channels-last memory (faster convolutions on a CPU; the
+    values are the same); a model whose code needs contiguous maps (``.view``) raises, and runs again as given."""
+    tries = [x.contiguous(memory_format=torch.channels_last), x] if x.dim() == 4 else [x]
+    for xx in tries:
+        try:
+            with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+                out = model(xx)
+        except RuntimeError:
+            if xx is x:
+                raise
+            continue
+        if not tap.values.get(name):
+            raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
+        scores, classes = target_scores(out, target)
+        return tap.layout(name), tap.values[name][0], scores, classes
+
+
+def _layer_gradient(model, x, target, name, layout, grid, second: bool = False):
     """(layout, activation, d score / d activation, scores, classes) of one layer for a batch, through any kind of
-    checkpointing."""
+    checkpointing. second: the gradient keeps its graph (create_graph), for a Hessian-vector product at the layer;
+    reentrant checkpointing cannot give one."""
     with capture(model, name, grads=True, layouts=True, layout=layout, grid=grid) as tap:
         out = model(x)
         tap.forward_done()
@@ -428,7 +684,8 @@ def _layer_gradient(model, x, target, name, layout, grid):
         act = tap.live[name][0]
         if name not in tap.ungraded:
             try:
-                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True)
+                (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True, retain_graph=True,
+                                              create_graph=second)
             except RuntimeError as e:
                 if not _is_reentrant_error(e):
                     if not scores.requires_grad:  # nothing of the score's graph reaches back to the layer
@@ -439,6 +696,9 @@ def _layer_gradient(model, x, target, name, layout, grid):
                 if grad is None:
                     raise ValueError(f"the target does not depend on layer {name!r}")
                 return lay, act, grad, scores, classes
+    if second:
+        raise ValueError(f"layer {name!r}: second derivatives (shapleycam) do not pass reentrant "
+                         f"torch.utils.checkpoint; {HOW_TO_TURN_OFF}")
     # reentrant torch.utils.checkpoint: no autograd.grad, and a layer inside a segment ran under no_grad. Run again
     # with an input that needs gradients and catch the layer's gradient with a tensor hook during .backward(): on the
     # layer's output itself, or, inside a segment, on its recomputation.
