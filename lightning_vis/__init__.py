@@ -15,6 +15,7 @@ from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
 from .lrp import lrp
 from .occlusion import OcclusionMap, occlusion
+from .occlusion_study import OcclusionStudy, occlusion_study
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -26,10 +27,10 @@ def serve(model, images, labels=None, **kwargs):
 
 
 __all__ = [
-    "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "PathAttribution", "Reconstructions",
-    "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations", "attention_maps",
-    "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "grad_cam", "gradient_shap",
-    "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients", "invariance", "layers",
-    "lrp", "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency",
-    "serve", "top_k_examples", "top_predictions", "with_inputs",
+    "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "OcclusionStudy", "PathAttribution",
+    "Reconstructions", "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations",
+    "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "grad_cam",
+    "gradient_shap", "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients",
+    "invariance", "layers", "lrp", "objectives", "occlusion", "occlusion_study", "ops", "params", "receptive_field",
+    "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions", "with_inputs",
 ]
