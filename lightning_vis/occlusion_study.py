@@ -92,7 +92,7 @@ class OcclusionStudy:
             ax.set_title(title, fontsize=8)
         tiles = torch.cat([self.projection[None], self.projections[:8]]).cpu()
         axes[2].imshow(im.grid(im.signed_rgb(tiles), ncol=3).permute(1, 2, 0).numpy())
-        axes[2].set_title(f"(c) projections of map {self.channel}'s strongest activation\n(unoccluded first, then "
+        axes[2].set_title(f"(c) map {self.channel}'s strongest activation projected\n(unoccluded, then "
                           f"{min(8, len(self.projections))} squares)", fontsize=8)
         labels, counts = self.label.flatten().unique(return_counts=True)
         ranked = labels[counts.argsort(descending=True)].tolist()
@@ -117,7 +117,7 @@ class OcclusionStudy:
 
     def _extent(self):
         """imshow's extent that puts each placement at its square's centre, in the image's pixels."""
-        (h, w), (sy, sx) = self.image.shape[1:], self.stride
+        sy, sx = self.stride
         ys = [float(self.starts[0][0]), float(self.starts[0][-1])]
         xs = [float(self.starts[1][0]), float(self.starts[1][-1])]
         cy, cx = (self.window[0] - 1) / 2, (self.window[1] - 1) / 2
@@ -164,7 +164,7 @@ def occlusion_study(model: nn.Module, image: Tensor, layer: str | None = None, *
     layer: the feature maps followed; None takes grad_cam's default (attribution.default_cam_layer: the last layer
     whose output is a map over the input, that runs once: the last convolutional block of a CNN, as their layer 5).
     channel: the feature map; None takes the one with the layer's strongest single activation on the unoccluded
-    image. window / stride: the square's side and step in pixels, an int or (rows, cols); window defaults to a
+    image (of several that reach it, as saturated ReLU6 units do, the one with the largest total activation). window / stride: the square's side and step in pixels, an int or (rows, cols); window defaults to a
     sixth of the shorter side, stride to half the window. baseline: the square's value (default 0, grey for
     normalised inputs), or "blur", "uniform", a tensor (as occlusion's). target: the true class (default: the
     unoccluded image's top class). projections: which placements get the map's strongest activation projected (with
@@ -191,9 +191,9 @@ def occlusion_study(model: nn.Module, image: Tensor, layer: str | None = None, *
         if maps.dim() < 3:
             raise ValueError(f"occlusion_study follows a feature map: {name!r} gives {tuple(maps.shape)}, no map "
                              "over the input; name a convolutional layer")
-        strongest = maps[0].flatten(1).amax(1)
-        if channel is None:
-            channel = int(strongest.argmax())
+        peak, total = maps[0].flatten(1).amax(1), maps[0].flatten(1).sum(1)
+        if channel is None:  # the strongest single activation; ties (ReLU6 saturates at 6) to the largest total
+            channel = int(torch.where(peak == peak.max(), total, float("-inf")).argmax())
         elif isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < maps.shape[1]:
             raise ValueError(f"channel must be one of {name!r}'s {maps.shape[1]} channels, got {channel!r}")
         probs = out.float().softmax(1)

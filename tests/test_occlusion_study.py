@@ -129,3 +129,19 @@ def test_a_model_without_class_logits_is_refused():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
     with pytest.raises(ValueError, match=r"needs a classifier returning \(N, classes\) logits, got \(1, 4, 16, 17\)"):
         lv.occlusion_study(net, X, "0", window=4)
+
+
+def test_saturated_units_tie_to_the_largest_total():
+    """ReLU6-like saturation: several maps reach the same strongest activation; the default is the one of them with
+    the largest total activation (not simply the first)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    net = nn.Sequential(conv, nn.Hardtanh(0.0, 1.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    with torch.no_grad():
+        conv.weight.mul_(20)
+        maps = net[:2](X[None])[0]
+    peak, total = maps.flatten(1).amax(1), maps.flatten(1).sum(1)
+    tied = torch.where(peak == 1.0)[0]
+    assert len(tied) >= 3 and int(tied[0]) != int(tied[total[tied].argmax()])
+    s = lv.occlusion_study(net, X, "1", window=4, projections=0)
+    assert s.channel == int(tied[total[tied].argmax()]) and s.projections.shape == (0, 3, 16, 17)
