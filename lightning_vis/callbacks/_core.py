@@ -811,7 +811,7 @@ def build(pl, module: str) -> dict:
                 if images is not None:
                     own.setdefault("image_channels", images.shape[1])
                 parts.append(classes["FeatureVisualization"](viz_layer, channels, every_n_epochs=every_n_epochs,
-                                                             render_kwargs=extra, **own))
+                                                             render_kwargs=extra, batch_input=batch_input, **own))
             if layers is not None:
                 parts += [classes["DatasetExamples"](layers, k=k, every_n_epochs=every_n_epochs,
                                                      batch_input=batch_input),
