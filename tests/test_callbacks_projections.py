@@ -11,7 +11,7 @@ from PIL import Image
 import lightning_vis as lv
 from lightning_vis import images as im
 
-from .test_callbacks import L, C, loaders, make_module
+from .test_callbacks import L, C, data, loaders, make_module
 
 
 def test_dataset_examples_log_the_projection_of_each_examples_strongest_activation(tmp_path):
@@ -96,3 +96,10 @@ def test_feature_visualization_evolution_gets_a_row_of_the_strongest_activation_
     assert off.projection_history == [] and off.strongest is None
     with pytest.raises(ValueError, match="rule must be one of deconvnet, guided, gradient, got 'x'"):
         C.FeatureVisualization("net.conv2", [0], rule="x")
+
+
+def test_visualize_hands_batch_input_to_the_projection_row():
+    images = data(2, 3).tensors
+    vis = C.Visualize(images, None, viz_layer="net.conv2", channels=[0], batch_input=0)
+    (fv,) = vis.parts
+    assert fv.projector.batch_input == 0 and fv.projector.layers == "net.conv2" and fv.image_channels == 1
