@@ -14,6 +14,7 @@ from .health import HealthReport, filter_health
 from .hooks import capture, resolve_layers
 from .inputs import layers, with_inputs
 from .invariance import Invariance, invariance
+from .occlusion_study import OcclusionStudy, occlusion_study
 from .receptive import ReceptiveField, receptive_field
 
 
@@ -25,10 +26,11 @@ def serve(model, images, labels=None, **kwargs):
 
 
 __all__ = [
-    "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "PathAttribution", "Reconstructions",
-    "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations", "attention_maps",
-    "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "fullgrad", "grad_cam", "gradient_shap",
-    "guided_backprop", "health", "hooks", "images", "input_x_gradient", "integrated_gradients", "invariance", "layers",
-    "lrp", "objectives", "occlusion", "ops", "params", "receptive_field", "render", "resolve_layers", "saliency",
-    "serve", "top_k_examples", "top_predictions", "with_inputs",
+    "CAM", "Attribution", "HealthReport", "Invariance", "OcclusionMap", "OcclusionStudy", "PathAttribution",
+    "Reconstructions", "ReceptiveField", "RenderResult", "TopK", "Transforms", "activation_grid", "activations",
+    "attention_maps", "attention_rollout", "capture", "deconvnet", "deep_dream", "filter_health", "fullgrad",
+    "grad_cam", "gradient_shap", "guided_backprop", "health", "hooks", "images", "input_x_gradient",
+    "integrated_gradients", "invariance", "layers", "lrp", "objectives", "occlusion", "occlusion_study", "ops",
+    "params", "receptive_field", "render", "resolve_layers", "saliency", "serve", "top_k_examples", "top_predictions",
+    "with_inputs",
 ]

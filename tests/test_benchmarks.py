@@ -56,3 +56,30 @@ def test_explorer_benchmark_smoke(tmp_path):
     assert row["requests"] == 16 and row["errors_5xx"] == 0 and row["connection_failures"] == 0
     assert row["grid_p50_ms"] > 0 and row["rss_peak_mb"] >= row["rss_start_mb"] > 0
     assert row["stalled_still_open"] == 0  # this tree's explorer closes them after its (1 s) timeout
+
+
+def test_zeiler_fergus_benchmark_rank_correlation(tmp_path):
+    """The quick run's Spearman rho per image equals one computed here from lv.occlusion's probability grid and
+    Grad-CAM averaged over each square by avg_pool2d (ranks by double argsort, Pearson of the ranks)."""
+    import torch
+    import torch.nn.functional as F
+
+    import lightning_vis as lv
+    from benchmarks import zeiler_fergus
+
+    path = tmp_path / "zf.json"
+    assert zeiler_fergus.main(["--quick", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    pics, model, _, layer = zeiler_fergus.photos_and_model(True)
+    assert [r["photo"] for r in rows] == [name for name, _ in pics] and layer == "4"
+    for r, (_, x) in zip(rows, pics):
+        with torch.no_grad():
+            top = model(x[None]).argmax(1)
+        occ = lv.occlusion(model, x[None], top, window=8, stride=4, output="probability")
+        cam = lv.grad_cam(model, x[None], layer, top).maps
+        cam = F.interpolate(cam[:, None].float(), size=(32, 32), mode="bilinear", align_corners=False)
+        inside = F.avg_pool2d(cam, 8, 4)[0, 0]
+        drop = occ.scores[0] - occ.grid[0]
+        ranks = [v.flatten().argsort().argsort().double() for v in (drop, inside)]
+        rho = torch.corrcoef(torch.stack(ranks))[0, 1]
+        assert r["placements"] == 49 and abs(r["rho"] - float(rho)) < 1e-6, (r["rho"], float(rho))

@@ -382,7 +382,8 @@ def test_resuming_from_a_checkpoint_saved_after_fit(tmp_path):
     assert image_steps(tb2.log_dir, "activations/net.conv2") == [9]  # nothing of the first fit logged again
     from PIL import Image
     strip = Image.open(C.out_dir(trainer2) / "evolution" / "net.conv2" / "channel0.png")
-    assert strip.size == (1 + 3 * 9, 1 + 9)  # the three epochs' 8 px renders side by side
+    # the three epochs' 8 px renders side by side, their strongest activations' projections below
+    assert strip.size == (1 + 3 * 9, 1 + 2 * 9)
     # resumed with nothing left to train: no new render, the history as it was
     _, fv3, _, tb3 = fv_run(tmp_path, "nothing", max_epochs=2, ckpt=ckpt)
     assert [e for e, _ in fv3.history] == [0, 1] and fv3.runs == fv.runs

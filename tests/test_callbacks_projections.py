@@ -11,7 +11,7 @@ from PIL import Image
 import lightning_vis as lv
 from lightning_vis import images as im
 
-from .test_callbacks import L, C, loaders, make_module
+from .test_callbacks import L, C, data, loaders, make_module
 
 
 def test_dataset_examples_log_the_projection_of_each_examples_strongest_activation(tmp_path):
@@ -43,3 +43,63 @@ def test_dataset_examples_log_the_projection_of_each_examples_strongest_activati
             assert proj.abs().max() > 0
     with pytest.raises(ValueError, match="projections must be a positive int"):
         C.DatasetExamples(["net.conv2"], projections=0)
+
+
+def test_feature_visualization_evolution_gets_a_row_of_the_strongest_activation_projected(tmp_path):
+    """Figure 4: one projection tile per epoch under the renders, each the deconvnet(positions="max") projection of
+    that epoch's strongest validation example of the channel, with the model as it was at that validation."""
+    import copy
+
+    class Weights(L.Callback):
+        def __init__(self):
+            self.states = []
+
+        def on_validation_epoch_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.states.append(copy.deepcopy(module.state_dict()))
+
+    module = make_module(L.LightningModule)
+    fv = C.FeatureVisualization("net.conv2", [0, 2, 5], size=12, steps=1, image_channels=1)
+    weights = Weights()
+    trainer = L.Trainer(max_epochs=3, callbacks=[fv, weights], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    assert [e for e, _ in fv.history] == [e for e, _ in fv.projection_history] == [0, 1, 2]
+    epoch, indices, projections = fv.strongest
+    assert epoch == 2 and projections.shape == (3, 1, 12, 12)
+    for e, state in enumerate(weights.states):
+        module.load_state_dict(state)
+        top = lv.top_k_examples(module, val, "net.conv2", k=1, progress=False).layers["net.conv2"].indices[:, 0]
+        for j, c in enumerate([0, 2, 5]):
+            x = val.dataset[int(top[c])][0][None]
+            want = lv.deconvnet(module, x, "net.conv2", features=[c], positions="max").images["net.conv2"][0, 0]
+            if e == 2:
+                assert int(indices[j]) == int(top[c])
+                torch.testing.assert_close(projections[j], want)
+            assert want.abs().max() > 0
+            tile = F.interpolate(im.signed_rgb(want[None]), size=(12, 12), mode="bilinear", align_corners=False)[0]
+            torch.testing.assert_close(fv.projection_history[e][1][j], tile)
+    # the strip: renders on the first row, the projections of the same epochs on the second, 12 px tiles, 1 px gaps
+    strip = np.asarray(Image.open(C.out_dir(trainer) / "evolution" / "net.conv2" / "channel2.png").convert("RGB"))
+    assert strip.shape == (2 * 13 + 1, 3 * 13 + 1, 3)
+    for e in range(3):
+        want = im.to_uint8(fv.projection_history[e][1][1]).numpy().astype(int)
+        assert np.abs(strip[14:26, 1 + 13 * e:13 + 13 * e].astype(int) - want).max() <= 1
+    state = fv.state_dict()
+    fresh = C.FeatureVisualization("net.conv2", [0, 2, 5], size=12, steps=1, image_channels=1)
+    fresh.load_state_dict(state)
+    assert [e for e, _ in fresh.projection_history] == [0, 1, 2]
+    off = C.FeatureVisualization("net.conv2", [0], size=12, steps=1, image_channels=1, projections=False)
+    L.Trainer(max_epochs=1, callbacks=[off], logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path / "off").fit(make_module(L.LightningModule), train, val)
+    assert off.projection_history == [] and off.strongest is None
+    with pytest.raises(ValueError, match="rule must be one of deconvnet, guided, gradient, got 'x'"):
+        C.FeatureVisualization("net.conv2", [0], rule="x")
+
+
+def test_visualize_hands_batch_input_to_the_projection_row():
+    images = data(2, 3).tensors
+    vis = C.Visualize(images, None, viz_layer="net.conv2", channels=[0], batch_input=0)
+    (fv,) = vis.parts
+    assert fv.projector.batch_input == 0 and fv.projector.layers == "net.conv2" and fv.image_channels == 1

@@ -123,22 +123,9 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
         reference, classes = value(inputs, target)
         cover = [m.to(inputs.device) for m in placements(size, window, stride)]
         counts = [m.shape[0] for m in cover]
-        n, p = inputs.shape[0], math.prod(counts)
         size_rows = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=False)
-        values = []
-        for r0 in range(0, n * p, size_rows):
-            rows = torch.arange(r0, min(r0 + size_rows, n * p), device=inputs.device)
-            k, i = rows // n, rows % n
-            mask = torch.ones(len(rows), *size, dtype=torch.bool, device=inputs.device)
-            rest = k
-            for axis in reversed(range(dims)):  # placement k = row-major over the axes' counts
-                idx, rest = rest % counts[axis], rest // counts[axis]
-                shape = [len(rows)] + [1] * dims
-                shape[1 + axis] = size[axis]
-                mask &= cover[axis][idx].bool().view(shape)
-            x = torch.where(mask[:, None], b[i], inputs[i])
-            values.append(value(x, target if classes is None else classes[i])[0])
-        at = torch.cat(values).view(*counts, n).movedim(-1, 0)  # (N, *placements)
+        at, = sweep(inputs, b, cover, size_rows,
+                    lambda x, i: (value(x, target if classes is None else classes[i])[0],))  # (N, *placements)
         drop = reference.view(-1, *[1] * dims) - at
         total, weight = drop, torch.ones((), device=inputs.device)
         for axis, m in enumerate(cover):  # sum over placements of drop x window, one axis at a time
@@ -166,24 +153,65 @@ def _patch_size(model: nn.Module, patches, dims: int, size: tuple[int, ...]) -> 
     return patch
 
 
+def occluded(inputs: Tensor, baselines: Tensor, cover: list[Tensor], rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the placement batch: row r is input r % N with window placement r // N (row-major over the axes'
+    placements, `cover` as :func:`placements` gives them) filled with the baselines. Returns (x, the input of each
+    row)."""
+    n, dims, size = inputs.shape[0], inputs.dim() - 2, tuple(inputs.shape[2:])
+    counts = [m.shape[0] for m in cover]
+    k, i = rows // n, rows % n
+    mask = torch.ones(len(rows), *size, dtype=torch.bool, device=inputs.device)
+    rest = k
+    for axis in reversed(range(dims)):
+        idx, rest = rest % counts[axis], rest // counts[axis]
+        shape = [len(rows)] + [1] * dims
+        shape[1 + axis] = size[axis]
+        mask &= cover[axis][idx].bool().view(shape)
+    return torch.where(mask[:, None], baselines[i], inputs[i]), i
+
+
+def sweep(inputs: Tensor, baselines: Tensor, cover: list[Tensor], rows_per_pass: int, fn) -> tuple[Tensor, ...]:
+    """Every placement of every input, as rows of passes of rows_per_pass: fn(x, i) -> a tuple of (rows, ...)
+    values per pass (i: each row's input); each value comes back as (N, *placements, ...)."""
+    counts = [m.shape[0] for m in cover]
+    n, total = inputs.shape[0], inputs.shape[0] * math.prod(counts)
+    parts = []
+    for r0 in range(0, total, rows_per_pass):
+        rows = torch.arange(r0, min(r0 + rows_per_pass, total), device=inputs.device)
+        parts.append(fn(*occluded(inputs, baselines, cover, rows)))
+    return tuple(torch.cat(v).view(*counts, n, *v[0].shape[1:]).movedim(len(counts), 0) for v in zip(*parts))
+
+
+def layer_maps(model, layer, layout=None, grid=None, what: str = "unit="):
+    """(name, run): run(x) -> (the layer's output as (rows, C, *grid) maps, the model's output), one forward pass
+    (the layer placed by hooks.layout; layout= / grid= override it). The layer must run once per pass."""
+    found = resolve_layers(model, layer)
+    if len(found) != 1:
+        raise ValueError(f"{what} names one layer; {layer!r} names {len(found)}: {', '.join(found)}")
+    name = next(iter(found))
+
+    def run(x):
+        with capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+            out = model(x)
+        got = tap.values.get(name, [])
+        if len(got) != 1:
+            raise ValueError(f"layer {name!r} ran {len(got)} times in one forward pass; {what} needs a layer that "
+                             "runs once")
+        return tap.maps(name), out
+
+    return name, run
+
+
 def _unit_value(model, unit, layout, grid, inputs):
     """value(x, target) -> (total activation of the unit's feature map per row, None)."""
     if not (isinstance(unit, (tuple, list)) and len(unit) == 2 and isinstance(unit[1], int)
             and not isinstance(unit[1], bool)):
         raise ValueError(f"unit must be (layer, channel), got {unit!r}")
-    found = resolve_layers(model, unit[0])
-    if len(found) != 1:
-        raise ValueError(f"unit names one layer; {unit[0]!r} names {len(found)}: {', '.join(found)}")
-    name, channel = next(iter(found)), unit[1]
+    name, run = layer_maps(model, unit[0], layout, grid)
+    channel = unit[1]
 
     def value(x, target):
-        with capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
-            model(x)
-        got = tap.values.get(name, [])
-        if len(got) != 1:
-            raise ValueError(f"layer {name!r} ran {len(got)} times in one forward pass; unit= needs a layer that "
-                             "runs once")
-        maps = tap.maps(name)
+        maps = run(x)[0]
         if not 0 <= channel < maps.shape[1]:
             raise ValueError(f"channel {channel} out of range for {name!r}, which has {maps.shape[1]} channels")
         return maps[:, channel].flatten(1).sum(1), None

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import images as im
@@ -29,7 +30,7 @@ from ..display import overlays
 from ..metrics.evaluate import METHODS as EXPLAIN
 from ..featureviz import render
 from ..health import ActivityCollector
-from ..hooks import LayerNotFoundError, ModelGuard, resolve_layers
+from ..hooks import RULES, LayerNotFoundError, ModelGuard, resolve_layers
 from ..hooks.layout import Layout
 from ..batches import find_input
 
@@ -442,12 +443,20 @@ class FeatureVisualizationMixin(Scheduled):
     at fit end each channel's evolution across epochs is written as a strip (PNG) and a GIF, and logged ("the
     vision sharpens"). The history, labelled with the epoch each render shows, is saved in checkpoints: a run
     resumed from one goes on with it. At fit start one render step of the highest channel checks the layer, the
-    channel range and that the model takes ``image_channels``-channel images of this size."""
+    channel range and that the model takes ``image_channels``-channel images of this size.
+
+    projections=True (default): Zeiler & Fergus's Figure 4 too. Every validation epoch of the fit, from the batches
+    the trainer runs (no extra pass; the input found by ``batch_input``, the dataset index as DatasetExamples finds
+    it), each channel's strongest validation example is kept, and its strongest activation projected alone
+    (deconvnet(positions="max"), `rule` "deconvnet" or "guided"): a second row of each evolution strip, one tile per
+    epoch (blank for an epoch without validation). ``strongest`` holds the last epoch's (epoch, dataset indices,
+    projections); ``projection_history`` the tiles."""
 
     lower = "fewer channels, a smaller size, or a smaller chunk_size in render_kwargs"
 
     def __init__(self, layer: str, channels, *, size=64, steps: int = 64, seed: int = 0, image_channels: int = 3,
-                 preprocess=None, render_kwargs: dict | None = None, **kw):
+                 preprocess=None, render_kwargs: dict | None = None, projections: bool = True,
+                 rule: str = "deconvnet", batch_input=None, **kw):
         super().__init__(**kw)
         self.layer, self.channels = layer, list(channels)
         if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.channels):
@@ -456,6 +465,12 @@ class FeatureVisualizationMixin(Scheduled):
         self.image_channels = _positive("image_channels", image_channels, optional=False)
         self.preprocess, self.render_kwargs = preprocess, render_kwargs or {}
         self.history: list[tuple[int, Tensor]] = []  # (epoch, (n, C, H, W) renders)
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.rule = rule
+        self.projector = _StrongestProjections(self, batch_input) if projections else None
+        self.strongest: tuple[int, Tensor, Tensor] | None = None  # (epoch, (n,) dataset indices, (n, *input))
+        self.projection_history: list[tuple[int, Tensor]] = []  # (epoch, (n, 3, H, W) tiles)
 
     def describe(self):
         return f"{type(self).__name__}({self.layer!r}, channels {self.channels[0]}..{max(self.channels)})"
@@ -514,27 +529,70 @@ class FeatureVisualizationMixin(Scheduled):
         if trainer.is_global_zero:
             self.write_evolution(trainer)
 
+    def add_projections(self, epoch: int, indices: Tensor, projections: Tensor) -> None:
+        """Records one validation epoch's strongest examples and their projections (n, C, *input); the tiles (the
+        middle frame of a clip, images.signed_rgb) at the renders' size."""
+        self.strongest = (epoch, indices, projections)
+        if projections.dim() == 5:
+            projections = projections[:, :, projections.shape[2] // 2]
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)[-2:]
+        tiles = F.interpolate(im.signed_rgb(projections), size=size, mode="bilinear", align_corners=False)
+        self.projection_history = [h for h in self.projection_history if h[0] != epoch] + [(epoch, tiles)]
+
     def write_evolution(self, trainer) -> list[Path]:
-        """Per channel: renders across epochs as a strip PNG and a GIF under the log dir; all strips logged."""
+        """Per channel: renders across epochs as a strip PNG (with projections: a second row, the strongest
+        activation's projection of the same epochs) and a GIF (renders) under the log dir; all strips logged."""
         if not self.history:
             return []
         folder = out_dir(trainer) / "evolution" / self.layer
         stack = torch.stack([h[1] for h in self.history], 1).expand(-1, -1, 3, -1, -1)  # (n, epochs, 3, H, W)
+        rows = stack
+        if self.projector is not None:
+            tiles, size = dict(self.projection_history), tuple(stack.shape[-2:])
+            row = torch.stack([F.interpolate(tiles[e].float(), size=size, mode="bilinear", align_corners=False)
+                               if e in tiles else torch.ones_like(stack[:, 0]) for e, _ in self.history], 1)
+            rows = torch.cat([stack, row], 1)  # (n, 2 x epochs, 3, H, W): renders, then projections
         files = []
-        for c, frames in zip(self.channels, stack):
-            files.append(im.save_png(im.grid(frames, ncol=len(frames)), folder / f"channel{c}.png"))
+        for c, frames, strip in zip(self.channels, stack, rows):
+            files.append(im.save_png(im.grid(strip, ncol=len(frames)), folder / f"channel{c}.png"))
             files.append(im.save_gif(frames, folder / f"channel{c}.gif", fps=2))
-        log_images(trainer, f"evolution/{self.layer}", stack.flatten(0, 1), trainer.global_step)
+        log_images(trainer, f"evolution/{self.layer}", rows.flatten(0, 1), trainer.global_step)
         return files
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        if self.projector is not None:
+            self.projector.on_fit_start(trainer, pl_module)
+
+    def cleanup(self):
+        if self.projector is not None:
+            self.projector.cleanup()
 
     def state_dict(self):
         return {"history": [(e, t.clone()) for e, t in self.history], "runs": self.runs,
-                "last_step": self.last_step, "trained_epoch": self.trained_epoch}
+                "last_step": self.last_step, "trained_epoch": self.trained_epoch,
+                "projection_history": [(e, t.clone()) for e, t in self.projection_history]}
 
     def load_state_dict(self, state):
         self.history = [(e, t) for e, t in state.get("history", [])]
+        self.projection_history = [(e, t) for e, t in state.get("projection_history", [])]
         self.runs = state.get("runs", 0)
         self.last_step, self.trained_epoch = state.get("last_step"), state.get("trained_epoch")
+
+
+def _to_projector(hook: str):
+    """A FeatureVisualization hook that hands the validation loop's event to its projector (when it has one)."""
+    def call(self, *args, **kwargs):
+        if self.projector is not None:
+            getattr(self.projector, hook)(*args, **kwargs)
+    call.__name__ = hook
+    return call
+
+
+for _hook in ("setup", "on_train_start", "on_validation_start", "on_validation_epoch_start",
+              "on_validation_batch_start", "on_validation_batch_end", "on_validation_epoch_end"):
+    setattr(FeatureVisualizationMixin, _hook, _to_projector(_hook))
+del _hook
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -705,6 +763,48 @@ class DatasetExamplesMixin(_ValidationCollector):
         self.result = TopK.from_state_dict(saved) if saved is not None else None
 
 
+class _StrongestProjections(_ValidationCollector):
+    """A FeatureVisualization callback's Figure 4 row: during each validation epoch of the fit, every channel's
+    strongest example (the top 1 of a TopKCollector on the validation batches); at its end, each one's strongest
+    activation projected alone (deconvnet(positions="max")), handed to the callback (on global rank zero; under DDP
+    the ranks' top examples are merged first)."""
+
+    def __init__(self, owner, batch_input):
+        super().__init__(owner.layer, 1, batch_input)
+        self.owner = owner
+
+    def describe(self):
+        return f"{self.owner.describe()} projections"
+
+    def _active(self, trainer) -> bool:
+        return not trainer.sanity_checking and trainer.state.fn == "fit"
+
+    def check(self, trainer, pl_module):
+        resolve_layers(pl_module, self.layers)
+
+    def make_collector(self, pl_module):
+        return TopKCollector(pl_module, self.layers, 1, "max")
+
+    def finish(self, trainer, pl_module):
+        entry = all_gather_merge(self._collector.result()).layers.get(self.layers)
+        if not trainer.is_global_zero or entry is None:
+            return
+        channels = self.owner.channels
+        if max(channels) >= entry.indices.shape[0]:
+            raise ValueError(f"{self.describe()}: channel {max(channels)} out of range for {self.layers!r}, which "
+                             f"has {entry.indices.shape[0]} channels")
+        indices = entry.indices[channels, 0]
+        dataset = _val_loader(trainer).dataset
+        out = []
+        with _callback_work(pl_module):
+            for c, idx in zip(channels, indices.tolist()):
+                x = find_input(dataset[idx], self.batch_input, what=f"dataset[{idx}]")[None]
+                rec = deconvnet(pl_module, _on(x, pl_module), self.layers, features=[c], positions="max",
+                                rule=self.owner.rule)
+                out.append(rec.images[self.layers][0, 0].cpu())
+        self.owner.add_projections(trainer.current_epoch, indices, torch.stack(out))
+
+
 class FilterHealthMixin(_ValidationCollector):
     """Per layer, every validation epoch: the share of dead channels, noise-only and duplicate filters, the median
     active fraction, logged as scalars (activity merged across DDP ranks); ``report`` keeps the last one."""
@@ -774,7 +874,7 @@ def build(pl, module: str) -> dict:
                 if images is not None:
                     own.setdefault("image_channels", images.shape[1])
                 parts.append(classes["FeatureVisualization"](viz_layer, channels, every_n_epochs=every_n_epochs,
-                                                             render_kwargs=extra, **own))
+                                                             render_kwargs=extra, batch_input=batch_input, **own))
             if layers is not None:
                 parts += [classes["DatasetExamples"](layers, k=k, every_n_epochs=every_n_epochs,
                                                      batch_input=batch_input),
