@@ -1,7 +1,7 @@
 """The compatibility suite: every method on one model of every family of torchvision's classification, video,
 segmentation and detection builders, of a timm set and of the hubs' (transformers, open_clip) models
-(benchmarks/zoo.py has the checks; `python -m benchmarks.zoo` runs the whole zoo and writes the table the README
-shows). Random weights, small inputs."""
+(benchmarks/zoo.py has the checks; `python -m benchmarks.zoo` runs the whole zoo and writes the table the docs'
+"Any model" page shows). Random weights, small inputs."""
 
 import pytest
 
