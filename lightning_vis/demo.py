@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=4, help="digits training epochs (default %(default)s)")
     docs_images = Path(__file__).resolve().parents[1] / "docs" / "images"
     ap.add_argument("--thumbnails", default=str(docs_images) if docs_images.parent.is_dir() else None,
-                    help="where the README's thumbnails go (default: docs/images of this checkout; none when installed)")
+                    help="where the README's thumbnails go (default: this checkout's docs/images; none installed)")
     args = ap.parse_args(argv)
     from . import cli
 

@@ -8,7 +8,6 @@ guided-backprop reconstruction of the same features.
 """
 
 import matplotlib.pyplot as plt
-import torch
 
 import lightning_vis as lv
 from lightning_vis import demo

@@ -8,7 +8,6 @@ receptive field (``lv.receptive_field`` measures it by gradient).
 """
 
 import matplotlib.pyplot as plt
-import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_vis as lv

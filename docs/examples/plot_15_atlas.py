@@ -14,6 +14,7 @@ from pathlib import Path
 
 import matplotlib.image
 import matplotlib.pyplot as plt
+import torch
 from torch.utils.data import TensorDataset
 
 import lightning_vis.atlas as atlas
@@ -23,7 +24,7 @@ model, classes, _ = demo.mobilenet()
 names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "brick",
          "grass", "gravel"]
 pictures = demo.photos(names, size=96)
-data = TensorDataset(__import__("torch").cat([pictures, pictures.flip(-1)]))
+data = TensorDataset(torch.cat([pictures, pictures.flip(-1)]))  # the photos and their mirror images
 result = atlas.build(model, data, Path(tempfile.mkdtemp()) / "atlas", ["features.2.conv.0.0", "features.4.conv.0.0"],
                      preprocess=demo.normalize, k=4, size=48, steps=24, diverse=0, max_units=4, batch=4,
                      progress=False)
