@@ -87,7 +87,7 @@ THUMBNAILS = {"activations": "activations/chelsea/features.4_activations.png",
               "layercam": "cam/chelsea_layercam.png", "smoothgrad": "saliency/chelsea_smoothgrad.png"}
 
 
-def write_thumbnails(out: Path, dest: Path, box=(320, 200)) -> list[Path]:
+def write_thumbnails(out: Path, dest: Path, box=(480, 200)) -> list[Path]:
     """The README's picture grid: each of THUMBNAILS from the demo's outputs under `out`, shrunk to fit `box` and
     stored with a 128-colour palette (a few tens of KB each) as dest/<name>.png. Outputs not there are skipped."""
     from PIL import Image
