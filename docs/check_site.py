@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urldefrag, urlsplit
+from urllib.parse import unquote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def broken_links(site: Path) -> list[str]:
             parts = urlsplit(link)
             if parts.scheme or parts.netloc or link.startswith(("mailto:", "data:", "javascript:")):
                 continue  # external: not ours to check offline
-            target_part, fragment = urldefrag(link)
+            target_part, fragment = parts.path, parts.fragment  # a ?query (the theme's ?v=hash) is not a file
             target = (path.parent / unquote(target_part)).resolve() if target_part else path
             where = f"{path.relative_to(site)}: {link}"
             if site not in target.parents and target != site:
@@ -68,7 +68,7 @@ def broken_links(site: Path) -> list[str]:
 
 def missing_api_pages(site: Path) -> list[str]:
     """Every public name whose API page was not built."""
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's lightning_vis (as conf.py), not an installed one
     import api_pages
 
     return [f"{q}: no API page (api/generated/{q}.html)" for names in api_pages.pages().values() for q in names

@@ -23,7 +23,6 @@ release = version = lightning_vis.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
     "myst_parser",
 ]

@@ -80,7 +80,7 @@ def test_site_checker_finds_broken_links_and_missing_pages(tmp_path):
     (site / "index.html").write_text(
         '<a href="sub/page.html#there">ok</a> <a href="sub/page.html#nowhere">bad fragment</a> '
         '<img src="missing.png"> <a href="https://example.org/x">external</a> <a href="#top">self</a>'
-        '<h1 id="top">t</h1> <a href="../../outside.html">out</a> <link href="sub/">')
+        '<h1 id="top">t</h1> <a href="../../outside.html">out</a> <link href="sub/"> <script src="sub/page.html?v=1">')
     (site / "sub" / "page.html").write_text('<p id="there">x</p><a href="../index.html">back</a>')
     problems = check_site.broken_links(site)
     assert problems == ["index.html: sub/page.html#nowhere (no element with id 'nowhere')",
