@@ -14,12 +14,11 @@ import lightning_vis as lv
 from lightning_vis import demo
 
 model, classes, _ = demo.mobilenet()
-names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "brick",
-         "grass", "gravel"]
-pictures = demo.photos(names, size=128)
+names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "brick"]
+pictures = demo.photos(names, size=96)
 dataset = TensorDataset(demo.normalize(pictures))
-topk = lv.top_k_examples(model, DataLoader(dataset, batch_size=5), ["features.10"], k=4, progress=False)
-print(lv.receptive_field(model, "features.10", (3, 128, 128)))
+topk = lv.top_k_examples(model, DataLoader(dataset, batch_size=4), ["features.10"], k=4, progress=False)
+print(lv.receptive_field(model, "features.10", (3, 96, 96)))
 print("channel 0's top inputs:", [names[i] for i in topk.layers["features.10"].indices[0]])
 
 # %%

@@ -5,7 +5,7 @@ Lightning callbacks in a Trainer
 ``lightning_vis.callbacks`` log activation maps, deconvnet reconstructions, CAMs, feature visualizations (and each
 unit's evolution across epochs), the top-k validation inputs of every unit and filter health to every logger the
 trainer has (TensorBoard, W&B, MLflow; PNG files for the others). ``Visualize`` configures them all at once. Here a
-small CNN trains on scikit-learn's digits for two epochs, logging to CSV (so the pictures are written as PNGs).
+small CNN trains on scikit-learn's digits for two short epochs, logging to CSV (so the pictures are written as PNGs).
 """
 
 import tempfile
@@ -47,9 +47,9 @@ class DigitsCNN(pl.LightningModule):
 torch.manual_seed(0)
 (xt, yt), (xv, yv) = demo.digits_data()  # 32x32 digits in [0, 1]
 out = Path(tempfile.mkdtemp())
-vis = Visualize(xv[:4], ["net.3"], cam_layer="net.3", viz_layer="net.3", channels=range(8), k=6,
-                render_kwargs=dict(size=32, steps=48, transforms=Transforms(pad=2, jitter=2)))
-trainer = pl.Trainer(max_epochs=2, logger=pl.loggers.CSVLogger(out), callbacks=[vis], accelerator="cpu",
+vis = Visualize(xv[:4], ["net.3"], cam_layer="net.3", viz_layer="net.3", channels=range(4), k=6,
+                render_kwargs=dict(size=32, steps=24, transforms=Transforms(pad=2, jitter=2)))
+trainer = pl.Trainer(max_epochs=2, limit_train_batches=8, logger=pl.loggers.CSVLogger(out), callbacks=[vis], accelerator="cpu",
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
 trainer.fit(DigitsCNN(), DataLoader(TensorDataset(xt, yt), batch_size=64, shuffle=True),
             DataLoader(TensorDataset(xv, yv), batch_size=120))

@@ -6,7 +6,7 @@ The atlas: every unit of a model
 feature visualization and negative render, diverse renders, top-k and bottom-k dataset examples with their
 receptive-field crops and activation maps, its activation distribution, its health and its strongest connections to
 the previous and next layers. ``lightning-vis atlas`` does the same from the command line, on one process or sharded
-with Lightning Fabric. A tiny one here: the first 4 units of two layers over 20 pictures.
+with Lightning Fabric. A tiny one here: the first 3 units of two early layers over 16 small pictures, short renders.
 """
 
 import tempfile
@@ -21,12 +21,11 @@ import lightning_vis.atlas as atlas
 from lightning_vis import demo
 
 model, classes, _ = demo.mobilenet()
-names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "brick",
-         "grass", "gravel"]
-pictures = demo.photos(names, size=96)
+names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "brick"]
+pictures = demo.photos(names, size=64)
 data = TensorDataset(torch.cat([pictures, pictures.flip(-1)]))  # the photos and their mirror images
 result = atlas.build(model, data, Path(tempfile.mkdtemp()) / "atlas", ["features.2.conv.0.0", "features.4.conv.0.0"],
-                     preprocess=demo.normalize, k=4, size=48, steps=24, diverse=0, max_units=4, batch=4,
+                     preprocess=demo.normalize, k=3, size=32, steps=16, diverse=0, max_units=3, batch=3,
                      progress=False)
 print(result.units, "units;", {k: round(v, 1) for k, v in result.timings.items()}, "seconds")
 

@@ -15,10 +15,14 @@ from pathlib import Path
 import matplotlib.image
 import matplotlib.pyplot as plt
 
+import lightning_vis as lv
 from lightning_vis import cli, demo
 
 out = Path(tempfile.mkdtemp())
-photos = demo.write_photos(out / "photos")
+photos = out / "photos"  # two of the demo's photos, 224 px
+photos.mkdir()
+for name, picture in zip(["chelsea", "coffee"], demo.photos(["chelsea", "coffee"], size=224)):
+    lv.images.save_png(picture, photos / f"{name}.png")
 model = ["--model", "torchvision:mobilenet_v2", "--weights", demo.weights_file()]
 
 cli.main(["layers", *model, "--input-size", "3,224,224"])
