@@ -137,8 +137,9 @@ def _densenet_checkpointing(model, on):
             m.memory_efficient = on
 
 
-# lightning_vis.lrp covers convolutional nets; its AttnLRP rules for attention layers are not there yet
-ATTENTION_LRP = "LRP covers convolutional nets; .* is an attention layer"
+# lv.lrp on attention models: AttnLRP where it follows every attention (composite=None picks it for a model with a
+# module named attention); the refusals accepted where it cannot: attention computed where it cannot follow it
+ATTENTION_LRP = "cannot follow the attention of|computes attention .* which the convolutional composites"
 WINDOWS = {"rollout": "not defined for window attention"}
 POOLED = {"rollout": "not defined here: the blocks attend over different token sets"}
 TOKENS_RF = {}  # token layers have receptive fields too (a ViT's: the whole input)
