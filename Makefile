@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # the peers we are compared with (benchmarks, and tests that our results equal theirs); zennit 0.5.1 is the last
-# release that installs on Python 3.11.7 (1.0.0 needs 3.11.11)
-PEERS := captum==0.9.0 grad-cam==1.5.7 torchcam==0.5.0 zennit==0.5.1
+# release that installs on Python 3.11.7 (1.0.0 needs 3.11.11); lxt 2.1 is AttnLRP's research package (tests
+# compare lv.lrp on attention models with it where it runs)
+PEERS := captum==0.9.0 grad-cam==1.5.7 torchcam==0.5.0 zennit==0.5.1 lxt==2.1
 # the callbacks' trainers and loggers (W&B and MLflow: tested offline / on a local store), and the digits data of the
 # demo and tests; matplotlib draws every plot (health, the atlas); Lightning Fabric shares the atlas out over processes
 TRAINING := lightning==2.6.6 pytorch-lightning==2.6.6 tensorboard wandb==0.31.0 mlflow==3.17.2 scikit-learn selenium \
