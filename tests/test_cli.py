@@ -308,3 +308,30 @@ def test_serve_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert cli.main(["serve", "--model", "tests.cli_models:not_a_model", "--images", str(tmp_path)]) == 2
     assert "not an nn.Module" in capsys.readouterr().err
+
+
+def test_occlusion_study_writes_the_library_study(photos, tmp_path, capsys):
+    """`occlusion-study`: per picture the figure and, in occlusion_study.json, the study's activation, probability
+    and label grids, equal to lv.occlusion_study on the same input; too many placements and clips are refused."""
+    out = tmp_path / "out"
+    assert cli.main(["occlusion-study", *MODEL, "--images", str(photos), "--size", "16", "--window", "6",
+                     "--stride", "3", "--layer", "conv2", "--projections", "2", "--target", "1",
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "occlusion_study.json").read_text())
+    for name in ("a.png", "b.jpg"):
+        x, _ = cli.load_image(photos / name, None, 16)
+        ours = lv.occlusion_study(tiny_cnn().eval(), x, "conv2", window=6, stride=3, target=1, projections=2)
+        entry = report[name]
+        assert (entry["layer"], entry["channel"], entry["target"]) == ("conv2", ours.channel, 1)
+        assert entry["window"] == [6, 6] and entry["stride"] == [3, 3]
+        np.testing.assert_allclose(entry["activation"], ours.activation.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(entry["probability"], ours.probability.numpy(), atol=1e-6)
+        assert entry["label"] == ours.label.tolist()
+        assert entry["reference"]["probability"] == pytest.approx(ours.reference[1], abs=1e-6)
+        figure = Image.open(out / f"{name.split('.')[0]}_occlusion_study.png")
+        assert figure.size[0] > 200 and figure.size[1] > 100
+    assert cli.main(["occlusion-study", *MODEL, "--images", str(photos), "--size", "16", "--window", "1",
+                     "--stride", "1", "--out", str(tmp_path / "o2")]) == 0  # 256 placements: within the bound
+    assert cli.main(["occlusion-study", *MODEL, "--images", str(photos), "--size", "100", "--window", "1",
+                     "--stride", "1", "--out", str(tmp_path / "o3")]) == 2
+    assert "10000 placements of the square" in capsys.readouterr().err

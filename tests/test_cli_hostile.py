@@ -203,7 +203,7 @@ COMMANDS = {"layers": [], "activations": [*IMAGES, "--layers", "conv1"], "deconv
             "health": [*IMAGES, "--layers", "conv1"], "render": ["--layer", "conv2"],
             "dream": ["--image", "F/imgs/a.png", "--layer", "conv1"], "report": [*IMAGES, "--layers", "conv1"],
             "atlas": IMAGES, "serve": ["--images", "F/imgs"], "evaluate": IMAGES, "ig": IMAGES, "occlusion": IMAGES,
-            "lrp": IMAGES, "invariance": [*IMAGES, "--layers", "conv1"]}
+            "lrp": IMAGES, "invariance": [*IMAGES, "--layers", "conv1"], "occlusion-study": IMAGES}
 BIG = "99999999999999999999"
 #: (flag, valid range as the error says it, a value below it or None); every int and float flag of every command
 RANGES = {
@@ -219,6 +219,7 @@ RANGES = {
     "--timeout": ("0.1 to 86400", "0"), "--cache-mb": ("1 to 1.04858e+06", "0.5"),
     "--lr": ("1e-06 to 1000", "0"), "--threshold": ("-1e+30 to 1e+30", "-1e31"), "--window": ("1 to 4096", "0"),
     "--stride": ("1 to 4096", "0"), "--evaluate-images": ("0 to 4096", "-1"),
+    "--projections": ("1 to 256", "0"),
 }
 
 

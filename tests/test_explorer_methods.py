@@ -246,3 +246,23 @@ def test_video_nets_get_every_method_on_the_frame_asked_for(tmp_path):
             np.testing.assert_array_equal(pixels(png), drawn(shown[:, 2], heat[0, 2]))
     finally:
         ex.close()
+
+
+def test_occlusion_study_is_the_library_figure(served):
+    """/api/occlusion-study: lv.occlusion_study of the chosen image and layer, drawn as its plot, pixel for pixel;
+    placements over the limit, a window larger than the image and an unknown class are 400s in one line."""
+    from lightning_vis.plots import png_bytes as figure_png
+
+    srv, ex, model, before = served
+    status, kind, data = waited(srv, "/api/occlusion-study?image=img1.png&layer=conv2&class=1&window=6&stride=3")
+    assert status == 200 and kind == "image/png", data[:300]
+    x, _ = ex._picture("img1.png")
+    study = lv.occlusion_study(model, x, "conv2", window=6, stride=3, target=1, projections=4,
+                               rule=ex.default_rule)
+    want = np.asarray(Image.open(io.BytesIO(figure_png(study.plot(None)))))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), want)
+    for query, message in (("window=1&stride=1", "over the limit of 100"), ("window=99", "larger than the image"),
+                           ("class=99", "target class 99 out of range")):
+        status, _, data = request(srv, f"/api/occlusion-study?image=img1.png&layer=conv2&{query}")
+        assert status == 400 and message in js(data)["error"], (query, data[:200])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -68,7 +68,8 @@ RANGES = {"top": (1, 100_000), "top_k": (1, 4096), "k": (1, 1000), "tile": (1, 4
           "size": (1, math.isqrt(MAX_PIXELS)), "channels": (1, MAX_CHANNELS), "threads": (1, 1024),
           "batch": (1, 4096), "diverse": (0, 64), "connections": (0, 1000), "workers": (0, 256),
           "num_nodes": (1, 1024), "max_units": (1, 1 << 20), "seed": (0, 2 ** 32 - 1), "port": (0, 65535),
-          "max_images": (1, 4096), "window": (1, 4096), "stride": (1, 4096), "evaluate_images": (0, 4096)}
+          "max_images": (1, 4096), "window": (1, 4096), "stride": (1, 4096), "evaluate_images": (0, 4096),
+          "projections": (1, 256)}
 
 
 #: every float argument and its valid range: serve's timeout and cache, dream's step size, health's threshold

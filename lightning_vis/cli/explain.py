@@ -1,6 +1,6 @@
 """Where the model looks in each picture: class activation maps, saliency maps, integrated gradients (and
-GradientShap, input x gradient), occlusion and LRP, overlaid on the picture (a GIF of overlays for a clip), with a
-JSON index of the classes explained."""
+GradientShap, input x gradient), occlusion and LRP, overlaid on the picture (a GIF of overlays for a clip), and
+Zeiler and Fergus' occlusion study (their Figure 7), with a JSON index of the classes explained."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..attribution import (CAM_METHODS, COMPOSITES, default_cam_layer, grad_cam,
                            input_x_gradient, integrated_gradients, lrp, occlusion, saliency)
 from ..attribution.gradients import BASELINES
 from ..attribution.perturbation import OUTPUTS
+from ..occlusion_study import MAX_PROJECTIONS, occlusion_study
 from ._common import (CliError, Output, _one_layer, _overrides, _parse_target, _per_picture, add_layout_args,
                       add_model_args, add_target_args, read_labels, say)
 
@@ -140,6 +141,40 @@ def cmd_occlusion(args, model, categories, transform):
     _each_picture(args, model, categories, transform, "occlusion.json", explain)
 
 
+MAX_STUDY_PLACEMENTS = 4096  # squares of one occlusion study: a forward pass each
+
+
+def cmd_occlusion_study(args, model, categories, transform):
+    baseline = _baseline(args.baseline)
+    layer = None if args.layer is None else _one_layer(model, args.layer, "--layer")
+    stride = args.stride if args.stride is not None else max(1, args.window // 2)
+    if stride > args.window:
+        raise CliError(f"--stride {args.stride}: larger than --window {args.window}, positions between squares would "
+                       "never be occluded")
+
+    def explain(out, stem, path, x, shown, target, names):
+        if x.dim() != 3:
+            raise CliError(f"{path.name}: the occlusion study takes still images (a GIF with several frames is a clip)")
+        h, w = x.shape[1:]
+        if args.window > min(h, w):
+            raise CliError(f"--window {args.window}: larger than the {h}x{w} input of {path.name}")
+        count = (-(-(h - args.window) // stride) + 1) * (-(-(w - args.window) // stride) + 1)  # the last at the edge
+        if count > MAX_STUDY_PLACEMENTS:
+            raise CliError(f"--window {args.window} --stride {stride}: {count} placements of the square on the {h}x{w} "
+                           f"input, over {MAX_STUDY_PLACEMENTS} (a forward pass each); raise the stride or the window")
+        study = occlusion_study(model, x, layer, window=args.window, stride=stride, target=target,
+                                baseline=baseline, projections=args.projections, rule=args.rule)
+        figure = out.final(study.save(out.path(f"{stem}_occlusion_study.png"), class_names=names))
+        label = [[names[c] if names and c < len(names) else int(c) for c in row] for row in study.label.tolist()]
+        return {"file": str(path), "layer": study.layer, "channel": study.channel, "target": study.target,
+                "class": names[study.target] if names and study.target < len(names) else None,
+                "window": list(study.window), "stride": list(study.stride),
+                "reference": {"activation": round(study.reference[0], 6), "probability": round(study.reference[1], 6)},
+                "activation": _rounded(study.activation.tolist()), "probability": _rounded(study.probability.tolist()),
+                "label": label, "files": [figure]}
+    _each_picture(args, model, categories, transform, "occlusion_study.json", explain)
+
+
 def _input_bounds(transform, channels: int):
     """The lowest and highest input values (per channel): the model's normalisation of 0 and 1, or 0 and 1."""
     if transform is None or not hasattr(transform, "mean"):
@@ -198,6 +233,23 @@ def add_commands(sub) -> None:
                    help="what drops: the class score, or its probability (softmax) (default %(default)s)")
     add_target_args(p)
     p.set_defaults(run=cmd_occlusion)
+    p = sub.add_parser("occlusion-study", help="Zeiler and Fergus' occlusion study (their Figure 7) of each image: "
+                                               "per placement of a grey square, the strongest feature map's "
+                                               "activation and projection, the class probability and the top label")
+    add_model_args(p, with_layers=False)
+    p.add_argument("--layer", help="the layer whose strongest feature map is followed (default: the CAM layer, the "
+                                   "last layer with maps over the input)")
+    p.add_argument("--window", type=int, default=32, help="the square's side in input pixels (default %(default)s)")
+    p.add_argument("--stride", type=int, help="pixels between placements (default: half the window)")
+    p.add_argument("--baseline", default="zeros", help=f"the square's values: {', '.join(BASELINES)} or a number "
+                                                       "(default %(default)s: grey for a normalised input)")
+    p.add_argument("--projections", type=int, default=9,
+                   help=f"placements whose projection is drawn, spread evenly (at most {MAX_PROJECTIONS}; "
+                        "default %(default)s)")
+    p.add_argument("--rule", choices=["deconvnet", "guided"], default="deconvnet",
+                   help="the projection's backward rule (default %(default)s)")
+    add_target_args(p)
+    p.set_defaults(run=cmd_occlusion_study)
     p = sub.add_parser("lrp", help="layer-wise relevance propagation (convolutional nets) on each image")
     add_model_args(p, with_layers=False)
     p.add_argument("--composite", choices=COMPOSITES, default=COMPOSITES[0],

@@ -26,6 +26,8 @@ API (every route answers JSON errors {"error": ...} with a 4xx status for bad in
                                              "insertion", "images"}}, "random", "better"}: which method to trust
                                              (metrics.faithfulness); 202 while it checks the image
     GET  /api/topk?layer=L&filter=F          {"images": [{"image", "score"}]}: the folder's top-k; 202 while it ranks
+    GET  /api/occlusion-study?image=N&layer=L&class=C&window=W&stride=S   PNG: Zeiler & Fergus's Figure 7 of the
+                                             image (the layer's strongest map per square placement); 202 while it runs
     GET  /api/projections?layer=L&filter=F&rule=deconvnet|guided   PNG: each top-k image's patch beside the
                                              projection of the filter's strongest activation in it; 202 while working
 
@@ -73,6 +75,8 @@ from ..hooks.taps import layers as list_layers
 from ..metrics import METHODS as EVALUATED
 from ..metrics import evaluate, faithfulness, position_map, read_evaluation
 from ..metrics.sanity import randomizable_layers
+from ..occlusion_study import occlusion_study
+from ..plots import png_bytes
 from .cache import ByteLRU, Compute, HttpError, Jobs, Pending
 from .decode import SUFFIXES, frame_count, probe, read_frames
 from .web import make_server, run_until_interrupted
@@ -777,6 +781,24 @@ class Explorer:
             return _png(self._topk.projection_grid(Inputs(), layer, [filt], model, rule=rule))
         return self._slow(("projections", layer, filt, rule), compute, f"the projections of filter {filt} of {layer!r}",
                           f"projecting filter {filt} of {layer!r} in its top images: ask again in a moment")
+
+    def occlusion_study_png(self, image, layer, cls, window: int | None, stride: int | None) -> bytes:
+        """Zeiler & Fergus's Figure 7 for one image (lightning_vis.occlusion_study): per placement of a grey square,
+        the layer's strongest feature map's total activation and (at a few placements) its strongest activation
+        projected, the probability of the class (None: the top one) and the top label. Placements bounded as
+        occlusion's (limits.placements); a background job on the model's copy (202 while it runs)."""
+        if len(self.input_shape) != 3:
+            raise HttpError(400, "the occlusion study takes still images; this model takes clips")
+        win, st = self._occlusion_window({"window": window or 0, "stride": stride or 0})
+        cls = self._class(image, cls)
+        x, _ = self._picture(image)
+
+        def compute(model):
+            study = occlusion_study(model, x, layer, window=win, stride=st, target=cls, projections=4,
+                                    rule=self.default_rule)
+            return png_bytes(study.plot(self.class_names))
+        return self._slow(("study", image, layer, cls, win, st), compute, f"the occlusion study of {image!r}",
+                          f"occluding {image!r} square by square: ask again in a moment")
 
     def close(self):
         self.jobs.close()

@@ -259,7 +259,7 @@ class App:
             return 200, png, ex.projections_png(ex.layer(q.get("layer")), integer("filter", required=True),
                                                 q.get("rule") or None)
         if path not in ("/api/cam", "/api/attribution", "/api/faithfulness", "/api/activations", "/api/grid",
-                        "/api/deconv"):
+                        "/api/deconv", "/api/occlusion-study"):
             raise HttpError(404, f"no route {path}")
         image = need("image")
         ex._picture(image)  # 404 for an unknown image, before any work
@@ -270,6 +270,9 @@ class App:
             return 200, png, ex.cam_png(image, layer, integer("class"), q.get("method") or "gradcam", frame, params)
         if path == "/api/faithfulness":
             return 200, "application/json", json.dumps(ex.faithfulness(image, layer, integer("class")))
+        if path == "/api/occlusion-study":
+            return 200, png, ex.occlusion_study_png(image, layer, integer("class"), integer("window"),
+                                                    integer("stride"))
         if path == "/api/activations":
             overlay = q.get("overlay", "0") == "1"
             return (200, "image/jpeg" if overlay else png,
