@@ -222,9 +222,8 @@ def test_page_in_headless_chromium(server, tmp_path):
         driver.quit()
 
 
-def test_video_nets_show_the_frame_asked_for(tmp_path):
-    import threading
-
+def video_explorer(tmp_path):
+    """video_net(), an Explorer of it on a folder with one 4-frame 12 px GIF, clip.gif, and the GIF's frames."""
     net = video_net()
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -233,6 +232,13 @@ def test_video_nets_show_the_frame_asked_for(tmp_path):
     frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     to_input, pre = default_input(12)
     ex = Explorer(net, folder, to_input=to_input, preprocess=pre, render_steps=1, render_size=12)
+    return net, ex, frames
+
+
+def test_video_nets_show_the_frame_asked_for(tmp_path):
+    import threading
+
+    net, ex, frames = video_explorer(tmp_path)
     assert ex.input_shape == (3, 4, 12, 12) and ex.frames() == 4
     srv = make_server(ex, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

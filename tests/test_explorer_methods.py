@@ -225,16 +225,9 @@ def test_page_menu_faithfulness_and_projections_in_headless_chromium(served, tmp
 
 
 def test_video_nets_get_every_method_on_the_frame_asked_for(tmp_path):
-    from tests.test_explorer import video_net
+    from tests.test_explorer import video_explorer
 
-    net = video_net()
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    frames = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(4)]
-    frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    to_input, pre = default_input(12)
-    ex = Explorer(net, folder, to_input=to_input, preprocess=pre, render_steps=1, render_size=12)
+    net, ex, _ = video_explorer(tmp_path)
     x, shown = ex._picture("clip.gif")
     try:
         # occlusion: the clip's time axis whole; 12 px: a window of 1 (an eighth), stride 1
