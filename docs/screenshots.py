@@ -6,8 +6,9 @@
   the event file (tensorboard's EventAccumulator) and laid out by tag as TensorBoard's Images tab lists them; drawn
   with matplotlib, not a screenshot of TensorBoard's web page (which is not run here).
 
-Run: `python docs/screenshots.py` (about two minutes on 2 CPU cores); needs Debian's chromium and chromium-driver and
-selenium, as the browser tests. Each PNG is shrunk to a few tens of KB."""
+Run: `python docs/screenshots.py` after `make docs` (vit_attention.png is the gallery's figure; about three minutes
+on 2 shared CPU cores); needs Debian's chromium and chromium-driver and selenium, as the browser tests. Each is a
+palette PNG of 20 to 50 KB; the explorer's dense page about 120 KB (96 colours: fewer posterise its photos)."""
 
 import io
 import shutil
@@ -44,7 +45,8 @@ def browser(profile: Path, window: str = "1200,800"):
 
 
 def shot(driver, url: str, out: Path, wait: float = 60.0, colours: int = 128) -> Path:
-    """Loads url, waits up to `wait` seconds for every image on it, saves the window as a palette PNG 800 wide."""
+    """Loads url, waits up to `wait` seconds for every image on it, saves the window as a palette PNG 800 wide
+    of `colours` colours."""
     driver.get(url)
     deadline = time.time() + wait
     while time.time() < deadline:
@@ -91,7 +93,7 @@ def atlas_and_explorer(work: Path, out: Path) -> None:
     driver = browser(work / "profile")
     try:
         print(shot(driver, unit.as_uri(), out / "atlas.png"))
-        print(shot(driver, f"http://127.0.0.1:{srv.server_address[1]}/", out / "explorer.png", wait=120.0, colours=32))
+        print(shot(driver, f"http://127.0.0.1:{srv.server_address[1]}/", out / "explorer.png", wait=120.0, colours=96))
     finally:
         driver.quit()
         srv.shutdown()
