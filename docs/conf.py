@@ -56,7 +56,10 @@ sphinx_gallery_conf = {
     "abort_on_example_error": True,
     "show_memory": False,
     "matplotlib_animations": False,
+    # an example ending on a result shows its picture (`_repr_png_`, through docs/repr_png.py: capture_repr itself
+    # takes only text and HTML) and a table's HTML (`_repr_html_`)
     "capture_repr": ("_repr_html_",),
+    "image_scrapers": ("matplotlib", "repr_png.scraper"),
     "reset_modules": ("matplotlib",),
     "line_numbers": False,
     "min_reported_time": 0,

@@ -122,3 +122,29 @@ def test_every_public_docstring_parses_without_a_warning():
             bad += [f"{q}: {m.astext()[:200]}" for m in tree.findall(lambda n: n.tagname == "system_message")
                     if m["level"] >= 2]
     assert not bad, "\n".join(bad)
+
+
+def test_gallery_shows_the_png_of_a_result_ending_a_block(tmp_path):
+    """docs/repr_png.py: a block ending on a CAM puts exactly its _repr_png_ on the page; a block ending on an
+    assignment shows nothing, even though sphinx-gallery's `___` still holds an earlier block's result."""
+    import repr_png
+    import torch
+    from sphinx_gallery.py_source_parser import Block
+    from sphinx_gallery.scrapers import ImagePathIterator
+
+    import lightning_vis as lv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    cam = lv.grad_cam(model, torch.rand(2, 3, 16, 16), "0")
+    paths = ImagePathIterator(str(tmp_path / "sphx_glr_x_{0:03}.png"))
+    block_vars = {"example_globals": {"___": cam}, "image_path_iterator": paths}
+    conf = {"src_dir": str(tmp_path)}
+    rst = repr_png.scraper(Block("code", "cam = 1\ncam\n", 1), block_vars, conf)
+    assert (tmp_path / "sphx_glr_x_001.png").read_bytes() == cam._repr_png_()
+    assert "sphx_glr_x_001.png" in rst
+    assert repr_png.scraper(Block("code", "x = cam\n", 3), block_vars, conf) == ""
+    nothing = {**block_vars, "example_globals": {"___": None}}
+    assert repr_png.scraper(Block("code", "print(1)\n", 5), nothing, conf) == ""
+    assert len(paths) == 1

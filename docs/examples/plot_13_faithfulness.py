@@ -15,7 +15,7 @@ from lightning_vis.metrics import evaluate
 
 model, classes, _ = demo.mobilenet()
 images = demo.photos(["chelsea", "coffee"], size=128)
-ev = evaluate(model, demo.normalize(images), methods=["gradcam", "gradient"],
+ev = evaluate(model, demo.normalize(images), methods=["gradcam", "saliency"],
               metrics=["deletion", "insertion", "average_drop"], steps=8, layer="features.18")
 print(ev.table())
 
