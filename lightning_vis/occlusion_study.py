@@ -164,7 +164,8 @@ def occlusion_study(model: nn.Module, image: Tensor, layer: str | None = None, *
     layer: the feature maps followed; None takes grad_cam's default (attribution.default_cam_layer: the last layer
     whose output is a map over the input, that runs once: the last convolutional block of a CNN, as their layer 5).
     channel: the feature map; None takes the one with the layer's strongest single activation on the unoccluded
-    image (of several that reach it, as saturated ReLU6 units do, the one with the largest total activation). window / stride: the square's side and step in pixels, an int or (rows, cols); window defaults to a
+    image (of several that reach it, as saturated ReLU6 units do, the one with the largest total activation).
+    window / stride: the square's side and step in pixels, an int or (rows, cols); window defaults to a
     sixth of the shorter side, stride to half the window. baseline: the square's value (default 0, grey for
     normalised inputs), or "blur", "uniform", a tensor (as occlusion's). target: the true class (default: the
     unoccluded image's top class). projections: which placements get the map's strongest activation projected (with

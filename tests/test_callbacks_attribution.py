@@ -36,6 +36,7 @@ LIBRARY = {
     "input-x-gradient": lambda model, x: lv.input_x_gradient(model, x).maps.abs().amax(1),
     "occlusion": lambda model, x: lv.occlusion(model, x, window=3, stride=1).maps,
     "lrp": lambda model, x: lv.lrp(model, x).maps.abs().amax(1),
+    "fullgrad": lambda model, x: lv.fullgrad(model, x).maps,
 }
 
 

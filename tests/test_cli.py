@@ -335,3 +335,18 @@ def test_occlusion_study_writes_the_library_study(photos, tmp_path, capsys):
     assert cli.main(["occlusion-study", *MODEL, "--images", str(photos), "--size", "100", "--window", "1",
                      "--stride", "1", "--out", str(tmp_path / "o3")]) == 2
     assert "10000 placements of the square" in capsys.readouterr().err
+
+
+def test_lrp_picks_attnlrp_for_an_attention_model(photos, tmp_path):
+    """Without --composite, `lrp` takes lv.lrp's own choice (AttnLRP on a model with attention layers) and says
+    which in the index; its relevance is the library's."""
+    from tests.cli_models import tiny_vit
+
+    out = tmp_path / "out"
+    assert cli.main(["lrp", "--model", "tests.cli_models:tiny_vit", "--images", str(photos / "b.jpg"), "--size", "32",
+                     "--out", str(out)]) == 0
+    x, _ = cli.load_image(photos / "b.jpg", None, 32)
+    ours = lv.lrp(tiny_vit().eval(), x[None])
+    entry = json.loads((out / "lrp.json").read_text())["b.jpg"]
+    assert ours.method == "lrp-attnlrp" and entry["composite"] == "attnlrp"
+    assert entry["relevance"] == pytest.approx(round(float(ours.maps[0].detach().sum()), 6), abs=2e-6)

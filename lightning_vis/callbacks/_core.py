@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import images as im
 from ..activations import activation_grid, activations
-from ..attribution import (CAM_METHODS, grad_cam, gradient_shap, guided_backprop, input_x_gradient,
+from ..attribution import (CAM_METHODS, fullgrad, grad_cam, gradient_shap, guided_backprop, input_x_gradient,
                            integrated_gradients, lrp, occlusion, saliency)
 from ..dataset import TopK, TopKCollector, _dataset_indices, all_gather_merge
 from ..deconv import deconvnet
@@ -394,6 +394,7 @@ ATTRIBUTION_METHODS = {
     "input-x-gradient": (input_x_gradient, True),
     "occlusion": (_occlusion, False),
     "lrp": (lrp, False),
+    "fullgrad": (fullgrad, False),
 }
 
 
@@ -402,10 +403,10 @@ class AttributionMixin(OnImages):
     class). method, as the CLI spells it: a CAM method of lightning_vis.grad_cam (layer: its layer, None: grad_cam's
     default), "saliency" or "smoothgrad", "guided-backprop", "deconvnet", "integrated-gradients",
     "gradient-shap", "input-x-gradient" (layer: the layer variant), "occlusion" (window default: a quarter of each
-    axis; at most MAX_PLACEMENTS windows per image) or "lrp". options: keyword arguments of the method (e.g.
-    {"steps": 32}, {"composite": "epsilon-gamma-box", "low": -2, "high": 2}, {"window": 8}). A method that does not
-    apply to the model is refused at fit start in one line. Maps of the input's shape are shown as each position's
-    largest magnitude over the channels (as lightning_vis' results show themselves)."""
+    axis; at most MAX_PLACEMENTS windows per image), "lrp" or "fullgrad". options: keyword arguments of the method
+    (e.g. {"steps": 32}, {"composite": "epsilon-gamma-box", "low": -2, "high": 2}, {"window": 8}). A method that
+    does not apply to the model is refused at fit start in one line. Maps of the input's shape are shown as each
+    position's largest magnitude over the channels (as lightning_vis' results show themselves)."""
 
     def __init__(self, images, layer: str | None = None, *, method: str = "gradcam", target=None,
                  options: dict | None = None, **kw):

@@ -12,6 +12,7 @@ import torch
 from .. import images as im
 from ..attribution import (CAM_METHODS, COMPOSITES, default_cam_layer, grad_cam, gradient_shap, guided_backprop,
                            input_x_gradient, integrated_gradients, lrp, occlusion, saliency)
+from ..attribution.attnlrp import COMPOSITES as ATTN_COMPOSITES
 from ..attribution.gradients import BASELINES
 from ..attribution.perturbation import OUTPUTS
 from ..occlusion_study import MAX_PROJECTIONS, occlusion_study
@@ -186,11 +187,11 @@ def _input_bounds(transform, channels: int):
 def cmd_lrp(args, model, categories, transform):
     def explain(out, stem, path, x, shown, target, names):
         low, high = _input_bounds(transform, x.shape[0])
-        res = lrp(model, x[None], target, composite=args.composite, low=low, high=high)
+        res = lrp(model, x[None], target, composite=args.composite, low=low, high=high)  # None: lrp picks one
         maps = res.maps[0].detach()  # lrp's maps of some composites still carry their graph
         files = _input_view(out, shown, maps, f"{stem}_lrp.png", signed=True)
-        return {**_explained(res, names, path), "composite": args.composite, "relevance": round(float(maps.sum()), 6),
-                "files": files}
+        return {**_explained(res, names, path), "composite": res.method.removeprefix("lrp-"),
+                "relevance": round(float(maps.sum()), 6), "files": files}
     _each_picture(args, model, categories, transform, "lrp.json", explain)
 
 
@@ -250,9 +251,12 @@ def add_commands(sub) -> None:
                    help="the projection's backward rule (default %(default)s)")
     add_target_args(p)
     p.set_defaults(run=cmd_occlusion_study)
-    p = sub.add_parser("lrp", help="layer-wise relevance propagation (convolutional nets) on each image")
+    p = sub.add_parser("lrp", help="layer-wise relevance propagation (convolutional and attention nets) on each "
+                                     "image")
     add_model_args(p, with_layers=False)
-    p.add_argument("--composite", choices=COMPOSITES, default=COMPOSITES[0],
-                   help="the rules by layer type, as zennit's composites of the same names (default %(default)s)")
+    p.add_argument("--composite", choices=(*COMPOSITES, *ATTN_COMPOSITES),
+                   help="the rules by layer type: zennit's composites of the same names for convolutional nets, "
+                        "attnlrp / cp-lrp for attention models (default: attnlrp where the model has attention "
+                        "layers, else epsilon-plus-flat)")
     add_target_args(p)
     p.set_defaults(run=cmd_lrp)

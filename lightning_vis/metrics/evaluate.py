@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, grad_cam, gradient_shap, guided_backprop,
-                           input_x_gradient, integrated_gradients, lrp, occlusion, saliency, target_scores)
+from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, fullgrad, grad_cam, gradient_shap,
+                           guided_backprop, input_x_gradient, integrated_gradients, lrp, occlusion, saliency,
+                           target_scores)
 from ..display import NoPicture, Shows, html_table
 from ..hooks import ModelGuard
 from . import perturbation as P
@@ -51,6 +52,11 @@ def _rollout(m, x, c, layer, seed):
     return maps, tuple(maps.shape[1:])
 
 
+def _fullgrad(m, x, c, layer, seed):
+    maps = fullgrad(m, x, c).maps  # (N, *input spatial): per position, as a CAM upsampled
+    return maps, tuple(maps.shape[1:])
+
+
 def _occlusion(m, x, c, layer, seed):
     window = [max(1, n // 8) for n in x.shape[2:]]  # 8 windows a side, overlapping by half (the default stride)
     occ = occlusion(m, x, c, window=window)
@@ -59,6 +65,7 @@ def _occlusion(m, x, c, layer, seed):
 
 METHODS: dict[str, Callable] = {
     **{name: _cam(name) for name in CAM_METHODS},
+    "fullgrad": _fullgrad,
     "saliency": lambda m, x, c, layer, seed: _pixels(saliency(m, x, c).maps),
     "smoothgrad": lambda m, x, c, layer, seed: _pixels(saliency(m, x, c, samples=16, seed=seed).maps),
     "guided-backprop": lambda m, x, c, layer, seed: _pixels(guided_backprop(m, x, c).maps.abs()),
