@@ -92,7 +92,7 @@ def test_options_and_the_layer_variant(tmp_path):
 
 def test_bad_configurations_are_refused_when_made():
     images = data(2, 5).tensors[0]
-    with pytest.raises(ValueError, match=r"unknown attribution method 'ig'; choose one of gradcam, .*, lrp$"):
+    with pytest.raises(ValueError, match=r"unknown attribution method 'ig'; choose one of gradcam, .*, lrp, fullgrad$"):
         C.Attribution(images, method="ig")
     with pytest.raises(ValueError, match="method 'lrp' takes no layer"):
         C.Attribution(images, "net.conv2", method="lrp")
