@@ -152,7 +152,7 @@ def shapley_gradient(act: Tensor, grad: Tensor) -> Tensor:
     try:
         (hvp,) = torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
     except RuntimeError as e:
-        if "derivative for" not in str(e):
+        if "derivative for" not in str(e) and "double backward" not in str(e):
             raise
         raise ValueError(f"shapleycam needs second derivatives of the part above the layer; torch has none here "
                          f"({str(e).splitlines()[0]}): use another method or a layer above that operation") from None
@@ -648,6 +648,10 @@ class _FinerTarget:
     def __call__(self, output) -> Tensor:
         _, self.classes = target_scores(output, self.target)  # validated class indices, and the logits read below
         logits = output if isinstance(output, Tensor) else field(output, LOGITS)
+        if self.classes is None or logits is None or logits.dim() != 2:
+            raise ValueError("finercam compares the target class with the classes nearest to it: it needs a "
+                             "classifier's (N, classes) logits (the output or its logits field), which this model's "
+                             "output is not; use another CAM method")
         return finer_scores(logits, self.classes)
 
 
