@@ -140,6 +140,9 @@ def _densenet_checkpointing(model, on):
 # lv.lrp on attention models: AttnLRP where it follows every attention (composite=None picks it for a model with a
 # module named attention); the refusals accepted where it cannot: attention computed where it cannot follow it
 ATTENTION_LRP = "cannot follow the attention of|computes attention .* which the convolutional composites"
+# LRP's relevance vanishes on torchvision's EfficientNet-B* and SSDlite (an all-zero map, cause not found yet): lv.lrp
+# refuses that in one line instead of drawing it
+LRP_VANISHES = {"lrp": "vanished before the input"}
 # torchvision's roi_align has no second derivative: Shapley-CAM's Hessian-vector product refuses above it
 ROI_ALIGN = {"shapleycam": "needs second derivatives of the part above the layer"}
 # the segmentation and detection cases explain a callable target (a class over a mask, a box's score)
@@ -182,6 +185,8 @@ def cases() -> list[Case]:
             case = dict(checkpoint=_densenet_checkpointing)
         elif name.startswith("convnext"):
             case = dict(expect={"features.1.0.block.3": "channels-last 16x16", "features.1": "channels-first 16x16"})
+        elif name.startswith("efficientnet_b"):
+            case = dict(refuse=LRP_VANISHES)
         out.append(Case(f"torchvision:{name}", family, _tv(name, **kw), shape, ci=name in ci, **case))
     video = (1, 3, 8, 64, 64)
     for name in torchvision.models.list_models(module=torchvision.models.video):
@@ -214,7 +219,8 @@ def cases() -> list[Case]:
         out.append(Case(f"torchvision.detection:{name}", "detection",
                         _tv(name, weights_backbone=None, num_classes=5, box_score_thresh=0.0)
                         if "rcnn" in name else _tv(name, weights_backbone=None, num_classes=5),
-                        (1, 3, 128, 128), "detect", layer=layer, refuse=ROI_ALIGN if "rcnn" in name else {},
+                        (1, 3, 128, 128), "detect", layer=layer, refuse=ROI_ALIGN if "rcnn" in name else
+                        LRP_VANISHES if "ssdlite" in name else {},
                         ci=name in {"fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"}))
     t224 = (2, 3, 64, 64)
     out += [

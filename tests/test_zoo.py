@@ -19,8 +19,7 @@ RERUNS_ON = {"timm:resnet18", "torchvision:mobilenet_v2", "timm:convnext_atto (c
 
 
 # known failures, each until its fix lands (the test then says to remove it)
-KNOWN = {("torchvision.detection:ssdlite320_mobilenet_v3_large", "lrp"): "lrp is all zero",
-         ("torchvision:efficientnet_b0", "lrp"): "lrp is all zero"}
+KNOWN: dict = {}
 
 
 def known_failures(case, results) -> dict:

@@ -339,4 +339,9 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
         _out_of_place(model)
         maps, scores, classes = _chunked(inputs, target, chunk_size,
                                          lambda x, t: _relevance(model, x, t, rules, opts))
+    lost = (maps.flatten(1).abs().amax(1) == 0) & (scores != 0)
+    if bool(lost.any()):  # never an all-zero picture of a score that is not zero
+        raise ValueError(f"lrp ({composite}): the relevance of input {int(lost.nonzero()[0])}'s nonzero score vanished "
+                         "before the input (an all-zero map): the model has an operation these rules do not carry "
+                         "relevance through; use another method (saliency, integrated gradients)")
     return Attribution(maps, classes, scores, f"lrp-{composite}")
