@@ -59,12 +59,16 @@ def _per_axis(value, dims: int, what: str) -> tuple[int, ...]:
     return tuple(vals)
 
 
+def placement_counts(size: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> list[int]:
+    """Per axis, how many windows `placements` puts there (the last one reaching the edge)."""
+    return [math.ceil(max(n - w, 0) / s) + 1 for n, w, s in zip(size, window, stride)]
+
+
 def placements(size: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> list[Tensor]:
     """Per axis, an (placements, size) 0/1 matrix: which positions each window covers (captum's shifts: starts
     0, s, 2s, ... up to the first window that reaches the edge)."""
     out = []
-    for n, w, s in zip(size, window, stride):
-        count = math.ceil(max(n - w, 0) / s) + 1
+    for n, w, s, count in zip(size, window, stride, placement_counts(size, window, stride)):
         starts = torch.arange(count) * s
         pos = torch.arange(n)
         out.append(((pos >= starts[:, None]) & (pos < starts[:, None] + w)).float())

@@ -14,7 +14,7 @@ from ..attribution import (CAM_METHODS, COMPOSITES, default_cam_layer, grad_cam,
                            input_x_gradient, integrated_gradients, lrp, occlusion, saliency)
 from ..attribution.attnlrp import COMPOSITES as ATTN_COMPOSITES
 from ..attribution.gradients import BASELINES
-from ..attribution.perturbation import OUTPUTS
+from ..attribution.perturbation import OUTPUTS, placement_counts
 from ..occlusion_study import MAX_PROJECTIONS, occlusion_study
 from ._common import (CliError, Output, _one_layer, _overrides, _parse_target, _per_picture, add_layout_args,
                       add_model_args, add_target_args, read_labels, say)
@@ -159,7 +159,7 @@ def cmd_occlusion_study(args, model, categories, transform):
         h, w = x.shape[1:]
         if args.window > min(h, w):
             raise CliError(f"--window {args.window}: larger than the {h}x{w} input of {path.name}")
-        count = (-(-(h - args.window) // stride) + 1) * (-(-(w - args.window) // stride) + 1)  # the last at the edge
+        count = math.prod(placement_counts((h, w), (args.window,) * 2, (stride,) * 2))
         if count > MAX_STUDY_PLACEMENTS:
             raise CliError(f"--window {args.window} --stride {stride}: {count} placements of the square on the {h}x{w} "
                            f"input, over {MAX_STUDY_PLACEMENTS} (a forward pass each); raise the stride or the window")

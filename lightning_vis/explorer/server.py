@@ -66,6 +66,7 @@ from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
 from ..attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
 from ..attribution.cams import RERUNS
+from ..attribution.perturbation import placement_counts
 from ..dataset import top_k_examples
 from ..deconv import deconvnet
 from ..featureviz import render
@@ -606,8 +607,7 @@ class Explorer:
             raise HttpError(400, f"window {w} is larger than the image ({side} pixels on its shorter side)")
 
         def count(st):
-            return math.prod(math.ceil(max(n - a, 0) / b) + 1 for n, a, b in
-                             zip(grid, (*grid[:-2], w, w), (*grid[:-2], st, st)))
+            return math.prod(placement_counts(grid, (*grid[:-2], w, w), (*grid[:-2], st, st)))
         st = params["stride"] or next((s for s in range(max(1, w // 2), w + 1) if count(s) <= self.limits.placements),
                                       w)
         if st > w:
