@@ -16,6 +16,8 @@ import lightning_vis as lv
 from lightning_vis import cli
 from lightning_vis.attribution import cams
 
+from benchmarks.methods import PEER_SIGNED, peer_sign_fixed
+
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
@@ -24,8 +26,6 @@ NEW = ["hirescam", "xgradcam", "gradcam-elementwise", "eigencam", "eigengradcam"
 PEER = {"hirescam": "HiResCAM", "xgradcam": "XGradCAM", "gradcam-elementwise": "GradCAMElementWise",
         "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
         "shapleycam": "ShapleyCAM", "finercam": "FinerCAM", "fem": "FEM", "kpcacam": "KPCA_CAM"}
-SIGNED = {"eigencam": "get_2d_projection", "eigengradcam": "get_2d_projection",
-          "kpcacam": "get_2d_projection_kernel"}  # the peer's projections, whose sign we fix (sign_corrected)
 
 
 def small_cnn():
@@ -44,31 +44,11 @@ def peer_copy(model):
     return other
 
 
-def sign_corrected(project):
-    """The peer's projection with its arbitrary sign fixed as ours: correlating with the activation sum, or where
-    that sum is about constant over the positions, its largest entry positive."""
-    def fixed(batch, *args):
-        proj = project(batch, *args)
-        for i, a in enumerate(np.nan_to_num(batch).astype(np.float64)):
-            a = a.reshape(len(a), -1)
-            a = a - a.mean(1, keepdims=True)
-            total = a.sum(0)
-            p = proj[i].reshape(-1)
-            if np.linalg.norm(total) <= 1e-4 * np.linalg.norm(a):
-                flip = p[np.abs(p).argmax()] < 0
-            else:
-                flip = ((p - p.mean()) * total).sum() < 0
-            if flip:
-                proj[i] = -proj[i]
-        return proj
-    return fixed
-
-
 def peer_maps(method, model, layer, x, classes, monkeypatch, reshape=None):
     cls = getattr(pgc, PEER[method])
-    if method in SIGNED:
-        module = __import__(cls.__module__, fromlist=[SIGNED[method]])
-        monkeypatch.setattr(module, SIGNED[method], sign_corrected(getattr(module, SIGNED[method])))
+    if method in PEER_SIGNED:
+        module = __import__(cls.__module__, fromlist=[PEER_SIGNED[method]])
+        monkeypatch.setattr(module, PEER_SIGNED[method], peer_sign_fixed(getattr(module, PEER_SIGNED[method])))
     with cls(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         if method == "finercam":  # its target class is one index for the whole batch: one image at a time
             maps = np.concatenate([cam(input_tensor=x[i:i + 1], target_idx=int(c)) for i, c in enumerate(classes)])
