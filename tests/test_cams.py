@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_vis as lv
 from lightning_vis import cli
-from lightning_vis.attribution import cams
+from lightning_vis.attribution import _common, cams
 
 from benchmarks.methods import PEER_SIGNED, peer_sign_fixed
 
@@ -456,24 +456,24 @@ def test_scorecam_folds_batchnorm_into_a_copy_only_where_it_may(monkeypatch):
     model = fullgrad_net()
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(22))
     score = lambda out: out[:, 1]  # noqa: E731
-    folded = cams._folded(model, x, score)
+    folded = _common._folded(model, x, score)
     assert folded is not model and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model keeps its own
     h = model[2].register_forward_hook(lambda m, a, o: None)  # a user's hook: the copy would not run it
-    assert cams._folded(model, x, score) is model
+    assert _common._folded(model, x, score) is model
     h.remove()
-    assert cams._folded(small_cnn(), x, score).__class__ is nn.Sequential  # no BatchNorm: nothing to fold
-    monkeypatch.setattr(cams, "MEMORY_BUDGET", 1000)  # a copy of the model would not fit
-    assert cams._folded(model, x, score) is model
+    assert _common._folded(small_cnn(), x, score).__class__ is nn.Sequential  # no BatchNorm: nothing to fold
+    monkeypatch.setattr(_common, "FOLD_BUDGET", 1000)  # a copy of the model would not fit
+    assert _common._folded(model, x, score) is model
 
     class Branchy(nn.Sequential):  # control flow on values: fx cannot trace it
         def forward(self, x):
             return super().forward(x) if x.sum() > -1e9 else x
 
     branchy = Branchy(*fullgrad_net())
-    assert cams._folded(branchy, x, score) is branchy
+    assert _common._folded(branchy, x, score) is branchy
 
 
 def test_fullgrad_without_biases_is_scaled_input_times_gradient():

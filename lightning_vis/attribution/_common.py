@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import images as im
 from ..display import NoPicture, Shows, frames, heat_picture
@@ -154,6 +156,56 @@ def _chunked(inputs, target, chunk_size, fn):
     parts = [fn(inputs[i:i + size], torch.as_tensor(target)[i:i + size] if per_input else target)
              for i in range(0, n, size)]
     return [torch.cat(p) if p[0] is not None else None for p in zip(*parts)]
+
+
+FOLD_BUDGET = 256 * 2**20  # the largest model (parameters and buffers, bytes) FastForward copies to fold
+
+
+class FastForward:
+    """model(x) for the many no-grad forward passes of a perturbation method (Score-CAM's masks, occlusion's
+    placements, the metrics' perturbed inputs), faster and with the same values: a copy of an eval-mode model with
+    each BatchNorm folded into the convolution (or linear layer) whose output only it reads (torch.fx's ``fuse``:
+    one pass over each activation less), fed 4D inputs in channels-last memory (faster convolutions on a CPU; the
+    model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at 224 px: MobileNetV2 1.57x
+    and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
+
+    The model itself runs where folding does not apply: no BatchNorm, a model fx cannot trace or copy, hooks on
+    it (the traced copy would not run them all), parameters and buffers over FOLD_BUDGET (the copy doubles them),
+    or a copy whose ``score(output)`` on ``probe`` differs from the model's (checked once). A model whose code
+    needs contiguous maps (``.view`` after a convolution) raises in channels-last memory: it then runs as given
+    from that pass on. The caller holds a ModelGuard in eval mode and no autograd (a pass may run twice)."""
+
+    def __init__(self, model: nn.Module, probe: Tensor, score: Callable):
+        self.run = _folded(model, probe, score)
+        self.fast = probe.dim() == 4
+
+    def __call__(self, x: Tensor):
+        if self.fast:
+            try:
+                return self.run(x.contiguous(memory_format=torch.channels_last))
+            except RuntimeError:
+                self.fast = False
+        return self.run(x)
+
+
+@torch.no_grad()
+def _folded(model: nn.Module, probe: Tensor, score: Callable) -> nn.Module:
+    """FastForward's BatchNorm-folded copy of model, or model itself where folding does not apply."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if size > FOLD_BUDGET or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            copy = fuse(model)
+        want, got = score(model(probe)), score(copy(probe))
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    except Exception:  # noqa: BLE001 - any model fx cannot trace or copy runs as it is
+        return model
+    return copy if same else model
 
 
 def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:

@@ -28,7 +28,7 @@ from ..hooks.layout import Layout, LayoutTracer, Unplaceable, _first_tensor
 from ..hooks.resolve import LayerSpec
 from ..inputs import ImageInputs, image_model, image_modules
 from ..targets import LOGITS, field
-from ._common import CAM, Target, _check_batch, _chunked, check_target, target_scores, upsample
+from ._common import CAM, FastForward, Target, _check_batch, _chunked, check_target, target_scores, upsample
 from .attention import _is_attention
 from .gradients import guided_backprop
 
@@ -227,7 +227,7 @@ def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, c
     Identical maps give identical masked inputs: each distinct map of an image runs once (a rectified layer's dead
     channels, all zero, are many: 111 of MobileNetV2's 1280 at features.18 on random weights, 90 to 204 on photos).
     The passes run on a copy of the model with its BatchNorms folded into their convolutions where that applies
-    (:func:`_folded`), in channels-last memory, in chunks under MEMORY_BUDGET."""
+    (:class:`~._common.FastForward`: BatchNorm folded, channels-last memory), in chunks under MEMORY_BUDGET."""
     maps = lay.to_maps(act)
     n, c = maps.shape[:2]
     images, channels, where, offset = [], [], [], 0
@@ -243,7 +243,7 @@ def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, c
     pair_bytes = x[0].numel() * x.element_size() * _FORWARD_EXPANSION
     size = max(1, min(len(images), MEMORY_BUDGET // max(pair_bytes, 1)))
     out = torch.empty(len(images), device=x.device)
-    fast, run = x.dim() == 4, None
+    run = None
     for part in torch.arange(len(images), device=x.device).split(size):  # masks made per chunk: N * C images is large
         up = _interpolate(maps[images[part], channels[part]][:, None].float(), x.shape[2:])
         flat = up.flatten(1)
@@ -252,48 +252,10 @@ def scorecam(model: nn.Module, x: Tensor, name: str, lay, act: Tensor, target, c
         masked = x[images[part]] * mask.to(x.dtype)
         pair_target = _pair_target(target, classes, images[part])
         if run is None:
-            run = _folded(model, masked[:1], lambda o: scores_fn(o, _pair_target(target, classes, images[:1])))
-        s, fast = _forward_fast(run, masked, fast)
-        out[part] = scores_fn(s, pair_target).float()
+            run = FastForward(model, masked[:1], lambda o: scores_fn(o, _pair_target(target, classes, images[:1])))
+        out[part] = scores_fn(run(masked), pair_target).float()
     weights = out[torch.cat(where)].view(n, c).softmax(1)
     return _per_channel(weights, maps.float())
-
-
-@torch.no_grad()
-def _folded(model: nn.Module, probe: Tensor, score) -> nn.Module:
-    """For many forward passes: a copy of an eval-mode model with each BatchNorm folded into the convolution (or
-    linear layer) whose output only it reads (torch.fx's ``fuse``): one pass over each activation less
-    (MobileNetV2 at 112 px on a CPU: 1.5x faster). The model itself where that does not apply: no BatchNorm, a
-    model fx cannot trace or copy, hooks on it (the traced copy would not run them all), a copy whose score on
-    probe differs from the model's, or a model whose parameters and buffers take more than MEMORY_BUDGET (the copy
-    would double them)."""
-    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    if size > MEMORY_BUDGET or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or \
-            any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return model
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            copy = fuse(model)
-        want, got = score(model(probe)), score(copy(probe))
-        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
-    except Exception:  # noqa: BLE001 - any model fx cannot trace or copy runs as it is
-        return model
-    return copy if same else model
-
-
-def _forward_fast(model: nn.Module, x: Tensor, fast: bool):
-    """model(x), with a 4D x in channels-last memory (1.3x to 1.9x faster convolutions on a CPU: ResNet-50 and
-    MobileNetV2 measured; the model is untouched). A model whose code needs contiguous maps (``.view`` after a
-    convolution) raises: then it runs as given, and (output, False) says so for the next chunks."""
-    if fast:
-        try:
-            return model(x.contiguous(memory_format=torch.channels_last)), True
-        except RuntimeError:
-            pass
-    return model(x), False
 
 
 def _ablated(values: Tensor, lay, channels: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import ModelGuard, capture, resolve_layers
-from ._common import Attribution, Target, _check_batch, check_target, target_scores
+from ._common import Attribution, FastForward, Target, _check_batch, check_target, target_scores
 from .gradients import chunk_rows, make_baselines
 
 OUTPUTS = ("score", "probability")
@@ -107,6 +107,7 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
         if s > w:
             raise ValueError(f"stride {stride} is larger than the window {window}: positions between windows would "
                              "never be occluded")
+    forward = model
     if unit is not None:
         value = _unit_value(model, unit, layout, grid, inputs)
     else:
@@ -114,16 +115,20 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
             raise ValueError("output='probability' needs a class target (softmax over (N, classes) logits); a "
                              "callable target gives scores: use output='score'")
 
-        def value(x, t):
-            out = model(x)
+        def read(out, t):
             if output == "probability":
                 if not isinstance(out, Tensor) or out.dim() != 2:
                     raise ValueError("output='probability' needs a model returning (N, classes) logits; pass "
                                      "output='score'")
                 out = out.softmax(1)
             return target_scores(out, t)
+
+        def value(x, t):
+            return read(forward(x), t)
     with ModelGuard(model, eval=True):
         b = make_baselines(inputs, baseline)
+        if unit is None:  # the reference pass too: every score of a drop from the same computation
+            forward = FastForward(model, inputs[:1], lambda out: read(out, target)[0])
         reference, classes = value(inputs, target)
         cover = [m.to(inputs.device) for m in placements(size, window, stride)]
         counts = [m.shape[0] for m in cover]
