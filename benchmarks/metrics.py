@@ -10,9 +10,11 @@
   zero baseline, softmax scores, torch-cam given the same maps (its batches of 32; ours of 64).
 - infidelity: ``metrics.infidelity`` against ``captum.metrics.infidelity``, 10 samples, the same seeded Gaussian
   perturbation, normalised, one batch of samples each.
-The model is torchvision's MobileNetV2 (random weights; --quick: a small conv net at 32 px), the maps its Grad-CAM
-(features.18) for the top class. Times: median wall-clock of --reps rounds after a warm-up, the two sides taking
-turns (benchmarks.methods.race). ratio = peer / ours (> 1: ours is faster).
+The model is torchvision's MobileNetV2 with its ImageNet weights on scikit-image's photos where the demo's weights
+package is installed (random weights on noise where not; --quick: a small conv net at 32 px), the maps its Grad-CAM
+(features.18) for the top class. Times: median of --reps rounds after a warm-up, the two sides taking turns
+(benchmarks.methods.race), in wall-clock seconds or with --clock cpu the process's CPU seconds on one thread (a
+shared machine). ratio = peer / ours (> 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -29,21 +31,34 @@ from torch import nn
 from lightning_vis import metrics as M
 from lightning_vis.attribution import grad_cam
 
-from .methods import race
+from .methods import CLOCKS, race, set_clock
 
 SECTIONS = ("road", "deletion", "infidelity")
 GOALS = {"road": 10.0, "deletion": 1.0, "infidelity": 1.0}
 
 
-def _model(quick: bool):
+def _model_and_inputs(quick: bool, batch: int, size: int):
+    """(model, CAM layer, inputs, what they are): the quick conv net on noise; else MobileNetV2 with its ImageNet
+    weights on scikit-image's photos where the demo's weights package is installed (a real model's scores move
+    when pixels are removed, so the check of equal numbers means something), random weights on noise where not."""
+    g = torch.Generator().manual_seed(0)
     if quick:
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), "2"
-    from torchvision.models import mobilenet_v2
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), "2", \
+            torch.randn(batch, 3, size, size, generator=g), "a small conv net, random weights"
+    from lightning_vis import demo
 
-    torch.manual_seed(0)
-    return mobilenet_v2(), "features.18"
+    try:
+        model = demo.mobilenet()[0]
+    except SystemExit:  # no weights package
+        from torchvision.models import mobilenet_v2
+
+        torch.manual_seed(0)
+        return mobilenet_v2(), "features.18", torch.randn(batch, 3, size, size, generator=g), \
+            "MobileNetV2, random weights (no weights package)"
+    names = (demo.PHOTOS * batch)[:batch]
+    return model, "features.18", demo.normalize(demo.photos(names, size)), "MobileNetV2, ImageNet weights, photos"
 
 
 def _road(model, x, maps, classes):
@@ -123,15 +138,17 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="a small conv net at 32 px, one round")
     p.add_argument("--json")
+    p.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or CPU time on one thread (set_clock)")
     args = p.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     if any(s not in SECTIONS for s in only):
         p.error(f"--only takes {', '.join(SECTIONS)}")
     size, reps = (32, 1) if args.quick else (args.size, args.reps)
-    model, layer = _model(args.quick)
-    model = model.to(args.device).eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
+    set_clock(args.clock)
+    model, layer, x, weights = _model_and_inputs(args.quick, args.batch, size)
+    model, x = model.to(args.device).eval(), x.to(args.device)
+    print(f"{weights}, batch {args.batch} at {size} px, {torch.get_num_threads()} threads, {args.clock} clock",
+          flush=True)
     classes = model(x).argmax(1).detach()
     maps = grad_cam(model, x, layer, classes).normalized().detach()
     rows = []
@@ -147,6 +164,7 @@ def main(argv=None) -> int:
               f"(goal >= {GOALS[section]:g}x)  max|diff|/max|peer| {diff:.2e}  [{peer_name}]", flush=True)
     if args.json:
         record = {"schema": "lightning-vis/benchmarks/metrics/1", "device": args.device, "batch": args.batch,
+                  "model": weights, "clock": args.clock,
                   "size": size, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                   "threads": torch.get_num_threads(), "rows": rows}
         with open(args.json, "w") as f:
