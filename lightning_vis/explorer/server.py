@@ -20,8 +20,9 @@ API (every route answers JSON errors {"error": ...} with a 4xx status for bad in
     GET  /api/cam?image=N&layer=L&class=C&method=M&<parameters>   PNG overlay (no class: the top one); M: any
                                              method of MENU (the CAMs of layer L; gradient, smoothgrad, guided
                                              backprop, integrated gradients, GradientShap, input x gradient,
-                                             FullGrad, occlusion, LRP) with the parameters of METHOD_PARAMS (/api/model's
-                                             "methods" lists them with their bounds); /api/attribution is the same
+                                             FullGrad, occlusion, LRP) with the parameters of METHOD_PARAMS
+                                             (/api/model's "methods" lists them with their bounds);
+                                             /api/attribution is the same
     GET  /api/faithfulness?image=N&layer=L&class=C   {"source", "methods": {name: {"verdict", "reason", "deletion",
                                              "insertion", "images"}}, "random", "better"}: which method to trust
                                              (metrics.faithfulness); 202 while it checks the image
