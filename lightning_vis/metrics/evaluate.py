@@ -282,9 +282,9 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
     target: as everywhere (None: each image's top prediction, fixed on the clean image); layer: the CAM methods'
     layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline` and remove whole
     cells of `grid` (a ViT's patch grid, a clip's (T, H, W) grid; None: a token model's patch grid as its layout
-    gives it, see patch_grid, else every position), ROAD the
-    `percentiles`, infidelity and max-sensitivity `samples` perturbations; "sanity" runs the randomisation test
-    (over `sanity_layers`, default every layer with parameters) with its verdict at `threshold`. All seeded."""
+    gives it, see patch_grid, else every position), ROAD the `percentiles`, infidelity and max-sensitivity
+    `samples` perturbations; "sanity" runs the randomisation test (over `sanity_layers`, default every layer with
+    parameters) with its verdict at `threshold`. All seeded."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method {unknown[0] if unknown else 'none given'!r}; choose from "
@@ -293,7 +293,7 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
     if bad or not metrics:
         raise ValueError(f"unknown metric {bad[0] if bad else 'none given'!r}; choose from {', '.join(METRICS)}")
     P._check(images)
-    if grid is None:
+    if grid is None and ("deletion" in metrics or "insertion" in metrics):  # the metrics that remove cells
         grid = patch_grid(model, images)
     with torch.no_grad(), ModelGuard(model, eval=True):
         out = model(images)
