@@ -56,6 +56,9 @@ METHODS = ("layers", "activations", "gradcam", *CAMS, "saliency", "guided", "dec
            "topk", "receptive", "attention", "rollout", "checkpoint")
 # what a hub model with a class, embedding, mask or box output must support with no glue (the others may refuse)
 HUB_REQUIRED = ("layers", "activations", "gradcam", "saliency", "guided", "model unchanged", "first call")
+# what an image-text model (a dict of inputs) must also support: the image alone is interpolated or occluded, its
+# other inputs go with every pass of images (CLIP's texts, CLIPSeg's prompts, OWL-ViT's queries)
+IMAGE_TEXT_REQUIRED = ("integrated-gradients", "gradient-shap", "input-x-gradient", "occlusion")
 
 
 @dataclass
@@ -342,7 +345,7 @@ def hub_cases() -> list[Case]:
         ("CLIPModel (pixel_values + input_ids)", "CLIPModel", "CLIPConfig",
          dict(vision_config=_VIT, text_config=_TEXT, projection_dim=16), x32, "classify",
          dict(inputs=_with_text(), expect={"vision_model.encoder.layers.1": "tokens 1+4x4"},
-              not_maps=("text_model.encoder.layers.0",), not_attention=("text_model",))),
+              not_maps=("text_model.encoder.layers.0",), not_attention=("text_model",), must=IMAGE_TEXT_REQUIRED)),
         ("SigLIP vision (MAP head)", "SiglipVisionModel", "SiglipVisionConfig", dict(_VIT), x32, "embed",
          dict(expect={"encoder.layers.1": "tokens 4x4"}, not_maps=("head",), must=("rollout",))),
         ("Swin ", "SwinForImageClassification", "SwinConfig",
@@ -402,9 +405,10 @@ def hub_cases() -> list[Case]:
          dict(vision_config=_VIT, text_config=_TEXT, projection_dim=16, reduce_dim=16, extract_layers=[0, 1],
               decoder_num_attention_heads=2, decoder_intermediate_size=32), x32, "segment",
          # CLIPSeg computes its CLIP features under torch.no_grad (a frozen backbone): no gradient reaches the image,
-         # so the gradient methods must refuse; its attention is refused too, since which modules see the image is
-         # decided by gradients (a known limit: the vision tower's attention could be drawn)
+         # so the gradient methods must refuse (occlusion must not); its attention is refused too, since which modules
+         # see the image is decided by gradients (a known limit: the vision tower's attention could be drawn)
          dict(inputs=_with_text(), not_maps=("clip.text_model.encoder.layers.0",), not_attention=("clip.text_model",),
+              must=("occlusion",),
               refuse={"gradcam": "no layer of the model gives maps over the input",
                       "saliency": "does not depend on the input through autograd",
                       "guided": "does not depend on the input through autograd",
@@ -412,7 +416,7 @@ def hub_cases() -> list[Case]:
         ("OWL-ViT (pixel_values + input_ids)", "OwlViTForObjectDetection", "OwlViTConfig",
          dict(vision_config=_VIT, text_config=_TEXT, projection_dim=32), x32, "detect",
          dict(inputs=_with_text(), not_maps=("owlvit.text_model.encoder.layers.0",),
-              not_attention=("owlvit.text_model",))),
+              not_attention=("owlvit.text_model",), must=IMAGE_TEXT_REQUIRED)),
     ]
     out = [Case(f"transformers:{name.strip()}", "hub-" + family[name], _hf(cls, config, **kw), shape, task, hub=True,
                 attention=family[name] != "conv", ci=name in ci, **case)

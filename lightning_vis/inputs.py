@@ -9,7 +9,9 @@ Two spellings, the same thing underneath:
 A dict input names the image ``pixel_values`` (transformers' name); any other image keyword (open_clip's ``image``)
 is named with ``with_inputs(model, image_key=...)``. The other inputs are not split with the images: chunk_size=
 and SmoothGrad run the image batch in parts against the same other inputs, which is right for CLIP's texts (every
-image is scored against every text) and not for per-image inputs (give those methods the whole batch).
+image is scored against every text) and not for per-image inputs (give those methods the whole batch). The methods
+that run many rows per image (integrated gradients, GradientShap, input x gradient, occlusion) make every pass the
+image batch in its order (one step, draw or placement of every image): right for both kinds.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def test_the_menu_and_its_limits_are_one_table(served):
     ("integrated-gradients", "", lambda m, x: lv.integrated_gradients(m, x, steps=32).maps.abs()),
     ("gradient-shap", "&samples=4", lambda m, x: lv.gradient_shap(m, x, samples=4).maps.abs()),
     ("input-x-gradient", "", lambda m, x: lv.input_x_gradient(m, x).maps.abs()),
+    ("fullgrad", "", lambda m, x: lv.fullgrad(m, x).maps),
     ("occlusion", "&window=4&stride=2", lambda m, x: lv.occlusion(m, x, window=4, stride=2).maps),
     # 16 px: a window of an eighth; the stride half that (225 placements) is over the limit, the next fits (64)
     ("occlusion", "", lambda m, x: lv.occlusion(m, x, window=2, stride=2).maps),
@@ -119,6 +120,7 @@ def test_every_served_method_draws_the_library_map(served, method, query, refere
     ("method=occlusion&window=99", "window 99 is larger than the image (16 pixels"),
     ("method=occlusion&window=4&stride=5", "stride 5 is larger than the window 4"),
     ("method=saliency&steps=3", "method 'saliency' takes no parameter 'steps' (its parameters: none)"),
+    ("method=fullgrad&steps=3", "method 'fullgrad' takes no parameter 'steps' (its parameters: none)"),
     ("method=gradcam&window=3", "takes no parameter 'window'"),
     ("method=lrp&composite=magic", "unknown composite 'magic'; choose one of epsilon-plus-flat"),
     ("method=scorecam", "runs the model once per channel of the layer"),

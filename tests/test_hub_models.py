@@ -349,6 +349,121 @@ def test_clip_takes_its_text_and_attribution_flows_to_the_image():
         assert torch.equal(model(**inputs).logits_per_image, before)
     assert own_hooks(model) == own_hooks(twin)
 
+class ImageAlone(torch.nn.Module):
+    """A peer of the dict path written without lightning_vis.inputs: the image-text model as a function of the image
+    alone, its other inputs closed over (every call scores the images against the same texts)."""
+
+    def __init__(self, model, key="pixel_values", read=None, **others):
+        super().__init__()
+        self.model, self.key, self.others = model, key, others
+        self.read = read or (lambda out: out.logits_per_image)
+
+    def forward(self, x):
+        return self.read(self.model(**{self.key: x}, **self.others))
+
+
+PATH_METHODS = {  # small settings; rows (steps, draws, placements) outnumber the images
+    "integrated_gradients": lambda m, x, t, **k: lv.integrated_gradients(m, x, t, steps=5, **k),
+    "gradient_shap": lambda m, x, t, **k: lv.gradient_shap(m, x, t, samples=3, stdevs=0.1, seed=3, **k),
+    "input_x_gradient": lambda m, x, t, **k: lv.input_x_gradient(m, x, t, **k),
+    "occlusion": lambda m, x, t, **k: lv.occlusion(m, x, t, window=16, stride=8, **k),
+}
+
+
+@pytest.mark.parametrize("method", PATH_METHODS)
+def test_clip_dict_inputs_for_the_path_methods_and_occlusion(method):
+    model, inputs = clip(), clip_inputs()  # 2 images, 3 texts: a batch of texts, not one per image
+    twin = copy.deepcopy(model)
+    run = PATH_METHODS[method]
+    x, ids = inputs["pixel_values"], inputs["input_ids"]
+    with torch.no_grad():
+        logits = twin(**inputs).logits_per_image
+    got = run(model, inputs, None, chunk_size=3)  # passes of the 2 images (3 rows allowed) against the 3 texts
+    want = run(ImageAlone(twin, input_ids=ids), x, None, chunk_size=3)  # passes of 3 rows cut across the images
+    torch.testing.assert_close(got.maps, want.maps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.scores, logits.max(1).values)
+    assert torch.equal(got.targets, logits.argmax(1)) and got.maps.abs().sum() > 0
+    if method == "occlusion":
+        torch.testing.assert_close(got.grid, want.grid, atol=1e-5, rtol=1e-5)
+    else:
+        assert got.maps.shape == x.shape
+        if got.delta is not None:  # the completeness error, with the baselines' scores against the same texts
+            torch.testing.assert_close(got.delta, want.delta, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.baseline_scores, want.baseline_scores, atol=1e-5, rtol=1e-5)
+    if method != "gradient_shap":  # (its draws depend on the batch size: one seeded stream for all inputs)
+        for i in range(2):  # one image at a time, against the same texts
+            alone = run(model, {"pixel_values": x[i:i + 1], "input_ids": ids}, None)
+            torch.testing.assert_close(got.maps[i:i + 1], alone.maps, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits_per_image, logits)
+    assert own_hooks(model) == own_hooks(twin)
+
+
+def test_per_image_prompts_meet_their_images_in_every_pass():
+    """CLIPSeg takes one prompt per image: every pass of occlusion's placements is the image batch in its order."""
+    torch.manual_seed(0)
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
+                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.CLIPSegForImageSegmentation(transformers.CLIPSegConfig(
+        vision_config=vit, text_config=text, projection_dim=16, reduce_dim=16, extract_layers=[0, 1],
+        decoder_num_attention_heads=2, decoder_intermediate_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 5, 7, 2], [1, 9, 3, 2]])  # image i's prompt: ids[i]
+    mean_logit = lambda out: out.logits.flatten(1).mean(1)  # noqa: E731
+    got = lv.occlusion(model, {"pixel_values": x, "input_ids": ids}, mean_logit, window=16, stride=8)
+    for i in range(2):
+        alone = lv.occlusion(ImageAlone(model, input_ids=ids[i:i + 1], read=lambda out: out.logits), x[i:i + 1],
+                             lambda logits: logits.flatten(1).mean(1), window=16, stride=8, chunk_size=1)
+        torch.testing.assert_close(got.grid[i:i + 1], alone.grid, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.maps[i:i + 1], alone.maps, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^chunk_size=1: with other inputs \(input_ids\) every pass is the whole "
+                                         r"image batch of 2; pass chunk_size=None \(or fewer images\)$"):
+        lv.occlusion(model, {"pixel_values": x, "input_ids": ids}, mean_logit, window=16, chunk_size=1)
+
+
+def test_clip_dict_integrated_gradients_reports_completeness_against_the_same_texts():
+    model, inputs = clip(), clip_inputs()
+    x, ids = inputs["pixel_values"], inputs["input_ids"]
+    ig = lv.integrated_gradients(model, inputs, [2, 0], steps=64, baseline=0.5)
+    with torch.no_grad():  # f(x) - f(baseline) by plain forwards, the baseline of the image only
+        base = torch.full_like(x, 0.5)
+        f_x = model(pixel_values=x, input_ids=ids).logits_per_image[[0, 1], [2, 0]]
+        f_b = model(pixel_values=base, input_ids=ids).logits_per_image[[0, 1], [2, 0]]
+    torch.testing.assert_close(ig.baseline_scores, f_b)
+    torch.testing.assert_close(ig.delta, ig.maps.flatten(1).sum(1) - (f_x - f_b))
+    assert ig.delta.abs().max() < 1e-2 * (f_x - f_b).abs().max()  # near-exact with 64 Gauss-Legendre nodes
+    # a layer of the vision tower: the path runs between its activations for the baseline and the image
+    layer = lv.integrated_gradients(model, inputs, [2, 0], steps=5, layer="vision_model.encoder.layers.0")
+    peer = lv.integrated_gradients(ImageAlone(model, input_ids=ids), x, [2, 0], steps=5,
+                                   layer="model.vision_model.encoder.layers.0")
+    assert layer.maps.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(layer.maps, peer.maps, atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_image_and_text_through_with_inputs():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, embed_dim=16,
+                                   text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+                                   vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8,
+                                                   head_width=16)).eval()
+    text = torch.randint(1, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def similarity(out):  # (N, texts) image-text logits from open_clip's (image, text features, logit scale)
+        image, texts, scale = out
+        return scale * image @ texts.T
+
+    best = lambda out: similarity(out).max(1).values  # noqa: E731
+    peer = ImageAlone(model, "image", similarity, text=text)
+    for method, run in PATH_METHODS.items():
+        got = run(lv.with_inputs(model, image_key="image", text=text), x, best, chunk_size=3)
+        want = run(peer, x, lambda out: out.max(1).values, chunk_size=3)
+        torch.testing.assert_close(got.maps, want.maps, atol=1e-5, rtol=1e-5, msg=method)
+        assert got.maps.abs().sum() > 0, method
+
 
 def test_clip_attention_maps_are_the_image_towers_only():
     model, inputs = clip(), clip_inputs()

@@ -560,3 +560,76 @@ def test_evaluate_deletes_per_position_unless_a_grid_is_asked_for():
     res = evaluate(model, x, ["saliency", "gradcam"], ["deletion"], steps=4, baseline="zeros")
     want = deletion_insertion(model, x, saliency(model, x, c).maps, c, steps=4, baseline="zeros").deletion_auc
     assert res.metrics["saliency"]["deletion"]["per_image"] == pytest.approx(want.tolist(), abs=1e-6)
+
+
+class TwoTokenGrids(nn.Module):
+    """Tokens of two patch embeddings, 8x8 and 4x4 at 32 px: no one patch grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 4, 4), nn.Conv2d(3, 8, 8, 8)
+        self.ta, self.tb, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        ta = self.ta(self.a(x).flatten(2).transpose(1, 2))
+        tb = self.tb(self.b(x).flatten(2).transpose(1, 2))
+        return self.head(ta.mean(1) + tb.mean(1))
+
+
+def test_evaluate_takes_a_vits_patch_grid_from_its_layout():
+    """No grid=: deletion / insertion remove a ViT's patches (the grid its layout gives, which its rollout and CAMs
+    are on), a CNN's pixels as before; token layers on several grids are refused in one line."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from lightning_vis.metrics import evaluate
+    from tests.cli_models import tiny_cnn
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16,
+                            num_classes=3).eval()
+    nn.init.normal_(vit.heads.head.weight)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def scores(**kw):
+        res = evaluate(vit, x, ["saliency", "attention-rollout"], ["deletion", "insertion"], steps=4, **kw)
+        return {m: [res.metrics[m][k]["per_image"] for k in ("deletion", "insertion")] for m in res.methods}
+
+    found, patches, pixels = scores(), scores(grid=(4, 4)), scores(grid=(32, 32))
+    assert found == patches and found != pixels
+    cnn, (xc, _) = tiny_cnn().eval(), data(n=2, size=16)
+    got = evaluate(cnn, xc, ["saliency"], ["deletion"], steps=4)
+    want = evaluate(cnn, xc, ["saliency"], ["deletion"], steps=4, grid=(16, 16))
+    assert got.metrics == want.metrics
+    with pytest.raises(ValueError, match=r"^evaluate: the model's token layers are on 2 grids \(8x8, 4x4\), so it has "
+                                         r"no one patch grid: pass grid= \(the cells deletion / insertion remove; "
+                                         r"\(32, 32\): pixels\)$"):
+        evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["deletion"], steps=4)
+    two = evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["deletion"], steps=4, grid=(8, 8))
+    assert two.methods == ["saliency", "random (pixels)"]
+    # the metrics that remove no cells do not ask for them
+    drop = evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["average_drop"])
+    assert drop.methods == ["saliency", "random (pixels)"]
+
+
+def test_cli_evaluate_finds_the_patch_grid_and_takes_cells(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_vis import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    model = ["--model", "tests.cli_models:tiny_vit", "--images", str(folder), "--size", "32"]  # 2x2 patches
+
+    def deletion(*extra):
+        out = tmp_path / f"out{len(extra)}{''.join(extra)}"
+        assert cli.main(["evaluate", *model, "--methods", "saliency", "--metrics", "deletion", "--steps", "4",
+                         *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        return json.loads((out / "evaluate.json").read_text())["methods"]["saliency"]["metrics"]["deletion"]
+
+    found = deletion()
+    assert found == deletion("--cells", "2,2") and found != deletion("--cells", "32,32")
+    assert cli.main(["evaluate", *model, "--cells", "3,3", "--out", str(tmp_path / "bad")]) == 2
+    assert "grid (3, 3) does not divide the input's 2D grid (32, 32)" in capsys.readouterr().err

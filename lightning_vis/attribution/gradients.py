@@ -15,6 +15,10 @@ probe of one input measures what a row costs), so a problem that fits step by st
 ``chunk_size=`` overrides it. The result reports the completeness error: the sum of each input's attributions minus
 its score difference f(x) - f(x') (zero for exact integrated gradients). Stochastic parts take ``seed``.
 
+A multi-input model (CLIP) takes a dict of its inputs (lightning_vis.inputs): the image alone is on the path and its
+baselines are images; every pass is then the image batch in its order (one step or draw of every image), so the
+other inputs meet the images as in the model's own call, and f(x') is scored with them too.
+
 With ``layer=``, the attributions are of the layer's activations (captum's LayerIntegratedGradients: the path runs
 between the layer's activations for the baseline and for the input; LayerGradientShap and LayerGradientXActivation:
 gradients at the layer for input-space points), laid out by hooks.layout as (N, C, *grid) maps (tokens on their
@@ -38,7 +42,7 @@ from ..hooks.checkpoint import check_chunk_size, input_gradient, rules_unreachab
 from ..hooks.layout import Layout
 from ..hooks.resolve import LayerSpec
 from ..hooks.rules import BackwardRules
-from ..inputs import image_model
+from ..inputs import ImageInputs, image_model
 from ._common import Attribution, Target, _check_batch, _chunked, check_target, target_scores
 
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -177,6 +181,21 @@ def chunk_rows(model, sample, chunk_size, memory_budget, *, grads: bool) -> int:
     return rows
 
 
+def pass_rows(model, inputs: Tensor, chunk_size, memory_budget, *, grads: bool) -> int:
+    """Rows per pass of a method that runs rows made from the images (steps, draws, placements): chunk_rows; for a
+    model with other inputs (a dict of inputs, with_inputs) the image batch itself, one row of every image in their
+    order, so each pass meets the other inputs as the model's own call does, whether they are a batch of their own
+    (CLIP's texts) or one per image (CLIPSeg's prompts, OWL-ViT's queries): which, nothing here can tell."""
+    if isinstance(model, ImageInputs) and model.others:
+        check_chunk_size(chunk_size)
+        n = inputs.shape[0]
+        if chunk_size is not None and chunk_size < n:
+            raise ValueError(f"chunk_size={chunk_size}: with other inputs ({', '.join(model.others)}) every pass is "
+                             f"the whole image batch of {n}; pass chunk_size=None (or fewer images)")
+        return n
+    return chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=grads)
+
+
 class _Layer:
     """One layer's output, read or replaced in a pass: the rows' gradients are taken with respect to it."""
 
@@ -185,8 +204,9 @@ class _Layer:
         if len(found) != 1:
             raise ValueError(f"layer= takes one layer; {spec!r} names {len(found)}: {', '.join(found)}")
         (self.name, self.module), = found.items()
+        probe = inputs if isinstance(model, ImageInputs) else inputs[:1]  # other inputs may be one per image
         with torch.no_grad(), capture(model, self.name, layouts=True, layout=layout, grid=grid) as tap:
-            model(inputs[:1])
+            model(probe)
         got = tap.values.get(self.name, [])
         if len(got) != 1:
             raise ValueError(f"layer {self.name!r} ran {len(got)} times in one forward pass; attributions need a "
@@ -285,6 +305,7 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target: Target = None
     "_middle" / "_trapezoid". The steps x inputs rows run chunk_size at a time (default: what fits memory_budget).
     ``delta``: sum of attributions - (f(x) - f(baseline)) per input."""
     alphas, weights = path_nodes(method, steps)
+    model, inputs = image_model(model, inputs)
     with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
         lay = _setup(model, inputs, target, layer, layout, grid)
         b = make_baselines(inputs, baseline, sigma=sigma, seed=seed)
@@ -297,7 +318,7 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target: Target = None
         else:
             base_scores = _scores(model, b, target if classes is None else classes, n)
             start, diff = b, inputs - b
-        size = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=True)
+        size = pass_rows(model, inputs, chunk_size, memory_budget, grads=True)
         alphas, weights = alphas.to(inputs), weights.to(inputs)
         total = torch.zeros_like(diff)
         view = (-1,) + (1,) * (diff.dim() - 1)
@@ -339,6 +360,7 @@ def gradient_shap(model: nn.Module, inputs: Tensor, target: Target = None, *, ba
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not stdevs >= 0:
         raise ValueError(f"stdevs must be >= 0, got {stdevs}")
+    model, inputs = image_model(model, inputs)
     with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
         lay = _setup(model, inputs, target, layer, layout, grid)
         pool = make_baselines(inputs, baselines, sigma=sigma, seed=seed, many=True)
@@ -347,13 +369,16 @@ def gradient_shap(model: nn.Module, inputs: Tensor, target: Target = None, *, ba
         idx, alphas, noise = shap_draws(n, samples, pool.shape[0], inputs.shape[1:], stdevs, seed)
         i_all = torch.arange(n * samples, device=inputs.device) // samples
         idx, alphas = idx.to(inputs.device), alphas.to(inputs)
-        size = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=True)
-        t_all = target if classes is None else classes[i_all]
-        base_scores = _scores(model, pool[idx], t_all, size).view(n, samples).mean(1)
+        size = pass_rows(model, inputs, chunk_size, memory_budget, grads=True)
+        # the rows run draw by draw (each pass: the images in their order, pass_rows), the results kept input-major
+        order = torch.arange(n * samples, device=inputs.device).view(n, samples).t().flatten()
+        back = order.argsort()
+        drawn = _scores(model, pool[idx[order]], target if classes is None else classes[i_all[order]], size)
+        base_scores = drawn[back].view(n, samples).mean(1)
         parts = []
         view = (-1,) + (1,) * (inputs.dim() - 1)
         for r0 in range(0, n * samples, size):
-            rows = torch.arange(r0, min(r0 + size, n * samples), device=inputs.device)
+            rows = order[r0:r0 + size]
             x = inputs[i_all[rows]]
             if noise is not None:
                 x = x + noise[rows].to(x)
@@ -368,7 +393,7 @@ def gradient_shap(model: nn.Module, inputs: Tensor, target: Target = None, *, ba
                 a_x, _ = lay.activations(model, x)
                 a_b, _ = lay.activations(model, b)
                 parts.append(g * (a_x - a_b))
-        attr = torch.cat(parts).view(n, samples, *parts[0].shape[1:]).mean(1)
+        attr = torch.cat(parts)[back].view(n, samples, *parts[0].shape[1:]).mean(1)
     delta = attr.flatten(1).sum(1) - (scores - base_scores)
     return _result("gradient_shap", lay, attr, scores, classes, delta, base_scores)
 
@@ -379,10 +404,11 @@ def input_x_gradient(model: nn.Module, inputs: Tensor, target: Target = None, *,
                      grid=None) -> PathAttribution:
     """The input times the gradient of the target score (captum's InputXGradient), or with ``layer=`` the layer's
     activations times their gradient (captum's LayerGradientXActivation)."""
+    model, inputs = image_model(model, inputs)
     with ModelGuard(model, eval=True, freeze=True):  # the layer's probe pass too: in eval mode
         lay = _setup(model, inputs, target, layer, layout, grid)
         scores, classes, _ = _reference(model, inputs, target, lay)
-        size = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=True)
+        size = pass_rows(model, inputs, chunk_size, memory_budget, grads=True)
         parts = []
         for r0 in range(0, inputs.shape[0], size):
             rows = torch.arange(r0, min(r0 + size, inputs.shape[0]), device=inputs.device)

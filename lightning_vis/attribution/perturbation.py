@@ -6,7 +6,9 @@ Two pictures, as in their figure 7: ``grid``, the value with the window at each 
 probability, or with ``unit=(layer, channel)`` the total activation of one feature map), and ``maps``, per input
 position the mean drop of that value over the placements that cover it (captum's Occlusion, which this equals for a
 window spanning all channels). All placements of all inputs are rows of one batch, run in chunks sized from a memory
-budget (``chunk_size=`` overrides it), without gradients.
+budget (``chunk_size=`` overrides it), without gradients. A multi-input model (CLIP) takes a dict of its inputs
+(lightning_vis.inputs): the image alone is occluded, and every pass is one placement of every image in their order,
+with the other inputs as they are.
 
 Token grids (``patches=``): on a ViT / DeiT / Swin the window and stride count patches, and the window covers whole
 patches, so each token is occluded or not. The occluder is baseline pixels over those patches, not a baseline token
@@ -27,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import ModelGuard, capture, resolve_layers
+from ..inputs import image_model
 from ._common import Attribution, FastForward, Target, _check_batch, check_target, target_scores
-from .gradients import chunk_rows, make_baselines
+from .gradients import make_baselines, pass_rows
 
 OUTPUTS = ("score", "probability")
 
@@ -87,6 +90,7 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
     grid= override it). patches: window and stride count patches of this size (an int, one per axis, or "auto":
     the kernel of the model's patch embedding, its first convolution with kernel == stride); maps stay in pixels,
     grid / starts are per placement (starts in pixels)."""
+    model, inputs = image_model(model, inputs)
     _check_batch(inputs)
     check_target(target)
     if output not in OUTPUTS:
@@ -132,7 +136,7 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
         reference, classes = value(inputs, target)
         cover = [m.to(inputs.device) for m in placements(size, window, stride)]
         counts = [m.shape[0] for m in cover]
-        size_rows = chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=False)
+        size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False)
         at, = sweep(inputs, b, cover, size_rows,
                     lambda x, i: (value(x, target if classes is None else classes[i])[0],))  # (N, *placements)
         drop = reference.view(-1, *[1] * dims) - at

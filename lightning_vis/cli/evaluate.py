@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (CliError, Inputs, Output, _dataset, _one_batch, _parse_target, add_fabric_args, add_model_args,
-                      add_target_args, launch_fabric, read_labels)
+                      add_target_args, launch_fabric, parse_size, read_labels)
 
 
 def add_commands(sub) -> None:
@@ -24,7 +24,8 @@ def add_commands(sub) -> None:
                 raise CliError(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(known)} (comma-separated)")
         names = read_labels(args, categories)
         target = _parse_target(args, names)
-        options = dict(target=target, layer=args.layer, steps=args.steps, seed=args.seed)
+        cells = None if args.cells is None else tuple(parse_size(args.cells, "--cells"))
+        options = dict(target=target, layer=args.layer, steps=args.steps, seed=args.seed, grid=cells)
         if args.batch_size is not None or (args.devices, args.num_nodes, args.strategy) != ("1", 1, "auto"):
             fabric = launch_fabric(args)
             if fabric is not None:
@@ -61,6 +62,8 @@ def add_commands(sub) -> None:
                    help=f"comma-separated, from {', '.join(METRICS)} (default %(default)s)")
     p.add_argument("--layer", help="the CAM methods' layer (default: the last layer with maps)")
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps (default %(default)s)")
+    p.add_argument("--cells", help="H,W (or T,H,W): the grid of cells deletion / insertion remove, each axis dividing "
+                                   "the input's (default: a token model's patch grid, from its layout; else pixels)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default %(default)s)")
     p.add_argument("--max-images", type=int, default=64,
                    help="at most this many pictures in the one-batch mode (default %(default)s)")

@@ -20,8 +20,9 @@ API (every route answers JSON errors {"error": ...} with a 4xx status for bad in
     GET  /api/cam?image=N&layer=L&class=C&method=M&<parameters>   PNG overlay (no class: the top one); M: any
                                              method of MENU (the CAMs of layer L; gradient, smoothgrad, guided
                                              backprop, integrated gradients, GradientShap, input x gradient,
-                                             occlusion, LRP) with the parameters of METHOD_PARAMS (/api/model's
-                                             "methods" lists them with their bounds); /api/attribution is the same
+                                             FullGrad, occlusion, LRP) with the parameters of METHOD_PARAMS
+                                             (/api/model's "methods" lists them with their bounds);
+                                             /api/attribution is the same
     GET  /api/faithfulness?image=N&layer=L&class=C   {"source", "methods": {name: {"verdict", "reason", "deletion",
                                              "insertion", "images"}}, "random", "better"}: which method to trust
                                              (metrics.faithfulness); 202 while it checks the image
@@ -64,7 +65,7 @@ from .. import gradient_shap, input_x_gradient, integrated_gradients, lrp, occlu
 from .. import images as im
 from .._util import escaped_name, printable_name
 from ..activations import activation_grid, top_predictions
-from ..attribution import CAM_METHODS, grad_cam, guided_backprop, saliency
+from ..attribution import CAM_METHODS, fullgrad, grad_cam, guided_backprop, saliency
 from ..attribution.cams import RERUNS
 from ..attribution.perturbation import placement_counts
 from ..dataset import top_k_examples
@@ -96,6 +97,7 @@ METHOD_PARAMS: dict[str, dict] = {
     "integrated-gradients": {"steps": (32, 1, 64)},
     "gradient-shap": {"samples": (16, 1, 64)},
     "input-x-gradient": {},
+    "fullgrad": {},  # one backward pass; every biased convolution and BatchNorm, no layer to choose
     "occlusion": {"window": (0, 0, 4096), "stride": (0, 0, 4096)},
     "lrp": {"composite": "epsilon-plus-flat"},
 }
@@ -632,6 +634,7 @@ class Explorer:
                "integrated-gradients": lambda: integrated_gradients(model, x, cls, steps=params["steps"]),
                "gradient-shap": lambda: gradient_shap(model, x, cls, samples=params["samples"]),
                "input-x-gradient": lambda: input_x_gradient(model, x, cls),
+               "fullgrad": lambda: fullgrad(model, x, cls),
                "lrp": lambda: lrp(model, x, cls, composite=params["composite"], **self._bounds(x))}[method]
         maps = run().maps
         return position_map(maps.abs() if method in SIGNED else maps, x.shape)

@@ -18,7 +18,8 @@ from ..attribution import (CAM_METHODS, _input_gradient, attention_rollout, full
                            guided_backprop, input_x_gradient, integrated_gradients, lrp, occlusion, saliency,
                            target_scores)
 from ..display import NoPicture, Shows, html_table
-from ..hooks import ModelGuard
+from ..hooks import Layout, ModelGuard
+from ..hooks.taps import layers
 from . import perturbation as P
 from .sanity import Randomisation, randomisation_test
 
@@ -90,6 +91,21 @@ def _random(x: Tensor, grid: Sequence[int], seed: int) -> Tensor:
     coarse one to the input as they do a CAM."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand((x.shape[0], *grid), generator=g).to(x.device)
+
+
+def patch_grid(model: nn.Module, images: Tensor) -> tuple[int, ...] | None:
+    """The cells deletion / insertion remove when the caller names none: a token model's patch grid (ViT, DeiT: every
+    token layer over the input on one grid, the grid its attention rollout and Grad-CAM maps are on), from the
+    layouts of one pass (hooks.layout); None (every position) for a model with no token layer over the input (a
+    CNN). Token layers on several grids (Swin, PVT, MViT: which one is the patch?) are refused in one line."""
+    spatial = images.dim() - 2
+    grids = sorted({info.layout.grid for info in layers(model, images[:1]) if isinstance(info.layout, Layout)
+                    and info.layout.kind == "tokens" and len(info.layout.grid) == spatial}, reverse=True)
+    if len(grids) > 1:
+        raise ValueError(f"evaluate: the model's token layers are on {len(grids)} grids "
+                         f"({', '.join('x'.join(map(str, g)) for g in grids)}), so it has no one patch grid: pass "
+                         f"grid= (the cells deletion / insertion remove; {tuple(images.shape[2:])}: pixels)")
+    return grids[0] if grids else None
 
 
 METRICS = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence", "infidelity",
@@ -265,9 +281,10 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
 
     target: as everywhere (None: each image's top prediction, fixed on the clean image); layer: the CAM methods'
     layer (None: attribution.default_cam_layer). Deletion / insertion use `steps` and `baseline` and remove whole
-    cells of `grid` where it is given (a ViT's patch grid, a clip's (T, H, W) grid; None: every position), ROAD the
-    `percentiles`, infidelity and max-sensitivity `samples` perturbations; "sanity" runs the randomisation test
-    (over `sanity_layers`, default every layer with parameters) with its verdict at `threshold`. All seeded."""
+    cells of `grid` (a ViT's patch grid, a clip's (T, H, W) grid; None: a token model's patch grid as its layout
+    gives it, see patch_grid, else every position), ROAD the `percentiles`, infidelity and max-sensitivity
+    `samples` perturbations; "sanity" runs the randomisation test (over `sanity_layers`, default every layer with
+    parameters) with its verdict at `threshold`. All seeded."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method {unknown[0] if unknown else 'none given'!r}; choose from "
@@ -276,6 +293,8 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
     if bad or not metrics:
         raise ValueError(f"unknown metric {bad[0] if bad else 'none given'!r}; choose from {', '.join(METRICS)}")
     P._check(images)
+    if grid is None and ("deletion" in metrics or "insertion" in metrics):  # the metrics that remove cells
+        grid = patch_grid(model, images)
     with torch.no_grad(), ModelGuard(model, eval=True):
         out = model(images)
     classes = target_scores(out, target)[1]
