@@ -578,10 +578,11 @@ class TwoTokenGrids(nn.Module):
 
 def test_evaluate_takes_a_vits_patch_grid_from_its_layout():
     """No grid=: deletion / insertion remove a ViT's patches (the grid its layout gives, which its rollout and CAMs
-    are on), a CNN's pixels as before; token layers on several grids are refused in one line."""
+    are on), a CNN's pixels as before, and so a model whose token layers are on several grids."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     from lightning_vis.metrics import evaluate
+    from lightning_vis.metrics.evaluate import patch_grid
     from tests.cli_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -600,12 +601,12 @@ def test_evaluate_takes_a_vits_patch_grid_from_its_layout():
     got = evaluate(cnn, xc, ["saliency"], ["deletion"], steps=4)
     want = evaluate(cnn, xc, ["saliency"], ["deletion"], steps=4, grid=(16, 16))
     assert got.metrics == want.metrics
-    with pytest.raises(ValueError, match=r"^evaluate: the model's token layers are on 2 grids \(8x8, 4x4\), so it has "
-                                         r"no one patch grid: pass grid= \(the cells deletion / insertion remove; "
-                                         r"\(32, 32\): pixels\)$"):
-        evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["deletion"], steps=4)
-    two = evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["deletion"], steps=4, grid=(8, 8))
-    assert two.methods == ["saliency", "random (pixels)"]
+    # token layers on several grids (Swin, PVT, MViT): no one patch grid, so pixels, as before and as for a CNN
+    two = TwoTokenGrids().eval()
+    got = evaluate(two, x, ["saliency"], ["deletion"], steps=4)
+    assert got.metrics == evaluate(two, x, ["saliency"], ["deletion"], steps=4, grid=(32, 32)).metrics
+    assert got.metrics != evaluate(two, x, ["saliency"], ["deletion"], steps=4, grid=(8, 8)).metrics
+    assert patch_grid(two, x) is None
     # the metrics that remove no cells do not ask for them
     drop = evaluate(TwoTokenGrids().eval(), x, ["saliency"], ["average_drop"])
     assert drop.methods == ["saliency", "random (pixels)"]

@@ -97,15 +97,11 @@ def patch_grid(model: nn.Module, images: Tensor) -> tuple[int, ...] | None:
     """The cells deletion / insertion remove when the caller names none: a token model's patch grid (ViT, DeiT: every
     token layer over the input on one grid, the grid its attention rollout and Grad-CAM maps are on), from the
     layouts of one pass (hooks.layout); None (every position) for a model with no token layer over the input (a
-    CNN). Token layers on several grids (Swin, PVT, MViT: which one is the patch?) are refused in one line."""
+    CNN), and so for token layers on several grids (Swin, PVT, MViT: no one patch grid; grid= names a stage's)."""
     spatial = images.dim() - 2
-    grids = sorted({info.layout.grid for info in layers(model, images[:1]) if isinstance(info.layout, Layout)
-                    and info.layout.kind == "tokens" and len(info.layout.grid) == spatial}, reverse=True)
-    if len(grids) > 1:
-        raise ValueError(f"evaluate: the model's token layers are on {len(grids)} grids "
-                         f"({', '.join('x'.join(map(str, g)) for g in grids)}), so it has no one patch grid: pass "
-                         f"grid= (the cells deletion / insertion remove; {tuple(images.shape[2:])}: pixels)")
-    return grids[0] if grids else None
+    grids = {info.layout.grid for info in layers(model, images[:1]) if isinstance(info.layout, Layout)
+             and info.layout.kind == "tokens" and len(info.layout.grid) == spatial}
+    return next(iter(grids)) if len(grids) == 1 else None
 
 
 METRICS = ("deletion", "insertion", "road", "average_drop", "increase_in_confidence", "infidelity",
