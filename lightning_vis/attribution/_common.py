@@ -4,10 +4,9 @@ batch checks, chunking over the batch (_chunked) and upsampling of low-resolutio
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import warnings
 
 import torch
 import torch.nn.functional as F
