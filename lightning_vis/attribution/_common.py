@@ -1,6 +1,7 @@
 """What every attribution method shares: the result types (Attribution, CAM), the target path (target_scores: the
 (N,) scores a method explains, from any model output; check_target refuses malformed targets before any pass), the
-batch checks, chunking over the batch (_chunked) and upsampling of low-resolution maps to the input."""
+batch checks, chunking over the batch (_chunked), upsampling of low-resolution maps to the input, and FastForward
+(the perturbation methods' many no-grad passes, faster with the same values)."""
 
 from __future__ import annotations
 
