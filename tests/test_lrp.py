@@ -291,3 +291,186 @@ def test_not_in_the_torch_namespace_after_the_call():
     a, b = torch.ones(2, requires_grad=True), torch.full((2,), 3.0, requires_grad=True)
     (a + b).sum().backward()
     assert a.grad.tolist() == [1.0, 1.0]
+
+
+class SE(nn.Module):
+    """Squeeze-Excitation as torchvision writes it: x times a gate computed from x (pool, fc, SiLU, fc, sigmoid)."""
+
+    def __init__(self, c, conv=True):
+        super().__init__()
+        fc = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+        self.pool = nn.AdaptiveAvgPool2d(1) if conv else nn.Identity()
+        self.fc1, self.act, self.fc2, self.gate = fc(c, 2), nn.SiLU(), fc(2, c), nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(self.fc2(self.act(self.fc1(self.pool(x))))) * x
+
+
+def test_gate_and_constant_products_by_hand():
+    """x -> Linear -> SiLU -> h; g = SE gate(h) * h (the gate computed from h, of h's shape); 0.5 * g / 4 -> Linear.
+    Both Linear layers get the epsilon rule (epsilon-alpha2-beta1), SiLU passes, the gate is a constant, the
+    constants scale nothing: R_h = R_(g/8), so R_x_j = sum_k x_j w1_kj R_h_k / stab(z1_k) with R_h_k = g'_k w2_tk
+    y / stab(y), and the map sums to y without biases. The gradient of the products (the rules before the fix)
+    gives h the gate's and 1/8's share only."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), nn.SiLU(), SE(6, conv=False)).double()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = net, nn.Linear(6, 3, bias=False).double()
+
+        def forward(self, x):
+            return self.head(0.5 * self.body(x) / 4.0)
+
+    model = Net()
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3], [1.5, 0.3, -0.7, -2.0]], dtype=torch.float64)
+    e = 1e-12
+    res = lv.lrp(model, x, target=[2, 0], composite="epsilon-alpha2-beta1", epsilon=e, stabilizer=e)
+    w1, w2 = net[0].weight.detach(), model.head.weight.detach()
+    for n, t in enumerate([2, 0]):
+        with torch.no_grad():
+            z1 = x[n] @ w1.T
+            g = net[2](net[1](z1)[None])[0] * 0.5 / 4.0
+            y = float(g @ w2[t])
+        r_h = [float(g[k] * w2[t, k]) * y / stab(y, e) for k in range(6)]
+        r_x = [sum(float(x[n, j] * w1[k, j]) * r_h[k] / stab(float(z1[k]), e) for k in range(6)) for j in range(4)]
+        torch.testing.assert_close(res.maps[n], torch.tensor(r_x, dtype=torch.float64))
+        torch.testing.assert_close(res.maps[n].sum(), torch.tensor(y, dtype=torch.float64), rtol=1e-7, atol=0)
+
+
+def se_net(inplace):
+    torch.manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU()
+            self.se, self.conv2 = SE(6), nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.scale = nn.Parameter(torch.linspace(0.1, 2.0, 6)[:, None, None])  # a layer scale
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(24, 5, bias=False)
+
+        def forward(self, x):
+            h = self.relu(self.conv1(x))
+            b = self.relu(self.conv2(self.se(h)))
+            b = b.mul_(self.scale) if inplace else b * self.scale
+            return self.fc(self.pool(b + h).flatten(1))
+
+    return Net().double()
+
+
+@pytest.mark.parametrize("composite", ["epsilon-plus-flat", "epsilon-alpha2-beta1"])
+def test_relevance_is_conserved_through_squeeze_excitation_and_a_layer_scale(composite):
+    """A ReLU conv net with an SE block, a layer scale (in place or not) and a residual sum, without biases: the map
+    sums to the score (before the fix: 0.03-0.3 of it), and in-place scaling gives the same map."""
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = se_net(inplace=False)
+    before = state(net)
+    res = lv.lrp(net, x, composite=composite, epsilon=0.0, stabilizer=1e-12)
+    same_state(net, before)
+    torch.testing.assert_close(res.maps.sum((1, 2, 3)), res.scores, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(lv.lrp(se_net(inplace=True), x, composite=composite, epsilon=0.0,
+                                      stabilizer=1e-12).maps, res.maps)
+
+
+class Product(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.conv = how, nn.Conv2d(2, 4, 1, bias=False)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a, b = h.chunk(2, 1)
+        return {"halves": lambda: a * torch.sigmoid(b), "square": lambda: a * a, "reciprocal": lambda: 1 / (a + 3),
+                "quotient": lambda: a / (b + 3)}[self.how]()
+
+
+@pytest.mark.parametrize("how", ["halves", "square", "reciprocal", "quotient"])
+def test_products_without_a_rule_are_refused_naming_the_module(how):
+    torch.manual_seed(0)
+    model = nn.Sequential(Product(how), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.rand(2, 2, 2, 2, dtype=torch.float64)
+    before = state(model)
+    what = "divides by an activation" if how in ("reciprocal", "quotient") else "multiplies two activations"
+    with pytest.raises(ValueError, match=f"^lrp: '0' {what} .*use another method") as e:
+        lv.lrp(model, x, composite="epsilon-alpha2-beta1")
+    assert "\n" not in str(e.value)
+    same_state(model, before)
+
+
+def gate_canonizer():
+    """zennit's BatchNorm merge, its Sum layer for the blocks' residual sums (as its ResNet canonizer), and the SE
+    product with the gate held constant (relevance to x unchanged): zennit itself has no rule for the product."""
+    from torchvision.models.efficientnet import MBConv
+    from torchvision.models.mobilenetv3 import InvertedResidual
+    from torchvision.ops.misc import SqueezeExcitation
+    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+    from zennit.layer import Sum
+
+    class Gate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gate):
+            return x * gate
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    def se(self, x):
+        return Gate.apply(x, self._scale(x).detach())  # detached: zennit's hooks need a gradient where they run
+
+    def block(self, x):
+        out = self.block(x)
+        if not self.use_res_connect:
+            return out
+        return self.canonizer_sum(torch.stack([getattr(self, "stochastic_depth", nn.Identity())(out), x], dim=-1))
+
+    class Canonizer(AttributeCanonizer):
+        def __init__(self):
+            super().__init__(lambda name, m: {"forward": se.__get__(m)} if isinstance(m, SqueezeExcitation) else
+                             {"forward": block.__get__(m), "canonizer_sum": Sum()}
+                             if isinstance(m, (MBConv, InvertedResidual)) else None)
+
+    return lambda: CompositeCanonizer([SequentialMergeBatchNorm(), Canonizer()])
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_small"])
+def test_equal_to_zennit_on_efficientnet_and_mobilenet_v3_with_the_gate_held_constant(arch):
+    """torchvision's EfficientNet-B0 and MobileNetV3-small (random weights, BatchNorm statistics randomised with eps
+    0, float64, 32x32 inputs: the last SE gates are 1x1, of their inputs' shape): every composite equals zennit's
+    with the canonizer above to 1e-7. Plain zennit (BatchNorm merge
+    only) passes the gradient of the SE product and sums residuals by the gradient too: 1e-57 of the score reaches
+    EfficientNet-B0's input with its default stabilizers, zero in float32."""
+    pytest.importorskip("zennit")
+    torch.manual_seed(0)
+    model = random_bn(getattr(torchvision.models, arch)(num_classes=10), eps=0.0).double()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    before = state(model)
+    for name, make in composites(gate_canonizer()).items():
+        ours = lv.lrp(model, x, composite=name, low=-3.0, high=3.0)
+        same_state(model, before)
+        theirs = zennit_relevance(model, x, make(), ours.targets)
+        assert theirs.abs().amax() > 0
+        torch.testing.assert_close(ours.maps, theirs, rtol=1e-7, atol=1e-9 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_small"])
+def test_random_weight_efficientnet_and_mobilenet_v3_maps(arch):
+    """torchvision's random initialisation (no biases: BatchNorm statistics 0 and 1) shrinks the activations to
+    logits near 1e-14 (EfficientNet-B0) and 1e-9 (MobileNetV3-small). With stabilizers below them, the relevance
+    reaching the input is the score less what the z+ rule drops at outputs without a positive contribution (SiLU
+    and Hardswish outputs can be negative): 0.85-1 of it (before the fix: 0.007 and 0.07, the SE gates taking the
+    rest). With zennit's default 1e-6 they absorb it all: EfficientNet's all-zero map is refused, naming them."""
+    torch.manual_seed(1)
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    before = state(model)
+    res = lv.lrp(model, x, epsilon=1e-30, stabilizer=1e-30)
+    same_state(model, before)
+    assert torch.isfinite(res.maps).all()
+    share = res.maps.sum((1, 2, 3)) / res.scores
+    assert ((share > 0.85) & (share < 1.0 + 1e-4)).all(), share
+    if arch == "efficientnet_b0":
+        with pytest.raises(ValueError, match=r"all-zero map\): the stabilizers \(epsilon=1e-06, stabilizer=1e-06\)"):
+            lv.lrp(model, x)
+        same_state(model, before)

@@ -3,8 +3,8 @@ each layer dividing its output's relevance among its inputs by its rule.
 
 Rules are backward rules, scoped to the method's pass: a forward hook on each layer that has a rule replaces the
 layer's output by the same tensor from an autograd function whose backward is the rule (the layer's own graph is
-bypassed), and residual sums (``out += identity``, ``x + f(x)``) are seen through a TorchFunctionMode, as the
-deconvnet / guided rules of hooks.rules are. Nothing in torch or in the model is patched.
+bypassed), and residual sums (``out += identity``, ``x + f(x)``) and products (``x * gate``) are seen through a
+TorchFunctionMode, as the deconvnet / guided rules of hooks.rules are. Nothing in torch or in the model is patched.
 
 The rules, as zennit 0.5.1 defines them (``z_k = sum_j x_j w_jk + b_k``; ``stab(z) = z + eps * sign(z)``, with
 sign(0) = +1; relevance ``R_j`` of input j from the output relevance ``R_k``):
@@ -15,7 +15,18 @@ sign(0) = +1; relevance ``R_j`` of input j from the output relevance ``R_k``):
 - flat: every input and weight 1, no bias (the relevance spreads evenly over the receptive field);
 - z-box (the first layer, inputs bounded by low and high): ``x w - low w+ - high w-``;
 - norm (average pools, residual sums): epsilon without parameters; pass (activations, BatchNorm): relevance goes
-  through unchanged. Other layers (max-pools, flatten, dropout) pass the plain gradient.
+  through unchanged. Other layers (max-pools, flatten, dropout) pass the plain gradient;
+- products and quotients by a constant or a gate (``x * c``, ``x / c``, a frozen layer scale, a Squeeze-Excitation
+  ``sigmoid(fc(avgpool(x))) * x``): the epsilon rule on a diagonal map without bias, the product's relevance to the
+  signal x unchanged (the plain gradient would scale it by c: zennit, which has no rule for them, does so). A gate
+  is a factor computed from the other one in the same pass, else one broadcast over the other (a per-channel scale
+  computed beside it, as in LR-ASPP's head); it is held constant and takes no relevance (the "signal-take-all" rule
+  for gates of Arras et al. 2017), so Squeeze-Excitation's pool, fully connected layers and sigmoid / hard sigmoid
+  receive none. Any other product of two activations (two halves, a square) or a division by an activation has no
+  sound rule: the pass refuses, naming the module, if relevance reaches it.
+So on EfficientNet and MobileNetV3: SiLU, Hardswish and Hardsigmoid pass; StochasticDepth and Dropout are the
+identity in eval mode; the block's BatchNorms fold into their convolutions; the residual ``result += input`` is a
+norm-rule sum; the SE gate is held constant.
 
 Composites choose the rule by layer type exactly as zennit's composites of the same names do; the "first layer"
 is the first module, in registration order, of the first rule's types. Canonizer: an eval-mode BatchNorm that
@@ -24,6 +35,11 @@ eps)``, ``b' = (b - mean) g / sqrt(var + eps) + beta``, as zennit's SequentialMe
 the model's parameters are only read, never written. Residual sums of two activations are split by the norm rule
 (zennit's ResNet canonizer does this for torchvision's ResNet blocks; here every ``a + b`` of two same-shape
 activations). In-place activations run out of place during the call (the ModelGuard restores the flags).
+
+The stabilizers (epsilon, stabilizer: zennit's 1e-6 by default) are absolute. Where a layer's outputs are far
+smaller, they absorb its relevance: torchvision's EfficientNet and MobileNet with random weights shrink the
+activations about 10-100x per stage, to logits near 1e-14 on EfficientNet-B0, and the relevance reaching the input
+underflows to zero (an all-zero map is refused); there give epsilon and stabilizer far below the logits (1e-30).
 
 Attention models: ``composite="attnlrp"`` (the default for a model with attention layers) or ``"cp-lrp"``, the
 rules of lightning_vis.attribution.attnlrp; the convolutional composites refuse them.
@@ -181,15 +197,77 @@ class _Sum(torch.autograd.Function):
 
 _ADDS = {torch.add: False, Tensor.add: False, Tensor.__add__: False, Tensor.__radd__: False, Tensor.add_: True,
          Tensor.__iadd__: True}
+# products and quotients: func -> in place; __rtruediv__(x, c) is c / x
+_PRODUCTS = {torch.mul: False, Tensor.mul: False, Tensor.__mul__: False, Tensor.__rmul__: False, Tensor.mul_: True,
+             Tensor.__imul__: True}
+_QUOTIENTS = {torch.div: False, Tensor.div: False, Tensor.__truediv__: False, Tensor.__rtruediv__: False,
+              Tensor.div_: True, Tensor.__itruediv__: True}
 
 
-class _SplitSums(TorchFunctionMode):
-    """Residual sums of two activations (both needing gradients, the same shape, no alpha) follow the norm rule.
-    ``attention``: the first attention call seen (outside a module named so), which these rules do not cover."""
+def _computed_from(t: Tensor, source: Tensor) -> bool:
+    """Whether t was computed from source in this pass: source, as one output of its autograd node (chunks of a
+    tensor are outputs of one node), is upstream of t in the graph."""
+    todo, seen = list(t.grad_fn.next_functions) if t.grad_fn is not None else [], set()
+    while todo:
+        node, nr = todo.pop()
+        if node is None:
+            continue
+        if node is source.grad_fn and nr == source.output_nr or getattr(node, "variable", None) is source:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += node.next_functions
+    return False
 
-    def __init__(self, eps: float):
+
+def _broadcast_over(signal: Tensor, gate: Tensor) -> bool:
+    """Whether gate is a smaller tensor broadcast over signal (a per-channel or per-position scale)."""
+    return gate.numel() < signal.numel() and torch.broadcast_shapes(gate.shape, signal.shape) == signal.shape
+
+
+class _Product(torch.autograd.Function):
+    """a * b or a / b (``func``) with the relevance of the result passed to the factor ``signal`` (0: a, 1: b)
+    unchanged, summed over what it was broadcast along; the other factor, a constant or a gate, takes none.
+    signal None: no rule applies, and ``report`` is called if relevance reaches the result (the pass refuses)."""
+
+    @staticmethod
+    def forward(ctx, a, b, func, signal, inplace, report):
+        ctx.signal, ctx.report = signal, report
+        ctx.like = [(t.shape, t.dtype) if isinstance(t, Tensor) else None for t in (a, b)]
+        if inplace:
+            ctx.mark_dirty(a)
+        return func(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        grads = [None, None]
+        if ctx.signal is None:
+            if bool(g.any()):
+                ctx.report()
+        else:
+            shape, dtype = ctx.like[ctx.signal]
+            grads[ctx.signal] = g.sum_to_size(shape).to(dtype)
+        return (*grads, None, None, None, None)
+
+
+class _Ops(TorchFunctionMode):
+    """The functional operations of the pass that modules' rules do not see.
+    - Residual sums of two activations (both needing gradients, the same shape, no alpha): the norm rule.
+    - Products and quotients (``x * c``, ``x / c``, ``gate * x``): the epsilon rule on a diagonal linear map without
+      bias, which passes the relevance to the signal x unchanged (the plain gradient would scale it by c). The other
+      factor is a constant (a number, a tensor not computed from the input: a frozen layer scale, a normalisation's
+      std) or a gate computed from x itself (Squeeze-Excitation's ``sigmoid(fc(avgpool(x))) * x``, a norm dividing
+      x, the sigmoid of SiLU written ``x * sigmoid(x)``), else broadcast over x (a per-channel scale computed beside
+      it): held constant, it takes no relevance, the "signal-take-all" rule of LRP for gated products (Arras et al.
+      2017). Two same-shape activations neither computed from the other (``a * sigmoid(b)`` of two halves), a
+      square, or an activation as divisor: no rule splits the relevance, and relevance reaching one is refused
+      naming the module (``unsound``).
+    ``attention``: the first attention call seen, which these rules do not cover."""
+
+    def __init__(self, eps: float, where: list[str]):
         super().__init__()
-        self.eps, self.attention = eps, None
+        self.eps, self.where = eps, where  # where: the names of the modules running now, innermost last
+        self.attention = self.unsound = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -200,7 +278,37 @@ class _SplitSums(TorchFunctionMode):
             if isinstance(a, Tensor) and isinstance(b, Tensor) and a.requires_grad and b.requires_grad \
                     and a.shape == b.shape and a.dtype == b.dtype:
                 return _Sum.apply(a, b, self.eps, _ADDS[func])
+        if (func in _PRODUCTS or func in _QUOTIENTS) and len(args) == 2 and not kwargs:
+            a, b = args
+            grad = [isinstance(t, Tensor) and t.requires_grad for t in (a, b)]
+            if any(grad):
+                return self._product(func, a, b, grad)
         return func(*args, **kwargs)
+
+    def _product(self, func, a, b, grad):
+        inplace = _PRODUCTS.get(func, _QUOTIENTS.get(func))
+        if func is Tensor.__rtruediv__:  # b / a: the activation a divides
+            signal = None
+        elif func in _QUOTIENTS:
+            signal = 0 if grad[0] and (not grad[1] or _computed_from(b, a) or _broadcast_over(a, b)) else None
+        elif not all(grad):
+            signal = grad.index(True)
+        else:  # the gate: computed from the other factor, else broadcast over it (a square has none)
+            rules = (lambda s, g: _computed_from(g, s), _broadcast_over) if a is not b else ()
+            signal = next((i for rule in rules for i, (s, g) in enumerate(((a, b), (b, a))) if rule(s, g)), None)
+        if inplace and signal != 0:
+            signal = None
+        who = repr(self.where[-1]) if self.where and self.where[-1] else "the model's forward"
+        op = getattr(func, "__name__", str(func))
+        what = f"divides by an activation ({op}) not computed from the numerator, which no LRP rule covers" \
+            if func in _QUOTIENTS else \
+            f"multiplies two activations neither computed from nor broadcast over the other ({op}), between " \
+            "which no LRP rule of these composites splits relevance (composite='attnlrp' halves it)"
+
+        def report():
+            if self.unsound is None:
+                self.unsound = f"{who} {what}"
+        return _Product.apply(a, b, func, signal, inplace, report)
 
 
 def _rules(model: nn.Module, composite: str, opts: dict) -> dict[nn.Module, str]:
@@ -274,19 +382,29 @@ def _relevance(model, x, target, rules, opts):
         made[id(out)] = (out, layer)
         return out
 
+    where: list[str] = []  # the modules running now, innermost last, for a refusal's message
+
+    def leave(*_):
+        where.pop()
+
     handles = [m.register_forward_hook(hook) for m in rules]
+    for name, m in model.named_modules():
+        handles += [m.register_forward_pre_hook(lambda *_, name=name: where.append(name)),
+                    m.register_forward_hook(leave, always_call=True)]
     try:
-        with _SplitSums(opts["stabilizer"]) as sums:
+        with _Ops(opts["stabilizer"], where) as ops:
             out = model(x)
     finally:
         for h in handles:
             h.remove()
-    if sums.attention is not None:
-        raise ValueError(f"the model computes attention ({sums.attention}), which the convolutional composites do "
+    if ops.attention is not None:
+        raise ValueError(f"the model computes attention ({ops.attention}), which the convolutional composites do "
                          "not cover: use composite='attnlrp' (or 'cp-lrp')")
     scores, classes = target_scores(out, target)
     # the output's relevance: each target score (for a class target the one-hot logit), so that maps sum to it
     rel = torch.autograd.grad(scores, x, scores.detach())[0]
+    if ops.unsound is not None:
+        raise ValueError(f"lrp: {ops.unsound}: use another method (saliency, integrated gradients)")
     return rel, scores.detach(), classes
 
 
@@ -341,7 +459,10 @@ def lrp(model: nn.Module, inputs: Tensor, target: Target = None, *, composite: s
                                          lambda x, t: _relevance(model, x, t, rules, opts))
     lost = (maps.flatten(1).abs().amax(1) == 0) & (scores != 0)
     if bool(lost.any()):  # never an all-zero picture of a score that is not zero
-        raise ValueError(f"lrp ({composite}): the relevance of input {int(lost.nonzero()[0])}'s nonzero score vanished "
-                         "before the input (an all-zero map): the model has an operation these rules do not carry "
-                         "relevance through; use another method (saliency, integrated gradients)")
+        i = int(lost.nonzero()[0])
+        raise ValueError(f"lrp ({composite}): the relevance of input {i}'s score {float(scores[i]):.3g} vanished "
+                         f"before the input (an all-zero map): the stabilizers (epsilon={epsilon:g}, stabilizer="
+                         f"{stabilizer:g}) absorb it where layers' outputs are far smaller (random weights can make "
+                         "them so: give smaller ones), or the model cuts the input off (detach, no_grad); else use "
+                         "saliency")
     return Attribution(maps, classes, scores, f"lrp-{composite}")
