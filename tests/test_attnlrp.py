@@ -146,6 +146,27 @@ def test_fused_and_explicit_attention_agree_and_batches():
     assert lv.lrp(fused, TOKENS, 0).method == "lrp-attnlrp"  # the default for a model with attention layers
 
 
+class ScaledInPlace(Net):
+    """Net with its head's input scaled in place after the blocks' last linear layer (OWL-ViT scales a linear
+    layer's output in place): the rules' pass-through of a linear output must not be a view."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = self.blocks[1].mlp(self.blocks[0](x))
+        h = h.mul_(2) if self.in_place else h * 2
+        return self.head(h.mean(1))
+
+
+def test_in_place_ops_after_a_linear_layer():
+    for composite in ("attnlrp", "cp-lrp"):
+        a = lv.lrp(ScaledInPlace(True).eval(), TOKENS, 1, composite=composite)
+        b = lv.lrp(ScaledInPlace(False).eval(), TOKENS, 1, composite=composite)
+        torch.testing.assert_close(a.maps, b.maps)
+
+
 def test_the_model_is_left_as_it_was():
     net = Net().train()
     state = {k: v.clone() for k, v in net.state_dict().items()}

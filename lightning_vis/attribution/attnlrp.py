@@ -54,12 +54,13 @@ _TINY = 1e-10  # lxt's: the identity rule's out / (in + tiny)
 
 
 class _Scale(torch.autograd.Function):
-    """Forward: x itself; backward: the gradient times factor (a number or a tensor of x's shape)."""
+    """Forward: x's values (a copy: a view of x would refuse the in-place ops some models apply next, OWL-ViT's);
+    backward: the gradient times factor (a number or a tensor of x's shape)."""
 
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
