@@ -474,3 +474,39 @@ def test_random_weight_efficientnet_and_mobilenet_v3_maps(arch):
         with pytest.raises(ValueError, match=r"all-zero map\): the stabilizers \(epsilon=1e-06, stabilizer=1e-06\)"):
             lv.lrp(model, x)
         same_state(model, before)
+
+
+def test_layer_norm_gets_the_epsilon_rule_with_its_normalisation_held_constant():
+    """A LayerNorm over the channels (ConvNeXt's LayerNorm2d) before a bias-free head: its relevance is
+    x * J^T (R / LN(x)), J the Jacobian of (x - mean) / std * weight with std held constant (by hand), so the input's
+    relevance sums to the score; ConvNeXt-T (random weights) carries the whole score to the input (its LayerNorms'
+    plain gradient, which removes the channel mean, gave sums of ~1e-8)."""
+    import torchvision
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(0)
+    ln = LayerNorm2d(4, bias=False)
+    nn.init.uniform_(ln.weight, 0.5, 1.5)
+    head = nn.Linear(4, 3, bias=False)
+    net = nn.Sequential(ln, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)).double()
+    net = net.double()
+    # (epsilon-gamma-box: the head, its first linear layer, takes epsilon; z-box would be a convolution's)
+    r = lv.lrp(net, x, 1, composite="epsilon-gamma-box", low=-9, high=9, epsilon=1e-30, stabilizer=1e-30)
+    with torch.no_grad():
+        out = ln(x)
+        pooled = out.mean((2, 3))
+        r_pool = pooled * head.weight[1] * (net(x)[:, 1] / (pooled @ head.weight[1]))[:, None]  # epsilon, no bias
+        r_ln = out / out.sum((2, 3), keepdim=True) * r_pool[..., None, None]  # the average pool's norm rule
+        g = r_ln / out
+        centred = x - x.mean(1, keepdim=True)
+        std = (centred.pow(2).mean(1, keepdim=True) + ln.eps).sqrt()
+        gw = g * ln.weight[:, None, None] / std
+        by_hand = x * (gw - gw.mean(1, keepdim=True))  # J^T of the centring, then the input
+    torch.testing.assert_close(r.maps, by_hand)
+    torch.testing.assert_close(r.maps.flatten(1).sum(1), r.scores, rtol=1e-6, atol=1e-9)
+    convnext = torchvision.models.convnext_tiny().eval()
+    xs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for composite in ("epsilon-plus-flat", "epsilon-alpha2-beta1"):
+        r = lv.lrp(convnext, xs, 1, composite=composite, epsilon=1e-30, stabilizer=1e-30)
+        torch.testing.assert_close(r.maps.flatten(1).sum(1) / r.scores, torch.ones(2), rtol=1e-3, atol=1e-3)

@@ -15,7 +15,10 @@ sign(0) = +1; relevance ``R_j`` of input j from the output relevance ``R_k``):
 - flat: every input and weight 1, no bias (the relevance spreads evenly over the receptive field);
 - z-box (the first layer, inputs bounded by low and high): ``x w - low w+ - high w-``;
 - norm (average pools, residual sums): epsilon without parameters; pass (activations, BatchNorm): relevance goes
-  through unchanged. Other layers (max-pools, flatten, dropout) pass the plain gradient;
+  through unchanged. LayerNorm / RMSNorm (ConvNeXt's, called as F.layer_norm / F.rms_norm): epsilon on the layer
+  with its normalisation held constant (the centring and weight a linear map, as AttnLRP treats it; zennit has no
+  rule for it, and its plain gradient, which removes the channel mean, carries ~1e-8 of the score). Other layers
+  (max-pools, flatten, dropout) pass the plain gradient;
 - products and quotients by a constant or a gate (``x * c``, ``x / c``, a frozen layer scale, a Squeeze-Excitation
   ``sigmoid(fc(avgpool(x))) * x``): the epsilon rule on a diagonal map without bias, the product's relevance to the
   signal x unchanged (the plain gradient would scale it by c: zennit, which has no rule for them, does so). A gate
@@ -172,6 +175,26 @@ class _Rule(torch.autograd.Function):
             return ctx.layer.relevance(x, g), None, None
 
 
+class _Norm(torch.autograd.Function):
+    """LayerNorm / RMSNorm: forward, its output; backward, the epsilon rule on the layer with its normalisation held
+    constant (a linear map of x: the centring and the weight; the bias absorbs its share), as AttnLRP treats it.
+    ``lin(x)`` has that map's gradient (attnlrp._norm)."""
+
+    @staticmethod
+    def forward(ctx, x, out, lin, eps):
+        ctx.save_for_backward(x, out)
+        ctx.lin, ctx.eps = lin, eps
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, r):
+        x, out = ctx.saved_tensors
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(ctx.lin(xi), xi, r / _stabilize(out, ctx.eps))
+        return xi.detach() * g, None, None, None
+
+
 class _Sum(torch.autograd.Function):
     """a + b with the norm rule: each summand gets its share ``a g / stab(a + b)`` of the sum's relevance. In place
     (``out += identity``, ``out.add_(identity)``) where the model adds in place."""
@@ -278,6 +301,9 @@ class _Ops(TorchFunctionMode):
             if isinstance(a, Tensor) and isinstance(b, Tensor) and a.requires_grad and b.requires_grad \
                     and a.shape == b.shape and a.dtype == b.dtype:
                 return _Sum.apply(a, b, self.eps, _ADDS[func])
+        if func in attnlrp._NORMS and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            out = func(*args, **kwargs)  # LayerNorm / RMSNorm (ConvNeXt's)
+            return _Norm.apply(args[0], out, lambda x: attnlrp._norm(func, (x, *args[1:]), kwargs), self.eps)
         if (func in _PRODUCTS or func in _QUOTIENTS) and len(args) == 2 and not kwargs:
             a, b = args
             grad = [isinstance(t, Tensor) and t.requires_grad for t in (a, b)]
