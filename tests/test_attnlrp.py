@@ -123,6 +123,32 @@ class Net(nn.Module):
 TOKENS = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
 
 
+class InPlaceHead(Tiny):
+    """Tiny, then a Linear head (the identity) whose output the model shifts in place, as OWL-ViT's box predictor
+    does (pred_boxes += box_bias)."""
+
+    def __init__(self):
+        super().__init__(explicit=False)
+        self.head = nn.Linear(2, 2, bias=False)
+        nn.init.eye_(self.head.weight)
+
+    def forward(self, x):
+        y = self.head(super().forward(x))
+        y += 1.0
+        return y
+
+
+def test_a_linear_output_the_model_changes_in_place():
+    """The epsilon rule's hook on a Linear gives the network a tensor it may modify in place (it gave a view from a
+    custom Function: torch refused the in-place add); the relevance is the by-hand one (the head is the identity and
+    a constant shift has no gradient)."""
+    x = torch.tensor([[[X[0]], [X[1]]]], dtype=torch.float64)
+    net = InPlaceHead().double()
+    for i in range(2):
+        r = lv.lrp(net, x, i, composite="attnlrp", epsilon=1e-12)
+        torch.testing.assert_close(r.maps[0, :, 0], torch.tensor(by_hand(i)[0], dtype=torch.float64))
+
+
 def test_conservation_where_the_rules_conserve():
     """CP-LRP on a bias-free net: the sum of the input's relevance is the target score (epsilon -> 0: 0 and 1e-9);
     AttnLRP moves relevance through the softmaxes, whose linearisation does not conserve: it differs."""

@@ -54,12 +54,14 @@ _TINY = 1e-10  # lxt's: the identity rule's out / (in + tiny)
 
 
 class _Scale(torch.autograd.Function):
-    """Forward: x itself; backward: the gradient times factor (a number or a tensor of x's shape)."""
+    """Forward: a copy of x (the model may modify it in place, as OWL-ViT's box predictor does with its Linear's
+    output: torch refuses that on a custom Function's view); backward: the gradient times factor (a number or a
+    tensor of x's shape)."""
 
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
