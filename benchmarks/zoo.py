@@ -516,8 +516,8 @@ def ref_cam(method: str, a: Tensor, g: Tensor) -> list[Tensor]:
         return first_component(a)
     if method == "eigengradcam":
         return first_component(g * a)
-    if method == "fem":  # channels weighted by the share of their positions above mean + 2 standard deviations
-        flat = a.flatten(2)
+    if method == "fem":  # channels weighted by the share of their positions above mean + 2 standard deviations (in
+        flat = a.flatten(2).double()  # float64: a channel equal everywhere has none, its mean not rounded below it)
         high = flat > flat.mean(2, keepdim=True) + 2 * flat.std(2, unbiased=False, keepdim=True)
         return [weighted(high.float().mean(2))]
     if method == "kpcacam":  # the first kernel principal component, scikit-learn KernelPCA's sigmoid kernel
