@@ -1307,7 +1307,9 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s (slowest: {slow}) " +
                   ("ok" if not bad else "FAIL " + json.dumps(bad)[:600]), flush=True)
         seconds = time.time() - t0
-    md, summary = table(rows), summarize(rows, seconds)
+    md = table(rows)
+    summary = summarize(rows, seconds) if not args.merge else \
+        f"{summarize(rows)}; merged from {len(args.merge)} runs, their times summing to {seconds:.0f} s"
     print(md)
     print(summary)
     if args.json:
