@@ -1249,7 +1249,7 @@ def merge(paths: list[str]) -> tuple[list[tuple[str, dict]], float]:
     merged, seconds = {}, 0.0
     for p in paths:
         data = json.loads(Path(p).read_text())
-        seconds += data.get("seconds") or float(re.search(r"(\d+) s on", data["summary"]).group(1))
+        seconds += data["seconds"] if "seconds" in data else float(re.search(r"(\d+) s on", data["summary"]).group(1))
         for row in data["rows"]:
             into = merged.setdefault(row["model"], {"seconds": {}})
             for k, v in row["results"].items():
