@@ -9,14 +9,21 @@ random weights, small inputs, as a new user would call them.
 
 Each call checks shapes against the layer's layout (and the layout against what the architecture is known to
 produce, where the case says), values against an independent plain-autograd reference (Grad-CAM and every CAM method
-computed from the layer's activations and gradients, Eigen-CAM's component up to its sign; saliency; input x
-gradient; the completeness error integrated gradients and GradientShap report, against f(x) - f(0) by plain
-forwards; occlusion's value with its first window, against a plain forward), that the result is not silently empty,
-and that the model is unchanged afterwards (hooks, training flags, requires_grad, parameters' .grad, the output bit
-for bit). Score-CAM, Ablation-CAM and LRP are checked for shape, finiteness and sign (LRP, with stabilizers below the
-random weights' activations: not empty). A method the model cannot support must be refused with the clear error
-the case expects (e.g. attention rollout over Swin's windows); anything else is a failure. The table marks each cell
-ok, "refused" (the expected one-line error) or FAIL (with the error), and "-" where the method does not apply.
+computed from the layer's activations and gradients: Eigen-CAM's and KPCA-CAM's components up to their sign, FEM's
+k-sigma weights, Shapley-CAM's gradient with its Hessian-vector product by double backward, Finer-CAM's gradient of
+its comparison score with the 3 nearest classes; FullGrad's bias and input terms from forward hooks on every biased
+convolution and BatchNorm; saliency; input x gradient; the completeness error integrated gradients and GradientShap
+report, against f(x) - f(0) by plain forwards; occlusion's value with its first window, against a plain forward),
+that the result is not silently empty, and that the model is unchanged afterwards (hooks, training flags,
+requires_grad, parameters' .grad, the output bit for bit). Score-CAM, Ablation-CAM and LRP are checked for shape,
+finiteness and sign (LRP, with stabilizers below the random weights' activations: not empty). A method the model
+cannot support must be refused with the clear error the case expects (e.g. attention rollout over Swin's windows);
+anything else is a failure. The table marks each cell ok, "refused" (the expected one-line error) or FAIL (with the
+error), "-" where the method does not apply, and "not run" where the run left it out (--methods). Runs of parts of
+the zoo (--only, --methods) merge into one table with --merge; --docs pastes the tables into the docs' page between
+its markers:
+
+    python -m benchmarks.zoo --merge part-*.json --docs docs/guide/any_model.md
 
 The hubs' models are called with every default (target=None on the model's own output, grad_cam's own layer; a dict
 of inputs for image-text models), as the issue that added them asks ("no glue"). There any one-line ValueError of
@@ -31,6 +38,7 @@ that ran a plain forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -53,8 +61,8 @@ from lightning_vis.hooks import HOOK_DICTS, Layout, hook_counts
 # every CAM method grad_cam offers after Grad-CAM, then the other attribution methods, as the CLI spells them
 CAMS = tuple(m for m in lv.attribution.CAM_METHODS if m != "gradcam")
 ATTRIBUTION = ("integrated-gradients", "gradient-shap", "input-x-gradient", "occlusion", "lrp")
-METHODS = ("layers", "activations", "gradcam", *CAMS, "saliency", "guided", "deconvnet", *ATTRIBUTION, "render",
-           "topk", "receptive", "attention", "rollout", "checkpoint")
+METHODS = ("layers", "activations", "gradcam", *CAMS, "fullgrad", "saliency", "guided", "deconvnet", *ATTRIBUTION,
+           "render", "topk", "receptive", "attention", "rollout", "checkpoint")
 # what a hub model with a class, embedding, mask or box output must support with no glue (the others may refuse)
 HUB_REQUIRED = ("layers", "activations", "gradcam", "saliency", "guided", "model unchanged", "first call")
 # what an image-text model (a dict of inputs) must also support: the image alone is interpolated or occluded, its
@@ -511,6 +519,26 @@ def ref_cam(method: str, a: Tensor, g: Tensor) -> list[Tensor]:
         return first_component(a)
     if method == "eigengradcam":
         return first_component(g * a)
+    if method == "fem":  # channels weighted by the share of their positions above mean + 2 standard deviations (in
+        flat = a.flatten(2).double()  # float64: a channel equal everywhere has none, its mean not rounded below it)
+        high = flat > flat.mean(2, keepdim=True) + 2 * flat.std(2, unbiased=False, keepdim=True)
+        return [weighted(high.float().mean(2))]
+    if method == "kpcacam":  # the first kernel principal component, scikit-learn KernelPCA's sigmoid kernel
+        flat = a.flatten(2).transpose(1, 2).double()
+        flat = flat - flat.mean(1, keepdim=True)
+        k = torch.tanh(flat @ flat.transpose(1, 2) / flat.shape[2] + 1)
+        n = k.shape[1]
+        centre = torch.eye(n, dtype=k.dtype) - 1.0 / n
+        values, vectors = torch.linalg.eigh(centre @ k @ centre)
+        top = float(values[:, -1].min())
+        if top < 1e-11:  # activations nearly equal at every position: tanh(<a, b> / C + 1) rounds them away
+            raise Ambiguous(f"the centred kernel is float rounding (largest eigenvalue {top:.1e})")
+        if values.shape[1] > 1 and float((values[:, -2] / values[:, -1].clamp_min(1e-30)).max()) > 0.99:
+            raise Ambiguous("no unique first kernel component")
+        p = (vectors[..., -1] * values[:, -1:].clamp_min(0).sqrt()).float().view(a.shape[0], *a.shape[2:])
+        return [p, -p]
+    if method in ("shapleycam", "finercam"):  # Grad-CAM's weighting of their own gradient (the caller passes it)
+        return [weighted(g.mean(dims))]
     return []
 
 
@@ -518,9 +546,12 @@ class Ambiguous(Exception):
     """The reference is not unique on this model (random weights): the value check is left out, and says why."""
 
 
-def ref_activation_gradient(model, x, layer, desc, target) -> tuple[Tensor, Tensor]:
+def ref_activation_gradient(model, x, layer, desc, target, hessian: bool = False) -> tuple[Tensor, Tensor]:
     """A layer's activation and the target's gradient there as (N, C, *grid) maps, by plain autograd (a forward
-    hook, torch.autograd.grad, the layout by hand)."""
+    hook, torch.autograd.grad, the layout by hand). hessian: the gradient less half the Hessian-vector product with
+    the activation (Shapley-CAM's gradient), by double backward through attention's math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     got = {}
     module = model.get_submodule(layer)
 
@@ -531,13 +562,29 @@ def ref_activation_gradient(model, x, layer, desc, target) -> tuple[Tensor, Tens
         return got["a"].clone() if isinstance(o, Tensor) else None
     h = module.register_forward_hook(keep)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]) if hessian else contextlib.nullcontext():
             out = _call(model, x)
             scores = target(out)
-            (g,) = torch.autograd.grad(scores.sum(), got["a"])
+            (g,) = torch.autograd.grad(scores.sum(), got["a"], create_graph=hessian)
+            if hessian and g.requires_grad:
+                (hv,) = torch.autograd.grad(g, got["a"], grad_outputs=got["a"].detach(), allow_unused=True)
+                g = g if hv is None else g - 0.5 * hv
     finally:
         h.remove()
-    return ref_maps(got["a"].detach(), desc).float(), ref_maps(g, desc).float()
+    return ref_maps(got["a"].detach(), desc).float(), ref_maps(g.detach(), desc).float()
+
+
+def ref_finer(output) -> Tensor:
+    """Finer-CAM's score as its paper defines it, for each input's top class c of _top_logits(output): sum over the
+    3 other classes k with logits nearest c's of p_k (s_c - s_k), over sum p_k (p: the softmax of the logits)."""
+    logits = _top_logits(output)
+    c = logits.detach().argmax(1)
+    s_c = logits.gather(1, c[:, None])
+    distance = (logits.detach() - s_c.detach()).abs()
+    distance[torch.arange(len(c)), c] = float("inf")
+    near = distance.topk(min(3, logits.shape[1] - 1), dim=1, largest=False).indices
+    p = torch.softmax(logits, 1).gather(1, near)
+    return (p * (s_c - logits.gather(1, near))).sum(1) / (p.sum(1) + 1e-9)
 
 
 def ref_gradient(model, x, target, make=None) -> Tensor:
@@ -546,6 +593,53 @@ def ref_gradient(model, x, target, make=None) -> Tensor:
     with torch.enable_grad():
         (g,) = torch.autograd.grad(target(_call(model, make(xg) if make else xg)).sum(), xg)
     return g
+
+
+def ref_fullgrad(model, x, target, make=None) -> Tensor:
+    """FullGrad as its paper and pytorch-grad-cam define it, by plain autograd: |input gradient x input| and, for
+    every torch convolution and BatchNorm with a bias (eval BatchNorm's: beta - mean gamma / sqrt(var + eps)) whose
+    output has the input's dimensionality, |bias x its output's gradient|; each (image, channel) map min-max scaled,
+    summed over channels, resized to the input and summed. Forward hooks keep each call's output and give the network
+    a copy (a later in-place op cannot change it)."""
+    outs, handles = [], []
+
+    def keep(m, a, o):
+        if not isinstance(o, Tensor) or o.dim() != x.dim():
+            return None
+        outs.append((m, o))
+        return o.clone()
+    for m in model.modules():
+        base = next((b for b in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+                     if isinstance(m, b)), None)
+        if base is not None and type(m).forward is base.forward and m.bias is not None:
+            handles.append(m.register_forward_hook(keep))
+    xg = x.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            scores = target(_call(model, make(xg) if make else xg))
+            grads = torch.autograd.grad(scores.sum(), [xg] + [o for _, o in outs], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def scaled(t):
+        flat = t.abs().flatten(2)
+        lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+        return ((flat - lo) / (hi - lo + 1e-7)).sum(1).view(t.shape[0], 1, *t.shape[2:])
+    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
+    total = scaled(grads[0] * x)[:, 0]
+    for (m, _), g in zip(outs, grads[1:]):
+        if g is None:
+            continue
+        bias = m.bias.detach()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bias = bias - m.running_mean * m.weight.detach() / torch.sqrt(m.running_var + m.eps)
+        term = scaled(bias[(...,) + (None,) * (g.dim() - 2)] * g)
+        if tuple(term.shape[2:]) != tuple(x.shape[2:]):
+            term = torch.nn.functional.interpolate(term.float(), size=tuple(x.shape[2:]), mode=mode,
+                                                   align_corners=False)
+        total = total + term[:, 0]
+    return total
 
 
 def ref_saliency(model, x, target, make=None) -> Tensor:
@@ -798,6 +892,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             raise AssertionError(f"maps {tuple(cam.maps.shape)} for input {tuple(x.shape)}")
         desc = case.expect.get(ctx["cam"], ctx["infos"][ctx["cam"]].layout_text)
         ctx["ag"] = ref_activation_gradient(model, inputs, ctx["cam"], desc, target)
+        ctx["ag of"] = (ctx["cam"], desc, target)
         ref = ref_cam("gradcam", *ctx["ag"])[0]
         _close(cam.low_res, ref.clamp_min(0), "low-res map")
         _nonempty(ref, "the map before its ReLU")  # random weights may leave nothing positive: not our fault
@@ -818,6 +913,7 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
             _nonempty(cam.low_res, "the map")
             return f"{cam.layer} ({desc}): {tuple(cam.low_res.shape[1:])}; no class scores to check against"
         ctx["ag"] = ref_activation_gradient(model, inputs, cam.layer, desc, ref_top_class)
+        ctx["ag of"] = (cam.layer, desc, ref_top_class)
         ref = ref_cam("gradcam", *ctx["ag"])[0]
         _close(cam.low_res, ref.clamp_min(0), "low-res map")
         _nonempty(ref, "the map before its ReLU")
@@ -837,7 +933,12 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         if method == "guided-gradcam" and (cam.guided is None or cam.guided.shape != x.shape):
             raise AssertionError(f"guided {None if cam.guided is None else tuple(cam.guided.shape)}")
         try:
-            refs = ref_cam(method, *ctx["ag"]) if "ag" in ctx else []
+            ag = ctx.get("ag")
+            if ag is not None and method in ("shapleycam", "finercam"):  # their own gradient at Grad-CAM's layer
+                layer, desc, target = ctx["ag of"]
+                ag = ref_activation_gradient(model, inputs, layer, desc, ref_finer if method == "finercam" else target,
+                                             hessian=method == "shapleycam")
+            refs = ref_cam(method, *ag) if ag is not None else []
         except Ambiguous as e:
             return f"{cam.layer}: {tuple(cam.low_res.shape[1:])}; {e}"
         if refs:
@@ -931,6 +1032,17 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         r, _ = input_shaped(lambda *a: lv.lrp(*a, **LRP_STABILIZERS), "lrp")
         share = r.maps.flatten(1).sum(1) / r.scores.abs().clamp_min(torch.finfo(r.scores.dtype).tiny)
         return f"relevance sums {share.min():.2f}..{share.max():.2f} x |score|"
+
+    def fullgrad():
+        """FullGrad on the task's target (the hubs: target=None), against ref_fullgrad."""
+        target = _target_for(case, model, inputs)
+        r = lv.fullgrad(model, inputs if case.hub else x, target)
+        if tuple(r.maps.shape) != (x.shape[0], *x.shape[2:]):
+            raise AssertionError(f"maps {tuple(r.maps.shape)} for input {tuple(x.shape)}")
+        _nonempty(r.maps, "fullgrad")
+        if case.hub and _top_logits(reference_out) is None:
+            return "no class scores to check against"
+        _close(r.maps, ref_fullgrad(model, x, ref_top_class if case.hub else target, case.inputs), "fullgrad")
 
     def saliency():
         if case.hub:
@@ -1043,8 +1155,9 @@ def run_case(case: Case, methods=METHODS, seed: int = 0) -> dict:
         want = own if exact else own_copy
         return "" if now == want else _difference(want, now)
 
-    checks = {"layers": layers, "activations": activations, "gradcam": gradcam, "saliency": saliency,
-              "guided": guided, "deconvnet": deconvnet, "integrated-gradients": lambda: path("integrated-gradients"),
+    checks = {"layers": layers, "activations": activations, "gradcam": gradcam, "fullgrad": fullgrad,
+              "saliency": saliency, "guided": guided, "deconvnet": deconvnet,
+              "integrated-gradients": lambda: path("integrated-gradients"),
               "gradient-shap": lambda: path("gradient-shap"), "input-x-gradient": input_x_gradient,
               "occlusion": occlusion, "lrp": lrp, "render": render, "topk": topk, "receptive": receptive,
               "attention": attention, "rollout": rollout, "checkpoint": checkpoint,
@@ -1107,12 +1220,65 @@ def _where(e: BaseException) -> str:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
+    """The markdown table: a row per model, a column per method; "not run" where a method was left out of the runs
+    (--methods), "-" where it does not apply."""
     cols = list(METHODS) + ["model unchanged"] + (["first call"] if any("first call" in r for _, r in rows) else [])
     mark = {"ok": "ok", "refused": "refused", "FAIL": "**FAIL**", "-": "-"}
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in rows:
-        lines.append(f"| {name} | " + " | ".join(mark[res.get(c, ('-', ''))[0]] for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(mark[res[c][0]] if c in res else "not run" if c in METHODS else "-"
+                                                 for c in cols) + " |")
     return "\n".join(lines)
+
+
+def summarize(rows: list[tuple[str, dict]], seconds: float | None = None) -> str:
+    """One line: the models, the applicable checks that pass (ok or the expected refusal), the refusals and failures
+    among them, the methods not run, and the time (where given)."""
+    cells = [v[0] for _, r in rows for k, v in r.items() if k != "seconds"]
+    total, ok, refused, failures = (len(cells) - cells.count("-"), cells.count("ok"), cells.count("refused"),
+                                    cells.count("FAIL"))
+    not_run = sum(1 for _, r in rows for m in METHODS if m not in r)
+    return (f"{len(rows)} models, {ok + refused}/{total} applicable checks pass ({ok} ok, {refused} refused, "
+            f"{failures} failures" + (f"; {not_run} cells not run" if not_run else "") + ")" +
+            ("" if seconds is None else f", {seconds:.0f} s on {platform.processor() or platform.machine()}, "
+                                        f"torch {torch.__version__}"))
+
+
+def merge(paths: list[str]) -> tuple[list[tuple[str, dict]], float]:
+    """The rows of several runs' JSON (parts of the zoo, other methods on the same models, a rerun of some) as one
+    run's, in the order cases() lists the models, and the runs' seconds summed. A method two runs checked keeps the
+    later run's result ("layers" runs in every run), except "model unchanged" and "first call", which check what
+    each run's methods did: a failure in any run stays."""
+    merged, seconds = {}, 0.0
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        seconds += data["seconds"] if "seconds" in data else float(re.search(r"(\d+) s on", data["summary"]).group(1))
+        for row in data["rows"]:
+            into = merged.setdefault(row["model"], {"seconds": {}})
+            for k, v in row["results"].items():
+                if k == "seconds":
+                    into["seconds"].update(v)
+                elif k not in ("model unchanged", "first call") or k not in into or v[0] == "FAIL":
+                    into[k] = tuple(v)
+    order = {c.name: i for i, c in enumerate(cases())}
+    return sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))), seconds
+
+
+def paste(doc: Path, marker: str, text: str) -> None:
+    """Replaces what lies between <!-- marker:start --> and <!-- marker:end --> in doc with text."""
+    old = doc.read_text()
+    begin, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
+    if begin not in old or end not in old:
+        raise SystemExit(f"{doc} has no {begin.strip()} ... {end} markers")
+    head, rest = old.split(begin, 1)
+    doc.write_text(head + begin + text + "\n" + end + rest.split(end, 1)[1])
+
+
+def docs_block(rows: list[tuple[str, dict]], what: str) -> str:
+    """The docs' generated part for rows: the summary (the time is the whole run's: the docs say it) and the table,
+    folded."""
+    return (f"**{summarize(rows)}**\n\n<details><summary>The table: {what} x every method</summary>\n\n"
+            f"{table(rows)}\n\n</details>")
 
 
 def main(argv=None) -> int:
@@ -1122,35 +1288,45 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="methods to check")
     ap.add_argument("--json", default="benchmarks/results/zoo.json")
     ap.add_argument("--markdown", default="benchmarks/results/zoo.md")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: merge these runs' JSON (parts of the zoo, "
+                    "or other methods on the same models) into --json and --markdown")
+    ap.add_argument("--docs", metavar="MD", help="also paste the tables into MD between its zoo markers (the hubs' "
+                    "models between its zoo-hub markers), e.g. docs/guide/any_model.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    chosen = [c for c in cases() if (not args.only or any(o in c.name for o in args.only)) and (c.ci or not args.ci)]
-    rows, failures = [], 0
-    t0 = time.time()
-    for i, case in enumerate(chosen, 1):
-        t = time.time()
-        res = run_case(case, methods=args.methods)
-        rows.append((case.name, res))
-        bad = {k: v[1] for k, v in res.items() if k != "seconds" and v[0] == "FAIL"}
-        failures += len(bad)
-        slow = sorted(res["seconds"].items(), key=lambda kv: -kv[1])[:3]
-        print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s (slowest: {slow}) " +
-              ("ok" if not bad else "FAIL " + json.dumps(bad)[:600]), flush=True)
+    if args.merge:
+        rows, seconds = merge(args.merge)
+    else:
+        chosen = [c for c in cases() if (not args.only or any(o in c.name for o in args.only))
+                  and (c.ci or not args.ci)]
+        rows = []
+        t0 = time.time()
+        for i, case in enumerate(chosen, 1):
+            t = time.time()
+            res = run_case(case, methods=args.methods)
+            rows.append((case.name, res))
+            bad = {k: v[1] for k, v in res.items() if k != "seconds" and v[0] == "FAIL"}
+            slow = sorted(res["seconds"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"[{i}/{len(chosen)}] {case.name}: {time.time() - t:.1f}s (slowest: {slow}) " +
+                  ("ok" if not bad else "FAIL " + json.dumps(bad)[:600]), flush=True)
+        seconds = time.time() - t0
     md = table(rows)
-    cells = [v for _, r in rows for k, v in r.items() if k != "seconds"]
-    total = sum(1 for v in cells if v[0] != "-")
-    ok = sum(1 for v in cells if v[0] in ("ok", "refused"))
-    summary = (f"{len(rows)} models, {ok}/{total} applicable checks pass ({failures} failures), "
-               f"{time.time() - t0:.0f} s on {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    summary = summarize(rows, seconds) if not args.merge else \
+        f"{summarize(rows)}; merged from {len(args.merge)} runs, their times summing to {seconds:.0f} s"
     print(md)
     print(summary)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"schema": "lightning-vis/benchmarks/zoo/1", "summary": summary,
+                                               "seconds": round(seconds),
                                                "rows": [{"model": n, "results": r} for n, r in rows]}, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(md + "\n\n" + summary + "\n")
-    return 1 if failures else 0
+    if args.docs:
+        hub = {c.name for c in cases() if c.hub}
+        paste(Path(args.docs), "zoo", docs_block([r for r in rows if r[0] not in hub], "every model"))
+        paste(Path(args.docs), "zoo-hub", docs_block([r for r in rows if r[0] in hub], "every hub model"))
+    return 1 if any(v[0] == "FAIL" for _, r in rows for k, v in r.items() if k != "seconds") else 0
 
 
 if __name__ == "__main__":
