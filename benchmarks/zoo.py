@@ -162,6 +162,8 @@ LRP_STABILIZERS = {"epsilon": 1e-30, "stabilizer": 1e-30}
 ROI_ALIGN = {"shapleycam": "needs second derivatives of the part above the layer"}
 # the segmentation and detection cases explain a callable target (a class over a mask, a box's score)
 CALLABLE_TARGET = {"finercam": "takes a class target .* not a callable"}
+# a detector's tracked box may exist only near the input: its score is flat (zero) along the path from a black image
+PATH_FLAT = {"integrated-gradients": "gradient is zero at all .* steps"}
 WINDOWS = {"rollout": "not defined for window attention"}
 POOLED = {"rollout": "not defined here: the blocks attend over different token sets"}
 TOKENS_RF = {}  # token layers have receptive fields too (a ViT's: the whole input)
@@ -232,7 +234,8 @@ def cases() -> list[Case]:
         out.append(Case(f"torchvision.detection:{name}", "detection",
                         _tv(name, weights_backbone=None, num_classes=5, box_score_thresh=0.0)
                         if "rcnn" in name else _tv(name, weights_backbone=None, num_classes=5),
-                        (1, 3, 128, 128), "detect", layer=layer, refuse=ROI_ALIGN if "rcnn" in name else {},
+                        (1, 3, 128, 128), "detect", layer=layer,
+                        refuse={**PATH_FLAT, **(ROI_ALIGN if "rcnn" in name else {})},
                         ci=name in {"fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"}))
     t224 = (2, 3, 64, 64)
     out += [

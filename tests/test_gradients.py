@@ -296,3 +296,27 @@ def test_real_net_equals_captum(mobilenet, monkeypatch):
     close(r.maps, captum_shap(net, None, x, pool, target, 4, 0.1, 3, monkeypatch))
     r = lv.integrated_gradients(net, x, target, steps=8, layer="features.14")
     close(r.maps, ca.LayerIntegratedGradients(net, net.features[14]).attribute(x, target=target, n_steps=8))
+
+
+class Threshold(nn.Module):
+    """Scores that exist only near the input: relu(sum(x) - 0.999 sum(X)) per class, zero (and flat) on the path
+    from a zero baseline up to alpha = 0.999, past which 16 Gauss-Legendre nodes never reach."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.register_buffer("edge", 0.999 * x[0].sum())
+
+    def forward(self, x):
+        return torch.relu(x.flatten(1).sum(1, keepdim=True) - self.edge).repeat(1, 3)
+
+
+def test_integrated_gradients_refuses_an_all_zero_map_of_a_score_that_moves():
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(5)) + 0.5
+    x = torch.cat([x, x.flip(-1)])  # the same sum: one edge for both
+    net = Threshold(x).eval()
+    with pytest.raises(ValueError, match=r"^integrated_gradients: input 0's score goes from 0 at the baseline to "
+                                         r"0\.0\d+, but its gradient is zero at all 16 steps \(an all-zero map\)"):
+        lv.integrated_gradients(net, x, 1, steps=16)
+    r = lv.integrated_gradients(net, x, 1, steps=16, baseline=x * 0.9995)  # a path past the edge: real values
+    assert r.maps.abs().amax() > 0
+    torch.testing.assert_close(r.delta, torch.zeros(2), atol=1e-5, rtol=0)

@@ -334,6 +334,13 @@ def integrated_gradients(model: nn.Module, inputs: Tensor, target: Target = None
             total.index_add_(0, i, g * weights[k].view(view))
         attr = total * diff
     delta = attr.flatten(1).sum(1) - (scores - base_scores)
+    lost = (attr.flatten(1).abs().amax(1) == 0) & (scores != base_scores)
+    if bool(lost.any()):  # never an all-zero picture of a score that changes along the path
+        i = int(lost.nonzero()[0])
+        raise ValueError(f"integrated_gradients: input {i}'s score goes from {float(base_scores[i]):.3g} at the "
+                         f"baseline to {float(scores[i]):.3g}, but its gradient is zero at all {steps} steps (an "
+                         "all-zero map): the score is flat along the path and jumps (a detection that exists only "
+                         "near the input, a threshold); try more steps or another baseline, or use occlusion")
     return _result("integrated_gradients", lay, attr, scores, classes, delta, base_scores)
 
 
