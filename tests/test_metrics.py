@@ -377,16 +377,22 @@ def test_metrics_benchmark_agrees_with_the_peers(tmp_path):
         assert r["ours_s"] > 0 and r["peer_s"] > 0
 
 
-def test_cli_evaluate_writes_the_report(tmp_path, capsys):
+def png_folder(tmp_path, seed: int, size: tuple[int, int], names=("a.png", "b.png")):
+    """tmp_path / "imgs" with a random RGB picture of size (H, W) per name, for the CLI's --images."""
     from PIL import Image
-
-    from lightning_vis import cli
 
     folder = tmp_path / "imgs"
     folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_cli_evaluate_writes_the_report(tmp_path, capsys):
+    from lightning_vis import cli
+
+    folder = png_folder(tmp_path, 0, (20, 24))
     out = tmp_path / "out"
     model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
     assert cli.main(["evaluate", *model, "--methods", "gradcam,guided-backprop", "--metrics", "deletion,sanity",
@@ -407,15 +413,9 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
 def test_cli_evaluate_in_batches_and_the_atlas_shows_its_verdicts(tmp_path, capsys):
     """--batch-size runs metrics.evaluate_dataset batch by batch: a method's per-image scores do not depend on the
     batch (1 or all); the atlas's --evaluation shows that file's verdicts on methods.html."""
-    from PIL import Image
-
     from lightning_vis import cli
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for name in ("a.png", "b.png", "c.png"):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    folder = png_folder(tmp_path, 1, (20, 24), ("a.png", "b.png", "c.png"))
     model = ["--model", "tests.cli_models:tiny_cnn", "--images", str(folder), "--size", "16"]
     runs = {}
     for extra in ([], ["--batch-size", "1"], ["--batch-size", "2"]):
@@ -613,15 +613,9 @@ def test_evaluate_takes_a_vits_patch_grid_from_its_layout():
 
 
 def test_cli_evaluate_finds_the_patch_grid_and_takes_cells(tmp_path, capsys):
-    from PIL import Image
-
     from lightning_vis import cli
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    folder = png_folder(tmp_path, 2, (32, 32))
     model = ["--model", "tests.cli_models:tiny_vit", "--images", str(folder), "--size", "32"]  # 2x2 patches
 
     def deletion(*extra):
