@@ -1,4 +1,4 @@
-"""Pooling kernels against torch's own ops, side by side in one run.
+"""The compiled kernels against torch's own ops or their pure-torch references, side by side in one run.
 
     python -m benchmarks.kernels [--device cpu|cuda|all] [--quick] [--json PATH]
 
@@ -152,6 +152,31 @@ def bench_fft(timer, device, batch, size):
                  ratio=round(t["ref"] / t["ours"], 2), ours_gbps=0.0, pct_copy=0.0, copy_gbps=0.0)]
 
 
+def bench_impute(timer, batch, size):
+    """ROAD's imputer (the compiled CPU kernel) against the pure-torch solver, on ROAD's masks: a smooth map (a 7x7
+    grid upsampled, as a CAM) thresholded at 9 percentiles in both orders, one photo-like image per mask."""
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 1, 7, 7, generator=g), size=(size, size), mode="bilinear").flatten()
+    qs = torch.quantile(smooth, torch.arange(1, 10) / 10)
+    masks = torch.cat([smooth[None] < qs[:, None], smooth[None] > qs[:, None]]).view(-1, size, size)
+    known = masks[torch.arange(batch) % len(masks)]
+    images = F.avg_pool2d(torch.randn(batch, 3, size + 4, size + 4, generator=g), 5, 1)  # smooth-ish, like photos
+    out = {}
+
+    def ours():
+        out["ours"] = O.impute(images, known)
+
+    def ref():
+        out["ref"] = O.reference.impute(images, known, 1e-5, 1000)
+
+    t = timer({"ref": ref, "ours": ours})
+    diff = float((out["ours"] - out["ref"]).abs().max())
+    assert diff < 1e-3, f"impute: the compiled kernel and the torch solver differ by {diff:.2e}"
+    return [dict(op="impute", device="cpu", shape=[batch, 3, size, size], dtype="float32", k=0, s=0, p=0,
+                 layout="NCHW", reference="torch solver", ref_ms=round(t["ref"], 4), ours_ms=round(t["ours"], 4),
+                 ratio=round(t["ref"] / t["ours"], 2), ours_gbps=0.0, pct_copy=0.0, copy_gbps=0.0)]
+
+
 # (device, op prefix, layout, reference, dtype, minimum ratio): the goals of the issue
 GOALS = [
     ("cpu", "pool", "NCHW", "torch NCHW", "float32", 5.0),
@@ -192,7 +217,7 @@ def goal_lines(rows):
     seen = set()
     for r in rows:
         key = (r["op"], r["layout"], r["dtype"], tuple(r["shape"]), r["k"], r["s"])
-        if r["device"] != device or r["op"] == "fft_image" or key in seen:
+        if r["device"] != device or r["op"] in ("fft_image", "impute") or key in seen:
             continue
         seen.add(key)
         verdict = "PASS" if r["pct_copy"] >= pct else "MISS"
@@ -261,6 +286,10 @@ def main(argv=None):
         for batch, size in ffts:
             print(f"[{device} fft_image] {batch} x {size} ...", flush=True)
             rows += bench_fft(timer, device, batch, size)
+        if device == "cpu" and O.has_backend("cpu"):
+            batch, size = (2, 32) if args.quick else (6, 224)
+            print(f"[cpu impute] {batch} x {size} ...", flush=True)
+            rows += bench_impute(timer, batch, size)
     print()
     print_table(rows)
     goals = goal_lines(rows)

@@ -19,6 +19,8 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "fft_image_backward(Tensor grad, Tensor out, Tensor scale, Tensor color, int[] size, bool sigmoid) -> "
       "Tensor");
+  // ROAD's imputer (CPU only: on other devices the pure-torch solver of lightning_vis.metrics runs, batched)
+  m.def("impute(Tensor images, Tensor known, float tol, int max_iter) -> Tensor");
 }
 
 }  // namespace lightning_vis

@@ -55,6 +55,23 @@ def test_deletion_insertion_equals_a_loop_of_its_definition():
         assert cur.deletion_auc.numpy() == pytest.approx(area, abs=1e-6)
 
 
+def test_cpu_passes_split_by_bytes_give_the_same_scores(monkeypatch):
+    """On a CPU the scorer splits a large batch of perturbed inputs into passes of CPU_PASS bytes (faster: the
+    activations stay in the caches); every score, and every pass's size, as if it were one pass."""
+    import lightning_vis.metrics.perturbation as P
+
+    model, (x, maps) = tiny_net(), data(n=2, size=16)
+    whole = deletion_insertion(model, x, maps, steps=6, batch_size=64)
+    passes = []
+    seen = P.FastForward.__call__
+    monkeypatch.setattr(P.FastForward, "__call__", lambda self, v: passes.append(len(v)) or seen(self, v))
+    monkeypatch.setattr(P, "CPU_PASS", 3 * x[0].numel() * 4)  # 3 inputs a pass
+    split = deletion_insertion(model, x, maps, steps=6, batch_size=64)
+    assert passes[0] == 2 and max(passes[1:]) == 3 and len(passes) > 4  # the clean pass, then passes of 3
+    assert torch.allclose(split.deletion, whole.deletion, atol=1e-6)
+    assert torch.allclose(split.insertion, whole.insertion, atol=1e-6)
+
+
 def test_deletion_insertion_equals_torchcam():
     from torchcam.metrics import DeletionInsertionMetric
 

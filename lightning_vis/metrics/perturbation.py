@@ -5,8 +5,8 @@ et al.), infidelity and max-sensitivity (Yeh et al., as captum defines them) and
 
 Every metric runs its (image x step) jobs as batches of perturbed inputs, ``batch_size`` at a time and at most
 ``memory_budget`` bytes of perturbed inputs per forward pass, on the inputs' device; ROAD's noisy linear imputation
-is solved for a whole batch at once by conjugate gradients on that device (pytorch-grad-cam solves one sparse
-system per image per percentile with SciPy).
+is solved by multigrid-preconditioned conjugate gradients (lightning_vis.ops.impute: a compiled kernel on a CPU,
+a whole batch at once on a GPU; pytorch-grad-cam solves one sparse system per image per percentile with SciPy).
 
 Maps: (N, *spatial) on the input's grid or a coarser one (upsampled (bi/tri)linearly to the input, as torch-cam
 does), or (N, C, *spatial) of the input's shape (gradients: summed over channels where a metric ranks positions).
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..attribution import Target, _check_batch, check_target, target_scores, upsample
 from ..attribution._common import FastForward
 from ..hooks import ModelGuard
@@ -38,7 +39,11 @@ BASELINES = ("zeros", "blur", "mean")
 SCORES = ("probability", "logit")
 DEFAULT_BATCH = 64
 DEFAULT_BUDGET = 256 << 20  # bytes of perturbed inputs per forward pass
-IMPUTE_CACHE = 2 << 20  # bytes of images (float32) ROAD's imputer solves at once on a CPU
+IMPUTE_CACHE = 2 << 20  # bytes of images (float32) ROAD's torch imputer solves at once on a CPU
+# bytes of inputs per forward pass on a CPU, where a larger batch runs slower per input (its activations leave the
+# caches): one thread, 24 inputs at 224 px in passes of 6 / all at once: MobileNetV2 0.28 / 0.41 s, ResNet-50 2.3 /
+# 2.5 s; ResNet-18 at 112 px is fastest in passes of 24 or more (this cap: 27)
+CPU_PASS = 4 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,6 +61,9 @@ class _Scorer:
 
     def __call__(self, x: Tensor, owners: Tensor) -> Tensor:
         """(J,) scores of J perturbed inputs; owners: (J,) the image each one comes from."""
+        rows = max(1, CPU_PASS // max(1, x[0].numel() * x.element_size()))
+        if x.device.type == "cpu" and x.shape[0] > rows:
+            return torch.cat([self(x[s:s + rows], owners[s:s + rows]) for s in range(0, x.shape[0], rows)])
         out = self.model(x)
         if self.classes is None:
             return target_scores(out, self.target)[0].float()
@@ -248,24 +256,15 @@ def deletion_insertion(model: nn.Module, inputs: Tensor, maps: Tensor, target: T
 # ----------------------------------------------------------------------------------------------------------------
 # ROAD: noisy linear imputation solved by batched conjugate gradients
 
-def _stencil(x: Tensor) -> Tensor:
-    """The weighted sum over each pixel's 8 neighbours (1/6 across, 1/12 diagonal; zero outside the image), as
-    pytorch-grad-cam's imputer weighs them: (..., H, W) -> (..., H, W), by shifted slices (cheaper than a 3x3
-    convolution of one channel)."""
-    p = F.pad(x, (1, 1, 1, 1))
-    across = p[..., 1:-1, :-2] + p[..., 1:-1, 2:] + p[..., :-2, 1:-1] + p[..., 2:, 1:-1]
-    diagonal = p[..., :-2, :-2] + p[..., :-2, 2:] + p[..., 2:, :-2] + p[..., 2:, 2:]
-    return across / 6 + diagonal / 12
-
-
 def impute(images: Tensor, known: Tensor, *, noise: float = 0.0, generator: torch.Generator | None = None,
            tol: float = 1e-5, max_iter: int = 1000) -> Tensor:
     """The noisy linear imputer of ROAD (Rong et al.; pytorch-grad-cam's NoisyLinearImputer): every unknown pixel
     becomes the weighted mean of its 8 neighbours (weight 1/6 across, 1/12 diagonal; neighbours outside the image
     left out), a linear system over all unknown pixels, plus Gaussian noise of standard deviation `noise`.
 
-    images: (B, C, H, W); known: (B, H, W) True where the pixel stays. All B x C systems are solved at once by
-    multigrid-preconditioned conjugate gradients, on the images' device, to a relative residual of `tol` (the
+    images: (B, C, H, W); known: (B, H, W) True where the pixel stays. The systems are solved by
+    :func:`lightning_vis.ops.impute` (multigrid-preconditioned conjugate gradients: the compiled kernel for float32
+    on a CPU, the pure-torch solver with all B x C systems at once elsewhere), to a relative residual of `tol` (the
     system is symmetric positive definite: every region of unknown pixels touches a known one, unless no pixel is
     known, which is refused). float32 reaches about 1e-6 relative."""
     if images.dim() != 4 or known.shape != (images.shape[0], *images.shape[2:]):
@@ -274,127 +273,12 @@ def impute(images: Tensor, known: Tensor, *, noise: float = 0.0, generator: torc
     k = known[:, None].to(images.dtype)
     if bool((k.flatten(1).amax(1) == 0).any()):
         raise ValueError("impute: an image with every pixel removed has nothing to impute from")
-    x = _solve(images * k, k, tol, max_iter)
+    x = ops.impute(images, known, tol, max_iter)
     if noise:
         r = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
             else torch.randn_like(x)
         x = x + noise * r * (1 - k)
     return x
-
-
-def _solve(v: Tensor, k: Tensor, tol: float, max_iter: int, check: int = 2) -> Tensor:
-    """Known values v (zero where unknown), known mask k (B, 1, H, W): v with the unknown pixels solved by conjugate
-    gradients preconditioned with a multigrid V-cycle (`_Multigrid`), each (image, channel) system with its own
-    step sizes; the residuals are read (a host sync) every `check` steps."""
-    u = 1 - k
-    d = _stencil(torch.ones_like(k[:1]))  # the weights of the neighbours inside the image
-    b = _stencil(v) * u  # what the known neighbours contribute
-
-    def op(p):
-        return (d * p - _stencil(p)) * u
-
-    mg = _Multigrid(u, op, 2 * d)
-    x = torch.zeros_like(v)
-    r = b
-    z = mg(r)
-    p = z
-    rz = (r * z).sum((2, 3), keepdim=True)
-    bn = b.pow(2).sum((2, 3), keepdim=True).sqrt().clamp_min(1e-30)
-    for step in range(max_iter):
-        if step % check == 0 and bool(((r.pow(2).sum((2, 3), keepdim=True).sqrt() / bn) <= tol).all()):
-            break
-        ap = op(p)
-        alpha = rz / (p * ap).sum((2, 3), keepdim=True).clamp_min(1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = mg(r)
-        rz_new = (r * z).sum((2, 3), keepdim=True)
-        p = z + (rz_new / rz.clamp_min(1e-30)) * p
-        rz = rz_new
-    return v + x * u
-
-
-def _kernel(x: Tensor) -> Tensor:
-    """Bilinear interpolation's 3x3 kernel (1/4, 1/2, 1 weights) as a conv2d weight."""
-    k = torch.tensor([0.5, 1.0, 0.5], dtype=x.dtype, device=x.device)
-    return (k[:, None] * k[None])[None, None]
-
-
-def _restrict(r: Tensor, u: Tensor) -> Tensor:
-    """The adjoint of `_prolong`: (B, C, H, W) residuals on the unknown pixels u -> (B, C, ceil(H/2), ceil(W/2))."""
-    b, c, h, w = r.shape
-    out = F.conv2d((r * u).reshape(b * c, 1, h, w), _kernel(r), stride=2, padding=1)
-    return out.view(b, c, *out.shape[2:])
-
-
-def _prolong(x: Tensor, u: Tensor) -> Tensor:
-    """Bilinear interpolation of a coarse grid (coarse point j at fine point 2j) onto the unknown fine pixels u."""
-    b, c, h, w = x.shape
-    size = u.shape[2:]
-    y = F.conv_transpose2d(x.reshape(b * c, 1, h, w), _kernel(x), stride=2, padding=1,
-                           output_padding=(size[0] - 2 * h + 1, size[1] - 2 * w + 1))
-    return y.view(b, c, *size) * u
-
-
-def _apply9(coef: Tensor, x: Tensor) -> Tensor:
-    """A 9-point stencil with coefficients per pixel, coef (B, 9, h, w) (offset (dy, dx) at 3 (dy + 1) + dx + 1),
-    applied to x (B, C, h, w), zero outside."""
-    h, w = x.shape[2:]
-    p = F.pad(x, (1, 1, 1, 1))
-    out = coef[:, 4:5] * x
-    for j in (0, 1, 2, 3, 5, 6, 7, 8):
-        dy, dx = divmod(j, 3)
-        out = out + coef[:, j:j + 1] * p[..., dy:dy + h, dx:dx + w]
-    return out
-
-
-class _Multigrid:
-    """One symmetric multigrid V-cycle for the imputer's system, the preconditioner of `_solve` (a fixed SPD linear
-    map, as conjugate gradients need). Coarse levels are Galerkin (R A P, bilinear P on the unknown pixels, R its
-    adjoint), so every coarse operator stays symmetric positive semidefinite whatever the mask; their 9-point
-    stencils, one per job, are read off by probing with the 9 colours of a 3x3 tiling. Smoother: l1-Jacobi scaled
-    by 4/3 (convergent for any symmetric diagonally dominant-or-not operator: the l1 row sums bound its spectrum),
-    two sweeps before and after, 20 on the coarsest (<= 4 pixels a side) grid. Cost: about 6 fine-grid stencils per
-    step; steps: about 15-30 for 1e-5 whatever the image size (plain Jacobi-CG needs hundreds at 224 px)."""
-
-    def __init__(self, u: Tensor, op: Callable[[Tensor], Tensor], l1: Tensor):
-        self.levels = [(u, op, u / l1)]
-        while min(u.shape[2:]) > 4:
-            u, coef = self._coarsen(u, op)
-            l1 = coef.abs().sum(1, keepdim=True).where(u > 0, torch.ones_like(u))
-
-            def op(x, coef=coef):
-                return _apply9(coef, x)
-
-            self.levels.append((u, op, u / l1))
-
-    @staticmethod
-    def _coarsen(u: Tensor, op: Callable) -> tuple[Tensor, Tensor]:
-        """The coarse grid's active points (B, 1, h, w) and its operator's stencils (B, 9, h, w)."""
-        b = u.shape[0]
-        h, w = (u.shape[2] + 1) // 2, (u.shape[3] + 1) // 2
-        i = torch.arange(h, device=u.device)[:, None] % 3
-        j = torch.arange(w, device=u.device)[None] % 3
-        probes = ((i * 3 + j)[None] == torch.arange(9, device=u.device)[:, None, None]).to(u.dtype)
-        y = _restrict(op(_prolong(probes[None].expand(b, 9, h, w), u)), u)  # (B, 9 colours, h, w)
-        # the coefficient of offset (dy, dx) at a point is the response to the colour of that neighbour
-        coef = torch.cat([y.gather(1, (((i + dy) % 3) * 3 + (j + dx) % 3)[None, None].expand(b, 1, h, w))
-                          for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)
-        active = (coef[:, 4:5] > 0).to(u.dtype)  # coarse points that reach an unknown fine pixel
-        return active, coef * active
-
-    def __call__(self, r: Tensor, level: int = 0) -> Tensor:
-        u, op, inv = self.levels[level]
-        sweeps = 20 if level == len(self.levels) - 1 else 2
-        x = 4 / 3 * inv * r
-        for _ in range(sweeps - 1):
-            x = x + 4 / 3 * inv * (r - op(x))
-        if level == len(self.levels) - 1:
-            return x
-        x = x + _prolong(self(_restrict(r - op(x), u), level + 1), u)
-        for _ in range(sweeps):
-            x = x + 4 / 3 * inv * (r - op(x))
-        return x
 
 
 @dataclass
@@ -449,9 +333,11 @@ def road(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, 
     chunk = _batch(inputs, batch_size, (memory_budget or DEFAULT_BUDGET) // 8)
     with ModelGuard(model, eval=True):
         scorer, clean = _scorer(model, inputs, target, score)
-        # a CPU solves best a few systems at a time, their state in its caches (MobileNetV2's ROAD at 224 px on
-        # one thread: 20 jobs in chunks of 4 took 3.9 s, all at once 6.7 s); a GPU all of a pass's at once
-        solve = chunk if inputs.device.type != "cpu" else max(1, IMPUTE_CACHE // (4 * inputs[0].numel()))
+        # the compiled CPU kernel solves each image on its own (a pass's all at once, over threads), and a GPU all
+        # of them together; the torch solver on a CPU a few at a time, their state in its caches (MobileNetV2's ROAD
+        # at 224 px on one thread: 20 jobs in chunks of 4 took 3.9 s, all at once 6.7 s)
+        solve = max(1, IMPUTE_CACHE // (4 * inputs[0].numel())) \
+            if inputs.device.type == "cpu" and not ops.has_backend("cpu") else chunk
         for s in range(0, len(owners), chunk):
             i, k = owners[s:s + chunk], keep[s:s + chunk]
             x = torch.cat([impute(inputs[i[j:j + solve]].float(), k[j:j + solve], noise=noise, generator=gen, tol=tol)
