@@ -163,46 +163,58 @@ struct Solver {
   }
 
   // The Galerkin coarse grid R F P of fine stencils F: P bilinear onto the fine grid's active points (F's rows and
-  // columns are zero elsewhere), R = P^T.
+  // columns are zero elsewhere), R = P^T. P is the product of an interpolation along x and one along y, so the
+  // product is taken one axis at a time (R_y (R_x F P_x) P_y): about 30 multiply-adds per fine point instead of 45.
   static Level coarsen(const std::vector<float>& F, const Grid& f) {
     Level L;
     L.g = Grid(f.h / 2 + 1, f.w / 2 + 1);
     const Grid& g = L.g;
-    std::vector<double> acc(9 * g.size, 0.0);
-    for (int64_t y = 0; y < f.h; ++y) {
-      const Parents py = parents(y);
+    const Grid m(f.h, g.w);  // after the x pass: fine rows, coarse columns
+    std::vector<float> G(9 * m.size, 0.f);
+    for (int64_t y = 0; y < f.h; ++y)
       for (int64_t x = 0; x < f.w; ++x) {
         const int64_t i = f.at(y, x);
         if (F[4 * f.size + i] == 0.f) continue;  // an inactive point: its row and column are zero
         const Parents px = parents(x);
         for (int e = 0; e < 9; ++e) {
-          const double k = F[e * f.size + i];
-          if (k == 0.0) continue;
-          const Parents qy = parents(y + e / 3 - 1), qx = parents(x + e % 3 - 1);
+          const float k = F[e * f.size + i];
+          if (k == 0.f) continue;
+          const int dy = e / 3 - 1;
+          const Parents qx = parents(x + e % 3 - 1);
+          for (int a = 0; a < px.n; ++a)
+            for (int c = 0; c < qx.n; ++c)
+              G[((dy + 1) * 3 + int(qx.idx[c] - px.idx[a]) + 1) * m.size + m.at(y, px.idx[a])] +=
+                  float(px.wt[a] * qx.wt[c]) * k;
+          }
+      }
+    L.coef.assign(9 * g.size, 0.f);
+    for (int64_t y = 0; y < f.h; ++y) {
+      const Parents py = parents(y);
+      for (int64_t X = 0; X < g.w; ++X) {
+        const int64_t i = m.at(y, X);
+        if (G[4 * m.size + i] == 0.f) continue;
+        for (int e = 0; e < 9; ++e) {
+          const float k = G[e * m.size + i];
+          if (k == 0.f) continue;
+          const Parents qy = parents(y + e / 3 - 1);
           for (int a = 0; a < py.n; ++a)
-            for (int b = 0; b < px.n; ++b) {
-              const double v = py.wt[a] * px.wt[b] * k;
-              const int64_t I = g.at(py.idx[a], px.idx[b]);
-              for (int c = 0; c < qy.n; ++c)
-                for (int dd = 0; dd < qx.n; ++dd)
-                  acc[((qy.idx[c] - py.idx[a] + 1) * 3 + (qx.idx[dd] - px.idx[b] + 1)) * g.size + I] +=
-                      v * qy.wt[c] * qx.wt[dd];
-            }
+            for (int c = 0; c < qy.n; ++c)
+              L.coef[(int(qy.idx[c] - py.idx[a] + 1) * 3 + e % 3) * g.size + g.at(py.idx[a], X)] +=
+                  float(py.wt[a] * qy.wt[c]) * k;
         }
       }
     }
-    L.coef.assign(9 * g.size, 0.f);
     L.weight.assign(g.size, 0.f);
     for (int64_t y = 0; y < g.h; ++y)
       for (int64_t x = 0; x < g.w; ++x) {
         const int64_t I = g.at(y, x);
-        if (!(acc[4 * g.size + I] > 0)) continue;  // reaches no active fine point: inactive
-        double l1 = 0;
-        for (int e = 0; e < 9; ++e) {
-          l1 += std::abs(acc[e * g.size + I]);
-          L.coef[e * g.size + I] = float(acc[e * g.size + I]);
+        if (!(L.coef[4 * g.size + I] > 0.f)) {  // reaches no active fine point: inactive
+          for (int e = 0; e < 9; ++e) L.coef[e * g.size + I] = 0.f;
+          continue;
         }
-        L.weight[I] = float(4.0 / (3.0 * l1));
+        float l1 = 0;
+        for (int e = 0; e < 9; ++e) l1 += std::abs(L.coef[e * g.size + I]);
+        L.weight[I] = 4.f / (3.f * l1);
       }
     return L;
   }
