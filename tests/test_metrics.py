@@ -347,7 +347,9 @@ def test_evaluate_table_json_and_plots(tmp_path):
     # a random row on each method's grid: the CAM's layer is 16x16 here (padding 1, no stride): the pixels' grid
     assert res.methods == ["gradcam", "saliency", "random (pixels)"]
     doc = res.to_json()
-    assert set(doc) == {"methods"} and set(doc["methods"]) == {"gradcam", "saliency", "random (pixels)"}
+    assert set(doc) == {"methods", "settings"} and set(doc["methods"]) == {"gradcam", "saliency", "random (pixels)"}
+    assert doc["settings"] == {"cells": None, "steps": 5, "baseline": "blur", "percentiles": [20.0, 80.0],
+                               "samples": 10, "seed": 0}
     assert doc["methods"]["gradcam"]["grid"] == [16, 16] and doc["methods"]["saliency"]["baseline"] == \
         "random (pixels)"
     for entry in doc["methods"].values():
@@ -639,9 +641,13 @@ def test_cli_evaluate_finds_the_patch_grid_and_takes_cells(tmp_path, capsys):
         out = tmp_path / f"out{len(extra)}{''.join(extra)}"
         assert cli.main(["evaluate", *model, "--methods", "saliency", "--metrics", "deletion", "--steps", "4",
                          *extra, "--out", str(out)]) == 0, capsys.readouterr().err
-        return json.loads((out / "evaluate.json").read_text())["methods"]["saliency"]["metrics"]["deletion"]
+        doc = json.loads((out / "evaluate.json").read_text())
+        cells.append(doc["settings"]["cells"])
+        return doc["methods"]["saliency"]["metrics"]["deletion"]
 
+    cells = []
     found = deletion()
     assert found == deletion("--cells", "2,2") and found != deletion("--cells", "32,32")
+    assert cells == [[2, 2], [2, 2], [32, 32]]  # evaluate.json says which cells were removed, found or given
     assert cli.main(["evaluate", *model, "--cells", "3,3", "--out", str(tmp_path / "bad")]) == 2
     assert "grid (3, 3) does not divide the input's 2D grid (32, 32)" in capsys.readouterr().err

@@ -122,7 +122,8 @@ class Evaluation(Shows):
     """metrics[method][metric] = {"mean", "std", "per_image"}; curves[method]: deletion / insertion Curves;
     sanity[method]: the Randomisation and its verdict; threshold: the verdicts' similarity threshold; grids[method]:
     the grid the method's map resolves; baselines[method]: the random row drawn on that grid (its own name for a
-    random row). Shows itself (``show()``, ``save("x.png")``, notebooks: the table above the picture) as the
+    random row); settings: what the metrics ran with (deletion / insertion's cells, steps and baseline, ROAD's
+    percentiles, the samples and the seed). Shows itself (``show()``, ``save("x.png")``, notebooks: the table above the picture) as the
     deletion / insertion curves, or without them the randomisation cascade."""
 
     methods: list[str]
@@ -132,6 +133,7 @@ class Evaluation(Shows):
     curves: dict[str, P.Curves] = field(default_factory=dict)
     sanity: dict[str, Randomisation] = field(default_factory=dict)
     threshold: float = 0.5
+    settings: dict = field(default_factory=dict)
 
     def verdict(self, method: str) -> dict:
         return self.sanity[method].verdict(self.threshold)
@@ -140,7 +142,8 @@ class Evaluation(Shows):
         """{"methods": {name: {"grid": [...], "baseline": random row, "metrics": {metric: {"mean", "std",
         "per_image"}}, "sanity": {"verdict": "passes" |
         "fails", "reason", "survived_layers", "threshold", "similarity", "cascading": {similarity: per layer
-        means}, "layers": [...]}}}} (sanity only where it was run)."""
+        means}, "layers": [...]}}}, "settings": {"cells": deletion / insertion's grid or null (every position),
+        "steps", "baseline", "percentiles", "samples", "seed"}} (sanity only where it was run)."""
         out = {}
         for m in self.methods:
             entry = {"grid": list(self.grids.get(m, ())), "baseline": self.baselines.get(m),
@@ -151,7 +154,7 @@ class Evaluation(Shows):
                                    "cascading": {k: [float(row.mean()) for row in v] for k, v in r.cascading.items()},
                                    "random_logit": {k: float(v.mean()) for k, v in r.random_logit.items()}}
             out[m] = entry
-        return {"methods": out}
+        return {"methods": out, "settings": self.settings}
 
     def table(self) -> str:
         """The table as text: a row per method, a column per metric (mean +- std), the sanity verdict last."""
@@ -311,7 +314,10 @@ def evaluate(model: nn.Module, images: Tensor, methods: Sequence[str] = ("salien
         grids[name] = cells
     names = list(explainers)
     result = Evaluation(names, threshold=threshold, grids=grids,
-                        baselines={m: random_name(grids[m], spatial) for m in names})
+                        baselines={m: random_name(grids[m], spatial) for m in names},
+                        settings={"cells": None if grid is None else [int(v) for v in grid], "steps": steps,
+                                  "baseline": baseline, "percentiles": [float(q) for q in percentiles],
+                                  "samples": samples, "seed": seed})
     for name in names:
         explain, maps = explainers[name], first[name]
         row = {}

@@ -53,7 +53,7 @@ def merge(parts: Sequence[Part]) -> Evaluation:
     kept = torch.argsort(torch.tensor([i for p in parts for i in p.kept], dtype=torch.long))
     first = parts[0].evaluation
     out = Evaluation(list(first.methods), threshold=first.threshold, grids=dict(first.grids),
-                     baselines=dict(first.baselines))
+                     baselines=dict(first.baselines), settings=dict(first.settings))
     for m in first.methods:
         out.metrics[m] = {k: _summary(torch.tensor([v for p in parts for v in p.evaluation.metrics[m][k]["per_image"]],
                                                    dtype=torch.float64)[order]) for k in first.metrics.get(m, {})}
