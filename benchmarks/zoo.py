@@ -514,7 +514,8 @@ def ref_cam(method: str, a: Tensor, g: Tensor) -> list[Tensor]:
         return [(g.clamp_min(0) * a).sum(1)]
     if method == "hirescam":
         return [(g * a).sum(1)]
-    if method == "xgradcam":
+    if method == "xgradcam":  # in float64, as ours: a channel's sum can be near 0 after a LayerNorm
+        a, g = a.double(), g.double()
         return [weighted((g * a).sum(dims) / (a.sum(dims) + 1e-7))]
     if method == "gradcam-elementwise":
         return [(g * a).clamp_min(0).sum(1)]

@@ -53,10 +53,13 @@ def hirescam(act: Tensor, grad: Tensor) -> Tensor:
 
 
 def xgradcam(act: Tensor, grad: Tensor) -> Tensor:
-    """XGrad-CAM (Fu et al.): channel weights sum(grad * act) / sum(act) over the grid."""
+    """XGrad-CAM (Fu et al.): channel weights sum(grad * act) / sum(act) over the grid, in float64: after a
+    LayerNorm a channel's sum can be near 0, and float32's rounding of it then sets the map (ViT-B/32 drew 1.6e-3 of
+    its scale away from the same formula in another order)."""
     dims = _spatial(act)
-    weights = (grad * act / (act.sum(dims, keepdim=True) + 1e-7)).sum(dims)
-    return _per_channel(weights, act)
+    a, g = act.double(), grad.double()
+    weights = (g * a).sum(dims) / (a.sum(dims) + 1e-7)
+    return _per_channel(weights, a).to(act.dtype)
 
 
 def gradcam_elementwise(act: Tensor, grad: Tensor) -> Tensor:
