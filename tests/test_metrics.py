@@ -114,6 +114,11 @@ def test_imputer_equals_pytorch_grad_cam_without_noise():
     assert torch.equal(ours[known[:, None].expand_as(imgs)], imgs[known[:, None].expand_as(imgs)])
     with pytest.raises(ValueError, match="every pixel removed"):
         impute(imgs[:1], torch.zeros(1, 20, 17, dtype=torch.bool))
+    bad = imgs[:1].clone()
+    bad[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values at kept pixels"):
+        impute(bad, torch.ones(1, 20, 17, dtype=torch.bool))
+    assert torch.isfinite(impute(bad, ~(torch.arange(340) == 0).view(1, 20, 17))).all()  # a NaN that is removed
 
 
 def test_imputer_converges_in_few_steps_on_large_holes():

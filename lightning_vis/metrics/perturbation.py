@@ -273,6 +273,9 @@ def impute(images: Tensor, known: Tensor, *, noise: float = 0.0, generator: torc
     k = known[:, None].to(images.dtype)
     if bool((k.flatten(1).amax(1) == 0).any()):
         raise ValueError("impute: an image with every pixel removed has nothing to impute from")
+    if not bool(torch.isfinite(images.masked_fill(k == 0, 0)).all()):
+        raise ValueError("impute: the images hold NaN or infinite values at kept pixels: every imputed value would "
+                         "be NaN (give finite images)")
     x = ops.impute(images, known, tol, max_iter)
     if noise:
         r = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
