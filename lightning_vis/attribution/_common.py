@@ -115,6 +115,15 @@ def target_scores(output, target: Target) -> tuple[Tensor, Tensor | None]:
     return output.gather(1, classes[:, None])[:, 0], classes
 
 
+def first_target(target: Target) -> Target:
+    """The target of a batch's first input alone (a probe of one input, as FastForward's check): one class of a
+    per-input tensor or sequence; a single class or a callable as it is."""
+    if target is None or callable(target):
+        return target
+    t = torch.as_tensor(target).flatten()
+    return t[:1] if t.numel() > 1 else target
+
+
 def _batch_of(output) -> int | None:
     logits = field(output, ("logits",))
     output = output if logits is None else logits
