@@ -127,7 +127,8 @@ def test_mobilenet_v2_and_resnet18_equal_the_plain_passes(monkeypatch):
 
 def test_falls_back_where_it_does_not_apply(monkeypatch):
     """No graph (no BatchNorm: FastForward runs the model itself), a unit's maps, a dict of inputs, an in-place
-    operation on a map another node reads, a check on the first pass that fails: the plain passes' values."""
+    operation on a map another node reads, clean maps over half the memory budget, a check on the first pass that
+    fails: the plain passes' values."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     plain_net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -165,6 +166,10 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     fast, plain, inc = both(Rewrites().eval(), x, 1, monkeypatch, window=4, stride=2)
     same(fast, plain)
     assert inc is None
+
+    fast, plain, inc = both(net, x, 1, monkeypatch, window=4, stride=2, memory_budget=4000)  # no room to keep maps
+    same(fast, plain)
+    assert inc is not None and inc.clean is None and inc.suffix is None
 
     def wrong(self, rows):
         return right(self, rows) + 1

@@ -179,10 +179,10 @@ class FastForward:
     and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
 
     The model itself runs where folding does not apply: no BatchNorm, a model fx cannot trace or copy, hooks on
-    it (the traced copy would not run them all), parameters and buffers over FOLD_BUDGET (the copy doubles them),
-    or a copy whose ``score(output)`` on ``probe`` differs from the model's (checked once). A model whose code
-    needs contiguous maps (``.view`` after a convolution) raises in channels-last memory: it then runs as given
-    from that pass on. The caller holds a ModelGuard in eval mode and no autograd (a pass may run twice)."""
+    it (the traced copy would not run them all), parameters and buffers over FOLD_BUDGET (the folded convolutions
+    are copies), or a copy whose ``score(output)`` on ``probe`` differs from the model's (checked once). A model
+    whose code needs contiguous maps (``.view`` after a convolution) raises in channels-last memory: it then runs
+    as given from that pass on. The caller holds a ModelGuard in eval mode and no autograd (a pass may run twice)."""
 
     def __init__(self, model: nn.Module, probe: Tensor, score: Callable):
         self.run = _folded(model, probe, score)
@@ -209,7 +209,10 @@ def _folded(model: nn.Module, probe: Tensor, score: Callable) -> nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            copy = fuse(model)
+            # inplace=True skips only fuse's deepcopy of the whole model: the traced copy has containers of its
+            # own, each folded convolution is a new module set on them, and the model's modules are left as they
+            # are (those not folded are shared, run without gradients under the caller's guard)
+            copy = fuse(model, inplace=True)
         want, got = score(model(probe)), score(copy(probe))
         same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     except Exception:  # noqa: BLE001 - any model fx cannot trace or copy runs as it is

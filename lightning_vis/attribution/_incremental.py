@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .gradients import row_cost
+
 ENABLED = True  # False: occlusion runs the plain passes (tests compare the two)
 PREFIX_FRACTION = 0.5  # the largest share of a node's map that its dirty box may cover for it to run on crops
 
@@ -222,8 +224,9 @@ class Incremental:
     plain FastForward pass. Build it with :func:`incremental`."""
 
     def __init__(self, forward, gm: fx.GraphModule, inputs: Tensor, baselines: Tensor, geometry: _Geometry,
-                 consts: dict, score: Callable):
+                 consts: dict, score: Callable, cost: tuple[int, int]):
         self.forward, self.gm, self.geo, self.consts, self.score = forward, gm, geometry, consts, score
+        self.cost = cost  # row_bytes of a plain pass, from the graph's values
         self.steps, self.index, self.shapes = geometry.steps, geometry.index, geometry.shapes
         self.inputs, self.baselines = inputs, baselines
         self.fmt = torch.channels_last if forward.fast else torch.contiguous_format
@@ -237,8 +240,11 @@ class Incremental:
             self.inputs.element_size()
 
     @torch.no_grad()
-    def start(self) -> None:
-        """The kept nodes' clean maps for every input (one pass of the prefix) and the graph after the cut."""
+    def start(self, memory_budget: int) -> bool:
+        """The kept nodes' clean maps for every input (one pass of the prefix) and the graph after the cut; False
+        (nothing done) where the clean maps would take more than half of memory_budget (bytes)."""
+        if self.bytes() > memory_budget // 2:
+            return False
         env = {}
         for s in self.steps:
             n = s.node
@@ -256,6 +262,7 @@ class Incremental:
             if n not in self.index:
                 new[n] = g.node_copy(n, lambda a: new[a])
         self.suffix = fx.GraphModule(self.gm, g)
+        return True
 
     def _call(self, n: fx.Node, args, kwargs):
         if n.op == "call_module":
@@ -277,12 +284,17 @@ class Incremental:
     def __call__(self, x):
         if not isinstance(x, _Rows):
             return self.forward(x)
-        if not self.checked:
-            self.checked = True
-            if not self._agrees(x.rows):
-                self.suffix = None
-                return self.forward(self._occluded(x.rows))
-        return self._rows(x.rows)
+        if self.checked:
+            return self._rows(x.rows)
+        self.checked = True
+        try:
+            out = self._rows(x.rows)
+        except Exception:  # noqa: BLE001 - whatever the crops cannot run, the plain passes do
+            out = None
+        if out is None or not self._agrees(x.rows, out):
+            self.suffix = None
+            return self.forward(self._occluded(x.rows))
+        return out
 
     def _occluded(self, rows: Tensor) -> Tensor:
         from .perturbation import occluded
@@ -293,15 +305,12 @@ class Incremental:
             cover.append(torch.stack([(pos >= a) & (pos < b) for a, b in spans]).float())
         return occluded(self.inputs, self.baselines, cover, rows)[0]
 
-    def _agrees(self, rows: Tensor) -> bool:
+    def _agrees(self, rows: Tensor, out) -> bool:
         """The scores of two rows of the first pass (its first, a middle one) against the plain pass's."""
-        probe = rows[[0, len(rows) // 2]]
-        i = probe % self.inputs.shape[0]
-        want = self.score(self.forward(self._occluded(probe)), i)
-        try:
-            got = self.score(self._rows(probe), i)
-        except Exception:  # noqa: BLE001 - whatever the crops cannot run, the plain passes do
-            return False
+        pick = [0, len(rows) // 2]
+        n = self.inputs.shape[0]
+        want = self.score(self.forward(self._occluded(rows[pick])), rows[pick] % n)
+        got = self.score(out, rows % n)[pick]
         return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
     def _rows(self, rows: Tensor):
@@ -459,12 +468,12 @@ def _steps(gm: fx.GraphModule, values: dict, dependent: set, dims: int) -> list[
 
 
 @torch.no_grad()
-def incremental(forward, inputs: Tensor, baselines: Tensor, cover: list[Tensor], score: Callable,
-                memory_budget: int) -> Incremental | None:
+def incremental(forward, inputs: Tensor, baselines: Tensor, cover: list[Tensor],
+                score: Callable) -> Incremental | None:
     """Incremental passes of forward (a FastForward) over the placements in cover (as perturbation.placements
-    gives them) for inputs (N, C, *grid), or None where they do not apply (see the module's docstring).
-    score(output, i): the (rows,) scores compared on the first pass's check (i: each row's input); memory_budget:
-    bytes (the clean maps may take half)."""
+    gives them) for inputs (N, C, *grid), or None where they do not apply (see the module's docstring); they run
+    once started (Incremental.start, under a memory budget). score(output, i): the (rows,) scores compared on the
+    first pass's check (i: each row's input)."""
     gm = getattr(forward, "run", None)
     if not ENABLED or not isinstance(gm, fx.GraphModule) or \
             sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
@@ -487,8 +496,7 @@ def incremental(forward, inputs: Tensor, baselines: Tensor, cover: list[Tensor],
     if not any(s.kind == "windowed" for s in keep):
         return None
     consts = {a: values[a] for s in keep for a in s.node.all_input_nodes if a not in dependent}
-    inc = Incremental(forward, gm, inputs, baselines, _Geometry(keep, shapes, cover), consts, score)
-    if inc.bytes() > memory_budget // 2:
-        return None
-    inc.start()
-    return inc
+    sizes = [v.numel() * v.element_size() for n, v in values.items() if n.op == "call_module" and
+             isinstance(v, Tensor)]
+    cost = row_cost(probe.numel() * probe.element_size(), sizes, grads=False)
+    return Incremental(forward, gm, inputs, baselines, _Geometry(keep, shapes, cover), consts, score, cost)

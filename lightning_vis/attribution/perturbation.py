@@ -142,13 +142,13 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
 
         cover = [m.to(inputs.device) for m in placements(size, window, stride)]
         counts = [m.shape[0] for m in cover]
-        size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False)
-        place = occluded
+        inc, place = None, occluded
         if unit is None and not (isinstance(model, ImageInputs) and model.others):
-            inc = incremental(forward, inputs, b, cover, lambda out, i: read(out, row_targets(i))[0],
-                              _budget(inputs.device, memory_budget))
-            if inc is not None:  # the passes run the window's receptive field alone through the first layers
-                forward, place = inc, inc.place
+            inc = incremental(forward, inputs, b, cover, lambda out, i: read(out, row_targets(i))[0])
+        size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False,
+                              cost=None if inc is None else inc.cost)
+        if inc is not None and inc.start(_budget(inputs.device, memory_budget)):
+            forward, place = inc, inc.place  # the first layers run the window's receptive field alone
         at, = sweep(inputs, b, cover, size_rows,
                     lambda x, i: (value(x, row_targets(i))[0],), place)  # (N, *placements)
         drop = reference.view(-1, *[1] * dims) - at
