@@ -213,7 +213,12 @@ def _folded(model: nn.Module, probe: Tensor, score: Callable) -> nn.Module:
             # own, each folded convolution is a new module set on them, and the model's modules are left as they
             # are (those not folded are shared, run without gradients under the caller's guard)
             copy = fuse(model, inplace=True)
-        want, got = score(model(probe)), score(copy(probe))
+        want = score(model(probe))
+        try:  # as the passes will run it: channels-last (MobileNetV2 at 224 px: 12 ms, contiguous 22 ms)
+            out = copy(probe.contiguous(memory_format=torch.channels_last)) if probe.dim() == 4 else copy(probe)
+        except RuntimeError:
+            out = copy(probe)
+        got = score(out)
         same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     except Exception:  # noqa: BLE001 - any model fx cannot trace or copy runs as it is
         return model
