@@ -98,6 +98,20 @@ def test_odd_net_equals_the_plain_passes(dims, size, window, stride, early, monk
         assert 2 < len(inc.steps) < 14
 
 
+def test_an_output_that_is_not_a_tensor_of_rows(monkeypatch):
+    """A tuple output (scores by a callable target): the rest of the graph runs a pass at a time, not on a block."""
+
+    class Pair(Odd):
+        def forward(self, x):
+            return super().forward(x), x.flatten(1).amax(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 23, 21, generator=torch.Generator().manual_seed(7))
+    fast, plain, inc = both(Pair().eval(), x, lambda out: out[0][:, 2] * out[1], monkeypatch, window=5, stride=3)
+    same(fast, plain)
+    assert inc is not None and inc.suffix is not None and not inc.rows_out and inc.block_rows > 10
+
+
 def test_windows_a_strided_conv_never_reads(monkeypatch):
     """A 1x1 stride-2 convolution reads the even positions only: a window on an odd one changes nothing (its crop
     is empty, the clean maps go on), on an even one it does."""

@@ -6,8 +6,10 @@ activations are computed once; each placement then runs the first part of the ne
 of every node, read with the halo each operation needs from the clean activations), and where the network goes on
 with whole maps the crops are pasted into the clean maps (one per row) and the rest of the graph runs as usual.
 Dirty boxes are not cut at the maps' edges, so every placement's crops have one size and rows run together (the
-parts outside a map are computed but never read: a read takes the map's padding there); the crops of a block of
-rows run at once (BLOCK_ROWS), the rest of the graph a pass (pass_rows) at a time.
+parts outside a map are computed but never read: a read takes the map's padding there). The sweep's passes are
+served from blocks of rows as many as the incremental pass's own memory allows (the rule of chunk_rows, on the
+whole maps after the cut and the crops: MobileNetV2 106 rows, where its plain passes take 6), the crops in groups of
+GROUP_ROWS and the rest of the graph on the whole block where the model's output is a tensor of rows.
 
 It works on FastForward's torch.fx graph (the BatchNorm-folded copy). A node is computed on crops (the "prefix")
 when every input-dependent argument is, and it is one of:
@@ -41,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .gradients import row_cost
+from .gradients import chunk_rows, row_cost
 
 ENABLED = True  # False: occlusion runs the plain passes (tests compare the two)
 PREFIX_FRACTION = 0.5  # the largest share of a node's map that its dirty box may cover for it to run on crops
-BLOCK_ROWS = 32  # rows whose crops run at once (MobileNetV2 at 224 px: 6 rows a pass, 0.22 s of crops; 24: 0.16 s)
+GROUP_ROWS = 32  # rows whose crops run at once (MobileNetV2 at 224 px: 6 rows 0.21 s of crops, 24 0.17 s, 169 0.35 s)
 
 _WINDOWED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
              nn.AvgPool3d)
@@ -285,9 +287,11 @@ class Incremental:
     plain FastForward pass. Build it with :func:`incremental`."""
 
     def __init__(self, forward, gm: fx.GraphModule, inputs: Tensor, baselines: Tensor, geometry: _Geometry,
-                 consts: dict, score: Callable, cost: tuple[int, int]):
+                 consts: dict, score: Callable, cost: tuple[int, int], sizes: dict, rows_out: bool):
         self.forward, self.gm, self.geo, self.consts, self.score = forward, gm, geometry, consts, score
         self.cost = cost  # row_bytes of a plain pass, from the graph's values
+        self.sizes = sizes  # bytes of each leaf module's output for one row
+        self.rows_out = rows_out  # the model's output is a tensor of rows: a block's can be sliced into passes
         self.steps, self.index, self.shapes = geometry.steps, geometry.index, geometry.shapes
         self.inputs, self.baselines = inputs, baselines
         self.fmt = torch.channels_last if forward.fast else torch.contiguous_format
@@ -300,20 +304,23 @@ class Incremental:
         return sum(math.prod(self.shapes[u][1:]) for u in self.kept) * self.inputs.shape[0] * \
             self.inputs.element_size()
 
-    def row_bytes(self) -> int:
-        """The most one row's crops and whole maps at the cut take."""
+    def pass_cost(self) -> tuple[int, int]:
+        """row_bytes of an incremental pass: its input the whole maps at the cut and the crops, its activations the
+        leaf modules' outputs after the cut."""
         crops = sum(s_[1] * math.prod(w) for s_, w in zip((self.shapes[s.node] for s in self.steps),
                                                             self.geo.widest()))
-        return (crops + sum(math.prod(self.shapes[u][1:]) for u in self.cut)) * self.inputs.element_size()
+        base = (crops + sum(math.prod(self.shapes[u][1:]) for u in self.cut)) * self.inputs.element_size()
+        return row_cost(base, [v for n, v in self.sizes.items() if n not in self.index], grads=False)
 
     @torch.no_grad()
-    def start(self, memory_budget: int) -> bool:
+    def start(self, chunk_size: int | None, memory_budget: int) -> bool:
         """The kept nodes' clean maps for every input (one pass of the prefix) and the graph after the cut; False
-        (nothing done) where the clean maps would take more than half of memory_budget (bytes). The crops of up to
-        BLOCK_ROWS rows run at once (within a quarter of the budget), the rest of the graph a pass at a time."""
+        (nothing done) where the clean maps would take more than half of memory_budget (bytes). Blocks of
+        chunk_size rows, or as many as an incremental pass fits in the other half (chunk_rows)."""
         if self.bytes() > memory_budget // 2:
             return False
-        self.block_rows = max(1, min(BLOCK_ROWS, memory_budget // 4 // max(1, self.row_bytes())))
+        self.block_rows = chunk_rows(self.gm, self.inputs[:1], chunk_size, memory_budget // 2, grads=False,
+                                     cost=self.pass_cost())
         env = {}
         for s in self.steps:
             n = s.node
@@ -383,16 +390,19 @@ class Incremental:
         return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
     def _rows(self, rows: Tensor):
-        """The model's output for the rows (a pass): the rest of the graph on their whole maps at the cut, which
-        come from a block of rows from the first of them on (the sweep's next passes: crops of more rows at once
-        cost less per row)."""
+        """The model's output for the rows (a pass), from a block of rows from the first of them on (the sweep's
+        next passes): the whole block's output where it is a tensor of rows, else the rest of the graph on these
+        rows' whole maps at the cut."""
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
         if r1 - r0 != len(rows):  # not consecutive: these rows alone
             return self.suffix(*self._whole(rows))
         if self.block is None or not self.block[0] <= r0 < r1 <= self.block[1]:
             end = min(r0 + max(len(rows), self.block_rows), self.inputs.shape[0] * math.prod(self.geo.counts))
-            self.block = (r0, end, self._whole(torch.arange(r0, end, device=rows.device)))
+            whole = self._whole(torch.arange(r0, end, device=rows.device))
+            self.block = (r0, end, self.suffix(*whole) if self.rows_out else whole)
         at = self.block[0]
+        if self.rows_out:
+            return self.block[2][r0 - at:r1 - at]
         return self.suffix(*[w[r0 - at:r1 - at] for w in self.block[2]])
 
     def _whole(self, rows: Tensor) -> list[Tensor]:
@@ -414,18 +424,24 @@ class Incremental:
             w = whole[u] = self._empty((len(img), *self.shapes[u][1:]))
             for r, i in enumerate(img):
                 w[r] = self.clean[u][i]
-        for members in groups.values():
-            cuts = [[self.geo.slices(axis, k) for axis, k in enumerate(ks[j])] for j in members]
-            crops = self._group([img[j] for j in members], self.geo.program(ks[members[0]]), cuts)
-            for u in self.cut:
-                if crops[u] is None:
-                    continue
-                at = self.index[u]
-                for r, (j, cut) in enumerate(zip(members, cuts)):
-                    mine = [c[at][0] for c in cut]
-                    if all(m is not None for m in mine):
-                        whole[u][(j, every, *[m[0] for m in mine])] = crops[u][(r, every, *[m[1] for m in mine])]
+        for group in groups.values():
+            for g0 in range(0, len(group), GROUP_ROWS):
+                self._paste(whole, group[g0:g0 + GROUP_ROWS], img, ks)
         return [whole[u] for u in self.cut]
+
+    def _paste(self, whole: dict, members: list[int], img: list[int], ks: list[tuple[int, ...]]) -> None:
+        """The crops of some rows of one signature (members: their places in whole) pasted into whole."""
+        every = slice(None)
+        cuts = [[self.geo.slices(axis, k) for axis, k in enumerate(ks[j])] for j in members]
+        crops = self._group([img[j] for j in members], self.geo.program(ks[members[0]]), cuts)
+        for u in self.cut:
+            if crops[u] is None:
+                continue
+            at = self.index[u]
+            for r, (j, cut) in enumerate(zip(members, cuts)):
+                mine = [c[at][0] for c in cut]
+                if all(m is not None for m in mine):
+                    whole[u][(j, every, *[m[0] for m in mine])] = crops[u][(r, every, *[m[1] for m in mine])]
 
     def _group(self, img: list[int], program, cuts) -> dict:
         """The crops of every step for rows of one signature (None: the node is clean in these rows); cuts: per
@@ -574,7 +590,11 @@ def incremental(forward, inputs: Tensor, baselines: Tensor, cover: list[Tensor],
     if not any(s.kind == "windowed" for s in keep):
         return None
     consts = {a: values[a] for s in keep for a in s.node.all_input_nodes if a not in dependent}
-    sizes = [v.numel() * v.element_size() for n, v in values.items() if n.op == "call_module" and
-             isinstance(v, Tensor)]
-    cost = row_cost(probe.numel() * probe.element_size(), sizes, grads=False)
-    return Incremental(forward, gm, inputs, baselines, _Geometry(keep, shapes, cover), consts, score, cost)
+    sizes = {n: v.numel() * v.element_size() for n, v in values.items() if n.op == "call_module" and
+             isinstance(v, Tensor)}
+    cost = row_cost(probe.numel() * probe.element_size(), list(sizes.values()), grads=False)
+    result = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    rows_out = isinstance(result, fx.Node) and isinstance(values.get(result), Tensor) and values[result].dim() > 0 \
+        and values[result].shape[0] == 1
+    return Incremental(forward, gm, inputs, baselines, _Geometry(keep, shapes, cover), consts, score, cost, sizes,
+                       rows_out)
