@@ -319,7 +319,7 @@ class Incremental:
         chunk_size rows, or as many as an incremental pass fits in the other half (chunk_rows)."""
         if self.bytes() > memory_budget // 2:
             return False
-        self.block_rows = chunk_rows(self.gm, self.inputs[:1], chunk_size, memory_budget // 2, grads=False,
+        self.block_rows = chunk_rows(self.gm, self.inputs[:1], chunk_size, max(1, memory_budget // 2), grads=False,
                                      cost=self.pass_cost())
         env = {}
         for s in self.steps:
