@@ -197,6 +197,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
 def test_the_model_is_left_as_it_was(monkeypatch):
     net = Odd()  # in training mode
     state = {k: v.clone() for k, v in net.state_dict().items()}
+    modules = dict(net.named_modules())  # the copy folds without deep-copying the model: none of them replaced
     hooks = hook_counts(net)
     x = torch.randn(2, 3, 23, 21, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -209,5 +210,7 @@ def test_the_model_is_left_as_it_was(monkeypatch):
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
+    after = dict(net.named_modules())
+    assert after.keys() == modules.keys() and all(after[k] is m for k, m in modules.items())
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), before, rtol=0, atol=0)
