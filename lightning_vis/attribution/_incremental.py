@@ -157,7 +157,7 @@ class _Geometry:
     what each step reads of its operands, and the signature of a placement: what rows that run together share."""
 
     def __init__(self, steps: list[_Step], shapes: dict, cover: list[Tensor]):
-        self.steps, self.shapes = steps, shapes
+        self.steps, self.shapes, self.cover = steps, shapes, cover
         self.index = {s.node: j for j, s in enumerate(steps)}
         self.counts = [m.shape[0] for m in cover]
         first = [m.bool().int().argmax(1).tolist() for m in cover]  # each window's first position per axis
@@ -308,8 +308,7 @@ class Incremental:
     def pass_cost(self) -> tuple[int, int]:
         """row_bytes of an incremental pass: its input the whole maps at the cut and the crops, its activations the
         leaf modules' outputs after the cut."""
-        crops = sum(s_[1] * math.prod(w) for s_, w in zip((self.shapes[s.node] for s in self.steps),
-                                                            self.geo.widest()))
+        crops = sum(self.shapes[s.node][1] * math.prod(w) for s, w in zip(self.steps, self.geo.widest()))
         base = (crops + sum(math.prod(self.shapes[u][1:]) for u in self.cut)) * self.inputs.element_size()
         return row_cost(base, [v for n, v in self.sizes.items() if n not in self.index], grads=False)
 
@@ -376,11 +375,7 @@ class Incremental:
     def _occluded(self, rows: Tensor) -> Tensor:
         from .perturbation import occluded
 
-        cover = []
-        for n, spans in zip(self.inputs.shape[2:], self.geo.spans):
-            pos = torch.arange(n, device=self.inputs.device)
-            cover.append(torch.stack([(pos >= a) & (pos < b) for a, b in spans]).float())
-        return occluded(self.inputs, self.baselines, cover, rows)[0]
+        return occluded(self.inputs, self.baselines, self.geo.cover, rows)[0]
 
     def _agrees(self, rows: Tensor, out) -> bool:
         """The score of the first pass's first row (the corner window: its reads meet the most padding) against
@@ -409,7 +404,7 @@ class Incremental:
     def _whole(self, rows: Tensor) -> list[Tensor]:
         """The cut nodes' whole maps for the rows: the prefix on crops, one group of rows per signature, pasted
         into their clean maps."""
-        n, counts, every = self.inputs.shape[0], self.geo.counts, slice(None)
+        n, counts = self.inputs.shape[0], self.geo.counts
         img, ks = (rows % n).tolist(), []
         for p in (rows // n).tolist():  # row-major over the axes' placements, as perturbation.occluded
             key = []
