@@ -36,6 +36,7 @@ and the checks the rest)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -184,6 +185,7 @@ class _Geometry:
         self.plans[axis][k] = got = (dirty, reads)
         return got
 
+    @functools.cached_property
     def widest(self) -> list[list[int]]:
         """Per step, per axis, the widest dirty interval over the placements."""
         out = [[0] * len(self.counts) for _ in self.steps]
@@ -196,7 +198,7 @@ class _Geometry:
     def fractions(self) -> list[float]:
         """Per step, the largest share of its map its dirty box covers over the placements."""
         return [math.prod(w / n for w, n in zip(wide, self.shapes[s.node][2:]))
-                for s, wide in zip(self.steps, self.widest())]
+                for s, wide in zip(self.steps, self.widest)]
 
     def read_outside(self) -> set[fx.Node]:
         """The operands some step reads beyond their dirty box (halos, unions): their clean maps are needed."""
@@ -308,7 +310,7 @@ class Incremental:
     def pass_cost(self) -> tuple[int, int]:
         """row_bytes of an incremental pass: its input the whole maps at the cut and the crops, its activations the
         leaf modules' outputs after the cut."""
-        crops = sum(self.shapes[s.node][1] * math.prod(w) for s, w in zip(self.steps, self.geo.widest()))
+        crops = sum(self.shapes[s.node][1] * math.prod(w) for s, w in zip(self.steps, self.geo.widest))
         base = (crops + sum(math.prod(self.shapes[u][1:]) for u in self.cut)) * self.inputs.element_size()
         return row_cost(base, [v for n, v in self.sizes.items() if n not in self.index], grads=False)
 
