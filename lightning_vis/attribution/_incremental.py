@@ -7,9 +7,10 @@ of every node, read with the halo each operation needs from the clean activation
 with whole maps the crops are pasted into the clean maps (one per row) and the rest of the graph runs as usual.
 Dirty boxes are not cut at the maps' edges, so every placement's crops have one size and rows run together (the
 parts outside a map are computed but never read: a read takes the map's padding there). The sweep's passes are
-served from blocks of rows as many as the incremental pass's own memory allows (the rule of chunk_rows, on the
-whole maps after the cut and the crops: MobileNetV2 106 rows, where its plain passes take 6), the crops in groups of
-GROUP_ROWS and the rest of the graph on the whole block where the model's output is a tensor of rows.
+served from blocks of whole passes, up to BLOCK_ROWS rows and as many as the incremental pass's own memory allows
+(the rule of chunk_rows, on the whole maps after the cut and the crops: MobileNetV2 106 rows, where its plain passes
+take 6): the crops of a block run together, and the rest of the graph too where the model's output is a tensor of
+rows.
 
 It works on FastForward's torch.fx graph (the BatchNorm-folded copy). A node is computed on crops (the "prefix")
 when every input-dependent argument is, and it is one of:
@@ -49,7 +50,8 @@ from .gradients import chunk_rows, row_cost
 
 ENABLED = True  # False: occlusion runs the plain passes (tests compare the two)
 PREFIX_FRACTION = 0.5  # the largest share of a node's map that its dirty box may cover for it to run on crops
-GROUP_ROWS = 32  # rows whose crops run at once (MobileNetV2 at 224 px: 6 rows 0.21 s of crops, 24 0.17 s, 169 0.35 s)
+BLOCK_ROWS = 32  # the most rows a block runs at once (MobileNetV2 at 224 px, occlusion's CPU time with blocks of 12
+# rows: 1.19 s, 30: 0.94 s, 60: 0.99 s, 102 (its memory's rule alone): 1.07 s)
 
 _WINDOWED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
              nn.AvgPool3d)
@@ -317,12 +319,12 @@ class Incremental:
     @torch.no_grad()
     def start(self, chunk_size: int | None, memory_budget: int) -> bool:
         """The kept nodes' clean maps for every input (one pass of the prefix) and the graph after the cut; False
-        (nothing done) where the clean maps would take more than half of memory_budget (bytes). Blocks of
-        chunk_size rows, or as many as an incremental pass fits in the other half (chunk_rows)."""
+        (nothing done) where the clean maps would take more than half of memory_budget (bytes). Blocks of up to
+        BLOCK_ROWS rows, chunk_size, and as many as an incremental pass fits in the other half (chunk_rows)."""
         if self.bytes() > memory_budget // 2:
             return False
-        self.block_rows = chunk_rows(self.gm, self.inputs[:1], chunk_size, max(1, memory_budget // 2), grads=False,
-                                     cost=self.pass_cost())
+        self.block_rows = min(BLOCK_ROWS, chunk_rows(self.gm, self.inputs[:1], chunk_size, max(1, memory_budget // 2),
+                                                     grads=False, cost=self.pass_cost()))
         env = {}
         for s in self.steps:
             n = s.node
@@ -395,7 +397,8 @@ class Incremental:
         if r1 - r0 != len(rows):  # not consecutive: these rows alone
             return self.suffix(*self._whole(rows))
         if self.block is None or not self.block[0] <= r0 < r1 <= self.block[1]:
-            end = min(r0 + max(len(rows), self.block_rows), self.inputs.shape[0] * math.prod(self.geo.counts))
+            whole_passes = max(1, self.block_rows // len(rows)) * len(rows)  # no pass straddles two blocks
+            end = min(r0 + whole_passes, self.inputs.shape[0] * math.prod(self.geo.counts))
             whole = self._whole(torch.arange(r0, end, device=rows.device))
             self.block = (r0, end, self.suffix(*whole) if self.rows_out else whole)
         at = self.block[0]
@@ -423,8 +426,8 @@ class Incremental:
             for r, i in enumerate(img):
                 w[r] = self.clean[u][i]
         for group in groups.values():
-            for g0 in range(0, len(group), GROUP_ROWS):
-                self._paste(whole, group[g0:g0 + GROUP_ROWS], img, ks)
+            for g0 in range(0, len(group), BLOCK_ROWS):  # passes of more rows (chunk_size=): crops in blocks
+                self._paste(whole, group[g0:g0 + BLOCK_ROWS], img, ks)
         return [whole[u] for u in self.cut]
 
     def _paste(self, whole: dict, members: list[int], img: list[int], ks: list[tuple[int, ...]]) -> None:
