@@ -157,31 +157,38 @@ def row_bytes(model: nn.Module, sample: Tensor, *, grads: bool) -> tuple[int, in
     finally:
         for h in handles:
             h.remove()
-    base, largest = sample.numel() * sample.element_size(), max(sizes, default=0)
+    return row_cost(sample.numel() * sample.element_size(), sizes, grads=grads)
+
+
+def row_cost(base: int, sizes: list[int], *, grads: bool) -> tuple[int, int]:
+    """row_bytes from the bytes of one row's input (base) and of its leaf modules' outputs (sizes)."""
+    largest = max(sizes, default=0)
     return (base * 3 + 3 * sum(sizes) if grads else base * 2 + 3 * largest), largest
 
 
 CPU_CACHE_BYTES = 32 << 20  # on a CPU, a pass's largest activation beyond this runs slower per row (caches)
 
 
-def chunk_rows(model, sample, chunk_size, memory_budget, *, grads: bool) -> int:
+def chunk_rows(model, sample, chunk_size, memory_budget, *, grads: bool, cost: tuple[int, int] | None = None) -> int:
     """Rows per pass: chunk_size, or as many as fit memory_budget (default: 2 GiB on CPU, a quarter of the free
-    memory on a GPU) by a probe of one row; on a CPU also no more than keep the largest activation of a pass within
-    CPU_CACHE_BYTES (MobileNetV2's occlusion at 224 px: 140 rows a pass took 37 s, 4 rows 9-11 s)."""
+    memory on a GPU) by a probe of one row (or its row_bytes, cost, where the caller has them); on a CPU also no
+    more than keep the largest activation of a pass within CPU_CACHE_BYTES (MobileNetV2's occlusion at 224 px: 140
+    rows a pass took 37 s, 4 rows 9-11 s)."""
     check_chunk_size(chunk_size)
     if chunk_size is not None:
         return chunk_size
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
-    cost, largest = row_bytes(model, sample, grads=grads)
+    cost, largest = row_bytes(model, sample, grads=grads) if cost is None else cost
     rows = max(1, _budget(sample.device, memory_budget) // max(1, cost))
     if sample.device.type == "cpu":
         rows = min(rows, max(1, CPU_CACHE_BYTES // max(1, largest)))
     return rows
 
 
-def pass_rows(model, inputs: Tensor, chunk_size, memory_budget, *, grads: bool) -> int:
+def pass_rows(model, inputs: Tensor, chunk_size, memory_budget, *, grads: bool,
+              cost: tuple[int, int] | None = None) -> int:
     """Rows per pass of a method that runs rows made from the images (steps, draws, placements): chunk_rows; for a
     model with other inputs (a dict of inputs, with_inputs) the image batch itself, one row of every image in their
     order, so each pass meets the other inputs as the model's own call does, whether they are a batch of their own
@@ -193,7 +200,7 @@ def pass_rows(model, inputs: Tensor, chunk_size, memory_budget, *, grads: bool) 
             raise ValueError(f"chunk_size={chunk_size}: with other inputs ({', '.join(model.others)}) every pass is "
                              f"the whole image batch of {n}; pass chunk_size=None (or fewer images)")
         return n
-    return chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=grads)
+    return chunk_rows(model, inputs[:1], chunk_size, memory_budget, grads=grads, cost=cost)
 
 
 class _Layer:

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..deconv import _budget
 from ..hooks import ModelGuard, capture, resolve_layers
-from ..inputs import image_model
-from ._common import Attribution, FastForward, Target, _check_batch, check_target, target_scores
+from ..inputs import ImageInputs, image_model
+from ._common import Attribution, FastForward, Target, _check_batch, check_target, first_target, target_scores
+from ._incremental import incremental
 from .gradients import make_baselines, pass_rows
 
 OUTPUTS = ("score", "probability")
@@ -132,13 +134,23 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
     with ModelGuard(model, eval=True):
         b = make_baselines(inputs, baseline)
         if unit is None:  # the reference pass too: every score of a drop from the same computation
-            forward = FastForward(model, inputs[:1], lambda out: read(out, target)[0])
+            forward = FastForward(model, inputs[:1], lambda out: read(out, first_target(target))[0])
         reference, classes = value(inputs, target)
+
+        def row_targets(i):
+            return target if classes is None else classes[i]
+
         cover = [m.to(inputs.device) for m in placements(size, window, stride)]
         counts = [m.shape[0] for m in cover]
-        size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False)
+        inc, place = None, occluded
+        if unit is None and not (isinstance(model, ImageInputs) and model.others):
+            inc = incremental(forward, inputs, b, cover, lambda out, i: read(out, row_targets(i))[0])
+        size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False,
+                              cost=None if inc is None else inc.cost)
+        if inc is not None and inc.start(chunk_size, _budget(inputs.device, memory_budget)):
+            forward, place = inc, inc.place  # the first layers run the window's receptive field alone
         at, = sweep(inputs, b, cover, size_rows,
-                    lambda x, i: (value(x, target if classes is None else classes[i])[0],))  # (N, *placements)
+                    lambda x, i: (value(x, row_targets(i))[0],), place)  # (N, *placements)
         drop = reference.view(-1, *[1] * dims) - at
         total, weight = drop, torch.ones((), device=inputs.device)
         for axis, m in enumerate(cover):  # sum over placements of drop x window, one axis at a time
@@ -183,15 +195,17 @@ def occluded(inputs: Tensor, baselines: Tensor, cover: list[Tensor], rows: Tenso
     return torch.where(mask[:, None], baselines[i], inputs[i]), i
 
 
-def sweep(inputs: Tensor, baselines: Tensor, cover: list[Tensor], rows_per_pass: int, fn) -> tuple[Tensor, ...]:
+def sweep(inputs: Tensor, baselines: Tensor, cover: list[Tensor], rows_per_pass: int, fn,
+          place=occluded) -> tuple[Tensor, ...]:
     """Every placement of every input, as rows of passes of rows_per_pass: fn(x, i) -> a tuple of (rows, ...)
-    values per pass (i: each row's input); each value comes back as (N, *placements, ...)."""
+    values per pass (x, i: place(inputs, baselines, cover, rows): the occluded rows, or what an incremental
+    forward takes for them, and each row's input); each value comes back as (N, *placements, ...)."""
     counts = [m.shape[0] for m in cover]
     n, total = inputs.shape[0], inputs.shape[0] * math.prod(counts)
     parts = []
     for r0 in range(0, total, rows_per_pass):
         rows = torch.arange(r0, min(r0 + rows_per_pass, total), device=inputs.device)
-        parts.append(fn(*occluded(inputs, baselines, cover, rows)))
+        parts.append(fn(*place(inputs, baselines, cover, rows)))
     return tuple(torch.cat(v).view(*counts, n, *v[0].shape[1:]).movedim(len(counts), 0) for v in zip(*parts))
 
 
