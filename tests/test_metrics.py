@@ -72,6 +72,24 @@ def test_cpu_passes_split_by_bytes_give_the_same_scores(monkeypatch):
     assert torch.allclose(split.insertion, whole.insertion, atol=1e-6)
 
 
+def test_scorer_folds_the_model_for_per_input_targets():
+    """FastForward checks its folded copy on the first input alone: a target per input is read for that input (it
+    was read whole, the check raised, and the metrics ran the unfolded model, silently slower)."""
+    import lightning_vis.metrics.perturbation as P
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4)).eval()
+    x = torch.randn(3, 3, 10, 10)
+    with torch.inference_mode():
+        for target in (None, 2, torch.tensor([0, 3, 1]), [0, 3, 1]):
+            scorer, clean = P._scorer(model, x, target, "logit")
+            assert scorer.model.run is not model, target
+            want = model(x)
+            classes = want.argmax(1) if target is None else torch.as_tensor(target).expand(3)
+            assert torch.allclose(clean, want.gather(1, classes[:, None])[:, 0], atol=1e-5)
+
+
 def test_deletion_insertion_equals_torchcam():
     from torchcam.metrics import DeletionInsertionMetric
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..attribution import Target, _check_batch, check_target, target_scores, upsample
-from ..attribution._common import FastForward
+from ..attribution._common import FastForward, first_target
 from ..hooks import ModelGuard
 
 BASELINES = ("zeros", "blur", "mean")
@@ -80,7 +80,7 @@ def _scorer(model, inputs, target, score, many: bool = True) -> tuple[_Scorer, T
         raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
     check_target(target)
     if many:  # the clean pass too: every score of a difference from the same computation
-        model = FastForward(model, inputs[:1], lambda o: target_scores(o, target)[0])
+        model = FastForward(model, inputs[:1], lambda o: target_scores(o, first_target(target))[0])
     out = model(inputs)
     scores, classes = target_scores(out, target)
     s = _Scorer(model, classes, target, score)
