@@ -163,7 +163,8 @@ def impute(images: Tensor, known: Tensor, tol: float, max_iter: int, check: int 
     (`_Multigrid`), each (image, channel) system with its own step sizes, to a relative residual of `tol`; the
     residuals are read (a host sync) every `check` steps. The compiled CPU kernel runs the same algorithm."""
     k = known[:, None].to(images.dtype)
-    v = images * k
+    # the known values, zero elsewhere (not images * k: a NaN at a removed pixel must not be read)
+    v = torch.where(known[:, None], images, torch.zeros((), dtype=images.dtype, device=images.device))
     u = 1 - k
     d = _stencil(torch.ones_like(k[:1])).add_(1 / 3)  # the weights of the neighbours inside the image, + 1/3
 
