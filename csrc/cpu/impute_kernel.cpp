@@ -116,7 +116,7 @@ struct Level {
   std::vector<float> coef;    // 9 planes (coarse grids; the finest grid's operator is fine_op)
   std::vector<float> weight;  // the smoother's 4 / (3 * l1 row sum), zero at inactive points and on the border
   std::vector<float> inv;     // the coarsest grid: its pseudo-inverse over the h * w points
-  std::vector<float> x, r, t; // per-channel work planes
+  std::vector<float> x, r, t; // per-channel work planes (x and r on the coarse grids only)
 };
 
 struct Solver {
@@ -155,9 +155,12 @@ struct Solver {
       levels.push_back(std::move(next));
     }
     if (levels.size() > 1) pseudo_inverse(levels.back());
-    for (auto& L : levels) {
-      L.x.assign(C * L.g.size, 0.f);
-      L.r.assign(C * L.g.size, 0.f);
+    for (size_t l = 0; l < levels.size(); ++l) {  // the finest grid's x and r are solve()'s own
+      Level& L = levels[l];
+      if (l > 0) {
+        L.x.assign(C * L.g.size, 0.f);
+        L.r.assign(C * L.g.size, 0.f);
+      }
       L.t.assign(C * L.g.size, 0.f);
     }
   }
@@ -294,7 +297,6 @@ struct Solver {
     Level& Lc = levels[level + 1];
     const Grid& gc = Lc.g;
     op(level, z, L.t.data());
-    std::fill(Lc.x.begin(), Lc.x.end(), 0.f);
     for (int64_t c = 0; c < C; ++c) {
       float* t = L.t.data() + c * g.size;
       const float* rc = r + c * g.size;
