@@ -5,7 +5,11 @@ batch checks, chunking over the batch (_chunked), upsampling of low-resolution m
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -174,27 +178,133 @@ class FastForward:
     """model(x) for the many no-grad forward passes of a perturbation method (Score-CAM's masks, occlusion's
     placements, the metrics' perturbed inputs), faster and with the same values: a copy of an eval-mode model with
     each BatchNorm folded into the convolution (or linear layer) whose output only it reads (torch.fx's ``fuse``:
-    one pass over each activation less), fed 4D inputs in channels-last memory (faster convolutions on a CPU; the
-    model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at 224 px: MobileNetV2 1.57x
-    and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
+    one pass over each activation less), fed 4D inputs in the memory format its passes run fastest in (see
+    :func:`fastest_format`; the model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at
+    224 px: MobileNetV2 1.57x and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
 
     The model itself runs where folding does not apply: no BatchNorm, a model fx cannot trace or copy, hooks on
     it (the traced copy would not run them all), parameters and buffers over FOLD_BUDGET (the folded convolutions
-    are copies), or a copy whose ``score(output)`` on ``probe`` differs from the model's (checked once). A model
-    whose code needs contiguous maps (``.view`` after a convolution) raises in channels-last memory: it then runs
-    as given from that pass on. The caller holds a ModelGuard in eval mode and no autograd (a pass may run twice)."""
+    are copies), or a copy whose ``score(output)`` on ``probe`` differs from the model's (checked once). The caller
+    holds a ModelGuard in eval mode and no autograd (a pass may run twice). ``fast``: 4D inputs, and channels-last
+    memory works for this model (its code did not raise in it)."""
 
     def __init__(self, model: nn.Module, probe: Tensor, score: Callable):
         self.run = _folded(model, probe, score)
-        self.fast = probe.dim() == 4
+        self.key, self.four = (model, "folded" if self.run is not model else "model"), probe.dim() == 4
+
+    @property
+    def fast(self) -> bool:
+        return self.four and not _FORMATS.refused(self.key[0])
 
     def __call__(self, x: Tensor):
-        if self.fast:
-            try:
-                return self.run(x.contiguous(memory_format=torch.channels_last))
-            except RuntimeError:
-                self.fast = False
-        return self.run(x)
+        return fastest_format(self.key, x, self.run)
+
+
+FORMAT_TRIES = 2  # timed passes of each way to run before fastest_format keeps the fastest
+FORMAT_SHAPES = 32  # input shapes remembered per model (the oldest is forgotten)
+
+
+class _Formats:
+    """fastest_format's timings: per model (weakly held: a model that is deleted takes its entry along), per tag
+    and input shape, the seconds of each timed pass of each way to run it ("last": channels-last memory, "given",
+    and any other the caller offers); and the models whose code raised in channels-last memory."""
+
+    def __init__(self):
+        self.times: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.broken: weakref.WeakSet = weakref.WeakSet()
+        self.lock = threading.Lock()
+
+    def refused(self, model) -> bool:
+        try:
+            return model in self.broken
+        except TypeError:  # not weakly referable: never marked
+            return False
+
+    def pick(self, model, key, ways: Sequence[str]) -> str:
+        """The way the next pass runs: while any has fewer than FORMAT_TRIES timed passes, the first of those with
+        the fewest; then the fastest by its best pass."""
+        with self.lock:
+            seen = self.table(model).get(key, {})
+            counts = [len(seen.get(w, ())) for w in ways]
+            if min(counts) < FORMAT_TRIES:
+                return ways[counts.index(min(counts))]
+            return min(ways, key=lambda w: min(seen[w]))
+
+    def settled(self, model, key) -> str | None:
+        """The way pick keeps, once every way seen has FORMAT_TRIES timed passes; None before."""
+        with self.lock:
+            seen = self.table(model).get(key, {})
+            if not seen or min(len(t) for t in seen.values()) < FORMAT_TRIES:
+                return None
+            return min(seen, key=lambda w: min(seen[w]))
+
+    def table(self, model) -> dict:
+        try:
+            return self.times.setdefault(model, {})
+        except TypeError:
+            return {}
+
+    def record(self, model, key, way: str, seconds: float) -> None:
+        with self.lock:
+            table = self.table(model)
+            seen = table.pop(key, {})  # re-inserted last: the oldest shape is the first one
+            if len(seen.setdefault(way, [])) < FORMAT_TRIES:
+                seen[way].append(seconds)
+            table[key] = seen
+            while len(table) > FORMAT_SHAPES:
+                table.pop(next(iter(table)))
+
+    def refuse(self, model) -> None:
+        with contextlib.suppress(TypeError):
+            self.broken.add(model)
+
+
+_FORMATS = _Formats()
+
+
+def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[str, Callable] | None = None):
+    """fn(x) with x (a 4D CPU batch) in the memory format that key's passes run fastest in: channels-last (faster
+    convolutions for most nets on a CPU, measured on this project's 2-core CPU, one thread, batch 1 at 224 px:
+    VGG-11 1.13x, DenseNet-121 1.13x, MobileNetV2 1.11x) or as given (ResNet-50 at batch 1: 1.37x faster as given,
+    as torch sends its 1x1 convolutions to a GEMM that copies channels-last maps back and forth; at batch 8 it is
+    1.23x faster channels-last). The values are the same either way; only the time differs. ``others``: more ways to
+    compute the same values, by name (the CAMs' inference copy), timed beside the two formats.
+
+    Per key (a model, or (model, tag) for a variant of it such as a folded copy) and input shape, the first passes
+    take each way in turn (channels-last first) until each has FORMAT_TRIES timed passes (the first pass of each pays
+    for its kernels' set-up), and the later ones take the fastest. A model whose code needs contiguous maps
+    (``.view`` after a convolution) raises in channels-last: it runs again as given, and never channels-last again.
+    Times are the process's CPU seconds (on a shared machine another process's load does not decide). On a GPU,
+    where a pass's time is not known without a synchronisation, channels-last always (as the convolution libraries
+    prefer); other inputs run as given."""
+    model, tag = key if isinstance(key, tuple) else (key, None)
+    others = others or {}
+    if x.dim() != 4:
+        return fn(x)
+    timed = x.device.type == "cpu"
+    ways = (() if _FORMATS.refused(model) else ("last",)) + ("given",) + tuple(others)
+    shape = (tag, tuple(x.shape), x.dtype)
+    way = _FORMATS.pick(model, shape, ways) if timed else ways[0]
+    start = time.process_time()
+    if way == "last":
+        try:
+            out = fn(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            out = fn(x)  # raises again where the error was not the memory format's
+            _FORMATS.refuse(model)
+            return out
+    else:
+        out = others[way](x) if way in others else fn(x)
+    if timed:
+        _FORMATS.record(model, shape, way, time.process_time() - start)
+    return out
+
+
+def settled_way(key, x: Tensor) -> str | None:
+    """The way fastest_format keeps for key and x's shape ("last", "given" or one of its ``others``), or None while
+    it is still timing them."""
+    model, tag = key if isinstance(key, tuple) else (key, None)
+    return _FORMATS.settled(model, (tag, tuple(x.shape), x.dtype))
 
 
 @torch.no_grad()

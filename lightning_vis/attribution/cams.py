@@ -28,7 +28,9 @@ from ..hooks.layout import Layout, LayoutTracer, Unplaceable, _first_tensor
 from ..hooks.resolve import LayerSpec
 from ..inputs import ImageInputs, image_model, image_modules
 from ..targets import LOGITS, field
-from ._common import CAM, FastForward, Target, _check_batch, _chunked, check_target, target_scores, upsample
+from . import _inference
+from ._common import (CAM, FastForward, Target, _check_batch, _chunked, check_target, fastest_format, settled_way,
+                      target_scores, upsample)
 from .attention import _is_attention
 from .gradients import guided_backprop
 
@@ -622,21 +624,29 @@ class _FinerTarget:
 
 def _layer_forward(model, x, target, name, layout, grid):
     """(layout, activation, scores, classes) of one layer for a batch, from one forward pass without gradients (the
-    CAMs that read the activations alone). Images go in channels-last memory (faster convolutions on a CPU; the
-    values are the same); a model whose code needs contiguous maps (``.view``) raises, and runs again as given."""
-    tries = [x.contiguous(memory_format=torch.channels_last), x] if x.dim() == 4 else [x]
-    for xx in tries:
-        try:
-            with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
-                out = model(xx)
-        except RuntimeError:
-            if xx is x:
-                raise
-            continue
+    CAMs that read the activations alone), run the fastest way (fastest_format: in channels-last memory or as given,
+    or by the inference copy of a model whose weights did not change since the last call, see _inference: the values
+    are the same)."""
+    copies = _inference.Session(model, name, x, repr((layout, grid)))
+
+    def run(xx):
+        with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
+            out = model(xx)
         if not tap.values.get(name):
             raise ValueError(f"layer {name!r} did not run in the forward pass{_ran_inside(tap, name)}")
-        scores, classes = target_scores(out, target)
-        return tap.layout(name), tap.values[name][0], scores, classes
+        return tap.layout(name), tap.values[name][0], out
+
+    def fast(xx):
+        with torch.no_grad():
+            out, act = copies.run(xx)
+        return copies.layout, act, out
+
+    lay, act, out = fastest_format(model, x, run, {"copy": fast} if copies.run is not None else None)
+    if copies.run is not None and settled_way(model, x) not in (None, "copy"):
+        copies.drop()
+    copies.offer(x, lay, act, out)
+    scores, classes = target_scores(out, target)
+    return lay, act, scores, classes
 
 
 def _layer_gradient(model, x, target, name, layout, grid, second: bool = False):
