@@ -26,7 +26,10 @@
   layer; random weights, 224 px) for --cam-batch images against pytorch-grad-cam's ``EigenCAM`` / ``AblationCAM``
   (batch_size 32, its default). scorecam: Score-CAM of MobileNetV2's features.18 (1280 channels; random weights,
   112 px: one forward per channel on both sides) against its ``ScoreCAM`` (16 masks per forward, its default).
-  Ablation-CAM and Score-CAM are timed once (no warm-up: the peer takes minutes on a CPU).
+  Ablation-CAM and Score-CAM are timed once (no warm-up: the peer takes minutes on a CPU). The other CAM rows
+  warm up for CAM_WARM rounds on both sides: our first calls on a model time its ways to run it (channels-last or
+  as given, and from the second call on unchanged weights the activation-only CAMs' inference copy) and keep the
+  fastest; the row lists those first calls' seconds (``ours_first_calls_s``).
 - shapleycam, finercam, fem, kpcacam, fullgrad: the same ResNet-50 layer4.2 (FullGrad: every BatchNorm of
   ResNet-50) against pytorch-grad-cam's ``ShapleyCAM``, ``FinerCAM`` (its own choice of the 3 nearest classes, one
   image at a time: it takes one target index), ``FEM``, ``KPCA_CAM``, ``FullGrad``.
@@ -35,7 +38,8 @@
   channels; seconds per channel. On a GPU ours renders all 512 channels for 128 steps and lucent a batch of 32
   (its per-channel time). lucent needs shims for today's kornia and IPython (``make bench`` installs it).
 Every row also reports how far our result is from the peer's (max |difference| / max |peer|), so a speed-up
-cannot come from computing something else. Times: median wall-clock of --reps runs after one warm-up, at
+cannot come from computing something else. Times: median wall-clock of --reps runs after one warm-up (the CAM
+family: see above), at
 torch's thread count on CPU, synchronised on CUDA. Peers that are not installed are skipped
 (``make bench`` installs captum and grad-cam).
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import statistics
 import sys
@@ -54,6 +59,7 @@ import torch
 from torch import nn
 
 import lightning_vis as lv
+from lightning_vis.attribution._common import FORMAT_TRIES
 
 from . import kernels
 
@@ -84,14 +90,13 @@ def set_clock(name: str) -> None:
         torch.set_num_threads(1)
 
 
-def race(device: str, reps: int, fns: dict, warm: bool = True) -> tuple[dict, dict]:
+def race(device: str, reps: int, fns: dict, warm: int = 1, warm_times: dict | None = None) -> tuple[dict, dict]:
     """Median seconds of each callable over reps rounds, the callables taking turns in every round (the
-    machine's noise hits all alike), after one warm-up each (unless not warm); and each one's last result. Seconds
-    of CLOCK (set_clock)."""
+    machine's noise hits all alike), after warm warm-up rounds (their seconds go into warm_times where given); and
+    each one's last result. Seconds of CLOCK (set_clock)."""
     clock = CLOCK["clock"]
-    results = {k: fn() for k, fn in fns.items()} if warm else {}
-    times = {k: [] for k in fns}
-    for _ in range(reps):
+    results, times, first = {}, {k: [] for k in fns}, {k: [] for k in fns}
+    for i in range(int(warm) + reps):
         for k, fn in fns.items():
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -99,7 +104,9 @@ def race(device: str, reps: int, fns: dict, warm: bool = True) -> tuple[dict, di
             results[k] = fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[k].append(clock() - t)
+            (first if i < warm else times)[k].append(clock() - t)
+    if warm_times is not None:
+        warm_times.update(first)
     return {k: statistics.median(v) for k, v in times.items()}, results
 
 
@@ -332,6 +339,10 @@ def peer_signs_fixed(method):
         setattr(module, name, saved)
 
 
+# warm-up rounds of the CAM family's rows: our first calls on a model time its ways to run (fastest_format) and build
+# the activation-only CAMs' inference copy on the second (attribution._inference); the row keeps their seconds
+CAM_WARM = 1 + 3 * FORMAT_TRIES
+
 CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "shapleycam": "ShapleyCAM",
              "finercam": "FinerCAM", "fem": "FEM", "kpcacam": "KPCA_CAM", "fullgrad": "FullGrad"}
 
@@ -365,9 +376,12 @@ def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
     except ImportError:
         pgc = None
     if pgc is not None:
-        layers = [] if section == "fullgrad" else [model.get_submodule(layer)]
+        # the peer hooks the model it is given for as long as it lives: its own copy (same weights), as a user of
+        # either library has one set of hooks on a model (ours refuse to fold or copy a model with foreign hooks)
+        peer_model = copy.deepcopy(model)
+        layers = [] if section == "fullgrad" else [peer_model.get_submodule(layer)]
         with contextlib.redirect_stdout(io.StringIO()):  # FullGrad prints that it ignores target_layers
-            peer = getattr(pgc, CAM_PEERS[section])(model=model, target_layers=layers)
+            peer = getattr(pgc, CAM_PEERS[section])(model=peer_model, target_layers=layers)
         targets = [ClassifierOutputTarget(int(c)) for c in classes]
         if section == "finercam":  # one target index for the whole batch: image by image
             fns["peer"] = lambda: np.concatenate([peer(input_tensor=x[i:i + 1], target_idx=int(c))
@@ -375,17 +389,18 @@ def bench_cam_family(section, device, batch, reps, quick_net=None, size=None):
         else:
             fns["peer"] = lambda: peer(input_tensor=x, targets=targets)
     slow = section in ("scorecam", "ablationcam")
-    t, res = race(device, 1 if slow else reps, fns, warm=not slow)
+    first = {}
+    t, res = race(device, 1 if slow else reps, fns, warm=0 if slow else CAM_WARM, warm_times=first)
     where = "all BatchNorms" if section == "fullgrad" and quick_net is None else layer
     row = dict(section=section, what=f"{CAM_PEERS[section]} {net} {where}, {size} px, batch {batch}", device=device,
-               ours_s=t["ours"])
+               ours_s=t["ours"], ours_first_calls_s=[round(v, 4) for v in first.get("ours", [])])
     if pgc is not None:
         if section in PEER_SIGNED:  # the peer keeps its SVD's / KPCA's sign (its map is then relu(-ours)): the
             with peer_signs_fixed(section):  # untimed check draws its maps again with our sign
                 res["peer"] = fns["peer"]()
             row["note"] = "diff against the peer's maps drawn with our sign convention"
         getattr(peer, "base_cam", peer).activations_and_grads.release()
-        for p in model.parameters():  # the peers that take gradients fill .grad: leave the model as we found it
+        for p in peer_model.parameters():  # the peers that take gradients fill .grad: leave the model as we found it
             p.grad = None
         ours, theirs = res["ours"].normalized(), torch.as_tensor(res["peer"])
         row.update(peer=f"pytorch-grad-cam {CAM_PEERS[section]}", peer_s=t["peer"],
