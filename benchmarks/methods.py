@@ -28,8 +28,8 @@
   112 px: one forward per channel on both sides) against its ``ScoreCAM`` (16 masks per forward, its default).
   Ablation-CAM and Score-CAM are timed once (no warm-up: the peer takes minutes on a CPU). The other CAM rows
   warm up for CAM_WARM rounds on both sides: our first calls on a model time its ways to run it (channels-last or
-  as given, and from the second call on unchanged weights the activation-only CAMs' inference copy) and keep the
-  fastest; the row lists those first calls' seconds (``ours_first_calls_s``).
+  as given, and once the weights stayed the same over a few calls the activation-only CAMs' inference copy) and keep
+  the fastest; the row lists those first calls' seconds (``ours_first_calls_s``).
 - shapleycam, finercam, fem, kpcacam, fullgrad: the same ResNet-50 layer4.2 (FullGrad: every BatchNorm of
   ResNet-50) against pytorch-grad-cam's ``ShapleyCAM``, ``FinerCAM`` (its own choice of the 3 nearest classes, one
   image at a time: it takes one target index), ``FEM``, ``KPCA_CAM``, ``FullGrad``.
@@ -340,8 +340,9 @@ def peer_signs_fixed(method):
 
 
 # warm-up rounds of the CAM family's rows: our first calls on a model time its ways to run (fastest_format) and build
-# the activation-only CAMs' inference copy on the second (attribution._inference); the row keeps their seconds
-CAM_WARM = 1 + 3 * FORMAT_TRIES
+# the activation-only CAMs' inference copy once the same weights' passes took BUILD_AFTER seconds (ResNet-50: the 4th
+# call of one image, the 2nd of eight; attribution._inference); the row keeps their seconds
+CAM_WARM = 3 + 3 * FORMAT_TRIES
 
 CAM_PEERS = {"eigencam": "EigenCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "shapleycam": "ShapleyCAM",
              "finercam": "FinerCAM", "fem": "FEM", "kpcacam": "KPCA_CAM", "fullgrad": "FullGrad"}

@@ -36,7 +36,9 @@ def eager_maps(model, x, layer, target, method="eigencam"):
 
 @pytest.fixture
 def only_copy(monkeypatch):
-    """fastest_format takes the copy whenever there is one (the timed choice is checked in test_memory_format)."""
+    """fastest_format takes the copy whenever there is one (the timed choice is checked in test_memory_format), and
+    a copy is built on the second call with the same weights (these nets' passes take far less than BUILD_AFTER)."""
+    monkeypatch.setattr(_inference, "BUILD_AFTER", 0.0)
     real = _common._FORMATS.pick
     monkeypatch.setattr(_common._FORMATS, "pick", lambda model, key, ways: "copy" if "copy" in ways
                         else real(model, key, ways))
@@ -50,7 +52,7 @@ def test_built_on_the_second_call_and_equal_to_the_model(only_copy, method):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mods = list(model.modules())
     first = lv.grad_cam(model, x, "5", [0, 3, 1], method=method)
-    assert entry(model).copy is None and entry(model).seen
+    assert entry(model).copy is None and entry(model).calls == 1
     lv.grad_cam(model, x, "5", [0, 3, 1], method=method)  # builds and checks the copy
     e = entry(model)
     assert e.copy is not None and not e.failed
@@ -81,6 +83,33 @@ class InPlaceSkip(nn.Module):
         a = self.bn1(self.conv1(x))
         b = torch.relu(self.conv2(a))
         return self.head(a.add_(b))
+
+
+class Clocked(nn.Module):
+    """bn_net whose every eager pass advances a fake CPU clock by `step` seconds."""
+
+    def __init__(self, clock, step):
+        super().__init__()
+        self.net, self.clock, self.step = bn_net(), clock, step
+
+    def forward(self, x):
+        self.clock["now"] += self.step
+        return self.net(x)
+
+
+@pytest.mark.parametrize("step, built_on", [(0.2, 3), (1.0, 2)])
+def test_built_once_the_passes_with_the_same_weights_took_build_after(monkeypatch, step, built_on):
+    """BUILD_AFTER 0.5 s: passes of 0.2 s build on the 3rd call; one pass of 1 s does not build on its own call (the
+    weights must stay over more than one call), the 2nd call builds."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(_common.time, "process_time", lambda: clock["now"])
+    monkeypatch.setattr(_inference, "BUILD_AFTER", 0.5)
+    model = Clocked(clock, step).eval()
+    x = torch.randn(2, 3, 16, 16)
+    for call in range(1, 5):
+        lv.grad_cam(model, x, "net.5", 1, method="eigencam")
+        e = entry(model, "net.5")
+        assert (e.copy is not None) == (call >= built_on), call
 
 
 @pytest.mark.parametrize("method", ["scorecam", "ablationcam", "gradcam"])
@@ -190,6 +219,7 @@ def test_a_copy_slower_than_the_model_is_dropped_for_good(monkeypatch):
     fingerprinted or built again."""
     clock = {"now": 0.0}
     monkeypatch.setattr(_common.time, "process_time", lambda: clock["now"])
+    monkeypatch.setattr(_inference, "BUILD_AFTER", 0.0)
     real = _common.fastest_format
 
     def slow_copy(key, x, fn, others=None, **kw):

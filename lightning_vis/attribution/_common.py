@@ -178,8 +178,9 @@ class FastForward:
     """model(x) for the many no-grad forward passes of a perturbation method (Score-CAM's masks, occlusion's
     placements, the metrics' perturbed inputs), faster and with the same values: a copy of an eval-mode model with
     each BatchNorm folded into the convolution (or linear layer) whose output only it reads (torch.fx's ``fuse``:
-    one pass over each activation less), fed 4D inputs in the memory format its passes run fastest in (see
-    :func:`fastest_format`; the model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at
+    one pass over each activation less), fed 4D inputs in channels-last memory (every pass the same way, so that
+    scores compared with each other come from the same computation; see :func:`fastest_format`, ``timed=False``; the
+    model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at
     224 px: MobileNetV2 1.57x and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
 
     The model itself runs where folding does not apply: no BatchNorm, a model fx cannot trace or copy, hooks on
@@ -197,7 +198,7 @@ class FastForward:
         return self.four and not _FORMATS.refused(self.key[0])
 
     def __call__(self, x: Tensor):
-        return fastest_format(self.key, x, self.run)
+        return fastest_format(self.key, x, self.run, timed=False)
 
 
 FORMAT_TRIES = 2  # timed passes of each way to run before fastest_format keeps the fastest
@@ -262,26 +263,30 @@ class _Formats:
 _FORMATS = _Formats()
 
 
-def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[str, Callable] | None = None):
+def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[str, Callable] | None = None, *,
+                   timed: bool = True):
     """fn(x) with x (a 4D CPU batch) in the memory format that key's passes run fastest in: channels-last (faster
     convolutions for most nets on a CPU, measured on this project's 2-core CPU, one thread, batch 1 at 224 px:
     VGG-11 1.13x, DenseNet-121 1.13x, MobileNetV2 1.11x) or as given (ResNet-50 at batch 1: 1.37x faster as given,
     as torch sends its 1x1 convolutions to a GEMM that copies channels-last maps back and forth; at batch 8 it is
-    1.23x faster channels-last). The values are the same either way; only the time differs. ``others``: more ways to
-    compute the same values, by name (the CAMs' inference copy), timed beside the two formats.
+    1.23x faster channels-last). The values are the same up to float rounding (a convolution sums in another order:
+    about 1e-6 relative), so a call that explores may differ from the next in the last bits: callers whose results
+    compare passes with each other (the perturbation methods and metrics, through FastForward) take ``timed=False``,
+    channels-last every time. ``others``: more ways to compute the same values, by name (the CAMs' inference copy),
+    timed beside the two formats.
 
     Per key (a model, or (model, tag) for a variant of it such as a folded copy) and input shape, the first passes
     take each way in turn (channels-last first) until each has FORMAT_TRIES timed passes (the first pass of each pays
     for its kernels' set-up), and the later ones take the fastest. A model whose code needs contiguous maps
     (``.view`` after a convolution) raises in channels-last: it runs again as given, and never channels-last again.
-    Times are the process's CPU seconds (on a shared machine another process's load does not decide). On a GPU,
-    where a pass's time is not known without a synchronisation, channels-last always (as the convolution libraries
-    prefer); other inputs run as given."""
+    Times are the process's CPU seconds (on a shared machine another process's load does not decide). Not timed
+    (``timed=False``, or on a GPU, where a pass's time is not known without a synchronisation): channels-last always
+    (as the convolution libraries prefer); other inputs run as given."""
     model, tag = key if isinstance(key, tuple) else (key, None)
     others = others or {}
     if x.dim() != 4:
         return fn(x)
-    timed = x.device.type == "cpu"
+    timed = timed and x.device.type == "cpu"
     ways = (() if _FORMATS.refused(model) else ("last",)) + ("given",) + tuple(others)
     shape = (tag, tuple(x.shape), x.dtype)
     way = _FORMATS.pick(model, shape, ways) if timed else ways[0]

@@ -10,15 +10,18 @@ the model itself as given: ResNet-50 1.16x at batch 1 and 1.31x at batch 8, VGG1
 1.0x / 1.44x; DenseNet-121 and ConvNeXt-T were up to 4% slower, so the copy is one more candidate in
 :func:`~._common.fastest_format`'s timed choice, kept only where its passes are the fastest.
 
-Building costs about one second and several passes' worth of memory traffic, so a copy is built only on the second
-call that finds the weights as the first left them (a model in training changes them between calls and never pays
-for it), checked on that call against the model's own pass (layer output and model output within rtol 1e-4), and
-used while they stay the same: a fingerprint of every parameter and buffer (its storage, its version counter, which
-every in-place update bumps, and the sum of a strided sample of its values, for updates through ``.data``, which the
-counter misses) is compared on each call, and a changed one drops the copy. Only where it applies: a float32 CPU
-model and 4D batch, no hooks on the model (the copy would not run them), parameters and buffers within
-FOLD_BUDGET, a layer run once by a model fx can trace, a tensor output. Anything else runs the model itself, as
-before. Copies are held weakly per model (a deleted model takes them along), at most COPIES per model."""
+Building costs 0.3-1 s (MobileNetV2 to VGG16-BN: fx tracing, two deep copies, packing the weights), so a copy is
+built only once the weights have stayed the same over more than one call and the model's own passes with them have
+taken BUILD_AFTER seconds of CPU time (the build then costs at most about twice what was already spent; a model in
+training changes its weights between calls and never pays for it; ResNet-50 at 224 px on one thread builds on the
+4th call of one image, the 2nd of eight). It is checked on that call against the model's own pass (layer output and
+model output within rtol 1e-4) and used while the weights stay the same: a fingerprint of every parameter and buffer
+(its storage, its version counter, which every in-place update bumps, and a strided sample of its values, for
+updates through ``.data``, which the counter misses) is compared on each call, and a changed one drops the copy.
+Only where it applies: a float32 CPU model and 4D batch, no hooks on the model (the copy would not run them),
+parameters and buffers within FOLD_BUDGET, a layer run once by a model fx can trace, a tensor output. Anything else
+runs the model itself, as before. Copies are held weakly per model (a deleted model takes them along), at most
+COPIES per model."""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import torch
 from torch import Tensor, fx, nn
 
 COPIES = 2  # inference copies kept per model (layer, layout and input shape); the oldest is dropped
-SAMPLE = 16  # values of each parameter and buffer summed into the fingerprint
+BUILD_AFTER = 0.5  # CPU seconds of the model's own passes with the same weights before a copy is built
+SAMPLE = 16  # values of each parameter and buffer the fingerprint reads
 
 
 def fingerprint(model: nn.Module, x: Tensor) -> tuple | None:
@@ -67,12 +71,13 @@ def _samples(tensors: list[Tensor]) -> list[Tensor]:
 
 
 class _Entry:
-    """One layer's copy: the fingerprint of the weights it is for, whether a call has seen them already, the copy
+    """One layer's copy: the fingerprint of the weights it is for, the calls with them and the CPU seconds their
+    passes took, the copy
     (None until built, or where building failed: failed then stays set) and the layout of the layer's output (from
     the model's own pass)."""
 
     def __init__(self, mark):
-        self.mark, self.seen, self.copy, self.layout, self.failed = mark, False, None, None, False
+        self.mark, self.calls, self.spent, self.copy, self.layout, self.failed = mark, 0, 0.0, None, None, False
 
 
 class _Copies:
@@ -88,7 +93,7 @@ class _Copies:
             table = self.models.setdefault(model, {})
             entry = table.pop(key, None) or _Entry(mark)  # re-inserted last: the oldest key is the first one
             if entry.mark != mark:  # the weights changed: this call is the first with the new ones
-                entry.mark, entry.seen, entry.copy, entry.layout = mark, False, None, None
+                entry.mark, entry.calls, entry.spent, entry.copy, entry.layout = mark, 0, 0.0, None, None
             table[key] = entry
             while len(table) > COPIES:
                 table.pop(next(iter(table)))
@@ -112,11 +117,11 @@ _COPIES = _Copies()
 
 
 class Session:
-    """The inference copy's part in one call: ``run`` (x -> (output, layer output), or None where there is no copy
-    for these weights yet) and ``layout``; ``offer(x, layout, act, out)`` after the model's own pass, which builds
-    the copy on the second call with the same weights; ``drop()`` where the copy lost the timed choice. A key (layer,
-    layout and input shape) whose copy failed to build, failed its check or lost is not tried again, and takes no
-    fingerprint."""
+    """The inference copy's part in one call: ``run`` (x -> (output, layer output), or None where there is no copy for
+    these weights yet) and ``layout``; ``offer(x, layout, act, out, seconds)`` after the model's own pass, which
+    builds the copy when these weights have had enough of them (BUILD_AFTER); ``drop()`` where the copy lost the
+    timed choice. A key (layer, layout and input shape) whose copy failed to build, failed its check or lost is not
+    tried again, and takes no fingerprint."""
 
     def __init__(self, model: nn.Module, name: str, x: Tensor, key):
         self.model, self.name, self.entry = model, name, None
@@ -138,12 +143,12 @@ class Session:
     def layout(self):
         return self.entry.layout
 
-    def offer(self, x: Tensor, layout, act, out) -> None:
+    def offer(self, x: Tensor, layout, act, out, seconds: float) -> None:
         e = self.entry
         if e is None or e.copy is not None or e.failed or not isinstance(act, Tensor) or not isinstance(out, Tensor):
             return
-        if not e.seen:  # the first call with these weights: build on the next one
-            e.seen = True
+        e.calls, e.spent = e.calls + 1, e.spent + seconds
+        if e.calls < 2 or e.spent < BUILD_AFTER:
             return
         copy = _build(self.model, self.name)
         if copy is not None:

@@ -15,6 +15,7 @@ RERUNS), on a layer named or picked by ``default_cam_layer``.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -496,7 +497,8 @@ def grad_cam(model: nn.Module, inputs: Tensor, layer: LayerSpec | None = None, t
 
     def one(x, t):
         if method in NO_GRADIENT:
-            (lay, act, scores, classes), grad = _layer_forward(model, x, t, name, layout, grid), None
+            (lay, act, scores, classes), grad = _layer_forward(model, x, t, name, layout, grid,
+                                                               timed=method not in RERUNS), None
         elif method == "finercam":
             finer = _FinerTarget(t)
             lay, act, grad, scores, _ = _layer_gradient(model, x, finer, name, layout, grid)
@@ -622,12 +624,13 @@ class _FinerTarget:
         return finer_scores(logits, self.classes)
 
 
-def _layer_forward(model, x, target, name, layout, grid):
+def _layer_forward(model, x, target, name, layout, grid, *, timed: bool):
     """(layout, activation, scores, classes) of one layer for a batch, from one forward pass without gradients (the
-    CAMs that read the activations alone), run the fastest way (fastest_format: in channels-last memory or as given,
-    or by the inference copy of a model whose weights did not change since the last call, see _inference: the values
-    are the same)."""
-    copies = _inference.Session(model, name, x, repr((layout, grid)))
+    CAMs that read the activations alone). timed (the CAMs whose map comes from this pass alone): run the fastest way
+    (fastest_format: in channels-last memory or as given, or by the inference copy of a model whose weights did not
+    change over the last calls, see _inference: the values are the same up to float rounding); else channels-last
+    (Score-CAM's and Ablation-CAM's scores are compared with passes in that format)."""
+    copies = _inference.Session(model, name, x, repr((layout, grid))) if timed else None
 
     def run(xx):
         with torch.no_grad(), capture(model, name, layouts=True, layout=layout, grid=grid) as tap:
@@ -641,10 +644,13 @@ def _layer_forward(model, x, target, name, layout, grid):
             out, act = copies.run(xx)
         return copies.layout, act, out
 
-    lay, act, out = fastest_format(model, x, run, {"copy": fast} if copies.run is not None else None)
-    if copies.run is not None and settled_way(model, x) not in (None, "copy"):
-        copies.drop()
-    copies.offer(x, lay, act, out)
+    ready = copies is not None and copies.run is not None
+    start = time.process_time()
+    lay, act, out = fastest_format(model, x, run, {"copy": fast} if ready else None, timed=timed)
+    if copies is not None:
+        if ready and settled_way(model, x) not in (None, "copy"):
+            copies.drop()
+        copies.offer(x, lay, act, out, time.process_time() - start)
     scores, classes = target_scores(out, target)
     return lay, act, scores, classes
 
