@@ -72,15 +72,14 @@ def test_the_best_pass_of_each_decides(clock):
     assert seen == [True, False, True, False, True, True]
 
 
-def test_each_shape_and_tag_is_timed_on_its_own(clock):
+def test_each_shape_is_timed_on_its_own(clock):
     key = nn.Conv2d(3, 3, 1)
     a, b = [], []
     for _ in range(2 * FORMAT_TRIES):
         fastest_format(key, torch.randn(1, 3, 4, 4), timed(clock, 0.03, 0.01, a))
     fastest_format(key, torch.randn(1, 3, 4, 4), timed(clock, 0.03, 0.01, a))
     fastest_format(key, torch.randn(2, 3, 4, 4), timed(clock, 0.03, 0.01, b))  # a new shape starts channels-last
-    fastest_format((key, "folded"), torch.randn(1, 3, 4, 4), timed(clock, 0.03, 0.01, b))  # a new tag, too
-    assert a[-1] is False and b == [True, True]
+    assert a[-1] is False and b == [True]
 
 
 def test_the_shapes_remembered_are_bounded(clock):
@@ -88,7 +87,7 @@ def test_the_shapes_remembered_are_bounded(clock):
     for n in range(1, FORMAT_SHAPES + 10):
         fastest_format(key, torch.randn(n, 3, 2, 2), timed(clock, 0.01, 0.02, []))
     table = _common._FORMATS.times[key]
-    assert len(table) == FORMAT_SHAPES and (None, (FORMAT_SHAPES + 9, 3, 2, 2), torch.float32) in table
+    assert len(table) == FORMAT_SHAPES and ((FORMAT_SHAPES + 9, 3, 2, 2), torch.float32) in table
     ref = weakref.ref(key)
     del key, table  # the timings do not keep the model alive
     gc.collect()
@@ -169,7 +168,7 @@ def test_fastforward_and_eigencam_values_do_not_depend_on_the_format(clock, monk
     with torch.no_grad():
         want = model(x)
         ff = FastForward(model, x[:1], lambda o: o[:, 1])
-        assert ff.run is not model and ff.key == (model, "folded") and ff.fast
+        assert ff.run is not model and ff.model is model and ff.fast
         seen = []
         ff.run.register_forward_pre_hook(lambda m, a: seen.append(is_last(a[0])))
         for _ in range(2 * FORMAT_TRIES + 1):
@@ -178,5 +177,5 @@ def test_fastforward_and_eigencam_values_do_not_depend_on_the_format(clock, monk
     table = _common._FORMATS.times[model]
     # Eigen-CAM also timed its inference copy (built on its second call, see test_inference_copy.py); FastForward's
     # passes are not timed: channels-last every time
-    assert {k[0]: sorted(ways) for k, ways in table.items()} == {None: ["copy", "given", "last"]}
+    assert [sorted(ways) for ways in table.values()] == [["copy", "given", "last"]]
     assert all(len(t) == FORMAT_TRIES for ways in table.values() for t in ways.values())

@@ -180,8 +180,8 @@ class FastForward:
     each BatchNorm folded into the convolution (or linear layer) whose output only it reads (torch.fx's ``fuse``:
     one pass over each activation less), fed 4D inputs in channels-last memory (every pass the same way, so that
     scores compared with each other come from the same computation; see :func:`fastest_format`, ``timed=False``; the
-    model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at
-    224 px: MobileNetV2 1.57x and ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
+    model itself is untouched). Measured on this project's 2-core CPU, a batch of 8 at 224 px: MobileNetV2 1.57x and
+    ResNet-50 1.22x from channels-last memory alone; folding MobileNetV2 at 112 px 1.5x.
 
     The model itself runs where folding does not apply: no BatchNorm, a model fx cannot trace or copy, hooks on
     it (the traced copy would not run them all), parameters and buffers over FOLD_BUDGET (the folded convolutions
@@ -191,14 +191,14 @@ class FastForward:
 
     def __init__(self, model: nn.Module, probe: Tensor, score: Callable):
         self.run = _folded(model, probe, score)
-        self.key, self.four = (model, "folded" if self.run is not model else "model"), probe.dim() == 4
+        self.model, self.four = model, probe.dim() == 4
 
     @property
     def fast(self) -> bool:
-        return self.four and not _FORMATS.refused(self.key[0])
+        return self.four and not _FORMATS.refused(self.model)
 
     def __call__(self, x: Tensor):
-        return fastest_format(self.key, x, self.run, timed=False)
+        return fastest_format(self.model, x, self.run, timed=False)
 
 
 FORMAT_TRIES = 2  # timed passes of each way to run before fastest_format keeps the fastest
@@ -206,8 +206,8 @@ FORMAT_SHAPES = 32  # input shapes remembered per model (the oldest is forgotten
 
 
 class _Formats:
-    """fastest_format's timings: per model (weakly held: a model that is deleted takes its entry along), per tag
-    and input shape, the seconds of each timed pass of each way to run it ("last": channels-last memory, "given",
+    """fastest_format's timings: per model (weakly held: a model that is deleted takes its entry along) and input
+    shape, the seconds of each timed pass of each way to run it ("last": channels-last memory, "given",
     and any other the caller offers); and the models whose code raised in channels-last memory."""
 
     def __init__(self):
@@ -263,9 +263,9 @@ class _Formats:
 _FORMATS = _Formats()
 
 
-def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[str, Callable] | None = None, *,
-                   timed: bool = True):
-    """fn(x) with x (a 4D CPU batch) in the memory format that key's passes run fastest in: channels-last (faster
+def fastest_format(model: nn.Module, x: Tensor, fn: Callable[[Tensor], object],
+                   others: dict[str, Callable] | None = None, *, timed: bool = True):
+    """fn(x) with x (a 4D CPU batch) in the memory format that model's passes run fastest in: channels-last (faster
     convolutions for most nets on a CPU, measured on this project's 2-core CPU, one thread, batch 1 at 224 px:
     VGG-11 1.13x, DenseNet-121 1.13x, MobileNetV2 1.11x) or as given (ResNet-50 at batch 1: 1.37x faster as given,
     as torch sends its 1x1 convolutions to a GEMM that copies channels-last maps back and forth; at batch 8 it is
@@ -275,20 +275,19 @@ def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[
     channels-last every time. ``others``: more ways to compute the same values, by name (the CAMs' inference copy),
     timed beside the two formats.
 
-    Per key (a model, or (model, tag) for a variant of it such as a folded copy) and input shape, the first passes
-    take each way in turn (channels-last first) until each has FORMAT_TRIES timed passes (the first pass of each pays
-    for its kernels' set-up), and the later ones take the fastest. A model whose code needs contiguous maps
+    Per model and input shape, the first passes take each way in turn (channels-last first) until each has
+    FORMAT_TRIES timed passes (the first pass of each pays for its kernels' set-up), and the later ones take the
+    fastest. A model whose code needs contiguous maps
     (``.view`` after a convolution) raises in channels-last: it runs again as given, and never channels-last again.
     Times are the process's CPU seconds (on a shared machine another process's load does not decide). Not timed
     (``timed=False``, or on a GPU, where a pass's time is not known without a synchronisation): channels-last always
     (as the convolution libraries prefer); other inputs run as given."""
-    model, tag = key if isinstance(key, tuple) else (key, None)
     others = others or {}
     if x.dim() != 4:
         return fn(x)
     timed = timed and x.device.type == "cpu"
     ways = (() if _FORMATS.refused(model) else ("last",)) + ("given",) + tuple(others)
-    shape = (tag, tuple(x.shape), x.dtype)
+    shape = (tuple(x.shape), x.dtype)
     way = _FORMATS.pick(model, shape, ways) if timed else ways[0]
     start = time.process_time()
     if way == "last":
@@ -305,11 +304,10 @@ def fastest_format(key, x: Tensor, fn: Callable[[Tensor], object], others: dict[
     return out
 
 
-def settled_way(key, x: Tensor) -> str | None:
-    """The way fastest_format keeps for key and x's shape ("last", "given" or one of its ``others``), or None while
+def settled_way(model: nn.Module, x: Tensor) -> str | None:
+    """The way fastest_format keeps for model and x's shape ("last", "given" or one of its ``others``), or None while
     it is still timing them."""
-    model, tag = key if isinstance(key, tuple) else (key, None)
-    return _FORMATS.settled(model, (tag, tuple(x.shape), x.dtype))
+    return _FORMATS.settled(model, (tuple(x.shape), x.dtype))
 
 
 @torch.no_grad()

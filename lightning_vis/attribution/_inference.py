@@ -50,7 +50,8 @@ def fingerprint(model: nn.Module, x: Tensor) -> tuple | None:
     if any(m._forward_hooks or m._forward_pre_hooks or m.training for m in modules):
         return None
     tensors = list(chain(model.parameters(), model.buffers()))
-    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype != torch.float32) for t in tensors) or \
+    if any(t.device.type != "cpu" or t.layout != torch.strided or (t.is_floating_point() and t.dtype != torch.float32)
+           for t in tensors) or \
             sum(t.numel() * t.element_size() for t in tensors) > FOLD_BUDGET:
         return None
     cheap = (tuple(map(id, modules)), tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
@@ -72,9 +73,8 @@ def _samples(tensors: list[Tensor]) -> list[Tensor]:
 
 class _Entry:
     """One layer's copy: the fingerprint of the weights it is for, the calls with them and the CPU seconds their
-    passes took, the copy
-    (None until built, or where building failed: failed then stays set) and the layout of the layer's output (from
-    the model's own pass)."""
+    passes took, the copy (None until built, or where building failed: failed then stays set) and the layout of the
+    layer's output (from the model's own pass)."""
 
     def __init__(self, mark):
         self.mark, self.calls, self.spent, self.copy, self.layout, self.failed = mark, 0, 0.0, None, None, False
