@@ -357,6 +357,13 @@ def test_fem_and_kpca_by_hand():
     share = (act > (mean + 2 * std)[..., None, None]).float().mean((2, 3))
     torch.testing.assert_close(cam, (share[..., None, None] * act).sum(1))
     assert share[0, 1] == 1 / 16
+    # a channel equal everywhere has no position above its mean (in float32 the mean of nine -0.8230451 rounds below
+    # them: every position was above it, weight 1)
+    flat = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    flat[0, 0] = -0.8230451345443726
+    assert bool((flat[0, 0] > flat[0, 0].mean()).all())  # the float32 rounding this guards against
+    torch.testing.assert_close(cams.fem(flat, None), flat[0, 1][None] * (flat[0, 1] > flat[0, 1].mean() + 2 *
+                                                                         flat[0, 1].std(correction=0)).float().mean())
     # KPCA with the sigmoid kernel against scikit-learn's KernelPCA, up to its sign
     from sklearn.decomposition import KernelPCA
 

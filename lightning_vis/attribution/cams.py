@@ -138,7 +138,8 @@ def fem(act: Tensor, grad: Tensor) -> Tensor:
     """FEM (Fuad et al.): channel weights the share of the channel's positions above its mean plus FEM_K (population)
     standard deviations; no gradient."""
     dims = _spatial(act)
-    high = act > act.mean(dims, keepdim=True) + FEM_K * act.std(dims, correction=0, keepdim=True)
+    a = act.double()  # a channel equal everywhere has no position above its mean: float32 may round the mean below
+    high = a > a.mean(dims, keepdim=True) + FEM_K * a.std(dims, correction=0, keepdim=True)
     return _per_channel(high.to(act.dtype).mean(dims), act)
 
 
