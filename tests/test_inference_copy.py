@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lightning_vis as lv
@@ -212,6 +213,49 @@ def test_where_it_does_not_apply_the_model_runs_itself(only_copy, case):
         assert e.copy is None and e.failed
     else:
         assert e is None
+
+
+class Squeeze(nn.Module):
+    """A squeeze-and-excitation block (MobileNetV3's): oneDNN's layout cannot broadcast its product, so the copy
+    raises on its check."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+        return self.head(self.conv2(y).mean((2, 3)))
+
+
+def test_a_copy_that_raises_is_dropped_silently(only_copy, capfd):
+    """On its check (MobileNetV3's squeeze-and-excitation), or on a later call: the model itself runs, the copy is
+    not built again, and nothing is printed (torch.fx prints a failing graph's code to stderr)."""
+    model = Squeeze().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    want = eager_maps(model, x, "conv2", 1)
+    for _ in range(3):
+        got = lv.grad_cam(model, x, "conv2", 1, method="eigencam")
+        torch.testing.assert_close(got.maps, want.maps)
+    assert entry(model, "conv2", (3, 8, 8)).failed
+    model = bn_net()
+    x = torch.randn(2, 3, 16, 16)
+    want = eager_maps(model, x, "5", 1)
+    for _ in range(2):
+        lv.grad_cam(model, x, "5", 1, method="eigencam")
+    e = entry(model)
+    assert e.copy is not None
+
+    def boom(xx):
+        raise RuntimeError("a batch the copy cannot take")
+    e.copy = boom
+    got = lv.grad_cam(model, x, "5", 1, method="eigencam")
+    torch.testing.assert_close(got.maps, want.maps, rtol=1e-4, atol=1e-6)
+    assert e.failed and e.copy is None
+    assert capfd.readouterr().err == ""
 
 
 def test_a_copy_slower_than_the_model_is_dropped_for_good(monkeypatch):

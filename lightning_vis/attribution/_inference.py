@@ -25,6 +25,8 @@ COPIES per model."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 import warnings
 import weakref
@@ -131,13 +133,22 @@ class Session:
             self.entry = _COPIES.entry(model, key, mark)
 
     def drop(self) -> None:
-        """The copy was slower than the model itself (fastest_format's choice): never built again for this key."""
+        """The copy lost the timed choice, raised or failed its check: never built again for this key."""
         if self.entry is not None:
             self.entry.copy, self.entry.failed = None, True
 
     @property
     def run(self):
         return None if self.entry is None else self.entry.copy
+
+    def __call__(self, x: Tensor) -> tuple | None:
+        """(output, layer output) from the copy, or None where it raises (it is then dropped for good)."""
+        try:  # a graph module that raises prints its generated code to stderr: not the user's to read
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                return self.entry.copy(x)
+        except Exception:  # noqa: BLE001 - the model itself runs instead
+            self.drop()
+            return None
 
     @property
     def layout(self):
@@ -150,18 +161,11 @@ class Session:
         e.calls, e.spent = e.calls + 1, e.spent + seconds
         if e.calls < 2 or e.spent < BUILD_AFTER:
             return
-        copy = _build(self.model, self.name)
-        if copy is not None:
-            try:
-                with torch.no_grad():
-                    got, got_act = copy(x)
-                same = all(isinstance(g, Tensor) and g.shape == w.shape and
-                           torch.allclose(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) if w.numel() else 0)
-                           for g, w in ((got, out), (got_act, act)))
-            except Exception:  # noqa: BLE001 - a copy that does not run is not used
-                same = False
-            copy = copy if same else None
-        e.copy, e.layout, e.failed = copy, layout, copy is None
+        e.copy, e.layout = _build(self.model, self.name), layout
+        got = self(x) if e.copy is not None else None
+        if got is None or not all(isinstance(g, Tensor) and g.shape == w.shape and torch.allclose(
+                g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) if w.numel() else 0) for g, w in zip(got, (out, act))):
+            self.drop()
 
 
 class _Tap(fx.Tracer):
