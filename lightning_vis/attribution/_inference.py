@@ -163,9 +163,14 @@ class Session:
             return
         e.copy, e.layout = _build(self.model, self.name), layout
         got = self(x) if e.copy is not None else None
-        if got is None or not all(isinstance(g, Tensor) and g.shape == w.shape and torch.allclose(
-                g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()) if w.numel() else 0) for g, w in zip(got, (out, act))):
+        if got is None or not all(_close(g, w) for g, w in zip(got, (out, act))):
             self.drop()
+
+
+def _close(got, want: Tensor) -> bool:
+    """got equals want to rtol 1e-4 of each value, and 1e-5 of want's largest magnitude."""
+    return isinstance(got, Tensor) and got.shape == want.shape and \
+        torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) if want.numel() else 0)
 
 
 class _Tap(fx.Tracer):
