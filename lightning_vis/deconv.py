@@ -24,7 +24,7 @@ from .hooks import ModelGuard, capture
 from .inputs import image_model
 from .hooks.resolve import LayerSpec
 from .hooks.rules import BackwardRules
-from .hooks.checkpoint import check_chunk_size, reentrant_guard, rules_unreachable, ungraded
+from .hooks.checkpoint import budget_bytes, check_chunk_size, reentrant_guard, rules_unreachable, ungraded
 
 
 @dataclass
@@ -205,7 +205,7 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
             acts = {name: tap.live[name][0] for name in names}
             slots = [(name, k) for name in names for k in range(result.features[name].shape[1])]
             per_slot = 4 * n * max(t[0].numel() for t in (x, *acts.values())) * x.element_size()  # a few grads per slot
-            size = chunk_size if chunk_size is not None else max(1, _budget(x.device, memory_budget) // per_slot)
+            size = chunk_size if chunk_size is not None else max(1, budget_bytes(x.device, memory_budget) // per_slot)
             recs = {}
             for chunk in _chunks(slots, size, mix_layers=x.device.type == "cuda"):
                 outs, grads = [], []
@@ -237,14 +237,6 @@ def _deconvnet(model, inputs, layers, top_k, features, rule, chunk_size, memory_
             k = result.features[name].shape[1]
             result.images[name] = torch.stack([recs[(name, j)] for j in range(k)], dim=1).detach()
     return result
-
-
-def _budget(device: torch.device, memory_budget: int | None) -> int:
-    if memory_budget is not None:
-        return memory_budget
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 4
-    return 2 << 30
 
 
 def _chunks(slots, size, mix_layers):

@@ -140,6 +140,29 @@ def test_imputer_equals_pytorch_grad_cam_without_noise():
         assert torch.isfinite(impute(x, ~(torch.arange(340) == 0).view(1, 20, 17))).all()
 
 
+def test_imputer_without_the_kernel_solves_a_cpu_batch_in_cache_sized_pieces(monkeypatch):
+    """Without the compiled kernel, ops.impute runs the torch solver a few images at a time on a CPU: the values are
+    the whole batch's, each piece within REFERENCE_CPU_BYTES."""
+    import importlib
+
+    from lightning_vis.ops import reference
+
+    op = importlib.import_module("lightning_vis.ops.impute")  # the module (lightning_vis.ops.impute is the function)
+
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.randn(5, 2, 16, 12, generator=g)
+    known = torch.rand(5, 16, 12, generator=g) > 0.4
+    want = reference.impute(imgs, known, 1e-7, 1000)
+    sizes = []
+    real = reference.impute
+    monkeypatch.setattr(op._loader, "has_backend", lambda name: False)
+    monkeypatch.setattr(op, "REFERENCE_CPU_BYTES", 2 * 2 * 16 * 12 * 4)
+    monkeypatch.setattr(reference, "impute", lambda x, *a: sizes.append(len(x)) or real(x, *a))
+    got = impute(imgs, known, tol=1e-7)
+    assert sizes == [2, 2, 1]
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_imputer_converges_in_few_steps_on_large_holes():
     """ROAD's masks are blobs (a smooth map thresholded): holes of thousands of pixels, where Jacobi-preconditioned
     CG needs hundreds of steps; the multigrid preconditioner reaches the peer's values to 1e-4 within 40."""

@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..deconv import _budget
 from ..hooks import ModelGuard, capture, resolve_layers
-from ..hooks.checkpoint import check_chunk_size, input_gradient, rules_unreachable
+from ..hooks.checkpoint import budget_bytes, check_chunk_size, input_gradient, rules_unreachable
 from ..hooks.layout import Layout
 from ..hooks.resolve import LayerSpec
 from ..hooks.rules import BackwardRules
@@ -181,7 +180,7 @@ def chunk_rows(model, sample, chunk_size, memory_budget, *, grads: bool, cost: t
                                       or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
     cost, largest = row_bytes(model, sample, grads=grads) if cost is None else cost
-    rows = max(1, _budget(sample.device, memory_budget) // max(1, cost))
+    rows = max(1, budget_bytes(sample.device, memory_budget) // max(1, cost))
     if sample.device.type == "cpu":
         rows = min(rows, max(1, CPU_CACHE_BYTES // max(1, largest)))
     return rows

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..deconv import _budget
 from ..hooks import ModelGuard, capture, resolve_layers
+from ..hooks.checkpoint import budget_bytes
 from ..inputs import ImageInputs, image_model
 from ._common import Attribution, FastForward, Target, _check_batch, check_target, first_target, target_scores
 from ._incremental import incremental
@@ -147,7 +147,7 @@ def occlusion(model: nn.Module, inputs: Tensor, target: Target = None, *, window
             inc = incremental(forward, inputs, b, cover, lambda out, i: read(out, row_targets(i))[0])
         size_rows = pass_rows(model, inputs, chunk_size, memory_budget, grads=False,
                               cost=None if inc is None else inc.cost)
-        if inc is not None and inc.start(chunk_size, _budget(inputs.device, memory_budget)):
+        if inc is not None and inc.start(chunk_size, budget_bytes(inputs.device, memory_budget)):
             forward, place = inc, inc.place  # the first layers run the window's receptive field alone
         at, = sweep(inputs, b, cover, size_rows,
                     lambda x, i: (value(x, row_targets(i))[0],), place)  # (N, *placements)

@@ -10,6 +10,8 @@
   the method's own input copy receives a gradient), and a layer inside such a segment gets its gradient from a
   tensor hook on the recomputed output. Where that cannot work (deconvnet's batched backward passes),
   :class:`ReentrantCheckpointError` says how to turn checkpointing off for the call.
+
+It also holds what every chunked method shares: check_chunk_size and budget_bytes (the bytes a chunk may hold).
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ def check_chunk_size(chunk_size) -> None:
     """chunk_size: None (the whole batch, or what fits) or a positive integer; 0 is not a silent "everything"."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None (the whole batch), got {chunk_size!r}")
+
+
+def budget_bytes(device: torch.device, memory_budget: int | None) -> int:
+    """The bytes a chunked pass may hold: memory_budget where given; else a quarter of the GPU's free memory, or
+    2 GiB on a CPU."""
+    if memory_budget is not None:
+        return memory_budget
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return 2 << 30
 
 
 def _is_reentrant_error(e: BaseException) -> bool:

@@ -39,7 +39,6 @@ BASELINES = ("zeros", "blur", "mean")
 SCORES = ("probability", "logit")
 DEFAULT_BATCH = 64
 DEFAULT_BUDGET = 256 << 20  # bytes of perturbed inputs per forward pass
-IMPUTE_CACHE = 2 << 20  # bytes of images (float32) ROAD's torch imputer solves at once on a CPU
 # bytes of inputs per forward pass on a CPU, where a larger batch runs slower per input (its activations leave the
 # caches): one thread, 24 inputs at 224 px in passes of 6 / all at once: MobileNetV2 0.28 / 0.41 s, ResNet-50 2.3 /
 # 2.5 s; ResNet-18 at 112 px is fastest in passes of 24 or more (this cap: 27)
@@ -336,15 +335,9 @@ def road(model: nn.Module, inputs: Tensor, maps: Tensor, target: Target = None, 
     chunk = _batch(inputs, batch_size, (memory_budget or DEFAULT_BUDGET) // 8)
     with ModelGuard(model, eval=True):
         scorer, clean = _scorer(model, inputs, target, score)
-        # the compiled CPU kernel solves each image on its own (a pass's all at once, over threads), and a GPU all
-        # of them together; the torch solver on a CPU a few at a time, their state in its caches (MobileNetV2's ROAD
-        # at 224 px on one thread: 20 jobs in chunks of 4 took 3.9 s, all at once 6.7 s)
-        solve = max(1, IMPUTE_CACHE // (4 * inputs[0].numel())) \
-            if inputs.device.type == "cpu" and not ops.has_backend("cpu") else chunk
-        for s in range(0, len(owners), chunk):
+        for s in range(0, len(owners), chunk):  # ops.impute sizes its own solves
             i, k = owners[s:s + chunk], keep[s:s + chunk]
-            x = torch.cat([impute(inputs[i[j:j + solve]].float(), k[j:j + solve], noise=noise, generator=gen, tol=tol)
-                           for j in range(0, len(i), solve)])
+            x = impute(inputs[i].float(), k, noise=noise, generator=gen, tol=tol)
             got[s:s + chunk] = scorer(x.to(inputs.dtype), i)
     diff = (got.view(n, 2, len(qs)) - clean[:, None, None])
     return ROAD(qs, diff[:, 0], diff[:, 1])
