@@ -67,8 +67,9 @@ class ModelGuard:
         if self.eval:
             self.model.eval()
         if self.freeze:
-            for p, _ in self._grad:
-                p.requires_grad_(False)
+            for p, flag in self._grad:
+                if flag:
+                    p.requires_grad_(False)
         return self.model
 
     def __exit__(self, *exc) -> None:
@@ -83,9 +84,12 @@ class ModelGuard:
             for key in [k for k in now if k not in saved]:
                 del now[key]
             now.update(saved)
-        for m, flag in self._training:
-            m.training = flag
+        for m, flag in self._training:  # set only where changed (nn.Module.__setattr__ is slow: 1.6k of them per call)
+            if m.training != flag:
+                m.training = flag
         for p, flag in self._grad:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
         for m, flag in self._inplace:
-            m.inplace = flag
+            if m.inplace != flag:
+                m.inplace = flag
