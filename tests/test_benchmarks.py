@@ -83,3 +83,19 @@ def test_zeiler_fergus_benchmark_rank_correlation(tmp_path):
         ranks = [v.flatten().argsort().argsort().double() for v in (drop, inside)]
         rho = torch.corrcoef(torch.stack(ranks))[0, 1]
         assert r["placements"] == 49 and abs(r["rho"] - float(rho)) < 1e-6, (r["rho"], float(rho))
+
+
+def test_inference_copy_sweep_builds_refuses_and_restores(tmp_path):
+    """ResNet-18 gets a copy equal to its own maps; MobileNetV3-Small's squeeze-and-excitation product cannot run in
+    oneDNN's layout: its copy is refused and the model runs itself; the settings the sweep changes come back."""
+    from benchmarks import inference_copy
+    from lightning_vis.attribution import _common, _inference
+
+    pick, after = _common._FORMATS.pick, _inference.BUILD_AFTER
+    path = tmp_path / "c.json"
+    inference_copy.main(["resnet18", "mobilenet_v3_small", "--json", str(path)])
+    record = json.loads(path.read_text())
+    rows = {r["model"]: r for r in record["rows"]}
+    assert rows["resnet18"]["copy"] == "copy" and rows["mobilenet_v3_small"]["copy"] == "failed"
+    assert all(r["unchanged"] and r["diff"] < 1e-4 for r in rows.values()) and record["bad"] == []
+    assert _common._FORMATS.pick == pick and _inference.BUILD_AFTER == after
