@@ -229,7 +229,7 @@ class _Formats:
             counts = [len(seen.get(w, ())) for w in ways]
             if min(counts) < FORMAT_TRIES:
                 return ways[counts.index(min(counts))]
-            return min(ways, key=lambda w: min(seen[w]))
+            return _fastest(seen, ways)
 
     def settled(self, model, key) -> str | None:
         """The way pick keeps, once every way seen has FORMAT_TRIES timed passes; None before."""
@@ -237,7 +237,7 @@ class _Formats:
             seen = self.table(model).get(key, {})
             if not seen or min(len(t) for t in seen.values()) < FORMAT_TRIES:
                 return None
-            return min(seen, key=lambda w: min(seen[w]))
+            return _fastest(seen, seen)
 
     def table(self, model) -> dict:
         try:
@@ -260,6 +260,11 @@ class _Formats:
             self.broken.add(model)
 
 
+def _fastest(seen: dict, ways) -> str:
+    """The way of ways whose best timed pass in seen is the shortest (the first such, on a tie)."""
+    return min(ways, key=lambda w: min(seen[w]))
+
+
 _FORMATS = _Formats()
 
 
@@ -277,8 +282,8 @@ def fastest_format(model: nn.Module, x: Tensor, fn: Callable[[Tensor], object],
 
     Per model and input shape, the first passes take each way in turn (channels-last first) until each has
     FORMAT_TRIES timed passes (the first pass of each pays for its kernels' set-up), and the later ones take the
-    fastest. A model whose code needs contiguous maps
-    (``.view`` after a convolution) raises in channels-last: it runs again as given, and never channels-last again.
+    fastest. A model whose code needs contiguous maps (``.view`` after a convolution) raises in channels-last: it
+    runs again as given, and never channels-last again.
     Times are the process's CPU seconds (on a shared machine another process's load does not decide). Not timed
     (``timed=False``, or on a GPU, where a pass's time is not known without a synchronisation): channels-last always
     (as the convolution libraries prefer); other inputs run as given."""

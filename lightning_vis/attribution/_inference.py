@@ -35,6 +35,8 @@ from itertools import chain
 import torch
 from torch import Tensor, fx, nn
 
+from ._common import FOLD_BUDGET
+
 COPIES = 2  # inference copies kept per model (layer, layout and input shape); the oldest is dropped
 BUILD_AFTER = 0.5  # CPU seconds of the model's own passes with the same weights before a copy is built
 SAMPLE = 16  # values of each parameter and buffer the fingerprint reads
@@ -44,8 +46,6 @@ def fingerprint(model: nn.Module, x: Tensor) -> tuple | None:
     """What changes when the model's weights or modules change (see the module's docstring), or None where the copy
     does not apply to model and x. ResNet-50: 0.5 ms (the strided samples are views, made again only when a
     parameter's storage, version or shape changes)."""
-    from ._common import FOLD_BUDGET
-
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     modules = list(model.modules())
